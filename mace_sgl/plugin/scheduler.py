@@ -1,0 +1,29 @@
+"""Scheduler-process side of the plugin: the state it reports through SGLang's channel."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from mace_sgl import __version__
+from mace_sgl.plugin import cpu, loopback
+
+
+def scheduler_state() -> dict[str, Any]:
+    """What this scheduler process reports about mace-sgl; plain msgpack-safe values."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    return {
+        "pid": os.getpid(),
+        "plugin_version": __version__,
+        "cpu_shims": list(cpu.INSTALLED),
+        "network": list(loopback.APPLIED),
+        # Hooks that HookRegistry really applied in this process (not just registered).
+        "hooks_applied": sorted(HookRegistry._patched),
+    }
+
+
+def add_mace_state(result: Any, *args: Any, **kwargs: Any) -> Any:
+    """AFTER hook on Scheduler.get_internal_state: adds the `mace` entry to its dict."""
+    result.internal_state["mace"] = scheduler_state()
+    return result
