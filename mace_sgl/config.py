@@ -127,7 +127,7 @@ def add_mace_args(parser: argparse.ArgumentParser) -> None:
             dest=f"mace_{f.name}",
             type=type(f.default),
             default=None,
-            help=f"{f.metadata['help']} (default: {f.default})",
+            help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"),
         )
 
 

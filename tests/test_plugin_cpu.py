@@ -1,0 +1,60 @@
+"""CPU shims and the loopback rendezvous hook, run in fresh interpreters for isolation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from mace_sgl.plugin import loopback
+
+
+def run_py(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_rotary_stub_imports_and_fails_loudly_if_called():
+    proc = run_py(
+        "from mace_sgl.plugin import cpu\n"
+        "cpu.install(); cpu.install()\n"
+        "assert cpu.INSTALLED == ['vllm_rotary_stub'], cpu.INSTALLED\n"
+        "import importlib.util\n"
+        "assert importlib.util.find_spec('vllm') is not None\n"
+        "from vllm._custom_ops import rotary_embedding\n"
+        "try:\n"
+        "    import vllm.logger\n"
+        "    raise SystemExit('other vllm modules must stay unimportable')\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "try:\n"
+        "    rotary_embedding(None)\n"
+        "except NotImplementedError as e:\n"
+        "    print('raised:', e)\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "raised: mace-sgl CPU shim" in proc.stdout
+
+
+def test_single_rank_rendezvous_moves_to_a_private_file_store():
+    args, kwargs = loopback.file_store_for_single_rank(
+        world_size=1, rank=0, distributed_init_method="tcp://127.0.0.1:1234"
+    )
+    method = kwargs["distributed_init_method"]
+    assert method.startswith("file://") and kwargs["world_size"] == 1
+    import os
+    import stat
+
+    store_dir = os.path.dirname(method[len("file://") :])
+    assert stat.S_IMODE(os.stat(store_dir).st_mode) == 0o700
+
+
+def test_multi_rank_rendezvous_is_left_alone():
+    assert (
+        loopback.file_store_for_single_rank(
+            world_size=2, rank=0, distributed_init_method="tcp://127.0.0.1:1234"
+        )
+        is None
+    )
+    assert (
+        loopback.file_store_for_single_rank(world_size=1, rank=0, distributed_init_method="env://")
+        is None
+    )
