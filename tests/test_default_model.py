@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
-from server import Server
 
 from mace_sgl import models
+from mace_sgl.launcher import Server
 
 
 @pytest.fixture(scope="module")

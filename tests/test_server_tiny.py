@@ -9,7 +9,8 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from server import Server
+
+from mace_sgl.launcher import Server
 
 API_KEY = "test-key-123"
 
