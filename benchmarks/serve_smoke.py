@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -55,6 +56,18 @@ def stream_one(url: str, max_tokens: int) -> dict[str, float]:
     }
 
 
+def machine() -> str:
+    """CPU model and core count, for the README's 'measured on' line."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, {os.cpu_count()} cores, {platform.machine()}"
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     log = Path(tempfile.mkdtemp(prefix="mace-bench-")) / "server.log"
     extra = ["--model-path", args.model_path] if args.model_path else []
@@ -71,8 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         server.stop()
     return {
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
-        f"{__import__('os').cpu_count()} cores",
+        "machine": machine(),
         "startup_s": round(server.startup_s, 1),
         "single_stream": {
             "requests": args.requests,

@@ -135,3 +135,17 @@ def test_listens_on_loopback_only(server: Server):
     assert any(addr.port == server.port for addr in listening)
     for addr in listening:
         assert ipaddress.ip_address(addr.ip).is_loopback, addr
+
+
+def test_sglang_frontend_language(server: Server):
+    import sglang as sgl
+
+    backend = sgl.RuntimeEndpoint(server.url, api_key=API_KEY)
+
+    @sgl.function
+    def complete(s, prompt):
+        s += prompt
+        s += sgl.gen("answer", max_tokens=6, temperature=0)
+
+    state = complete.run(prompt="The capital of France is", backend=backend)
+    assert isinstance(state["answer"], str) and state["answer"]
