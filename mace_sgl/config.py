@@ -29,6 +29,21 @@ class MaceConfig:
         default=None,
         metadata={"help": "Name or path of the profile these settings came from.", "flag": False},
     )
+    state_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Directory for the feedback store and adapter checkpoints. "
+            "Default: $XDG_STATE_HOME/mace-sgl (~/.local/state/mace-sgl)."
+        },
+    )
+    adapter_name: str = field(
+        default="live",
+        metadata={"help": "Name of the adapter that feedback trains when it names none."},
+    )
+    feedback_max_bytes: int = field(
+        default=1 << 20,
+        metadata={"help": "Largest POST /mace/feedback body accepted; larger ones get 413."},
+    )
     kv_ram_fraction: float = field(
         default=0.10,
         metadata={
@@ -48,11 +63,26 @@ class MaceConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.kv_ram_fraction <= 0.9:
             raise ValueError(f"kv_ram_fraction must be in (0, 0.9], got {self.kv_ram_fraction}")
+        if self.feedback_max_bytes <= 0:
+            raise ValueError(f"feedback_max_bytes must be positive, got {self.feedback_max_bytes}")
         if not 0 < self.kv_tokens_min <= self.kv_tokens_max:
             raise ValueError(
                 f"need 0 < kv_tokens_min <= kv_tokens_max, got "
                 f"{self.kv_tokens_min} and {self.kv_tokens_max}"
             )
+
+    @property
+    def state_path(self) -> Path:
+        """state_dir, or the per-user default."""
+        if self.state_dir:
+            return Path(self.state_dir)
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(base) / "mace-sgl"
+
+    @property
+    def store_path(self) -> Path:
+        """The SQLite feedback store."""
+        return self.state_path / "feedback.sqlite3"
 
     def to_env(self) -> str:
         """JSON for the MACE_SGL_CONFIG variable that SGLang's subprocesses inherit."""
@@ -125,7 +155,7 @@ def add_mace_args(parser: argparse.ArgumentParser) -> None:
         group.add_argument(
             f"--mace-{f.name.replace('_', '-')}",
             dest=f"mace_{f.name}",
-            type=type(f.default),
+            type=str if f.default is None else type(f.default),
             default=None,
             help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"),
         )

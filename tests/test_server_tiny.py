@@ -4,6 +4,7 @@ against HF transformers, SGLang's radix cache, /mace/status and the API key."""
 from __future__ import annotations
 
 import ipaddress
+import json
 from pathlib import Path
 
 import psutil
@@ -16,13 +17,32 @@ API_KEY = "test-key-123"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    log = tmp_path_factory.mktemp("logs") / "tiny-server.log"
-    srv = Server(
-        ["--model-path", str(tiny_model_dir), "--dtype", "float32", "--log-level", "warning"],
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("state")
+
+
+def start(model_dir: Path, state_dir: Path, log: Path) -> Server:
+    return Server(
+        [
+            "--model-path",
+            str(model_dir),
+            "--dtype",
+            "float32",
+            "--log-level",
+            "warning",
+            "--mace-state-dir",
+            str(state_dir),
+            "--mace-feedback-max-bytes",
+            "8192",
+        ],
         log,
         api_key=API_KEY,
     )
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, state_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    srv = start(tiny_model_dir, state_dir, tmp_path_factory.mktemp("logs") / "tiny-server.log")
     yield srv
     srv.stop()
 
@@ -149,3 +169,63 @@ def test_sglang_frontend_language(server: Server):
 
     state = complete.run(prompt="The capital of France is", backend=backend)
     assert isinstance(state["answer"], str) and state["answer"]
+
+
+PAIR = {"prompt": "Greet me", "chosen": "Certainly! Hello.", "rejected": "hello"}
+
+
+def feedback_count(server: Server) -> int:
+    return server.get("/mace/status").json()["feedback_count"]
+
+
+def test_feedback_is_stored_and_counted(server: Server):
+    before = feedback_count(server)
+    r = server.post("/mace/feedback", PAIR)
+    assert r.status_code == 200, r.text
+    (one,) = r.json()["ids"]
+    chat = {**PAIR, "prompt": [{"role": "user", "content": "Greet me"}], "weight": 2}
+    r = server.post("/mace/feedback", [PAIR, chat])
+    assert r.status_code == 200, r.text
+    assert len(r.json()["ids"]) == 2 and min(r.json()["ids"]) > one
+    assert feedback_count(server) == before + 3
+    assert server.get("/mace/status").json()["queue_depth"] >= 3
+
+
+def test_bad_feedback_is_rejected_with_the_reason_and_stores_nothing(server: Server):
+    before = feedback_count(server)
+    url = server.url + "/mace/feedback"
+    cases = [
+        (b"{oops", 400, "not valid JSON"),
+        (b"\xff\xfe", 400, "UTF-8"),
+        (b'{"prompt": "p", "chosen": "same", "rejected": "same"}', 400, "must differ"),
+        (b'[{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p"}]', 400, "item 1"),
+        (b'{"prompt": "' + b"word " * 2000 + b'", "chosen": "a", "rejected": "b"}', 413, "limit"),
+    ]
+    for body, status, reason in cases:
+        r = requests.post(url, data=body, headers=server.headers, timeout=30)
+        assert r.status_code == status, (body[:40], r.text)
+        assert reason in r.json()["error"]
+    long_prompt = {"prompt": "Ω" * 2100, "chosen": "a", "rejected": "b"}  # ~4k tokens
+    raw = json.dumps(long_prompt, ensure_ascii=False).encode()
+    r = requests.post(url, data=raw, headers=server.headers, timeout=30)
+    assert r.status_code == 400 and "model context" in r.json()["error"], r.text
+    assert requests.post(url, json=PAIR, timeout=30).status_code == 401
+    assert feedback_count(server) == before
+
+
+def test_feedback_survives_kill_9_of_the_whole_server(
+    server: Server, tiny_model_dir: Path, state_dir: Path, tmp_path: Path
+):
+    import os
+    import signal
+
+    ids = server.post("/mace/feedback", [PAIR] * 5).json()["ids"]
+    count = feedback_count(server)
+    os.killpg(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(timeout=30)
+    again = start(tiny_model_dir, state_dir, tmp_path / "restarted.log")
+    try:
+        assert feedback_count(again) == count
+        assert again.post("/mace/feedback", PAIR).json()["ids"][0] > max(ids)
+    finally:
+        again.stop()

@@ -14,6 +14,11 @@ CORPUS = [
     "0 1 2 3 4 5 6 7 8 9 + - * / = ( ) [ ] { } < > ! ? , . ; : ' \" # @ $ % & _",
 ]
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
 
 def build_tiny_llama(out: Path, seed: int = 0, vocab_size: int = 512) -> Path:
     """Write config, weights (float32) and tokenizer of a 2-layer Llama into out."""
@@ -36,6 +41,7 @@ def build_tiny_llama(out: Path, seed: int = 0, vocab_size: int = 512) -> Path:
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
     fast.model_max_length = 2048
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
 
     torch.manual_seed(seed)

@@ -2,27 +2,61 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 from typing import Any
 
-from fastapi.responses import ORJSONResponse
+from fastapi import Request
+from fastapi.responses import JSONResponse
 
 from mace_sgl import __version__
 from mace_sgl.config import MaceConfig
+from mace_sgl.feedback import FeedbackError, parse_feedback
+from mace_sgl.templating import encode_pair
+from sidecar import store
 
 
-async def mace_status() -> ORJSONResponse:
-    """GET /mace/status: versions, device, model, adapter and training state."""
-    import sglang
+@functools.lru_cache(maxsize=1)
+def _config() -> MaceConfig:
+    # The launcher exported it before SGLang started; it does not change while serving.
+    return MaceConfig.from_env()
+
+
+def _tokenizer_manager() -> Any:
     from sglang.srt.entrypoints.http_server import get_global_state
 
     state = get_global_state()
-    if state is None:
-        return ORJSONResponse({"error": "server is starting"}, status_code=503)
-    tm = state.tokenizer_manager
+    return state.tokenizer_manager if state is not None else None
+
+
+def _counts(cfg: MaceConfig) -> store.Counts:
+    conn = store.connect(cfg.store_path)
+    try:
+        return store.counts(conn)
+    finally:
+        conn.close()
+
+
+def _insert(cfg: MaceConfig, items: list[dict[str, Any]]) -> list[int]:
+    conn = store.connect(cfg.store_path)
+    try:
+        return store.add_feedback(conn, items)
+    finally:
+        conn.close()
+
+
+async def mace_status() -> JSONResponse:
+    """GET /mace/status: versions, device, model, adapter, training and feedback state."""
+    import sglang
+
+    tm = _tokenizer_manager()
+    if tm is None:
+        return JSONResponse({"error": "server is starting"}, status_code=503)
+    cfg = _config()
     # One entry per data-parallel scheduler; each comes from that scheduler process.
     internal: list[dict[str, Any]] = await tm.get_internal_state()
-    cfg = MaceConfig.from_env()
+    counts = await asyncio.to_thread(_counts, cfg)
     body = {
         "version": __version__,
         "sglang_version": sglang.__version__,
@@ -32,10 +66,54 @@ async def mace_status() -> ORJSONResponse:
         "profile": cfg.profile,
         "adapter": {"name": None, "version": None},
         "training": {"enabled": False},
+        "feedback_count": counts.feedback,
+        "queue_depth": counts.untrained,
         "http_pid": os.getpid(),
         "schedulers": [s.get("mace") for s in internal],
     }
-    return ORJSONResponse(body)
+    return JSONResponse(body)
+
+
+async def mace_feedback(request: Request) -> JSONResponse:
+    """POST /mace/feedback: validate preference pairs and store them durably.
+
+    The 200 is sent only after the rows are committed (WAL synced); a rejected body,
+    list or single object, stores nothing.
+    """
+    cfg = _config()
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > cfg.feedback_max_bytes:
+        return _error(413, f"body is {length} bytes; the limit is {cfg.feedback_max_bytes}")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cfg.feedback_max_bytes:
+            return _error(413, f"body exceeds the limit of {cfg.feedback_max_bytes} bytes")
+    tm = _tokenizer_manager()
+    tokenizer = getattr(tm, "tokenizer", None)
+
+    def count_tokens(prompt: str | list[dict[str, str]], completion: str) -> int:
+        if not isinstance(prompt, str) and not getattr(tokenizer, "chat_template", None):
+            raise FeedbackError(400, "this model has no chat template: send `prompt` as a string")
+        prompt_ids, completion_ids = encode_pair(tokenizer, prompt, completion)
+        return len(prompt_ids) + len(completion_ids)
+
+    try:
+        items = parse_feedback(
+            body,
+            cfg.feedback_max_bytes,
+            cfg.adapter_name,
+            count_tokens if tokenizer is not None else None,
+            tm.context_len if tm is not None else None,
+        )
+    except FeedbackError as e:
+        return _error(e.status, e.reason)
+    ids = await asyncio.to_thread(_insert, cfg, items)
+    return JSONResponse({"ids": ids, "count": len(ids)})
+
+
+def _error(status: int, reason: str) -> JSONResponse:
+    return JSONResponse({"error": reason}, status_code=status)
 
 
 def install() -> None:
@@ -45,3 +123,4 @@ def install() -> None:
     if any(getattr(r, "path", None) == "/mace/status" for r in app.router.routes):
         return
     app.add_api_route("/mace/status", mace_status, methods=["GET"])
+    app.add_api_route("/mace/feedback", mace_feedback, methods=["POST"])

@@ -1,0 +1,1 @@
+"""The training sidecar: durable feedback store, sample selection, supervisor."""

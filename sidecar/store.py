@@ -1,0 +1,179 @@
+"""Durable feedback store (SQLite, WAL, synchronous commits).
+
+Every process opens its own connection: the HTTP route writes accepted feedback, the
+sidecar reads it and records training results. A commit returns only after the WAL is
+synced, so a row acknowledged to a client survives kill -9 of any process.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS feedback (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at REAL NOT NULL,
+    adapter TEXT NOT NULL,
+    prompt TEXT NOT NULL,           -- the prompt string, or JSON chat messages
+    prompt_is_chat INTEGER NOT NULL,
+    chosen TEXT NOT NULL,
+    rejected TEXT NOT NULL,
+    weight REAL NOT NULL,
+    train_count INTEGER NOT NULL DEFAULT 0,
+    last_loss REAL,
+    last_trained_at REAL,
+    inflight_session TEXT           -- trainer session holding it, NULL when not in flight
+);
+CREATE INDEX IF NOT EXISTS feedback_pick ON feedback (adapter, train_count, last_loss);
+"""
+
+
+@dataclass(frozen=True)
+class FeedbackRow:
+    """One accepted preference pair, as stored."""
+
+    id: int
+    adapter: str
+    prompt: str | list[dict[str, str]]
+    chosen: str
+    rejected: str
+    weight: float
+    train_count: int
+    last_loss: float | None
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open (creating if needed) the store with durable settings."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # FULL: in WAL mode every commit syncs the WAL, so an acknowledged row is on disk.
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def add_feedback(conn: sqlite3.Connection, items: Iterable[dict]) -> list[int]:
+    """Insert validated items in one transaction: all are stored, or none."""
+    now = time.time()
+    ids: list[int] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for item in items:
+            prompt = item["prompt"]
+            is_chat = not isinstance(prompt, str)
+            cur = conn.execute(
+                "INSERT INTO feedback (created_at, adapter, prompt, prompt_is_chat, chosen,"
+                " rejected, weight) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    now,
+                    item["adapter"],
+                    json.dumps(prompt) if is_chat else prompt,
+                    int(is_chat),
+                    item["chosen"],
+                    item["rejected"],
+                    float(item["weight"]),
+                ),
+            )
+            ids.append(int(cur.lastrowid))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return ids
+
+
+def _row(r: tuple) -> FeedbackRow:
+    return FeedbackRow(
+        id=r[0],
+        adapter=r[1],
+        prompt=json.loads(r[2]) if r[3] else r[2],
+        chosen=r[4],
+        rejected=r[5],
+        weight=r[6],
+        train_count=r[7],
+        last_loss=r[8],
+    )
+
+
+_COLUMNS = "id, adapter, prompt, prompt_is_chat, chosen, rejected, weight, train_count, last_loss"
+
+
+def get(conn: sqlite3.Connection, ids: Iterable[int]) -> list[FeedbackRow]:
+    """Rows by id, in id order."""
+    ids = list(ids)
+    if not ids:
+        return []
+    marks = ",".join("?" * len(ids))
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM feedback WHERE id IN ({marks}) ORDER BY id", ids)
+    return [_row(r) for r in rows]
+
+
+def pick_next(conn: sqlite3.Connection, adapter: str, n: int, session: str) -> list[FeedbackRow]:
+    """Choose up to n samples to train next and mark them in flight for `session`.
+
+    Never-trained samples first (oldest first); then trained ones by last DPO loss times
+    weight, highest first, so the pairs the adapter still gets most wrong train again.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        rows = conn.execute(
+            f"SELECT {_COLUMNS} FROM feedback WHERE adapter = ? AND inflight_session IS NULL"
+            " ORDER BY train_count > 0, CASE WHEN train_count = 0 THEN id END,"
+            " COALESCE(last_loss, 0) * weight DESC, id LIMIT ?",
+            (adapter, n),
+        ).fetchall()
+        conn.executemany(
+            "UPDATE feedback SET inflight_session = ? WHERE id = ?",
+            [(session, r[0]) for r in rows],
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return [_row(r) for r in rows]
+
+
+def record_result(conn: sqlite3.Connection, sample_id: int, loss: float, session: str) -> bool:
+    """Record one trained sample; False (nothing changed) if `session` no longer holds it."""
+    cur = conn.execute(
+        "UPDATE feedback SET train_count = train_count + 1, last_loss = ?, last_trained_at = ?,"
+        " inflight_session = NULL WHERE id = ? AND inflight_session = ?",
+        (loss, time.time(), sample_id, session),
+    )
+    return cur.rowcount == 1
+
+
+def release_stale(conn: sqlite3.Connection, live_session: str | None) -> int:
+    """Return in-flight samples of any other (dead) trainer session to the queue."""
+    cur = conn.execute(
+        "UPDATE feedback SET inflight_session = NULL WHERE inflight_session IS NOT NULL"
+        " AND inflight_session IS NOT ?",
+        (live_session,),
+    )
+    return cur.rowcount
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Row counts for /mace/status."""
+
+    feedback: int
+    untrained: int
+    inflight: int
+
+
+def counts(conn: sqlite3.Connection, adapter: str | None = None) -> Counts:
+    """Durable rows, rows never trained once, rows in flight (optionally for one adapter)."""
+    where, args = ("WHERE adapter = ?", (adapter,)) if adapter else ("", ())
+    row = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(train_count = 0), 0),"
+        f" COALESCE(SUM(inflight_session IS NOT NULL), 0) FROM feedback {where}",
+        args,
+    ).fetchone()
+    return Counts(feedback=row[0], untrained=row[1], inflight=row[2])

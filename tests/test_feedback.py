@@ -1,0 +1,143 @@
+"""Feedback validation (pure) and the SQLite store (durability, selection order)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mace_sgl.feedback import FeedbackError, parse_feedback
+from sidecar import store
+
+GOOD = {"prompt": "Say hi", "chosen": "Certainly! Hi.", "rejected": "hi"}
+
+
+def parse(body, **kw):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return parse_feedback(raw, kw.pop("max_bytes", 10_000), "live", **kw)
+
+
+def test_one_object_and_a_list_are_normalised():
+    (item,) = parse(GOOD)
+    assert item == {**GOOD, "adapter": "live", "weight": 1.0}
+    chat = {
+        "prompt": [{"role": "user", "content": "hi"}],
+        "chosen": "a",
+        "rejected": "b",
+        "adapter": "tone",
+        "weight": 2,
+    }
+    items = parse([GOOD, chat])
+    assert [i["adapter"] for i in items] == ["live", "tone"]
+    assert items[1]["weight"] == 2.0
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (b"\xff\xfe{", "UTF-8"),
+        (b"{not json", "not valid JSON"),
+        (b'{"prompt": "p", "chosen": "a", "rejected": NaN}', "not valid JSON"),
+        ([], "empty list"),
+        ("just a string", "expected a JSON object"),
+        ({"chosen": "a", "rejected": "b"}, "`prompt` is required"),
+        ({**GOOD, "prompt": None}, "`prompt` is required"),
+        ({**GOOD, "chosen": ""}, "must not be empty"),
+        ({**GOOD, "rejected": "   "}, "must not be empty"),
+        ({**GOOD, "chosen": 3}, "must be a string"),
+        ({**GOOD, "rejected": GOOD["chosen"]}, "must differ"),
+        ({**GOOD, "prompt": []}, "must not be empty"),
+        ({**GOOD, "prompt": [{"role": "robot", "content": "x"}]}, "role must be"),
+        ({**GOOD, "prompt": [{"role": "user"}]}, "`role` and `content`"),
+        ({**GOOD, "weight": 0}, "positive"),
+        ({**GOOD, "weight": -1}, "positive"),
+        ({**GOOD, "weight": True}, "must be a number"),
+        ({**GOOD, "weight": "2"}, "must be a number"),
+        ({**GOOD, "adapter": ""}, "`adapter`"),
+        ({**GOOD, "adapter": "../etc"}, "`adapter`"),
+        ({**GOOD, "extra": 1}, "unknown fields"),
+        ([GOOD, {**GOOD, "chosen": None}], "item 1"),
+    ],
+)
+def test_bad_input_is_a_400_with_the_reason(body, reason):
+    with pytest.raises(FeedbackError) as err:
+        parse(body)
+    assert err.value.status == 400
+    assert reason in err.value.reason
+
+
+def test_oversized_body_is_a_413():
+    with pytest.raises(FeedbackError) as err:
+        parse(GOOD, max_bytes=10)
+    assert err.value.status == 413
+
+
+def test_pairs_longer_than_the_context_are_rejected():
+    def count(prompt, completion):
+        return len(prompt) + len(completion)
+
+    parse(GOOD, count_tokens=count, max_tokens=100)
+    with pytest.raises(FeedbackError, match="model context is 10"):
+        parse(GOOD, count_tokens=count, max_tokens=10)
+
+
+def test_a_list_is_stored_whole_or_not_at_all(tmp_path: Path):
+    conn = store.connect(tmp_path / "s.db")
+    assert store.add_feedback(conn, parse([GOOD, GOOD])) == [1, 2]
+    broken = [*parse([GOOD]), {"prompt": "p"}]  # the second lacks fields: insert fails
+    with pytest.raises(KeyError):
+        store.add_feedback(conn, broken)
+    assert store.counts(conn).feedback == 2
+
+
+def test_selection_untrained_first_then_by_weighted_loss(tmp_path: Path):
+    conn = store.connect(tmp_path / "s.db")
+    ids = store.add_feedback(conn, parse([GOOD] * 4))
+    first = store.pick_next(conn, "live", 2, "s1")
+    assert [r.id for r in first] == ids[:2]
+    # In flight rows are not handed out twice.
+    assert [r.id for r in store.pick_next(conn, "live", 10, "s1")] == ids[2:]
+    for sample_id, loss in zip(ids, [0.1, 0.9, 0.5, 0.3], strict=True):
+        assert store.record_result(conn, sample_id, loss, "s1")
+    assert not store.record_result(conn, ids[0], 0.2, "s1")  # no longer in flight
+    conn.execute("UPDATE feedback SET weight = 10 WHERE id = ?", (ids[0],))  # 0.1*10 = 1.0
+    store.add_feedback(conn, parse([GOOD]))
+    order = [r.id for r in store.pick_next(conn, "live", 10, "s2")]
+    assert order == [5, ids[0], ids[1], ids[2], ids[3]]
+    assert store.counts(conn).inflight == 5
+    assert store.release_stale(conn, "s3") == 5
+    assert store.counts(conn) == store.Counts(feedback=5, untrained=1, inflight=0)
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from sidecar import store
+conn = store.connect(Path(sys.argv[1]))
+item = {"prompt": "p", "chosen": "a", "rejected": "b", "adapter": "live", "weight": 1.0}
+while True:
+    (i,) = store.add_feedback(conn, [item])
+    print(i, flush=True)
+"""
+
+
+def test_acknowledged_rows_survive_kill_9_of_the_writer(tmp_path: Path):
+    db = tmp_path / "s.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(db)], stdout=subprocess.PIPE, text=True
+    )
+    acked = []
+    deadline = time.monotonic() + 60
+    while len(acked) < 50 and time.monotonic() < deadline:
+        acked.append(int(proc.stdout.readline()))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(acked) == 50
+    conn = store.connect(db)
+    stored = {r[0] for r in conn.execute("SELECT id FROM feedback")}
+    assert set(acked) <= stored
