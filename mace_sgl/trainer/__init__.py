@@ -1,0 +1,1 @@
+"""The in-process trainer: LoRA/DPO on the served base weights, cut into small slices."""

@@ -1,0 +1,189 @@
+"""DPO cut into slices of one decoder layer each, so training fits between serving iterations.
+
+The DPO gradient factorises: dL/dtheta = c_chosen * dlogp(chosen)/dtheta +
+c_rejected * dlogp(rejected)/dtheta with c_chosen = -beta * sigmoid(-beta * margin) * w and
+c_rejected = -c_chosen. So a step is: reference log-probs (adapter disabled, no grad), policy
+log-probs (no grad, layer inputs kept), the loss, then for each sequence a backward that
+recomputes one layer at a time from its kept input (activation checkpointing by hand).
+Every piece is a slice of one layer (or the LM head) of one sequence.
+
+`step_slices()` is a generator that yields a `SliceSpec` describing the work it is about
+to do; the caller decides whether that work fits, then resumes it to run it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One preference pair as token ids, ready to train."""
+
+    sample_id: int
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """The work a slice is about to do: its kind and the tokens it processes."""
+
+    kind: str  # "fwd" (no-grad layer), "head", "bwd" (recompute + backward), "opt"
+    tokens: int
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step produced."""
+
+    losses: dict[int, float] = field(default_factory=dict)  # sample_id -> DPO loss
+    margins: dict[int, float] = field(default_factory=dict)
+    grad_norm: float = 0.0
+    ok: bool = True
+    error: str = ""
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """The sigmoid DPO loss of trl's DPOTrainer (loss_type="sigmoid", no label smoothing)."""
+    logits = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return -F.logsigmoid(beta * logits)
+
+
+class SlicedDPO:
+    """DPO steps on a peft LoRA model, executed one layer-slice at a time."""
+
+    def __init__(
+        self,
+        peft_model: Any,
+        beta: float = 0.1,
+        lr: float = 5e-5,
+        max_grad_norm: float = 1.0,
+    ) -> None:
+        self.peft = peft_model
+        self.lm = peft_model.get_base_model()
+        self.beta = beta
+        self.max_grad_norm = max_grad_norm
+        self.params = [p for p in peft_model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        self.device = next(iter(self.lm.parameters())).device
+
+    # -- forward pieces --------------------------------------------------------------
+
+    def _positions(self, n: int) -> torch.Tensor:
+        return torch.arange(n, device=self.device).unsqueeze(0)
+
+    def _seq_logp(self, hidden: torch.Tensor, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        """Sum of log-probs of the completion tokens given the final hidden states."""
+        h = self.lm.model.norm(hidden[:, prompt_len - 1 : -1])
+        logits = self.lm.lm_head(h).float()
+        targets = ids[:, prompt_len:]
+        return torch.gather(logits.log_softmax(-1), 2, targets.unsqueeze(-1)).sum()
+
+    def forward_slices(
+        self, ids: torch.Tensor, prompt_len: int, adapter: bool, keep: list | None
+    ) -> Generator[SliceSpec, None, float]:
+        """No-grad forward of one sequence, a layer per slice; returns its log-prob.
+
+        With `keep`, the input of every layer and the final hidden state are appended
+        to it, for the backward pass.
+        """
+        n = ids.shape[1]
+        ctx = nullcontext() if adapter else self.peft.disable_adapter()
+        with ctx, torch.no_grad():
+            pos = self._positions(n)
+            h = self.lm.model.embed_tokens(ids)
+            rope = self.lm.model.rotary_emb(h, pos)
+            for layer in self.lm.model.layers:
+                yield SliceSpec("fwd", n)
+                if keep is not None:
+                    keep.append(h)
+                h = layer(h, position_ids=pos, position_embeddings=rope)
+            yield SliceSpec("head", n)
+            if keep is not None:
+                keep.append(h)
+            return float(self._seq_logp(h, ids, prompt_len))
+
+    def backward_slices(
+        self, ids: torch.Tensor, prompt_len: int, kept: list, coef: float
+    ) -> Iterator[SliceSpec]:
+        """Backward of coef * logp(sequence) into the LoRA grads, a layer per slice."""
+        n = ids.shape[1]
+        pos = self._positions(n)
+        with torch.enable_grad():
+            yield SliceSpec("bwd", n)
+            h = kept[-1].detach().requires_grad_(True)
+            (coef * self._seq_logp(h, ids, prompt_len)).backward()
+            grad = h.grad
+            rope = self.lm.model.rotary_emb(h, pos)
+            for i in range(len(self.lm.model.layers) - 1, -1, -1):
+                yield SliceSpec("bwd", n)
+                x = kept[i].detach().requires_grad_(True)
+                out = self.lm.model.layers[i](x, position_ids=pos, position_embeddings=rope)
+                out.backward(grad)
+                grad = x.grad
+                kept[i] = None  # free activations as soon as they are used
+
+    # -- one optimizer step ------------------------------------------------------------
+
+    def step_slices(self, pairs: list[Pair]) -> Generator[SliceSpec, None, StepResult]:
+        """One DPO optimizer step over `pairs` (gradient accumulation), sliced."""
+        result = StepResult()
+        self.optimizer.zero_grad(set_to_none=True)
+        total_weight = sum(p.weight for p in pairs) or 1.0
+        for pair in pairs:
+            seqs = []
+            for completion in (pair.chosen_ids, pair.rejected_ids):
+                ids = torch.tensor([pair.prompt_ids + completion], device=self.device)
+                ref = yield from self.forward_slices(ids, len(pair.prompt_ids), False, None)
+                kept: list = []
+                pol = yield from self.forward_slices(ids, len(pair.prompt_ids), True, kept)
+                seqs.append((ids, kept, pol, ref))
+            (ids_c, kept_c, pol_c, ref_c), (ids_r, kept_r, pol_r, ref_r) = seqs
+            margin = (pol_c - ref_c) - (pol_r - ref_r)
+            loss = -F.logsigmoid(torch.tensor(self.beta * margin)).item()
+            result.losses[pair.sample_id] = loss
+            result.margins[pair.sample_id] = margin
+            if not math.isfinite(loss):
+                result.ok, result.error = False, f"non-finite loss for sample {pair.sample_id}"
+                return result
+            # dL/dlogp(chosen); the rejected sequence gets the opposite sign.
+            coef = -self.beta * torch.sigmoid(torch.tensor(-self.beta * margin)).item()
+            coef *= pair.weight / total_weight
+            prompt_len = len(pair.prompt_ids)
+            yield from self.backward_slices(ids_c, prompt_len, kept_c, coef)
+            yield from self.backward_slices(ids_r, prompt_len, kept_r, -coef)
+        yield SliceSpec("opt", 0)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        result.grad_norm = float(norm)
+        if not math.isfinite(result.grad_norm):
+            result.ok, result.error = False, "non-finite gradient norm"
+            self.optimizer.zero_grad(set_to_none=True)
+            return result
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return result
+
+
+def run_to_end(gen: Generator[SliceSpec, None, Any]) -> Any:
+    """Drive a slice generator to completion and return its result (tests, idle use)."""
+    try:
+        while True:
+            next(gen)
+    except StopIteration as stop:
+        return stop.value
