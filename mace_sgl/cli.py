@@ -107,8 +107,32 @@ def resolve_serve_args(argv: list[str]) -> tuple[argparse.Namespace, Any]:
     for dest, value in layered.items():
         if dest not in given:
             setattr(args, dest, value)
+    if mace_cfg.train:
+        _enable_live_adapter(args, given, mace_cfg)
     args._radix_eviction_policy_explicitly_set = "radix_eviction_policy" in given
     return args, mace_cfg
+
+
+def _enable_live_adapter(args: argparse.Namespace, given: set[str], cfg: Any) -> None:
+    """SGLang LoRA settings that serve the live adapter; an all-zero v0 reserves its slot."""
+    from mace_sgl.trainer.publish import write_zero_adapter
+
+    model_config = _read_model_config(args.model_path)
+    if model_config is None:
+        raise SystemExit("--mace-train needs a local --model-path with a config.json")
+    v0 = cfg.adapter_dir / "v0"
+    if not (v0 / "adapter_model.safetensors").is_file():
+        write_zero_adapter(v0, model_config, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
+    args.enable_lora = True
+    live = f"{cfg.adapter_name}={v0}"
+    if "lora_paths" not in given:
+        args.lora_paths = [live]
+    elif live not in (args.lora_paths or []):
+        args.lora_paths = [*args.lora_paths, live]
+    if "max_lora_rank" not in given:
+        args.max_lora_rank = cfg.lora_rank
+    if "lora_target_modules" not in given:
+        args.lora_target_modules = cfg.targets
 
 
 def serve(argv: list[str]) -> int:
@@ -141,9 +165,17 @@ def serve(argv: list[str]) -> int:
     )
     from sglang.launch_server import run_server
 
+    supervisor = None
+    if mace_cfg.train:
+        from mace_sgl.supervisor import SidecarSupervisor
+
+        supervisor = SidecarSupervisor(mace_cfg)
+        supervisor.start()
     try:
         run_server(server_args)
     finally:
+        if supervisor is not None:
+            supervisor.stop()
         kill_process_tree(os.getpid(), include_parent=False)
     return 0
 

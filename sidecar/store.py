@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS feedback (
     inflight_session TEXT           -- trainer session holding it, NULL when not in flight
 );
 CREATE INDEX IF NOT EXISTS feedback_pick ON feedback (adapter, train_count, last_loss);
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -114,19 +115,24 @@ def get(conn: sqlite3.Connection, ids: Iterable[int]) -> list[FeedbackRow]:
     return [_row(r) for r in rows]
 
 
-def pick_next(conn: sqlite3.Connection, adapter: str, n: int, session: str) -> list[FeedbackRow]:
+def pick_next(
+    conn: sqlite3.Connection, adapter: str, n: int, session: str, max_train_count: int = 3
+) -> list[FeedbackRow]:
     """Choose up to n samples to train next and mark them in flight for `session`.
 
     Never-trained samples first (oldest first); then trained ones by last DPO loss times
     weight, highest first, so the pairs the adapter still gets most wrong train again.
+    A sample trains at most `max_train_count` times: endless replay of a few pairs
+    overfits them.
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
         rows = conn.execute(
             f"SELECT {_COLUMNS} FROM feedback WHERE adapter = ? AND inflight_session IS NULL"
+            " AND train_count < ?"
             " ORDER BY train_count > 0, CASE WHEN train_count = 0 THEN id END,"
             " COALESCE(last_loss, 0) * weight DESC, id LIMIT ?",
-            (adapter, n),
+            (adapter, max_train_count, n),
         ).fetchall()
         conn.executemany(
             "UPDATE feedback SET inflight_session = ? WHERE id = ?",
@@ -177,3 +183,18 @@ def counts(conn: sqlite3.Connection, adapter: str | None = None) -> Counts:
         args,
     ).fetchone()
     return Counts(feedback=row[0], untrained=row[1], inflight=row[2])
+
+
+def set_setting(conn: sqlite3.Connection, key: str, value: str) -> None:
+    """Durably set a control setting (e.g. `paused`)."""
+    conn.execute(
+        "INSERT INTO settings (key, value) VALUES (?, ?)"
+        " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )
+
+
+def get_setting(conn: sqlite3.Connection, key: str, default: str) -> str:
+    """A control setting, or the default when it was never set."""
+    row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+    return row[0] if row else default

@@ -72,11 +72,17 @@ def test_sliced_step_equals_autograd(tiny_model_dir: Path):
     dpo = SlicedDPO(model, beta=beta, lr=1e-3, max_grad_norm=1e9)
     gen = dpo.step_slices(PAIRS)
     specs = []
+
+    def step():
+        # SGLang's event loop runs in inference mode; every slice must cope with that.
+        with torch.inference_mode():
+            return next(gen)
+
     # Peek every grad before the optimizer step: stop at the "opt" slice.
-    spec = next(gen)
+    spec = step()
     while spec.kind != "opt":
         specs.append(spec)
-        spec = next(gen)
+        spec = step()
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     n_layers = len(model.get_base_model().model.layers)
     # per sequence: 2 forwards of (layers + head) and one backward of (head + layers)
@@ -85,7 +91,9 @@ def test_sliced_step_equals_autograd(tiny_model_dir: Path):
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    result = run_to_end(gen)
+    with torch.inference_mode():
+        result = run_to_end(gen)
+    assert torch.is_grad_enabled(), "a slice leaked its grad mode to the caller"
     assert result.ok
     assert result.losses == pytest.approx(losses, rel=1e-5)
     changed = [

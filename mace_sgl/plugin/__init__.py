@@ -15,6 +15,16 @@ Hooks (target -> why -> how):
   show state that lives in the scheduler process (and prove the plugin runs there) ->
   add a `mace` entry to the dict SGLang already sends back over its own msgpack channel
   (plugin/scheduler.py).
+- With --mace-train on CPU: `ModelRunner.init_lora_manager` BEFORE -> SGLang's LoRA
+  layers pin host memory, which needs a CUDA driver -> pinning becomes a no-op there
+  (plugin/cpu.py unpin_lora).
+- With --mace-train, scheduler process: `Scheduler.__init__` AFTER builds the trainer on
+  the loaded weights; `Scheduler.process_batch_result` AFTER runs training slices within
+  the per-iteration reserve; `Scheduler.maybe_sleep_on_idle` AROUND trains one slice
+  instead of sleeping; `Scheduler.handle_generate_request` BEFORE adds the live adapter's
+  version to the radix key (plugin/train_hooks.py).
+- Launcher process: `TokenizerManager.generate_request` BEFORE gives requests that name no
+  adapter the --mace-default-adapter.
 - Launcher (HTTP) process only: `/mace/*` routes added to SGLang's FastAPI `app` before it
   starts, so SGLang's --api-key middleware covers them like its own routes (plugin/routes.py).
 """
@@ -38,7 +48,8 @@ def register() -> None:
 
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    from mace_sgl.plugin import cpu, loopback, scheduler
+    from mace_sgl.config import MaceConfig
+    from mace_sgl.plugin import cpu, loopback, scheduler, train_hooks
 
     if cpu.on_cpu():
         cpu.install()
@@ -53,6 +64,32 @@ def register() -> None:
         scheduler.add_mace_state,
         HookType.AFTER,
     )
+
+    cfg = MaceConfig.from_env()
+    if cfg.train and cpu.on_cpu():
+        HookRegistry.register(
+            "sglang.srt.model_executor.model_runner.ModelRunner.init_lora_manager",
+            cpu.unpin_lora,
+            HookType.BEFORE,
+        )
+    if cfg.train:
+        sched = "sglang.srt.managers.scheduler.Scheduler."
+        HookRegistry.register(sched + "__init__", train_hooks.start_trainer, HookType.AFTER)
+        HookRegistry.register(
+            sched + "process_batch_result", train_hooks.train_after_iteration, HookType.AFTER
+        )
+        HookRegistry.register(
+            sched + "maybe_sleep_on_idle", train_hooks.train_or_sleep, HookType.AROUND
+        )
+        HookRegistry.register(
+            sched + "handle_generate_request", train_hooks.key_cache_by_version, HookType.BEFORE
+        )
+    if cfg.default_adapter:
+        HookRegistry.register(
+            "sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request",
+            train_hooks.default_adapter,
+            HookType.BEFORE,
+        )
 
     # SGLang spawns its workers; only the launcher, which has no parent, serves HTTP.
     # Importing the FastAPI app elsewhere would only slow the workers' start.

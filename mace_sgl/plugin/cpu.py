@@ -57,6 +57,50 @@ def install_vllm_rotary_stub() -> None:
     INSTALLED.append("vllm_rotary_stub")
 
 
+class _TorchWithoutPinning:
+    """`torch`, except that tensor factories ignore pin_memory=True (see unpin_lora)."""
+
+    _FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "as_tensor")
+
+    def __getattr__(self, name: str) -> object:
+        import torch
+
+        attr = getattr(torch, name)
+        if name not in self._FACTORIES:
+            return attr
+
+        def factory(*args: object, **kwargs: object) -> object:
+            kwargs.pop("pin_memory", None)
+            return attr(*args, **kwargs)
+
+        return factory
+
+
+def unpin_lora(*args: object, **kwargs: object) -> None:
+    """BEFORE hook on ModelRunner.init_lora_manager, CPU only.
+
+    Target: sglang/srt/lora/layers.py (torch.empty(..., pin_memory=True) in the LoRA layer
+    constructors, `.cpu().pin_memory()` in MergedColumnParallelLinearWithLoRA) and
+    sglang/srt/lora/backend/torch_backend.py (pinned batch metadata per forward).
+    Why: pinning needs a CUDA driver; without one these raise and LoRA cannot start. Pinned
+    host memory only speeds host-to-GPU copies, which a CPU-only run never makes.
+    How: that module's `torch` becomes a proxy whose factories drop pin_memory, and
+    Tensor.pin_memory returns the tensor itself. Scoped to when LoRA starts on a machine
+    without CUDA; model loading (where a global torch.tensor wrapper once broke HF rotary
+    buffers, DESIGN.md) has finished by then.
+    """
+    import torch
+    from sglang.srt.lora import layers
+    from sglang.srt.lora.backend import torch_backend
+
+    if "lora_unpinned" in INSTALLED:
+        return
+    for module in (layers, torch_backend):
+        module.torch = _TorchWithoutPinning()
+    torch.Tensor.pin_memory = lambda self, *a, **k: self
+    INSTALLED.append("lora_unpinned")
+
+
 def install() -> None:
     """Install every CPU shim; idempotent."""
     install_vllm_rotary_stub()

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from mace_sgl import __version__
-from mace_sgl.plugin import cpu, loopback
+from mace_sgl.plugin import cpu, loopback, train_hooks
 
 
 def scheduler_state() -> dict[str, Any]:
@@ -20,6 +20,7 @@ def scheduler_state() -> dict[str, Any]:
         "network": list(loopback.APPLIED),
         # Hooks that HookRegistry really applied in this process (not just registered).
         "hooks_applied": sorted(HookRegistry._patched),
+        "trainer": train_hooks.trainer_status(),
     }
 
 

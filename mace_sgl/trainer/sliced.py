@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Generator, Iterator
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,23 +101,34 @@ class SlicedDPO:
         """No-grad forward of one sequence, a layer per slice; returns its log-prob.
 
         With `keep`, the input of every layer and the final hidden state are appended
-        to it, for the backward pass.
+        to it, for the backward pass. Grad mode and the adapter switch are set inside each
+        slice, never held across a yield: the caller runs serving code between slices.
         """
         n = ids.shape[1]
-        ctx = nullcontext() if adapter else self.peft.disable_adapter()
-        with ctx, torch.no_grad():
+        with self._mode(adapter, grad=False):
             pos = self._positions(n)
             h = self.lm.model.embed_tokens(ids)
             rope = self.lm.model.rotary_emb(h, pos)
-            for layer in self.lm.model.layers:
-                yield SliceSpec("fwd", n)
-                if keep is not None:
-                    keep.append(h)
-                h = layer(h, position_ids=pos, position_embeddings=rope)
-            yield SliceSpec("head", n)
+        for layer in self.lm.model.layers:
+            yield SliceSpec("fwd", n)
             if keep is not None:
                 keep.append(h)
+            with self._mode(adapter, grad=False):
+                h = layer(h, position_ids=pos, position_embeddings=rope)
+        yield SliceSpec("head", n)
+        if keep is not None:
+            keep.append(h)
+        with self._mode(adapter, grad=False):
             return float(self._seq_logp(h, ids, prompt_len))
+
+    @contextmanager
+    def _mode(self, adapter: bool, grad: bool) -> Iterator[None]:
+        with ExitStack() as stack:
+            stack.enter_context(torch.inference_mode(False))
+            stack.enter_context(torch.enable_grad() if grad else torch.no_grad())
+            if not adapter:
+                stack.enter_context(self.peft.disable_adapter())
+            yield
 
     def backward_slices(
         self, ids: torch.Tensor, prompt_len: int, kept: list, coef: float
@@ -125,19 +136,20 @@ class SlicedDPO:
         """Backward of coef * logp(sequence) into the LoRA grads, a layer per slice."""
         n = ids.shape[1]
         pos = self._positions(n)
-        with torch.enable_grad():
-            yield SliceSpec("bwd", n)
+        yield SliceSpec("bwd", n)
+        with self._mode(adapter=True, grad=True):
             h = kept[-1].detach().requires_grad_(True)
             (coef * self._seq_logp(h, ids, prompt_len)).backward()
             grad = h.grad
             rope = self.lm.model.rotary_emb(h, pos)
-            for i in range(len(self.lm.model.layers) - 1, -1, -1):
-                yield SliceSpec("bwd", n)
+        for i in range(len(self.lm.model.layers) - 1, -1, -1):
+            yield SliceSpec("bwd", n)
+            with self._mode(adapter=True, grad=True):
                 x = kept[i].detach().requires_grad_(True)
                 out = self.lm.model.layers[i](x, position_ids=pos, position_embeddings=rope)
                 out.backward(grad)
                 grad = x.grad
-                kept[i] = None  # free activations as soon as they are used
+            kept[i] = None  # free activations as soon as they are used
 
     # -- one optimizer step ------------------------------------------------------------
 
@@ -149,7 +161,8 @@ class SlicedDPO:
         for pair in pairs:
             seqs = []
             for completion in (pair.chosen_ids, pair.rejected_ids):
-                ids = torch.tensor([pair.prompt_ids + completion], device=self.device)
+                with torch.inference_mode(False):  # autograd must be able to save it
+                    ids = torch.tensor([pair.prompt_ids + completion], device=self.device)
                 ref = yield from self.forward_slices(ids, len(pair.prompt_ids), False, None)
                 kept: list = []
                 pol = yield from self.forward_slices(ids, len(pair.prompt_ids), True, kept)
@@ -169,6 +182,10 @@ class SlicedDPO:
             yield from self.backward_slices(ids_c, prompt_len, kept_c, coef)
             yield from self.backward_slices(ids_r, prompt_len, kept_r, -coef)
         yield SliceSpec("opt", 0)
+        with self._mode(adapter=True, grad=False):
+            return self._optimizer_step(result)
+
+    def _optimizer_step(self, result: StepResult) -> StepResult:
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         result.grad_norm = float(norm)
         if not math.isfinite(result.grad_norm):

@@ -1,0 +1,1 @@
+"""Typed messages and ZeroMQ channels between the scheduler's trainer and the sidecar."""

@@ -1,0 +1,69 @@
+"""Scheduler- and tokenizer-side glue of continuous training (registered in plugin/__init__)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mace_sgl.config import MaceConfig
+
+logger = logging.getLogger("mace_sgl.trainer")
+
+# The trainer of this scheduler process, once Scheduler.__init__ has run.
+TRAINER: Any = None
+
+
+def start_trainer(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER Scheduler.__init__: build the trainer on the weights SGLang just loaded."""
+    global TRAINER
+    cfg = MaceConfig.from_env()
+    if not cfg.train or TRAINER is not None:
+        return
+    from mace_sgl.trainer.runtime import MaceTrainer
+
+    TRAINER = MaceTrainer(scheduler, cfg)
+    sleeper = getattr(scheduler, "idle_sleeper", None)
+    if sleeper is not None and hasattr(sleeper, "poller"):
+        import zmq
+
+        # An idle scheduler sleeps in poll(); sidecar messages must wake it too.
+        sleeper.poller.register(TRAINER.pull, zmq.POLLIN)
+
+
+def train_after_iteration(result: Any, *args: Any, **kwargs: Any) -> None:
+    """AFTER Scheduler.process_batch_result: training slices within the reserve."""
+    if TRAINER is not None:
+        TRAINER.run_reserve()
+
+
+def train_or_sleep(original: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
+    """AROUND Scheduler.maybe_sleep_on_idle: with training work, one slice instead of sleep."""
+    if TRAINER is not None:
+        TRAINER.poll()
+        if TRAINER.has_work():
+            TRAINER.run_idle_slice()
+            return None
+    return original(scheduler, *args, **kwargs)
+
+
+def key_cache_by_version(scheduler: Any, recv_req: Any, *args: Any, **kwargs: Any) -> None:
+    """BEFORE Scheduler.handle_generate_request: never share KV across adapter versions.
+
+    SGLang keys a LoRA request's radix prefix by extra_key + lora_id; the live adapter's
+    weights change in place, so the version joins the key. Base-model requests keep theirs.
+    """
+    if TRAINER is not None and getattr(recv_req, "lora_id", None) == TRAINER.lora_uid:
+        suffix = f"mace-v{TRAINER.version}"
+        recv_req.extra_key = f"{recv_req.extra_key}|{suffix}" if recv_req.extra_key else suffix
+
+
+def default_adapter(tm: Any, obj: Any, *args: Any, **kwargs: Any) -> None:
+    """BEFORE TokenizerManager.generate_request: requests naming no adapter get the default."""
+    name = MaceConfig.from_env().default_adapter
+    if name and hasattr(obj, "lora_path") and obj.lora_path is None:
+        obj.lora_path = name
+
+
+def trainer_status() -> dict[str, Any] | None:
+    """The trainer's status in this process, or None without one."""
+    return TRAINER.status() if TRAINER is not None else None
