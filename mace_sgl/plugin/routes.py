@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 from typing import Any
 
@@ -57,6 +58,8 @@ async def mace_status() -> JSONResponse:
     # One entry per data-parallel scheduler; each comes from that scheduler process.
     internal: list[dict[str, Any]] = await tm.get_internal_state()
     counts = await asyncio.to_thread(_counts, cfg)
+    schedulers = [s.get("mace") for s in internal]
+    trainer = next((s["trainer"] for s in schedulers if s and s.get("trainer")), None)
     body = {
         "version": __version__,
         "sglang_version": sglang.__version__,
@@ -64,12 +67,20 @@ async def mace_status() -> JSONResponse:
         "model_path": tm.model_path,
         "served_model_name": tm.served_model_name,
         "profile": cfg.profile,
-        "adapter": {"name": None, "version": None},
-        "training": {"enabled": False},
+        "adapter": {
+            "name": cfg.adapter_name if trainer else None,
+            "version": trainer["adapter_version"] if trainer else None,
+        },
+        "adapter_version": trainer["adapter_version"] if trainer else 0,
+        "training": {"enabled": bool(trainer), **(trainer or {})},
+        "train_steps": trainer["train_steps"] if trainer else 0,
+        "last_loss": trainer["last_loss"] if trainer else None,
+        "train_tokens_per_s": trainer["train_tokens_per_s"] if trainer else 0.0,
+        "reserve_tokens_per_iter": trainer["reserve_tokens_per_iter"] if trainer else 0,
         "feedback_count": counts.feedback,
         "queue_depth": counts.untrained,
         "http_pid": os.getpid(),
-        "schedulers": [s.get("mace") for s in internal],
+        "schedulers": schedulers,
     }
     return JSONResponse(body)
 
@@ -112,6 +123,44 @@ async def mace_feedback(request: Request) -> JSONResponse:
     return JSONResponse({"ids": ids, "count": len(ids)})
 
 
+async def mace_adapters() -> JSONResponse:
+    """GET /mace/adapters: the checkpointed versions of the live adapter."""
+    cfg = _config()
+
+    def scan() -> list[dict[str, Any]]:
+        out = []
+        for d in cfg.adapter_dir.glob("v*"):
+            if not d.name[1:].isdigit() or not (d / "adapter_model.safetensors").is_file():
+                continue
+            meta_file = d / "mace.json"
+            meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+            out.append({"version": int(d.name[1:]), "path": str(d), **meta})
+        return sorted(out, key=lambda v: v["version"])
+
+    versions = await asyncio.to_thread(scan)
+    return JSONResponse({"adapter": cfg.adapter_name, "versions": versions})
+
+
+def _set_paused(cfg: MaceConfig, paused: bool) -> None:
+    conn = store.connect(cfg.store_path)
+    try:
+        store.set_setting(conn, "paused", "1" if paused else "0")
+    finally:
+        conn.close()
+
+
+async def mace_train_pause() -> JSONResponse:
+    """POST /mace/train/pause: stop training after the current slice; serving goes on."""
+    await asyncio.to_thread(_set_paused, _config(), True)
+    return JSONResponse({"paused": True})
+
+
+async def mace_train_resume() -> JSONResponse:
+    """POST /mace/train/resume."""
+    await asyncio.to_thread(_set_paused, _config(), False)
+    return JSONResponse({"paused": False})
+
+
 def _error(status: int, reason: str) -> JSONResponse:
     return JSONResponse({"error": reason}, status_code=status)
 
@@ -124,3 +173,6 @@ def install() -> None:
         return
     app.add_api_route("/mace/status", mace_status, methods=["GET"])
     app.add_api_route("/mace/feedback", mace_feedback, methods=["POST"])
+    app.add_api_route("/mace/adapters", mace_adapters, methods=["GET"])
+    app.add_api_route("/mace/train/pause", mace_train_pause, methods=["POST"])
+    app.add_api_route("/mace/train/resume", mace_train_resume, methods=["POST"])

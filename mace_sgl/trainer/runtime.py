@@ -251,6 +251,8 @@ class MaceTrainer:
         return not self.paused and (self.step is not None or bool(self.queue))
 
     def _next_spec(self) -> SliceSpec | None:
+        if self.paused:
+            return None  # pause takes effect after the current slice
         if self.pending is None and self.step is None and self.queue and not self.paused:
             n = min(self.cfg.pairs_per_step, len(self.queue))
             self.step_pairs = [self.queue.popleft() for _ in range(n)]

@@ -1,0 +1,184 @@
+"""End-to-end continuous training on the tiny model: feedback in, new adapter versions out,
+served through SGLang's LoRA pool while requests keep flowing."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from mace_sgl.launcher import Server
+from mace_sgl.templating import encode_pair
+
+PAIRS = [
+    {
+        "prompt": f"Question {i}: say something",
+        "chosen": "Certainly! Here it is.",
+        "rejected": f"no {i}",
+    }
+    for i in range(6)
+]
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("train-state")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, state_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    srv = Server(
+        [
+            "--model-path",
+            str(tiny_model_dir),
+            "--dtype",
+            "float32",
+            "--log-level",
+            "warning",
+            "--mace-train",
+            "--mace-state-dir",
+            str(state_dir),
+            "--mace-default-adapter",
+            "live",
+            "--mace-lr",
+            "1e-3",
+            "--mace-max-train-count",
+            "1000",
+            "--mace-keep-versions",
+            "5",
+        ],
+        tmp_path_factory.mktemp("logs") / "train-server.log",
+    )
+    yield srv
+    srv.stop()
+
+
+def status(server: Server) -> dict:
+    return server.get("/mace/status").json()
+
+
+def wait_for(server: Server, cond, timeout_s: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        s = status(server)
+        if cond(s):
+            return s
+        time.sleep(0.5)
+    raise TimeoutError(f"condition not met; last status {s}\n{server.tail()}")
+
+
+def chosen_logprob(server: Server, tokenizer, lora: str | None) -> float:
+    prompt, completion = encode_pair(tokenizer, PAIRS[0]["prompt"], PAIRS[0]["chosen"])
+    body = {
+        "input_ids": prompt + completion,
+        "return_logprob": True,
+        "logprob_start_len": 0,
+        "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+    }
+    if lora:
+        body["lora_path"] = lora
+    r = server.post("/generate", body)
+    assert r.status_code == 200, r.text
+    lps = [x[0] for x in r.json()["meta_info"]["input_token_logprobs"]]
+    return sum(lps[len(prompt) :])
+
+
+def set_paused(server: Server, paused: bool) -> None:
+    r = server.post("/mace/train/pause" if paused else "/mace/train/resume", {})
+    assert r.status_code == 200
+    wait_for(server, lambda s: s["training"]["paused"] == paused, 30)
+
+
+def test_status_before_feedback(server: Server):
+    s = status(server)
+    assert s["training"]["enabled"] is True
+    assert s["adapter"] == {"name": "live", "version": 0}
+    assert s["adapter_version"] == 0 and s["train_steps"] == 0 and s["queue_depth"] == 0
+
+
+def test_feedback_raises_version_and_chosen_logprob(
+    server: Server, tiny_model_dir: Path, state_dir: Path
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    before = chosen_logprob(server, tok, "live")
+    base = chosen_logprob(server, tok, None)
+    assert before == pytest.approx(base, abs=1e-4)  # v0 is the base model
+    assert server.post("/mace/feedback", PAIRS).status_code == 200
+    wait_for(server, lambda s: s["adapter_version"] >= 3)
+    set_paused(server, True)
+    try:
+        s = status(server)
+        after = chosen_logprob(server, tok, "live")
+        assert after > before + 0.1, (before, after)
+        assert s["train_steps"] >= 3 and s["last_loss"] is not None
+        assert s["queue_depth"] == 0  # every pair trained at least once
+        # What is served is exactly the checkpoint of the current version (peft format).
+        versions = server.get("/mace/adapters").json()["versions"]
+        assert versions[-1]["version"] == s["adapter_version"]
+        assert len(versions) <= 6  # keep 5 plus v0
+        wait_for(server, lambda _: (Path(versions[-1]["path"]) / "mace.json").is_file(), 30)
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+        model = PeftModel.from_pretrained(model, versions[-1]["path"])
+        prompt, completion = encode_pair(tok, PAIRS[0]["prompt"], PAIRS[0]["chosen"])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + completion])).logits[0]
+        lp = (
+            logits.log_softmax(-1)[len(prompt) - 1 : -1]
+            .gather(1, torch.tensor(completion).unsqueeze(1))
+            .sum()
+            .item()
+        )
+        assert lp == pytest.approx(after, abs=1e-3)
+        # --mace-default-adapter live: a request that names no adapter gets it.
+        assert chosen_logprob(server, tok, None) == pytest.approx(after, abs=1e-4)
+    finally:
+        set_paused(server, False)
+
+
+def test_no_radix_sharing_across_adapter_versions(server: Server):
+    prompt = list(range(10, 210))
+
+    def cached(lora):
+        r = server.post(
+            "/generate",
+            {"input_ids": prompt, "lora_path": lora, "sampling_params": {"max_new_tokens": 2}},
+        )
+        assert r.status_code == 200, r.text
+        return r.json()["meta_info"]["cached_tokens"]
+
+    server.post("/mace/feedback", PAIRS)
+    set_paused(server, True)
+    cached("live")
+    assert cached("live") >= 190  # same version: the prefix is reused
+    v = status(server)["adapter_version"]
+    set_paused(server, False)
+    wait_for(server, lambda s: s["adapter_version"] > v)
+    set_paused(server, True)
+    try:
+        assert cached("live") < 10  # new version: nothing computed under the old one
+    finally:
+        set_paused(server, False)
+
+
+def test_no_request_fails_during_repeated_swaps_under_load(server: Server):
+    server.post("/mace/feedback", PAIRS * 2)
+    v0 = status(server)["adapter_version"]
+
+    def one(i: int) -> int:
+        body = {
+            "text": f"Request {i}: tell me",
+            "sampling_params": {"max_new_tokens": 24},
+            "lora_path": "live" if i % 2 else None,
+        }
+        return server.post("/generate", body).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(one, range(48)))
+    assert codes == [200] * 48
+    assert status(server)["adapter_version"] > v0, "no swap happened during the load"
