@@ -73,7 +73,7 @@ class MaceConfig:
         default=1, metadata={"help": "Publish a new adapter version every N optimizer steps."}
     )
     train_tokens_per_iter: int = field(
-        default=8,
+        default=2,
         metadata={
             "help": "Training reserve per serving iteration, in training tokens; converted "
             "to time with the measured cost per token, so it is honoured in time."
@@ -91,6 +91,13 @@ class MaceConfig:
         metadata={
             "help": "Largest drop (nats per token) in the log-prob of the base model's own "
             "answers to the canary prompts before a version is refused and rolled back."
+        },
+    )
+    measure_swap: bool = field(
+        default=False,
+        metadata={
+            "help": "At start, time the in-place publish against SGLang's unload + "
+            "load_lora_adapter_from_tensors (reported in /mace/status; for benchmarks)."
         },
     )
     kv_ram_fraction: float = field(

@@ -182,3 +182,28 @@ def test_no_request_fails_during_repeated_swaps_under_load(server: Server):
         codes = list(pool.map(one, range(48)))
     assert codes == [200] * 48
     assert status(server)["adapter_version"] > v0, "no swap happened during the load"
+
+
+def test_sidecar_killed_is_restarted_and_training_goes_on(server: Server):
+    import os
+    import signal
+
+    import psutil
+
+    def sidecars():
+        return [
+            p
+            for p in psutil.Process(server.proc.pid).children(recursive=True)
+            if "sidecar.main" in " ".join(p.cmdline())
+        ]
+
+    (victim,) = sidecars()
+    os.kill(victim.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and [p.pid for p in sidecars()] in ([], [victim.pid]):
+        time.sleep(0.2)
+    assert len(sidecars()) == 1 and sidecars()[0].pid != victim.pid
+    v = status(server)["adapter_version"]
+    before = status(server)["feedback_count"]
+    assert server.post("/mace/feedback", PAIRS[:2]).status_code == 200
+    wait_for(server, lambda s: s["adapter_version"] > v and s["feedback_count"] == before + 2)

@@ -89,6 +89,19 @@ class PoolPublisher:
         self.manager._notify_lora_slots_updated({buffer_id})
 
 
+def lora_config_dict(rank: int, alpha: int, targets: list[str]) -> dict[str, Any]:
+    """The adapter_config.json fields SGLang and peft both read for our adapters."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": sorted(targets),
+        "lora_dropout": 0.0,
+        "bias": "none",
+    }
+
+
 def write_zero_adapter(
     out: Path, config: dict[str, Any], rank: int, alpha: int, targets: list[str]
 ) -> Path:
@@ -125,20 +138,6 @@ def write_zero_adapter(
             tensors[f"{base}.lora_B.weight"] = torch.zeros(d_out, rank)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(
-        json.dumps(
-            {
-                "peft_type": "LORA",
-                "task_type": "CAUSAL_LM",
-                "r": rank,
-                "lora_alpha": alpha,
-                "target_modules": targets,
-                "lora_dropout": 0.0,
-                "bias": "none",
-                "base_model_name_or_path": None,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    config = lora_config_dict(rank, alpha, targets)
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out

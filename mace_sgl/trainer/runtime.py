@@ -28,8 +28,8 @@ from mace_sgl.config import MaceConfig
 from mace_sgl.ipc import channels
 from mace_sgl.ipc.messages import Control, Hello, Ready, Result, Work, decode_to_trainer, encode
 from mace_sgl.templating import encode_pair
-from mace_sgl.trainer.publish import PoolPublisher
-from mace_sgl.trainer.shared import attach_lora, build_shared_llama
+from mace_sgl.trainer.publish import PoolPublisher, lora_config_dict
+from mace_sgl.trainer.shared import attach_lora, build_shared_llama, shares_storage
 from mace_sgl.trainer.sliced import Pair, SlicedDPO, SliceSpec
 
 logger = logging.getLogger("mace_sgl.trainer")
@@ -64,10 +64,13 @@ class MaceTrainer:
     """Owns the shared-weight LoRA model, the step in progress and the live adapter."""
 
     def __init__(self, scheduler: Any, cfg: MaceConfig) -> None:
+        import psutil
         from transformers import AutoConfig, AutoTokenizer
 
         self.cfg = cfg
         self.scheduler = scheduler
+        self.process = psutil.Process()
+        rss_before = self.process.memory_info().rss
         model_runner = scheduler.tp_worker.model_runner
         model_path = model_runner.model_config.model_path
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -77,10 +80,29 @@ class MaceTrainer:
             self.model = attach_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
             self.version = self._resume()
             self.dpo = SlicedDPO(self.model, beta=cfg.beta, lr=cfg.lr)
+        lora_bytes = sum(p.numel() * p.element_size() for p in self._lora_params().values())
+        self.memory = {
+            "shares_base_weights": shares_storage(self.model, model_runner.model),
+            "base_weight_mb": sum(
+                p.numel() * p.element_size() for p in model_runner.model.parameters()
+            )
+            / 2**20,
+            "lora_mb": lora_bytes / 2**20,
+            "adam_state_mb": 2 * lora_bytes / 2**20,  # exp_avg + exp_avg_sq, once stepped
+            "rss_before_trainer_mb": rss_before / 2**20,
+            "rss_after_trainer_mb": self.process.memory_info().rss / 2**20,
+        }
         self.publisher = PoolPublisher(model_runner.lora_manager, cfg.adapter_name)
         self.lora_uid = self.publisher.uid
         self.publisher.publish(self.model)
         self.good_state = self._snapshot()
+        self.swap_baseline = None
+        if cfg.measure_swap:
+            try:
+                self.swap_baseline = self._measure_swap_baseline()
+            except Exception as e:  # a measurement must never take the server down
+                logger.exception("swap measurement failed")
+                self.swap_baseline = {"error": f"{type(e).__name__}: {e}"}
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="mace-ckpt")
         self.session = uuid.uuid4().hex
         self.queue: deque[Pair] = deque()
@@ -91,6 +113,7 @@ class MaceTrainer:
         # Seconds of slices per token of trained pairs: converts the token reserve to time.
         self.sec_per_token = 5e-3
         self.step_seconds = 0.0
+        self.credit = 0.0  # seconds of training reserve not yet spent
         self.paused = False
         self.asked_at = 0.0
         self.stats = {
@@ -180,6 +203,50 @@ class MaceTrainer:
             meta,
             self.cfg.keep_versions,
         )
+
+    def _measure_swap_baseline(self, repeats: int = 5) -> dict[str, float]:
+        """Time until new weights are servable: our in-place publish against SGLang's own
+        path (load_lora_adapter_from_tensors, then the pool-slot copy its next batch would
+        make, then unload), same weights, side by side; medians in milliseconds. Runs at
+        start, before serving; the live slot is republished afterwards."""
+        import statistics
+
+        from sglang.srt.lora.lora_registry import LoRARef
+
+        manager = self.publisher.manager
+        pool = manager.memory_pool
+        weights = {
+            n.replace(".default", ""): p.detach().clone() for n, p in self._lora_params().items()
+        }
+        peft_cfg = self.model.peft_config["default"]
+        config = lora_config_dict(peft_cfg.r, peft_cfg.lora_alpha, list(peft_cfg.target_modules))
+        self.publisher.publish(self.model)
+        slot = pool.uid_to_buffer_id.get(self.lora_uid, 0)
+        in_place, reload = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self.publisher.publish(self.model)
+            in_place.append((time.perf_counter() - start) * 1000)
+            ref = LoRARef(lora_name="mace-swap-probe", lora_path="mace-swap-probe", pinned=False)
+            start = time.perf_counter()
+            loaded = manager.load_lora_adapter_from_tensors(ref, weights, config)
+            if not loaded.success:
+                raise RuntimeError(f"baseline load failed: {loaded.error_message}")
+            pool.load_lora_weight_to_buffer(
+                ref.lora_id,
+                slot,
+                manager.loras[ref.lora_id],
+                manager.lora_modules,
+                manager.embed_tokens_module,
+                manager.lm_head_module,
+            )
+            reload.append((time.perf_counter() - start) * 1000)
+            manager.unload_lora_adapter(ref)
+        self.publisher.publish(self.model)  # the live weights back into the slot
+        return {
+            "in_place_ms": statistics.median(in_place),
+            "sglang_load_to_slot_ms": statistics.median(reload),
+        }
 
     # -- canary --------------------------------------------------------------------------
 
@@ -279,17 +346,24 @@ class MaceTrainer:
         self.step_seconds += elapsed
 
     def run_reserve(self) -> None:
-        """After a serving iteration: slices that fit the reserve, in predicted time."""
+        """After a serving iteration: slices that fit the reserve, in predicted time.
+
+        The reserve accrues as credit, so a slice that costs more than one iteration's
+        reserve (the LM head over a large vocabulary) still runs every few iterations;
+        the training time per iteration averages the reserve. Credit is capped so that
+        an idle stretch cannot bank a long stall.
+        """
         self.poll()
         budget = self.cfg.train_tokens_per_iter * self.sec_per_token
-        while budget > 0:
+        self.credit = min(self.credit + budget, max(8 * budget, 0.0))
+        while True:
             spec = self._next_spec()
             if spec is None:
                 return
             predicted = self.cost.predict(spec)
-            if predicted > budget:
+            if predicted > self.credit:
                 return
-            budget -= predicted
+            self.credit -= predicted
             self._run_pending()
 
     def run_idle_slice(self) -> None:
@@ -364,6 +438,8 @@ class MaceTrainer:
             "train_tokens_per_s": self.stats["trained_tokens"] / secs if secs else 0.0,
             "reserve_tokens_per_iter": self.cfg.train_tokens_per_iter,
             "reserve_ms": 1000 * self.cfg.train_tokens_per_iter * self.sec_per_token,
+            "memory": {**self.memory, "rss_now_mb": self.process.memory_info().rss / 2**20},
+            "swap_baseline": self.swap_baseline,
         }
 
 
