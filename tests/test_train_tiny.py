@@ -191,11 +191,14 @@ def test_sidecar_killed_is_restarted_and_training_goes_on(server: Server):
     import psutil
 
     def sidecars():
-        return [
-            p
-            for p in psutil.Process(server.proc.pid).children(recursive=True)
-            if "sidecar.main" in " ".join(p.cmdline())
-        ]
+        found = []
+        for p in psutil.Process(server.proc.pid).children(recursive=True):
+            try:  # a killed sidecar is a zombie until the supervisor reaps it
+                if p.status() != psutil.STATUS_ZOMBIE and "sidecar.main" in " ".join(p.cmdline()):
+                    found.append(p)
+            except psutil.Error:
+                pass
+        return found
 
     (victim,) = sidecars()
     os.kill(victim.pid, signal.SIGKILL)

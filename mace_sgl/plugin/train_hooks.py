@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -57,9 +58,15 @@ def key_cache_by_version(scheduler: Any, recv_req: Any, *args: Any, **kwargs: An
         recv_req.extra_key = f"{recv_req.extra_key}|{suffix}" if recv_req.extra_key else suffix
 
 
+@functools.lru_cache(maxsize=1)
+def _config() -> MaceConfig:
+    # Exported by the launcher before SGLang started; parsed once, not per request.
+    return MaceConfig.from_env()
+
+
 def default_adapter(tm: Any, obj: Any, *args: Any, **kwargs: Any) -> None:
     """BEFORE TokenizerManager.generate_request: requests naming no adapter get the default."""
-    name = MaceConfig.from_env().default_adapter
+    name = _config().default_adapter
     if name and hasattr(obj, "lora_path") and obj.lora_path is None:
         obj.lora_path = name
 

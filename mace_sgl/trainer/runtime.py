@@ -30,7 +30,7 @@ from mace_sgl.ipc.messages import Control, Hello, Ready, Result, Work, decode_to
 from mace_sgl.templating import encode_pair
 from mace_sgl.trainer.publish import PoolPublisher, lora_config_dict
 from mace_sgl.trainer.shared import attach_lora, build_shared_llama, shares_storage
-from mace_sgl.trainer.sliced import Pair, SlicedDPO, SliceSpec
+from mace_sgl.trainer.sliced import Pair, SlicedDPO, SliceSpec, run_to_end
 
 logger = logging.getLogger("mace_sgl.trainer")
 
@@ -68,7 +68,6 @@ class MaceTrainer:
         from transformers import AutoConfig, AutoTokenizer
 
         self.cfg = cfg
-        self.scheduler = scheduler
         self.process = psutil.Process()
         rss_before = self.process.memory_info().rss
         model_runner = scheduler.tp_worker.model_runner
@@ -128,7 +127,7 @@ class MaceTrainer:
         }
         with torch.inference_mode(False):
             self.canary = self._canary_sequences()
-            self.canary_base = self._canary_score(adapter=False)
+            self.canary_base = run_to_end(self._canary_slices(adapter=False))
         ctx = zmq.Context.instance()
         self.push, self.pull = channels.connect_trainer(ctx, cfg.state_path / "run")
         self.push.send(encode(Hello(self.session, cfg.adapter_name)))
@@ -275,14 +274,6 @@ class MaceTrainer:
             total += logp
             count += ids.shape[1] - prompt_len
         return total / max(count, 1)
-
-    def _canary_score(self, adapter: bool) -> float:
-        gen = self._canary_slices(adapter)
-        try:
-            while True:
-                next(gen)
-        except StopIteration as stop:
-            return stop.value
 
     # -- messages ------------------------------------------------------------------------
 
