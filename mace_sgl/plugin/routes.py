@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import Request
@@ -15,6 +16,7 @@ from mace_sgl import __version__
 from mace_sgl.config import MaceConfig
 from mace_sgl.feedback import FeedbackError, parse_feedback
 from mace_sgl.templating import encode_pair
+from mace_sgl.trainer.publish import checkpoints
 from sidecar import store
 
 
@@ -31,18 +33,11 @@ def _tokenizer_manager() -> Any:
     return state.tokenizer_manager if state is not None else None
 
 
-def _counts(cfg: MaceConfig) -> store.Counts:
+def _with_store(cfg: MaceConfig, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(connection, *args) on a short-lived store connection (run in a worker thread)."""
     conn = store.connect(cfg.store_path)
     try:
-        return store.counts(conn)
-    finally:
-        conn.close()
-
-
-def _insert(cfg: MaceConfig, items: list[dict[str, Any]]) -> list[int]:
-    conn = store.connect(cfg.store_path)
-    try:
-        return store.add_feedback(conn, items)
+        return fn(conn, *args)
     finally:
         conn.close()
 
@@ -57,7 +52,7 @@ async def mace_status() -> JSONResponse:
     cfg = _config()
     # One entry per data-parallel scheduler; each comes from that scheduler process.
     internal: list[dict[str, Any]] = await tm.get_internal_state()
-    counts = await asyncio.to_thread(_counts, cfg)
+    counts = await asyncio.to_thread(_with_store, cfg, store.counts)
     schedulers = [s.get("mace") for s in internal]
     trainer = next((s["trainer"] for s in schedulers if s and s.get("trainer")), None)
     body = {
@@ -119,7 +114,7 @@ async def mace_feedback(request: Request) -> JSONResponse:
         )
     except FeedbackError as e:
         return _error(e.status, e.reason)
-    ids = await asyncio.to_thread(_insert, cfg, items)
+    ids = await asyncio.to_thread(_with_store, cfg, store.add_feedback, items)
     return JSONResponse({"ids": ids, "count": len(ids)})
 
 
@@ -129,35 +124,25 @@ async def mace_adapters() -> JSONResponse:
 
     def scan() -> list[dict[str, Any]]:
         out = []
-        for d in cfg.adapter_dir.glob("v*"):
-            if not d.name[1:].isdigit() or not (d / "adapter_model.safetensors").is_file():
-                continue
+        for version, d in checkpoints(cfg.adapter_dir):
             meta_file = d / "mace.json"
             meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-            out.append({"version": int(d.name[1:]), "path": str(d), **meta})
-        return sorted(out, key=lambda v: v["version"])
+            out.append({"version": version, "path": str(d), **meta})
+        return out
 
     versions = await asyncio.to_thread(scan)
     return JSONResponse({"adapter": cfg.adapter_name, "versions": versions})
 
 
-def _set_paused(cfg: MaceConfig, paused: bool) -> None:
-    conn = store.connect(cfg.store_path)
-    try:
-        store.set_setting(conn, "paused", "1" if paused else "0")
-    finally:
-        conn.close()
-
-
 async def mace_train_pause() -> JSONResponse:
     """POST /mace/train/pause: stop training after the current slice; serving goes on."""
-    await asyncio.to_thread(_set_paused, _config(), True)
+    await asyncio.to_thread(_with_store, _config(), store.set_setting, "paused", "1")
     return JSONResponse({"paused": True})
 
 
 async def mace_train_resume() -> JSONResponse:
     """POST /mace/train/resume."""
-    await asyncio.to_thread(_set_paused, _config(), False)
+    await asyncio.to_thread(_with_store, _config(), store.set_setting, "paused", "0")
     return JSONResponse({"paused": False})
 
 

@@ -89,6 +89,16 @@ class PoolPublisher:
         self.manager._notify_lora_slots_updated({buffer_id})
 
 
+def checkpoints(adapter_dir: Path) -> list[tuple[int, Path]]:
+    """Finished checkpoints `vN/` under adapter_dir as (N, path), oldest first."""
+    found = [
+        (int(d.name[1:]), d)
+        for d in adapter_dir.glob("v*")
+        if d.name[1:].isdigit() and (d / "adapter_model.safetensors").is_file()
+    ]
+    return sorted(found)
+
+
 def lora_config_dict(rank: int, alpha: int, targets: list[str]) -> dict[str, Any]:
     """The adapter_config.json fields SGLang and peft both read for our adapters."""
     return {

@@ -28,7 +28,7 @@ from mace_sgl.config import MaceConfig
 from mace_sgl.ipc import channels
 from mace_sgl.ipc.messages import Control, Hello, Ready, Result, Work, decode_to_trainer, encode
 from mace_sgl.templating import encode_pair
-from mace_sgl.trainer.publish import PoolPublisher, lora_config_dict
+from mace_sgl.trainer.publish import PoolPublisher, checkpoints, lora_config_dict
 from mace_sgl.trainer.shared import attach_lora, build_shared_llama, shares_storage
 from mace_sgl.trainer.sliced import Pair, SlicedDPO, SliceSpec, run_to_end
 
@@ -164,24 +164,18 @@ class MaceTrainer:
 
         # v0 is the all-zero adapter that only reserves SGLang's slot: never resume it
         # (zero A and zero B would leave LoRA without any gradient).
-        versions = sorted(
-            (
-                p
-                for p in self.cfg.adapter_dir.glob("v*/adapter_model.safetensors")
-                if p.parent.name[1:].isdigit() and int(p.parent.name[1:]) > 0
-            ),
-            key=lambda p: int(p.parent.name[1:]),
-        )
+        versions = [(n, d) for n, d in checkpoints(self.cfg.adapter_dir) if n > 0]
         if not versions:
             return 0
-        weights = load_file(str(versions[-1]))
+        version, path = versions[-1]
+        weights = load_file(str(path / "adapter_model.safetensors"))
         params = self._lora_params()
         with torch.no_grad():
             for name, p in params.items():
                 key = name.replace(".default", "")
                 p.copy_(weights[key])
-        logger.info("resumed adapter from %s", versions[-1].parent)
-        return int(versions[-1].parent.name[1:])
+        logger.info("resumed adapter from %s", path)
+        return version
 
     def _checkpoint(self) -> None:
         """Write the version just published (peft format) off the serving thread."""
@@ -454,7 +448,6 @@ def _write_checkpoint(
     (tmp / "adapter_config.json").write_text(json.dumps(config, default=str, indent=2) + "\n")
     (tmp / "mace.json").write_text(json.dumps(meta) + "\n")
     tmp.rename(out)
-    versions = sorted(int(p.name[1:]) for p in adapter_dir.glob("v*") if p.name[1:].isdigit())
-    for old in versions[:-keep]:
+    for old, path in checkpoints(adapter_dir)[:-keep]:
         if old != 0:
-            shutil.rmtree(adapter_dir / f"v{old}", ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
