@@ -49,7 +49,8 @@ def test_dpo_loss_matches_the_closed_form():
     )  # beta * ((1) - (-1))
 
 
-def test_sliced_step_equals_autograd(tiny_model_dir: Path):
+@pytest.mark.parametrize("refs_ahead", [False, True], ids=["refs-in-step", "refs-ahead"])
+def test_sliced_step_equals_autograd(tiny_model_dir: Path, refs_ahead: bool):
     beta = 0.1
     ref_model = lora_model(tiny_model_dir)
     ref_model.zero_grad()
@@ -70,7 +71,10 @@ def test_sliced_step_equals_autograd(tiny_model_dir: Path):
 
     model = lora_model(tiny_model_dir)
     dpo = SlicedDPO(model, beta=beta, lr=1e-3, max_grad_norm=1e9)
-    gen = dpo.step_slices(PAIRS)
+    refs = None
+    if refs_ahead:  # reference log-probs computed before the step, as the trainer may
+        refs = {p.sample_id: run_to_end(dpo.ref_slices(p)) for p in PAIRS}
+    gen = dpo.step_slices(PAIRS, refs)
     specs = []
 
     def step():
@@ -85,8 +89,10 @@ def test_sliced_step_equals_autograd(tiny_model_dir: Path):
         spec = step()
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     n_layers = len(model.get_base_model().model.layers)
-    # per sequence: 2 forwards of (layers + head) and one backward of (head + layers)
-    assert len(specs) == len(PAIRS) * 2 * (3 * (n_layers + 1))
+    # per sequence: 2 forwards of (layers + head) and one backward of (head + layers);
+    # with the references computed ahead, one forward fewer
+    passes = 2 if refs_ahead else 3
+    assert len(specs) == len(PAIRS) * 2 * (passes * (n_layers + 1))
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)

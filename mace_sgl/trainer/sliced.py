@@ -153,17 +153,42 @@ class SlicedDPO:
 
     # -- one optimizer step ------------------------------------------------------------
 
-    def step_slices(self, pairs: list[Pair]) -> Generator[SliceSpec, None, StepResult]:
-        """One DPO optimizer step over `pairs` (gradient accumulation), sliced."""
+    def _ids(self, pair: Pair, completion: list[int]) -> torch.Tensor:
+        with torch.inference_mode(False):  # autograd must be able to save it
+            return torch.tensor([pair.prompt_ids + completion], device=self.device)
+
+    def ref_slices(self, pair: Pair) -> Generator[SliceSpec, None, tuple[float, float]]:
+        """Reference log-probs (adapter disabled) of chosen and rejected, sliced.
+
+        They do not depend on the adapter, so they can be computed ahead of the step, in
+        whatever room an iteration leaves (see step_slices' `refs`).
+        """
+        refs = []
+        for completion in (pair.chosen_ids, pair.rejected_ids):
+            ids = self._ids(pair, completion)
+            refs.append((yield from self.forward_slices(ids, len(pair.prompt_ids), False, None)))
+        return refs[0], refs[1]
+
+    def step_slices(
+        self, pairs: list[Pair], refs: dict[int, tuple[float, float]] | None = None
+    ) -> Generator[SliceSpec, None, StepResult]:
+        """One DPO optimizer step over `pairs` (gradient accumulation), sliced.
+
+        `refs` maps sample ids to reference log-probs computed ahead by ref_slices;
+        pairs without one compute theirs inside the step.
+        """
         result = StepResult()
         self.optimizer.zero_grad(set_to_none=True)
         total_weight = sum(p.weight for p in pairs) or 1.0
         for pair in pairs:
             seqs = []
-            for completion in (pair.chosen_ids, pair.rejected_ids):
-                with torch.inference_mode(False):  # autograd must be able to save it
-                    ids = torch.tensor([pair.prompt_ids + completion], device=self.device)
-                ref = yield from self.forward_slices(ids, len(pair.prompt_ids), False, None)
+            known = (refs or {}).get(pair.sample_id)
+            for i, completion in enumerate((pair.chosen_ids, pair.rejected_ids)):
+                ids = self._ids(pair, completion)
+                if known is not None:
+                    ref = known[i]
+                else:
+                    ref = yield from self.forward_slices(ids, len(pair.prompt_ids), False, None)
                 kept: list = []
                 pol = yield from self.forward_slices(ids, len(pair.prompt_ids), True, kept)
                 seqs.append((ids, kept, pol, ref))

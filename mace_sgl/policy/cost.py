@@ -1,0 +1,189 @@
+"""Cost model: predicted latency and memory of serving and fine-tune work, corrected online.
+
+Each kind of work has a small linear model, latency = w . features, whose weights start from
+a profile (measured offline by `mace-sgl profile`) and are corrected by recursive least
+squares with forgetting from every iteration the scheduler observes. A stale or foreign
+profile therefore converges to this device (benchmarks/cost_model.py measures how fast).
+
+Features per kind:
+- prefill: [1, tokens, tokens * context / 1024]  (attention grows with what is attended to)
+- decode:  [1, batch, context_tokens / 1024]      (context = sum of the batch's KV lengths)
+- fwd, head, bwd: [1, tokens]                     (one training slice: a layer or the LM head)
+- opt:     [1]                                    (one optimizer step)
+Memory of a fine-tune unit is bytes per token per kind (peak extra bytes it holds).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+SERVE_KINDS = ("prefill", "decode")
+TRAIN_KINDS = ("fwd", "head", "bwd", "opt")
+KINDS = SERVE_KINDS + TRAIN_KINDS
+
+
+def features(kind: str, tokens: int = 0, batch: int = 0, context: int = 0) -> list[float]:
+    """The feature vector of one piece of work (see the module docstring)."""
+    if kind == "prefill":
+        return [1.0, float(tokens), tokens * context / 1024.0]
+    if kind == "decode":
+        return [1.0, float(batch), context / 1024.0]
+    if kind == "opt":
+        return [1.0]
+    if kind in ("fwd", "head", "bwd"):
+        return [1.0, float(tokens)]
+    raise ValueError(f"unknown kind of work {kind!r}; known: {', '.join(KINDS)}")
+
+
+# Seconds; a deliberately rough start for a device nobody profiled (a 2-core CPU, ~135M
+# model). Online correction replaces it within a few dozen iterations.
+DEFAULT_WEIGHTS: dict[str, list[float]] = {
+    "prefill": [0.02, 4e-4, 1e-5],
+    "decode": [0.03, 3e-3, 2e-3],
+    "fwd": [1e-4, 2e-5],
+    "head": [1e-4, 2e-4],
+    "bwd": [3e-4, 6e-5],
+    "opt": [5e-3],
+}
+DEFAULT_MEM_PER_TOKEN: dict[str, float] = {"fwd": 2e3, "head": 4e5, "bwd": 1e5, "opt": 0.0}
+
+
+class RecursiveLeastSquares:
+    """Online linear regression with exponential forgetting (a few floats, plain Python)."""
+
+    def __init__(self, weights: list[float], forgetting: float = 0.97, prior: float = 1e2) -> None:
+        n = len(weights)
+        self.w = list(weights)
+        self.lam = forgetting
+        # Covariance P: a large diagonal lets early observations move the weights quickly.
+        self.P = [[prior if i == j else 0.0 for j in range(n)] for i in range(n)]
+        self.count = 0
+
+    def predict(self, x: list[float]) -> float:
+        return sum(wi * xi for wi, xi in zip(self.w, x, strict=True))
+
+    def update(self, x: list[float], y: float) -> None:
+        n = len(self.w)
+        Px = [sum(self.P[i][j] * x[j] for j in range(n)) for i in range(n)]
+        denom = self.lam + sum(x[i] * Px[i] for i in range(n))
+        k = [v / denom for v in Px]
+        err = y - self.predict(x)
+        self.w = [self.w[i] + k[i] * err for i in range(n)]
+        self.P = [[(self.P[i][j] - k[i] * Px[j]) / self.lam for j in range(n)] for i in range(n)]
+        self.count += 1
+
+
+def fit_least_squares(xs: list[list[float]], ys: list[float], ridge: float = 1e-9) -> list[float]:
+    """Ordinary least squares (normal equations, Gauss-Jordan): the offline profile fit."""
+    n = len(xs[0])
+    a = [
+        [sum(x[i] * x[j] for x in xs) + (ridge if i == j else 0.0) for j in range(n)]
+        for i in range(n)
+    ]
+    b = [sum(x[i] * y for x, y in zip(xs, ys, strict=True)) for i in range(n)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
+        a[col], a[pivot] = a[pivot], a[col]
+        b[col], b[pivot] = b[pivot], b[col]
+        if abs(a[col][col]) < 1e-30:
+            continue
+        for r in range(n):
+            if r != col:
+                f = a[r][col] / a[col][col]
+                a[r] = [a[r][j] - f * a[col][j] for j in range(n)]
+                b[r] -= f * b[col]
+    return [b[i] / a[i][i] if abs(a[i][i]) > 1e-30 else 0.0 for i in range(n)]
+
+
+@dataclass
+class Observation:
+    """One measured piece of work, as the scheduler saw it."""
+
+    kind: str
+    seconds: float
+    tokens: int = 0
+    batch: int = 0
+    context: int = 0
+    mem_bytes: float | None = None
+
+
+@dataclass
+class CostModel:
+    """Latency and memory predictions for every kind of work, corrected online."""
+
+    weights: dict[str, list[float]] = field(
+        default_factory=lambda: {k: list(v) for k, v in DEFAULT_WEIGHTS.items()}
+    )
+    mem_per_token: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MEM_PER_TOKEN))
+    forgetting: float = 0.97
+    keep_samples: int = 4000
+
+    def __post_init__(self) -> None:
+        self.models = {k: RecursiveLeastSquares(self.weights[k], self.forgetting) for k in KINDS}
+        self.samples: deque[Observation] = deque(maxlen=self.keep_samples)
+        self.abs_pct_error: dict[str, float] = {}
+
+    def predict(self, kind: str, tokens: int = 0, batch: int = 0, context: int = 0) -> float:
+        """Predicted seconds; never negative."""
+        return max(self.models[kind].predict(features(kind, tokens, batch, context)), 0.0)
+
+    def memory(self, kind: str, tokens: int) -> float:
+        """Predicted peak extra bytes of a fine-tune unit."""
+        return self.mem_per_token.get(kind, 0.0) * tokens
+
+    def observe(self, obs: Observation) -> None:
+        """Fold one measurement in: tracks the error it had, then corrects the model."""
+        x = features(obs.kind, obs.tokens, obs.batch, obs.context)
+        model = self.models[obs.kind]
+        predicted = max(model.predict(x), 1e-9)
+        err = abs(predicted - obs.seconds) / max(obs.seconds, 1e-9)
+        prev = self.abs_pct_error.get(obs.kind)
+        self.abs_pct_error[obs.kind] = err if prev is None else prev + 0.1 * (err - prev)
+        model.update(x, obs.seconds)
+        if obs.mem_bytes is not None and obs.tokens:
+            per = obs.mem_bytes / obs.tokens
+            old = self.mem_per_token.get(obs.kind, per)
+            self.mem_per_token[obs.kind] = max(per, old + 0.2 * (per - old))
+        self.samples.append(obs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The profile's `cost` section."""
+        return {
+            "weights": {k: list(m.w) for k, m in self.models.items()},
+            "mem_per_token": dict(self.mem_per_token),
+            "forgetting": self.forgetting,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CostModel:
+        weights = {k: list(v) for k, v in DEFAULT_WEIGHTS.items()}
+        for kind, w in (data.get("weights") or {}).items():
+            if kind not in weights or len(w) != len(weights[kind]):
+                raise ValueError(
+                    f"profile cost weights for {kind!r} must have "
+                    f"{len(weights.get(kind, []))} numbers, got {w!r}"
+                )
+            weights[kind] = [float(v) for v in w]
+        mem = dict(DEFAULT_MEM_PER_TOKEN)
+        mem.update({k: float(v) for k, v in (data.get("mem_per_token") or {}).items()})
+        return cls(
+            weights=weights, mem_per_token=mem, forgetting=float(data.get("forgetting", 0.97))
+        )
+
+    @classmethod
+    def fit(cls, samples: list[Observation], base: CostModel | None = None) -> CostModel:
+        """Least-squares fit of every kind that has enough samples (the offline profile)."""
+        base = base or cls()
+        weights = {k: list(m.w) for k, m in base.models.items()}
+        mem = dict(base.mem_per_token)
+        for kind in KINDS:
+            rows = [s for s in samples if s.kind == kind]
+            if len(rows) >= len(weights[kind]) + 1:
+                xs = [features(kind, s.tokens, s.batch, s.context) for s in rows]
+                weights[kind] = fit_least_squares(xs, [s.seconds for s in rows])
+            sized = [s.mem_bytes / s.tokens for s in rows if s.mem_bytes is not None and s.tokens]
+            if sized:
+                mem[kind] = max(sized)
+        return cls(weights=weights, mem_per_token=mem, forgetting=base.forgetting)

@@ -1,0 +1,145 @@
+"""Scheduling policies, chosen by --mace-policy: inference-only, fcfs-reserve and mace.
+
+Each one answers, after every serving iteration, how many seconds of fine-tune work may
+run and which units; plain Python on the data in types.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from mace_sgl.policy.cost import Observation
+from mace_sgl.policy.packing import best_fit
+from mace_sgl.policy.profile import Profile
+from mace_sgl.policy.slo import SloController
+from mace_sgl.policy.types import IterationView, Plan
+
+
+class Policy:
+    """Shared parts: the cost model, the SLO controller, observation and status."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, profile: Profile, reserve_s: float = 0.01) -> None:
+        self.profile = profile
+        self.cost = profile.cost
+        self.slo = SloController(profile.slo)
+        # Fixed seconds per iteration (fcfs-reserve); the trainer keeps it in step with
+        # --mace-train-tokens-per-iter times its measured seconds per token.
+        self.reserve_s = reserve_s
+        self.last_budget_s = 0.0
+
+    def plan(self, view: IterationView) -> Plan:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def charge(self, seconds: float) -> None:
+        """Training seconds really spent after this iteration (for policies with credit)."""
+
+    def observe(self, obs: Observation) -> None:
+        """A measured iteration or unit: corrects the cost model."""
+        self.cost.observe(obs)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "policy": self.name,
+            "reserve_ms": 1000.0 * self.last_budget_s,
+            "slo": self.slo.status(),
+            "cost_abs_pct_error": dict(self.cost.abs_pct_error),
+            "profile": self.profile.meta.get("source", "built-in defaults"),
+        }
+
+
+class InferenceOnly(Policy):
+    """Never trains: feedback is stored, serving is untouched (the baseline)."""
+
+    name = "inference-only"
+
+    def plan(self, view: IterationView) -> Plan:
+        self.last_budget_s = 0.0
+        return Plan(budget_s=0.0)
+
+
+class FcfsReserve(Policy):
+    """A fixed reserve after every iteration, units in arrival order (naive colocation).
+
+    Unspent reserve accrues as credit (capped at 8 iterations), so a unit longer than one
+    iteration's reserve still runs every few iterations. When idle, one unit at a time.
+    """
+
+    name = "fcfs-reserve"
+
+    def __init__(self, profile: Profile, reserve_s: float = 0.01) -> None:
+        super().__init__(profile, reserve_s)
+        self.credit = 0.0
+
+    def plan(self, view: IterationView) -> Plan:
+        if view.idle:
+            budget = float("inf")
+        else:
+            if view.spent_s == 0.0:  # first call after this iteration
+                self.credit = min(self.credit + self.reserve_s, 8 * self.reserve_s)
+            budget = self.credit - view.spent_s
+        self.last_budget_s = self.reserve_s
+        chosen, predicted = [], 0.0
+        for u in sorted(view.units, key=lambda u: u.arrival):
+            t = self.cost.predict(u.kind, u.tokens)
+            if predicted + t > budget:
+                break
+            chosen.append(u)
+            predicted += t
+        return Plan(budget_s=budget, units=tuple(chosen), predicted_s=predicted)
+
+    def charge(self, seconds: float) -> None:
+        """Training time actually spent out of the credit."""
+        self.credit -= seconds
+
+
+class Mace(Policy):
+    """SLO-controlled budget, DPO-loss priorities and best-fit packing (MACE).
+
+    Busy: budget = factor * (headroom * TBT target - predicted next decode iteration),
+    zero while a prefill waits (serving outranks fine-tune) or a tail is at risk.
+    Idle: a unit may delay a request that arrives meanwhile, so it must fit in
+    `idle_share` of the TTFT target.
+    """
+
+    name = "mace"
+    headroom = 0.9
+    idle_share = 0.25
+
+    def plan(self, view: IterationView) -> Plan:
+        targets = self.profile.slo
+        if view.idle:
+            budget = self.idle_share * targets.ttft_ms / 1000.0
+        elif view.waiting:
+            budget = 0.0
+        else:
+            serve = self.cost.predict(
+                "decode", batch=view.decode_batch, context=view.decode_context
+            )
+            room = max(self.headroom * targets.tbt_ms / 1000.0 - serve, 0.0)
+            budget = self.slo.factor * room
+        self.last_budget_s = budget if view.spent_s == 0.0 else self.last_budget_s
+        budget -= view.spent_s
+        chosen, predicted, scores = best_fit(
+            view.units,
+            budget,
+            view.mem_free_bytes,
+            self.cost,
+            self.profile.priorities,
+            view.now,
+            self.profile.packing,
+        )
+        return Plan(budget_s=budget, units=tuple(chosen), predicted_s=predicted, scores=scores)
+
+
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (InferenceOnly, FcfsReserve, Mace)}
+
+
+def make_policy(name: str, profile: Profile, reserve_s: float = 0.01) -> Policy:
+    """The policy called `name` (see POLICIES)."""
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}") from None
+    return cls(profile, reserve_s)

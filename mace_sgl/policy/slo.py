@@ -1,0 +1,107 @@
+"""SLO control: tail TTFT and TBT measured online steer how much training may run.
+
+The scheduler reports every gap between two outputs of running requests (TBT) and every
+first-token latency (TTFT). The controller keeps a window of each, and a factor in [0, 1]
+that scales the training budget: it drops to zero as soon as a tail nears its target
+(inference always wins) and grows by a step per iteration while both tails have slack.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SloTargets:
+    """Latency targets, milliseconds; the profile's `slo` section or --mace-slo-* flags."""
+
+    ttft_ms: float = 2000.0
+    tbt_ms: float = 200.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]) of a non-empty list."""
+    ordered = sorted(values)
+    rank = math.ceil(q / 100.0 * len(ordered))
+    return ordered[max(0, min(len(ordered), rank) - 1)]
+
+
+class SloController:
+    """Online tails, attainment so far, and the training factor they imply."""
+
+    def __init__(
+        self,
+        targets: SloTargets,
+        window: int = 200,
+        at_risk: float = 0.9,
+        slack: float = 0.7,
+        step: float = 0.05,
+    ) -> None:
+        self.targets = targets
+        self.tbt: deque[float] = deque(maxlen=window)
+        self.ttft: deque[float] = deque(maxlen=max(window // 4, 16))
+        self.at_risk, self.slack, self.step = at_risk, slack, step
+        self.factor = 0.5
+        self.requests = 0
+        self.requests_ok = 0
+        self.tbt_total = 0
+        self.tbt_ok = 0
+
+    def record_tbt(self, seconds: float) -> None:
+        self.tbt.append(seconds)
+        self.tbt_total += 1
+        self.tbt_ok += seconds * 1000.0 <= self.targets.tbt_ms
+
+    def record_ttft(self, seconds: float) -> None:
+        self.ttft.append(seconds)
+
+    def record_request(self, ttft_s: float, tpot_s: float | None) -> None:
+        """A finished request meets its SLO when TTFT and mean time per output token do."""
+        self.requests += 1
+        ok = ttft_s * 1000.0 <= self.targets.ttft_ms
+        if tpot_s is not None:
+            ok = ok and tpot_s * 1000.0 <= self.targets.tbt_ms
+        self.requests_ok += ok
+
+    def tails_ms(self) -> tuple[float | None, float | None]:
+        """p99 of the recent TBT gaps and TTFTs, in milliseconds."""
+        tbt = percentile(list(self.tbt), 99) * 1000.0 if self.tbt else None
+        ttft = percentile(list(self.ttft), 99) * 1000.0 if self.ttft else None
+        return tbt, ttft
+
+    def risk(self) -> float:
+        """The worst tail as a share of its target (1.0 = at the target)."""
+        tbt, ttft = self.tails_ms()
+        r = 0.0
+        if tbt is not None:
+            r = max(r, tbt / self.targets.tbt_ms)
+        if ttft is not None:
+            r = max(r, ttft / self.targets.ttft_ms)
+        return r
+
+    def update(self) -> float:
+        """Once per serving iteration: the new training factor."""
+        r = self.risk()
+        if r >= self.at_risk:
+            self.factor = 0.0
+        elif r <= self.slack:
+            self.factor = min(1.0, self.factor + self.step)
+        return self.factor
+
+    def status(self) -> dict[str, Any]:
+        tbt, ttft = self.tails_ms()
+        return {
+            "targets": self.targets.to_dict(),
+            "tbt_p99_ms": tbt,
+            "ttft_p99_ms": ttft,
+            "factor": self.factor,
+            "requests": self.requests,
+            "slo_attainment": self.requests_ok / self.requests if self.requests else None,
+            "tbt_attainment": self.tbt_ok / self.tbt_total if self.tbt_total else None,
+        }

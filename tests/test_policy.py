@@ -1,0 +1,233 @@
+"""Scheduling policy on hand-made inputs: cost model, priorities, packing, SLO control."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from mace_sgl.policy import IterationView, Profile, Unit, WaitingPrefill, make_policy
+from mace_sgl.policy.cost import CostModel, Observation, features, fit_least_squares
+from mace_sgl.policy.packing import PackingParams, best_fit
+from mace_sgl.policy.priority import Priorities
+from mace_sgl.policy.slo import SloController, SloTargets, percentile
+
+TRUE = {
+    "prefill": [0.01, 5e-4, 2e-5],
+    "decode": [0.02, 4e-3, 1e-3],
+    "fwd": [2e-3, 1e-4],
+    "head": [1e-3, 8e-4],
+    "bwd": [4e-3, 3e-4],
+    "opt": [0.02],
+}
+
+
+def exact_cost() -> CostModel:
+    """A cost model that predicts exactly TRUE (forgetting 1: no drift in tests)."""
+    return CostModel(weights={k: list(v) for k, v in TRUE.items()}, forgetting=1.0)
+
+
+def true_seconds(kind: str, tokens: int = 0, batch: int = 0, context: int = 0) -> float:
+    return sum(
+        w * x for w, x in zip(TRUE[kind], features(kind, tokens, batch, context), strict=True)
+    )
+
+
+# -- cost model ---------------------------------------------------------------------------
+
+
+def test_least_squares_recovers_a_linear_model():
+    rng = random.Random(0)
+    rows = [(rng.randint(1, 512), rng.randint(0, 4096)) for _ in range(40)]
+    xs = [features("prefill", t, context=c) for t, c in rows]
+    ys = [true_seconds("prefill", t, context=c) for t, c in rows]
+    assert fit_least_squares(xs, ys) == pytest.approx(TRUE["prefill"], rel=1e-6)
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0])
+def test_online_correction_converges_from_a_foreign_profile(scale: float):
+    start = {k: [w * scale for w in v] for k, v in TRUE.items()}
+    model = CostModel(weights=start)
+    rng = random.Random(1)
+    shapes = [(rng.randint(1, 32), rng.randint(16, 8192)) for _ in range(60)]
+    first_err = None
+    for batch, ctx in shapes:
+        y = true_seconds("decode", batch=batch, context=ctx) * rng.uniform(0.98, 1.02)
+        predicted = model.predict("decode", batch=batch, context=ctx)
+        first_err = first_err if first_err is not None else abs(predicted - y) / y
+        model.observe(Observation("decode", y, batch=batch, context=ctx))
+    assert first_err > 0.5  # it really started wrong
+    for batch, ctx in [(1, 100), (8, 2000), (32, 8000)]:
+        assert model.predict("decode", batch=batch, context=ctx) == pytest.approx(
+            true_seconds("decode", batch=batch, context=ctx), rel=0.05
+        )
+    assert model.abs_pct_error["decode"] < 0.1
+
+
+def test_cost_profile_round_trip_and_validation():
+    model = CostModel.fit(
+        [
+            Observation("bwd", true_seconds("bwd", t), tokens=t, mem_bytes=1000.0 * t)
+            for t in (16, 64, 128, 256)
+        ]
+    )
+    again = CostModel.from_dict(model.to_dict())
+    assert again.predict("bwd", 100) == pytest.approx(true_seconds("bwd", 100), rel=1e-6)
+    assert again.memory("bwd", 10) == pytest.approx(10_000.0)
+    with pytest.raises(ValueError, match="decode"):
+        CostModel.from_dict({"weights": {"decode": [1.0]}})
+    with pytest.raises(ValueError, match="unknown kind"):
+        features("spin", 1)
+
+
+# -- priorities ---------------------------------------------------------------------------
+
+
+def test_priorities_order_types_and_age():
+    p = Priorities(aging=2.0, gamma=1.0)
+    assert p.score("decode", 0) > p.score("prefill", 0) > p.score("train", 0, 0.0)
+    # a prefill that waited (3 - 2) / aging seconds catches up with a fresh decode
+    assert p.score("prefill", 0.51) > p.score("decode", 0)
+    # misaligned pairs (high DPO loss) train first; an untrained pair counts as log 2
+    assert p.score("train", 0, 2.0) > p.score("train", 0, None) > p.score("train", 0, 0.1)
+
+
+# -- best-fit packing ---------------------------------------------------------------------
+
+
+def unit(job: int, kind: str, tokens: int, arrival: float = 0.0, loss: float | None = None):
+    return Unit(job=job, kind=kind, tokens=tokens, arrival=arrival, loss=loss)
+
+
+def test_best_fit_prefers_the_tightest_fit_among_equal_priorities():
+    cost = exact_cost()
+    small = unit(1, "fwd", 10)  # 3 ms
+    big = unit(2, "fwd", 40)  # 6 ms
+    chosen, predicted, _ = best_fit(
+        [small, big], 0.0065, float("inf"), cost, Priorities(), 0.0, PackingParams()
+    )
+    assert [u.job for u in chosen] == [2]
+    assert predicted == pytest.approx(0.006)
+    # with room for both, both go, tightest first
+    chosen, _, _ = best_fit(
+        [small, big], 0.01, float("inf"), cost, Priorities(), 0.0, PackingParams()
+    )
+    assert [u.job for u in chosen] == [2, 1]
+
+
+def test_best_fit_respects_priority_memory_and_budget():
+    cost = exact_cost()
+    cost.mem_per_token["bwd"] = 1000.0
+    urgent = unit(1, "fwd", 10, loss=3.0)  # high loss: priority well above the rest
+    snug = unit(2, "fwd", 40, loss=0.1)
+    chosen, _, scores = best_fit(
+        [snug, urgent], 0.0065, float("inf"), cost, Priorities(), 0.0, PackingParams()
+    )
+    assert [u.job for u in chosen] == [1]  # priority first, fit only among near-equals
+    assert scores[1] > scores[2]
+    heavy = unit(3, "bwd", 10)  # 7 ms, 10 kB
+    chosen, _, _ = best_fit([heavy], 1.0, 5_000.0, cost, Priorities(), 0.0, PackingParams())
+    assert chosen == []  # does not fit in memory
+    chosen, _, _ = best_fit([heavy], 0.006, 1e9, cost, Priorities(), 0.0, PackingParams())
+    assert chosen == []  # does not fit in time
+    # aging: an old unit outranks a fresh one with a higher loss
+    old, fresh = unit(4, "fwd", 10, arrival=-5.0, loss=0.1), unit(5, "fwd", 10, loss=2.0)
+    chosen, _, _ = best_fit([fresh, old], 0.004, 1e9, cost, Priorities(), 0.0, PackingParams())
+    assert [u.job for u in chosen] == [4]
+
+
+# -- SLO control --------------------------------------------------------------------------
+
+
+def test_percentile_nearest_rank():
+    values = [float(i) for i in range(1, 101)]
+    assert percentile(values, 99) == 99.0
+    assert percentile(values, 50) == 50.0
+    assert percentile([7.0], 99) == 7.0
+
+
+def test_slo_controller_drops_to_zero_at_risk_and_grows_with_slack():
+    slo = SloController(SloTargets(ttft_ms=1000, tbt_ms=100), window=50, step=0.1)
+    for _ in range(50):
+        slo.record_tbt(0.040)
+    factors = [slo.update() for _ in range(10)]
+    assert factors[-1] == 1.0 and factors == sorted(factors)
+    slo.record_tbt(0.095)  # one gap near the target is in the p99 of 51
+    assert slo.update() == 0.0
+    for _ in range(60):
+        slo.record_tbt(0.040)  # the slow gap leaves the window
+    assert slo.update() > 0.0
+    slo.record_request(0.5, 0.05)
+    slo.record_request(1.5, 0.05)  # TTFT missed
+    slo.record_request(0.5, 0.2)  # TBT missed
+    assert slo.status()["slo_attainment"] == pytest.approx(1 / 3)
+
+
+# -- policies -----------------------------------------------------------------------------
+
+
+def profile(ttft_ms: float = 1000.0, tbt_ms: float = 100.0) -> Profile:
+    return Profile(cost=exact_cost(), slo=SloTargets(ttft_ms=ttft_ms, tbt_ms=tbt_ms))
+
+
+def test_inference_only_never_trains():
+    policy = make_policy("inference-only", profile())
+    plan = policy.plan(IterationView(now=0.0, idle=True, units=(unit(1, "fwd", 1),)))
+    assert plan.budget_s == 0.0 and plan.units == ()
+
+
+def test_fcfs_reserve_runs_in_arrival_order_and_accrues_credit():
+    policy = make_policy("fcfs-reserve", profile(), reserve_s=0.004)
+    late, early = unit(1, "fwd", 10, arrival=2.0), unit(2, "bwd", 10, arrival=1.0)  # 3, 7 ms
+    runs = []
+    for _ in range(3):
+        plan = policy.plan(IterationView(now=3.0, decode_batch=1, units=(late, early)))
+        runs.append([u.job for u in plan.units])
+        policy.charge(plan.predicted_s)
+    # the oldest unit (7 ms) waits for two iterations of 4 ms credit, then both run
+    assert runs == [[], [2], []] or runs == [[], [2, 1], []]
+    assert make_policy("fcfs-reserve", profile()).plan(
+        IterationView(now=0.0, idle=True, units=(early,))
+    ).units == (early,)
+
+
+def test_mace_budget_follows_tbt_room_waiting_prefills_and_risk():
+    policy = make_policy("mace", profile(tbt_ms=100.0))
+    policy.slo.factor = 1.0
+    units = tuple(unit(i, "fwd", 10 * i) for i in range(1, 6))
+    light = policy.plan(IterationView(now=0.0, decode_batch=1, decode_context=100, units=units))
+    heavy = policy.plan(IterationView(now=0.0, decode_batch=16, decode_context=4000, units=units))
+    # 0.9 * 100 ms - predicted decode of the running batch
+    assert light.budget_s == pytest.approx(0.09 - true_seconds("decode", batch=1, context=100))
+    assert heavy.budget_s < light.budget_s
+    assert light.predicted_s <= light.budget_s and light.units
+    waiting = policy.plan(
+        IterationView(now=0.0, decode_batch=1, waiting=(WaitingPrefill(50, 0.0),), units=units)
+    )
+    assert waiting.budget_s == 0.0 and waiting.units == ()
+    idle = policy.plan(IterationView(now=0.0, idle=True, units=units))
+    assert idle.budget_s == pytest.approx(0.25)  # a quarter of the TTFT target
+    for _ in range(20):
+        policy.slo.record_tbt(0.099)
+    policy.slo.update()
+    assert policy.plan(IterationView(now=0.0, decode_batch=1, units=units)).units == ()
+
+
+def test_unknown_policy_is_a_clear_error():
+    with pytest.raises(ValueError, match="inference-only, fcfs-reserve, mace"):
+        make_policy("lottery", profile())
+
+
+def test_profile_file_round_trip(tmp_path: Path):
+    p = profile()
+    p.meta["device"] = "test"
+    path = tmp_path / "p.json"
+    p.save(path)
+    loaded = Profile.load(path)
+    assert loaded.meta == {"device": "test"}
+    assert loaded.slo == p.slo
+    assert loaded.cost.predict("head", 100) == pytest.approx(true_seconds("head", 100))
+    path.write_text('{"format": "other"}')
+    with pytest.raises(ValueError, match="mace-sgl-profile/1"):
+        Profile.load(path)
