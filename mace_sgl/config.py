@@ -100,6 +100,42 @@ class MaceConfig:
             "load_lora_adapter_from_tensors (reported in /mace/status; for benchmarks)."
         },
     )
+    policy: str = field(
+        default="mace",
+        metadata={
+            "help": "Scheduling policy of training work: inference-only (never trains), "
+            "fcfs-reserve (fixed reserve per iteration, arrival order) or mace (SLO-"
+            "controlled reserve, DPO-loss priorities, best-fit packing).",
+            "choices": ("inference-only", "fcfs-reserve", "mace"),
+        },
+    )
+    cost_profile: str | None = field(
+        default=None,
+        metadata={
+            "help": "Profile JSON written by `mace-sgl profile` (cost model, priorities, "
+            "SLO targets). Without one the cost model starts from rough defaults and "
+            "corrects itself online.",
+            "flag_name": "--mace-profile",
+        },
+    )
+    slo_ttft_ms: float | None = field(
+        default=None,
+        metadata={"help": "TTFT target in ms (default: the profile's, else 2000).", "type": float},
+    )
+    slo_tbt_ms: float | None = field(
+        default=None,
+        metadata={
+            "help": "Time-between-tokens target in ms (default: the profile's, else 200).",
+            "type": float,
+        },
+    )
+    lookahead: int = field(
+        default=4,
+        metadata={
+            "help": "Feedback pairs the trainer holds ahead of the step it runs; their "
+            "reference log-probs are packed into spare room of serving iterations."
+        },
+    )
     kv_ram_fraction: float = field(
         default=0.10,
         metadata={
@@ -121,6 +157,12 @@ class MaceConfig:
             raise ValueError(f"kv_ram_fraction must be in (0, 0.9], got {self.kv_ram_fraction}")
         if self.pairs_per_step < 1 or self.publish_every < 1 or self.lora_rank < 1:
             raise ValueError("pairs_per_step, publish_every and lora_rank must be >= 1")
+        if self.policy not in ("inference-only", "fcfs-reserve", "mace"):
+            raise ValueError(
+                f"unknown policy {self.policy!r}; choose inference-only, fcfs-reserve or mace"
+            )
+        if self.lookahead < 1:
+            raise ValueError(f"lookahead must be >= 1, got {self.lookahead}")
         if self.train_tokens_per_iter < 0:
             raise ValueError("train_tokens_per_iter must be >= 0")
         if self.feedback_max_bytes <= 0:
@@ -222,9 +264,10 @@ def add_mace_args(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(MaceConfig):
         if not f.metadata.get("flag", True):
             continue
+        flag = f.metadata.get("flag_name", f"--mace-{f.name.replace('_', '-')}")
         if isinstance(f.default, bool):
             group.add_argument(
-                f"--mace-{f.name.replace('_', '-')}",
+                flag,
                 dest=f"mace_{f.name}",
                 action="store_true",
                 default=None,
@@ -232,9 +275,11 @@ def add_mace_args(parser: argparse.ArgumentParser) -> None:
             )
             continue
         group.add_argument(
-            f"--mace-{f.name.replace('_', '-')}",
+            flag,
             dest=f"mace_{f.name}",
-            type=str if f.default is None else type(f.default),
+            # Optional fields name their type; the rest take their default's.
+            type=f.metadata.get("type") or (str if f.default is None else type(f.default)),
+            choices=f.metadata.get("choices"),
             default=None,
             help=f"{f.metadata['help']} (default: {f.default})".replace("%", "%%"),
         )

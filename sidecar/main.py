@@ -61,7 +61,10 @@ class Sidecar:
                 self.conn, self.adapter, msg.want, msg.session, self.max_train_count
             )
             if rows:
-                samples = [Sample(r.id, r.prompt, r.chosen, r.rejected, r.weight) for r in rows]
+                samples = [
+                    Sample(r.id, r.prompt, r.chosen, r.rejected, r.weight, r.last_loss)
+                    for r in rows
+                ]
                 self.push.send(encode(Work(msg.session, samples)))
         elif isinstance(msg, Result):
             if not store.record_result(self.conn, msg.sample_id, msg.loss, msg.session):

@@ -88,3 +88,18 @@ def test_mace_flags_override_the_profile():
     assert cfg.kv_ram_fraction == 0.05
     assert cfg.kv_tokens_max == 9999
     assert cfg.profile == "p"
+
+
+def test_policy_flags_parse_into_the_config():
+    parser = argparse.ArgumentParser()
+    config.add_mace_args(parser)
+    args = parser.parse_args(
+        ["--mace-policy", "fcfs-reserve", "--mace-profile", "p.json", "--mace-slo-tbt-ms", "150"]
+    )
+    cfg = config.build_mace_config(args, None)
+    assert (cfg.policy, cfg.cost_profile, cfg.slo_tbt_ms) == ("fcfs-reserve", "p.json", 150.0)
+    assert MaceConfig().policy == "mace"
+    with pytest.raises(SystemExit):  # argparse names the valid choices
+        parser.parse_args(["--mace-policy", "lottery"])
+    with pytest.raises(ValueError, match="unknown policy"):
+        MaceConfig(policy="lottery")

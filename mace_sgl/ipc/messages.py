@@ -14,6 +14,7 @@ class Sample(msgspec.Struct, frozen=True):
     chosen: str
     rejected: str
     weight: float
+    loss: float | None = None  # its last DPO loss, if it trained before (priorities)
 
 
 class Hello(msgspec.Struct, tag=True, frozen=True):

@@ -19,10 +19,12 @@ Hooks (target -> why -> how):
   layers pin host memory, which needs a CUDA driver -> pinning becomes a no-op there
   (plugin/cpu.py unpin_lora).
 - With --mace-train, scheduler process: `Scheduler.__init__` AFTER builds the trainer on
-  the loaded weights; `Scheduler.process_batch_result` AFTER runs training slices within
-  the per-iteration reserve; `Scheduler.maybe_sleep_on_idle` AROUND trains one slice
-  instead of sleeping; `Scheduler.handle_generate_request` BEFORE adds the live adapter's
-  version to the radix key (plugin/train_hooks.py).
+  the loaded weights and its policy (--mace-policy); `Scheduler.run_batch` AROUND times
+  every forward for the policy's cost model; `Scheduler.process_batch_result` AFTER
+  records TTFT/TBT for SLO control and runs the training units the policy fits into the
+  iteration; `Scheduler.maybe_sleep_on_idle` AROUND trains one unit instead of sleeping;
+  `Scheduler.handle_generate_request` BEFORE notes the arrival and adds the live
+  adapter's version to the radix key (plugin/train_hooks.py, plugin/iteration.py).
 - Launcher process: `TokenizerManager.generate_request` BEFORE gives requests that name no
   adapter the --mace-default-adapter.
 - Launcher (HTTP) process only: `/mace/*` routes added to SGLang's FastAPI `app` before it
@@ -82,8 +84,9 @@ def register() -> None:
             sched + "maybe_sleep_on_idle", train_hooks.train_or_sleep, HookType.AROUND
         )
         HookRegistry.register(
-            sched + "handle_generate_request", train_hooks.key_cache_by_version, HookType.BEFORE
+            sched + "handle_generate_request", train_hooks.on_generate_request, HookType.BEFORE
         )
+        HookRegistry.register(sched + "run_batch", train_hooks.timed_forward, HookType.AROUND)
     if cfg.default_adapter:
         HookRegistry.register(
             "sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request",

@@ -9,18 +9,17 @@ Features per kind:
 - prefill: [1, tokens, tokens * context / 1024]  (attention grows with what is attended to)
 - decode:  [1, batch, context_tokens / 1024]      (context = sum of the batch's KV lengths)
 - fwd, head, bwd: [1, tokens]                     (one training slice: a layer or the LM head)
-- opt:     [1]                                    (one optimizer step)
+- opt, publish: [1]                               (optimizer step; adapter swap)
 Memory of a fine-tune unit is bytes per token per kind (peak extra bytes it holds).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 SERVE_KINDS = ("prefill", "decode")
-TRAIN_KINDS = ("fwd", "head", "bwd", "opt")
+TRAIN_KINDS = ("fwd", "head", "bwd", "opt", "publish")
 KINDS = SERVE_KINDS + TRAIN_KINDS
 
 
@@ -30,7 +29,7 @@ def features(kind: str, tokens: int = 0, batch: int = 0, context: int = 0) -> li
         return [1.0, float(tokens), tokens * context / 1024.0]
     if kind == "decode":
         return [1.0, float(batch), context / 1024.0]
-    if kind == "opt":
+    if kind in ("opt", "publish"):
         return [1.0]
     if kind in ("fwd", "head", "bwd"):
         return [1.0, float(tokens)]
@@ -46,8 +45,15 @@ DEFAULT_WEIGHTS: dict[str, list[float]] = {
     "head": [1e-4, 2e-4],
     "bwd": [3e-4, 6e-5],
     "opt": [5e-3],
+    "publish": [1e-2],
 }
-DEFAULT_MEM_PER_TOKEN: dict[str, float] = {"fwd": 2e3, "head": 4e5, "bwd": 1e5, "opt": 0.0}
+DEFAULT_MEM_PER_TOKEN: dict[str, float] = {
+    "fwd": 2e3,
+    "head": 4e5,
+    "bwd": 1e5,
+    "opt": 0.0,
+    "publish": 0.0,
+}
 
 
 class RecursiveLeastSquares:
@@ -118,11 +124,9 @@ class CostModel:
     )
     mem_per_token: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MEM_PER_TOKEN))
     forgetting: float = 0.97
-    keep_samples: int = 4000
 
     def __post_init__(self) -> None:
         self.models = {k: RecursiveLeastSquares(self.weights[k], self.forgetting) for k in KINDS}
-        self.samples: deque[Observation] = deque(maxlen=self.keep_samples)
         self.abs_pct_error: dict[str, float] = {}
 
     def predict(self, kind: str, tokens: int = 0, batch: int = 0, context: int = 0) -> float:
@@ -146,7 +150,6 @@ class CostModel:
             per = obs.mem_bytes / obs.tokens
             old = self.mem_per_token.get(obs.kind, per)
             self.mem_per_token[obs.kind] = max(per, old + 0.2 * (per - old))
-        self.samples.append(obs)
 
     def to_dict(self) -> dict[str, Any]:
         """The profile's `cost` section."""

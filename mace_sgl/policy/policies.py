@@ -6,13 +6,14 @@ run and which units; plain Python on the data in types.py.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from mace_sgl.policy.cost import Observation
 from mace_sgl.policy.packing import best_fit
 from mace_sgl.policy.profile import Profile
 from mace_sgl.policy.slo import SloController
-from mace_sgl.policy.types import IterationView, Plan
+from mace_sgl.policy.types import IterationView, Plan, Unit
 
 
 class Policy:
@@ -32,6 +33,10 @@ class Policy:
     def plan(self, view: IterationView) -> Plan:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def rank(self, units: Sequence[Unit], now: float) -> list[Unit]:
+        """Order in which waiting fine-tune work should start: arrival order."""
+        return sorted(units, key=lambda u: u.arrival)
+
     def charge(self, seconds: float) -> None:
         """Training seconds really spent after this iteration (for policies with credit)."""
 
@@ -44,7 +49,11 @@ class Policy:
             "policy": self.name,
             "reserve_ms": 1000.0 * self.last_budget_s,
             "slo": self.slo.status(),
-            "cost_abs_pct_error": dict(self.cost.abs_pct_error),
+            "cost_model": {
+                **self.cost.to_dict(),
+                "samples": {k: m.count for k, m in self.cost.models.items()},
+                "abs_pct_error": dict(self.cost.abs_pct_error),
+            },
             "profile": self.profile.meta.get("source", "built-in defaults"),
         }
 
@@ -106,6 +115,11 @@ class Mace(Policy):
     name = "mace"
     headroom = 0.9
     idle_share = 0.25
+
+    def rank(self, units: Sequence[Unit], now: float) -> list[Unit]:
+        """By priority P(t): DPO loss (misaligned first) plus aging."""
+        score = self.profile.priorities.score
+        return sorted(units, key=lambda u: score("train", now - u.arrival, u.loss), reverse=True)
 
     def plan(self, view: IterationView) -> Plan:
         targets = self.profile.slo

@@ -1,8 +1,11 @@
 """The trainer inside SGLang's scheduler process: feeds, runs and publishes sliced DPO.
 
-Driven by two hooks (plugin/train_hooks.py): after every serving iteration it runs slices
-whose predicted time fits the per-iteration reserve; when the scheduler would sleep idle it
-runs one slice instead, so a new request waits at most one slice. Work arrives from the
+Driven by hooks (plugin/train_hooks.py): after every serving iteration the policy
+(mace_sgl/policy, chosen by --mace-policy) decides how many seconds of training fit and
+which units; when the scheduler would sleep idle it runs one unit instead, so a new
+request waits at most one unit. Work is a set of jobs, each a chain of slices: the one
+DPO step in progress, and the reference log-probs of pairs queued behind it (computed
+ahead so that short units can fill the room an iteration leaves). Pairs arrive from the
 sidecar over ZeroMQ; results go back the same way.
 """
 
@@ -18,15 +21,19 @@ import uuid
 from collections import deque
 from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 import zmq
 
 from mace_sgl.config import MaceConfig
 from mace_sgl.ipc import channels
 from mace_sgl.ipc.messages import Control, Hello, Ready, Result, Work, decode_to_trainer, encode
+from mace_sgl.policy import IterationView, Observation, Profile, Unit, make_policy
+from mace_sgl.policy.slo import SloTargets
 from mace_sgl.templating import encode_pair
 from mace_sgl.trainer.publish import PoolPublisher, checkpoints, lora_config_dict
 from mace_sgl.trainer.shared import attach_lora, build_shared_llama, shares_storage
@@ -40,31 +47,45 @@ CANARY_PROMPTS = [
 ]
 
 
-class SliceCost:
-    """Seconds per token of each slice kind, an exponential average of what was measured."""
+@dataclass
+class QueuedPair:
+    """A pair waiting for its step, with what its priority needs."""
 
-    def __init__(self) -> None:
-        self.per_token = {"fwd": 2e-5, "head": 2e-5, "bwd": 6e-5, "opt": 0.0}
-        self.fixed = {"fwd": 1e-4, "head": 1e-4, "bwd": 3e-4, "opt": 5e-3}
+    pair: Pair
+    arrival: float  # time.monotonic() it reached the trainer
+    loss: float | None  # last DPO loss from the store, if it trained before
 
-    def predict(self, spec: SliceSpec) -> float:
-        """Predicted seconds for a slice."""
-        return self.fixed[spec.kind] + self.per_token[spec.kind] * spec.tokens
 
-    def observe(self, spec: SliceSpec, seconds: float) -> None:
-        """Fold one measured slice into the averages."""
-        if spec.tokens:
-            measured = max(seconds - self.fixed[spec.kind], 0.0) / spec.tokens
-            self.per_token[spec.kind] += 0.2 * (measured - self.per_token[spec.kind])
-        else:
-            self.fixed[spec.kind] += 0.2 * (seconds - self.fixed[spec.kind])
+@dataclass
+class Job:
+    """A chain of slices: a DPO step (kind "step") or one pair's reference log-probs."""
+
+    key: int
+    kind: str
+    gen: Generator[SliceSpec, None, Any]
+    pending: SliceSpec | None
+    pairs: list[QueuedPair]
+
+    def unit(self) -> Unit:
+        first = self.pairs[0]
+        return Unit(self.key, self.pending.kind, self.pending.tokens, first.arrival, first.loss)
+
+
+def load_profile(cfg: MaceConfig) -> Profile:
+    """The --mace-profile file (or built-in defaults) with --mace-slo-* flags applied."""
+    profile = Profile.load(cfg.cost_profile) if cfg.cost_profile else Profile()
+    profile.meta.setdefault("source", cfg.cost_profile or "built-in defaults")
+    profile.slo = SloTargets(
+        ttft_ms=cfg.slo_ttft_ms or profile.slo.ttft_ms,
+        tbt_ms=cfg.slo_tbt_ms or profile.slo.tbt_ms,
+    )
+    return profile
 
 
 class MaceTrainer:
     """Owns the shared-weight LoRA model, the step in progress and the live adapter."""
 
     def __init__(self, scheduler: Any, cfg: MaceConfig) -> None:
-        import psutil
         from transformers import AutoConfig, AutoTokenizer
 
         self.cfg = cfg
@@ -104,17 +125,21 @@ class MaceTrainer:
                 self.swap_baseline = {"error": f"{type(e).__name__}: {e}"}
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="mace-ckpt")
         self.session = uuid.uuid4().hex
-        self.queue: deque[Pair] = deque()
-        self.step: Generator[SliceSpec, None, Any] | None = None
-        self.pending: SliceSpec | None = None
-        self.step_pairs: list[Pair] = []
-        self.cost = SliceCost()
-        # Seconds of slices per token of trained pairs: converts the token reserve to time.
+        self.queue: deque[QueuedPair] = deque()  # pairs without a step yet
+        self.jobs: dict[int, Job] = {}
+        self.step_job: Job | None = None
+        self.refs: dict[int, tuple[float, float]] = {}  # sample id -> reference log-probs
+        self.next_key = 0
+        self.policy = make_policy(cfg.policy, load_profile(cfg))
+        self.on_cuda = self.dpo.device.type == "cuda"
+        self.param_storage = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        # Seconds of slices per token of trained pairs: converts the token reserve of
+        # fcfs-reserve (--mace-train-tokens-per-iter) to time.
         self.sec_per_token = 5e-3
         self.step_seconds = 0.0
-        self.credit = 0.0  # seconds of training reserve not yet spent
         self.paused = False
         self.asked_at = 0.0
+        self.idle_refused = 0
         self.stats = {
             "train_steps": 0,
             "rollbacks": 0,
@@ -272,7 +297,7 @@ class MaceTrainer:
     # -- messages ------------------------------------------------------------------------
 
     def poll(self) -> None:
-        """Take every waiting sidecar message; ask for work when there is none."""
+        """Take every waiting sidecar message; ask for work when too little is queued."""
         while True:
             try:
                 data = self.pull.recv(zmq.NOBLOCK)
@@ -281,14 +306,19 @@ class MaceTrainer:
             msg = decode_to_trainer(data)
             if isinstance(msg, Work) and msg.session == self.session:
                 self.asked_at = 0.0
+                now = time.monotonic()
                 for s in msg.samples:
-                    self.queue.append(self._pair(s))
+                    self.queue.append(QueuedPair(self._pair(s), now, s.loss))
             elif isinstance(msg, Control):
                 self.paused = msg.paused
         # The sidecar answers only when it has samples; ask again now and then.
+        want = self.cfg.lookahead + self.cfg.pairs_per_step - len(self.queue)
+        if self.step_job is not None:
+            want -= len(self.step_job.pairs)
         now = time.monotonic()
-        if not self.queue and self.step is None and not self.paused and now - self.asked_at > 0.5:
-            self.push.send(encode(Ready(self.session, self.cfg.pairs_per_step)))
+        trains = policy_trains(self.cfg.policy)
+        if want > 0 and trains and not self.paused and now - self.asked_at > 0.5:
+            self.push.send(encode(Ready(self.session, want)))
             self.asked_at = now
 
     def _pair(self, s: Any) -> Pair:
@@ -296,71 +326,128 @@ class MaceTrainer:
         _, rejected = encode_pair(self.tokenizer, s.prompt, s.rejected)
         return Pair(s.id, prompt, chosen, rejected, s.weight)
 
-    # -- running slices ------------------------------------------------------------------
+    # -- jobs ----------------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        """True when a slice could run now."""
-        return not self.paused and (self.step is not None or bool(self.queue))
+        """True when a unit could run now."""
+        return not self.paused and policy_trains(self.cfg.policy) and bool(self.jobs or self.queue)
 
-    def _next_spec(self) -> SliceSpec | None:
+    def _new_job(self, kind: str, gen: Generator[SliceSpec, None, Any], pairs: list) -> Job:
+        self.next_key += 1
+        job = Job(self.next_key, kind, gen, None, pairs)
+        job.pending = next(gen)  # runs only the set-up before the first slice
+        self.jobs[job.key] = job
+        return job
+
+    def _candidates(self) -> tuple[Unit, ...]:
+        """The head unit of every job, after starting the jobs that can start."""
         if self.paused:
-            return None  # pause takes effect after the current slice
-        if self.pending is None and self.step is None and self.queue and not self.paused:
-            n = min(self.cfg.pairs_per_step, len(self.queue))
-            self.step_pairs = [self.queue.popleft() for _ in range(n)]
-            self.step = self._step(self.step_pairs)
-            self.pending = next(self.step)
-        return self.pending
+            return ()
+        if self.step_job is None and self.queue:
+            waiting = [Unit(i, "fwd", 0, q.arrival, q.loss) for i, q in enumerate(self.queue)]
+            order = [u.job for u in self.policy.rank(waiting, time.monotonic())]
+            picked = set(order[: self.cfg.pairs_per_step])
+            step_pairs = [self.queue[i] for i in sorted(picked)]
+            self.queue = deque(q for i, q in enumerate(self.queue) if i not in picked)
+            taken = {q.pair.sample_id for q in step_pairs}
+            for job in [j for j in self.jobs.values() if j.pairs[0].pair.sample_id in taken]:
+                del self.jobs[job.key]  # its reference pass finishes inside the step
+            refs = {
+                q.pair.sample_id: self.refs.pop(q.pair.sample_id)
+                for q in step_pairs
+                if q.pair.sample_id in self.refs
+            }
+            self.step_job = self._new_job("step", self._step(step_pairs, refs), step_pairs)
+        ahead = {j.pairs[0].pair.sample_id for j in self.jobs.values() if j.kind == "ref"}
+        for q in self.queue:
+            sid = q.pair.sample_id
+            if sid not in self.refs and sid not in ahead:
+                self._new_job("ref", self.dpo.ref_slices(q.pair), [q])
+        return tuple(job.unit() for job in self.jobs.values())
 
-    def _run_pending(self) -> None:
-        spec = self.pending
+    def _run_unit(self, key: int) -> float:
+        """Run the head slice of one job; returns the seconds it took."""
+        job = self.jobs[key]
+        spec = job.pending
+        mem = _MemoryProbe(self.on_cuda, self.param_storage)
         start = time.perf_counter()
         try:
-            with torch.inference_mode(False):
-                self.pending = next(self.step)
-        except StopIteration:
-            self.step, self.pending = None, None
+            with torch.inference_mode(False), mem:
+                job.pending = next(job.gen)
+        except StopIteration as stop:
+            self._finish(job, stop.value)
         except Exception as e:  # OOM or anything else: serving must go on
-            logger.exception("training slice failed")
-            self.step, self.pending = None, None
-            self._rollback(f"{type(e).__name__}: {e}")
-            self._report(self.step_pairs, {}, self.version)
+            logger.exception("training slice failed (%s job)", job.kind)
+            self._finish(job, None)
+            if job.kind == "step":
+                self._rollback(f"{type(e).__name__}: {e}")
+                self._report([q.pair for q in job.pairs], {}, self.version)
         elapsed = time.perf_counter() - start
-        self.cost.observe(spec, elapsed)
+        self.policy.observe(
+            Observation(spec.kind, elapsed, tokens=spec.tokens, mem_bytes=mem.bytes)
+        )
         self.stats["train_seconds"] += elapsed
         self.step_seconds += elapsed
+        return elapsed
 
-    def run_reserve(self) -> None:
-        """After a serving iteration: slices that fit the reserve, in predicted time.
+    def _finish(self, job: Job, value: Any) -> None:
+        del self.jobs[job.key]
+        if job.kind == "step":
+            self.step_job = None
+        elif value is not None:
+            self.refs[job.pairs[0].pair.sample_id] = value
 
-        The reserve accrues as credit, so a slice that costs more than one iteration's
-        reserve (the LM head over a large vocabulary) still runs every few iterations;
-        the training time per iteration averages the reserve. Credit is capped so that
-        an idle stretch cannot bank a long stall.
-        """
+    def iteration_done(self, view: IterationView) -> None:
+        """After a serving iteration: the units the policy fits into what it leaves."""
         self.poll()
-        budget = self.cfg.train_tokens_per_iter * self.sec_per_token
-        self.credit = min(self.credit + budget, max(8 * budget, 0.0))
-        while True:
-            spec = self._next_spec()
-            if spec is None:
-                return
-            predicted = self.cost.predict(spec)
-            if predicted > self.credit:
-                return
-            self.credit -= predicted
-            self._run_pending()
+        if not policy_trains(self.cfg.policy):
+            self.policy.slo.update()
+            return
+        self.policy.reserve_s = self.cfg.train_tokens_per_iter * self.sec_per_token
+        self.policy.slo.update()
+        spent = 0.0
+        for _ in range(64):  # re-plan as units finish; bounded against a runaway cost model
+            units = self._candidates()
+            if not units:
+                break
+            plan = self.policy.plan(
+                replace(view, units=units, spent_s=spent, mem_free_bytes=self._mem_free())
+            )
+            if not plan.units:
+                break
+            for unit in plan.units:
+                if unit.job in self.jobs:
+                    spent += self._run_unit(unit.job)
+        self.policy.charge(spent)
 
     def run_idle_slice(self) -> None:
-        """Nothing to serve: one slice, then back to the loop to look for requests."""
+        """Nothing to serve: one unit, then back to the loop to look for requests."""
         self.poll()
-        if self._next_spec() is not None:
-            self._run_pending()
+        units = self._candidates()
+        if not units:
+            return
+        plan = self.policy.plan(
+            IterationView(
+                now=time.monotonic(), idle=True, units=units, mem_free_bytes=self._mem_free()
+            )
+        )
+        if plan.units:
+            self._run_unit(plan.units[0].job)
+        else:
+            self.idle_refused += 1
+
+    def _mem_free(self) -> float:
+        if self.on_cuda:
+            return float(torch.cuda.mem_get_info()[0])
+        return float(psutil.virtual_memory().available)
 
     # -- one step, then maybe a publish --------------------------------------------------
 
-    def _step(self, pairs: list[Pair]) -> Generator[SliceSpec, None, None]:
-        result = yield from self.dpo.step_slices(pairs)
+    def _step(
+        self, queued: list[QueuedPair], refs: dict[int, tuple[float, float]]
+    ) -> Generator[SliceSpec, None, None]:
+        pairs = [q.pair for q in queued]
+        result = yield from self.dpo.step_slices(pairs, refs)
         if not result.ok:
             self._rollback(result.error)
             self._report(pairs, result.losses, self.version)
@@ -385,7 +472,7 @@ class MaceTrainer:
                 self.stats["rejected_versions"] += 1
                 self._rollback(f"canary log-prob fell {drop:.3f} nats/token")
             else:
-                yield SliceSpec("opt", 0)
+                yield SliceSpec("publish", 0)
                 self._publish()
         self._report(pairs, result.losses, self.version)
 
@@ -420,12 +507,54 @@ class MaceTrainer:
             "adapter_version": self.version,
             "paused": self.paused,
             "queued_in_trainer": len(self.queue),
+            "jobs": len(self.jobs),
+            "refs_ahead": len(self.refs),
+            "idle_units_refused": self.idle_refused,
             "train_tokens_per_s": self.stats["trained_tokens"] / secs if secs else 0.0,
             "reserve_tokens_per_iter": self.cfg.train_tokens_per_iter,
-            "reserve_ms": 1000 * self.cfg.train_tokens_per_iter * self.sec_per_token,
+            **self.policy.status(),
             "memory": {**self.memory, "rss_now_mb": self.process.memory_info().rss / 2**20},
             "swap_baseline": self.swap_baseline,
         }
+
+
+def policy_trains(name: str) -> bool:
+    """False for the inference-only policy: feedback is stored but nothing trains."""
+    return name != "inference-only"
+
+
+class _MemoryProbe:
+    """Peak extra bytes a slice held: CUDA's allocator peak on a GPU; on CPU the bytes
+    autograd saved for backward (the activation memory of a backward slice; no-grad
+    slices report None and keep the profile's figure)."""
+
+    def __init__(self, on_cuda: bool, param_storage: set[int]) -> None:
+        self.on_cuda = on_cuda
+        self.param_storage = param_storage  # weights saved for backward are not new memory
+        self.bytes: float | None = None
+        self._saved = 0
+        self._hooks: Any = None
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in self.param_storage:
+            self._saved += t.numel() * t.element_size()
+        return t
+
+    def __enter__(self) -> _MemoryProbe:
+        if self.on_cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+            self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.on_cuda:
+            self.bytes = float(torch.cuda.max_memory_allocated() - self._base)
+        else:
+            self._hooks.__exit__(*exc)
+            self.bytes = float(self._saved) if self._saved else None
 
 
 def _write_checkpoint(

@@ -38,7 +38,8 @@ class Pair:
 class SliceSpec:
     """The work a slice is about to do: its kind and the tokens it processes."""
 
-    kind: str  # "fwd" (no-grad layer), "head", "bwd" (recompute + backward), "opt"
+    # "fwd" (no-grad layer), "head", "bwd" (recompute + backward), "opt", "publish"
+    kind: str
     tokens: int
 
 

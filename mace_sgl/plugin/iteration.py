@@ -1,0 +1,128 @@
+"""What the scheduler did each iteration, measured for the policy (scheduler process).
+
+Times every forward (prefill or decode) for the cost model, and every first token, gap
+between outputs and finished request for the SLO controller, then describes the
+scheduler as an IterationView. Hooks in plugin/train_hooks.py call it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+from mace_sgl.policy import IterationView, Observation, WaitingPrefill
+
+
+class IterationMonitor:
+    """Per-request timing and per-forward cost observations."""
+
+    def __init__(self, policy: Any, on_cuda: bool) -> None:
+        self.policy = policy
+        self.on_cuda = on_cuda
+        self.arrivals: dict[str, float] = {}  # rid -> perf_counter() it reached the scheduler
+        self.first_token: dict[str, float] = {}
+        self.last_output: float | None = None  # end of the last iteration with outputs
+        self.cuda_pending: deque[tuple[Any, Any, Observation]] = deque()
+        self.serving_seconds = 0.0  # forward time, for the idle fraction
+        self.started = time.monotonic()
+
+    # -- requests --------------------------------------------------------------------------
+
+    def arrived(self, rid: str) -> None:
+        self.arrivals[rid] = time.monotonic()
+
+    def idle(self) -> None:
+        """No batch ran: the next output gap is not a time between tokens."""
+        self.last_output = None
+
+    # -- forwards --------------------------------------------------------------------------
+
+    def observation(self, batch: Any) -> Observation | None:
+        """The shape of one batch as cost-model input (seconds filled in later)."""
+        mode = batch.forward_mode
+        if mode.is_decode():
+            return Observation(
+                "decode", 0.0, batch=len(batch.reqs), context=int(batch.seq_lens_sum or 0)
+            )
+        if mode.is_extend() and not mode.is_mixed() and batch.extend_lens:
+            tokens = int(sum(batch.extend_lens))
+            context = int(sum(batch.prefix_lens or [])) + tokens
+            return Observation(
+                "prefill", 0.0, tokens=tokens, batch=len(batch.reqs), context=context
+            )
+        return None
+
+    def timed_forward(self, original: Any, scheduler: Any, batch: Any, *a: Any, **kw: Any) -> Any:
+        """Run SGLang's run_batch and time it: wall clock on CPU (forwards are synchronous
+        there), CUDA events on a GPU (read once they completed, never waited for)."""
+        obs = self.observation(batch)
+        if obs is None:
+            return original(scheduler, batch, *a, **kw)
+        if self.on_cuda:
+            import torch
+
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = original(scheduler, batch, *a, **kw)
+            end.record()
+            self.cuda_pending.append((start, end, obs))
+            return result
+        t0 = time.monotonic()
+        result = original(scheduler, batch, *a, **kw)
+        obs.seconds = time.monotonic() - t0
+        self._observe(obs)
+        return result
+
+    def _observe(self, obs: Observation) -> None:
+        self.serving_seconds += obs.seconds
+        self.policy.observe(obs)
+
+    def _drain_cuda(self) -> None:
+        while self.cuda_pending and self.cuda_pending[0][1].query():
+            start, end, obs = self.cuda_pending.popleft()
+            obs.seconds = start.elapsed_time(end) / 1000.0
+            self._observe(obs)
+
+    # -- results ---------------------------------------------------------------------------
+
+    def results(self, scheduler: Any, batch: Any) -> IterationView:
+        """After SGLang processed a batch's results: record latencies, describe the state."""
+        self._drain_cuda()
+        now = time.monotonic()
+        slo = self.policy.slo
+        if batch is not None and batch.forward_mode.is_decode() and self.last_output:
+            slo.record_tbt(now - self.last_output)
+        for req in batch.reqs if batch is not None else ():
+            rid = req.rid
+            if rid not in self.first_token and req.output_ids and rid in self.arrivals:
+                self.first_token[rid] = now
+                slo.record_ttft(now - self.arrivals[rid])
+            if req.finished() and rid in self.first_token:
+                first = self.first_token.pop(rid)
+                arrival = self.arrivals.pop(rid)
+                n = len(req.output_ids)
+                tpot = (now - first) / (n - 1) if n > 1 else None
+                slo.record_request(first - arrival, tpot)
+            elif req.finished():
+                self.arrivals.pop(rid, None)
+        self.last_output = now
+        running = scheduler.running_batch
+        reqs = running.reqs if running is not None else []
+        waiting = [
+            WaitingPrefill(len(r.origin_input_ids), self.arrivals.get(r.rid, now))
+            for r in scheduler.waiting_queue[:8]
+        ]
+        return IterationView(
+            now=time.monotonic(),
+            decode_batch=len(reqs),
+            decode_context=int(running.seq_lens_sum or 0) if reqs else 0,
+            waiting=tuple(waiting),
+        )
+
+    def status(self) -> dict[str, Any]:
+        wall = time.monotonic() - self.started
+        return {
+            "serving_seconds": self.serving_seconds,
+            "idle_fraction": max(0.0, 1.0 - self.serving_seconds / wall) if wall else None,
+        }
