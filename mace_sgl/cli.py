@@ -195,10 +195,12 @@ def model_prepare(argv: list[str]) -> int:
     return 0
 
 
-USAGE = """usage: mace-sgl {serve,model} ...
+USAGE = """usage: mace-sgl {serve,profile,model} ...
 
   serve [SGLang flags] [--profile NAME|FILE] [--mace-* flags]
                         launch SGLang's HTTP server with the mace-sgl plugin
+  profile [--out FILE] [--quick] [serve flags]
+                        measure this device and model; write the --mace-profile JSON
   model prepare [--force]
                         fetch and convert the embedded default model
 
@@ -217,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "serve":
         return serve(rest)
+    if command == "profile":
+        from mace_sgl.profiler import profile
+
+        return profile(rest)
     if command == "model" and rest[:1] == ["prepare"]:
         return model_prepare(rest[1:])
     print(USAGE, file=sys.stderr)

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 from mace_sgl.policy import IterationView, Profile, Unit, WaitingPrefill, make_policy
-from mace_sgl.policy.cost import CostModel, Observation, features, fit_least_squares
+from mace_sgl.policy.cost import (
+    CostModel,
+    Observation,
+    features,
+    fit_least_squares,
+    fit_nonnegative,
+)
 from mace_sgl.policy.packing import PackingParams, best_fit
 from mace_sgl.policy.priority import Priorities
 from mace_sgl.policy.slo import SloController, SloTargets, percentile
@@ -232,3 +238,19 @@ def test_profile_file_round_trip(tmp_path: Path):
     path.write_text('{"format": "other"}')
     with pytest.raises(ValueError, match="mace-sgl-profile/1"):
         Profile.load(path)
+
+
+def test_costs_never_predict_negative_terms():
+    # A noisy prefill sweep where the quadratic term fits negative: it counts as zero.
+    xs = [features("prefill", t, context=t) for t in (16, 64, 256, 512)]
+    ys = [0.010, 0.012, 0.030, 0.040]
+    w = fit_least_squares(xs, ys)
+    assert w[2] < 0  # the unconstrained fit extrapolates longer prompts as cheaper
+    assert min(fit_nonnegative(xs, ys)) >= 0.0
+    model = CostModel.fit(
+        [
+            Observation("prefill", y, tokens=t, context=t)
+            for t, y in zip((16, 64, 256, 512), ys, strict=True)
+        ]
+    )
+    assert model.predict("prefill", 4096, context=4096) > model.predict("prefill", 512, context=512)

@@ -42,9 +42,7 @@ class IterationMonitor:
         """The shape of one batch as cost-model input (seconds filled in later)."""
         mode = batch.forward_mode
         if mode.is_decode():
-            return Observation(
-                "decode", 0.0, batch=len(batch.reqs), context=int(batch.seq_lens_sum or 0)
-            )
+            return Observation("decode", 0.0, batch=len(batch.reqs), context=_context(batch))
         if mode.is_extend() and not mode.is_mixed() and batch.extend_lens:
             tokens = int(sum(batch.extend_lens))
             context = int(sum(batch.prefix_lens or [])) + tokens
@@ -116,7 +114,7 @@ class IterationMonitor:
         return IterationView(
             now=time.monotonic(),
             decode_batch=len(reqs),
-            decode_context=int(running.seq_lens_sum or 0) if reqs else 0,
+            decode_context=_context(running) if reqs else 0,
             waiting=tuple(waiting),
         )
 
@@ -126,3 +124,12 @@ class IterationMonitor:
             "serving_seconds": self.serving_seconds,
             "idle_fraction": max(0.0, 1.0 - self.serving_seconds / wall) if wall else None,
         }
+
+
+def _context(batch: Any) -> int:
+    """Sum of a batch's KV lengths (SGLang recomputes seq_lens_sum lazily; the CPU copy of
+    seq_lens is always current)."""
+    lens = getattr(batch, "seq_lens_cpu", None)
+    if lens is not None:
+        return int(lens.sum())
+    return int(batch.seq_lens_sum or 0)

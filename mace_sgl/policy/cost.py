@@ -67,15 +67,22 @@ class RecursiveLeastSquares:
         self.P = [[prior if i == j else 0.0 for j in range(n)] for i in range(n)]
         self.count = 0
 
+    @property
+    def weights(self) -> list[float]:
+        """The fitted weights used for prediction. Every term is a cost, so negative ones
+        (noise on a term that barely varied: a first profile extrapolated a longer prompt
+        as cheaper) count as zero; the unconstrained estimate keeps learning underneath."""
+        return [max(w, 0.0) for w in self.w]
+
     def predict(self, x: list[float]) -> float:
-        return sum(wi * xi for wi, xi in zip(self.w, x, strict=True))
+        return sum(max(wi, 0.0) * xi for wi, xi in zip(self.w, x, strict=True))
 
     def update(self, x: list[float], y: float) -> None:
         n = len(self.w)
         Px = [sum(self.P[i][j] * x[j] for j in range(n)) for i in range(n)]
         denom = self.lam + sum(x[i] * Px[i] for i in range(n))
         k = [v / denom for v in Px]
-        err = y - self.predict(x)
+        err = y - sum(wi * xi for wi, xi in zip(self.w, x, strict=True))
         self.w = [self.w[i] + k[i] * err for i in range(n)]
         self.P = [[(self.P[i][j] - k[i] * Px[j]) / self.lam for j in range(n)] for i in range(n)]
         self.count += 1
@@ -101,6 +108,20 @@ def fit_least_squares(xs: list[list[float]], ys: list[float], ridge: float = 1e-
                 a[r] = [a[r][j] - f * a[col][j] for j in range(n)]
                 b[r] -= f * b[col]
     return [b[i] / a[i][i] if abs(a[i][i]) > 1e-30 else 0.0 for i in range(n)]
+
+
+def fit_nonnegative(xs: list[list[float]], ys: list[float]) -> list[float]:
+    """Least squares with every weight >= 0: refit without the terms that came out negative
+    (an active-set loop; the feature counts here are two or three)."""
+    active = list(range(len(xs[0])))
+    while True:
+        w = fit_least_squares([[x[i] for i in active] for x in xs], ys)
+        if all(v >= 0 for v in w) or len(active) == 1:
+            full = [0.0] * len(xs[0])
+            for i, v in zip(active, w, strict=True):
+                full[i] = max(v, 0.0)
+            return full
+        active = [i for i, v in zip(active, w, strict=True) if v >= 0] or active[:1]
 
 
 @dataclass
@@ -154,7 +175,7 @@ class CostModel:
     def to_dict(self) -> dict[str, Any]:
         """The profile's `cost` section."""
         return {
-            "weights": {k: list(m.w) for k, m in self.models.items()},
+            "weights": {k: m.weights for k, m in self.models.items()},
             "mem_per_token": dict(self.mem_per_token),
             "forgetting": self.forgetting,
         }
@@ -179,13 +200,13 @@ class CostModel:
     def fit(cls, samples: list[Observation], base: CostModel | None = None) -> CostModel:
         """Least-squares fit of every kind that has enough samples (the offline profile)."""
         base = base or cls()
-        weights = {k: list(m.w) for k, m in base.models.items()}
+        weights = {k: m.weights for k, m in base.models.items()}
         mem = dict(base.mem_per_token)
         for kind in KINDS:
             rows = [s for s in samples if s.kind == kind]
             if len(rows) >= len(weights[kind]) + 1:
                 xs = [features(kind, s.tokens, s.batch, s.context) for s in rows]
-                weights[kind] = fit_least_squares(xs, [s.seconds for s in rows])
+                weights[kind] = fit_nonnegative(xs, [s.seconds for s in rows])
             sized = [s.mem_bytes / s.tokens for s in rows if s.mem_bytes is not None and s.tokens]
             if sized:
                 mem[kind] = max(sized)

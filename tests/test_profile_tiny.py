@@ -1,0 +1,69 @@
+"""`mace-sgl profile` on the tiny model: a real sweep, a fitted profile, loaded by serve."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from mace_sgl.launcher import MACE_SGL, Server
+from mace_sgl.policy import Profile
+
+
+def test_profile_is_measured_fitted_and_loaded(tiny_model_dir: Path, tmp_path: Path):
+    out = tmp_path / "profile.json"
+    run = subprocess.run(
+        [
+            MACE_SGL,
+            "profile",
+            "--quick",
+            "--out",
+            str(out),
+            "--model-path",
+            str(tiny_model_dir),
+            "--dtype",
+            "float32",
+            "--log-level",
+            "warning",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "profiling" in run.stderr  # the progress bar
+    prof = Profile.load(out)
+    samples = prof.meta["samples"]
+    for kind in ("prefill", "decode", "fwd", "head", "bwd", "opt", "publish"):
+        assert samples[kind] > 0, f"no {kind} measured"
+    cost = prof.cost
+    # longer prefills and bigger decode batches are predicted slower, as measured
+    assert cost.predict("prefill", tokens=512, context=512) > cost.predict("prefill", tokens=16)
+    assert cost.predict("decode", batch=8, context=2048) > cost.predict("decode", batch=1)
+    assert cost.mem_per_token["bwd"] > 0  # saved-activation bytes of backward slices
+    assert 0 < prof.slo.tbt_ms < prof.slo.ttft_ms
+
+    srv = Server(
+        [
+            "--model-path",
+            str(tiny_model_dir),
+            "--dtype",
+            "float32",
+            "--log-level",
+            "warning",
+            "--mace-train",
+            "--mace-state-dir",
+            str(tmp_path / "state"),
+            "--mace-profile",
+            str(out),
+        ],
+        tmp_path / "server.log",
+    )
+    try:
+        status = srv.get("/mace/status").json()
+    finally:
+        srv.stop()
+    assert status["policy"] == "mace"
+    assert status["slo"]["targets"] == prof.slo.to_dict()
+    assert status["training"]["profile"] == str(out.resolve())
+    assert json.loads(out.read_text())["format"] == "mace-sgl-profile/1"
