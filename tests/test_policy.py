@@ -132,7 +132,7 @@ def test_best_fit_respects_priority_memory_and_budget():
         [snug, urgent], 0.0065, float("inf"), cost, Priorities(), 0.0, PackingParams()
     )
     assert [u.job for u in chosen] == [1]  # priority first, fit only among near-equals
-    assert scores[1] > scores[2]
+    assert list(scores) == [1] and scores[1] > Priorities().score("train", 0, 0.1)
     heavy = unit(3, "bwd", 10)  # 7 ms, 10 kB
     chosen, _, _ = best_fit([heavy], 1.0, 5_000.0, cost, Priorities(), 0.0, PackingParams())
     assert chosen == []  # does not fit in memory

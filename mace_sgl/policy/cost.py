@@ -154,6 +154,12 @@ class CostModel:
         """Predicted seconds; never negative."""
         return max(self.models[kind].predict(features(kind, tokens, batch, context)), 0.0)
 
+    def unit_coefficients(self, kind: str) -> tuple[float, float, float]:
+        """(seconds, seconds per token, bytes per token) of a fine-tune unit kind: the
+        same prediction as predict() and memory(), for loops over many units."""
+        w = self.models[kind].weights
+        return w[0], (w[1] if len(w) > 1 else 0.0), self.mem_per_token.get(kind, 0.0)
+
     def memory(self, kind: str, tokens: int) -> float:
         """Predicted peak extra bytes of a fine-tune unit."""
         return self.mem_per_token.get(kind, 0.0) * tokens
