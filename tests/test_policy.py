@@ -215,6 +215,11 @@ def test_mace_budget_follows_tbt_room_waiting_prefills_and_risk():
     assert waiting.budget_s == 0.0 and waiting.units == ()
     idle = policy.plan(IterationView(now=0.0, idle=True, units=units))
     assert idle.budget_s == pytest.approx(0.25)  # a quarter of the TTFT target
+    # a unit bigger than any budget still runs when idle, so its job cannot stall
+    huge = unit(9, "head", 10**6)
+    busy = policy.plan(IterationView(now=0.0, decode_batch=1, units=(huge,)))
+    assert busy.units == ()
+    assert policy.plan(IterationView(now=0.0, idle=True, units=(huge,))).units == (huge,)
     for _ in range(20):
         policy.slo.record_tbt(0.099)
     policy.slo.update()

@@ -109,12 +109,16 @@ class Mace(Policy):
     Busy: budget = factor * (headroom * TBT target - predicted next decode iteration),
     zero while a prefill waits (serving outranks fine-tune) or a tail is at risk.
     Idle: a unit may delay a request that arrives meanwhile, so it must fit in
-    `idle_share` of the TTFT target.
+    `idle_share` of the TTFT target (if none does, the cheapest runs: no job stalls).
     """
 
     name = "mace"
     headroom = 0.9
     idle_share = 0.25
+
+    def __init__(self, profile: Profile, reserve_s: float = 0.01) -> None:
+        super().__init__(profile, reserve_s)
+        self.forced_idle_units = 0
 
     def rank(self, units: Sequence[Unit], now: float) -> list[Unit]:
         """By priority P(t): DPO loss (misaligned first) plus aging."""
@@ -144,7 +148,17 @@ class Mace(Policy):
             view.now,
             self.profile.packing,
         )
+        if view.idle and not chosen and view.units:
+            # Nothing fits the idle share, but a job must never stall on a unit that is
+            # bigger than every budget (an LM head over a large vocabulary, a publish):
+            # while idle, the cheapest head runs anyway.
+            unit = min(view.units, key=lambda u: self.cost.predict(u.kind, u.tokens))
+            chosen, predicted = [unit], self.cost.predict(unit.kind, unit.tokens)
+            self.forced_idle_units += 1
         return Plan(budget_s=budget, units=tuple(chosen), predicted_s=predicted, scores=scores)
+
+    def status(self) -> dict[str, Any]:
+        return {**super().status(), "forced_idle_units": self.forced_idle_units}
 
 
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (InferenceOnly, FcfsReserve, Mace)}
