@@ -28,6 +28,7 @@ class RequestResult:
     gaps: list[float] = field(default_factory=list)
     e2e: float | None = None
     tokens: int = 0
+    text: str = ""
     error: str | None = None
 
     @property
@@ -58,8 +59,10 @@ def stream_chat(
                     continue
                 chunk = json.loads(line[5:])
                 choices = chunk.get("choices") or []
-                if not choices or not (choices[0].get("delta") or {}).get("content"):
+                content = (choices[0].get("delta") or {}).get("content") if choices else None
+                if not content:
                     continue
+                result.text += content
                 now = time.monotonic()
                 if last is None:
                     result.ttft = now - result.sent
@@ -80,18 +83,22 @@ def poisson_load(
     make_body: Callable[[int], dict[str, Any]],
     seed: int = 0,
     headers: dict[str, str] | None = None,
+    on_result: Callable[[int, dict[str, Any], RequestResult], None] | None = None,
 ) -> list[RequestResult]:
     """Requests at exponential inter-arrival times (mean 1/rate) for duration_s; waits for
-    every request sent to finish."""
+    every request sent to finish. `on_result(i, body, result)` runs as each one ends."""
     rng = random.Random(seed)
     results: list[RequestResult] = []
     lock = threading.Lock()
     threads = []
 
     def one(i: int) -> None:
-        r = stream_chat(url, make_body(i), headers)
+        body = make_body(i)
+        r = stream_chat(url, body, headers)
         with lock:
             results.append(r)
+        if on_result is not None:
+            on_result(i, body, r)
 
     start = time.monotonic()
     t, i = rng.expovariate(rate), 0

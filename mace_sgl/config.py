@@ -105,8 +105,9 @@ class MaceConfig:
         metadata={
             "help": "Scheduling policy of training work: inference-only (never trains), "
             "fcfs-reserve (fixed reserve per iteration, arrival order) or mace (SLO-"
-            "controlled reserve, DPO-loss priorities, best-fit packing).",
-            "choices": ("inference-only", "fcfs-reserve", "mace"),
+            "controlled reserve, DPO-loss priorities, best-fit packing); synchronous "
+            "(serving waits while queued feedback trains: a benchmark baseline).",
+            "choices": ("inference-only", "fcfs-reserve", "mace", "synchronous"),
         },
     )
     cost_profile: str | None = field(
@@ -157,9 +158,10 @@ class MaceConfig:
             raise ValueError(f"kv_ram_fraction must be in (0, 0.9], got {self.kv_ram_fraction}")
         if self.pairs_per_step < 1 or self.publish_every < 1 or self.lora_rank < 1:
             raise ValueError("pairs_per_step, publish_every and lora_rank must be >= 1")
-        if self.policy not in ("inference-only", "fcfs-reserve", "mace"):
+        if self.policy not in ("inference-only", "fcfs-reserve", "mace", "synchronous"):
             raise ValueError(
-                f"unknown policy {self.policy!r}; choose inference-only, fcfs-reserve or mace"
+                f"unknown policy {self.policy!r}; choose inference-only, fcfs-reserve, mace "
+                "or synchronous"
             )
         if self.lookahead < 1:
             raise ValueError(f"lookahead must be >= 1, got {self.lookahead}")

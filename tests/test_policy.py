@@ -202,11 +202,14 @@ def test_fcfs_reserve_runs_in_arrival_order_and_accrues_credit():
 def test_mace_budget_follows_tbt_room_waiting_prefills_and_risk():
     policy = make_policy("mace", profile(tbt_ms=100.0))
     policy.slo.factor = 1.0
-    units = tuple(unit(i, "fwd", 10 * i) for i in range(1, 6))
+    units = tuple(unit(i, "fwd", i) for i in range(1, 6))  # 2.1 .. 2.5 ms
     light = policy.plan(IterationView(now=0.0, decode_batch=1, decode_context=100, units=units))
     heavy = policy.plan(IterationView(now=0.0, decode_batch=16, decode_context=4000, units=units))
-    # 0.9 * 100 ms - predicted decode of the running batch
-    assert light.budget_s == pytest.approx(0.09 - true_seconds("decode", batch=1, context=100))
+    # the smaller of 0.9 * 100 ms - the predicted decode iteration and 10% of it
+    d_light = true_seconds("decode", batch=1, context=100)
+    assert light.budget_s == pytest.approx(min(0.09 - d_light, 0.1 * d_light))
+    d_heavy = true_seconds("decode", batch=16, context=4000)  # 0.088 s: 2 ms of room left
+    assert heavy.budget_s == pytest.approx(0.09 - d_heavy)
     assert heavy.budget_s < light.budget_s
     assert light.predicted_s <= light.budget_s and light.units
     waiting = policy.plan(
@@ -227,7 +230,7 @@ def test_mace_budget_follows_tbt_room_waiting_prefills_and_risk():
 
 
 def test_unknown_policy_is_a_clear_error():
-    with pytest.raises(ValueError, match="inference-only, fcfs-reserve, mace"):
+    with pytest.raises(ValueError, match="inference-only, fcfs-reserve, mace, synchronous"):
         make_policy("lottery", profile())
 
 
@@ -259,3 +262,10 @@ def test_costs_never_predict_negative_terms():
         ]
     )
     assert model.predict("prefill", 4096, context=4096) > model.predict("prefill", 512, context=512)
+
+
+def test_synchronous_runs_everything_at_once():
+    policy = make_policy("synchronous", profile())
+    units = (unit(1, "bwd", 500, arrival=2.0), unit(2, "head", 10**5, arrival=1.0))
+    plan = policy.plan(IterationView(now=3.0, decode_batch=8, units=units))
+    assert [u.job for u in plan.units] == [2, 1] and policy.max_rounds > 10**5

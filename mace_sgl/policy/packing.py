@@ -25,13 +25,16 @@ class PackingParams:
     l1: float = 0.5  # weight of the memory fit
     l2: float = 1.0  # weight of the latency fit
     tie: float = 0.5  # priorities this close to the best count as equal
+    inflation: float = 0.1  # most a busy iteration may grow by training (share of it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PackingParams:
-        return cls(**{k: float(v) for k, v in data.items() if k in ("l1", "l2", "tie")})
+        return cls(
+            **{k: float(v) for k, v in data.items() if k in ("l1", "l2", "tie", "inflation")}
+        )
 
 
 def best_fit(

@@ -1,4 +1,5 @@
-"""Scheduling policies, chosen by --mace-policy: inference-only, fcfs-reserve and mace.
+"""Scheduling policies, chosen by --mace-policy: inference-only, fcfs-reserve, mace (and
+synchronous, a baseline for benchmarks).
 
 Each one answers, after every serving iteration, how many seconds of fine-tune work may
 run and which units; plain Python on the data in types.py.
@@ -20,6 +21,9 @@ class Policy:
     """Shared parts: the cost model, the SLO controller, observation and status."""
 
     name: ClassVar[str] = ""
+    # Plans per iteration: units finish and expose their successors, so the trainer asks
+    # again; bounded against a runaway cost model.
+    max_rounds: ClassVar[int] = 64
 
     def __init__(self, profile: Profile, reserve_s: float = 0.01) -> None:
         self.profile = profile
@@ -106,8 +110,11 @@ class FcfsReserve(Policy):
 class Mace(Policy):
     """SLO-controlled budget, DPO-loss priorities and best-fit packing (MACE).
 
-    Busy: budget = factor * (headroom * TBT target - predicted next decode iteration),
-    zero while a prefill waits (serving outranks fine-tune) or a tail is at risk.
+    Busy: budget = factor * min(headroom * TBT target - predicted decode iteration,
+    inflation * predicted decode iteration), zero while a prefill waits (serving outranks
+    fine-tune) or a tail is at risk. The inflation bound (the profile's packing.inflation,
+    default 0.1) keeps what training adds to a serving iteration small even with slack
+    against the target: the fine-tune tokens ride along, the idle time does the bulk.
     Idle: a unit may delay a request that arrives meanwhile, so it must fit in
     `idle_share` of the TTFT target (if none does, the cheapest runs: no job stalls).
     """
@@ -136,7 +143,7 @@ class Mace(Policy):
                 "decode", batch=view.decode_batch, context=view.decode_context
             )
             room = max(self.headroom * targets.tbt_ms / 1000.0 - serve, 0.0)
-            budget = self.slo.factor * room
+            budget = self.slo.factor * min(room, self.profile.packing.inflation * serve)
         self.last_budget_s = budget if view.spent_s == 0.0 else self.last_budget_s
         budget -= view.spent_s
         chosen, predicted, scores = best_fit(
@@ -161,7 +168,21 @@ class Mace(Policy):
         return {**super().status(), "forced_idle_units": self.forced_idle_units}
 
 
-POLICIES: dict[str, type[Policy]] = {p.name: p for p in (InferenceOnly, FcfsReserve, Mace)}
+class Synchronous(Policy):
+    """Stop the world: after any iteration, every queued unit runs before serving goes on
+    (the drift benchmark's "synchronous" baseline: pause serving, train, resume)."""
+
+    name = "synchronous"
+    max_rounds = 1_000_000
+
+    def plan(self, view: IterationView) -> Plan:
+        self.last_budget_s = float("inf")
+        return Plan(budget_s=float("inf"), units=tuple(sorted(view.units, key=lambda u: u.arrival)))
+
+
+POLICIES: dict[str, type[Policy]] = {
+    p.name: p for p in (InferenceOnly, FcfsReserve, Mace, Synchronous)
+}
 
 
 def make_policy(name: str, profile: Profile, reserve_s: float = 0.01) -> Policy:

@@ -406,7 +406,7 @@ class MaceTrainer:
         self.policy.reserve_s = self.cfg.train_tokens_per_iter * self.sec_per_token
         self.policy.slo.update()
         spent = 0.0
-        for _ in range(64):  # re-plan as units finish; bounded against a runaway cost model
+        for _ in range(self.policy.max_rounds):  # re-plan as units finish and expose more
             units = self._candidates()
             if not units:
                 break

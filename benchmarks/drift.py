@@ -1,0 +1,430 @@
+"""Drift: continuous alignment against periodic, synchronous and naive retraining.
+
+    python -m benchmarks.drift [--quick | --full] [--out DIR] [--model-path P]
+
+The workload: prompts shipped in the repository (benchmarks/align.py, 270 of them;
+every 9th is held out for evaluation) served under an open-loop Poisson load, and a
+sequence of preference phases that change over time. Each phase has a deterministic
+judge (a score on the answer text) and an edit that satisfies it:
+
+- concise: score = -(number of words); edit = the first sentence only.
+- opener:  score = 1 if the answer opens with "Certainly", else 0; edit = "Certainly! " +
+           answer.
+- bullets: score = share of non-empty lines that start with "- "; edit = one "- " line per
+           sentence.
+
+Online DPO: every `--feedback-every`-th answer the server streams back is judged by the
+phase current when it finished; when the edit scores higher, the pair (chosen = edit,
+rejected = the served answer) is posted to /mace/feedback, interleaved with the requests.
+
+Baselines, each on a fresh `mace-sgl serve --mace-train` (same code, same flags):
+- inference-only: --mace-policy inference-only (feedback stored, never trained);
+- periodic (Ekya-style): the server never trains in its loop; every `--period-s` seconds
+  this process trains the feedback of the last window with the same sliced DPO code
+  (outside the serving loop, on the same CPU) and swaps the adapter in through SGLang's
+  /load_lora_adapter;
+- synchronous: --mace-policy synchronous (serving waits while queued feedback trains);
+- continuous: --mace-policy fcfs-reserve (naive colocation, fixed reserve);
+- mace: --mace-policy mace.
+
+Metrics per baseline (means over the evaluations; phase boundaries in the plot):
+win_rate of the served adapter against the frozen base under the current judge (win 1,
+tie 0.5) on held-out prompts; clpd, the mean log-prob of chosen minus rejected on held-out
+pairs of the current phase (edit of the base answer vs the base answer); recover_s, the
+mean time after a drift until the win rate reaches --recover-at (the phase length when it
+never does); TTFT/TBT p99, SLO attainment, throughput from the load; training tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.align import prompts as shipped_prompts
+from benchmarks.loadgen import RequestResult, poisson_load, summarize
+from benchmarks.serve_smoke import machine
+from mace_sgl.launcher import Server
+
+BASELINES = ("inference-only", "periodic", "synchronous", "continuous", "mace")
+POLICY = {
+    "inference-only": "inference-only",
+    "periodic": "inference-only",
+    "synchronous": "synchronous",
+    "continuous": "fcfs-reserve",
+    "mace": "mace",
+}
+
+
+def sentences(text: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A preference: a deterministic judge and the edit that satisfies it."""
+
+    name: str
+    score: Callable[[str], float]
+    edit: Callable[[str], str]
+
+
+def _bullets_score(text: str) -> float:
+    lines = [x for x in text.strip().splitlines() if x.strip()]
+    return sum(x.lstrip().startswith("- ") for x in lines) / len(lines) if lines else 0.0
+
+
+PHASES = [
+    Phase("concise", lambda t: -float(len(t.split())), lambda t: (sentences(t) or [t])[0]),
+    Phase(
+        "opener",
+        lambda t: float(t.lstrip().startswith("Certainly")),
+        lambda t: "Certainly! " + t.strip(),
+    ),
+    Phase("bullets", _bullets_score, lambda t: "\n".join("- " + s for s in sentences(t))),
+]
+
+
+def judge(phase: Phase, a: str, b: str) -> float:
+    """1 if a wins under the phase's judge, 0.5 for a tie, 0 if b wins."""
+    sa, sb = phase.score(a), phase.score(b)
+    return 1.0 if sa > sb else 0.5 if sa == sb else 0.0
+
+
+class Client:
+    """Chat and scoring calls against one server, for one adapter name at a time."""
+
+    def __init__(self, server: Server, tokenizer: Any, max_tokens: int) -> None:
+        self.server, self.tokenizer, self.max_tokens = server, tokenizer, max_tokens
+        self.adapter: str | None = "live"
+
+    def body(self, prompt: str, adapter: str | None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": "default",
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": self.max_tokens,
+            "temperature": 0.0,
+        }
+        if adapter:
+            body["lora_path"] = adapter
+        return body
+
+    def answer(self, prompt: str, adapter: str | None) -> str:
+        r = self.server.post("/v1/chat/completions", self.body(prompt, adapter))
+        r.raise_for_status()
+        return r.json()["choices"][0]["message"]["content"]
+
+    def logprob(self, prompt: str, completion: str, adapter: str | None) -> float:
+        from mace_sgl.templating import encode_pair
+
+        p, c = encode_pair(self.tokenizer, [{"role": "user", "content": prompt}], completion)
+        body: dict[str, Any] = {
+            "input_ids": p + c,
+            "return_logprob": True,
+            "logprob_start_len": 0,
+            "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+        }
+        if adapter:
+            body["lora_path"] = adapter
+        r = self.server.post("/generate", body)
+        r.raise_for_status()
+        lps = [x[0] for x in r.json()["meta_info"]["input_token_logprobs"]]
+        return sum(lps[len(p) :])
+
+
+class PeriodicTrainer:
+    """Ekya-style retraining outside the serving loop: every period, DPO on the window of
+    feedback received since the last round, then a swap through SGLang's adapter API."""
+
+    def __init__(self, client: Client, model_path: str, out: Path, period_s: float,
+                 lr: float, beta: float) -> None:  # fmt: skip
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from mace_sgl.config import MaceConfig
+        from mace_sgl.trainer.shared import attach_lora
+        from mace_sgl.trainer.sliced import SlicedDPO
+
+        cfg = MaceConfig()
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
+        self.model = attach_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
+        self.dpo = SlicedDPO(self.model, beta=beta, lr=lr)
+        self.client, self.out, self.period_s = client, out, period_s
+        self.window: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.stop_event = threading.Event()
+        self.rounds = 0
+        self.trained_tokens = 0
+        self.train_seconds = 0.0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def feedback(self, pair: dict[str, Any]) -> None:
+        with self.lock:
+            self.window.append(pair)
+
+    def _run(self) -> None:
+        while not self.stop_event.wait(self.period_s):
+            with self.lock:
+                window, self.window = self.window, []
+            if window:
+                self._round(window)
+
+    def _round(self, window: list[dict[str, Any]]) -> None:
+        from mace_sgl.templating import encode_pair
+        from mace_sgl.trainer.sliced import Pair, run_to_end
+
+        tok = self.client.tokenizer
+        start = time.monotonic()
+        for i, p in enumerate(window):
+            msgs = [{"role": "user", "content": p["prompt"]}]
+            prompt, chosen = encode_pair(tok, msgs, p["chosen"])
+            _, rejected = encode_pair(tok, msgs, p["rejected"])
+            run_to_end(self.dpo.step_slices([Pair(i, prompt, chosen, rejected)]))
+            self.trained_tokens += 2 * len(prompt) + len(chosen) + len(rejected)
+        self.rounds += 1
+        path = self.out / f"periodic-{self.rounds}"
+        self.model.save_pretrained(str(path))
+        name = f"periodic-{self.rounds}"
+        r = self.client.server.post(
+            "/load_lora_adapter", {"lora_name": name, "lora_path": str(path)}
+        )
+        r.raise_for_status()
+        old, self.client.adapter = self.client.adapter, name
+        if old and old.startswith("periodic-"):
+            self.client.server.post("/unload_lora_adapter", {"lora_name": old})
+        self.train_seconds += time.monotonic() - start
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=600)
+
+
+def evaluate(client: Client, phase: Phase, held_out: list[str], base: dict[str, str]) -> dict:
+    adapter = client.adapter
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda p: client.answer(p, adapter), held_out))
+    wins = [judge(phase, a, base[p]) for p, a in zip(held_out, answers, strict=True)]
+    margins = []
+    for p in held_out:
+        chosen = phase.edit(base[p])
+        if phase.score(chosen) > phase.score(base[p]):
+            margins.append(client.logprob(p, chosen, adapter) - client.logprob(p, base[p], adapter))
+    return {
+        "win_rate": statistics.mean(wins),
+        "clpd": statistics.mean(margins) if margins else None,
+        "example": answers[0][:120],
+    }
+
+
+def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
+                 base_answers: dict[str, str] | None) -> tuple[dict[str, Any], dict]:  # fmt: skip
+    all_prompts = shipped_prompts()
+    held_out = all_prompts[::9][: args.eval_prompts]
+    train_prompts = [p for p in all_prompts if p not in held_out]
+    flags = ["--log-level", "warning", "--mace-train", "--mace-policy", POLICY[name],
+             "--mace-state-dir", str(out / f"state-{name}"), "--mace-lr", str(args.lr),
+             "--mace-canary-max-drop", str(args.canary_max_drop),
+             "--mace-slo-ttft-ms", str(args.slo_ttft_ms),
+             "--mace-slo-tbt-ms", str(args.slo_tbt_ms)]  # fmt: skip
+    if args.model_path:
+        flags += ["--model-path", args.model_path]
+    if args.profile:
+        flags += ["--mace-profile", args.profile]
+    server = Server(flags, out / f"server-{name}.log", timeout_s=600)
+    client = Client(server, tokenizer, args.max_tokens)
+    periodic = None
+    try:
+        model_path = server.get("/mace/status").json()["model_path"]
+        if base_answers is None:  # frozen base: greedy, no adapter; same for every baseline
+            with ThreadPoolExecutor(4) as pool:
+                base_answers = dict(zip(held_out, pool.map(lambda p: client.answer(p, None),
+                                                           held_out), strict=True))  # fmt: skip
+        if name == "periodic":
+            periodic = PeriodicTrainer(client, model_path, out / "periodic", args.period_s,
+                                       args.lr, 0.1)  # fmt: skip
+        phase_box = {"phase": PHASES[0]}
+        posted = [0]
+
+        def make_body(i: int) -> dict[str, Any]:
+            return client.body(train_prompts[i % len(train_prompts)], client.adapter)
+
+        def on_result(i: int, body: dict[str, Any], r: RequestResult) -> None:
+            if r.error or not r.text or i % args.feedback_every:
+                return
+            phase = phase_box["phase"]
+            chosen = phase.edit(r.text)
+            if phase.score(chosen) <= phase.score(r.text):
+                return
+            pair = {"prompt": body["messages"][0]["content"], "chosen": chosen,
+                    "rejected": r.text}  # fmt: skip
+            if periodic is not None:
+                periodic.feedback(pair)
+            server.post("/mace/feedback", {**pair, "prompt": body["messages"]})
+            posted[0] += 1
+
+        total_s = args.phase_s * len(PHASES)
+        status0 = server.get("/mace/status").json()["training"]
+        results: list[RequestResult] = []
+        load = threading.Thread(
+            target=lambda: results.extend(
+                poisson_load(
+                    server.url, args.rate, total_s, make_body, seed=1, on_result=on_result
+                )  # fmt: skip
+            ),
+            daemon=True,
+        )
+        t0 = time.monotonic()
+        load.start()
+        timeline = []
+        for k, phase in enumerate(PHASES):
+            phase_box["phase"] = phase
+            phase_start = t0 + k * args.phase_s
+            next_eval = phase_start + args.eval_every_s
+            while next_eval <= phase_start + args.phase_s + 1e-6:
+                time.sleep(max(0.0, next_eval - time.monotonic()))
+                ev = evaluate(client, phase, held_out, base_answers)
+                timeline.append({"t": round(time.monotonic() - t0, 1), "phase": phase.name,
+                                 "since_drift": round(time.monotonic() - phase_start, 1),
+                                 **ev})  # fmt: skip
+                print(f"{name} {timeline[-1]}", file=sys.stderr)
+                next_eval += args.eval_every_s
+        load.join()
+        wall = time.monotonic() - t0
+        status1 = server.get("/mace/status").json()["training"]
+    finally:
+        if periodic is not None:
+            periodic.stop()
+        server.stop()
+    if periodic is not None:
+        trained = periodic.trained_tokens
+    else:
+        trained = status1["trained_tokens"] - status0["trained_tokens"]
+    recover = []
+    for phase in PHASES:
+        hits = [e["since_drift"] for e in timeline
+                if e["phase"] == phase.name and e["win_rate"] >= args.recover_at]  # fmt: skip
+        recover.append(min(hits) if hits else args.phase_s)
+    summary = summarize(results, args.slo_ttft_ms, args.slo_tbt_ms, wall)
+    clpds = [e["clpd"] for e in timeline if e["clpd"] is not None]
+    row = {
+        "win_rate": statistics.mean(e["win_rate"] for e in timeline),
+        "clpd": statistics.mean(clpds) if clpds else None,
+        "recover_s": statistics.mean(recover),
+        "ttft_p99_ms": summary["ttft_p99_ms"],
+        "tbt_p99_ms": summary["tbt_p99_ms"],
+        "slo_attainment": summary["slo_attainment"],
+        "throughput_tok_s": summary["throughput_tok_s"],
+        "train_tokens_per_s": trained / wall,
+        "requests": summary["requests"],
+        "errors": summary["errors"],
+        "feedback_posted": posted[0],
+        "timeline": timeline,
+        "gaps": [g for r in results for g in r.gaps],
+        "ttfts": [r.ttft for r in results if r.ttft is not None],
+    }
+    return row, base_answers
+
+
+def plot(baselines: dict[str, dict[str, Any]], phase_s: float, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4))
+    for name, row in baselines.items():
+        for i, metric in enumerate(("ttfts", "gaps")):
+            values = sorted(row[metric])
+            if values:
+                ys = [(k + 1) / len(values) for k in range(len(values))]
+                ax[i].plot([1000 * v for v in values], ys, label=name)
+    for i, title in enumerate(("TTFT", "TBT")):
+        ax[i].set_xscale("log")
+        ax[i].set_xlabel(f"{title} (ms)")
+        ax[i].set_ylabel("CDF")
+        ax[i].grid(True, alpha=0.3)
+        ax[i].legend()
+    fig.tight_layout()
+    fig.savefig(out / "latency_cdf.png", dpi=100)
+
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for name, row in baselines.items():
+        ax.plot([e["t"] for e in row["timeline"]], [e["win_rate"] for e in row["timeline"]],
+                marker="o", label=name)  # fmt: skip
+    for k, phase in enumerate(PHASES):
+        ax.axvline(k * phase_s, color="grey", linestyle="--", linewidth=0.8)
+        ax.text(k * phase_s + 2, 1.02, phase.name, fontsize=9)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("win rate vs frozen base")
+    ax.set_ylim(-0.05, 1.1)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "win_rate.png", dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 CPU cores, < 20 minutes")
+    parser.add_argument("--full", action="store_true", help="longer phases (GPU)")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--model-path", default=None, help="default: the embedded model")
+    parser.add_argument("--profile", default=None, help="--mace-profile for the servers")
+    parser.add_argument("--baselines", default=",".join(BASELINES))
+    parser.add_argument("--phase-s", type=float, default=None)
+    parser.add_argument("--eval-every-s", type=float, default=None)
+    parser.add_argument("--eval-prompts", type=int, default=8)
+    parser.add_argument("--rate", type=float, default=0.5, help="requests per second")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--feedback-every", type=int, default=1)
+    parser.add_argument("--period-s", type=float, default=None)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--canary-max-drop", type=float, default=3.0)
+    parser.add_argument("--recover-at", type=float, default=0.75)
+    parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    parser.add_argument("--slo-tbt-ms", type=float, default=200.0)
+    args = parser.parse_args()
+    scale = 4.0 if args.full else 1.0
+    args.phase_s = args.phase_s or 60.0 * scale
+    args.eval_every_s = args.eval_every_s or args.phase_s / 3
+    args.period_s = args.period_s or args.phase_s / 3
+    from transformers import AutoTokenizer
+
+    from mace_sgl.models import ensure_default_model
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="drift-"))
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_path or str(ensure_default_model()))
+    baselines: dict[str, dict[str, Any]] = {}
+    base_answers = None
+    for name in args.baselines.split(","):
+        baselines[name], base_answers = run_baseline(name, args, tokenizer, out, base_answers)
+    plot(baselines, args.phase_s, out)
+    table = {n: {k: v for k, v in r.items() if k not in ("gaps", "ttfts")}
+             for n, r in baselines.items()}  # fmt: skip
+    result = {
+        "baselines": table,
+        "phases": [p.name for p in PHASES],
+        "settings": {k: v for k, v in vars(args).items()},
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    keys = ("win_rate", "clpd", "recover_s", "ttft_p99_ms", "tbt_p99_ms", "slo_attainment",
+            "throughput_tok_s", "train_tokens_per_s")  # fmt: skip
+    print(json.dumps({n: {k: r[k] for k in keys} for n, r in table.items()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
