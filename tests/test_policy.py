@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -269,3 +270,5 @@ def test_synchronous_runs_everything_at_once():
     units = (unit(1, "bwd", 500, arrival=2.0), unit(2, "head", 10**5, arrival=1.0))
     plan = policy.plan(IterationView(now=3.0, decode_batch=8, units=units))
     assert [u.job for u in plan.units] == [2, 1] and policy.max_rounds > 10**5
+    # /mace/status is JSON: no infinity in it (a first drift run crashed the route)
+    json.dumps(policy.status(), allow_nan=False)

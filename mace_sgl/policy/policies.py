@@ -7,6 +7,7 @@ run and which units; plain Python on the data in types.py.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -51,7 +52,10 @@ class Policy:
     def status(self) -> dict[str, Any]:
         return {
             "policy": self.name,
-            "reserve_ms": 1000.0 * self.last_budget_s,
+            # JSON has no infinity: an unbounded budget (synchronous) reads as null.
+            "reserve_ms": 1000.0 * self.last_budget_s
+            if math.isfinite(self.last_budget_s)
+            else None,
             "slo": self.slo.status(),
             "cost_model": {
                 **self.cost.to_dict(),
