@@ -156,6 +156,9 @@ class PeriodicTrainer:
         from mace_sgl.trainer.sliced import SlicedDPO
 
         cfg = MaceConfig()
+        # One thread: two OpenMP pools (server and this trainer) spinning on 2 cores made
+        # a first SmolLM2 run stall serving until a request timed out after 120 s.
+        torch.set_num_threads(1)
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
         self.model = attach_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
         self.dpo = SlicedDPO(self.model, beta=beta, lr=lr)
