@@ -90,17 +90,21 @@ def chat(server: Server, prompt: str, lora: str | None, max_tokens: int) -> str:
     return r.json()["choices"][0]["message"]["content"]
 
 
-def completion_logprob(server: Server, tokenizer: Any, prompt: str, completion: str) -> float:
+def completion_logprob(
+    server: Server, tokenizer: Any, prompt: str, completion: str, lora: str | None = "live"
+) -> float:
+    """Served log-prob of `completion` after the chat prompt, under adapter `lora`."""
     from mace_sgl.templating import encode_pair
 
     p, c = encode_pair(tokenizer, [{"role": "user", "content": prompt}], completion)
-    body = {
+    body: dict[str, Any] = {
         "input_ids": p + c,
         "return_logprob": True,
         "logprob_start_len": 0,
-        "lora_path": "live",
         "sampling_params": {"max_new_tokens": 1, "temperature": 0},
     }
+    if lora:
+        body["lora_path"] = lora
     r = server.post("/generate", body)
     r.raise_for_status()
     lps = [x[0] for x in r.json()["meta_info"]["input_token_logprobs"]]

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.align import completion_logprob
 from benchmarks.align import prompts as shipped_prompts
 from benchmarks.loadgen import RequestResult, poisson_load, summarize
 from benchmarks.serve_smoke import machine
@@ -125,21 +126,7 @@ class Client:
         return r.json()["choices"][0]["message"]["content"]
 
     def logprob(self, prompt: str, completion: str, adapter: str | None) -> float:
-        from mace_sgl.templating import encode_pair
-
-        p, c = encode_pair(self.tokenizer, [{"role": "user", "content": prompt}], completion)
-        body: dict[str, Any] = {
-            "input_ids": p + c,
-            "return_logprob": True,
-            "logprob_start_len": 0,
-            "sampling_params": {"max_new_tokens": 1, "temperature": 0},
-        }
-        if adapter:
-            body["lora_path"] = adapter
-        r = self.server.post("/generate", body)
-        r.raise_for_status()
-        lps = [x[0] for x in r.json()["meta_info"]["input_token_logprobs"]]
-        return sum(lps[len(p) :])
+        return completion_logprob(self.server, self.tokenizer, prompt, completion, adapter)
 
 
 class PeriodicTrainer:
