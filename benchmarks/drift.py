@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from benchmarks.align import completion_logprob
 from benchmarks.align import prompts as shipped_prompts
 from benchmarks.loadgen import RequestResult, poisson_load, summarize
@@ -277,6 +279,8 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
         t0 = time.monotonic()
         load.start()
         timeline = []
+        evals_per_phase = int(args.phase_s // args.eval_every_s)
+        bar = tqdm(total=evals_per_phase * len(PHASES), desc=name, unit="eval", file=sys.stderr)
         for k, phase in enumerate(PHASES):
             phase_box["phase"] = phase
             phase_start = t0 + k * args.phase_s
@@ -287,8 +291,10 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
                 timeline.append({"t": round(time.monotonic() - t0, 1), "phase": phase.name,
                                  "since_drift": round(time.monotonic() - phase_start, 1),
                                  **ev})  # fmt: skip
-                print(f"{name} {timeline[-1]}", file=sys.stderr)
+                bar.update(1)
+                bar.set_postfix(phase=phase.name, win=f"{ev['win_rate']:.2f}")
                 next_eval += args.eval_every_s
+        bar.close()
         load.join()
         wall = time.monotonic() - t0
         status1 = server.get("/mace/status").json()["training"]
@@ -311,8 +317,20 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
         "win_rate": statistics.mean(e["win_rate"] for e in timeline),
         "clpd": statistics.mean(clpds) if clpds else None,
         "recover_s": statistics.mean(recover),
+        "ttft_p50_ms": summary["ttft_p50_ms"],
         "ttft_p99_ms": summary["ttft_p99_ms"],
+        "tbt_p50_ms": summary["tbt_p50_ms"],
         "tbt_p99_ms": summary["tbt_p99_ms"],
+        "e2e_p99_ms": summary["e2e_p99_ms"],
+        # share of wall time the scheduler ran forwards or training units (the periodic
+        # baseline's training runs in this process and is not in it)
+        "device_utilisation": (
+            status1["serving_seconds"]
+            - status0["serving_seconds"]
+            + status1["train_seconds"]
+            - status0["train_seconds"]
+        )
+        / wall,
         "slo_attainment": summary["slo_attainment"],
         "throughput_tok_s": summary["throughput_tok_s"],
         "train_tokens_per_s": trained / wall,
