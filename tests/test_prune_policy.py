@@ -196,3 +196,27 @@ def test_compaction_on_sglang_pools_frees_exactly_the_dropped_private_slots():
     assert free.unique().numel() == free.numel()  # no double free
     in_use = set(pool.req_to_token[row, :22].tolist()) | set(other.tolist())
     assert in_use.isdisjoint(set(free.tolist()))
+
+
+def batched_case(device: str):
+    torch.manual_seed(3)
+    bs, hq, hkv, d, slots = 5, 6, 2, 16, 400
+    k_cache = torch.randn(slots, hkv, d, device=device)
+    rtt = torch.randint(1, slots, (8, 64), dtype=torch.int32, device=device)
+    rows = torch.tensor([3, 0, 7, 2, 5], device=device)
+    lens = torch.tensor([10, 64, 1, 33, 47], device=device)
+    q = torch.randn(bs, hq, d, device=device)
+    return q, k_cache, rtt, rows, lens
+
+
+def test_batched_decode_weights_equal_one_request_at_a_time():
+    """The GPU path's batched score (padded gather) against the per-request reference."""
+    from mace_sgl.prune.policy import batched_decode_weights
+
+    q, k_cache, rtt, rows, lens = batched_case("cpu")
+    got = batched_decode_weights(q, k_cache, rtt, rows, lens, 64, 0.25)
+    for i in range(q.shape[0]):
+        n = int(lens[i])
+        ref = decode_attention_weights(q[i], k_cache[rtt[rows[i], :n].long()], 0.25)
+        torch.testing.assert_close(got[i, :n], ref)
+        assert not got[i, n:].any()

@@ -175,3 +175,43 @@ def test_concurrent_shared_prefix_load_keeps_accounting_and_the_prefix_intact(
     assert kv["pool_available"] + kv["tree_evictable"] == kv["pool_size"]
     assert server.post("/flush_cache", {}).status_code == 200
     assert kv_status(server)["pool_available"] == kv["pool_size"]
+
+
+@pytest.mark.slow
+def test_retraction_of_pruned_requests_keeps_accounting(tiny_model_dir: Path, tmp_path: Path):
+    """SGLang's test switch retracts running requests every few steps: pruned rows are
+    released, re-prefilled whole (offsets reset) and pruned again, under strict checks."""
+    env = {**STRICT, "SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "5"}
+    srv = Server(
+        [
+            "--model-path",
+            str(tiny_model_dir),
+            "--dtype",
+            "float32",
+            "--log-level",
+            "warning",
+            "--mace-state-dir",
+            str(tmp_path / "state"),
+            "--mace-kv-prune",
+            "--mace-kv-budget",
+            "0.5",
+            "--mace-kv-prune-window",
+            "4",
+            "--mace-kv-prune-interval",
+            "4",
+        ],
+        tmp_path / "retract.log",
+        env=env,
+    )
+    try:
+        jobs = [([30 + i, 40 + i, 50, 60], 60 + 11 * i) for i in range(12)]
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(lambda job: generate(srv, *job), jobs))
+        for (_, n), result in zip(jobs, results, strict=True):
+            assert len(result["output_ids"]) == n
+        assert "Testing retraction. #retracted_reqs: " in srv.log_path.read_text()
+        kv = kv_status(srv)
+        assert kv["pruned_tokens_total"] > 0
+        assert kv["pool_available"] + kv["tree_evictable"] == kv["pool_size"]
+    finally:
+        srv.stop()

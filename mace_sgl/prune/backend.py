@@ -21,6 +21,7 @@ from torch.nn.functional import scaled_dot_product_attention
 from mace_sgl.prune import runtime
 from mace_sgl.prune.policy import (
     PrunePolicy,
+    batched_decode_weights,
     decode_attention_weights,
     window_attention_weights,
 )
@@ -170,21 +171,17 @@ def _flashinfer_class() -> type:
             return o
 
         def _score_decode(self, q: torch.Tensor, layer: Any, forward_batch: Any) -> None:
-            """Batched over requests: pad the kept keys to the longest row."""
-            k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
-            rtt = self.req_to_token_pool.req_to_token
             rows, lens = forward_batch.req_pool_indices, forward_batch.seq_lens
             max_len = int(forward_batch.seq_lens_cpu.max())
-            cols = torch.arange(max_len, device=lens.device)
-            valid = cols[None, :] < lens[:, None]
-            slots = torch.where(valid, rtt[rows][:, :max_len], 0).long()
-            keys = k_cache[slots].float()  # [bs, L, kv_heads, dim]
-            bs, hq, d = q.shape[0], layer.tp_q_head_num, layer.qk_head_dim
-            hkv = keys.shape[2]
-            qg = q.reshape(bs, hkv, hq // hkv, d).float()
-            logits = torch.einsum("bhgd,blhd->bhgl", qg, keys) * layer.scaling
-            logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
-            w = torch.softmax(logits, dim=-1).sum(dim=(1, 2)) * valid
+            w = batched_decode_weights(
+                q.reshape(q.shape[0], layer.tp_q_head_num, layer.qk_head_dim),
+                self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                self.req_to_token_pool.req_to_token,
+                rows,
+                lens,
+                max_len,
+                layer.scaling,
+            )
             self.pruner.scores[rows, :max_len] += w
 
     return MacePruneFlashInferBackend

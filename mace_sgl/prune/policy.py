@@ -113,6 +113,33 @@ def decode_attention_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> 
     return torch.softmax(logits, dim=-1).sum(dim=(0, 1))
 
 
+def batched_decode_weights(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    req_to_token: torch.Tensor,
+    rows: torch.Tensor,
+    lens: torch.Tensor,
+    max_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """decode_attention_weights for a whole decode batch at once (the GPU path).
+
+    q: [bs, num_q_heads, head_dim]; rows/lens: each request's req_to_token row and KV
+    length. Keys are gathered padded to max_len; returns [bs, max_len], zero past each
+    request's length.
+    """
+    bs, hq, d = q.shape
+    cols = torch.arange(max_len, device=lens.device)
+    valid = cols[None, :] < lens[:, None]
+    slots = torch.where(valid, req_to_token[rows][:, :max_len], 0).long()
+    keys = k_cache[slots].float()  # [bs, max_len, kv_heads, dim]
+    hkv = keys.shape[2]
+    qg = q.reshape(bs, hkv, hq // hkv, d).float()
+    logits = torch.einsum("bhgd,blhd->bhgl", qg, keys) * scale
+    logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1).sum(dim=(1, 2)) * valid
+
+
 def window_attention_weights(
     q: torch.Tensor, k: torch.Tensor, scale: float, prefix_len: int, obs: int
 ) -> torch.Tensor:
