@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import requests
 
 from mace_sgl.launcher import Server
 from mace_sgl.prune.policy import PrunePolicy, select_keep
@@ -55,13 +56,12 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def generate(server: Server, input_ids: list[int], n: int) -> dict:
-    r = server.post(
-        "/generate",
-        {
-            "input_ids": input_ids,
-            "sampling_params": {"temperature": 0, "max_new_tokens": n, "ignore_eos": True},
-        },
-    )
+    body = {
+        "input_ids": input_ids,
+        "sampling_params": {"temperature": 0, "max_new_tokens": n, "ignore_eos": True},
+    }
+    # A long timeout: on a shared 2-core machine a niced server can be starved.
+    r = requests.post(server.url + "/generate", json=body, timeout=900)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -131,7 +131,7 @@ def test_pruned_greedy_equals_hf_with_the_same_policy_masked(server: Server, tin
 
 def test_status_reports_held_against_unpruned_while_running(server: Server):
     with ThreadPoolExecutor(1) as pool:
-        job = pool.submit(generate, server, [9, 8, 7, 6, 5], 400)
+        job = pool.submit(generate, server, [9, 8, 7, 6, 5], 160)
         seen = []
         while not job.done():
             kv = kv_status(server)
@@ -141,7 +141,7 @@ def test_status_reports_held_against_unpruned_while_running(server: Server):
         job.result()
     assert seen, "no status sample while the request ran"
     last = seen[-1]
-    assert last["unpruned_tokens"] > 100
+    assert last["unpruned_tokens"] > 2 * BUDGET
     # Absolute budget: at most BUDGET private tokens, or the window plus headroom.
     assert last["held_tokens"] <= max(BUDGET, WINDOW + INTERVAL)
     idle = kv_status(server)
@@ -155,8 +155,8 @@ def test_concurrent_shared_prefix_load_keeps_accounting_and_the_prefix_intact(
 
     prefix = [(7 * i + 3) % 400 + 10 for i in range(120)]
     before = kv_status(server)["pruned_tokens_total"]
-    jobs = [(prefix + [11 + i % 5], 30 + 13 * i) for i in range(16)]
-    with ThreadPoolExecutor(16) as pool:
+    jobs = [(prefix + [11 + i % 5], 20 + 8 * i) for i in range(12)]
+    with ThreadPoolExecutor(12) as pool:
         results = list(pool.map(lambda job: generate(server, *job), jobs))
     for (_, n), result in zip(jobs, results, strict=True):
         assert len(result["output_ids"]) == n
