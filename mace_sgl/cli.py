@@ -20,7 +20,10 @@ def build_serve_parser() -> argparse.ArgumentParser:
     from sglang.srt.server_args import ServerArgs
 
     from mace_sgl.config import add_mace_args
+    from mace_sgl.plugin.prune_hooks import install_backend
 
+    # --attention-backend must accept mace_prune before the plugin is loaded in serve().
+    install_backend()
     parser = argparse.ArgumentParser(
         prog="mace-sgl serve",
         description="Launch SGLang's HTTP server with the mace-sgl plugin. Accepts every "
@@ -107,10 +110,33 @@ def resolve_serve_args(argv: list[str]) -> tuple[argparse.Namespace, Any]:
     for dest, value in layered.items():
         if dest not in given:
             setattr(args, dest, value)
+    mace_cfg = _enable_kv_prune(args, given, mace_cfg, cpu)
     if mace_cfg.train:
         _enable_live_adapter(args, given, mace_cfg)
     args._radix_eviction_policy_explicitly_set = "radix_eviction_policy" in given
     return args, mace_cfg
+
+
+def _enable_kv_prune(args: argparse.Namespace, given: set[str], cfg: Any, cpu: bool) -> Any:
+    """--mace-kv-prune selects the mace_prune backend (and the reverse), with the settings
+    it needs: rows are compacted between decode steps, so no overlapped scheduling, and
+    on a GPU no CUDA graphs (they would replay the unpruned layout)."""
+    import dataclasses
+
+    from mace_sgl.plugin.prune_hooks import NAME
+
+    if args.attention_backend == NAME and "attention_backend" in given and not cfg.kv_prune:
+        cfg = dataclasses.replace(cfg, kv_prune=True)
+    if not cfg.kv_prune:
+        return cfg
+    if "attention_backend" in given and args.attention_backend != NAME:
+        raise SystemExit(f"--mace-kv-prune needs --attention-backend {NAME}")
+    args.attention_backend = NAME
+    args.disable_overlap_schedule = True
+    if not cpu:
+        args.disable_decode_cuda_graph = True
+        args.disable_prefill_cuda_graph = True
+    return cfg
 
 
 def _enable_live_adapter(args: argparse.Namespace, given: set[str], cfg: Any) -> None:

@@ -137,6 +137,31 @@ class MaceConfig:
             "reference log-probs are packed into spare room of serving iterations."
         },
     )
+    kv_prune: bool = field(
+        default=False,
+        metadata={
+            "help": "Prune each request's private KV (heavy hitters + recent window + "
+            "sinks) with the mace_prune attention backend; frees slots in SGLang's pool."
+        },
+    )
+    kv_budget: str = field(
+        default="0.5",
+        metadata={
+            "help": "Private KV a request may keep under --mace-kv-prune: a ratio "
+            "(0 < r <= 1) of its unpruned private tokens, or a token count (integer > 1)."
+        },
+    )
+    kv_prune_window: int = field(
+        default=32,
+        metadata={"help": "Most recent private tokens never pruned (and prefill window)."},
+    )
+    kv_prune_sinks: int = field(
+        default=4, metadata={"help": "First tokens of a sequence never pruned (sinks)."}
+    )
+    kv_prune_interval: int = field(
+        default=16,
+        metadata={"help": "Decode steps of headroom left after a prune (amortizes it)."},
+    )
     kv_ram_fraction: float = field(
         default=0.10,
         metadata={
@@ -173,6 +198,16 @@ class MaceConfig:
             raise ValueError(
                 f"need 0 < kv_tokens_min <= kv_tokens_max, got "
                 f"{self.kv_tokens_min} and {self.kv_tokens_max}"
+            )
+
+        if self.kv_prune:
+            from mace_sgl.prune.policy import PrunePolicy
+
+            PrunePolicy.parse(
+                self.kv_budget,
+                window=self.kv_prune_window,
+                sinks=self.kv_prune_sinks,
+                interval=self.kv_prune_interval,
             )
 
     @property

@@ -71,3 +71,18 @@ def test_unknown_command_is_an_error():
     proc = subprocess.run([MACE_SGL, "bogus"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "usage: mace-sgl" in proc.stderr
+
+
+def test_kv_prune_selects_its_backend_and_the_settings_it_needs(tiny_model_dir: Path):
+    model = ["--model-path", str(tiny_model_dir)]
+    args, cfg = cli.resolve_serve_args([*model, "--mace-kv-prune", "--mace-kv-budget", "0.25"])
+    assert cfg.kv_prune and cfg.kv_budget == "0.25"
+    assert args.attention_backend == "mace_prune"
+    assert args.disable_overlap_schedule is True
+    # Naming the backend turns pruning on with the configured budget.
+    args, cfg = cli.resolve_serve_args([*model, "--attention-backend", "mace_prune"])
+    assert cfg.kv_prune and args.disable_overlap_schedule is True
+    with pytest.raises(SystemExit):
+        cli.resolve_serve_args([*model, "--mace-kv-prune", "--attention-backend", "triton"])
+    with pytest.raises(ValueError):
+        cli.resolve_serve_args([*model, "--mace-kv-prune", "--mace-kv-budget", "2.5"])

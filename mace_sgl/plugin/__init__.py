@@ -27,6 +27,15 @@ Hooks (target -> why -> how):
   adapter's version to the radix key (plugin/train_hooks.py, plugin/iteration.py).
 - Launcher process: `TokenizerManager.generate_request` BEFORE gives requests that name no
   adapter the --mace-default-adapter.
+- Every process: `mace_prune` added to `attention_registry.ATTENTION_BACKENDS` and to
+  `arg_groups/choices.ATTENTION_BACKEND_CHOICES` -> KV pruning is an attention backend
+  (scores come from the attention it computes) that --attention-backend must accept in
+  the launcher and the scheduler must build -> SGLang's own registration functions
+  (plugin/prune_hooks.py install_backend; the backend is mace_sgl/prune/backend.py).
+- `sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_decode` AFTER -> rows
+  over budget must shrink between decode steps (the next slot is allocated, no forward
+  in flight) -> compact req_to_token, free dropped slots to the allocator, shorten
+  seq_lens/kv lengths (prune/runtime.py); a no-op unless the mace_prune backend exists.
 - Launcher (HTTP) process only: `/mace/*` routes added to SGLang's FastAPI `app` before it
   starts, so SGLang's --api-key middleware covers them like its own routes (plugin/routes.py).
 """
@@ -51,7 +60,7 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     from mace_sgl.config import MaceConfig
-    from mace_sgl.plugin import cpu, loopback, scheduler, train_hooks
+    from mace_sgl.plugin import cpu, loopback, prune_hooks, scheduler, train_hooks
 
     if cpu.on_cpu():
         cpu.install()
@@ -64,6 +73,13 @@ def register() -> None:
     HookRegistry.register(
         "sglang.srt.managers.scheduler.Scheduler.get_internal_state",
         scheduler.add_mace_state,
+        HookType.AFTER,
+    )
+
+    prune_hooks.install_backend()
+    HookRegistry.register(
+        "sglang.srt.managers.schedule_batch.ScheduleBatch.prepare_for_decode",
+        prune_hooks.prune_decode_batch,
         HookType.AFTER,
     )
 

@@ -6,14 +6,14 @@ import os
 from typing import Any
 
 from mace_sgl import __version__
-from mace_sgl.plugin import cpu, loopback, train_hooks
+from mace_sgl.plugin import cpu, loopback, prune_hooks, train_hooks
 
 
 def scheduler_state() -> dict[str, Any]:
     """What this scheduler process reports about mace-sgl; plain msgpack-safe values."""
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    return {
+    state = {
         "pid": os.getpid(),
         "plugin_version": __version__,
         "cpu_shims": list(cpu.INSTALLED),
@@ -22,6 +22,10 @@ def scheduler_state() -> dict[str, Any]:
         "hooks_applied": sorted(HookRegistry._patched),
         "trainer": train_hooks.trainer_status(),
     }
+    kv = prune_hooks.kv_status()
+    if kv is not None:
+        state["kv"] = kv
+    return state
 
 
 def add_mace_state(result: Any, *args: Any, **kwargs: Any) -> Any:
