@@ -51,5 +51,4 @@ class Plan:
     budget_s: float  # training seconds allowed after this iteration
     units: tuple[Unit, ...] = ()  # chosen in order; predicted to fit the budget
     predicted_s: float = 0.0  # predicted seconds of the chosen units
-    prefill_cap: int | None = None  # max prompt tokens the next prefill may take
     scores: dict[int, float] = field(default_factory=dict)  # job -> priority (debug)
