@@ -6,6 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
+from tiny_model import tiny_serve_args
+
 from mace_sgl.launcher import MACE_SGL, Server
 from mace_sgl.policy import Profile
 
@@ -13,19 +15,7 @@ from mace_sgl.policy import Profile
 def test_profile_is_measured_fitted_and_loaded(tiny_model_dir: Path, tmp_path: Path):
     out = tmp_path / "profile.json"
     run = subprocess.run(
-        [
-            MACE_SGL,
-            "profile",
-            "--quick",
-            "--out",
-            str(out),
-            "--model-path",
-            str(tiny_model_dir),
-            "--dtype",
-            "float32",
-            "--log-level",
-            "warning",
-        ],
+        [MACE_SGL, "profile", "--quick", "--out", str(out), *tiny_serve_args(tiny_model_dir)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -44,19 +34,14 @@ def test_profile_is_measured_fitted_and_loaded(tiny_model_dir: Path, tmp_path: P
     assert 0 < prof.slo.tbt_ms < prof.slo.ttft_ms
 
     srv = Server(
-        [
-            "--model-path",
-            str(tiny_model_dir),
-            "--dtype",
-            "float32",
-            "--log-level",
-            "warning",
+        tiny_serve_args(
+            tiny_model_dir,
             "--mace-train",
             "--mace-state-dir",
             str(tmp_path / "state"),
             "--mace-profile",
             str(out),
-        ],
+        ),
         tmp_path / "server.log",
     )
     try:

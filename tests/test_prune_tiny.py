@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from tiny_model import tiny_serve_args
 
 from mace_sgl.launcher import Server
 from mace_sgl.prune.policy import PrunePolicy, select_keep
@@ -29,13 +30,8 @@ STRICT = {
 def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     logs = tmp_path_factory.mktemp("prune-logs")
     srv = Server(
-        [
-            "--model-path",
-            str(tiny_model_dir),
-            "--dtype",
-            "float32",
-            "--log-level",
-            "warning",
+        tiny_serve_args(
+            tiny_model_dir,
             "--mace-state-dir",
             str(tmp_path_factory.mktemp("prune-state")),
             "--mace-kv-prune",
@@ -47,7 +43,7 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
             str(SINKS),
             "--mace-kv-prune-interval",
             str(INTERVAL),
-        ],
+        ),
         logs / "prune-server.log",
         env=STRICT,
     )
@@ -183,13 +179,8 @@ def test_retraction_of_pruned_requests_keeps_accounting(tiny_model_dir: Path, tm
     released, re-prefilled whole (offsets reset) and pruned again, under strict checks."""
     env = {**STRICT, "SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "5"}
     srv = Server(
-        [
-            "--model-path",
-            str(tiny_model_dir),
-            "--dtype",
-            "float32",
-            "--log-level",
-            "warning",
+        tiny_serve_args(
+            tiny_model_dir,
             "--mace-state-dir",
             str(tmp_path / "state"),
             "--mace-kv-prune",
@@ -199,7 +190,7 @@ def test_retraction_of_pruned_requests_keeps_accounting(tiny_model_dir: Path, tm
             "4",
             "--mace-kv-prune-interval",
             "4",
-        ],
+        ),
         tmp_path / "retract.log",
         env=env,
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_model import tiny_serve_args
 
 from mace_sgl.launcher import Server
 from mace_sgl.templating import encode_pair
@@ -31,13 +32,8 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(tiny_model_dir: Path, state_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     srv = Server(
-        [
-            "--model-path",
-            str(tiny_model_dir),
-            "--dtype",
-            "float32",
-            "--log-level",
-            "warning",
+        tiny_serve_args(
+            tiny_model_dir,
             "--mace-train",
             "--mace-state-dir",
             str(state_dir),
@@ -49,7 +45,7 @@ def server(tiny_model_dir: Path, state_dir: Path, tmp_path_factory: pytest.TempP
             "1000",
             "--mace-keep-versions",
             "5",
-        ],
+        ),
         tmp_path_factory.mktemp("logs") / "train-server.log",
     )
     yield srv

@@ -71,3 +71,9 @@ def build_tiny_llama(out: Path, seed: int = 0, vocab_size: int = 512) -> Path:
     cfg["torch_dtype"] = "float32"
     cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
     return out
+
+
+def tiny_serve_args(model_dir: Path, *extra: str) -> list[str]:
+    """`mace-sgl serve` flags for the tiny model (float32, quiet), then `extra`."""
+    return ["--model-path", str(model_dir), "--dtype", "float32", "--log-level", "warning",
+            *extra]  # fmt: skip
