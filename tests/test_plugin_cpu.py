@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -40,11 +41,23 @@ def test_single_rank_rendezvous_moves_to_a_private_file_store():
     )
     method = kwargs["distributed_init_method"]
     assert method.startswith("file://") and kwargs["world_size"] == 1
-    import os
     import stat
 
     store_dir = os.path.dirname(method[len("file://") :])
     assert stat.S_IMODE(os.stat(store_dir).st_mode) == 0o700
+
+
+def test_store_dirs_of_dead_schedulers_are_removed(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    gone = tmp_path / f"{loopback.PREFIX}{dead.pid}-abc"
+    live = tmp_path / f"{loopback.PREFIX}{os.getpid()}-def"
+    other = tmp_path / "mace-sgl-distance-1"
+    for d in (gone, live, other):
+        d.mkdir()
+        (d / "store").write_text("x")
+    assert loopback.remove_stale_stores(tmp_path) == [gone]
+    assert not gone.exists() and live.exists() and other.exists()
 
 
 def test_multi_rank_rendezvous_is_left_alone():
