@@ -16,6 +16,7 @@ import argparse
 import json
 import platform
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -154,8 +155,12 @@ def profile(argv: list[str]) -> int:
         for step in tqdm(sweep.steps(), desc="profiling", unit="step", file=sys.stderr):
             sweep.run(step)
         status = server.get("/mace/status").json()
+    except BaseException:
+        print(f"profiling failed; server log and state kept in {work}", file=sys.stderr)
+        raise
     finally:
         server.stop()
+    shutil.rmtree(work, ignore_errors=True)
     fitted = status["training"]["cost_model"]
     cost = CostModel.from_dict({**fitted, "forgetting": 0.97})
     result = Profile(cost=cost, slo=derive_slo(cost))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -22,6 +23,8 @@ def test_profile_is_measured_fitted_and_loaded(tiny_model_dir: Path, tmp_path: P
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "profiling" in run.stderr  # the progress bar
+    work = Path(re.search(r"log: (\S+)/server\.log", run.stderr).group(1))
+    assert not work.exists(), "the sweep's server log and state stay behind after success"
     prof = Profile.load(out)
     samples = prof.meta["samples"]
     for kind in ("prefill", "decode", "fwd", "head", "bwd", "opt", "publish"):
