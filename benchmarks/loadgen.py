@@ -158,15 +158,24 @@ def percentile_ms(values: list[float], q: float) -> float | None:
 def summarize(
     results: list[RequestResult], ttft_ms: float, tbt_ms: float, wall_s: float
 ) -> dict[str, Any]:
-    """Latency tails, SLO attainment (TTFT and mean TPOT within target) and throughput."""
+    """Latency tails, SLO attainment (TTFT and mean TPOT within target) and throughput.
+
+    `errors` counts requests the client saw fail (HTTP error, broken stream, timeout),
+    with up to five messages in `error_samples`; `empty` counts requests that finished
+    with no content (an adapter can learn to stop at once), which have no TTFT or TBT
+    and count toward SLO attainment when they finished within the TTFT target."""
     ok = [r for r in results if r.error is None and r.ttft is not None]
+    failed = [r for r in results if r.error is not None]
+    empty = [r for r in results if r.error is None and r.ttft is None]
     gaps = [g for r in ok for g in r.gaps]
     met = [
         r for r in ok if r.ttft * 1000 <= ttft_ms and (r.tpot is None or r.tpot * 1000 <= tbt_ms)
-    ]
+    ] + [r for r in empty if r.e2e is not None and r.e2e * 1000 <= ttft_ms]
     return {
         "requests": len(results),
-        "errors": len(results) - len(ok),
+        "errors": len(failed),
+        "error_samples": [r.error for r in failed[:5]],
+        "empty": len(empty),
         "ttft_p50_ms": percentile_ms([r.ttft for r in ok], 50),
         "ttft_p99_ms": percentile_ms([r.ttft for r in ok], 99),
         "tbt_p50_ms": percentile_ms(gaps, 50),
