@@ -1,10 +1,10 @@
 """KV pruning against full KV on the default model: memory held, agreement, speed.
 
     python -m benchmarks.kv_prune [--quick] [--json] [--model-path DIR]
-        [--budgets 0.25,0.5,0.75] [--prompts N] [--tokens T]
+        [--budgets 0.25,0.5,0.75] [--decays 1.0] [--prompts N] [--tokens T]
 
 One server with full KV (plain `mace-sgl serve`: torch_native on CPU), then one server
-per budget (`--mace-kv-prune --mace-kv-budget B`). Each generates T greedy tokens
+per budget and score decay (`--mace-kv-prune --mace-kv-budget B --mace-kv-prune-decay D`). Each generates T greedy tokens
 (ignore_eos, so every generation is T long) for the same N chat prompts, all at once.
 Per budget:
 
@@ -160,10 +160,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "tokens_per_s_ratio": 1.0,
             }
         )
-        for budget in args.budgets:
+        for budget, decay in [(b, d) for b in args.budgets for d in args.decays]:
+            flags = ["--mace-kv-prune", "--mace-kv-budget", str(budget)]
             server = Server(
-                [*base, "--mace-kv-prune", "--mace-kv-budget", str(budget)],
-                logs / f"prune-{budget}.log",
+                [*base, *flags, "--mace-kv-prune-decay", str(decay)],
+                logs / f"prune-{budget}-{decay}.log",
             )
             try:
                 generate_all(server, prompts[:1], 8)
@@ -177,6 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(
                 {
                     "budget": budget,
+                    "decay": decay,
                     "kv_tokens_ratio": round(1 - freed / private, 4),
                     "kv_tokens_ratio_total": round(1 - freed / (private + prompt_total), 4),
                     **compare(full_server, prompts, pruned, full),
@@ -204,11 +206,15 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=None, help="default 8 (6 quick)")
     parser.add_argument("--tokens", type=int, default=None, help="default 768 (384 quick)")
     parser.add_argument("--budgets", default="0.25,0.5,0.75")
+    parser.add_argument(
+        "--decays", default="1.0", help="score decays to try at each budget (1.0: plain H2O)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     args.prompts = args.prompts or (6 if args.quick else 8)
     args.tokens = args.tokens or (384 if args.quick else 768)
     args.budgets = [float(b) for b in args.budgets.split(",")]
+    args.decays = [float(d) for d in args.decays.split(",")]
     result = run(args)
     if args.json:
         print(json.dumps(result))

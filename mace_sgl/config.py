@@ -162,6 +162,13 @@ class MaceConfig:
         default=16,
         metadata={"help": "Decode steps of headroom left after a prune (amortizes it)."},
     )
+    kv_prune_decay: float = field(
+        default=1.0,
+        metadata={
+            "help": "Factor (0..1) on accumulated attention scores at each decode step: "
+            "1 keeps plain H2O sums; lower values weigh recent attention more."
+        },
+    )
     kv_ram_fraction: float = field(
         default=0.10,
         metadata={
@@ -201,14 +208,19 @@ class MaceConfig:
             )
 
         if self.kv_prune:
-            from mace_sgl.prune.policy import PrunePolicy
+            self.prune_policy()  # bad budgets or windows fail at start-up
 
-            PrunePolicy.parse(
-                self.kv_budget,
-                window=self.kv_prune_window,
-                sinks=self.kv_prune_sinks,
-                interval=self.kv_prune_interval,
-            )
+    def prune_policy(self) -> Any:
+        """The PrunePolicy of the --mace-kv-* flags."""
+        from mace_sgl.prune.policy import PrunePolicy
+
+        return PrunePolicy.parse(
+            self.kv_budget,
+            window=self.kv_prune_window,
+            sinks=self.kv_prune_sinks,
+            interval=self.kv_prune_interval,
+            decay=self.kv_prune_decay,
+        )
 
     @property
     def state_path(self) -> Path:

@@ -51,6 +51,9 @@ def test_budget_parse_and_validation():
     for bad in ("0", "-1", "2.5"):
         with pytest.raises(ValueError):
             PrunePolicy.parse(bad)
+    for bad_decay in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="decay"):
+            PrunePolicy.parse("0.5", decay=bad_decay)
 
 
 @pytest.mark.parametrize("budget", ["0.25", "0.5", "0.75", "40"])

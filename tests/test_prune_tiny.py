@@ -15,8 +15,8 @@ from tiny_model import tiny_serve_args
 from mace_sgl.launcher import Server
 from mace_sgl.prune.policy import PrunePolicy, select_keep
 
-WINDOW, SINKS, INTERVAL, BUDGET = 4, 4, 4, 12
-POLICY = PrunePolicy.parse(str(BUDGET), window=WINDOW, sinks=SINKS, interval=INTERVAL)
+WINDOW, SINKS, INTERVAL, BUDGET, DECAY = 4, 4, 4, 12, 0.9
+POLICY = PrunePolicy.parse(str(BUDGET), window=WINDOW, sinks=SINKS, interval=INTERVAL, decay=DECAY)
 # SGLang's own accounting checks, made strict: a leak, a double free or a slot in use
 # that is also free raises in the scheduler, and the request fails.
 STRICT = {
@@ -43,6 +43,8 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
             str(SINKS),
             "--mace-kv-prune-interval",
             str(INTERVAL),
+            "--mace-kv-prune-decay",
+            str(DECAY),
         ),
         logs / "prune-server.log",
         env=STRICT,
@@ -70,8 +72,8 @@ def kv_status(server: Server) -> dict:
 def hf_pruned_greedy(model_dir: Path, prompt: list[int], n: int) -> tuple[list[int], int]:
     """Greedy decoding with the same policy, by masking instead of compacting: every
     position keeps its KV in HF's cache and its own position id; pruned ones are masked
-    out of attention. Scores: decode attention summed over heads and layers. The prompt is
-    the radix-owned prefix (never pruned). Returns the tokens and the tokens pruned."""
+    out of attention. Scores: decode attention summed over heads and layers, times DECAY
+    before each step. The prompt is the radix-owned prefix (never pruned). Returns the tokens and the tokens pruned."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -86,7 +88,9 @@ def hf_pruned_greedy(model_dir: Path, prompt: list[int], n: int) -> tuple[list[i
         scores = torch.zeros(p + n)
         tokens, pruned = [y], 0
         for _ in range(n - 1):
-            # As the server: the token about to be decoded holds a slot when it prunes.
+            # As the server: scores decay, then the token about to be decoded holds a
+            # slot when it prunes.
+            scores *= DECAY
             length = len(kept)
             kept.append(True)
             priv = [j for j in range(p, length + 1) if kept[j]]

@@ -210,12 +210,7 @@ def create_backend(model_runner: Any) -> Any:
 
     check_supported(model_runner.server_args)
     cfg = MaceConfig.from_env()
-    policy = PrunePolicy.parse(
-        cfg.kv_budget,
-        window=cfg.kv_prune_window,
-        sinks=cfg.kv_prune_sinks,
-        interval=cfg.kv_prune_interval,
-    )
+    policy = cfg.prune_policy()
     if str(model_runner.device).startswith("cuda"):
         backend = _flashinfer_class()(model_runner, policy)
     else:

@@ -6,7 +6,10 @@ never pruned; within the private part the policy keeps
   - sinks: the first `sinks` positions of the sequence (when they are private at all),
   - the recent window: the last `window` private positions,
   - heavy hitters: the remaining budget, by attention accumulated over decode steps
-    (summed over heads and layers, since one row of slots serves every layer).
+    (summed over heads and layers, since one row of slots serves every layer), each
+    step's past scores first multiplied by `decay` (1: plain H2O sums, which favour old
+    tokens that had more steps to collect attention; below 1: recent attention counts
+    more, TOVA-like as it nears 0).
 Nothing here knows SGLang; the backend and runtime feed it tensors.
 """
 
@@ -30,6 +33,8 @@ class PrunePolicy:
     # Steps of headroom left after a prune, so pruning runs about once per `interval`
     # decode steps instead of every step while the budget still holds at every step.
     interval: int = 16
+    # Factor on every accumulated score before each decode step adds its attention.
+    decay: float = 1.0
 
     def __post_init__(self) -> None:
         if self.budget <= 0:
@@ -38,9 +43,11 @@ class PrunePolicy:
             raise ValueError(f"an absolute kv budget must be an integer, got {self.budget}")
         if self.window < 1 or self.sinks < 0 or self.interval < 1:
             raise ValueError("need window >= 1, sinks >= 0, interval >= 1")
+        if not 0.0 <= self.decay <= 1.0:
+            raise ValueError(f"kv prune decay must be in [0, 1], got {self.decay}")
 
     @classmethod
-    def parse(cls, budget: str | float, **kwargs: int) -> PrunePolicy:
+    def parse(cls, budget: str | float, **kwargs: float) -> PrunePolicy:
         """`0.5` is a ratio, `256` an absolute token count; `1` means keep everything."""
         return cls(budget=float(budget), **kwargs)
 

@@ -74,6 +74,7 @@ class KvPruner:
         new_lens = list(lens)
         freed = 0
         self.batch = batch
+        self.decay_scores(reqs)
         for i, req in enumerate(reqs):
             kv = req.kv
             row, n, protected = kv.req_pool_idx, lens[i], kv.cache_protected_len
@@ -123,6 +124,15 @@ class KvPruner:
             self.pruned_tokens_total += freed
         return freed
 
+    def decay_scores(self, reqs: list[Any]) -> None:
+        """Once per decode step, before its attention is added: scores *= decay."""
+        if self.policy.decay >= 1.0:
+            return
+        rows = [r.kv.req_pool_idx for r in reqs if r.kv.req_pool_idx is not None]
+        if rows:
+            idx = torch.tensor(rows, dtype=torch.int64, device=self.scores.device)
+            self.scores[idx] *= self.policy.decay
+
     def held_and_unpruned(self) -> tuple[int, int, int]:
         """(requests, private KV tokens held, unpruned count) of the running requests."""
         count = held = unpruned = 0
@@ -157,6 +167,7 @@ class KvPruner:
             "window": p.window,
             "sinks": p.sinks,
             "interval": p.interval,
+            "decay": p.decay,
             # Private KV tokens of the running requests, as held and as they would be
             # without pruning (the radix-shared prefix is not counted: never pruned).
             "running_requests": count,
