@@ -1,10 +1,11 @@
 """KV pruning against full KV on the default model: memory held, agreement, speed.
 
     python -m benchmarks.kv_prune [--quick] [--json] [--model-path DIR]
-        [--budgets 0.25,0.5,0.75] [--decays 1.0] [--prompts N] [--tokens T]
+        [--budgets 0.25,0.5,0.75] [--decays D,..] [--mins M,..] [--prompts N] [--tokens T]
 
 One server with full KV (plain `mace-sgl serve`: torch_native on CPU), then one server
-per budget and score decay (`--mace-kv-prune --mace-kv-budget B --mace-kv-prune-decay D`). Each generates T greedy tokens
+per budget, score decay and minimum (`--mace-kv-prune --mace-kv-budget B
+--mace-kv-prune-decay D --mace-kv-prune-min M`; decays and minimums default to serve's). Each generates T greedy tokens
 (ignore_eos, so every generation is T long) for the same N chat prompts, all at once.
 Per budget:
 
@@ -40,6 +41,7 @@ from typing import Any
 import requests
 
 from benchmarks.serve_smoke import machine
+from mace_sgl.config import MaceConfig
 from mace_sgl.launcher import Server
 
 PROMPTS = [
@@ -160,12 +162,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "tokens_per_s_ratio": 1.0,
             }
         )
-        for budget, decay in [(b, d) for b in args.budgets for d in args.decays]:
-            flags = ["--mace-kv-prune", "--mace-kv-budget", str(budget)]
-            server = Server(
-                [*base, *flags, "--mace-kv-prune-decay", str(decay)],
-                logs / f"prune-{budget}-{decay}.log",
-            )
+        grid = [(b, d, m) for b in args.budgets for d in args.decays for m in args.mins]
+        for budget, decay, min_tokens in grid:
+            flags = ["--mace-kv-prune", "--mace-kv-budget", str(budget),
+                     "--mace-kv-prune-decay", str(decay), "--mace-kv-prune-min", str(min_tokens)]  # fmt: skip
+            server = Server([*base, *flags], logs / f"prune-{budget}-{decay}-{min_tokens}.log")
             try:
                 generate_all(server, prompts[:1], 8)
                 before = pruned_tokens(server)
@@ -179,6 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 {
                     "budget": budget,
                     "decay": decay,
+                    "min_tokens": min_tokens,
                     "kv_tokens_ratio": round(1 - freed / private, 4),
                     "kv_tokens_ratio_total": round(1 - freed / (private + prompt_total), 4),
                     **compare(full_server, prompts, pruned, full),
@@ -206,8 +208,16 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=None, help="default 8 (6 quick)")
     parser.add_argument("--tokens", type=int, default=None, help="default 768 (384 quick)")
     parser.add_argument("--budgets", default="0.25,0.5,0.75")
+    defaults = MaceConfig()
     parser.add_argument(
-        "--decays", default="1.0", help="score decays to try at each budget (1.0: plain H2O)"
+        "--decays",
+        default=str(defaults.kv_prune_decay),
+        help="score decays to try at each budget (1.0: plain H2O)",
+    )
+    parser.add_argument(
+        "--mins",
+        default=str(defaults.kv_prune_min),
+        help="--mace-kv-prune-min values to try at each budget",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
@@ -215,6 +225,7 @@ def main() -> None:
     args.tokens = args.tokens or (384 if args.quick else 768)
     args.budgets = [float(b) for b in args.budgets.split(",")]
     args.decays = [float(d) for d in args.decays.split(",")]
+    args.mins = [int(m) for m in args.mins.split(",")]
     result = run(args)
     if args.json:
         print(json.dumps(result))

@@ -162,6 +162,13 @@ class MaceConfig:
         default=16,
         metadata={"help": "Decode steps of headroom left after a prune (amortizes it)."},
     )
+    kv_prune_min: int = field(
+        default=64,
+        metadata={
+            "help": "Private tokens a request may always keep under --mace-kv-prune (the "
+            "budget never goes below it), so short answers are not cut to the window."
+        },
+    )
     kv_prune_decay: float = field(
         default=1.0,
         metadata={
@@ -220,6 +227,7 @@ class MaceConfig:
             sinks=self.kv_prune_sinks,
             interval=self.kv_prune_interval,
             decay=self.kv_prune_decay,
+            min_tokens=self.kv_prune_min,
         )
 
     @property

@@ -51,24 +51,29 @@ def test_budget_parse_and_validation():
     for bad in ("0", "-1", "2.5"):
         with pytest.raises(ValueError):
             PrunePolicy.parse(bad)
+    with pytest.raises(ValueError, match="min tokens"):
+        PrunePolicy.parse("0.5", min_tokens=-1)
     for bad_decay in (-0.1, 1.5):
         with pytest.raises(ValueError, match="decay"):
             PrunePolicy.parse("0.5", decay=bad_decay)
 
 
+@pytest.mark.parametrize("min_tokens", [0, 48])
 @pytest.mark.parametrize("budget", ["0.25", "0.5", "0.75", "40"])
-def test_held_never_exceeds_budget_once_pruning_runs(budget):
+def test_held_never_exceeds_budget_once_pruning_runs(budget, min_tokens):
     """Grow one request token by token, applying keep_count as the runtime does."""
-    p = PrunePolicy.parse(budget, window=8, sinks=4, interval=16)
+    p = PrunePolicy.parse(budget, window=8, sinks=4, interval=16, min_tokens=min_tokens)
     protected, held, prunes = 20, 0, 0
     for unpruned in range(1, 2000):
         held += 1
         keep = p.keep_count(protected, held, unpruned)
         if keep is not None:
-            assert p.min_keep(protected, held) <= keep < held
+            assert max(p.min_keep(protected, held), min_tokens) <= keep < held
             held, prunes = keep, prunes + 1
-        # Within budget at every step, unless the window alone is larger.
-        assert held <= max(p.budget_tokens(unpruned), p.window + p.interval)
+        # Within budget at every step, unless the window or the minimum is larger.
+        assert held <= max(p.budget_tokens(unpruned), p.window + p.interval, min_tokens + 16)
+        # Never pruned below the minimum (nor while it holds less).
+        assert held >= min(unpruned, min_tokens)
     # Amortized: on the order of one prune per `interval` steps, not one per step.
     assert 0 < prunes <= math.ceil(2000 / min(p.interval, 4))
     if budget == "0.5":

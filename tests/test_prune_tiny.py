@@ -15,8 +15,11 @@ from tiny_model import tiny_serve_args
 from mace_sgl.launcher import Server
 from mace_sgl.prune.policy import PrunePolicy, select_keep
 
-WINDOW, SINKS, INTERVAL, BUDGET, DECAY = 4, 4, 4, 12, 0.9
-POLICY = PrunePolicy.parse(str(BUDGET), window=WINDOW, sinks=SINKS, interval=INTERVAL, decay=DECAY)
+# MIN above BUDGET: the effective budget is MIN, so the minimum is exercised end to end.
+WINDOW, SINKS, INTERVAL, BUDGET, DECAY, MIN = 4, 4, 4, 12, 0.9, 16
+POLICY = PrunePolicy.parse(
+    str(BUDGET), window=WINDOW, sinks=SINKS, interval=INTERVAL, decay=DECAY, min_tokens=MIN
+)
 # SGLang's own accounting checks, made strict: a leak, a double free or a slot in use
 # that is also free raises in the scheduler, and the request fails.
 STRICT = {
@@ -45,6 +48,8 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
             str(INTERVAL),
             "--mace-kv-prune-decay",
             str(DECAY),
+            "--mace-kv-prune-min",
+            str(MIN),
         ),
         logs / "prune-server.log",
         env=STRICT,
@@ -141,9 +146,9 @@ def test_status_reports_held_against_unpruned_while_running(server: Server):
         job.result()
     assert seen, "no status sample while the request ran"
     last = seen[-1]
-    assert last["unpruned_tokens"] > 2 * BUDGET
-    # Absolute budget: at most BUDGET private tokens, or the window plus headroom.
-    assert last["held_tokens"] <= max(BUDGET, WINDOW + INTERVAL)
+    assert last["unpruned_tokens"] > 2 * MIN
+    # Absolute budget: at most BUDGET (here MIN) private tokens plus headroom.
+    assert last["held_tokens"] <= max(BUDGET, MIN, WINDOW) + INTERVAL
     idle = kv_status(server)
     assert idle["running_requests"] == idle["held_tokens"] == idle["unpruned_tokens"] == 0
 
@@ -194,6 +199,8 @@ def test_retraction_of_pruned_requests_keeps_accounting(tiny_model_dir: Path, tm
             "4",
             "--mace-kv-prune-interval",
             "4",
+            "--mace-kv-prune-min",
+            "8",
         ),
         tmp_path / "retract.log",
         env=env,

@@ -35,6 +35,11 @@ class PrunePolicy:
     interval: int = 16
     # Factor on every accumulated score before each decode step adds its attention.
     decay: float = 1.0
+    # Private tokens a request may always hold: the budget never goes below this. Below
+    # it, pruning would keep little more than the window and drop the oldest tokens with
+    # no choice by score (at budget 0.5 and window 32, a request would be cut back to
+    # its window from its 40th token on).
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.budget <= 0:
@@ -43,6 +48,8 @@ class PrunePolicy:
             raise ValueError(f"an absolute kv budget must be an integer, got {self.budget}")
         if self.window < 1 or self.sinks < 0 or self.interval < 1:
             raise ValueError("need window >= 1, sinks >= 0, interval >= 1")
+        if self.min_tokens < 0:
+            raise ValueError(f"kv prune min tokens must be >= 0, got {self.min_tokens}")
         if not 0.0 <= self.decay <= 1.0:
             raise ValueError(f"kv prune decay must be in [0, 1], got {self.decay}")
 
@@ -68,17 +75,18 @@ class PrunePolicy:
     def keep_count(self, protected: int, held: int, unpruned: int) -> int | None:
         """How many of `held` private tokens to keep now, or None to leave the row alone.
 
-        Prunes when the request holds more than its budget, down to a target that keeps
-        it within budget for the next `interval` steps (a ratio budget grows by `budget`
-        per step while the row grows by one), never below min_keep.
+        Prunes when the request holds more than its budget (never less than min_tokens),
+        down to a target that keeps it within budget for the next `interval` steps (a
+        ratio budget grows by `budget` per step while the row grows by one), never below
+        min_keep or min_tokens.
         """
         budget = self.budget_tokens(unpruned)
-        if held <= budget:
+        if held <= max(budget, self.min_tokens):
             return None
         growth = (
             math.ceil((1.0 - self.budget) * self.interval) if self.is_ratio else (self.interval)
         )
-        floor = self.min_keep(protected, held)
+        floor = max(self.min_keep(protected, held), self.min_tokens)
         target = max(floor, budget - growth)
         # Below min_keep the budget cannot hold; prune in steps of `interval` then.
         if held - target < max(1, min(self.interval, growth)):

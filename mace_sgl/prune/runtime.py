@@ -168,6 +168,7 @@ class KvPruner:
             "sinks": p.sinks,
             "interval": p.interval,
             "decay": p.decay,
+            "min_tokens": p.min_tokens,
             # Private KV tokens of the running requests, as held and as they would be
             # without pruning (the radix-shared prefix is not counted: never pruned).
             "running_requests": count,
