@@ -170,7 +170,7 @@ class MaceConfig:
         },
     )
     kv_prune_decay: float = field(
-        default=1.0,
+        default=0.9,
         metadata={
             "help": "Factor (0..1) on accumulated attention scores at each decode step: "
             "1 keeps plain H2O sums; lower values weigh recent attention more."
