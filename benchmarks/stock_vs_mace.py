@@ -11,9 +11,12 @@ CPU it cannot start without the rotary shim); what differs is everything `serve`
 Reports tokens/s, TTFT and TBT tails of both and the throughput ratio (target >= 0.98).
 
 SGLang's own load tool works against our server the same way, e.g.:
-    python -m sglang.bench_serving --backend sglang --base-url http://127.0.0.1:30000 \\
-        --dataset-name random --random-input-len 64 --random-output-len 64 \\
+    python -m sglang.benchmark.serving --backend sglang --base-url http://127.0.0.1:30000 \\
+        --dataset-name random-ids --random-input-len 64 --random-output-len 64 \\
         --num-prompts 50 --request-rate 1 --tokenizer PATH_OF_THE_SERVED_MODEL
+(`sglang.bench_serving` is the same tool under its deprecated name. `random-ids` draws
+random token ids; `--dataset-name random` samples ShareGPT text and downloads it from
+the hub first, which fails on a machine without hub access.)
 """
 
 from __future__ import annotations
