@@ -136,7 +136,7 @@ class PeriodicTrainer:
     feedback received since the last round, then a swap through SGLang's adapter API."""
 
     def __init__(self, client: Client, model_path: str, out: Path, period_s: float,
-                 lr: float, beta: float) -> None:  # fmt: skip
+                 lr: float, beta: float, rpo_alpha: float = 0.0) -> None:  # fmt: skip
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -150,7 +150,7 @@ class PeriodicTrainer:
         torch.set_num_threads(1)
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
         self.model = attach_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
-        self.dpo = SlicedDPO(self.model, beta=beta, lr=lr)
+        self.dpo = SlicedDPO(self.model, beta=beta, lr=lr, rpo_alpha=rpo_alpha)
         self.client, self.out, self.period_s = client, out, period_s
         self.window: list[dict[str, Any]] = []
         self.lock = threading.Lock()
@@ -227,6 +227,7 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
     flags = ["--log-level", "warning", "--mace-train", "--mace-policy", POLICY[name],
              "--mace-state-dir", str(out / f"state-{name}"), "--mace-lr", str(args.lr),
              "--mace-canary-max-drop", str(args.canary_max_drop),
+             "--mace-rpo-alpha", str(args.rpo_alpha),
              "--mace-slo-ttft-ms", str(args.slo_ttft_ms),
              "--mace-slo-tbt-ms", str(args.slo_tbt_ms)]  # fmt: skip
     if args.model_path:
@@ -244,7 +245,7 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
                                                            held_out), strict=True))  # fmt: skip
         if name == "periodic":
             periodic = PeriodicTrainer(client, model_path, out / "periodic", args.period_s,
-                                       args.lr, 0.1)  # fmt: skip
+                                       args.lr, 0.1, args.rpo_alpha)  # fmt: skip
         phase_box = {"phase": PHASES[0]}
         posted = [0]
 
@@ -404,6 +405,9 @@ def main() -> None:
     parser.add_argument("--period-s", type=float, default=None)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--canary-max-drop", type=float, default=3.0)
+    parser.add_argument(
+        "--rpo-alpha", type=float, default=0.0, help="--mace-rpo-alpha for every baseline"
+    )
     parser.add_argument("--recover-at", type=float, default=0.75)
     parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     parser.add_argument("--slo-tbt-ms", type=float, default=200.0)

@@ -59,6 +59,13 @@ class MaceConfig:
         metadata={"help": "Comma-separated modules the live adapter adapts."},
     )
     beta: float = field(default=0.1, metadata={"help": "DPO beta."})
+    rpo_alpha: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the mean NLL of the chosen answer added to the DPO loss "
+            "(trl's rpo_alpha; 0: plain DPO)."
+        },
+    )
     lr: float = field(
         default=5e-5,
         metadata={
@@ -202,6 +209,8 @@ class MaceConfig:
                 f"unknown policy {self.policy!r}; choose inference-only, fcfs-reserve, mace "
                 "or synchronous"
             )
+        if self.rpo_alpha < 0:
+            raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
         if self.lookahead < 1:
             raise ValueError(f"lookahead must be >= 1, got {self.lookahead}")
         if self.train_tokens_per_iter < 0:

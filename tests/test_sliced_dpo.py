@@ -49,8 +49,19 @@ def test_dpo_loss_matches_the_closed_form():
     )  # beta * ((1) - (-1))
 
 
-@pytest.mark.parametrize("refs_ahead", [False, True], ids=["refs-in-step", "refs-ahead"])
-def test_sliced_step_equals_autograd(tiny_model_dir: Path, refs_ahead: bool):
+def test_rpo_term_is_the_mean_nll_of_the_chosen_tokens():
+    args = torch.tensor(-3.0), torch.tensor(-5.0), torch.tensor(-4.0), torch.tensor(-4.0), 0.1
+    plain = dpo_loss(*args)
+    rpo = dpo_loss(*args, rpo_alpha=0.5, chosen_tokens=4)
+    assert (rpo - plain).item() == pytest.approx(0.5 * 3.0 / 4)
+
+
+@pytest.mark.parametrize(
+    "refs_ahead,rpo_alpha",
+    [(False, 0.0), (True, 0.0), (False, 0.7)],
+    ids=["refs-in-step", "refs-ahead", "rpo"],
+)
+def test_sliced_step_equals_autograd(tiny_model_dir: Path, refs_ahead: bool, rpo_alpha: float):
     beta = 0.1
     ref_model = lora_model(tiny_model_dir)
     ref_model.zero_grad()
@@ -64,13 +75,13 @@ def test_sliced_step_equals_autograd(tiny_model_dir: Path, refs_ahead: bool):
                 ref = full_logp(ref_model, ids, len(pair.prompt_ids))
             seqs.append((full_logp(ref_model, ids, len(pair.prompt_ids)), ref))
         (pc, rc), (pr, rr) = seqs
-        loss = dpo_loss(pc, pr, rc, rr, beta)
-        losses[pair.sample_id] = loss.item()
+        losses[pair.sample_id] = dpo_loss(pc, pr, rc, rr, beta).item()
+        loss = dpo_loss(pc, pr, rc, rr, beta, rpo_alpha, len(pair.chosen_ids))
         (loss * pair.weight / total).backward()
     expected = {n: p.grad.clone() for n, p in ref_model.named_parameters() if p.requires_grad}
 
     model = lora_model(tiny_model_dir)
-    dpo = SlicedDPO(model, beta=beta, lr=1e-3, max_grad_norm=1e9)
+    dpo = SlicedDPO(model, beta=beta, lr=1e-3, max_grad_norm=1e9, rpo_alpha=rpo_alpha)
     refs = None
     if refs_ahead:  # reference log-probs computed before the step, as the trainer may
         refs = {p.sample_id: run_to_end(dpo.ref_slices(p)) for p in PAIRS}

@@ -99,7 +99,7 @@ class MaceTrainer:
             base = build_shared_llama(model_runner.model, hf_config)
             self.model = attach_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
             self.version = self._resume()
-            self.dpo = SlicedDPO(self.model, beta=cfg.beta, lr=cfg.lr)
+            self.dpo = SlicedDPO(self.model, beta=cfg.beta, lr=cfg.lr, rpo_alpha=cfg.rpo_alpha)
         lora_bytes = sum(p.numel() * p.element_size() for p in self._lora_params().values())
         self.memory = {
             "shares_base_weights": shares_storage(self.model, model_runner.model),

@@ -2,7 +2,8 @@
 
 The DPO gradient factorises: dL/dtheta = c_chosen * dlogp(chosen)/dtheta +
 c_rejected * dlogp(rejected)/dtheta with c_chosen = -beta * sigmoid(-beta * margin) * w and
-c_rejected = -c_chosen. So a step is: reference log-probs (adapter disabled, no grad), policy
+c_rejected = -c_chosen (with an RPO term, rpo_alpha * mean NLL of the chosen tokens, c_chosen
+also gets -rpo_alpha / len(chosen) * w). So a step is: reference log-probs (adapter disabled, no grad), policy
 log-probs (no grad, layer inputs kept), the loss, then for each sequence a backward that
 recomputes one layer at a time from its kept input (activation checkpointing by hand).
 Every piece is a slice of one layer (or the LM head) of one sequence.
@@ -48,6 +49,8 @@ class StepResult:
     """What one optimizer step produced."""
 
     losses: dict[int, float] = field(default_factory=dict)  # sample_id -> DPO loss
+    # sample_id -> mean NLL of the chosen tokens (the RPO term before rpo_alpha)
+    nll: dict[int, float] = field(default_factory=dict)
     margins: dict[int, float] = field(default_factory=dict)
     grad_norm: float = 0.0
     ok: bool = True
@@ -60,10 +63,18 @@ def dpo_loss(
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
     beta: float,
+    rpo_alpha: float = 0.0,
+    chosen_tokens: int = 1,
 ) -> torch.Tensor:
-    """The sigmoid DPO loss of trl's DPOTrainer (loss_type="sigmoid", no label smoothing)."""
+    """The sigmoid DPO loss of trl's DPOTrainer (loss_type="sigmoid", no label smoothing),
+    plus, as trl's `rpo_alpha`, rpo_alpha times the mean NLL of the chosen tokens (RPO,
+    Pang et al. 2024: keeps the chosen answers likely, where plain DPO on a model's own
+    samples can lower both sequences and drift into degenerate text)."""
     logits = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
-    return -F.logsigmoid(beta * logits)
+    loss = -F.logsigmoid(beta * logits)
+    if rpo_alpha:
+        loss = loss - rpo_alpha * policy_chosen / chosen_tokens
+    return loss
 
 
 class SlicedDPO:
@@ -75,10 +86,12 @@ class SlicedDPO:
         beta: float = 0.1,
         lr: float = 5e-5,
         max_grad_norm: float = 1.0,
+        rpo_alpha: float = 0.0,
     ) -> None:
         self.peft = peft_model
         self.lm = peft_model.get_base_model()
         self.beta = beta
+        self.rpo_alpha = rpo_alpha
         self.max_grad_norm = max_grad_norm
         self.params = [p for p in peft_model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
@@ -196,17 +209,21 @@ class SlicedDPO:
             (ids_c, kept_c, pol_c, ref_c), (ids_r, kept_r, pol_r, ref_r) = seqs
             margin = (pol_c - ref_c) - (pol_r - ref_r)
             loss = -F.logsigmoid(torch.tensor(self.beta * margin)).item()
+            n_chosen = len(pair.chosen_ids)
             result.losses[pair.sample_id] = loss
             result.margins[pair.sample_id] = margin
-            if not math.isfinite(loss):
+            result.nll[pair.sample_id] = -pol_c / n_chosen
+            if not math.isfinite(loss + result.nll[pair.sample_id]):
                 result.ok, result.error = False, f"non-finite loss for sample {pair.sample_id}"
                 return result
-            # dL/dlogp(chosen); the rejected sequence gets the opposite sign.
+            # dL/dlogp(chosen) of the DPO term; the rejected sequence gets the opposite
+            # sign. The RPO term only adds to the chosen side.
             coef = -self.beta * torch.sigmoid(torch.tensor(-self.beta * margin)).item()
-            coef *= pair.weight / total_weight
+            w = pair.weight / total_weight
             prompt_len = len(pair.prompt_ids)
-            yield from self.backward_slices(ids_c, prompt_len, kept_c, coef)
-            yield from self.backward_slices(ids_r, prompt_len, kept_r, -coef)
+            coef_c = (coef - self.rpo_alpha / n_chosen) * w
+            yield from self.backward_slices(ids_c, prompt_len, kept_c, coef_c)
+            yield from self.backward_slices(ids_r, prompt_len, kept_r, -coef * w)
         yield SliceSpec("opt", 0)
         with self._mode(adapter=True, grad=False):
             return self._optimizer_step(result)
