@@ -2,10 +2,11 @@
 
 The DPO gradient factorises: dL/dtheta = c_chosen * dlogp(chosen)/dtheta +
 c_rejected * dlogp(rejected)/dtheta with c_chosen = -beta * sigmoid(-beta * margin) * w and
-c_rejected = -c_chosen (with an RPO term, rpo_alpha * mean NLL of the chosen tokens, c_chosen
-also gets -rpo_alpha / len(chosen) * w). So a step is: reference log-probs (adapter disabled, no grad), policy
-log-probs (no grad, layer inputs kept), the loss, then for each sequence a backward that
-recomputes one layer at a time from its kept input (activation checkpointing by hand).
+c_rejected = -c_chosen (an RPO term, rpo_alpha * mean NLL of the chosen tokens, adds
+-rpo_alpha / len(chosen) * w to c_chosen). So a step is: reference log-probs (adapter
+disabled, no grad), policy log-probs (no grad, layer inputs kept), the loss, then for
+each sequence a backward that recomputes one layer at a time from its kept input
+(activation checkpointing by hand).
 Every piece is a slice of one layer (or the LM head) of one sequence.
 
 `step_slices()` is a generator that yields a `SliceSpec` describing the work it is about
@@ -49,8 +50,6 @@ class StepResult:
     """What one optimizer step produced."""
 
     losses: dict[int, float] = field(default_factory=dict)  # sample_id -> DPO loss
-    # sample_id -> mean NLL of the chosen tokens (the RPO term before rpo_alpha)
-    nll: dict[int, float] = field(default_factory=dict)
     margins: dict[int, float] = field(default_factory=dict)
     grad_norm: float = 0.0
     ok: bool = True
@@ -212,8 +211,7 @@ class SlicedDPO:
             n_chosen = len(pair.chosen_ids)
             result.losses[pair.sample_id] = loss
             result.margins[pair.sample_id] = margin
-            result.nll[pair.sample_id] = -pol_c / n_chosen
-            if not math.isfinite(loss + result.nll[pair.sample_id]):
+            if not math.isfinite(loss - pol_c):
                 result.ok, result.error = False, f"non-finite loss for sample {pair.sample_id}"
                 return result
             # dL/dlogp(chosen) of the DPO term; the rejected sequence gets the opposite
