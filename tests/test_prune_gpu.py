@@ -48,28 +48,13 @@ def test_batched_scores_on_cuda_equal_cpu_reference_and_are_fast():
 
 
 def test_pruning_server_on_gpu_matches_the_masked_reference(tiny_model_dir: Path, tmp_path):
-    from test_prune_tiny import BUDGET, INTERVAL, SINKS, STRICT, WINDOW, hf_pruned_greedy
+    from test_prune_tiny import PRUNE_FLAGS, STRICT, hf_pruned_greedy
+    from tiny_model import tiny_serve_args
 
     from mace_sgl.launcher import Server
 
     srv = Server(
-        [
-            "--model-path",
-            str(tiny_model_dir),
-            "--dtype",
-            "float32",
-            "--mace-kv-prune",
-            "--mace-kv-budget",
-            str(BUDGET),
-            "--mace-kv-prune-window",
-            str(WINDOW),
-            "--mace-kv-prune-sinks",
-            str(SINKS),
-            "--mace-kv-prune-interval",
-            str(INTERVAL),
-            "--mace-state-dir",
-            str(tmp_path / "state"),
-        ],
+        tiny_serve_args(tiny_model_dir, *PRUNE_FLAGS, "--mace-state-dir", str(tmp_path / "state")),
         tmp_path / "gpu-prune.log",
         env=STRICT,
     )

@@ -20,6 +20,22 @@ WINDOW, SINKS, INTERVAL, BUDGET, DECAY, MIN = 4, 4, 4, 12, 0.9, 16
 POLICY = PrunePolicy.parse(
     str(BUDGET), window=WINDOW, sinks=SINKS, interval=INTERVAL, decay=DECAY, min_tokens=MIN
 )
+# The same policy as serve flags (the CPU and GPU servers compared with hf_pruned_greedy).
+PRUNE_FLAGS = [
+    "--mace-kv-prune",
+    "--mace-kv-budget",
+    str(BUDGET),
+    "--mace-kv-prune-window",
+    str(WINDOW),
+    "--mace-kv-prune-sinks",
+    str(SINKS),
+    "--mace-kv-prune-interval",
+    str(INTERVAL),
+    "--mace-kv-prune-decay",
+    str(DECAY),
+    "--mace-kv-prune-min",
+    str(MIN),
+]
 # SGLang's own accounting checks, made strict: a leak, a double free or a slot in use
 # that is also free raises in the scheduler, and the request fails.
 STRICT = {
@@ -37,19 +53,7 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
             tiny_model_dir,
             "--mace-state-dir",
             str(tmp_path_factory.mktemp("prune-state")),
-            "--mace-kv-prune",
-            "--mace-kv-budget",
-            str(BUDGET),
-            "--mace-kv-prune-window",
-            str(WINDOW),
-            "--mace-kv-prune-sinks",
-            str(SINKS),
-            "--mace-kv-prune-interval",
-            str(INTERVAL),
-            "--mace-kv-prune-decay",
-            str(DECAY),
-            "--mace-kv-prune-min",
-            str(MIN),
+            *PRUNE_FLAGS,
         ),
         logs / "prune-server.log",
         env=STRICT,
