@@ -1,7 +1,7 @@
 """`mace-sgl profile`: measure this device and model, write the policy's profile JSON.
 
 It starts `mace-sgl serve` (same SGLang flags) with training on and a cost model that
-forgets nothing (forgetting 1.0 makes recursive least squares an ordinary least-squares
+forgets nothing (forgetting 1.0 makes its decayed least squares an ordinary least-squares
 fit of every observation), then drives a sweep through the real server: prefills of
 growing length, decode batches of growing size and context, and training steps on
 synthetic preference pairs of growing length. The scheduler measures every forward and

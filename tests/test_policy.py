@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -272,3 +273,87 @@ def test_synchronous_runs_everything_at_once():
     assert [u.job for u in plan.units] == [2, 1] and policy.max_rounds > 10**5
     # /mace/status is JSON: no infinity in it (a first drift run crashed the route)
     json.dumps(policy.status(), allow_nan=False)
+
+
+# -- long runs: bounded estimator, no training on broken numbers, starvation, floor --------
+
+
+@pytest.mark.parametrize("forgetting", [0.97, 0.9])
+def test_steady_load_never_winds_the_cost_model_up(forgetting: float):
+    # A steady load repeats one feature vector: unbounded RLS covariance blew up here
+    # (0.10 s after 1,000 updates, 4.7e61 s after 5,000, NaN after 20,000).
+    model = CostModel(forgetting=forgetting)
+    rng = random.Random(2)
+    for i in range(20_000):
+        y = 0.1 + rng.gauss(0.0, 0.005)
+        model.observe(Observation("decode", y, batch=8, context=2048))
+        if i % 1000 == 999:
+            assert model.predict("decode", batch=8, context=2048) == pytest.approx(0.1, rel=0.1)
+    assert all(math.isfinite(w) for w in model.models["decode"].w)
+    assert model.abs_pct_error["decode"] < 0.2
+    # After the long steady stretch it still follows a changed device (e.g. a slower one).
+    for _ in range(300):
+        model.observe(Observation("decode", 0.3, batch=8, context=2048))
+    assert model.predict("decode", batch=8, context=2048) == pytest.approx(0.3, rel=0.1)
+
+
+def test_cost_model_ignores_non_finite_observations():
+    model = exact_cost()
+    before = model.predict("decode", batch=4, context=512)
+    for bad in (float("nan"), float("inf"), -1.0):
+        model.observe(Observation("decode", bad, batch=4, context=512))
+    assert model.predict("decode", batch=4, context=512) == before
+
+
+def test_non_finite_predictions_mean_no_training():
+    for name in ("mace", "fcfs-reserve"):
+        policy = make_policy(name, profile(tbt_ms=100.0))
+        policy.slo.factor = 1.0
+        policy.cost.models["decode"].w = [float("nan")] * 3
+        policy.cost.models["fwd"].w = [float("nan")] * 2
+        units = (unit(1, "fwd", 4), unit(2, "fwd", 8))
+        plan = policy.plan(IterationView(now=0.0, decode_batch=2, decode_context=64, units=units))
+        assert plan.units == (), name
+        assert plan.why, name
+    # best_fit on its own: a NaN budget is no budget, a NaN unit cost never fits
+    cost = exact_cost()
+    assert (
+        best_fit(units, float("nan"), float("inf"), cost, Priorities(), 0.0, PackingParams())[0]
+        == []
+    )
+    cost.models["fwd"].w = [float("nan")] * 2
+    assert best_fit(units, 1.0, float("inf"), cost, Priorities(), 0.0, PackingParams())[0] == []
+
+
+def test_mace_says_why_it_trains_nothing():
+    policy = make_policy("mace", profile(tbt_ms=100.0))
+    units = (unit(1, "fwd", 4),)
+    for _ in range(50):
+        policy.slo.record_tbt(0.150)  # p99 150 ms against a 100 ms target
+    policy.slo.update()
+    plan = policy.plan(IterationView(now=0.0, decode_batch=2, decode_context=64, units=units))
+    assert plan.units == () and "TBT p99 150 ms" in plan.why
+    waiting = policy.plan(
+        IterationView(now=0.0, decode_batch=1, waiting=(WaitingPrefill(9, 0.0),), units=units)
+    )
+    assert "prefill" in waiting.why
+
+
+def test_train_floor_runs_a_share_of_units_under_overload():
+    for floor, expected in ((0.0, 0), (0.1, 10), (0.25, 25)):
+        policy = make_policy("mace", profile(tbt_ms=100.0), floor=floor)
+        for _ in range(50):
+            policy.slo.record_tbt(0.5)  # far over target: the SLO controller says zero
+        ran = 0
+        for _ in range(100):
+            policy.slo.update()
+            plan = policy.plan(
+                IterationView(
+                    now=0.0, decode_batch=8, decode_context=4096, units=(unit(1, "bwd", 8),)
+                )
+            )
+            ran += len(plan.units)
+            assert plan.forced == bool(plan.units)
+        assert ran == expected, floor
+    with pytest.raises(ValueError, match="share"):
+        make_policy("mace", profile(), floor=1.5)

@@ -1,9 +1,10 @@
 """Cost model: predicted latency and memory of serving and fine-tune work, corrected online.
 
 Each kind of work has a small linear model, latency = w . features, whose weights start from
-a profile (measured offline by `mace-sgl profile`) and are corrected by recursive least
-squares with forgetting from every iteration the scheduler observes. A stale or foreign
-profile therefore converges to this device (benchmarks/cost_model.py measures how fast).
+a profile (measured offline by `mace-sgl profile`) and are corrected by least squares over
+an exponentially decaying window (DecayedLeastSquares: bounded over days of steady load)
+from every iteration the scheduler observes. A stale or foreign profile therefore
+converges to this device (benchmarks/cost_converge.py measures how fast).
 
 Features per kind:
 - prefill: [1, tokens, tokens * context / 1024]  (attention grows with what is attended to)
@@ -15,6 +16,7 @@ Memory of a fine-tune unit is bytes per token per kind (peak extra bytes it hold
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,16 +58,32 @@ DEFAULT_MEM_PER_TOKEN: dict[str, float] = {
 }
 
 
-class RecursiveLeastSquares:
-    """Online linear regression with exponential forgetting (a few floats, plain Python)."""
+class DecayedLeastSquares:
+    """Online linear regression over an exponentially decaying window, regularised toward
+    the starting weights (a few floats, plain Python; one 3x3 solve per observation).
 
-    def __init__(self, weights: list[float], forgetting: float = 0.97, prior: float = 1e2) -> None:
+    Keeps A = sum lam^age x x^T and b = sum lam^age x y and predicts with the solution of
+    (A + ridge I) w = b + ridge w0. Bounded for runs of days, unlike recursive least
+    squares with forgetting: there, every direction of feature space the observations
+    leave unexcited (a steady load repeats one feature vector) has its covariance divided
+    by the forgetting factor at every update ("covariance windup": predictions reached
+    1e61 s after 5,000 identical decode observations, NaN after 20,000). Here such a
+    direction only decays back to the starting weights, A + ridge I stays positive
+    definite, and excited directions still follow the device within ~1/(1-lam)
+    observations. Non-finite observations, and a solve that would not be finite, change
+    nothing.
+    """
+
+    def __init__(self, weights: list[float], forgetting: float = 0.97, ridge: float = 1e-3) -> None:
         n = len(weights)
+        self.w0 = list(weights)
         self.w = list(weights)
         self.lam = forgetting
-        # Covariance P: a large diagonal lets early observations move the weights quickly.
-        self.P = [[prior if i == j else 0.0 for j in range(n)] for i in range(n)]
+        self.ridge = ridge
+        self.A = [[0.0] * n for _ in range(n)]
+        self.b = [0.0] * n
         self.count = 0
+        self.rejected = 0  # updates dropped as non-finite
 
     @property
     def weights(self) -> list[float]:
@@ -78,14 +96,38 @@ class RecursiveLeastSquares:
         return sum(max(wi, 0.0) * xi for wi, xi in zip(self.w, x, strict=True))
 
     def update(self, x: list[float], y: float) -> None:
-        n = len(self.w)
-        Px = [sum(self.P[i][j] * x[j] for j in range(n)) for i in range(n)]
-        denom = self.lam + sum(x[i] * Px[i] for i in range(n))
-        k = [v / denom for v in Px]
-        err = y - sum(wi * xi for wi, xi in zip(self.w, x, strict=True))
-        self.w = [self.w[i] + k[i] * err for i in range(n)]
-        self.P = [[(self.P[i][j] - k[i] * Px[j]) / self.lam for j in range(n)] for i in range(n)]
+        if not (math.isfinite(y) and all(math.isfinite(v) for v in x)):
+            self.rejected += 1
+            return
+        n, lam = len(self.w), self.lam
+        A = [[lam * self.A[i][j] + x[i] * x[j] for j in range(n)] for i in range(n)]
+        b = [lam * self.b[i] + x[i] * y for i in range(n)]
+        reg = [[A[i][j] + (self.ridge if i == j else 0.0) for j in range(n)] for i in range(n)]
+        w = _solve(reg, [b[i] + self.ridge * self.w0[i] for i in range(n)])
+        if w is None:
+            self.rejected += 1
+            return
+        self.A, self.b, self.w = A, b, w
         self.count += 1
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """x with a x = b (Gaussian elimination, partial pivoting); None if singular or not
+    finite."""
+    n = len(b)
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if not abs(m[pivot][col]) > 1e-300:
+            return None
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(col + 1, n):
+            f = m[r][col] / m[col][col]
+            m[r] = [m[r][j] - f * m[col][j] for j in range(n + 1)]
+    x = [0.0] * n
+    for i in reversed(range(n)):
+        x[i] = (m[i][n] - sum(m[i][j] * x[j] for j in range(i + 1, n))) / m[i][i]
+    return x if all(math.isfinite(v) for v in x) else None
 
 
 def fit_least_squares(xs: list[list[float]], ys: list[float], ridge: float = 1e-9) -> list[float]:
@@ -147,12 +189,13 @@ class CostModel:
     forgetting: float = 0.97
 
     def __post_init__(self) -> None:
-        self.models = {k: RecursiveLeastSquares(self.weights[k], self.forgetting) for k in KINDS}
+        self.models = {k: DecayedLeastSquares(self.weights[k], self.forgetting) for k in KINDS}
         self.abs_pct_error: dict[str, float] = {}
 
     def predict(self, kind: str, tokens: int = 0, batch: int = 0, context: int = 0) -> float:
-        """Predicted seconds; never negative."""
-        return max(self.models[kind].predict(features(kind, tokens, batch, context)), 0.0)
+        """Predicted seconds; never negative; infinite (nothing fits) if not finite."""
+        t = self.models[kind].predict(features(kind, tokens, batch, context))
+        return max(t, 0.0) if math.isfinite(t) else math.inf
 
     def unit_coefficients(self, kind: str) -> tuple[float, float, float]:
         """(seconds, seconds per token, bytes per token) of a fine-tune unit kind: the
@@ -166,6 +209,8 @@ class CostModel:
 
     def observe(self, obs: Observation) -> None:
         """Fold one measurement in: tracks the error it had, then corrects the model."""
+        if not (math.isfinite(obs.seconds) and obs.seconds >= 0.0):
+            return
         x = features(obs.kind, obs.tokens, obs.batch, obs.context)
         model = self.models[obs.kind]
         predicted = max(model.predict(x), 1e-9)

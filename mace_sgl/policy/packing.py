@@ -51,7 +51,7 @@ def best_fit(
     Priorities and costs are computed once; a unit that does not fit is dropped for good
     (the room only shrinks), so a plan costs one sort plus a linear scan.
     """
-    if budget_s <= 0.0 or not units:
+    if not budget_s > 0.0 or not units:  # NaN budgets too: never "unlimited"
         return [], 0.0, {}
     # Inlined P(t) and linear unit costs: this loop runs over every queued unit, every
     # iteration (benchmarks/sched_overhead.py keeps it well under a millisecond).
@@ -79,8 +79,8 @@ def best_fit(
             if top is not None and p < top - params.tie:
                 keep.extend(ranked[i:])
                 break
-            if t > time_left or m > mem_left:
-                continue  # and never again: the room only shrinks
+            if not (t <= time_left and m <= mem_left):
+                continue  # and never again: the room only shrinks (NaN never fits)
             keep.append(row)
             if top is None:
                 top = p

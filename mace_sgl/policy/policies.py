@@ -26,7 +26,7 @@ class Policy:
     # again; bounded against a runaway cost model.
     max_rounds: ClassVar[int] = 64
 
-    def __init__(self, profile: Profile, reserve_s: float = 0.01) -> None:
+    def __init__(self, profile: Profile, reserve_s: float = 0.01, floor: float = 0.0) -> None:
         self.profile = profile
         self.cost = profile.cost
         self.slo = SloController(profile.slo)
@@ -34,6 +34,13 @@ class Policy:
         # --mace-train-tokens-per-iter times its measured seconds per token.
         self.reserve_s = reserve_s
         self.last_budget_s = 0.0
+        # --mace-train-floor: share of busy iterations that run a unit whatever the SLO
+        # says (0: off). Credit accrues per busy iteration and is spent by forced units.
+        if not 0.0 <= floor <= 1.0:
+            raise ValueError(f"train floor must be a share in [0, 1], got {floor}")
+        self.floor = floor
+        self.floor_credit = 0.0
+        self.floor_units = 0
 
     def plan(self, view: IterationView) -> Plan:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -44,6 +51,30 @@ class Policy:
 
     def charge(self, seconds: float) -> None:
         """Training seconds really spent after this iteration (for policies with credit)."""
+
+    def _floor_plan(self, view: IterationView, plan: Plan) -> Plan:
+        """The plan, or the cheapest unit against it when the training floor is due."""
+        if view.idle or not self.floor or not view.units:
+            return plan
+        if view.spent_s == 0.0:  # first plan after this iteration
+            self.floor_credit = min(self.floor_credit + self.floor, 1.0)
+        if plan.units:
+            if view.spent_s == 0.0:  # this iteration trains anyway: the floor is met
+                self.floor_credit = max(self.floor_credit - 1.0, 0.0)
+            return plan
+        if self.floor_credit < 1.0 - 1e-9 or view.spent_s > 0.0:  # 10 x 0.1 < 1.0
+            return plan
+        self.floor_credit = max(self.floor_credit - 1.0, 0.0)
+        self.floor_units += 1
+        unit = min(view.units, key=lambda u: self.cost.predict(u.kind, u.tokens))
+        predicted = self.cost.predict(unit.kind, unit.tokens)
+        return Plan(
+            budget_s=plan.budget_s,
+            units=(unit,),
+            predicted_s=predicted if math.isfinite(predicted) else 0.0,
+            why=plan.why,
+            forced=True,
+        )
 
     def observe(self, obs: Observation) -> None:
         """A measured iteration or unit: corrects the cost model."""
@@ -61,7 +92,10 @@ class Policy:
                 **self.cost.to_dict(),
                 "samples": {k: m.count for k, m in self.cost.models.items()},
                 "abs_pct_error": dict(self.cost.abs_pct_error),
+                "rejected": {k: m.rejected for k, m in self.cost.models.items() if m.rejected},
             },
+            "train_floor": self.floor,
+            "floor_units": self.floor_units,
             "profile": self.profile.meta.get("source", "built-in defaults"),
         }
 
@@ -85,8 +119,8 @@ class FcfsReserve(Policy):
 
     name = "fcfs-reserve"
 
-    def __init__(self, profile: Profile, reserve_s: float = 0.01) -> None:
-        super().__init__(profile, reserve_s)
+    def __init__(self, profile: Profile, reserve_s: float = 0.01, floor: float = 0.0) -> None:
+        super().__init__(profile, reserve_s, floor)
         self.credit = 0.0
 
     def plan(self, view: IterationView) -> Plan:
@@ -100,11 +134,14 @@ class FcfsReserve(Policy):
         chosen, predicted = [], 0.0
         for u in sorted(view.units, key=lambda u: u.arrival):
             t = self.cost.predict(u.kind, u.tokens)
-            if predicted + t > budget:
+            if not predicted + t <= budget:  # also stops on a non-finite prediction
                 break
             chosen.append(u)
             predicted += t
-        return Plan(budget_s=budget, units=tuple(chosen), predicted_s=predicted)
+        why = "" if chosen else "no unit fits the credit of the fixed reserve"
+        return self._floor_plan(
+            view, Plan(budget_s=budget, units=tuple(chosen), predicted_s=predicted, why=why)
+        )
 
     def charge(self, seconds: float) -> None:
         """Training time actually spent out of the credit."""
@@ -127,8 +164,8 @@ class Mace(Policy):
     headroom = 0.9
     idle_share = 0.25
 
-    def __init__(self, profile: Profile, reserve_s: float = 0.01) -> None:
-        super().__init__(profile, reserve_s)
+    def __init__(self, profile: Profile, reserve_s: float = 0.01, floor: float = 0.0) -> None:
+        super().__init__(profile, reserve_s, floor)
         self.forced_idle_units = 0
 
     def rank(self, units: Sequence[Unit], now: float) -> list[Unit]:
@@ -138,16 +175,27 @@ class Mace(Policy):
 
     def plan(self, view: IterationView) -> Plan:
         targets = self.profile.slo
+        why = ""
         if view.idle:
             budget = self.idle_share * targets.ttft_ms / 1000.0
         elif view.waiting:
-            budget = 0.0
+            budget, why = 0.0, f"{len(view.waiting)} prefill(s) waiting: serving first"
         else:
             serve = self.cost.predict(
                 "decode", batch=view.decode_batch, context=view.decode_context
             )
             room = max(self.headroom * targets.tbt_ms / 1000.0 - serve, 0.0)
             budget = self.slo.factor * min(room, self.profile.packing.inflation * serve)
+            if self.slo.factor == 0.0:
+                why = self.slo.risk_reason()
+            elif room == 0.0:
+                why = (
+                    f"predicted decode iteration {1000 * serve:.0f} ms leaves no room under "
+                    f"{self.headroom:g} x TBT target {targets.tbt_ms:g} ms"
+                )
+        if not math.isfinite(budget):
+            # A broken prediction must never read as unlimited room: no training.
+            budget, why = 0.0, "cost model prediction not finite"
         self.last_budget_s = budget if view.spent_s == 0.0 else self.last_budget_s
         budget -= view.spent_s
         chosen, predicted, scores = best_fit(
@@ -164,9 +212,24 @@ class Mace(Policy):
             # bigger than every budget (an LM head over a large vocabulary, a publish):
             # while idle, the cheapest head runs anyway.
             unit = min(view.units, key=lambda u: self.cost.predict(u.kind, u.tokens))
-            chosen, predicted = [unit], self.cost.predict(unit.kind, unit.tokens)
+            predicted = self.cost.predict(unit.kind, unit.tokens)
             self.forced_idle_units += 1
-        return Plan(budget_s=budget, units=tuple(chosen), predicted_s=predicted, scores=scores)
+            return Plan(
+                budget_s=budget,
+                units=(unit,),
+                predicted_s=predicted if math.isfinite(predicted) else 0.0,
+                forced=True,
+            )
+        if not chosen and view.units and not why:
+            why = f"no unit fits the budget of {1000 * max(budget, 0.0):.1f} ms"
+        plan = Plan(
+            budget_s=budget,
+            units=tuple(chosen),
+            predicted_s=predicted,
+            scores=scores,
+            why="" if chosen else why,
+        )
+        return self._floor_plan(view, plan)
 
     def status(self) -> dict[str, Any]:
         return {**super().status(), "forced_idle_units": self.forced_idle_units}
@@ -189,10 +252,10 @@ POLICIES: dict[str, type[Policy]] = {
 }
 
 
-def make_policy(name: str, profile: Profile, reserve_s: float = 0.01) -> Policy:
-    """The policy called `name` (see POLICIES)."""
+def make_policy(name: str, profile: Profile, reserve_s: float = 0.01, floor: float = 0.0) -> Policy:
+    """The policy called `name` (see POLICIES); `floor` is --mace-train-floor."""
     try:
         cls = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}") from None
-    return cls(profile, reserve_s)
+    return cls(profile, reserve_s, floor)

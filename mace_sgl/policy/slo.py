@@ -85,6 +85,20 @@ class SloController:
             r = max(r, ttft / self.targets.ttft_ms)
         return r
 
+    def risk_reason(self) -> str:
+        """The tail that stops training, in words (for starvation reports)."""
+        tbt, ttft = self.tails_ms()
+        parts = []
+        if tbt is not None and tbt >= self.at_risk * self.targets.tbt_ms:
+            parts.append(
+                f"TBT p99 {tbt:.0f} ms >= {self.at_risk:g} x target {self.targets.tbt_ms:g} ms"
+            )
+        if ttft is not None and ttft >= self.at_risk * self.targets.ttft_ms:
+            parts.append(
+                f"TTFT p99 {ttft:.0f} ms >= {self.at_risk:g} x target {self.targets.ttft_ms:g} ms"
+            )
+        return "SLO at risk: " + "; ".join(parts) if parts else "SLO controller recovering"
+
     def update(self) -> float:
         """Once per serving iteration: the new training factor."""
         r = self.risk()

@@ -52,3 +52,7 @@ class Plan:
     units: tuple[Unit, ...] = ()  # chosen in order; predicted to fit the budget
     predicted_s: float = 0.0  # predicted seconds of the chosen units
     scores: dict[int, float] = field(default_factory=dict)  # job -> priority (debug)
+    # Why no unit was chosen while some waited (SLO at risk, a prefill waiting, ...):
+    # the trainer reports it as the cause of starvation. Empty when units were chosen.
+    why: str = ""
+    forced: bool = False  # a unit chosen against the budget (idle progress or the floor)
