@@ -1,18 +1,24 @@
 """The training sidecar process: owns sample selection and the trainer conversation.
 
-    python -m sidecar.main --state-dir DIR --adapter live
+    python -m sidecar.main --state-dir DIR --adapter live [--max-train-count N]
+                           [--parent-pid PID]
 
 It binds the two ipc:// sockets in DIR/run, answers the trainer's Ready with Work picked
-from the store, records each Result, returns in-flight samples of a dead trainer session to
-the queue, and forwards pause/resume (a `paused` setting in the store) as Control.
+from the store, records each Result, returns in-flight samples of a dead trainer session
+(or of Work a dead sidecar never delivered) to the queue, and forwards pause/resume (a
+`paused` setting in the store) as Control. It exits with its parent (--parent-pid).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
+import os
 import signal
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import msgspec
@@ -33,18 +39,32 @@ from sidecar import store
 
 logger = logging.getLogger("mace_sgl.sidecar")
 
+# A trainer that has not yet taken our id says so in every Ready; answer it this often.
+ANNOUNCE_EVERY_S = 1.0
+
 
 class Sidecar:
-    """One sidecar: a store connection and the two sockets."""
+    """One sidecar process: a store connection, the two sockets and its own id."""
 
-    def __init__(self, state_dir: Path, adapter: str, max_train_count: int = 3) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        adapter: str,
+        max_train_count: int = 3,
+        parent_pid: int | None = None,
+    ) -> None:
+        self.id = uuid.uuid4().hex
         self.max_train_count = max_train_count
+        self.parent_pid = parent_pid
         self.conn = store.connect(state_dir / "feedback.sqlite3")
         self.adapter = adapter
         self.ctx = zmq.Context()
         self.push, self.pull = channels.bind_sidecar(self.ctx, state_dir / "run")
         self.session: str | None = None
-        self.paused: bool | None = None
+        self.paused: bool | None = None  # the pause state self.session last got from us
+        self.announced_at = float("-inf")  # when self.session last got a Control
+        # Sessions whose in-flight rows were checked against what the trainer holds.
+        self.reconciled: set[str] = set()
         self.running = True
 
     def handle(self, msg: Hello | Ready | Result) -> None:
@@ -54,45 +74,103 @@ class Sidecar:
             freed = store.release_stale(self.conn, msg.session)
             if freed:
                 logger.warning("requeued %d samples in flight in a dead trainer session", freed)
-            self.paused = None  # tell the new session the current pause state
+            self.paused = None  # sync_pause tells the new session the pause state and our id
         elif isinstance(msg, Ready):
-            self.session = msg.session
-            rows = store.pick_next(
-                self.conn, self.adapter, msg.want, msg.session, self.max_train_count
-            )
-            if rows:
-                samples = [
-                    Sample(r.id, r.prompt, r.chosen, r.rejected, r.weight, r.last_loss)
-                    for r in rows
-                ]
-                self.push.send(encode(Work(msg.session, samples)))
+            self._ready(msg)
         elif isinstance(msg, Result):
             if not store.record_result(self.conn, msg.sample_id, msg.loss, msg.session):
                 logger.warning("result for sample %d from a stale session", msg.sample_id)
 
+    def _ready(self, msg: Ready) -> None:
+        if msg.session != self.session:
+            self.session = msg.session  # e.g. this sidecar restarted and missed the Hello
+            self.paused = None
+        if msg.sidecar != self.id:
+            # The trainer would drop our Work: first a Control must tell it who we are.
+            if time.monotonic() - self.announced_at > ANNOUNCE_EVERY_S:
+                self.paused = None
+            return
+        if msg.session not in self.reconciled:
+            # The trainer named us only after it took our Control, and from then on it drops
+            # Work of earlier sidecars; we sent none before this Ready. So what it does not
+            # hold now it will never train: Work a dead sidecar picked but never delivered.
+            self.reconciled.add(msg.session)
+            freed = store.release_unheld(self.conn, msg.session, msg.held)
+            if freed:
+                logger.warning("requeued %d samples picked but never delivered", freed)
+        if msg.want <= 0:
+            return
+        rows = store.pick_next(self.conn, self.adapter, msg.want, msg.session, self.max_train_count)
+        if rows:
+            samples = [
+                Sample(r.id, r.prompt, r.chosen, r.rejected, r.weight, r.last_loss) for r in rows
+            ]
+            if not self._send(Work(msg.session, samples, self.id)):
+                store.release(self.conn, msg.session, [r.id for r in rows])
+
+    def _send(self, msg: Work | Control) -> bool:
+        # Never block: with no trainer connected a bound PUSH would wait forever, deaf to
+        # SIGTERM; the caller undoes what an unsent message promised.
+        try:
+            self.push.send(encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            # A Control is retried on the next loop turn: only lost Work is worth a warning.
+            log = logger.warning if isinstance(msg, Work) else logger.debug
+            log("no trainer connected to send %s to; dropped", type(msg).__name__)
+            return False
+        return True
+
     def sync_pause(self) -> None:
-        """Forward a change of the `paused` setting to the trainer."""
+        """Forward a change of the `paused` setting (and our id) to the trainer."""
+        if self.session is None:
+            return
         paused = store.get_setting(self.conn, "paused", "0") == "1"
-        if paused != self.paused and self.session is not None:
-            self.push.send(encode(Control(paused=paused)))
+        if paused != self.paused and self._send(Control(paused, self.session, self.id)):
             self.paused = paused
+            self.announced_at = time.monotonic()
+
+    def parent_alive(self) -> bool:
+        """False once the process that started us is gone (we were re-parented)."""
+        return self.parent_pid is None or os.getppid() == self.parent_pid
 
     def run(self) -> None:
-        """Serve until SIGTERM/SIGINT."""
+        """Serve until SIGTERM/SIGINT or the parent's death."""
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
         while self.running:
+            if not self.parent_alive():
+                logger.warning("parent %d is gone; exiting", self.parent_pid)
+                break
             if poller.poll(200):
                 data = self.pull.recv()
                 try:
-                    self.handle(decode_to_sidecar(data))
-                except msgspec.ValidationError as e:
-                    logger.error("dropped a malformed message: %s", e)
+                    msg = decode_to_sidecar(data)
+                except msgspec.DecodeError as e:  # garbage bytes, or a ValidationError
+                    logger.error("dropped a malformed message (%d bytes): %s", len(data), e)
+                else:
+                    self.handle(msg)
             self.sync_pause()
 
     def stop(self, *_: object) -> None:
         """Signal handler: leave the loop."""
         self.running = False
+
+    def close(self) -> None:
+        """Release sockets and the store; messages not yet sent are dropped."""
+        self.push.close(linger=0)
+        self.pull.close(linger=0)
+        self.ctx.term()
+        self.conn.close()
+
+
+def die_with_parent() -> None:
+    """Linux: SIGTERM this process when the thread that started it ends (its parent's
+    death, as the supervisor starts us from a thread that lives until stop())."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+            logger.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,13 +179,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", required=True, type=Path)
     parser.add_argument("--adapter", default="live")
     parser.add_argument("--max-train-count", type=int, default=3)
+    parser.add_argument(
+        "--parent-pid", type=int, default=None, help="exit when this process is gone"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s sidecar] %(message)s")
-    sidecar = Sidecar(args.state_dir, args.adapter, args.max_train_count)
+    sidecar = Sidecar(args.state_dir, args.adapter, args.max_train_count, args.parent_pid)
     signal.signal(signal.SIGTERM, sidecar.stop)
     signal.signal(signal.SIGINT, sidecar.stop)
-    logger.info("sidecar ready (store %s)", args.state_dir / "feedback.sqlite3")
-    sidecar.run()
+    if args.parent_pid is not None:
+        die_with_parent()  # then the first loop turn sees a parent that died before this
+    logger.info(
+        "sidecar ready (store %s, max train count %d)",
+        args.state_dir / "feedback.sqlite3",
+        args.max_train_count,
+    )
+    try:
+        sidecar.run()
+    finally:
+        sidecar.close()
+    logger.info("sidecar stopped")
     return 0
 
 

@@ -165,6 +165,40 @@ def release_stale(conn: sqlite3.Connection, live_session: str | None) -> int:
     return cur.rowcount
 
 
+def release_unheld(conn: sqlite3.Connection, session: str, held: Iterable[int]) -> int:
+    """Return to the queue the samples in flight for `session` that it does not hold."""
+    keep = set(held)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        rows = conn.execute(
+            "SELECT id FROM feedback WHERE inflight_session = ?", (session,)
+        ).fetchall()
+        free = [(r[0], session) for r in rows if r[0] not in keep]
+        conn.executemany(
+            "UPDATE feedback SET inflight_session = NULL WHERE id = ? AND inflight_session = ?",
+            free,
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return len(free)
+
+
+def release(conn: sqlite3.Connection, session: str, ids: Iterable[int]) -> int:
+    """Return these samples, in flight for `session`, to the queue (Work never sent)."""
+    ids = list(ids)
+    if not ids:
+        return 0
+    marks = ",".join("?" * len(ids))
+    cur = conn.execute(
+        "UPDATE feedback SET inflight_session = NULL"
+        f" WHERE inflight_session = ? AND id IN ({marks})",
+        [session, *ids],
+    )
+    return cur.rowcount
+
+
 @dataclass(frozen=True)
 class Counts:
     """Row counts for /mace/status."""

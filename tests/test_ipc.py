@@ -26,11 +26,23 @@ from mace_sgl.ipc.messages import (
 
 def test_messages_round_trip_as_their_own_types():
     chat = [{"role": "user", "content": "hi"}]
-    for msg in [Hello("s", "live"), Ready("s", 2), Result("s", 7, 0.25, 3)]:
+    for msg in [Hello("s", "live"), Ready("s", 2, [4, 5], "x"), Result("s", 7, 0.25, 3)]:
         assert decode_to_sidecar(encode(msg)) == msg
-    work = Work("s", [Sample(1, "p", "a", "b", 1.0), Sample(2, chat, "a", "b", 2.0)])
-    for msg in [work, Control(paused=True)]:
+    work = Work("s", [Sample(1, "p", "a", "b", 1.0), Sample(2, chat, "a", "b", 2.0)], "x")
+    for msg in [work, Control(paused=True, session="s", sidecar="x")]:
         assert decode_to_trainer(encode(msg)) == msg
+
+
+def test_messages_of_the_earlier_protocol_still_decode():
+    class OldReady(msgspec.Struct, tag="Ready"):
+        session: str
+        want: int
+
+    class OldControl(msgspec.Struct, tag="Control"):
+        paused: bool
+
+    assert decode_to_sidecar(encode(OldReady("s", 2))) == Ready("s", 2, held=[], sidecar="")
+    assert decode_to_trainer(encode(OldControl(True))) == Control(True, session="", sidecar="")
 
 
 def test_wrong_or_foreign_payloads_are_refused():

@@ -1,5 +1,12 @@
 """Messages between trainer (scheduler process) and sidecar: msgspec structs, msgpack on
-the wire, decoded into exactly these types (never pickle)."""
+the wire, decoded into exactly these types (never pickle).
+
+Each sidecar process has an id, fresh at every start. A trainer takes Work only from the
+sidecar it last heard a Control from, and says so in every Ready; a sidecar sends Work
+only on a Ready that names it. So after a sidecar restart, Work of the dead one still in
+transit is dropped, and the first Ready naming the new one lists every sample the trainer
+will ever train from earlier Work (`held`): the others in flight can safely be requeued.
+"""
 
 from __future__ import annotations
 
@@ -25,10 +32,15 @@ class Hello(msgspec.Struct, tag=True, frozen=True):
 
 
 class Ready(msgspec.Struct, tag=True, frozen=True):
-    """Trainer -> sidecar: send up to `want` samples."""
+    """Trainer -> sidecar: send up to `want` samples (0: only a heartbeat, sent every few
+    seconds even while paused, so that a restarted sidecar learns of the session)."""
 
     session: str
     want: int
+    # Ids of the samples the trainer holds (queued, or in the step in progress).
+    held: list[int] = msgspec.field(default_factory=list)
+    # The sidecar whose Work the trainer accepts ("" before any Control reached it).
+    sidecar: str = ""
 
 
 class Result(msgspec.Struct, tag=True, frozen=True):
@@ -45,12 +57,16 @@ class Work(msgspec.Struct, tag=True, frozen=True):
 
     session: str
     samples: list[Sample]
+    sidecar: str = ""  # the id of the sidecar process that picked them
 
 
 class Control(msgspec.Struct, tag=True, frozen=True):
-    """Sidecar -> trainer: pause or resume training."""
+    """Sidecar -> trainer: pause or resume training; also how a trainer learns the id of
+    the sidecar process it now talks to."""
 
     paused: bool
+    session: str = ""  # the trainer session it is meant for ("": any)
+    sidecar: str = ""
 
 
 ToSidecar = Hello | Ready | Result
@@ -67,10 +83,12 @@ def encode(msg: msgspec.Struct) -> bytes:
 
 
 def decode_to_sidecar(data: bytes) -> Hello | Ready | Result:
-    """A trainer->sidecar message; raises msgspec.ValidationError on anything else."""
+    """A trainer->sidecar message; raises msgspec.DecodeError on bytes that are not msgpack
+    and msgspec.ValidationError (a subclass) on any other message."""
     return _to_sidecar.decode(data)
 
 
 def decode_to_trainer(data: bytes) -> Work | Control:
-    """A sidecar->trainer message; raises msgspec.ValidationError on anything else."""
+    """A sidecar->trainer message; raises msgspec.DecodeError on bytes that are not msgpack
+    and msgspec.ValidationError (a subclass) on any other message."""
     return _to_trainer.decode(data)

@@ -1,0 +1,280 @@
+"""The sidecar and the trainer's end of the conversation over real ipc sockets: the
+--mace-max-train-count bound, samples stranded by a sidecar restart, pause across a
+restart, Work of a dead sidecar, and malformed messages on either side."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+import pytest
+import zmq
+
+from mace_sgl.config import MaceConfig
+from mace_sgl.ipc import channels
+from mace_sgl.ipc.messages import (
+    Control,
+    Hello,
+    Ready,
+    Result,
+    Sample,
+    Work,
+    decode_to_sidecar,
+    decode_to_trainer,
+    encode,
+)
+from mace_sgl.supervisor import SidecarSupervisor
+from sidecar import store
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pair(i: int) -> dict:
+    return {"adapter": "live", "prompt": f"p{i}", "chosen": "c", "rejected": "r", "weight": 1.0}
+
+
+def wait_until(cond, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        time.sleep(0.05)
+
+
+def inflight(conn, sample_id: int) -> str | None:
+    return conn.execute(
+        "SELECT inflight_session FROM feedback WHERE id = ?", (sample_id,)
+    ).fetchone()[0]
+
+
+class SidecarProcess:
+    """`python -m sidecar.main` on a state directory, its log in a file."""
+
+    def __init__(self, state_dir: Path, *args: str) -> None:
+        self.log_path = state_dir / f"sidecar-{time.monotonic_ns()}.log"
+        self.log = self.log_path.open("w")
+        cmd = [sys.executable, "-m", "sidecar.main", "--state-dir", str(state_dir), *args]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.log.close()
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        code = self.proc.wait(10)
+        self.log.close()
+        return code
+
+
+class FakeTrainer:
+    """The trainer's sockets, driven by hand (messages as MaceTrainer.poll sends them)."""
+
+    def __init__(self, run_dir: Path, session: str = "s1") -> None:
+        self.ctx = zmq.Context()
+        self.push, self.pull = channels.connect_trainer(self.ctx, run_dir)
+        self.session = session
+        self.sidecar = ""
+
+    def send(self, msg: Hello | Ready | Result) -> None:
+        self.push.send(encode(msg))
+
+    def ready(self, want: int = 0, held: list[int] | None = None) -> None:
+        self.send(Ready(self.session, want, held or [], self.sidecar))
+
+    def recv(self, timeout_s: float = 15.0) -> Work | Control:
+        assert self.pull.poll(int(timeout_s * 1000)), "no message from the sidecar"
+        return decode_to_trainer(self.pull.recv())
+
+    def handshake(self, held: list[int] | None = None, timeout_s: float = 30.0) -> Control:
+        """Ready now and then until a Control of this session names a sidecar."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.ready(0, held)
+            if self.pull.poll(500):
+                msg = decode_to_trainer(self.pull.recv())
+                if isinstance(msg, Control) and msg.session == self.session and msg.sidecar:
+                    self.sidecar = msg.sidecar
+                    return msg
+        raise AssertionError("no Control from the sidecar")
+
+    def work(self, want: int, held: list[int] | None = None) -> Work:
+        """Ask for `want` samples; the Work that answers (Controls skipped)."""
+        self.ready(want, held)
+        while True:
+            msg = self.recv()
+            if isinstance(msg, Work):
+                assert msg.sidecar == self.sidecar
+                return msg
+
+    def close(self) -> None:
+        self.push.close(linger=0)
+        self.pull.close(linger=0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def conn(tmp_path: Path):
+    c = store.connect(tmp_path / "feedback.sqlite3")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def trainer(tmp_path: Path):
+    t = FakeTrainer(tmp_path / "run")
+    yield t
+    t.close()
+
+
+def test_release_unheld_frees_only_what_the_session_does_not_hold(conn):
+    ids = store.add_feedback(conn, [pair(i) for i in range(4)])
+    assert [r.id for r in store.pick_next(conn, "live", 3, "s1")] == ids[:3]
+    assert [r.id for r in store.pick_next(conn, "live", 1, "s2")] == ids[3:]
+    assert store.release_unheld(conn, "s1", [ids[1], 999]) == 2
+    assert [inflight(conn, i) for i in ids] == [None, "s1", None, "s2"]
+    assert store.release(conn, "s1", [ids[1], ids[3]]) == 1  # ids[3] is not s1's
+    assert store.counts(conn).inflight == 1
+
+
+def test_the_supervisor_passes_max_train_count(tmp_path: Path, conn, trainer: FakeTrainer):
+    (a,) = store.add_feedback(conn, [pair(0)])
+    sup = SidecarSupervisor(MaceConfig(state_dir=str(tmp_path), max_train_count=1))
+    sup.start()
+    try:
+        trainer.send(Hello("s1", "live"))
+        trainer.handshake()
+        assert [s.id for s in trainer.work(1).samples] == [a]
+        trainer.send(Result("s1", a, 0.5, 1))
+        (b,) = store.add_feedback(conn, [pair(1)])
+        # `a` trained once, its limit with 1; with the old fixed 3 it would come back too.
+        assert [s.id for s in trainer.work(2).samples] == [b]
+    finally:
+        sup.stop()
+
+
+def test_malformed_messages_are_dropped_and_the_sidecar_goes_on(
+    tmp_path: Path, trainer: FakeTrainer
+):
+    sidecar = SidecarProcess(tmp_path)
+    try:
+        trainer.push.send(b"\xc1 not msgpack at all")  # msgspec.DecodeError
+        trainer.push.send(encode(Work("s1", [])))  # msgpack, wrong type: ValidationError
+        trainer.handshake()  # answered after both, in order
+        assert sidecar.proc.poll() is None
+    finally:
+        assert sidecar.stop() == 0
+    assert sidecar.log_path.read_text().count("dropped a malformed message") == 2
+
+
+def test_rows_a_dead_sidecar_picked_are_requeued_and_work_in_transit_is_kept(
+    tmp_path: Path, conn, trainer: FakeTrainer
+):
+    ids = store.add_feedback(conn, [pair(i) for i in range(6)])
+    first = SidecarProcess(tmp_path)
+    try:
+        trainer.send(Hello("s1", "live"))
+        trainer.handshake()
+        got = [s.id for s in trainer.work(3).samples]
+        assert got == ids[:3]
+    finally:
+        first.kill()
+    # Say ids[2]'s Work was lost with the sidecar: the trainer holds only ids[0:2].
+    held = ids[:2]
+    second = SidecarProcess(tmp_path)
+    try:
+        control = trainer.handshake(held)  # a Ready naming the dead sidecar, then Control
+        assert control.sidecar and inflight(conn, ids[2]) == "s1"  # not yet: no Ready named it
+        # The first Ready naming the new sidecar: ids[2] is requeued, the held stay.
+        assert [s.id for s in trainer.work(1, held).samples] == [ids[2]]
+        assert [inflight(conn, i) for i in ids[:3]] == ["s1"] * 3
+        # Work in transit: ids[2] not yet read by the trainer, so not in held. A later
+        # Ready must not free it (only the first Ready of a session reconciles).
+        trainer.ready(0, held)
+        assert [s.id for s in trainer.work(1, held).samples] == [ids[3]]
+        assert inflight(conn, ids[2]) == "s1"
+    finally:
+        second.stop()
+
+
+# -- the trainer's end: MaceTrainer.poll on a shell with only what poll() touches ---------
+
+
+def trainer_shell(tmp_path: Path, lookahead: int = 2):
+    from mace_sgl.trainer.runtime import MaceTrainer
+    from mace_sgl.trainer.sliced import Pair
+
+    t = object.__new__(MaceTrainer)
+    t.cfg = MaceConfig(state_dir=str(tmp_path), train=True, lookahead=lookahead)
+    t.session = "s1"
+    t.queue = deque()
+    t.jobs = {}
+    t.step_job = None
+    t.paused = False
+    t.asked_at = 0.0
+    t.sidecar_id = ""
+    # No tokenizer here: the pair's ids do not matter to the conversation.
+    t._pair = lambda s: Pair(s.id, [1], [2], [3], s.weight)
+    t.push, t.pull = channels.connect_trainer(zmq.Context.instance(), tmp_path / "run")
+    return t
+
+
+def poll_until(t, cond, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        t.poll()
+        time.sleep(0.05)
+
+
+def test_resume_reaches_a_paused_trainer_after_a_sidecar_restart(tmp_path: Path, conn):
+    t = trainer_shell(tmp_path)
+    sidecar = SidecarProcess(tmp_path)
+    try:
+        store.set_setting(conn, "paused", "1")
+        poll_until(t, lambda: t.paused, 30, "the trainer is paused")
+        sidecar.kill()
+        sidecar = SidecarProcess(tmp_path)
+        store.set_setting(conn, "paused", "0")
+        # The paused trainer still says Ready (want 0) now and then: the new sidecar
+        # learns the session and forwards the resume.
+        poll_until(t, lambda: not t.paused, 30, "the resume reached the trainer")
+        (a,) = store.add_feedback(conn, [pair(0)])
+        poll_until(t, lambda: [q.pair.sample_id for q in t.queue] == [a], 30, "work arrives")
+    finally:
+        sidecar.stop()
+        t.push.close(linger=0)
+        t.pull.close(linger=0)
+
+
+def test_trainer_drops_malformed_messages_and_work_of_a_dead_sidecar(tmp_path: Path):
+    ctx = zmq.Context()
+    push, pull = channels.bind_sidecar(ctx, tmp_path / "run")  # a hand-driven sidecar
+    t = trainer_shell(tmp_path)
+    try:
+        push.send(b"\xc1 garbage")
+        push.send(encode(Ready("s1", 1)))  # a sidecar-bound message: ValidationError
+        push.send(encode(Control(False, "s1", "new")))
+        push.send(encode(Work("s1", [Sample(1, "p", "c", "r", 1.0)], "old")))  # in transit
+        push.send(encode(Work("s1", [Sample(2, "p", "c", "r", 1.0)], "new")))
+        poll_until(t, lambda: len(t.queue) > 0, 30, "work of the new sidecar")
+        assert [q.pair.sample_id for q in t.queue] == [2]
+        # Every Ready from now on names the new sidecar and what the trainer holds.
+        t.asked_at = 0.0
+        t.poll()
+        assert pull.poll(10_000)
+        ready = decode_to_sidecar(pull.recv())
+        while pull.poll(0):
+            ready = decode_to_sidecar(pull.recv())
+        assert isinstance(ready, Ready) and ready.sidecar == "new" and ready.held == [2]
+    finally:
+        t.push.close(linger=0)
+        t.pull.close(linger=0)
+        push.close(linger=0)
+        pull.close(linger=0)
+        ctx.term()
