@@ -112,6 +112,7 @@ def resolve_serve_args(argv: list[str]) -> tuple[argparse.Namespace, Any]:
             setattr(args, dest, value)
     mace_cfg = _enable_kv_prune(args, given, mace_cfg, cpu)
     if mace_cfg.train:
+        _refuse_parallel_training(args)
         _enable_live_adapter(args, given, mace_cfg)
     args._radix_eviction_policy_explicitly_set = "radix_eviction_policy" in given
     return args, mace_cfg
@@ -139,6 +140,30 @@ def _enable_kv_prune(args: argparse.Namespace, given: set[str], cfg: Any, cpu: b
     return cfg
 
 
+def _refuse_parallel_training(args: argparse.Namespace) -> None:
+    """--mace-train runs one trainer on the whole model in one scheduler process: refuse
+    parallel layouts here, before anything starts, rather than fail (or, with dp, start
+    trainers that take each other's feedback rows) once the schedulers are up."""
+    whole = "the trainer needs the whole model in one process"
+    layouts = (
+        ("--tp-size", "tp_size", whole + ", and tensor parallelism shards it across {n}"),
+        ("--pp-size", "pp_size", whole + ", and pipeline parallelism splits it into {n}"),
+        (
+            "--dp-size",
+            "dp_size",
+            "{n} schedulers would start {n} trainers that take each other's feedback rows",
+        ),
+    )
+    for flag, dest, why in layouts:
+        n = getattr(args, dest, 1) or 1
+        if n > 1:
+            raise SystemExit(
+                f"--mace-train cannot run with {flag} {n}: {why.format(n=n)}. Use {flag} 1 "
+                "(the default) or serve without --mace-train; training across several "
+                "devices is not supported yet."
+            )
+
+
 def _enable_live_adapter(args: argparse.Namespace, given: set[str], cfg: Any) -> None:
     """SGLang LoRA settings that serve the live adapter; an all-zero v0 reserves its slot."""
     from mace_sgl.trainer.publish import write_zero_adapter
@@ -146,6 +171,12 @@ def _enable_live_adapter(args: argparse.Namespace, given: set[str], cfg: Any) ->
     model_config = _read_model_config(args.model_path)
     if model_config is None:
         raise SystemExit("--mace-train needs a local --model-path with a config.json")
+    from mace_sgl.trainer.checkpoints import CheckpointMismatch, check_compatible
+
+    try:  # before SGLang loads v0 or the trainer resumes: a clear error, not a crash
+        check_compatible(cfg.adapter_dir, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
+    except CheckpointMismatch as e:
+        raise SystemExit(f"mace-sgl: {e}") from None
     v0 = cfg.adapter_dir / "v0"
     if not (v0 / "adapter_model.safetensors").is_file():
         write_zero_adapter(v0, model_config, cfg.lora_rank, cfg.lora_alpha, cfg.targets)

@@ -86,6 +86,15 @@ class MaceConfig:
             "to time with the measured cost per token, so it is honoured in time."
         },
     )
+    train_floor: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of busy serving iterations (0..1) that run at least one training "
+            "unit even when the SLO controller allows none, so that training makes some "
+            "progress under overload at a bounded latency cost. 0 (default): off, the "
+            "SLO always wins."
+        },
+    )
     max_train_count: int = field(
         default=3, metadata={"help": "Times one feedback pair may train (replay bound)."}
     )
@@ -211,6 +220,8 @@ class MaceConfig:
             )
         if self.rpo_alpha < 0:
             raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
+        if not 0.0 <= self.train_floor <= 1.0:
+            raise ValueError(f"train_floor must be a share in [0, 1], got {self.train_floor}")
         if self.lookahead < 1:
             raise ValueError(f"lookahead must be >= 1, got {self.lookahead}")
         if self.train_tokens_per_iter < 0:

@@ -86,3 +86,36 @@ def test_kv_prune_selects_its_backend_and_the_settings_it_needs(tiny_model_dir: 
         cli.resolve_serve_args([*model, "--mace-kv-prune", "--attention-backend", "triton"])
     with pytest.raises(ValueError):
         cli.resolve_serve_args([*model, "--mace-kv-prune", "--mace-kv-budget", "2.5"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--tp-size", "2"], "--tp-size 2"),
+        (["--tensor-parallel-size", "4"], "--tp-size 4"),
+        (["--pp-size", "2"], "--pp-size 2"),
+        (["--dp-size", "2"], "--dp-size 2"),
+    ],
+)
+def test_training_refuses_parallel_layouts_before_starting(
+    tiny_model_dir: Path, tmp_path: Path, flags: list[str], named: str
+):
+    argv = ["--model-path", str(tiny_model_dir), "--mace-state-dir", str(tmp_path), *flags]
+    with pytest.raises(SystemExit) as refused:
+        cli.resolve_serve_args([*argv, "--mace-train"])
+    message = str(refused.value)
+    assert f"--mace-train cannot run with {named}" in message
+    assert "serve without --mace-train" in message
+    # Refused before anything was written: no v0 adapter in the state directory.
+    assert not any(tmp_path.rglob("adapter_model.safetensors"))
+    # The same layout without training is SGLang's business, not ours.
+    args, cfg = cli.resolve_serve_args(argv)
+    assert not cfg.train and args.enable_lora is not True
+
+
+def test_training_accepts_the_single_process_layout(tiny_model_dir: Path, tmp_path: Path):
+    argv = ["--model-path", str(tiny_model_dir), "--mace-state-dir", str(tmp_path)]
+    args, cfg = cli.resolve_serve_args(
+        [*argv, "--mace-train", "--tp-size", "1", "--pp-size", "1", "--dp-size", "1"]
+    )
+    assert cfg.train and args.enable_lora is True

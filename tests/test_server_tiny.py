@@ -1,5 +1,5 @@
 """End-to-end on the tiny random Llama: a real `mace-sgl serve` on loopback, checked
-against HF transformers, SGLang's radix cache, /mace/status and the API key."""
+against HF transformers, SGLang's radix cache, /mace/status and the API and admin keys."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import requests
 from mace_sgl.launcher import Server
 
 API_KEY = "test-key-123"
+ADMIN_KEY = "admin-key-456"
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,8 @@ def start(model_dir: Path, state_dir: Path, log: Path) -> Server:
             str(state_dir),
             "--mace-feedback-max-bytes",
             "8192",
+            "--admin-api-key",
+            ADMIN_KEY,
         ],
         log,
         api_key=API_KEY,
@@ -211,6 +214,46 @@ def test_bad_feedback_is_rejected_with_the_reason_and_stores_nothing(server: Ser
     assert r.status_code == 400 and "model context" in r.json()["error"], r.text
     assert requests.post(url, json=PAIR, timeout=30).status_code == 401
     assert feedback_count(server) == before
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_control_routes_need_the_admin_key(server: Server):
+    """SGLang's ADMIN_OPTIONAL level: with both keys set, only the admin key opens pause,
+    resume and the adapter list; status and feedback stay on the API key."""
+    user, admin = bearer(API_KEY), bearer(ADMIN_KEY)
+    controls = [
+        ("POST", "/mace/train/pause"),
+        ("POST", "/mace/train/resume"),
+        ("GET", "/mace/adapters"),
+    ]
+    for method, path in controls:
+        for headers in (user, {}, bearer("wrong")):
+            r = requests.request(method, server.url + path, headers=headers, timeout=30)
+            assert r.status_code == 401, (path, headers, r.text)
+    assert server.get("/mace/status").status_code == 200
+    assert server.post("/mace/feedback", PAIR).status_code == 200
+    for method, path in controls:
+        r = requests.request(method, server.url + path, headers=admin, timeout=30)
+        assert r.status_code == 200, (path, r.text)
+    assert r.json()["adapter"] == "live"
+    # SGLang's NORMAL level takes only the API key once one is set, even from an admin.
+    r = requests.get(server.url + "/mace/status", headers=admin, timeout=30)
+    assert r.status_code == 401
+
+
+def test_queue_depth_counts_only_the_trained_adapter(server: Server):
+    before = server.get("/mace/status").json()
+    r = server.post("/mace/feedback", [{**PAIR, "adapter": "someone-else"}] * 2)
+    assert r.status_code == 200, r.text
+    after = server.get("/mace/status").json()
+    assert after["queue_depth"] == before["queue_depth"]
+    assert after["feedback_count"] == before["feedback_count"] + 2
+    assert after["feedback_other_adapters"] == before["feedback_other_adapters"] + 2
+    assert server.post("/mace/feedback", PAIR).status_code == 200
+    assert server.get("/mace/status").json()["queue_depth"] == before["queue_depth"] + 1
 
 
 def test_feedback_survives_kill_9_of_the_whole_server(

@@ -106,7 +106,12 @@ def test_feedback_raises_version_and_chosen_logprob(
     base = chosen_logprob(server, tok, None)
     assert before == pytest.approx(base, abs=1e-4)  # v0 is the base model
     assert server.post("/mace/feedback", PAIRS).status_code == 200
-    wait_for(server, lambda s: s["adapter_version"] >= 3)
+    # Wait for exactly what is asserted below: three published versions AND every pair
+    # trained at least once (a version can land while a pair is still queued).
+    wait_for(
+        server,
+        lambda s: s["adapter_version"] >= 3 and s["train_steps"] >= 3 and s["queue_depth"] == 0,
+    )
     set_paused(server, True)
     try:
         s = status(server)

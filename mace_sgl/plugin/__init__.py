@@ -18,13 +18,20 @@ Hooks (target -> why -> how):
 - With --mace-train on CPU: `ModelRunner.init_lora_manager` BEFORE -> SGLang's LoRA
   layers pin host memory, which needs a CUDA driver -> pinning becomes a no-op there
   (plugin/cpu.py unpin_lora).
-- With --mace-train, scheduler process: `Scheduler.__init__` AFTER builds the trainer on
-  the loaded weights and its policy (--mace-policy); `Scheduler.run_batch` AROUND times
-  every forward for the policy's cost model; `Scheduler.process_batch_result` AFTER
-  records TTFT/TBT for SLO control and runs the training units the policy fits into the
-  iteration; `Scheduler.maybe_sleep_on_idle` AROUND trains one unit instead of sleeping;
-  `Scheduler.handle_generate_request` BEFORE notes the arrival and adds the live
-  adapter's version to the radix key (plugin/train_hooks.py, plugin/iteration.py).
+- Every scheduler process: `Scheduler.__init__` AFTER attaches one state object to the
+  scheduler (and to its req_to_token pool, which a ScheduleBatch hook can reach): the
+  trainer, the iteration monitor, the pruner and the metrics of THAT scheduler, so hooks
+  find their parts there instead of in module globals (plugin/state.py). With
+  --mace-train it builds the trainer on the loaded weights and its policy
+  (--mace-policy).
+- With --mace-train, scheduler process: `Scheduler.run_batch` AROUND times every forward
+  for the policy's cost model; `Scheduler.process_batch_result` AFTER records TTFT/TBT for
+  SLO control and runs the training units the policy fits into the iteration;
+  `Scheduler.maybe_sleep_on_idle` AROUND trains one unit instead of sleeping;
+  `Scheduler.handle_generate_request` BEFORE notes the arrival;
+  `Scheduler.get_new_batch_prefill` BEFORE adds the live adapter's version to the radix
+  key of every waiting request of that adapter, when its prefill is about to be matched
+  and run, not on arrival (plugin/train_hooks.py, plugin/iteration.py).
 - Launcher process: `TokenizerManager.generate_request` BEFORE gives requests that name no
   adapter the --mace-default-adapter.
 - Every process: `mace_prune` added to `attention_registry.ATTENTION_BACKENDS` and to
@@ -37,7 +44,9 @@ Hooks (target -> why -> how):
   in flight) -> compact req_to_token, free dropped slots to the allocator, shorten
   seq_lens/kv lengths (prune/runtime.py); a no-op unless the mace_prune backend exists.
 - Launcher (HTTP) process only: `/mace/*` routes added to SGLang's FastAPI `app` before it
-  starts, so SGLang's --api-key middleware covers them like its own routes (plugin/routes.py).
+  starts, so SGLang's --api-key middleware covers them like its own routes; pause, resume
+  and adapter listing carry SGLang's ADMIN_OPTIONAL auth level (--admin-api-key when set)
+  (plugin/routes.py).
 """
 
 from __future__ import annotations
@@ -84,6 +93,11 @@ def register() -> None:
     )
 
     cfg = MaceConfig.from_env()
+    hooks = train_hooks.TrainHooks(cfg)
+    sched = "sglang.srt.managers.scheduler.Scheduler."
+    # Every scheduler gets its state object (plugin/state.py), training or not: the
+    # pruner and /mace/status find their parts there.
+    HookRegistry.register(sched + "__init__", hooks.attach_state, HookType.AFTER)
     if cfg.train and cpu.on_cpu():
         HookRegistry.register(
             "sglang.srt.model_executor.model_runner.ModelRunner.init_lora_manager",
@@ -91,22 +105,19 @@ def register() -> None:
             HookType.BEFORE,
         )
     if cfg.train:
-        sched = "sglang.srt.managers.scheduler.Scheduler."
-        HookRegistry.register(sched + "__init__", train_hooks.start_trainer, HookType.AFTER)
+        HookRegistry.register(sched + "process_batch_result", hooks.after_iteration, HookType.AFTER)
+        HookRegistry.register(sched + "maybe_sleep_on_idle", hooks.train_or_sleep, HookType.AROUND)
         HookRegistry.register(
-            sched + "process_batch_result", train_hooks.train_after_iteration, HookType.AFTER
+            sched + "handle_generate_request", hooks.on_generate_request, HookType.BEFORE
         )
         HookRegistry.register(
-            sched + "maybe_sleep_on_idle", train_hooks.train_or_sleep, HookType.AROUND
+            sched + "get_new_batch_prefill", hooks.key_by_version, HookType.BEFORE
         )
-        HookRegistry.register(
-            sched + "handle_generate_request", train_hooks.on_generate_request, HookType.BEFORE
-        )
-        HookRegistry.register(sched + "run_batch", train_hooks.timed_forward, HookType.AROUND)
+        HookRegistry.register(sched + "run_batch", hooks.timed_forward, HookType.AROUND)
     if cfg.default_adapter:
         HookRegistry.register(
             "sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request",
-            train_hooks.default_adapter,
+            hooks.default_adapter,
             HookType.BEFORE,
         )
 
@@ -115,5 +126,5 @@ def register() -> None:
     if multiprocessing.parent_process() is None:
         from mace_sgl.plugin import routes
 
-        routes.install()
+        routes.install(cfg)
     logger.info("mace-sgl plugin registered (cpu shims: %s)", cpu.INSTALLED or "none")

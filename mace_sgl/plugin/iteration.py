@@ -15,13 +15,22 @@ from mace_sgl.policy import IterationView, Observation, WaitingPrefill
 
 
 class IterationMonitor:
-    """Per-request timing and per-forward cost observations."""
+    """Per-request timing and per-forward cost observations.
+
+    Per-request entries leave when the request finishes; a sweep every `sweep_every_s`
+    drops those of requests the scheduler no longer holds (aborted before or while
+    running), so the maps stay bounded by the requests in flight over days.
+    """
+
+    sweep_every_s = 10.0
 
     def __init__(self, policy: Any, on_cuda: bool) -> None:
         self.policy = policy
         self.on_cuda = on_cuda
-        self.arrivals: dict[str, float] = {}  # rid -> perf_counter() it reached the scheduler
+        self.arrivals: dict[str, float] = {}  # rid -> monotonic() it reached the scheduler
         self.first_token: dict[str, float] = {}
+        self.swept_at = time.monotonic()
+        self.swept = 0  # entries dropped by sweeps (aborted requests)
         self.last_output: float | None = None  # end of the last iteration with outputs
         self.cuda_pending: deque[tuple[Any, Any, Observation]] = deque()
         self.serving_seconds = 0.0  # forward time, for the idle fraction
@@ -105,6 +114,8 @@ class IterationMonitor:
             elif req.finished():
                 self.arrivals.pop(rid, None)
         self.last_output = now
+        if now - self.swept_at >= self.sweep_every_s:
+            self.sweep(_live_rids(scheduler, batch), now)
         running = scheduler.running_batch
         reqs = running.reqs if running is not None else []
         waiting = [
@@ -118,12 +129,40 @@ class IterationMonitor:
             waiting=tuple(waiting),
         )
 
+    def sweep(self, live: set[str], now: float) -> None:
+        """Forget requests the scheduler no longer holds (aborted: no finish reaches us)."""
+        self.swept_at = now
+        for table in (self.arrivals, self.first_token):
+            gone = [rid for rid in table if rid not in live]
+            for rid in gone:
+                del table[rid]
+            self.swept += len(gone)
+
     def status(self) -> dict[str, Any]:
         wall = time.monotonic() - self.started
         return {
             "serving_seconds": self.serving_seconds,
             "idle_fraction": max(0.0, 1.0 - self.serving_seconds / wall) if wall else None,
+            "tracked_requests": len(self.arrivals),
+            "swept_requests": self.swept,
         }
+
+
+def _live_rids(scheduler: Any, batch: Any) -> set[str]:
+    """Requests the scheduler holds: waiting, in the running and the last batch, chunked,
+    or in a grammar queue."""
+    live: set[str] = set()
+    for group in (
+        scheduler.waiting_queue,
+        getattr(scheduler.running_batch, "reqs", None) or (),
+        getattr(batch, "reqs", None) or (),
+        getattr(scheduler, "grammar_queue", None) or (),
+    ):
+        live.update(r.rid for r in group)
+    chunked = getattr(scheduler, "chunked_req", None)
+    if chunked is not None:
+        live.add(chunked.rid)
+    return live
 
 
 def _context(batch: Any) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from mace_sgl.plugin import state
+
 NAME = "mace_prune"
 
 
@@ -34,15 +36,10 @@ def create_backend(model_runner: Any) -> Any:
 def prune_decode_batch(result: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
     """AFTER ScheduleBatch.prepare_for_decode: the next slot is allocated and no forward
     is in flight; rows over budget (counting the token about to be decoded) are compacted
-    before ForwardBatch reads seq_lens. A no-op unless this process built mace_prune."""
-    from mace_sgl.prune import runtime
+    before ForwardBatch reads seq_lens. A no-op unless this scheduler built mace_prune.
 
-    if runtime.ACTIVE is not None and batch.spec_algorithm.is_none():
-        runtime.ACTIVE.prune_batch(batch)
-
-
-def kv_status() -> dict[str, Any] | None:
-    """The `kv` entry of the scheduler state, or None without pruning."""
-    from mace_sgl.prune import runtime
-
-    return runtime.ACTIVE.status() if runtime.ACTIVE is not None else None
+    A batch does not know its scheduler; its req_to_token pool (one per scheduler) carries
+    the scheduler's state (plugin/state.py attach)."""
+    st = state.of(batch.req_to_token_pool)
+    if st is not None and st.pruner is not None and batch.spec_algorithm.is_none():
+        st.pruner.prune_batch(batch)

@@ -6,29 +6,29 @@ import os
 from typing import Any
 
 from mace_sgl import __version__
-from mace_sgl.plugin import cpu, loopback, prune_hooks, train_hooks
+from mace_sgl.plugin import cpu, loopback, state, train_hooks
 
 
-def scheduler_state() -> dict[str, Any]:
-    """What this scheduler process reports about mace-sgl; plain msgpack-safe values."""
+def scheduler_state(scheduler: Any) -> dict[str, Any]:
+    """What this scheduler reports about mace-sgl; plain msgpack- and JSON-safe values."""
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    state = {
+    report = {
         "pid": os.getpid(),
         "plugin_version": __version__,
         "cpu_shims": list(cpu.INSTALLED),
         "network": list(loopback.APPLIED),
         # Hooks that HookRegistry really applied in this process (not just registered).
         "hooks_applied": sorted(HookRegistry._patched),
-        "trainer": train_hooks.trainer_status(),
+        "trainer": train_hooks.trainer_status(scheduler),
     }
-    kv = prune_hooks.kv_status()
-    if kv is not None:
-        state["kv"] = kv
-    return state
+    st = state.of(scheduler)
+    if st is not None and st.pruner is not None:
+        report["kv"] = st.pruner.status()
+    return state.json_safe(report)
 
 
-def add_mace_state(result: Any, *args: Any, **kwargs: Any) -> Any:
+def add_mace_state(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
     """AFTER hook on Scheduler.get_internal_state: adds the `mace` entry to its dict."""
-    result.internal_state["mace"] = scheduler_state()
+    result.internal_state["mace"] = scheduler_state(scheduler)
     return result

@@ -41,7 +41,6 @@ class _ScoreMixin:
     def _init_pruner(self, model_runner: Any, policy: PrunePolicy) -> None:
         rtt = model_runner.req_to_token_pool.req_to_token
         self.pruner = runtime.KvPruner(policy, rtt.shape[0], rtt.shape[1], rtt.device)
-        runtime.ACTIVE = self.pruner
 
     def _before_forward(self, forward_batch: Any) -> None:
         mode = forward_batch.forward_mode

@@ -27,9 +27,6 @@ from mace_sgl.prune.policy import PrunePolicy, compact_row, select_keep
 
 logger = logging.getLogger("mace_sgl.prune")
 
-# The pruner of this scheduler process (set when the mace_prune backend is built).
-ACTIVE: KvPruner | None = None
-
 
 class KvPruner:
     """Scores, position offsets and counters for every request slot of one model runner."""

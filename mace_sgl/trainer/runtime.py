@@ -12,19 +12,16 @@ sidecar over ZeroMQ; results go back the same way.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-import shutil
 import time
 import uuid
 from collections import deque
 from collections.abc import Generator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
+import msgspec
 import psutil
 import torch
 import zmq
@@ -35,7 +32,8 @@ from mace_sgl.ipc.messages import Control, Hello, Ready, Result, Work, decode_to
 from mace_sgl.policy import IterationView, Observation, Profile, Unit, make_policy
 from mace_sgl.policy.slo import SloTargets
 from mace_sgl.templating import encode_pair
-from mace_sgl.trainer.publish import PoolPublisher, checkpoints, lora_config_dict
+from mace_sgl.trainer.checkpoints import CheckpointWriter, check_compatible, resume
+from mace_sgl.trainer.publish import PoolPublisher, lora_config_dict
 from mace_sgl.trainer.shared import attach_lora, build_shared_llama, shares_storage
 from mace_sgl.trainer.sliced import Pair, SlicedDPO, SliceSpec, run_to_end
 
@@ -85,21 +83,24 @@ def load_profile(cfg: MaceConfig) -> Profile:
 class MaceTrainer:
     """Owns the shared-weight LoRA model, the step in progress and the live adapter."""
 
-    def __init__(self, scheduler: Any, cfg: MaceConfig) -> None:
+    def __init__(self, model_runner: Any, cfg: MaceConfig) -> None:
+        """model_runner: SGLang's ModelRunner of this scheduler (its model, model config
+        and LoRA manager are what training shares)."""
         from transformers import AutoConfig, AutoTokenizer
 
         self.cfg = cfg
         self.process = psutil.Process()
         rss_before = self.process.memory_info().rss
-        model_runner = scheduler.tp_worker.model_runner
         model_path = model_runner.model_config.model_path
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         hf_config = AutoConfig.from_pretrained(model_path)
         with torch.inference_mode(False):
             base = build_shared_llama(model_runner.model, hf_config)
             self.model = attach_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
-            self.version = self._resume()
             self.dpo = SlicedDPO(self.model, beta=cfg.beta, lr=cfg.lr, rpo_alpha=cfg.rpo_alpha)
+            check_compatible(cfg.adapter_dir, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
+            resumed = resume(cfg.adapter_dir, self.model, self.dpo.optimizer)
+            self.version = resumed.version
         lora_bytes = sum(p.numel() * p.element_size() for p in self._lora_params().values())
         self.memory = {
             "shares_base_weights": shares_storage(self.model, model_runner.model),
@@ -123,14 +124,16 @@ class MaceTrainer:
             except Exception as e:  # a measurement must never take the server down
                 logger.exception("swap measurement failed")
                 self.swap_baseline = {"error": f"{type(e).__name__}: {e}"}
-        self.writer = ThreadPoolExecutor(1, thread_name_prefix="mace-ckpt")
+        self.writer = CheckpointWriter(cfg.adapter_dir, cfg.keep_versions)
+        self.resumed = {"version": resumed.version, "optimizer": resumed.optimizer}
         self.session = uuid.uuid4().hex
         self.queue: deque[QueuedPair] = deque()  # pairs without a step yet
         self.jobs: dict[int, Job] = {}
         self.step_job: Job | None = None
         self.refs: dict[int, tuple[float, float]] = {}  # sample id -> reference log-probs
         self.next_key = 0
-        self.policy = make_policy(cfg.policy, load_profile(cfg))
+        self.policy = make_policy(cfg.policy, load_profile(cfg), floor=cfg.train_floor)
+        self.starvation = Starvation()
         self.on_cuda = self.dpo.device.type == "cuda"
         self.param_storage = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
         # Seconds of slices per token of trained pairs: converts the token reserve of
@@ -139,6 +142,8 @@ class MaceTrainer:
         self.step_seconds = 0.0
         self.paused = False
         self.asked_at = 0.0
+        # The sidecar process whose Work we take (messages.py), set by its Control.
+        self.sidecar_id = ""
         self.idle_refused = 0
         self.stats = {
             "train_steps": 0,
@@ -183,27 +188,9 @@ class MaceTrainer:
         self.stats["last_error"] = why
         logger.warning("training step rolled back to v%d: %s", self.version, why)
 
-    def _resume(self) -> int:
-        """Load the newest checkpointed version, if any; return its number (0 if none)."""
-        from safetensors.torch import load_file
-
-        # v0 is the all-zero adapter that only reserves SGLang's slot: never resume it
-        # (zero A and zero B would leave LoRA without any gradient).
-        versions = [(n, d) for n, d in checkpoints(self.cfg.adapter_dir) if n > 0]
-        if not versions:
-            return 0
-        version, path = versions[-1]
-        weights = load_file(str(path / "adapter_model.safetensors"))
-        params = self._lora_params()
-        with torch.no_grad():
-            for name, p in params.items():
-                key = name.replace(".default", "")
-                p.copy_(weights[key])
-        logger.info("resumed adapter from %s", path)
-        return version
-
     def _checkpoint(self) -> None:
-        """Write the version just published (peft format) off the serving thread."""
+        """Write the version just published (peft format + optimizer) off the serving
+        thread; good_state is a private copy that nothing changes afterwards."""
         weights = {n.replace(".default", ""): t for n, t in self.good_state["weights"].items()}
         meta = {
             "version": self.version,
@@ -212,15 +199,7 @@ class MaceTrainer:
             "loss": self.stats["last_loss"],
         }
         config = self.model.peft_config["default"].to_dict()
-        self.writer.submit(
-            _write_checkpoint,
-            self.cfg.adapter_dir,
-            self.version,
-            weights,
-            config,
-            meta,
-            self.cfg.keep_versions,
-        )
+        self.writer.submit(self.version, weights, config, meta, self.good_state["optimizer"])
 
     def _measure_swap_baseline(self, repeats: int = 5) -> dict[str, float]:
         """Time until new weights are servable: our in-place publish against SGLang's own
@@ -297,28 +276,45 @@ class MaceTrainer:
     # -- messages ------------------------------------------------------------------------
 
     def poll(self) -> None:
-        """Take every waiting sidecar message; ask for work when too little is queued."""
+        """Take every waiting sidecar message; ask for work when too little is queued, and
+        say Ready every 2 s even when not (paused, full), so a restarted sidecar learns of
+        this session, sends it the pause state and requeues what it will never get."""
+        sidecar = self.sidecar_id
         while True:
             try:
                 data = self.pull.recv(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            msg = decode_to_trainer(data)
-            if isinstance(msg, Work) and msg.session == self.session:
+            try:
+                msg = decode_to_trainer(data)
+            except msgspec.DecodeError as e:  # garbage, or a ValidationError (a subclass)
+                logger.error("dropped a malformed sidecar message (%d bytes): %s", len(data), e)
+                continue
+            if isinstance(msg, Work) and msg.session == self.session and msg.sidecar == sidecar:
                 self.asked_at = 0.0
                 now = time.monotonic()
                 for s in msg.samples:
                     self.queue.append(QueuedPair(self._pair(s), now, s.loss))
-            elif isinstance(msg, Control):
+            elif isinstance(msg, Control) and msg.session in ("", self.session):
                 self.paused = msg.paused
+                sidecar = self.sidecar_id = msg.sidecar
+                self.asked_at = 0.0  # name it in a Ready at once: it sends no Work before
         # The sidecar answers only when it has samples; ask again now and then.
         want = self.cfg.lookahead + self.cfg.pairs_per_step - len(self.queue)
         if self.step_job is not None:
             want -= len(self.step_job.pairs)
         now = time.monotonic()
-        trains = policy_trains(self.cfg.policy)
-        if want > 0 and trains and not self.paused and now - self.asked_at > 0.5:
-            self.push.send(encode(Ready(self.session, want)))
+        asking = want > 0 and policy_trains(self.cfg.policy) and not self.paused
+        if (asking and now - self.asked_at > 0.5) or now - self.asked_at > 2.0:
+            held = [q.pair.sample_id for q in self.queue]
+            if self.step_job is not None:
+                held += [q.pair.sample_id for q in self.step_job.pairs]
+            ready = Ready(self.session, want if asking else 0, held, sidecar)
+            try:
+                # Never block the scheduler: with the sidecar down for long the queue fills.
+                self.push.send(encode(ready), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
             self.asked_at = now
 
     def _pair(self, s: Any) -> Pair:
@@ -405,20 +401,24 @@ class MaceTrainer:
             return
         self.policy.reserve_s = self.cfg.train_tokens_per_iter * self.sec_per_token
         self.policy.slo.update()
-        spent = 0.0
+        spent, ran, why, waiting = 0.0, 0, "", 0
         for _ in range(self.policy.max_rounds):  # re-plan as units finish and expose more
             units = self._candidates()
             if not units:
                 break
+            waiting = waiting or len(units)
             plan = self.policy.plan(
                 replace(view, units=units, spent_s=spent, mem_free_bytes=self._mem_free())
             )
             if not plan.units:
+                why = why or plan.why
                 break
             for unit in plan.units:
                 if unit.job in self.jobs:
                     spent += self._run_unit(unit.job)
+                    ran += 1
         self.policy.charge(spent)
+        self.starvation.iteration(time.monotonic(), waiting, ran, why)
 
     def run_idle_slice(self) -> None:
         """Nothing to serve: one unit, then back to the loop to look for requests."""
@@ -433,8 +433,10 @@ class MaceTrainer:
         )
         if plan.units:
             self._run_unit(plan.units[0].job)
+            self.starvation.iteration(time.monotonic(), len(units), 1, "")
         else:
             self.idle_refused += 1
+            self.starvation.iteration(time.monotonic(), len(units), 0, plan.why)
 
     def _mem_free(self) -> float:
         if self.on_cuda:
@@ -515,6 +517,66 @@ class MaceTrainer:
             **self.policy.status(),
             "memory": {**self.memory, "rss_now_mb": self.process.memory_info().rss / 2**20},
             "swap_baseline": self.swap_baseline,
+            "checkpoints": self.writer.status(),
+            "resumed": self.resumed,
+            "starvation": self.starvation.status(time.monotonic()),
+            "starved_s": self.starvation.starved_s(time.monotonic()),
+        }
+
+
+class Starvation:
+    """Since when training work waits without any unit running, and why (the policy's
+    reason of the first refused plan). A unit that runs ends the episode; pause is not
+    starvation (the trainer holds no candidates then)."""
+
+    warn_after_s = 60.0
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.why = ""
+        self.waiting = 0
+        self.iterations = 0  # iterations of the current episode
+        self.episodes = 0
+        self.total_s = 0.0  # finished episodes
+        self.warned = False
+
+    def iteration(self, now: float, waiting: int, ran: int, why: str) -> None:
+        """After one iteration: `waiting` candidate units, `ran` of them ran."""
+        if ran or not waiting:
+            if self.since is not None:
+                self.total_s += now - self.since
+                if self.warned:
+                    logger.warning("training runs again after %.0f s", now - self.since)
+            self.since, self.why, self.iterations, self.warned = None, "", 0, False
+            return
+        if self.since is None:
+            self.since, self.episodes = now, self.episodes + 1
+        self.why = why or self.why
+        self.waiting = waiting
+        self.iterations += 1
+        if not self.warned and now - self.since >= self.warn_after_s:
+            self.warned = True
+            logger.warning(
+                "training starved for %.0f s with %d units waiting: %s",
+                now - self.since,
+                waiting,
+                self.why,
+            )
+
+    def starved_s(self, now: float) -> float:
+        """Seconds of the current episode (0 when training runs or nothing waits)."""
+        return now - self.since if self.since is not None else 0.0
+
+    def status(self, now: float) -> dict[str, Any]:
+        return {
+            "starved": self.since is not None,
+            "since_s": self.starved_s(now),
+            "since_unix": time.time() - self.starved_s(now) if self.since is not None else None,
+            "reason": self.why or None,
+            "waiting_units": self.waiting if self.since is not None else 0,
+            "iterations": self.iterations,
+            "episodes": self.episodes,
+            "total_s": self.total_s + self.starved_s(now),
         }
 
 
@@ -555,28 +617,3 @@ class _MemoryProbe:
         else:
             self._hooks.__exit__(*exc)
             self.bytes = float(self._saved) if self._saved else None
-
-
-def _write_checkpoint(
-    adapter_dir: Path,
-    version: int,
-    weights: dict[str, torch.Tensor],
-    config: dict[str, Any],
-    meta: dict[str, Any],
-    keep: int,
-) -> None:
-    """peft-format checkpoint of one version, written to a temp dir and renamed; prunes
-    all but the newest `keep` versions (v0, the all-zero start, always stays)."""
-    from safetensors.torch import save_file
-
-    out = adapter_dir / f"v{version}"
-    tmp = adapter_dir / f".v{version}.tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(tmp / "adapter_model.safetensors"))
-    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-    (tmp / "adapter_config.json").write_text(json.dumps(config, default=str, indent=2) + "\n")
-    (tmp / "mace.json").write_text(json.dumps(meta) + "\n")
-    tmp.rename(out)
-    for old, path in checkpoints(adapter_dir)[:-keep]:
-        if old != 0:
-            shutil.rmtree(path, ignore_errors=True)

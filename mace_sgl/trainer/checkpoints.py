@@ -1,0 +1,204 @@
+"""Adapter checkpoints on disk: written off the serving thread, resumed at start, checked.
+
+A version `vN/` is a peft-format adapter (adapter_model.safetensors, adapter_config.json,
+loadable by plain peft) plus `mace.json` (version, time, steps, loss) and `optimizer.pt`
+(AdamW state, read back with torch.load(weights_only=True): tensors and numbers only), so
+a restart resumes the adapter and its optimizer where the last published version left
+them. A write that fails is counted and logged, never silent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mace_sgl.trainer.publish import checkpoints
+
+logger = logging.getLogger("mace_sgl.trainer")
+
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+class CheckpointMismatch(ValueError):
+    """The state dir holds checkpoints of another adapter shape than the flags ask for."""
+
+
+def check_compatible(adapter_dir: Path, rank: int, alpha: int, targets: list[str]) -> None:
+    """Raise CheckpointMismatch, with what to do, if any stored version (v0 included)
+    was made with another rank, alpha or target modules than these."""
+    for version, path in checkpoints(adapter_dir):
+        cfg_file = path / "adapter_config.json"
+        if not cfg_file.is_file():
+            continue
+        stored = json.loads(cfg_file.read_text())
+        have = (
+            int(stored.get("r", -1)),
+            int(stored.get("lora_alpha", -1)),
+            sorted(stored.get("target_modules") or []),
+        )
+        want = (rank, alpha, sorted(targets))
+        if have != want:
+            raise CheckpointMismatch(
+                f"{path} (v{version}) was trained with rank {have[0]}, alpha {have[1]}, "
+                f"targets {','.join(have[2])}; the flags ask for rank {want[0]}, alpha "
+                f"{want[1]}, targets {','.join(want[2])}. Start with --mace-lora-rank "
+                f"{have[0]} --mace-lora-alpha {have[1]} --mace-lora-targets "
+                f"{','.join(have[2])} to resume it, or use another --mace-state-dir "
+                f"(or --mace-adapter-name) for a new adapter."
+            )
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What resume() restored."""
+
+    version: int
+    path: Path | None
+    optimizer: bool  # the optimizer state came back too
+
+
+def resume(adapter_dir: Path, model: Any, optimizer: torch.optim.Optimizer) -> Resumed:
+    """Load the newest checkpointed version (v1 and up) into the peft model's LoRA
+    parameters and, when saved with it, the optimizer's state."""
+    from safetensors.torch import load_file
+
+    # v0 is the all-zero adapter that only reserves SGLang's slot: never resume it
+    # (zero A and zero B would leave LoRA without any gradient).
+    versions = [(n, d) for n, d in checkpoints(adapter_dir) if n > 0]
+    if not versions:
+        return Resumed(0, None, False)
+    version, path = versions[-1]
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    missing = [n for n in params if n.replace(".default", "") not in weights]
+    if missing:
+        raise CheckpointMismatch(f"{path} lacks {len(missing)} LoRA tensors, e.g. {missing[0]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            src = weights[name.replace(".default", "")]
+            if src.shape != p.shape:
+                raise CheckpointMismatch(
+                    f"{path}: {name} has shape {tuple(src.shape)}, the model {tuple(p.shape)}"
+                )
+            p.copy_(src)
+    restored = False
+    opt_file = path / OPTIMIZER_FILE
+    if opt_file.is_file():
+        try:
+            optimizer.load_state_dict(torch.load(opt_file, weights_only=True))
+            restored = True
+        except Exception:  # an unreadable optimizer file costs momentum, not the adapter
+            logger.exception("could not restore optimizer state from %s; starting it fresh", path)
+    logger.info("resumed adapter from %s (optimizer state: %s)", path, restored)
+    return Resumed(version, path, restored)
+
+
+def write_checkpoint(
+    adapter_dir: Path,
+    version: int,
+    weights: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    meta: dict[str, Any],
+    keep: int,
+    optimizer_state: dict[str, Any] | None = None,
+) -> Path:
+    """peft-format checkpoint of one version, written to a temp dir and renamed; prunes
+    all but the newest `keep` versions (v0, the all-zero start, always stays)."""
+    from safetensors.torch import save_file
+
+    out = adapter_dir / f"v{version}"
+    tmp = adapter_dir / f".v{version}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by a crash in the middle of a write
+    tmp.mkdir(parents=True)
+    save_file(weights, str(tmp / "adapter_model.safetensors"))
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    (tmp / "adapter_config.json").write_text(json.dumps(config, default=str, indent=2) + "\n")
+    if optimizer_state is not None:
+        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+    (tmp / "mace.json").write_text(json.dumps(meta) + "\n")
+    if out.exists():
+        shutil.rmtree(out)  # a version number reused after a crash lost its newer files
+    tmp.rename(out)
+    for old, path in checkpoints(adapter_dir)[:-keep]:
+        if old != 0:
+            shutil.rmtree(path, ignore_errors=True)
+    return out
+
+
+class CheckpointWriter:
+    """One background thread that writes checkpoints in order; failures are counted,
+    logged and kept as `last_error` (each version is a whole checkpoint, so the next
+    successful write restores what a restart resumes)."""
+
+    def __init__(self, adapter_dir: Path, keep: int, write: Callable[..., Path] = write_checkpoint):
+        self.adapter_dir = adapter_dir
+        self.keep = keep
+        self._write = write
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mace-ckpt")
+        self._lock = threading.Lock()
+        self.written = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self.last_written: int | None = None
+
+    def submit(
+        self,
+        version: int,
+        weights: dict[str, torch.Tensor],
+        config: dict[str, Any],
+        meta: dict[str, Any],
+        optimizer_state: dict[str, Any] | None,
+    ) -> Future:
+        """Queue the write of `version` (the tensors must not change afterwards)."""
+        future = self._pool.submit(
+            self._write,
+            self.adapter_dir,
+            version,
+            weights,
+            config,
+            meta,
+            self.keep,
+            optimizer_state,
+        )
+        future.add_done_callback(lambda f: self._done(version, f))
+        return future
+
+    def _done(self, version: int, future: Future) -> None:
+        error = future.exception()
+        with self._lock:
+            if error is None:
+                self.written += 1
+                self.last_written = version
+                return
+            self.failures += 1
+            self.last_error = f"v{version}: {type(error).__name__}: {error}"
+        logger.error(
+            "checkpoint of v%d under %s failed: %s",
+            version,
+            self.adapter_dir,
+            error,
+            exc_info=(type(error), error, error.__traceback__),
+        )
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "written": self.written,
+                "failures": self.failures,
+                "last_error": self.last_error,
+                "last_written_version": self.last_written,
+            }
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Wait for queued writes (tests, shutdown)."""
+        self._pool.submit(lambda: None).result(timeout=timeout_s)

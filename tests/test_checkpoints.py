@@ -1,0 +1,152 @@
+"""Adapter checkpoints: optimizer state resumes, write failures surface, shape mismatches
+give a clear error instead of a crash."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from test_sliced_dpo import PAIRS, lora_model
+
+from mace_sgl.trainer.checkpoints import (
+    CheckpointMismatch,
+    CheckpointWriter,
+    check_compatible,
+    resume,
+    write_checkpoint,
+)
+from mace_sgl.trainer.publish import lora_config_dict, write_zero_adapter
+from mace_sgl.trainer.sliced import SlicedDPO, run_to_end
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def save(model, dpo: SlicedDPO, adapter_dir: Path, version: int) -> None:
+    weights = {n.replace(".default", ""): t for n, t in lora_state(model).items()}
+    config = model.peft_config["default"].to_dict()
+    write_checkpoint(
+        adapter_dir, version, weights, config, {"version": version}, 5, dpo.optimizer.state_dict()
+    )
+
+
+def test_resume_restores_weights_and_optimizer(tiny_model_dir: Path, tmp_path: Path):
+    model = lora_model(tiny_model_dir)
+    dpo = SlicedDPO(model, beta=0.1, lr=1e-3)
+    for _ in range(2):
+        assert run_to_end(dpo.step_slices(PAIRS[:1])).ok
+    save(model, dpo, tmp_path, 2)
+    # The next step from the saved state, uninterrupted ...
+    assert run_to_end(dpo.step_slices(PAIRS[1:])).ok
+    expected = lora_state(model)
+
+    # ... equals the next step after a restart that resumed the checkpoint: Adam's
+    # moments and step count came back, not only the weights.
+    fresh = lora_model(tiny_model_dir, seed=7)
+    fresh_dpo = SlicedDPO(fresh, beta=0.1, lr=1e-3)
+    resumed = resume(tmp_path, fresh, fresh_dpo.optimizer)
+    assert resumed.version == 2 and resumed.optimizer
+    assert run_to_end(fresh_dpo.step_slices(PAIRS[1:])).ok
+    for name, t in lora_state(fresh).items():
+        torch.testing.assert_close(t, expected[name], rtol=1e-5, atol=1e-6)
+
+    # Without the optimizer state the same step lands elsewhere (the check can fail).
+    blank = lora_model(tiny_model_dir, seed=7)
+    blank_dpo = SlicedDPO(blank, beta=0.1, lr=1e-3)
+    (tmp_path / "v2" / "optimizer.pt").unlink()
+    assert resume(tmp_path, blank, blank_dpo.optimizer).optimizer is False
+    assert run_to_end(blank_dpo.step_slices(PAIRS[1:])).ok
+    diffs = [(t - expected[n]).abs().max().item() for n, t in lora_state(blank).items()]
+    assert max(diffs) > 1e-4
+
+
+def test_checkpoint_loads_in_plain_peft(tiny_model_dir: Path, tmp_path: Path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = lora_model(tiny_model_dir)
+    dpo = SlicedDPO(model, beta=0.1, lr=1e-3)
+    save(model, dpo, tmp_path, 1)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, str(tmp_path / "v1"))
+    for name, t in lora_state(loaded).items():
+        torch.testing.assert_close(t, lora_state(model)[name])
+
+
+def test_write_failures_are_counted_and_logged(tmp_path: Path, caplog):
+    calls = threading.Event()
+
+    def broken(*args, **kwargs):
+        calls.set()
+        raise OSError(28, "No space left on device")
+
+    writer = CheckpointWriter(tmp_path, keep=3, write=broken)
+    writer.submit(4, {}, {}, {}, None)
+    writer.flush()
+    assert calls.is_set()
+    status = writer.status()
+    assert status["failures"] == 1 and status["written"] == 0
+    assert "v4" in status["last_error"] and "No space left" in status["last_error"]
+    assert "checkpoint of v4" in caplog.text
+
+
+def test_writer_keeps_the_newest_versions(tmp_path: Path):
+    writer = CheckpointWriter(tmp_path, keep=2)
+    write_zero_adapter(tmp_path / "v0", _tiny_config(), 2, 4, ["q_proj"])
+    for v in (1, 2, 3):
+        writer.submit(v, {"w": torch.zeros(2)}, lora_config_dict(2, 4, ["q_proj"]), {}, {"s": 1})
+    writer.flush()
+    assert writer.status() | {"last_error": None} == {
+        "written": 3,
+        "failures": 0,
+        "last_error": None,
+        "last_written_version": 3,
+    }
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v0", "v2", "v3"]
+
+
+def _tiny_config() -> dict:
+    return {
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 1,
+    }
+
+
+def test_mismatched_rank_or_targets_is_a_clear_error(tmp_path: Path):
+    write_zero_adapter(tmp_path / "v0", _tiny_config(), 8, 16, TARGETS)
+    check_compatible(tmp_path, 8, 16, list(reversed(TARGETS)))  # same set: fine
+    with pytest.raises(CheckpointMismatch, match="--mace-lora-rank 8") as err:
+        check_compatible(tmp_path, 16, 32, TARGETS)
+    assert "--mace-state-dir" in str(err.value)
+    with pytest.raises(CheckpointMismatch, match="targets"):
+        check_compatible(tmp_path, 8, 16, ["q_proj"])
+
+
+def test_resume_refuses_a_checkpoint_of_another_shape(tiny_model_dir: Path, tmp_path: Path):
+    model = lora_model(tiny_model_dir)  # rank 4
+    dpo = SlicedDPO(model, beta=0.1, lr=1e-3)
+    save(model, dpo, tmp_path, 1)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    other = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    with pytest.raises(CheckpointMismatch, match="shape"):
+        resume(tmp_path, other, torch.optim.AdamW([torch.zeros(1, requires_grad=True)]))
+
+
+def test_serve_refuses_a_state_dir_of_another_adapter_shape(tiny_model_dir: Path, tmp_path: Path):
+    from mace_sgl import cli
+
+    flags = ["--model-path", str(tiny_model_dir), "--mace-train", "--mace-state-dir", str(tmp_path)]
+    cli.resolve_serve_args(flags)  # writes v0 at rank 16
+    with pytest.raises(SystemExit, match="rank 16.*--mace-lora-rank 16"):
+        cli.resolve_serve_args([*flags, "--mace-lora-rank", "8"])

@@ -1,0 +1,91 @@
+"""Scheduler-side glue on hand-made scheduler objects: per-scheduler state, the version
+key set at prefill time, bounded request tables, JSON-safe status, starvation."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+from mace_sgl.config import MaceConfig
+from mace_sgl.plugin import state
+from mace_sgl.plugin.iteration import IterationMonitor
+from mace_sgl.plugin.train_hooks import TrainHooks
+from mace_sgl.policy import Profile, make_policy
+from mace_sgl.trainer.runtime import Starvation
+
+LIVE = "uid-live"
+
+
+def req(rid: str, lora_id: str | None = None, extra_key: str | None = None):
+    return SimpleNamespace(rid=rid, lora_id=lora_id, extra_key=extra_key, origin_input_ids=[1, 2])
+
+
+def scheduler_with(trainer=None, monitor=None, waiting=()):
+    sched = SimpleNamespace(
+        waiting_queue=list(waiting), running_batch=SimpleNamespace(reqs=[]), chunked_req=None
+    )
+    state.attach(sched, state.SchedulerState(MaceConfig(), trainer=trainer, monitor=monitor))
+    return sched
+
+
+def test_each_scheduler_has_its_own_state():
+    a, b = scheduler_with(trainer="A"), scheduler_with(trainer="B")
+    assert state.of(a).trainer == "A" and state.of(b).trainer == "B"
+    assert state.of(SimpleNamespace()) is None
+
+
+def test_version_key_is_set_when_prefill_is_scheduled_not_on_arrival():
+    trainer = SimpleNamespace(lora_uid=LIVE, version=3)
+    queued = req("a", LIVE)
+    client = req("b", LIVE, extra_key="tenant-salt")
+    base = req("c", None, extra_key="x")
+    sched = scheduler_with(trainer=trainer, waiting=[queued, client, base])
+    hooks = TrainHooks(MaceConfig(train=True))
+    hooks.key_by_version(sched)
+    assert queued.extra_key == "mace-v3"
+    assert client.extra_key == "tenant-salt|mace-v3"
+    assert base.extra_key == "x"  # base-model requests keep their cache key
+    # A publish while they wait: the next prefill batch keys them by the new version,
+    # the client's own part of the key kept.
+    trainer.version = 4
+    hooks.key_by_version(sched)
+    assert queued.extra_key == "mace-v4"
+    assert client.extra_key == "tenant-salt|mace-v4"
+
+
+def test_request_tables_forget_aborted_requests():
+    monitor = IterationMonitor(make_policy("mace", Profile()), on_cuda=False)
+    for i in range(1000):
+        monitor.arrived(f"gone-{i}")  # aborted before running: no finish ever comes
+    monitor.arrived("alive")
+    sched = scheduler_with(monitor=monitor, waiting=[req("alive")])
+    monitor.swept_at = -1e9  # due now
+    monitor.results(sched, None)
+    assert set(monitor.arrivals) == {"alive"}
+    assert monitor.status()["swept_requests"] == 1000
+
+
+def test_status_is_json_safe():
+    report = state.json_safe(
+        {"err": float("nan"), "p": [float("inf"), 1.0], "nested": {"x": -float("inf")}}
+    )
+    assert json.loads(json.dumps(report, allow_nan=False)) == {
+        "err": None,
+        "p": [None, 1.0],
+        "nested": {"x": None},
+    }
+
+
+def test_starvation_reports_since_when_and_why():
+    s = Starvation()
+    s.iteration(100.0, waiting=3, ran=0, why="SLO at risk: TBT p99 290 ms")
+    s.iteration(130.0, waiting=3, ran=0, why="")
+    status = s.status(160.0)
+    assert status["starved"] and status["since_s"] == 60.0
+    assert status["reason"] == "SLO at risk: TBT p99 290 ms"
+    assert status["waiting_units"] == 3 and status["iterations"] == 2
+    s.iteration(170.0, waiting=3, ran=1, why="")
+    assert s.status(171.0)["starved"] is False and s.starved_s(171.0) == 0.0
+    assert s.status(171.0)["total_s"] == 70.0 and s.episodes == 1
+    s.iteration(200.0, waiting=0, ran=0, why="")  # nothing waiting is not starvation
+    assert s.starved_s(300.0) == 0.0
