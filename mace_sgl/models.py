@@ -27,6 +27,15 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Written last into a converted directory: its presence means the conversion finished.
 MARKER = "mace-sgl-model.json"
 CONTEXT_LENGTH = 8192
+# The sampling SmolLM2's model card recommends. The GGUF carries none, and at SGLang's
+# fallback (temperature 1, top_p 1) this model often answers nonsense and rambles for
+# thousands of tokens. SGLang's `--sampling-defaults model` (its default) takes these keys
+# from generation_config.json for chat requests that leave them unset
+# (ModelConfig.get_default_sampling_params). Even so, with the Q4_1 weights about one answer
+# in four to "capital of France?" starts wrong ("L'Étoile ..."); only greedy is always right.
+# do_sample only keeps transformers consistent: without it, it warns on loading the file and
+# refuses to save it (temperature and top_p mean nothing to greedy search).
+GENERATION_DEFAULTS: dict[str, float | bool] = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 
 
 def cache_dir() -> Path:
@@ -69,6 +78,26 @@ def fetch_gguf() -> Path:
 def is_prepared(model_dir: Path) -> bool:
     """True when a finished conversion is in model_dir."""
     return (model_dir / MARKER).is_file()
+
+
+def write_generation_config(model_dir: Path) -> bool:
+    """Put GENERATION_DEFAULTS into model_dir's generation_config.json; True if it changed.
+
+    Idempotent and cheap, so every ensure runs it: a cache converted by an older mace-sgl
+    gets the defaults without a new conversion. The file is replaced atomically because a
+    running server may read it.
+    """
+    path = model_dir / "generation_config.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    new = {**old, **GENERATION_DEFAULTS}
+    # The file is no longer a copy of config.json; transformers may rebuild one marked so.
+    new.pop("_from_model_config", None)
+    if new == old:
+        return False
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return True
 
 
 def _sha256(path: Path) -> str:
@@ -116,6 +145,7 @@ def convert_gguf(gguf: Path, out_dir: Path, progress: bool = True) -> Path:
         config.pop("quantization_config", None)
         config["_name_or_path"] = DEFAULT_MODEL_NAME
         config_path.write_text(json.dumps(config, indent=2) + "\n")
+        write_generation_config(tmp)
         steps.update()
         steps.set_postfix_str("checksum")
         (tmp / MARKER).write_text(
@@ -140,6 +170,7 @@ def ensure_default_model(force: bool = False, progress: bool = True) -> Path:
     """The default model's directory, fetched and converted on first use."""
     out = default_model_dir()
     if is_prepared(out) and not force:
+        write_generation_config(out)
         return out
     gguf = find_gguf() or fetch_gguf()
     return convert_gguf(gguf, out, progress=progress)
