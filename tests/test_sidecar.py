@@ -36,14 +36,6 @@ def pair(i: int) -> dict:
     return {"adapter": "live", "prompt": f"p{i}", "chosen": "c", "rejected": "r", "weight": 1.0}
 
 
-def wait_until(cond, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        time.sleep(0.05)
-
-
 def inflight(conn, sample_id: int) -> str | None:
     return conn.execute(
         "SELECT inflight_session FROM feedback WHERE id = ?", (sample_id,)

@@ -8,11 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
+from waits import wait_until
 
 from mace_sgl.config import MaceConfig
 from mace_sgl.supervisor import Backoff, SidecarSupervisor
@@ -34,14 +34,6 @@ def live_children() -> list[psutil.Process]:
 
 def lines(path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
-
-
-def wait_until(cond, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        time.sleep(0.05)
 
 
 def test_backoff_doubles_to_its_cap_and_resets_after_a_stable_run():
