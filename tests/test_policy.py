@@ -357,3 +357,14 @@ def test_train_floor_runs_a_share_of_units_under_overload():
         assert ran == expected, floor
     with pytest.raises(ValueError, match="share"):
         make_policy("mace", profile(), floor=1.5)
+
+
+def test_recent_attainment_shows_the_rate_now_not_since_start():
+    slo = SloController(SloTargets(ttft_ms=1000.0, tbt_ms=100.0), window=10)
+    for _ in range(10):
+        slo.record_request(0.1, 0.05)  # the first, unloaded requests meet the SLO
+    for _ in range(30):
+        slo.record_request(0.1, 0.25)  # then a steady load that misses it
+    status = slo.status()
+    assert status["slo_attainment"] == 0.25  # 10 of 40 since start: looks like drift
+    assert status["slo_attainment_recent"] == 0.0  # the rate now
