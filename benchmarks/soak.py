@@ -1,7 +1,8 @@
 """Soak: one training server for an hour under steady load, feedback, bad input and faults.
 
     python -m benchmarks.soak [--minutes 60 | --quick] --out DIR [--state-dir S]
-                              [--streams 2] [--think-s 2] [--max-tokens 48]
+                              [--levels 1,2] [--calibrate-s 90] [--slo-tbt-ms 200]
+                              [--slo-ttft-ms 2000] [--streams 2] [--think-s 2] [--max-tokens 48]
                               [--feedback-every-s 5] [--bad-every-s 20] [--pause-s 20]
 
 `--quick` is `--minutes 15`. One `mace-sgl serve --mace-train --mace-policy mace` on the
@@ -10,17 +11,27 @@ embedded default model (SmolLM2-135M-Instruct), state in DIR/state (emptied firs
 Time t = 0 is when the first server answers /health and the load starts; the run lasts M
 minutes, or until 60 s after the restart window closes when that is later (short runs).
 
+Calibration first (skipped with --levels ''): the issue asks for a load at which
+inference alone meets the SLO, and that level depends on the machine (a decode iteration
+of SmolLM2 took ~100 ms on a 2-core EPYC, ~230 ms on a 2-core Xeon @ 2.0 GHz). A server
+of its own (DIR/calibrate.log, same flags and state dir, no feedback posted, so nothing
+trains) gets two warm-up requests, then --calibrate-s seconds of closed-loop load at
+each stream count of --levels (default 1,2); `choose_level` keeps the most streams whose
+client TBT and TTFT p99 stay within 80% of the SLO targets (--slo-tbt-ms, default 200,
+--slo-ttft-ms, default 2000). If even the lightest level misses them, it keeps that
+level and raises the targets to its p99s / 0.8, and the soak's server gets them as
+--mace-slo-tbt-ms / --mace-slo-ttft-ms: training would otherwise starve by design. The
+levels, the choice and why are in soak.json "calibration". The cost model the
+calibration server learned is in the state dir and the soak's server resumes it
+(trainer/learned_cost.py).
+
 What runs, all at once:
 - load: --streams closed-loop streaming chat clients (OpenAI API, loadgen.stream_chat),
   each sending its next request --think-s seconds after the last one ended (1 s after a
   failure). Every other request names the live adapter (`"lora_path": "live"`), the rest
   the base model; prompts "Tell me about {topic}." over colocate.TOPICS; --max-tokens 48,
-  greedy, ignore_eos. Default level, 2 streams with 2 s think time: on the 2-core CPU a
-  decode iteration of SmolLM2 costs about the same at 1 or 8 streams (~100 ms), so 2
-  streams keep TTFT p99 (~200-300 ms) and TBT p99 (~110-180 ms) well inside the default
-  SLO (2000 / 200 ms) with inference alone (README, align benchmark), and the think time
-  leaves idle gaps in which the `mace` policy can train; a soak is about staying up, not
-  about capacity.
+  greedy, ignore_eos. The think time leaves idle gaps in which the `mace` policy can
+  train; a soak is about staying up, not about capacity.
 - feedback: one pair every --feedback-every-s (colocate.pair: chosen = "Certainly! " +
   answer, rejected = the answer), checkable in the live answers (`certainly_share`).
 - bad input every --bad-every-s, cycling through malformed /mace/feedback bodies (bad
@@ -32,7 +43,8 @@ What runs, all at once:
   The restart window runs from that SIGKILL until /health answers 200 again, plus 30 s.
 - sampling every 30 s, and just before each fault action: GET /mace/status (a compact
   copy: counters, scalar training fields such as `paused`, `rollbacks`, `starved_s`, SLO,
-  cost-model errors, trainer memory) and the RSS of every process of the server tree
+  cost-model errors, trainer memory, the scheduler's `memory`: RSS against glibc's heap in
+  use and free, mace_sgl/memstats.py) and the RSS of every process of the server tree
   (psutil, the launcher's process and its children, recursively; roles by command line:
   `scheduler` (SGLang titles it `sglang::scheduler...` once the spawned child runs),
   `sidecar.main`, `detokenizer`), and the machine's 1-minute load average: on a shared
@@ -88,6 +100,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -109,6 +122,7 @@ from mace_sgl.launcher import Server
 
 FAULTS = ("pause_resume", "sidecar_kill", "server_kill")
 RESTART_GRACE_S = 30.0
+HEADROOM = 0.8  # calibration: inference alone must stay within this share of the SLO
 SAMPLE_EVERY_S = 30.0
 BAD_BODIES: list[tuple[str, bytes]] = [
     ("bad_json", b'{"prompt": "hi", "chosen": '),
@@ -378,6 +392,91 @@ def role_of(cmdline: str, is_root: bool) -> str:
     return "other"
 
 
+def choose_level(levels: Sequence[dict], tbt_ms: float, ttft_ms: float) -> dict[str, Any]:
+    """The soak's load level and SLO targets from the inference-only calibration.
+
+    levels: [{"streams", "tbt_p99_ms", "ttft_p99_ms"}] in rising load. The most streams
+    whose p99s stay within HEADROOM of the targets (so that inference alone meets the
+    SLO and the `mace` policy has room to train); if even the lightest level misses the
+    targets on this machine, that level with the targets raised to its p99s / HEADROOM
+    (rounded up to 10 ms / 100 ms): a soak is about staying up, and a target that
+    inference alone misses starves training by design."""
+    fits = [
+        lv
+        for lv in levels
+        if lv["tbt_p99_ms"] is not None
+        and lv["ttft_p99_ms"] is not None
+        and lv["tbt_p99_ms"] <= HEADROOM * tbt_ms
+        and lv["ttft_p99_ms"] <= HEADROOM * ttft_ms
+    ]
+    if fits:
+        best = max(fits, key=lambda lv: lv["streams"])
+        return {
+            "streams": best["streams"],
+            "slo_tbt_ms": tbt_ms,
+            "slo_ttft_ms": ttft_ms,
+            "why": f"most streams whose inference-only p99s are within {HEADROOM:.0%} of "
+            "the default targets",
+        }
+    low = levels[0]
+    tbt = max(tbt_ms, 10.0 * math.ceil((low["tbt_p99_ms"] or tbt_ms) / HEADROOM / 10.0))
+    ttft = max(ttft_ms, 100.0 * math.ceil((low["ttft_p99_ms"] or ttft_ms) / HEADROOM / 100.0))
+    return {
+        "streams": low["streams"],
+        "slo_tbt_ms": tbt,
+        "slo_ttft_ms": ttft,
+        "why": f"even {low['streams']} stream(s) miss the default targets with inference "
+        f"alone on this machine: targets raised to its p99s / {HEADROOM}",
+    }
+
+
+def chat_body(i: int, max_tokens: int) -> dict[str, Any]:
+    """The i-th request of the load: odd ones on the live adapter, greedy, ignore_eos."""
+    body: dict[str, Any] = {
+        "model": "default",
+        "messages": [{"role": "user", "content": f"Tell me about {TOPICS[i % len(TOPICS)]}."}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+    }
+    if i % 2 == 1:
+        body["lora_path"] = "live"
+    return body
+
+
+def measure_level(url: str, streams: int, think_s: float, max_tokens: int, seconds: float) -> dict:
+    """Closed-loop load of `streams` clients for `seconds`: client TTFT/TBT p99 (ms)."""
+    stop = threading.Event()
+    results: list[Any] = []
+
+    def client(k: int) -> None:
+        i = k
+        while not stop.is_set():
+            results.append(stream_chat(url, chat_body(i, max_tokens)))
+            i += streams
+            stop.wait(think_s)
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(streams)]
+    for th in threads:
+        th.start()
+    stop.wait(seconds)
+    stop.set()
+    for th in threads:
+        th.join(timeout=120)
+    ok = [r for r in results if r.error is None]
+    gaps = [g for r in ok for g in r.gaps]
+    return {
+        "streams": streams,
+        "seconds": seconds,
+        "requests": len(results),
+        "failed": len(results) - len(ok),
+        "gaps": len(gaps),
+        "tbt_p99_ms": percentile_ms(gaps, 99),
+        "tbt_p50_ms": percentile_ms(gaps, 50),
+        "ttft_p99_ms": percentile_ms([r.ttft for r in ok if r.ttft is not None], 99),
+    }
+
+
 # -- the run -----------------------------------------------------------------------------
 
 
@@ -414,6 +513,8 @@ def compact_status(body: dict[str, Any]) -> dict[str, Any]:
         "slo": training.get("slo"),
         "abs_pct_error": cost.get("abs_pct_error"),
         "trainer_memory": training.get("memory"),
+        # the scheduler's RSS against glibc's heap (mace_sgl/memstats.py)
+        "memory": schedulers[0].get("memory") if schedulers else None,
     }
 
 
@@ -445,13 +546,38 @@ class Soak:
         assert self.server is not None
         return self.server.url
 
-    def start_server(self) -> Server:
+    def start_server(self, log_name: str | None = None) -> Server:
         flags = ["--log-level", "warning", "--mace-train", "--mace-policy", "mace",
                  "--mace-state-dir", str(self.state)]  # fmt: skip
         if self.args.model_path:
             flags += ["--model-path", self.args.model_path]
-        log = self.out / f"server-{self.generation}.log"
+        if self.args.slo_tbt_ms:
+            flags += ["--mace-slo-tbt-ms", str(self.args.slo_tbt_ms)]
+        if self.args.slo_ttft_ms:
+            flags += ["--mace-slo-ttft-ms", str(self.args.slo_ttft_ms)]
+        log = self.out / (log_name or f"server-{self.generation}.log")
         return Server(flags, log, timeout_s=600)
+
+    def calibrate(self) -> dict[str, Any]:
+        """Inference alone (no feedback posted yet, so nothing to train) at each level of
+        --levels, on a server of its own (DIR/calibrate.log) on the same state dir: sets
+        --streams and the SLO targets (choose_level). The cost model it learns is kept
+        in the state dir and resumed by the soak's server (trainer/learned_cost.py)."""
+        args = self.args
+        server = self.start_server("calibrate.log")
+        try:
+            for i in range(2):  # warm-up, not measured
+                stream_chat(server.url, chat_body(i, args.max_tokens))
+            levels = [
+                measure_level(server.url, n, args.think_s, args.max_tokens, args.calibrate_s)
+                for n in args.levels
+            ]
+        finally:
+            server.stop()
+        choice = choose_level(levels, args.slo_tbt_ms or 200.0, args.slo_ttft_ms or 2000.0)
+        args.streams = choice["streams"]
+        args.slo_tbt_ms, args.slo_ttft_ms = choice["slo_tbt_ms"], choice["slo_ttft_ms"]
+        return {"levels": levels, "headroom": HEADROOM, **choice}
 
     # -- background threads
 
@@ -459,18 +585,7 @@ class Soak:
         i = k
         while not self.stop.is_set():
             live = i % 2 == 1
-            body: dict[str, Any] = {
-                "model": "default",
-                "messages": [
-                    {"role": "user", "content": f"Tell me about {TOPICS[i % len(TOPICS)]}."}
-                ],
-                "max_tokens": self.args.max_tokens,
-                "temperature": 0.0,
-                "ignore_eos": True,
-            }
-            if live:
-                body["lora_path"] = "live"
-            r = stream_chat(self.url, body)
+            r = stream_chat(self.url, chat_body(i, self.args.max_tokens))
             d = Done(r.sent - self.t0, self.now(), live, r.ttft, r.gaps, r.text, r.error)
             with self.lock:
                 self.done.append(d)
@@ -640,6 +755,10 @@ class Soak:
     def run(self) -> dict[str, Any]:
         args = self.args
         total_s = 60.0 * args.minutes
+        calibration = None
+        if args.levels:
+            calibration = self.calibrate()
+            print(f"calibration: {json.dumps(calibration)}", flush=True)
         self.server = self.start_server()
         self.t0 = time.monotonic()
         startup_s = self.server.startup_s
@@ -702,6 +821,7 @@ class Soak:
                 [w if w != float("inf") else None for w in self.window] if self.window else None
             ),
             "bad_input": [{"t": round(t, 1), "body": n, "status": c} for t, n, c in self.bad],
+            "calibration": calibration,
             "summary": summary,
             "goals": goals(summary),
             "settings": {k: v for k, v in vars(args).items()},
@@ -801,7 +921,13 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="folder for soak.json, soak.png, logs")
     parser.add_argument("--state-dir", default=None, help="default: DIR/state, emptied first")
     parser.add_argument("--model-path", default=None, help="default: the embedded model")
-    parser.add_argument("--streams", type=int, default=2, help="closed-loop chat clients")
+    parser.add_argument("--streams", type=int, default=2,
+                        help="closed-loop chat clients (set by the calibration unless --levels '')")  # fmt: skip
+    parser.add_argument("--levels", default="1,2",
+                        help="stream counts the inference-only calibration tries; '' skips it")  # fmt: skip
+    parser.add_argument("--calibrate-s", type=float, default=90.0, help="seconds per level")
+    parser.add_argument("--slo-tbt-ms", type=float, default=None, help="default: SGLang-side 200")
+    parser.add_argument("--slo-ttft-ms", type=float, default=None, help="default: 2000")
     parser.add_argument("--think-s", type=float, default=2.0, help="pause between requests")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--feedback-every-s", type=float, default=5.0)
@@ -810,6 +936,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.minutes = 15.0
+    args.levels = [int(x) for x in args.levels.split(",") if x.strip()]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.state_dir:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,14 @@ class MaceConfig:
             "unit even when the SLO controller allows none, so that training makes some "
             "progress under overload at a bounded latency cost. 0 (default): off, the "
             "SLO always wins."
+        },
+    )
+    malloc_trim_s: float = field(
+        default=60.0,
+        metadata={
+            "help": "Seconds between two malloc_trim(0) calls in an idle scheduler, which "
+            "give glibc's free heap pages back to the OS (see `memory` in /mace/status): "
+            "training steps leave tens of MB of free heap behind. 0: never."
         },
     )
     max_train_count: int = field(
@@ -222,6 +231,8 @@ class MaceConfig:
             raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
         if not 0.0 <= self.train_floor <= 1.0:
             raise ValueError(f"train_floor must be a share in [0, 1], got {self.train_floor}")
+        if not (self.malloc_trim_s >= 0 and math.isfinite(self.malloc_trim_s)):
+            raise ValueError(f"malloc_trim_s must be >= 0 seconds, got {self.malloc_trim_s}")
         if self.lookahead < 1:
             raise ValueError(f"lookahead must be >= 1, got {self.lookahead}")
         if self.train_tokens_per_iter < 0:

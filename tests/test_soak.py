@@ -195,3 +195,28 @@ def test_process_roles_from_titles():
     assert role_of("sglang::detokenizer", is_root=False) == "detokenizer"
     assert role_of("python -m sidecar.main --state-dir /x/scheduler", is_root=False) == "sidecar"
     assert role_of("python -c resource_tracker", is_root=False) == "other"
+
+
+def test_choose_level_takes_most_streams_within_headroom():
+    from benchmarks.soak import choose_level
+
+    levels = [
+        {"streams": 1, "tbt_p99_ms": 120.0, "ttft_p99_ms": 300.0},
+        {"streams": 2, "tbt_p99_ms": 150.0, "ttft_p99_ms": 500.0},
+        {"streams": 3, "tbt_p99_ms": 170.0, "ttft_p99_ms": 600.0},  # over 0.8 x 200
+    ]
+    choice = choose_level(levels, 200.0, 2000.0)
+    assert (choice["streams"], choice["slo_tbt_ms"], choice["slo_ttft_ms"]) == (2, 200.0, 2000.0)
+
+
+def test_choose_level_raises_targets_when_inference_alone_misses_them():
+    from benchmarks.soak import choose_level
+
+    levels = [
+        {"streams": 1, "tbt_p99_ms": 233.0, "ttft_p99_ms": 900.0},
+        {"streams": 2, "tbt_p99_ms": 480.0, "ttft_p99_ms": 1300.0},
+    ]
+    choice = choose_level(levels, 200.0, 2000.0)
+    # 233 / 0.8 = 291.25 -> 300 ms; TTFT 900 / 0.8 = 1125 stays under the default 2000
+    assert (choice["streams"], choice["slo_tbt_ms"], choice["slo_ttft_ms"]) == (1, 300.0, 2000.0)
+    assert "miss" in choice["why"]

@@ -27,7 +27,9 @@ Hooks (target -> why -> how):
 - With --mace-train, scheduler process: `Scheduler.run_batch` AROUND times every forward
   for the policy's cost model; `Scheduler.process_batch_result` AFTER records TTFT/TBT for
   SLO control and runs the training units the policy fits into the iteration;
-  `Scheduler.maybe_sleep_on_idle` AROUND trains one unit instead of sleeping;
+  `Scheduler.maybe_sleep_on_idle` AROUND trains one unit instead of sleeping (also
+  without --mace-train when --mace-malloc-trim-s > 0: an idle scheduler calls
+  malloc_trim, mace_sgl/memstats.py);
   `Scheduler.handle_generate_request` BEFORE notes the arrival;
   `Scheduler.get_new_batch_prefill` BEFORE adds the live adapter's version to the radix
   key of every waiting request of that adapter, when its prefill is about to be matched
@@ -106,7 +108,6 @@ def register() -> None:
         )
     if cfg.train:
         HookRegistry.register(sched + "process_batch_result", hooks.after_iteration, HookType.AFTER)
-        HookRegistry.register(sched + "maybe_sleep_on_idle", hooks.train_or_sleep, HookType.AROUND)
         HookRegistry.register(
             sched + "handle_generate_request", hooks.on_generate_request, HookType.BEFORE
         )
@@ -114,6 +115,8 @@ def register() -> None:
             sched + "get_new_batch_prefill", hooks.key_by_version, HookType.BEFORE
         )
         HookRegistry.register(sched + "run_batch", hooks.timed_forward, HookType.AROUND)
+    if cfg.train or cfg.malloc_trim_s > 0:
+        HookRegistry.register(sched + "maybe_sleep_on_idle", hooks.train_or_sleep, HookType.AROUND)
     if cfg.default_adapter:
         HookRegistry.register(
             "sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from mace_sgl import __version__
+from mace_sgl import __version__, memstats
 from mace_sgl.plugin import cpu, loopback, state, train_hooks
 
 
@@ -21,8 +21,12 @@ def scheduler_state(scheduler: Any) -> dict[str, Any]:
         # Hooks that HookRegistry really applied in this process (not just registered).
         "hooks_applied": sorted(HookRegistry._patched),
         "trainer": train_hooks.trainer_status(scheduler),
+        # RSS against glibc's heap and Python's objects: a leak, a cache or fragmentation
+        "memory": memstats.snapshot(),
     }
     st = state.of(scheduler)
+    if st is not None and st.trimmer is not None:
+        report["memory"]["malloc_trim"] = st.trimmer.status()
     if st is not None and st.pruner is not None:
         report["kv"] = st.pruner.status()
     return state.json_safe(report)

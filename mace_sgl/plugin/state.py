@@ -25,6 +25,7 @@ class SchedulerState:
     monitor: Any = None  # plugin.iteration.IterationMonitor with --mace-train
     pruner: Any = None  # prune.runtime.KvPruner with --mace-kv-prune
     metrics: Any = None  # metrics.TrainerMetrics with --enable-metrics and --mace-train
+    trimmer: Any = None  # memstats.Trimmer (--mace-malloc-trim-s; never trims at 0)
 
 
 def attach(scheduler: Any, state: SchedulerState) -> SchedulerState:

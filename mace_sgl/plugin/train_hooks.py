@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Any
 
+from mace_sgl import memstats
 from mace_sgl.config import MaceConfig
 from mace_sgl.plugin import state
 
@@ -32,6 +33,7 @@ class TrainHooks:
         if state.of(scheduler) is not None:
             return
         st = state.attach(scheduler, state.SchedulerState(self.cfg))
+        st.trimmer = memstats.Trimmer(self.cfg.malloc_trim_s)
         runner = scheduler.tp_worker.model_runner
         st.pruner = getattr(getattr(runner, "attn_backend", None), "pruner", None)
         if not self.cfg.train:
@@ -71,8 +73,10 @@ class TrainHooks:
 
     def train_or_sleep(self, original: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
         """AROUND Scheduler.maybe_sleep_on_idle: with training work, one unit instead of
-        sleep."""
+        sleep; an idle scheduler also gives free heap back (--mace-malloc-trim-s)."""
         st = state.of(scheduler)
+        if st is not None and st.trimmer is not None:
+            st.trimmer.maybe_trim()
         if st is not None and st.trainer is not None:
             st.monitor.idle()
             st.trainer.poll()

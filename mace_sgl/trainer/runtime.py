@@ -32,6 +32,7 @@ from mace_sgl.ipc.messages import Control, Hello, Ready, Result, Work, decode_to
 from mace_sgl.policy import IterationView, Observation, Profile, Unit, make_policy
 from mace_sgl.policy.slo import SloTargets
 from mace_sgl.templating import encode_pair
+from mace_sgl.trainer import learned_cost
 from mace_sgl.trainer.checkpoints import CheckpointWriter, check_compatible, resume
 from mace_sgl.trainer.publish import PoolPublisher, lora_config_dict
 from mace_sgl.trainer.shared import attach_lora, build_shared_llama, shares_storage
@@ -132,7 +133,19 @@ class MaceTrainer:
         self.step_job: Job | None = None
         self.refs: dict[int, tuple[float, float]] = {}  # sample id -> reference log-probs
         self.next_key = 0
-        self.policy = make_policy(cfg.policy, load_profile(cfg), floor=cfg.train_floor)
+        profile = load_profile(cfg)
+        # A restart resumes the cost model learned before it (trainer/learned_cost.py).
+        cost_key = learned_cost.key(
+            profile.meta["source"], model_path, self.dpo.device.type, torch.get_num_threads()
+        )
+        cost_file = cfg.state_path / learned_cost.FILE
+        learned = learned_cost.load(cost_file, cost_key)
+        if learned is not None:
+            profile.cost = learned
+        self.policy = make_policy(cfg.policy, profile, floor=cfg.train_floor)
+        self.cost_saver = learned_cost.CostSaver(
+            cost_file, cost_key, self.policy.cost, resumed=learned is not None
+        )
         self.starvation = Starvation()
         self.on_cuda = self.dpo.device.type == "cuda"
         self.param_storage = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
@@ -299,6 +312,7 @@ class MaceTrainer:
                 self.paused = msg.paused
                 sidecar = self.sidecar_id = msg.sidecar
                 self.asked_at = 0.0  # name it in a Ready at once: it sends no Work before
+        self.cost_saver.maybe_save()
         # The sidecar answers only when it has samples; ask again now and then.
         want = self.cfg.lookahead + self.cfg.pairs_per_step - len(self.queue)
         if self.step_job is not None:
@@ -518,6 +532,7 @@ class MaceTrainer:
             "memory": {**self.memory, "rss_now_mb": self.process.memory_info().rss / 2**20},
             "swap_baseline": self.swap_baseline,
             "checkpoints": self.writer.status(),
+            "learned_cost": self.cost_saver.status(),
             "resumed": self.resumed,
             "starvation": self.starvation.status(time.monotonic()),
             "starved_s": self.starvation.starved_s(time.monotonic()),
@@ -568,15 +583,17 @@ class Starvation:
         return now - self.since if self.since is not None else 0.0
 
     def status(self, now: float) -> dict[str, Any]:
+        starved = self.since is not None
+        current = self.starved_s(now)
         return {
-            "starved": self.since is not None,
-            "since_s": self.starved_s(now),
-            "since_unix": time.time() - self.starved_s(now) if self.since is not None else None,
+            "starved": starved,
+            "since_s": current,
+            "since_unix": time.time() - current if starved else None,
             "reason": self.why or None,
-            "waiting_units": self.waiting if self.since is not None else 0,
+            "waiting_units": self.waiting if starved else 0,
             "iterations": self.iterations,
             "episodes": self.episodes,
-            "total_s": self.total_s + self.starved_s(now),
+            "total_s": self.total_s + current,
         }
 
 
