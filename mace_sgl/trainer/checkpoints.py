@@ -138,7 +138,11 @@ def write_checkpoint(
 class CheckpointWriter:
     """One background thread that writes checkpoints in order; failures are counted,
     logged and kept as `last_error` (each version is a whole checkpoint, so the next
-    successful write restores what a restart resumes)."""
+    successful write restores what a restart resumes).
+
+    Bounded: one write runs and at most one waits. A newer version replaces the waiting
+    one (`superseded`), so a slow disk costs intermediate versions on disk, never an
+    unbounded queue of weight and optimizer copies in memory."""
 
     def __init__(self, adapter_dir: Path, keep: int, write: Callable[..., Path] = write_checkpoint):
         self.adapter_dir = adapter_dir
@@ -146,8 +150,10 @@ class CheckpointWriter:
         self._write = write
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mace-ckpt")
         self._lock = threading.Lock()
+        self._waiting: tuple[int, tuple[Any, ...], Future] | None = None
         self.written = 0
         self.failures = 0
+        self.superseded = 0
         self.last_error: str | None = None
         self.last_written: int | None = None
 
@@ -159,19 +165,31 @@ class CheckpointWriter:
         meta: dict[str, Any],
         optimizer_state: dict[str, Any] | None,
     ) -> Future:
-        """Queue the write of `version` (the tensors must not change afterwards)."""
-        future = self._pool.submit(
-            self._write,
-            self.adapter_dir,
-            version,
-            weights,
-            config,
-            meta,
-            self.keep,
-            optimizer_state,
-        )
-        future.add_done_callback(lambda f: self._done(version, f))
+        """Queue the write of `version` (the tensors must not change afterwards). The
+        future ends when it is written, fails, or is superseded (result None)."""
+        future: Future = Future()
+        args = (self.adapter_dir, version, weights, config, meta, self.keep, optimizer_state)
+        with self._lock:
+            dropped, self._waiting = self._waiting, (version, args, future)
+            if dropped is not None:
+                self.superseded += 1
+        if dropped is not None:
+            dropped[2].set_result(None)
+        else:  # nothing waited, so no drain is due to take this one: start one
+            self._pool.submit(self._drain)
         return future
+
+    def _drain(self) -> None:
+        with self._lock:
+            job, self._waiting = self._waiting, None
+        if job is None:  # taken by an earlier drain
+            return
+        version, args, future = job
+        try:
+            future.set_result(self._write(*args))
+        except BaseException as e:  # counted and logged by _done
+            future.set_exception(e)
+        self._done(version, future)
 
     def _done(self, version: int, future: Future) -> None:
         error = future.exception()
@@ -197,6 +215,7 @@ class CheckpointWriter:
                 "failures": self.failures,
                 "last_error": self.last_error,
                 "last_written_version": self.last_written,
+                "superseded": self.superseded,
             }
 
     def flush(self, timeout_s: float = 30.0) -> None:
