@@ -162,7 +162,7 @@ def profile(argv: list[str]) -> int:
         server.stop()
     shutil.rmtree(work, ignore_errors=True)
     fitted = status["training"]["cost_model"]
-    cost = CostModel.from_dict({**fitted, "forgetting": 0.97})
+    cost = CostModel.from_dict({**fitted, "forgetting": 0.99})
     result = Profile(cost=cost, slo=derive_slo(cost))
     result.meta = {
         "source": str(Path(args.out).resolve()),

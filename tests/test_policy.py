@@ -22,8 +22,8 @@ from mace_sgl.policy.priority import Priorities
 from mace_sgl.policy.slo import SloController, SloTargets, percentile
 
 TRUE = {
-    "prefill": [0.01, 5e-4, 2e-5],
-    "decode": [0.02, 4e-3, 1e-3],
+    "prefill": [0.01, 5e-4, 2e-5, 3e-4],
+    "decode": [0.02, 4e-3, 1e-3, 0.05],
     "fwd": [2e-3, 1e-4],
     "head": [1e-3, 8e-4],
     "bwd": [4e-3, 3e-4],
@@ -37,9 +37,11 @@ def exact_cost() -> CostModel:
     return CostModel(weights={k: list(v) for k, v in TRUE.items()}, forgetting=1.0)
 
 
-def true_seconds(kind: str, tokens: int = 0, batch: int = 0, context: int = 0) -> float:
+def true_seconds(
+    kind: str, tokens: int = 0, batch: int = 0, context: int = 0, lora: int = 0
+) -> float:
     return sum(
-        w * x for w, x in zip(TRUE[kind], features(kind, tokens, batch, context), strict=True)
+        w * x for w, x in zip(TRUE[kind], features(kind, tokens, batch, context, lora), strict=True)
     )
 
 
@@ -48,9 +50,9 @@ def true_seconds(kind: str, tokens: int = 0, batch: int = 0, context: int = 0) -
 
 def test_least_squares_recovers_a_linear_model():
     rng = random.Random(0)
-    rows = [(rng.randint(1, 512), rng.randint(0, 4096)) for _ in range(40)]
-    xs = [features("prefill", t, context=c) for t, c in rows]
-    ys = [true_seconds("prefill", t, context=c) for t, c in rows]
+    rows = [(rng.randint(1, 512), rng.randint(0, 4096), rng.randint(0, 64)) for _ in range(40)]
+    xs = [features("prefill", t, context=c, lora=k) for t, c, k in rows]
+    ys = [true_seconds("prefill", t, context=c, lora=k) for t, c, k in rows]
     assert fit_least_squares(xs, ys) == pytest.approx(TRUE["prefill"], rel=1e-6)
 
 
@@ -278,7 +280,7 @@ def test_synchronous_runs_everything_at_once():
 # -- long runs: bounded estimator, no training on broken numbers, starvation, floor --------
 
 
-@pytest.mark.parametrize("forgetting", [0.97, 0.9])
+@pytest.mark.parametrize("forgetting", [0.99, 0.97, 0.9])
 def test_steady_load_never_winds_the_cost_model_up(forgetting: float):
     # A steady load repeats one feature vector: unbounded RLS covariance blew up here
     # (0.10 s after 1,000 updates, 4.7e61 s after 5,000, NaN after 20,000).
@@ -309,7 +311,7 @@ def test_non_finite_predictions_mean_no_training():
     for name in ("mace", "fcfs-reserve"):
         policy = make_policy(name, profile(tbt_ms=100.0))
         policy.slo.factor = 1.0
-        policy.cost.models["decode"].w = [float("nan")] * 3
+        policy.cost.models["decode"].w = [float("nan")] * 4
         policy.cost.models["fwd"].w = [float("nan")] * 2
         units = (unit(1, "fwd", 4), unit(2, "fwd", 8))
         plan = policy.plan(IterationView(now=0.0, decode_batch=2, decode_context=64, units=units))
@@ -368,3 +370,29 @@ def test_recent_attainment_shows_the_rate_now_not_since_start():
     status = slo.status()
     assert status["slo_attainment"] == 0.25  # 10 of 40 since start: looks like drift
     assert status["slo_attainment_recent"] == 0.0  # the rate now
+
+
+def test_decode_cost_learns_what_adapter_rows_add():
+    """One stream alternating adapter and base requests: the cost is bimodal in the rows
+    that run an adapter, which the LoRA term captures (without it the running error sat
+    near 100% in the soak)."""
+    model = CostModel()
+    rng = random.Random(3)
+    for i in range(400):
+        lora = (i // 40) % 2  # requests of 40 tokens, every other one on the adapter
+        y = true_seconds("decode", batch=1, context=200 + i % 40, lora=lora)
+        model.observe(Observation("decode", y * rng.uniform(0.97, 1.03), batch=1,
+                                  context=200 + i % 40, lora=lora))  # fmt: skip
+    for lora in (0, 1):
+        assert model.predict("decode", batch=1, context=220, lora=lora) == pytest.approx(
+            true_seconds("decode", batch=1, context=220, lora=lora), rel=0.1
+        )
+    assert model.abs_pct_error["decode"] < 0.1
+
+
+def test_profiles_from_before_the_lora_term_still_load():
+    old = CostModel.from_dict(
+        {"weights": {"decode": [0.02, 4e-3, 1e-3], "prefill": [0.01, 5e-4, 2e-5]}}
+    )
+    assert old.predict("decode", batch=1) == pytest.approx(0.024)
+    assert old.predict("decode", batch=1, lora=1) > old.predict("decode", batch=1)

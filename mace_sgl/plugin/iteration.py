@@ -51,12 +51,17 @@ class IterationMonitor:
         """The shape of one batch as cost-model input (seconds filled in later)."""
         mode = batch.forward_mode
         if mode.is_decode():
-            return Observation("decode", 0.0, batch=len(batch.reqs), context=_context(batch))
+            return Observation(
+                "decode", 0.0, batch=len(batch.reqs), context=_context(batch),
+                lora=_lora_rows(batch.reqs),
+            )  # fmt: skip
         if mode.is_extend() and not mode.is_mixed() and batch.extend_lens:
             tokens = int(sum(batch.extend_lens))
             context = int(sum(batch.prefix_lens or [])) + tokens
+            lora = int(sum(n for r, n in zip(batch.reqs, batch.extend_lens, strict=False)
+                           if getattr(r, "lora_id", None)))  # fmt: skip
             return Observation(
-                "prefill", 0.0, tokens=tokens, batch=len(batch.reqs), context=context
+                "prefill", 0.0, tokens=tokens, batch=len(batch.reqs), context=context, lora=lora
             )
         return None
 
@@ -126,6 +131,7 @@ class IterationMonitor:
             now=time.monotonic(),
             decode_batch=len(reqs),
             decode_context=_context(running) if reqs else 0,
+            decode_lora=_lora_rows(reqs),
             waiting=tuple(waiting),
         )
 
@@ -163,6 +169,11 @@ def _live_rids(scheduler: Any, batch: Any) -> set[str]:
     if chunked is not None:
         live.add(chunked.rid)
     return live
+
+
+def _lora_rows(reqs: Any) -> int:
+    """Requests that run an adapter (SGLang sets lora_id for those only)."""
+    return sum(1 for r in reqs if getattr(r, "lora_id", None))
 
 
 def _context(batch: Any) -> int:

@@ -7,8 +7,13 @@ from every iteration the scheduler observes. A stale or foreign profile therefor
 converges to this device (benchmarks/cost_converge.py measures how fast).
 
 Features per kind:
-- prefill: [1, tokens, tokens * context / 1024]  (attention grows with what is attended to)
-- decode:  [1, batch, context_tokens / 1024]      (context = sum of the batch's KV lengths)
+- prefill: [1, tokens, tokens * context / 1024, lora_tokens]  (attention grows with what
+  is attended to; lora_tokens: the tokens of requests that run an adapter)
+- decode:  [1, batch, context_tokens / 1024, lora_rows]  (context = sum of the batch's KV
+  lengths; lora_rows: requests that run an adapter. On CPU SGLang's torch_native LoRA
+  path costs about as much again as the base forward per row: without this term, one
+  stream alternating adapter and base requests made decode cost bimodal and its running
+  error about 100%)
 - fwd, head, bwd: [1, tokens]                     (one training slice: a layer or the LM head)
 - opt, publish: [1]                               (optimizer step; adapter swap)
 Memory of a fine-tune unit is bytes per token per kind (peak extra bytes it holds).
@@ -25,12 +30,15 @@ TRAIN_KINDS = ("fwd", "head", "bwd", "opt", "publish")
 KINDS = SERVE_KINDS + TRAIN_KINDS
 
 
-def features(kind: str, tokens: int = 0, batch: int = 0, context: int = 0) -> list[float]:
-    """The feature vector of one piece of work (see the module docstring)."""
+def features(
+    kind: str, tokens: int = 0, batch: int = 0, context: int = 0, lora: int = 0
+) -> list[float]:
+    """The feature vector of one piece of work (see the module docstring); `lora` counts
+    the prefill tokens or decode rows that run an adapter."""
     if kind == "prefill":
-        return [1.0, float(tokens), tokens * context / 1024.0]
+        return [1.0, float(tokens), tokens * context / 1024.0, float(lora)]
     if kind == "decode":
-        return [1.0, float(batch), context / 1024.0]
+        return [1.0, float(batch), context / 1024.0, float(lora)]
     if kind in ("opt", "publish"):
         return [1.0]
     if kind in ("fwd", "head", "bwd"):
@@ -41,8 +49,8 @@ def features(kind: str, tokens: int = 0, batch: int = 0, context: int = 0) -> li
 # Seconds; a deliberately rough start for a device nobody profiled (a 2-core CPU, ~135M
 # model). Online correction replaces it within a few dozen iterations.
 DEFAULT_WEIGHTS: dict[str, list[float]] = {
-    "prefill": [0.02, 4e-4, 1e-5],
-    "decode": [0.03, 3e-3, 2e-3],
+    "prefill": [0.02, 4e-4, 1e-5, 4e-4],
+    "decode": [0.03, 3e-3, 2e-3, 0.03],
     "fwd": [1e-4, 2e-5],
     "head": [1e-4, 2e-4],
     "bwd": [3e-4, 6e-5],
@@ -74,7 +82,7 @@ class DecayedLeastSquares:
     nothing.
     """
 
-    def __init__(self, weights: list[float], forgetting: float = 0.97, ridge: float = 1e-3) -> None:
+    def __init__(self, weights: list[float], forgetting: float = 0.99, ridge: float = 1e-3) -> None:
         n = len(weights)
         self.w0 = list(weights)
         self.w = list(weights)
@@ -176,6 +184,7 @@ class Observation:
     batch: int = 0
     context: int = 0
     mem_bytes: float | None = None
+    lora: int = 0  # prefill tokens / decode rows that run an adapter
 
 
 @dataclass
@@ -186,15 +195,17 @@ class CostModel:
         default_factory=lambda: {k: list(v) for k, v in DEFAULT_WEIGHTS.items()}
     )
     mem_per_token: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MEM_PER_TOKEN))
-    forgetting: float = 0.97
+    forgetting: float = 0.99
 
     def __post_init__(self) -> None:
         self.models = {k: DecayedLeastSquares(self.weights[k], self.forgetting) for k in KINDS}
         self.abs_pct_error: dict[str, float] = {}
 
-    def predict(self, kind: str, tokens: int = 0, batch: int = 0, context: int = 0) -> float:
+    def predict(
+        self, kind: str, tokens: int = 0, batch: int = 0, context: int = 0, lora: int = 0
+    ) -> float:
         """Predicted seconds; never negative; infinite (nothing fits) if not finite."""
-        t = self.models[kind].predict(features(kind, tokens, batch, context))
+        t = self.models[kind].predict(features(kind, tokens, batch, context, lora))
         return max(t, 0.0) if math.isfinite(t) else math.inf
 
     def unit_coefficients(self, kind: str) -> tuple[float, float, float]:
@@ -211,7 +222,7 @@ class CostModel:
         """Fold one measurement in: tracks the error it had, then corrects the model."""
         if not (math.isfinite(obs.seconds) and obs.seconds >= 0.0):
             return
-        x = features(obs.kind, obs.tokens, obs.batch, obs.context)
+        x = features(obs.kind, obs.tokens, obs.batch, obs.context, obs.lora)
         model = self.models[obs.kind]
         predicted = max(model.predict(x), 1e-9)
         err = abs(predicted - obs.seconds) / max(obs.seconds, 1e-9)
@@ -235,6 +246,9 @@ class CostModel:
     def from_dict(cls, data: dict[str, Any]) -> CostModel:
         weights = {k: list(v) for k, v in DEFAULT_WEIGHTS.items()}
         for kind, w in (data.get("weights") or {}).items():
+            if kind in SERVE_KINDS and kind in weights and len(w) == len(weights[kind]) - 1:
+                # a profile from before the LoRA term: that term starts from the default
+                w = [*w, weights[kind][-1]]
             if kind not in weights or len(w) != len(weights[kind]):
                 raise ValueError(
                     f"profile cost weights for {kind!r} must have "
@@ -244,7 +258,7 @@ class CostModel:
         mem = dict(DEFAULT_MEM_PER_TOKEN)
         mem.update({k: float(v) for k, v in (data.get("mem_per_token") or {}).items()})
         return cls(
-            weights=weights, mem_per_token=mem, forgetting=float(data.get("forgetting", 0.97))
+            weights=weights, mem_per_token=mem, forgetting=float(data.get("forgetting", 0.99))
         )
 
     @classmethod
@@ -256,7 +270,7 @@ class CostModel:
         for kind in KINDS:
             rows = [s for s in samples if s.kind == kind]
             if len(rows) >= len(weights[kind]) + 1:
-                xs = [features(kind, s.tokens, s.batch, s.context) for s in rows]
+                xs = [features(kind, s.tokens, s.batch, s.context, s.lora) for s in rows]
                 weights[kind] = fit_nonnegative(xs, [s.seconds for s in rows])
             sized = [s.mem_bytes / s.tokens for s in rows if s.mem_bytes is not None and s.tokens]
             if sized:

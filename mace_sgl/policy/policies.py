@@ -182,8 +182,9 @@ class Mace(Policy):
             budget, why = 0.0, f"{len(view.waiting)} prefill(s) waiting: serving first"
         else:
             serve = self.cost.predict(
-                "decode", batch=view.decode_batch, context=view.decode_context
-            )
+                "decode", batch=view.decode_batch, context=view.decode_context,
+                lora=view.decode_lora,
+            )  # fmt: skip
             room = max(self.headroom * targets.tbt_ms / 1000.0 - serve, 0.0)
             budget = self.slo.factor * min(room, self.profile.packing.inflation * serve)
             if self.slo.factor == 0.0:

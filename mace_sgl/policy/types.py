@@ -35,6 +35,7 @@ class IterationView:
     now: float
     decode_batch: int = 0  # running requests
     decode_context: int = 0  # sum of their KV lengths, tokens
+    decode_lora: int = 0  # running requests that run an adapter
     waiting: tuple[WaitingPrefill, ...] = ()
     units: tuple[Unit, ...] = ()
     mem_free_bytes: float = float("inf")
