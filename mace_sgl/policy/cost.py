@@ -9,7 +9,8 @@ converges to this device (benchmarks/cost_converge.py measures how fast).
 Features per kind:
 - prefill: [1, tokens, tokens * context / 1024]  (attention grows with what is attended to)
 - decode:  [1, batch, context_tokens / 1024]      (context = sum of the batch's KV lengths)
-- fwd, head, bwd: [1, tokens]                     (one training slice: a layer or the LM head)
+- fwd, head, bwd, head_bwd: [1, tokens]           (one training slice: a layer, or a
+  vocabulary chunk of the LM head's forward or backward; tokens = rows it processes)
 - opt, publish: [1]                               (optimizer step; adapter swap)
 Memory of a fine-tune unit is bytes per token per kind (peak extra bytes it holds).
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SERVE_KINDS = ("prefill", "decode")
-TRAIN_KINDS = ("fwd", "head", "bwd", "opt", "publish")
+TRAIN_KINDS = ("fwd", "head", "bwd", "head_bwd", "opt", "publish")
 KINDS = SERVE_KINDS + TRAIN_KINDS
 
 
@@ -33,7 +34,7 @@ def features(kind: str, tokens: int = 0, batch: int = 0, context: int = 0) -> li
         return [1.0, float(batch), context / 1024.0]
     if kind in ("opt", "publish"):
         return [1.0]
-    if kind in ("fwd", "head", "bwd"):
+    if kind in ("fwd", "head", "bwd", "head_bwd"):
         return [1.0, float(tokens)]
     raise ValueError(f"unknown kind of work {kind!r}; known: {', '.join(KINDS)}")
 
@@ -44,15 +45,17 @@ DEFAULT_WEIGHTS: dict[str, list[float]] = {
     "prefill": [0.02, 4e-4, 1e-5],
     "decode": [0.03, 3e-3, 2e-3],
     "fwd": [1e-4, 2e-5],
-    "head": [1e-4, 2e-4],
+    "head": [1e-4, 4e-5],  # one chunk of 8192 vocabulary rows
     "bwd": [3e-4, 6e-5],
+    "head_bwd": [1e-4, 8e-5],
     "opt": [5e-3],
     "publish": [1e-2],
 }
 DEFAULT_MEM_PER_TOKEN: dict[str, float] = {
     "fwd": 2e3,
-    "head": 4e5,
+    "head": 1e5,  # float32 logits of one chunk and their exp
     "bwd": 1e5,
+    "head_bwd": 1.5e5,
     "opt": 0.0,
     "publish": 0.0,
 }
