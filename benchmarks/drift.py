@@ -4,14 +4,14 @@
 
 The workload: prompts shipped in the repository (benchmarks/align.py, 270 of them;
 every 9th is held out for evaluation) served under an open-loop Poisson load, and a
-sequence of preference phases that change over time. Each phase has a deterministic
-judge (a score on the answer text) and an edit that satisfies it:
-
-- concise: score = -(number of words); edit = the first sentence only.
-- opener:  score = 1 if the answer opens with "Certainly", else 0; edit = "Certainly! " +
-           answer.
-- bullets: score = share of non-empty lines that start with "- "; edit = one "- " line per
-           sentence.
+sequence of preference phases that change over time, read from --phases FILE (YAML or
+JSON; default benchmarks/phases/default.yaml: concise, opener, bullets). Each phase has
+a deterministic judge and an edit that satisfies it; benchmarks/phases.py documents the
+rules (judges: starts_with, ends_with, contains, max_words, line_prefix, regex; edits:
+prepend, append, first_sentence, lines_with_prefix, replace) and the degeneration check
+every judge applies: an empty answer, a repetition loop, a refusal, or one that keeps
+too little of the base answer's content loses, where the base model's own answer to the
+same prompt is not degenerate.
 
 Online DPO: every `--feedback-every`-th answer the server streams back is judged by the
 phase current when it finished; when the edit scores higher, the pair (chosen = edit,
@@ -27,27 +27,35 @@ Baselines, each on a fresh `mace-sgl serve --mace-train` (same code, same flags)
 - continuous: --mace-policy fcfs-reserve (naive colocation, fixed reserve);
 - mace: --mace-policy mace.
 
+Evaluations: --evals-per-phase (3) per phase, each on --eval-prompts (24) held-out
+prompts sent as concurrent requests (batched decoding is several times faster per token
+than one stream on CPU), greedy, up to --eval-max-tokens (128: the base model's answers
+to these prompts fit; an answer cut off there is judged as it stands).
+
 Metrics per baseline (means over the evaluations; phase boundaries in the plot):
 win_rate of the served adapter against the frozen base under the current judge (win 1,
-tie 0.5) on held-out prompts; clpd, the mean log-prob of chosen minus rejected on held-out
+tie 0.5, a degenerate answer loses) on held-out prompts; degenerate_share, the share of
+evaluated answers that are degenerate; guard_refusals, versions the trainer's guard
+refused (`rejected_versions`; none for periodic, which has no guard); clpd, the mean log-prob of chosen minus rejected on held-out
 pairs of the current phase (edit of the base answer vs the base answer); recover_s, the
 mean time after a drift until the win rate reaches --recover-at (the phase length when it
 never does); TTFT/TBT p99, SLO attainment, throughput from the load; training tokens/s.
+
+--seeds N repeats the whole run N times (load seeds 1..N; DIR/seed-K/): every metric in
+results.json is the mean over seeds, `ci95` per baseline gives [low, high] (Student t,
+N - 1 degrees of freedom; [x, x] for one seed) and `seeds` keeps each seed's figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +64,7 @@ from tqdm import tqdm
 from benchmarks.align import completion_logprob
 from benchmarks.align import prompts as shipped_prompts
 from benchmarks.loadgen import RequestResult, poisson_load, summarize
+from benchmarks.phases import DEFAULT_FILE, Phase, degenerate, load_phases, verdict
 from benchmarks.serve_smoke import machine
 from mace_sgl.launcher import Server
 
@@ -69,39 +78,45 @@ POLICY = {
 }
 
 
-def sentences(text: str) -> list[str]:
-    return [s for s in re.split(r"(?<=[.!?])\s+", text.strip()) if s]
+T95 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+}  # Student t, 97.5% quantile, by degrees of freedom
 
 
-@dataclass(frozen=True)
-class Phase:
-    """A preference: a deterministic judge and the edit that satisfies it."""
-
-    name: str
-    score: Callable[[str], float]
-    edit: Callable[[str], str]
-
-
-def _bullets_score(text: str) -> float:
-    lines = [x for x in text.strip().splitlines() if x.strip()]
-    return sum(x.lstrip().startswith("- ") for x in lines) / len(lines) if lines else 0.0
+def mean_ci95(values: list[float]) -> tuple[float, list[float]]:
+    """Mean and 95% confidence interval [low, high] of a few seeds' values."""
+    m = statistics.mean(values)
+    if len(values) < 2:
+        return m, [m, m]
+    half = T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5
+    return m, [m - half, m + half]
 
 
-PHASES = [
-    Phase("concise", lambda t: -float(len(t.split())), lambda t: (sentences(t) or [t])[0]),
-    Phase(
-        "opener",
-        lambda t: float(t.lstrip().startswith("Certainly")),
-        lambda t: "Certainly! " + t.strip(),
-    ),
-    Phase("bullets", _bullets_score, lambda t: "\n".join("- " + s for s in sentences(t))),
-]
-
-
-def judge(phase: Phase, a: str, b: str) -> float:
-    """1 if a wins under the phase's judge, 0.5 for a tie, 0 if b wins."""
-    sa, sb = phase.score(a), phase.score(b)
-    return 1.0 if sa > sb else 0.5 if sa == sb else 0.0
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One baseline over seeds: the mean of every number (None where a seed has none),
+    `ci95` of each, and the seeds' own rows."""
+    out: dict[str, Any] = {}
+    ci: dict[str, list[float]] = {}
+    for key, first in rows[0].items():
+        if isinstance(first, bool) or not isinstance(first, int | float):
+            continue
+        values = [r.get(key) for r in rows]
+        if any(not isinstance(v, int | float) for v in values):
+            out[key] = None
+            continue
+        out[key], ci[key] = mean_ci95([float(v) for v in values])
+    out["ci95"] = ci
+    out["seeds"] = rows
+    return out
 
 
 class Client:
@@ -111,19 +126,19 @@ class Client:
         self.server, self.tokenizer, self.max_tokens = server, tokenizer, max_tokens
         self.adapter: str | None = "live"
 
-    def body(self, prompt: str, adapter: str | None) -> dict[str, Any]:
+    def body(self, prompt: str, adapter: str | None, max_tokens: int | None = None) -> dict:
         body: dict[str, Any] = {
             "model": "default",
             "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": self.max_tokens,
+            "max_tokens": max_tokens or self.max_tokens,
             "temperature": 0.0,
         }
         if adapter:
             body["lora_path"] = adapter
         return body
 
-    def answer(self, prompt: str, adapter: str | None) -> str:
-        r = self.server.post("/v1/chat/completions", self.body(prompt, adapter))
+    def answer(self, prompt: str, adapter: str | None, max_tokens: int | None = None) -> str:
+        r = self.server.post("/v1/chat/completions", self.body(prompt, adapter, max_tokens))
         r.raise_for_status()
         return r.json()["choices"][0]["message"]["content"]
 
@@ -202,25 +217,35 @@ class PeriodicTrainer:
         self.thread.join(timeout=600)
 
 
-def evaluate(client: Client, phase: Phase, held_out: list[str], base: dict[str, str]) -> dict:
+def evaluate(client: Client, phase: Phase, held_out: list[str], base: dict[str, str],
+             max_tokens: int) -> dict:  # fmt: skip
+    """One evaluation: every held-out prompt at once, judged against the base answer."""
     adapter = client.adapter
-    with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda p: client.answer(p, adapter), held_out))
-    wins = [judge(phase, a, base[p]) for p, a in zip(held_out, answers, strict=True)]
-    margins = []
-    for p in held_out:
+    with ThreadPoolExecutor(len(held_out)) as pool:
+        answers = list(pool.map(lambda p: client.answer(p, adapter, max_tokens), held_out))
+    wins = [verdict(phase, a, base[p], base[p]) for p, a in zip(held_out, answers, strict=True)]
+    bad = [degenerate(a, base[p], phase.brief) for p, a in zip(held_out, answers, strict=True)]
+    scored = [p for p in held_out if phase.score(phase.edit(base[p])) > phase.score(base[p])]
+
+    def margin(p: str) -> float:
         chosen = phase.edit(base[p])
-        if phase.score(chosen) > phase.score(base[p]):
-            margins.append(client.logprob(p, chosen, adapter) - client.logprob(p, base[p], adapter))
+        return client.logprob(p, chosen, adapter) - client.logprob(p, base[p], adapter)
+
+    with ThreadPoolExecutor(max(1, len(scored))) as pool:
+        margins = list(pool.map(margin, scored))
     return {
         "win_rate": statistics.mean(wins),
+        "degenerate_share": sum(bad) / len(bad),
         "clpd": statistics.mean(margins) if margins else None,
         "example": answers[0][:120],
+        "degenerate_examples": [a[:120] for a, b in zip(answers, bad, strict=True) if b][:3],
     }
 
 
 def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
-                 base_answers: dict[str, str] | None) -> tuple[dict[str, Any], dict]:  # fmt: skip
+                 base_answers: dict[str, str] | None, seed: int = 1
+                 ) -> tuple[dict[str, Any], dict]:  # fmt: skip
+    phases = args.phase_list
     all_prompts = shipped_prompts()
     held_out = all_prompts[::9][: args.eval_prompts]
     train_prompts = [p for p in all_prompts if p not in held_out]
@@ -241,12 +266,13 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
         model_path = server.get("/mace/status").json()["model_path"]
         if base_answers is None:  # frozen base: greedy, no adapter; same for every baseline
             with ThreadPoolExecutor(4) as pool:
-                base_answers = dict(zip(held_out, pool.map(lambda p: client.answer(p, None),
-                                                           held_out), strict=True))  # fmt: skip
+                base_answers = dict(zip(held_out, pool.map(
+                    lambda p: client.answer(p, None, args.eval_max_tokens), held_out),
+                    strict=True))  # fmt: skip
         if name == "periodic":
             periodic = PeriodicTrainer(client, model_path, out / "periodic", args.period_s,
                                        args.lr, 0.1, args.rpo_alpha)  # fmt: skip
-        phase_box = {"phase": PHASES[0]}
+        phase_box = {"phase": phases[0]}
         posted = [0]
 
         def make_body(i: int) -> dict[str, Any]:
@@ -266,13 +292,13 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
             server.post("/mace/feedback", {**pair, "prompt": body["messages"]})
             posted[0] += 1
 
-        total_s = args.phase_s * len(PHASES)
+        total_s = args.phase_s * len(phases)
         status0 = server.get("/mace/status").json()["training"]
         results: list[RequestResult] = []
         load = threading.Thread(
             target=lambda: results.extend(
                 poisson_load(
-                    server.url, args.rate, total_s, make_body, seed=1, on_result=on_result
+                    server.url, args.rate, total_s, make_body, seed=seed, on_result=on_result
                 )  # fmt: skip
             ),
             daemon=True,
@@ -281,14 +307,14 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
         load.start()
         timeline = []
         evals_per_phase = int(args.phase_s // args.eval_every_s)
-        bar = tqdm(total=evals_per_phase * len(PHASES), desc=name, unit="eval", file=sys.stderr)
-        for k, phase in enumerate(PHASES):
+        bar = tqdm(total=evals_per_phase * len(phases), desc=name, unit="eval", file=sys.stderr)
+        for k, phase in enumerate(phases):
             phase_box["phase"] = phase
             phase_start = t0 + k * args.phase_s
             next_eval = phase_start + args.eval_every_s
             while next_eval <= phase_start + args.phase_s + 1e-6:
                 time.sleep(max(0.0, next_eval - time.monotonic()))
-                ev = evaluate(client, phase, held_out, base_answers)
+                ev = evaluate(client, phase, held_out, base_answers, args.eval_max_tokens)
                 timeline.append({"t": round(time.monotonic() - t0, 1), "phase": phase.name,
                                  "since_drift": round(time.monotonic() - phase_start, 1),
                                  **ev})  # fmt: skip
@@ -308,7 +334,7 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
     else:
         trained = status1["trained_tokens"] - status0["trained_tokens"]
     recover = []
-    for phase in PHASES:
+    for phase in phases:
         hits = [e["since_drift"] for e in timeline
                 if e["phase"] == phase.name and e["win_rate"] >= args.recover_at]  # fmt: skip
         recover.append(min(hits) if hits else args.phase_s)
@@ -316,6 +342,18 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
     clpds = [e["clpd"] for e in timeline if e["clpd"] is not None]
     row = {
         "win_rate": statistics.mean(e["win_rate"] for e in timeline),
+        "degenerate_share": statistics.mean(e["degenerate_share"] for e in timeline),
+        # the last evaluation of each phase (the goal: each at least 0.75)
+        **{
+            f"last_win_rate.{p.name}": [e["win_rate"] for e in timeline if e["phase"] == p.name][-1]
+            for p in phases
+            if any(e["phase"] == p.name for e in timeline)
+        },
+        "guard_refusals": (
+            None
+            if periodic is not None
+            else status1["rejected_versions"] - status0["rejected_versions"]
+        ),
         "clpd": statistics.mean(clpds) if clpds else None,
         "recover_s": statistics.mean(recover),
         "ttft_p50_ms": summary["ttft_p50_ms"],
@@ -347,7 +385,8 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
     return row, base_answers
 
 
-def plot(baselines: dict[str, dict[str, Any]], phase_s: float, out: Path) -> None:
+def plot(baselines: dict[str, dict[str, Any]], phases: list[Phase], phase_s: float,
+         out: Path) -> None:  # fmt: skip
     import matplotlib
 
     matplotlib.use("Agg")
@@ -373,7 +412,7 @@ def plot(baselines: dict[str, dict[str, Any]], phase_s: float, out: Path) -> Non
     for name, row in baselines.items():
         ax.plot([e["t"] for e in row["timeline"]], [e["win_rate"] for e in row["timeline"]],
                 marker="o", label=name)  # fmt: skip
-    for k, phase in enumerate(PHASES):
+    for k, phase in enumerate(phases):
         ax.axvline(k * phase_s, color="grey", linestyle="--", linewidth=0.8)
         ax.text(k * phase_s + 2, 1.02, phase.name, fontsize=9)
     ax.set_xlabel("seconds")
@@ -395,7 +434,11 @@ def main() -> None:
     parser.add_argument("--baselines", default=",".join(BASELINES))
     parser.add_argument("--phase-s", type=float, default=None)
     parser.add_argument("--eval-every-s", type=float, default=None)
-    parser.add_argument("--eval-prompts", type=int, default=6)
+    parser.add_argument("--eval-prompts", type=int, default=24)
+    parser.add_argument("--evals-per-phase", type=int, default=3)
+    parser.add_argument("--eval-max-tokens", type=int, default=128)
+    parser.add_argument("--phases", default=str(DEFAULT_FILE), help="phase file, YAML or JSON")
+    parser.add_argument("--seeds", type=int, default=1, help="repeat the run N times")
     # ~20% of what SmolLM2 serves on 2 CPU cores (0.84 requests/s of 64 tokens): a decode
     # iteration costs about the same at any batch size there, so the device is idle only
     # while no request is in flight (about half the time at this rate).
@@ -414,7 +457,8 @@ def main() -> None:
     args = parser.parse_args()
     scale = 4.0 if args.full else 1.0
     args.phase_s = args.phase_s or 50.0 * scale
-    args.eval_every_s = args.eval_every_s or args.phase_s / 2
+    args.eval_every_s = args.eval_every_s or args.phase_s / args.evals_per_phase
+    args.phase_list = load_phases(args.phases)
     args.period_s = args.period_s or args.phase_s / 3
     from transformers import AutoTokenizer
 
@@ -423,24 +467,36 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="drift-"))
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(args.model_path or str(ensure_default_model()))
-    baselines: dict[str, dict[str, Any]] = {}
-    base_answers = None
-    for name in args.baselines.split(","):
-        baselines[name], base_answers = run_baseline(name, args, tokenizer, out, base_answers)
-    plot(baselines, args.phase_s, out)
-    table = {n: {k: v for k, v in r.items() if k not in ("gaps", "ttfts")}
-             for n, r in baselines.items()}  # fmt: skip
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for seed in range(1, args.seeds + 1):
+        seed_out = out / f"seed-{seed}" if args.seeds > 1 else out
+        seed_out.mkdir(parents=True, exist_ok=True)
+        baselines: dict[str, dict[str, Any]] = {}
+        base_answers = None
+        for name in args.baselines.split(","):
+            baselines[name], base_answers = run_baseline(
+                name, args, tokenizer, seed_out, base_answers, seed
+            )
+        plot(baselines, args.phase_list, args.phase_s, seed_out)
+        for name, row in baselines.items():
+            runs.setdefault(name, []).append(
+                {k: v for k, v in row.items() if k not in ("gaps", "ttfts")}
+            )
+    table = {name: aggregate(rows) for name, rows in runs.items()}
+    settings = {k: v for k, v in vars(args).items() if k != "phase_list"}
     result = {
         "baselines": table,
-        "phases": [p.name for p in PHASES],
-        "settings": {k: v for k, v in vars(args).items()},
+        "phases": [
+            {"name": p.name, "judge": p.judge_rule, "edit": p.edit_rule} for p in args.phase_list
+        ],  # fmt: skip
+        "settings": settings,
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
     }
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    keys = ("win_rate", "clpd", "recover_s", "ttft_p99_ms", "tbt_p99_ms", "slo_attainment",
-            "throughput_tok_s", "train_tokens_per_s")  # fmt: skip
-    print(json.dumps({n: {k: r[k] for k in keys} for n, r in table.items()}, indent=2))
+    keys = ("win_rate", "degenerate_share", "clpd", "recover_s", "ttft_p99_ms", "tbt_p99_ms",
+            "slo_attainment", "throughput_tok_s", "train_tokens_per_s", "guard_refusals")  # fmt: skip
+    print(json.dumps({n: {k: r.get(k) for k in keys} for n, r in table.items()}, indent=2))
 
 
 if __name__ == "__main__":

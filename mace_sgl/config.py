@@ -104,6 +104,14 @@ class MaceConfig:
             "training steps leave tens of MB of free heap behind. 0: never."
         },
     )
+    head_chunks: int = field(
+        default=0,
+        metadata={
+            "help": "Vocabulary chunks of the LM head, one training slice each (0: one "
+            "per 8192 vocabulary rows, 6 for SmolLM2's 49k; 1: the whole head in one "
+            "slice). Smaller slices fit the room of busy serving iterations."
+        },
+    )
     max_train_count: int = field(
         default=3, metadata={"help": "Times one feedback pair may train (replay bound)."}
     )
@@ -233,6 +241,8 @@ class MaceConfig:
             raise ValueError(f"train_floor must be a share in [0, 1], got {self.train_floor}")
         if not (self.malloc_trim_s >= 0 and math.isfinite(self.malloc_trim_s)):
             raise ValueError(f"malloc_trim_s must be >= 0 seconds, got {self.malloc_trim_s}")
+        if self.head_chunks < 0:
+            raise ValueError(f"head_chunks must be >= 0, got {self.head_chunks}")
         if self.lookahead < 1:
             raise ValueError(f"lookahead must be >= 1, got {self.lookahead}")
         if self.train_tokens_per_iter < 0:

@@ -57,11 +57,13 @@ def test_rpo_term_is_the_mean_nll_of_the_chosen_tokens():
 
 
 @pytest.mark.parametrize(
-    "refs_ahead,rpo_alpha",
-    [(False, 0.0), (True, 0.0), (False, 0.7)],
-    ids=["refs-in-step", "refs-ahead", "rpo"],
+    "refs_ahead,rpo_alpha,head_chunks",
+    [(False, 0.0, 1), (True, 0.0, 3), (False, 0.7, 3), (False, 0.0, 0)],
+    ids=["refs-in-step", "refs-ahead-3-chunks", "rpo-3-chunks", "auto-chunks"],
 )
-def test_sliced_step_equals_autograd(tiny_model_dir: Path, refs_ahead: bool, rpo_alpha: float):
+def test_sliced_step_equals_autograd(
+    tiny_model_dir: Path, refs_ahead: bool, rpo_alpha: float, head_chunks: int
+):
     beta = 0.1
     ref_model = lora_model(tiny_model_dir)
     ref_model.zero_grad()
@@ -81,7 +83,11 @@ def test_sliced_step_equals_autograd(tiny_model_dir: Path, refs_ahead: bool, rpo
     expected = {n: p.grad.clone() for n, p in ref_model.named_parameters() if p.requires_grad}
 
     model = lora_model(tiny_model_dir)
-    dpo = SlicedDPO(model, beta=beta, lr=1e-3, max_grad_norm=1e9, rpo_alpha=rpo_alpha)
+    dpo = SlicedDPO(
+        model, beta=beta, lr=1e-3, max_grad_norm=1e9, rpo_alpha=rpo_alpha, head_chunks=head_chunks
+    )
+    chunks = len(dpo.head_ranges)
+    assert chunks == (head_chunks or 1)  # the tiny vocabulary is under one 8192-row chunk
     refs = None
     if refs_ahead:  # reference log-probs computed before the step, as the trainer may
         refs = {p.sample_id: run_to_end(dpo.ref_slices(p)) for p in PAIRS}
@@ -100,10 +106,11 @@ def test_sliced_step_equals_autograd(tiny_model_dir: Path, refs_ahead: bool, rpo
         spec = step()
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     n_layers = len(model.get_base_model().model.layers)
-    # per sequence: 2 forwards of (layers + head) and one backward of (head + layers);
-    # with the references computed ahead, one forward fewer
+    # per sequence: 2 forwards of (layers + head chunks) and one backward of (head chunks
+    # + layers); with the references computed ahead, one forward fewer
     passes = 2 if refs_ahead else 3
-    assert len(specs) == len(PAIRS) * 2 * (passes * (n_layers + 1))
+    assert len(specs) == len(PAIRS) * 2 * (passes * (n_layers + chunks))
+    assert sum(s.kind == "head_bwd" for s in specs) == len(PAIRS) * 2 * chunks
     assert expected.keys() == got.keys()
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -131,3 +138,16 @@ def test_non_finite_loss_is_reported_not_stepped(tiny_model_dir: Path):
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p, before[n], equal_nan=True)
+
+
+def test_head_ranges_cover_the_vocabulary_once():
+    from mace_sgl.trainer.sliced import head_ranges
+
+    head = torch.nn.Linear(8, 49152, bias=False)
+    assert head_ranges(head, 0) == [(i * 8192, (i + 1) * 8192) for i in range(6)]
+    ranges = head_ranges(head, 5)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 49152 and len(ranges) == 5
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert head_ranges(torch.nn.Linear(8, 3, bias=False), 10) == [(0, 1), (1, 2), (2, 3)]
+    with pytest.raises(ValueError, match="bias-free"):
+        head_ranges(torch.nn.Linear(8, 16), 2)

@@ -14,7 +14,8 @@ Features per kind:
   path costs about as much again as the base forward per row: without this term, one
   stream alternating adapter and base requests made decode cost bimodal and its running
   error about 100%)
-- fwd, head, bwd: [1, tokens]                     (one training slice: a layer or the LM head)
+- fwd, head, bwd, head_bwd: [1, tokens]           (one training slice: a layer, or a
+  vocabulary chunk of the LM head's forward or backward; tokens = rows it processes)
 - opt, publish: [1]                               (optimizer step; adapter swap)
 Memory of a fine-tune unit is bytes per token per kind (peak extra bytes it holds).
 """
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SERVE_KINDS = ("prefill", "decode")
-TRAIN_KINDS = ("fwd", "head", "bwd", "opt", "publish")
+TRAIN_KINDS = ("fwd", "head", "bwd", "head_bwd", "opt", "publish")
 KINDS = SERVE_KINDS + TRAIN_KINDS
 
 
@@ -41,7 +42,7 @@ def features(
         return [1.0, float(batch), context / 1024.0, float(lora)]
     if kind in ("opt", "publish"):
         return [1.0]
-    if kind in ("fwd", "head", "bwd"):
+    if kind in ("fwd", "head", "bwd", "head_bwd"):
         return [1.0, float(tokens)]
     raise ValueError(f"unknown kind of work {kind!r}; known: {', '.join(KINDS)}")
 
@@ -52,15 +53,17 @@ DEFAULT_WEIGHTS: dict[str, list[float]] = {
     "prefill": [0.02, 4e-4, 1e-5, 4e-4],
     "decode": [0.03, 3e-3, 2e-3, 0.03],
     "fwd": [1e-4, 2e-5],
-    "head": [1e-4, 2e-4],
+    "head": [1e-4, 4e-5],  # one chunk of 8192 vocabulary rows
     "bwd": [3e-4, 6e-5],
+    "head_bwd": [1e-4, 8e-5],
     "opt": [5e-3],
     "publish": [1e-2],
 }
 DEFAULT_MEM_PER_TOKEN: dict[str, float] = {
     "fwd": 2e3,
-    "head": 4e5,
+    "head": 1e5,  # float32 logits of one chunk and their exp
     "bwd": 1e5,
+    "head_bwd": 1.5e5,
     "opt": 0.0,
     "publish": 0.0,
 }
@@ -198,6 +201,8 @@ class CostModel:
     forgetting: float = 0.99
 
     def __post_init__(self) -> None:
+        for kind, w in DEFAULT_WEIGHTS.items():  # kinds a caller did not give start at defaults
+            self.weights.setdefault(kind, list(w))
         self.models = {k: DecayedLeastSquares(self.weights[k], self.forgetting) for k in KINDS}
         self.abs_pct_error: dict[str, float] = {}
 

@@ -98,7 +98,13 @@ class MaceTrainer:
         with torch.inference_mode(False):
             base = build_shared_llama(model_runner.model, hf_config)
             self.model = attach_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
-            self.dpo = SlicedDPO(self.model, beta=cfg.beta, lr=cfg.lr, rpo_alpha=cfg.rpo_alpha)
+            self.dpo = SlicedDPO(
+                self.model,
+                beta=cfg.beta,
+                lr=cfg.lr,
+                rpo_alpha=cfg.rpo_alpha,
+                head_chunks=cfg.head_chunks,
+            )
             check_compatible(cfg.adapter_dir, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
             resumed = resume(cfg.adapter_dir, self.model, self.dpo.optimizer)
             self.version = resumed.version

@@ -7,7 +7,14 @@ c_rejected = -c_chosen (an RPO term, rpo_alpha * mean NLL of the chosen tokens, 
 disabled, no grad), policy log-probs (no grad, layer inputs kept), the loss, then for
 each sequence a backward that recomputes one layer at a time from its kept input
 (activation checkpointing by hand).
-Every piece is a slice of one layer (or the LM head) of one sequence.
+Every piece is a slice of one layer of one sequence, or of one vocabulary chunk of the
+LM head: over SmolLM2's 49k-token vocabulary the head costs about eight decoder layers,
+too much for the room a busy serving iteration leaves, so its forward ("head") and its
+backward ("head_bwd") run a chunk of rows of the output matrix per slice
+(`head_chunks`). The forward keeps a running log-sum-exp and the target logits across
+chunks; the backward reuses that log-sum-exp (the head and the final norm carry no LoRA
+weights, so it does not change within a step) and accumulates the gradient of the
+normed hidden states chunk by chunk: d logp / d logits = onehot(target) - softmax.
 
 `step_slices()` is a generator that yields a `SliceSpec` describing the work it is about
 to do; the caller decides whether that work fits, then resumes it to run it.
@@ -40,7 +47,9 @@ class Pair:
 class SliceSpec:
     """The work a slice is about to do: its kind and the tokens it processes."""
 
-    # "fwd" (no-grad layer), "head", "bwd" (recompute + backward), "opt", "publish"
+    # "fwd" (no-grad layer), "head" (one vocabulary chunk of the LM head), "bwd"
+    # (recompute + backward of a layer), "head_bwd" (a chunk of the head's backward),
+    # "opt", "publish"
     kind: str
     tokens: int
 
@@ -86,9 +95,13 @@ class SlicedDPO:
         lr: float = 5e-5,
         max_grad_norm: float = 1.0,
         rpo_alpha: float = 0.0,
+        head_chunks: int = 0,
     ) -> None:
+        """head_chunks: vocabulary chunks of the LM head, one slice each (0: one chunk
+        per HEAD_CHUNK_ROWS rows of the output matrix; 1: the whole head at once)."""
         self.peft = peft_model
         self.lm = peft_model.get_base_model()
+        self.head_ranges = head_ranges(self.lm.lm_head, head_chunks)
         self.beta = beta
         self.rpo_alpha = rpo_alpha
         self.max_grad_norm = max_grad_norm
@@ -101,12 +114,67 @@ class SlicedDPO:
     def _positions(self, n: int) -> torch.Tensor:
         return torch.arange(n, device=self.device).unsqueeze(0)
 
-    def _seq_logp(self, hidden: torch.Tensor, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
-        """Sum of log-probs of the completion tokens given the final hidden states."""
-        h = self.lm.model.norm(hidden[:, prompt_len - 1 : -1])
-        logits = self.lm.lm_head(h).float()
-        targets = ids[:, prompt_len:]
-        return torch.gather(logits.log_softmax(-1), 2, targets.unsqueeze(-1)).sum()
+    def _normed(self, hidden: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        """The final norm of the hidden states that predict the completion tokens."""
+        return self.lm.model.norm(hidden[:, prompt_len - 1 : -1])
+
+    def _head_forward(
+        self, hidden: torch.Tensor, ids: torch.Tensor, prompt_len: int
+    ) -> Generator[SliceSpec, None, tuple[float, torch.Tensor]]:
+        """Sum of log-probs of the completion tokens given the final hidden states, a
+        vocabulary chunk per slice; also returns each position's log-sum-exp (float32)
+        for the backward. Runs in no-grad mode."""
+        targets = ids[0, prompt_len:]
+        rows = targets.shape[0]
+        weight = self.lm.lm_head.weight
+        hn = lse = picked = None
+        for lo, hi in self.head_ranges:
+            yield SliceSpec("head", rows)
+            # tensors made here, not before the first yield: the caller may run it in
+            # inference mode, and inference tensors cannot be updated in place outside it
+            with torch.inference_mode(False), torch.no_grad():
+                if hn is None:
+                    hn = self._normed(hidden, prompt_len)[0]
+                    lse = torch.full((rows,), -math.inf, device=self.device)
+                    picked = torch.zeros(rows, device=self.device)
+                logits = F.linear(hn, weight[lo:hi]).float()  # (rows, hi - lo)
+                lse = torch.logaddexp(lse, logits.logsumexp(-1))
+                inside = (targets >= lo) & (targets < hi)
+                col = (targets - lo).clamp(0, hi - lo - 1).unsqueeze(-1)
+                picked += torch.where(inside, logits.gather(1, col).squeeze(-1), 0.0)
+        return float((picked - lse).sum()), lse
+
+    def _head_backward(
+        self,
+        hidden: torch.Tensor,
+        ids: torch.Tensor,
+        prompt_len: int,
+        coef: float,
+        lse: torch.Tensor,
+    ) -> Generator[SliceSpec, None, torch.Tensor]:
+        """Gradient of coef * logp(completion) with respect to the final hidden states
+        (the head's input), a vocabulary chunk per slice."""
+        targets = ids[0, prompt_len:]
+        rows = targets.shape[0]
+        weight = self.lm.lm_head.weight
+        grad_hn = None
+        for lo, hi in self.head_ranges:
+            yield SliceSpec("head_bwd", rows)
+            with torch.inference_mode(False), torch.no_grad():
+                if grad_hn is None:
+                    hn = self._normed(hidden, prompt_len)[0]
+                    grad_hn = torch.zeros(hn.shape, dtype=torch.float32, device=self.device)
+                logits = F.linear(hn, weight[lo:hi]).float()
+                d = -torch.exp(logits - lse.unsqueeze(-1))  # -softmax over the whole vocab
+                inside = (targets >= lo) & (targets < hi)
+                d[inside.nonzero().squeeze(-1), (targets - lo)[inside]] += 1.0
+                # the matmul in the weights' dtype, as autograd's backward of the linear
+                grad_hn += ((coef * d).to(weight.dtype) @ weight[lo:hi]).float()
+        with self._mode(adapter=True, grad=True):
+            h = hidden.detach().requires_grad_(True)
+            hn = self._normed(h, prompt_len)
+            hn.backward(grad_hn.to(hn.dtype).unsqueeze(0))
+        return h.grad
 
     def forward_slices(
         self, ids: torch.Tensor, prompt_len: int, adapter: bool, keep: list | None
@@ -128,11 +196,10 @@ class SlicedDPO:
                 keep.append(h)
             with self._mode(adapter, grad=False):
                 h = layer(h, position_ids=pos, position_embeddings=rope)
-        yield SliceSpec("head", n)
+        logp, lse = yield from self._head_forward(h, ids, prompt_len)
         if keep is not None:
-            keep.append(h)
-        with self._mode(adapter, grad=False):
-            return float(self._seq_logp(h, ids, prompt_len))
+            keep.extend((h, lse))
+        return logp
 
     @contextmanager
     def _mode(self, adapter: bool, grad: bool) -> Iterator[None]:
@@ -146,15 +213,16 @@ class SlicedDPO:
     def backward_slices(
         self, ids: torch.Tensor, prompt_len: int, kept: list, coef: float
     ) -> Iterator[SliceSpec]:
-        """Backward of coef * logp(sequence) into the LoRA grads, a layer per slice."""
+        """Backward of coef * logp(sequence) into the LoRA grads, a layer (or a chunk of
+        the head) per slice. `kept`: the layer inputs, the final hidden states and the
+        head's log-sum-exp, as forward_slices left them."""
         n = ids.shape[1]
         pos = self._positions(n)
-        yield SliceSpec("bwd", n)
-        with self._mode(adapter=True, grad=True):
-            h = kept[-1].detach().requires_grad_(True)
-            (coef * self._seq_logp(h, ids, prompt_len)).backward()
-            grad = h.grad
-            rope = self.lm.model.rotary_emb(h, pos)
+        hidden, lse = kept[-2], kept[-1]
+        grad = yield from self._head_backward(hidden, ids, prompt_len, coef, lse)
+        kept[-2] = kept[-1] = None
+        with self._mode(adapter=True, grad=False):
+            rope = self.lm.model.rotary_emb(hidden, pos)
         for i in range(len(self.lm.model.layers) - 1, -1, -1):
             yield SliceSpec("bwd", n)
             with self._mode(adapter=True, grad=True):
@@ -236,6 +304,26 @@ class SlicedDPO:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return result
+
+
+HEAD_CHUNK_ROWS = 8192  # rows of the output matrix per head slice when head_chunks = 0
+
+
+def head_ranges(lm_head: Any, chunks: int) -> list[tuple[int, int]]:
+    """[lo, hi) row ranges of the LM head's weight, one per slice: `chunks` of them (0:
+    ceil(vocab / HEAD_CHUNK_ROWS)), never more than the vocabulary has rows."""
+    if chunks < 0:
+        raise ValueError(f"head chunks must be >= 0, got {chunks}")
+    if not isinstance(lm_head, torch.nn.Linear) or lm_head.bias is not None:
+        raise ValueError(
+            f"the sliced head needs a plain bias-free nn.Linear LM head, got "
+            f"{type(lm_head).__name__} (is lm_head a LoRA target? it must not be)"
+        )
+    vocab = lm_head.weight.shape[0]
+    n = chunks or math.ceil(vocab / HEAD_CHUNK_ROWS)
+    n = max(1, min(n, vocab))
+    bounds = [round(i * vocab / n) for i in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def run_to_end(gen: Generator[SliceSpec, None, Any]) -> Any:
