@@ -197,6 +197,8 @@ def test_rows_a_dead_sidecar_picked_are_requeued_and_work_in_transit_is_kept(
 
 
 def trainer_shell(tmp_path: Path, lookahead: int = 2):
+    from mace_sgl.policy.cost import CostModel
+    from mace_sgl.trainer import learned_cost
     from mace_sgl.trainer.runtime import MaceTrainer
     from mace_sgl.trainer.sliced import Pair
 
@@ -209,6 +211,9 @@ def trainer_shell(tmp_path: Path, lookahead: int = 2):
     t.paused = False
     t.asked_at = 0.0
     t.sidecar_id = ""
+    t.cost_saver = learned_cost.CostSaver(
+        tmp_path / learned_cost.FILE, {}, CostModel(), resumed=False
+    )
     # No tokenizer here: the pair's ids do not matter to the conversation.
     t._pair = lambda s: Pair(s.id, [1], [2], [3], s.weight)
     t.push, t.pull = channels.connect_trainer(zmq.Context.instance(), tmp_path / "run")
