@@ -39,10 +39,10 @@ from typing import Any
 
 import requests
 
-from benchmarks.colocate import TOPICS, pair
+from benchmarks.colocate import pair
 from benchmarks.loadgen import stream_chat
 from benchmarks.serve_smoke import machine
-from benchmarks.soak import server_tree, slope_per_hour
+from benchmarks.soak import chat_body, slope_per_hour, tree_rss
 from mace_sgl.launcher import Server
 
 SAMPLE_EVERY_S = 15.0
@@ -92,19 +92,8 @@ class MemoryRun:
     def _client(self, k: int) -> None:
         i = k
         while not self.stop.is_set():
-            body: dict[str, Any] = {
-                "model": "default",
-                "messages": [
-                    {"role": "user", "content": f"Tell me about {TOPICS[i % len(TOPICS)]}."}
-                ],
-                "max_tokens": self.args.max_tokens,
-                "temperature": 0.0,
-                "ignore_eos": True,
-            }
-            if i % 2:
-                body["lora_path"] = "live"
             assert self.server is not None
-            r = stream_chat(self.server.url, body)
+            r = stream_chat(self.server.url, chat_body(i, self.args.max_tokens))
             self.requests["failed" if r.error else "ok"] += 1
             i += self.args.streams
             self.stop.wait(self.args.think_s)
@@ -130,14 +119,7 @@ class MemoryRun:
             rec["queue_depth"] = body.get("queue_depth")
         except (requests.RequestException, ValueError, StopIteration) as e:
             rec["error"] = type(e).__name__
-        rec["rss_mb"] = {}
-        for p, role in server_tree(self.server.proc.pid):
-            try:
-                rec["rss_mb"][role] = round(
-                    rec["rss_mb"].get(role, 0.0) + p.memory_info().rss / 2**20, 1
-                )
-            except Exception:  # a process that just exited
-                continue
+        rec["rss_mb"], _ = tree_rss(self.server.proc.pid)
         self.samples.append(rec)
         m = rec.get("memory") or {}
         print(

@@ -496,6 +496,28 @@ def server_tree(root: int) -> list[tuple[psutil.Process, str]]:
     return out
 
 
+def tree_rss(
+    root: int, seen: dict[int, float] | None = None
+) -> tuple[dict[str, float], dict[str, list[int]]]:
+    """RSS in MB per role of the server tree started as `root` (with their "total"; empty
+    while the server is down) and the pids per role; `seen` collects pid -> create_time
+    of every process met, for the final reap."""
+    rss: dict[str, float] = {}
+    pids: dict[str, list[int]] = {}
+    for p, role in server_tree(root):
+        try:
+            mb = p.memory_info().rss / 2**20
+            if seen is not None:
+                seen.setdefault(p.pid, p.create_time())
+        except psutil.Error:  # a process that just exited
+            continue
+        rss[role] = rss.get(role, 0.0) + mb
+        pids.setdefault(role, []).append(p.pid)
+    if rss:
+        rss["total"] = sum(rss.values())
+    return {k: round(v, 1) for k, v in rss.items()}, pids
+
+
 def compact_status(body: dict[str, Any]) -> dict[str, Any]:
     """What a sample keeps of /mace/status: counters and the scalar training fields."""
     training = body.get("training") or {}
@@ -666,20 +688,7 @@ class Soak:
         except requests.RequestException as e:
             rec["status_code"] = None
             rec["status_error"] = type(e).__name__
-        rss: dict[str, float] = {}
-        pids: dict[str, list[int]] = {}
-        for p, role in server_tree(server.proc.pid):
-            try:
-                mb = p.memory_info().rss / 2**20
-                self.seen.setdefault(p.pid, p.create_time())
-            except psutil.Error:
-                continue
-            rss[role] = rss.get(role, 0.0) + mb
-            pids.setdefault(role, []).append(p.pid)
-        if rss:  # none while the server is down
-            rss["total"] = sum(rss.values())
-        rec["rss_mb"] = {k: round(v, 1) for k, v in rss.items()}
-        rec["pids"] = pids
+        rec["rss_mb"], rec["pids"] = tree_rss(server.proc.pid, self.seen)
         with self.lock:
             self.samples.append(rec)
         return rec

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mace_sgl.policy import CostModel, Profile
+from mace_sgl.policy.cost import FORGETTING
 from mace_sgl.policy.slo import SloTargets
 
 FULL = {
@@ -162,7 +163,7 @@ def profile(argv: list[str]) -> int:
         server.stop()
     shutil.rmtree(work, ignore_errors=True)
     fitted = status["training"]["cost_model"]
-    cost = CostModel.from_dict({**fitted, "forgetting": 0.99})
+    cost = CostModel.from_dict({**fitted, "forgetting": FORGETTING})
     result = Profile(cost=cost, slo=derive_slo(cost))
     result.meta = {
         "source": str(Path(args.out).resolve()),

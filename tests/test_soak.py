@@ -220,3 +220,16 @@ def test_choose_level_raises_targets_when_inference_alone_misses_them():
     # 233 / 0.8 = 291.25 -> 300 ms; TTFT 900 / 0.8 = 1125 stays under the default 2000
     assert (choice["streams"], choice["slo_tbt_ms"], choice["slo_ttft_ms"]) == (1, 300.0, 2000.0)
     assert "miss" in choice["why"]
+
+
+def test_tree_rss_sums_roles_and_notes_every_process_seen():
+    import os
+
+    from benchmarks.soak import tree_rss
+
+    seen: dict[int, float] = {}
+    rss, pids = tree_rss(os.getpid(), seen)
+    assert pids["launcher"] == [os.getpid()] and os.getpid() in seen
+    assert rss["total"] == pytest.approx(sum(v for k, v in rss.items() if k != "total"), abs=0.2)
+    assert rss["launcher"] > 0
+    assert tree_rss(2**22 + 12345) == ({}, {})  # no such process: the server is down

@@ -26,6 +26,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+# Per-observation weight decay of the online fit: a window of about 1 / (1 - 0.99) = 100
+# observations, long enough to hold both regimes of a load that alternates adapter and
+# base requests, short enough to follow a changed device within seconds of decoding.
+FORGETTING = 0.99
 SERVE_KINDS = ("prefill", "decode")
 TRAIN_KINDS = ("fwd", "head", "bwd", "head_bwd", "opt", "publish")
 KINDS = SERVE_KINDS + TRAIN_KINDS
@@ -85,7 +89,9 @@ class DecayedLeastSquares:
     nothing.
     """
 
-    def __init__(self, weights: list[float], forgetting: float = 0.99, ridge: float = 1e-3) -> None:
+    def __init__(
+        self, weights: list[float], forgetting: float = FORGETTING, ridge: float = 1e-3
+    ) -> None:
         n = len(weights)
         self.w0 = list(weights)
         self.w = list(weights)
@@ -198,7 +204,7 @@ class CostModel:
         default_factory=lambda: {k: list(v) for k, v in DEFAULT_WEIGHTS.items()}
     )
     mem_per_token: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MEM_PER_TOKEN))
-    forgetting: float = 0.99
+    forgetting: float = FORGETTING
 
     def __post_init__(self) -> None:
         for kind, w in DEFAULT_WEIGHTS.items():  # kinds a caller did not give start at defaults
@@ -263,7 +269,7 @@ class CostModel:
         mem = dict(DEFAULT_MEM_PER_TOKEN)
         mem.update({k: float(v) for k, v in (data.get("mem_per_token") or {}).items()})
         return cls(
-            weights=weights, mem_per_token=mem, forgetting=float(data.get("forgetting", 0.99))
+            weights=weights, mem_per_token=mem, forgetting=float(data.get("forgetting", FORGETTING))
         )
 
     @classmethod
