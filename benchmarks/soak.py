@@ -64,8 +64,9 @@ Definitions (summary):
   cut by the SIGKILL ends after it, so it is inside). At the end the load stops and
   requests in flight get 60 s to finish; any still streaming are not counted
   (`requests_unfinished_at_end`), nor cut by the final SIGTERM.
-- status_non_200: status samples outside the restart window that did not get a 200 (a
-  refused connection or a timeout counts).
+- status_non_200: status samples that did not get a 200 (a refused connection or a
+  timeout counts) and whose [start, end] does not touch the restart window (a request in
+  flight at the SIGKILL fails by it).
 - feedback_posted: rows acknowledged with a 200 (the ids in the answers);
   feedback_stored: those ids found in DIR's feedback.sqlite3 (read directly after the
   server stopped); feedback_lost = posted - stored.
@@ -77,7 +78,7 @@ Definitions (summary):
   segment), and each segment adds its counter to the steps of the segments before it
   (`cumulative_steps`). Steps between a segment's last sample and the SIGKILL are not
   seen, which is why a sample is taken just before every fault. adapter_version is not
-  used: a step the canary refuses completes without a version.
+  used: a step the publish guard refuses completes without a version.
 - steps_after_each_fault: {pause_resume, sidecar_kill, server_kill}: cumulative steps at
   the end minus those at the last sample taken at or before the fault (for
   pause_resume: before the resume). steps_during_pause: steps between the pause and
@@ -304,7 +305,11 @@ def summarize_soak(
     acked, stored = set(acked_ids), set(stored_ids)
     failed = [d for d in done if d.error is not None]
     kill = next((f["t"] for f in faults if f["name"] == "server_kill"), end_s)
-    status_bad = [s for s in samples if s["status_code"] != 200 and not in_window(s["t"], window)]
+    status_bad = [
+        s
+        for s in samples
+        if s["status_code"] != 200 and not overlaps(s["t"], s.get("t_end", s["t"]), window)
+    ]
     bad_outside = [b for b in bad if not in_window(b[0], window)]
     rss = [s["rss_mb"]["scheduler"] for s in samples if s["rss_mb"].get("scheduler") is not None]
     cum = cumulative_steps(samples)
@@ -688,6 +693,9 @@ class Soak:
         except requests.RequestException as e:
             rec["status_code"] = None
             rec["status_error"] = type(e).__name__
+        # a request in flight when the server is killed fails by the kill: it belongs to
+        # the restart window though it started just before it
+        rec["t_end"] = round(self.now(), 2)
         rec["rss_mb"], rec["pids"] = tree_rss(server.proc.pid, self.seen)
         with self.lock:
             self.samples.append(rec)
@@ -820,7 +828,7 @@ class Soak:
             aborted=aborted,
         )
         for x in samples:
-            x["in_restart_window"] = in_window(x["t"], self.window)
+            x["in_restart_window"] = overlaps(x["t"], x["t_end"], self.window)
         return {
             "samples": samples,
             "latency": latency_series(done, end_s, SAMPLE_EVERY_S),

@@ -130,6 +130,7 @@ def test_summary_and_goals():
         sample(200, code=503, sched_mb=1004),  # outside the window: counts
         sample(240, 3, pid=1, sched_mb=1005),
         sample(260, code=None),  # inside the window: does not count
+        {**sample(239.9, code=None), "t_end": 240.3},  # in flight at the kill: inside
         sample(360, 2, pid=2, gen=1, sched_mb=800, version=7),
     ]
     done = [
