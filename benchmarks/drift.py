@@ -66,6 +66,7 @@ from benchmarks.align import prompts as shipped_prompts
 from benchmarks.loadgen import RequestResult, poisson_load, summarize
 from benchmarks.phases import DEFAULT_FILE, Phase, degenerate, load_phases, verdict
 from benchmarks.serve_smoke import machine
+from mace_sgl.config import MaceConfig
 from mace_sgl.launcher import Server
 
 BASELINES = ("inference-only", "periodic", "synchronous", "continuous", "mace")
@@ -251,7 +252,7 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
     train_prompts = [p for p in all_prompts if p not in held_out]
     flags = ["--log-level", "warning", "--mace-train", "--mace-policy", POLICY[name],
              "--mace-state-dir", str(out / f"state-{name}"), "--mace-lr", str(args.lr),
-             "--mace-canary-max-drop", str(args.canary_max_drop),
+             "--mace-guard-max-kl", str(args.guard_max_kl),
              "--mace-rpo-alpha", str(args.rpo_alpha),
              "--mace-slo-ttft-ms", str(args.slo_ttft_ms),
              "--mace-slo-tbt-ms", str(args.slo_tbt_ms)]  # fmt: skip
@@ -447,7 +448,12 @@ def main() -> None:
     parser.add_argument("--feedback-every", type=int, default=1)
     parser.add_argument("--period-s", type=float, default=None)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--canary-max-drop", type=float, default=3.0)
+    parser.add_argument(
+        "--guard-max-kl",
+        type=float,
+        default=MaceConfig().guard_max_kl,
+        help="--mace-guard-max-kl for every adapting baseline (the default's)",
+    )
     parser.add_argument(
         "--rpo-alpha", type=float, default=0.0, help="--mace-rpo-alpha for every baseline"
     )

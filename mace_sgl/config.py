@@ -119,12 +119,18 @@ class MaceConfig:
         default=20,
         metadata={"help": "Adapter checkpoints kept on disk (newest); older ones are deleted."},
     )
-    canary_max_drop: float = field(
-        default=1.0,
+    guard_max_kl: float = field(
+        default=0.5,
         metadata={
-            "help": "Largest drop (nats per token) in the log-prob of the base model's own "
-            "answers to the canary prompts before a version is refused and rolled back."
+            "help": "Publish guard bound: the largest mean KL (nats per token) of a candidate "
+            "version from the base model on its own greedy answers to fixed canary prompts. "
+            "A version above it, or whose canary answers turn empty or loop, is not published "
+            "and training rolls back (trainer/guard.py; `guard` in /mace/status)."
         },
+    )
+    guard_tokens: int = field(
+        default=24,
+        metadata={"help": "Tokens each canary answer of the publish guard may run to."},
     )
     measure_swap: bool = field(
         default=False,
@@ -241,6 +247,10 @@ class MaceConfig:
             raise ValueError(f"train_floor must be a share in [0, 1], got {self.train_floor}")
         if not (self.malloc_trim_s >= 0 and math.isfinite(self.malloc_trim_s)):
             raise ValueError(f"malloc_trim_s must be >= 0 seconds, got {self.malloc_trim_s}")
+        if not self.guard_max_kl > 0:  # also refuses NaN
+            raise ValueError(f"guard_max_kl must be > 0 nats/token, got {self.guard_max_kl}")
+        if self.guard_tokens < 1:
+            raise ValueError(f"guard_tokens must be >= 1, got {self.guard_tokens}")
         if self.head_chunks < 0:
             raise ValueError(f"head_chunks must be >= 0, got {self.head_chunks}")
         if self.lookahead < 1:

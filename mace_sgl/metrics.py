@@ -28,7 +28,7 @@ _PLAIN = (
     (
         "rejected_versions",
         "mace_rejected_versions",
-        "Adapter versions the canary guard refused since the trainer started.",
+        "Adapter versions the publish guard refused since the trainer started.",
     ),
     ("queued_in_trainer", "mace_queued_in_trainer", "Feedback pairs queued in the trainer."),
     ("paused", "mace_training_paused", "1 while training is paused (POST /mace/train/pause)."),

@@ -86,7 +86,7 @@ def test_metrics_mirror_the_trainer(server: Server):
     assert r.status_code == 200, r.text
     # The scheduler refreshes its gauges about once a second; training the tiny model's
     # first step takes seconds.
-    # Wait for both gauges asserted below: a step whose version the canary refuses
+    # Wait for both gauges asserted below: a step whose version the publish guard refuses
     # counts in train_steps without raising the version.
     deadline = time.monotonic() + 180
     while True:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 import uuid
 from collections import deque
@@ -34,16 +33,12 @@ from mace_sgl.policy.slo import SloTargets
 from mace_sgl.templating import encode_pair
 from mace_sgl.trainer import learned_cost
 from mace_sgl.trainer.checkpoints import CheckpointWriter, check_compatible, resume
+from mace_sgl.trainer.guard import CANARY_PROMPTS, Guard
 from mace_sgl.trainer.publish import PoolPublisher, lora_config_dict
 from mace_sgl.trainer.shared import attach_lora, build_shared_llama, shares_storage
-from mace_sgl.trainer.sliced import Pair, SlicedDPO, SliceSpec, run_to_end
+from mace_sgl.trainer.sliced import Pair, SlicedDPO, SliceSpec
 
 logger = logging.getLogger("mace_sgl.trainer")
-
-CANARY_PROMPTS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "user", "content": "Name three colours."}],
-]
 
 
 @dataclass
@@ -175,17 +170,18 @@ class MaceTrainer:
             "last_error": None,
         }
         with torch.inference_mode(False):
-            self.canary = self._canary_sequences()
-            self.canary_base = run_to_end(self._canary_slices(adapter=False))
+            self.guard = Guard(
+                self.dpo,
+                [encode_pair(self.tokenizer, m, "")[0] for m in CANARY_PROMPTS],
+                self.tokenizer.eos_token_id,
+                self.tokenizer.decode,
+                cfg.guard_max_kl,
+                cfg.guard_tokens,
+            )
         ctx = zmq.Context.instance()
         self.push, self.pull = channels.connect_trainer(ctx, cfg.state_path / "run")
         self.push.send(encode(Hello(self.session, cfg.adapter_name)))
-        logger.info(
-            "trainer ready: adapter %s v%d, canary base %.3f nats/token",
-            cfg.adapter_name,
-            self.version,
-            self.canary_base,
-        )
+        logger.info("trainer ready: adapter %s v%d", cfg.adapter_name, self.version)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -263,34 +259,6 @@ class MaceTrainer:
             "in_place_ms": statistics.median(in_place),
             "sglang_load_to_slot_ms": statistics.median(reload),
         }
-
-    # -- canary --------------------------------------------------------------------------
-
-    def _canary_sequences(self) -> list[tuple[torch.Tensor, int]]:
-        """The base model's own greedy answers to fixed prompts (adapter disabled)."""
-        seqs = []
-        if not getattr(self.tokenizer, "chat_template", None):
-            return seqs
-        with torch.no_grad(), self.model.disable_adapter():
-            for messages in CANARY_PROMPTS:
-                prompt, _ = encode_pair(self.tokenizer, messages, "")
-                ids = torch.tensor([prompt])
-                out = self.model.generate(
-                    input_ids=ids,
-                    max_new_tokens=16,
-                    do_sample=False,
-                    pad_token_id=self.tokenizer.eos_token_id,
-                )
-                seqs.append((out, len(prompt)))
-        return seqs
-
-    def _canary_slices(self, adapter: bool) -> Generator[SliceSpec, None, float]:
-        total, count = 0.0, 0
-        for ids, prompt_len in self.canary:
-            logp = yield from self.dpo.forward_slices(ids, prompt_len, adapter, None)
-            total += logp
-            count += ids.shape[1] - prompt_len
-        return total / max(count, 1)
 
     # -- messages ------------------------------------------------------------------------
 
@@ -488,11 +456,10 @@ class MaceTrainer:
         self.sec_per_token += 0.3 * (self.step_seconds / tokens - self.sec_per_token)
         self.step_seconds = 0.0
         if self.stats["train_steps"] % self.cfg.publish_every == 0:
-            score = yield from self._canary_slices(adapter=True)
-            drop = self.canary_base - score
-            if not math.isfinite(score) or drop > self.cfg.canary_max_drop:
+            reading = yield from self.guard.check(self.version + 1)
+            if not reading.published:
                 self.stats["rejected_versions"] += 1
-                self._rollback(f"canary log-prob fell {drop:.3f} nats/token")
+                self._rollback(f"guard refused v{self.version + 1}: {reading.why}")
             else:
                 yield SliceSpec("publish", 0)
                 self._publish()
@@ -542,6 +509,7 @@ class MaceTrainer:
             "resumed": self.resumed,
             "starvation": self.starvation.status(time.monotonic()),
             "starved_s": self.starvation.starved_s(time.monotonic()),
+            "guard": self.guard.status(),
         }
 
 

@@ -49,6 +49,7 @@ class SliceSpec:
 
     # "fwd" (no-grad layer), "head" (one vocabulary chunk of the LM head), "bwd"
     # (recompute + backward of a layer), "head_bwd" (a chunk of the head's backward),
+    # "guard" (a whole-model forward of the publish guard, trainer/guard.py),
     # "opt", "publish"
     kind: str
     tokens: int

@@ -1,0 +1,155 @@
+"""What the publish guard measures while a preference is learned, and while a model collapses.
+
+Chooses and documents the default of `--mace-guard-max-kl` (trainer/guard.py). No server:
+the embedded default model in plain HF + peft, trained with the server's own sliced DPO
+(one pair per step, the default recipe unless a drive says otherwise), with the guard's
+reading (mean KL from the base on the candidate's own canary answers, new empty and
+looping answers) taken after every step. Drives:
+
+- style:    chosen = "Certainly! " + the base answer, rejected = the base answer;
+- brief:    chosen = the base answer's first sentence, rejected = the base answer;
+- collapse: chosen = "No, no, no.", rejected = the base answer, at 10x the learning rate
+            (5e-4 collapsed SmolLM2-135M within 32 pairs: DESIGN.md).
+
+The benign drives must stay under the bound while they learn (their margin grows); the
+collapse must cross it before its canary answers degenerate. Writes results.json with
+every step's reading and a summary per drive.
+
+    python -m benchmarks.guard_kl --out DIR [--steps 40] [--model-path P]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.colocate import TOPICS
+from benchmarks.serve_smoke import machine
+from mace_sgl.config import MaceConfig
+from mace_sgl.templating import encode_pair
+from mace_sgl.trainer.guard import CANARY_PROMPTS, Guard
+from mace_sgl.trainer.shared import attach_lora
+from mace_sgl.trainer.sliced import Pair, SlicedDPO, run_to_end
+
+DRIVES = {
+    "style": (lambda base: "Certainly! " + base, 1.0),
+    "brief": (lambda base: re.split(r"(?<=[.!?])\s", base.strip())[0], 1.0),
+    "collapse": (lambda base: "No, no, no.", 10.0),
+}
+
+
+def base_answers(model: Any, tokenizer: Any, prompts: list[list[dict]], max_new: int) -> list[str]:
+    out = []
+    with torch.no_grad(), model.disable_adapter():
+        for messages in prompts:
+            ids, _ = encode_pair(tokenizer, messages, "")
+            gen = model.generate(
+                input_ids=torch.tensor([ids]), max_new_tokens=max_new, do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
+            )  # fmt: skip
+            out.append(tokenizer.decode(gen[0, len(ids) :], skip_special_tokens=True).strip())
+    return out
+
+
+def run_drive(name: str, model_path: str, steps: int, cfg: MaceConfig) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
+    lm.config._attn_implementation = "sdpa"
+    model = attach_lora(lm, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
+    edit, lr_scale = DRIVES[name]
+    dpo = SlicedDPO(model, beta=cfg.beta, lr=cfg.lr * lr_scale, rpo_alpha=cfg.rpo_alpha)
+    prompts = [[{"role": "user", "content": f"Tell me about {t}."}] for t in TOPICS]
+    bases = base_answers(model, tokenizer, prompts, 48)
+    pairs = []
+    for i, (messages, base) in enumerate(zip(prompts, bases, strict=True)):
+        prompt, chosen = encode_pair(tokenizer, messages, edit(base))
+        _, rejected = encode_pair(tokenizer, messages, base)
+        pairs.append(Pair(i, prompt, chosen, rejected))
+    guard = Guard(
+        dpo, [encode_pair(tokenizer, m, "")[0] for m in CANARY_PROMPTS],
+        tokenizer.eos_token_id, tokenizer.decode, cfg.guard_max_kl, cfg.guard_tokens,
+    )  # fmt: skip
+    rows = []
+    for step in range(steps):
+        pair = pairs[step % len(pairs)]
+        t0 = time.monotonic()
+        result = run_to_end(dpo.step_slices([pair]))
+        t1 = time.monotonic()
+        reading = run_to_end(guard.check(step + 1))
+        rows.append({
+            "step": step + 1,
+            "loss": result.losses[pair.sample_id],
+            "margin": result.margins[pair.sample_id],
+            "kl_per_token": reading.kl_per_token,
+            "kl_by_answer": reading.kl_by_answer,
+            "empty": reading.empty,
+            "loops": reading.loops,
+            "would_publish": reading.published,
+            "answers": reading.answers,
+            "step_s": t1 - t0,
+            "guard_s": time.monotonic() - t1,
+        })  # fmt: skip
+        print(f"{name} step {step + 1}: margin {rows[-1]['margin']:+.2f} "
+              f"kl {reading.kl_per_token:.3f} empty {reading.empty} loops {reading.loops} "
+              f"| {reading.answers[0][:60]!r}", flush=True)  # fmt: skip
+    kls = [r["kl_per_token"] for r in rows]
+    first_bad = next((r["step"] for r in rows if r["empty"] or r["loops"]), None)
+    return {
+        "drive": name,
+        "lr": cfg.lr * lr_scale,
+        "steps": rows,
+        "summary": {
+            "kl_max": max(kls),
+            "kl_last": kls[-1],
+            "margin_first": rows[0]["margin"],
+            "margin_last": rows[-1]["margin"],
+            "first_empty_or_loop_step": first_bad,
+            "refused_at_default": sum(not r["would_publish"] for r in rows),
+            "base_canary_answers": [guard.decode(t)[:80] for t in guard.base_tokens],
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--drives", default="style,brief,collapse")
+    parser.add_argument("--model-path", default=None, help="default: the embedded model")
+    args = parser.parse_args()
+    if args.model_path is None:
+        from mace_sgl.models import ensure_default_model
+
+        args.model_path = str(ensure_default_model(progress=False))
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = MaceConfig()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {
+        "settings": {"steps": args.steps, "guard_max_kl": cfg.guard_max_kl,
+                     "guard_tokens": cfg.guard_tokens, "lr": cfg.lr, "beta": cfg.beta,
+                     "rpo_alpha": cfg.rpo_alpha, "model_path": args.model_path},
+        "machine": machine(),
+        "drives": [],
+    }  # fmt: skip
+    for drive in args.drives.split(","):
+        results["drives"].append(run_drive(drive, args.model_path, args.steps, cfg))
+        (out / "results.json").write_text(json.dumps(results, indent=2))  # after each drive
+    for d in results["drives"]:
+        print(
+            d["drive"],
+            json.dumps({k: v for k, v in d["summary"].items() if k != "base_canary_answers"}),
+        )
+
+
+if __name__ == "__main__":
+    main()

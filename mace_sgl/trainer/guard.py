@@ -1,0 +1,226 @@
+"""The publish guard: measures each candidate adapter version on its own answers.
+
+Degeneration (the collapse into "No, no, no.", empty answers, repetition loops) changes
+what the model *says*, so that is what the guard looks at. Before a version is published
+the candidate answers a fixed set of canary prompts greedily, and the guard measures:
+
+- kl_per_token: the mean, over the candidate's answer tokens, of KL(candidate || base) of
+  the next-token distributions at that position, with the base model (adapter disabled)
+  teacher-forced on the same tokens. Learning a style moves a few tokens of each answer
+  (an opener, a closing line): a small mean. Collapse moves every token: a large one.
+- empty: answers with nothing but whitespace before the end-of-sequence token;
+- loops: answers in which one token n-gram recurs (LOOP_NGRAM tokens, LOOP_REPEATS times);
+
+the last two counted only for prompts where the base model's own answer is neither (the
+small base model loops now and then by itself), and only for answers whose own mean KL
+from the base is at least ATTRIBUTE_KL: an answer the base model gives nearly as readily
+is not the adapter's doing. (Measured on SmolLM2-135M: one DPO step at the default
+learning rate flipped a near tie on the first token of "What is the capital of France?",
+and the answer became a loop, "L'Étoile, la Marseillaise, la femme, la femme, ...", at a
+KL of 0.003 nats/token: the base model continues that opening the same way.) A version
+with kl_per_token above `max_kl`, or with any new empty or looping answer, is refused and
+the trainer rolls back to the last published version (weights and optimizer state).
+
+The candidate and the base decode in lockstep, a batch of all canary prompts at once: one
+slice per decoded position and model ("guard" units of the cost model), so the check fits
+between serving iterations like any other training work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mace_sgl.trainer.sliced import SlicedDPO, SliceSpec, run_to_end
+
+# Prompts whose answers a preference about style should not break: facts, lists, a short
+# explanation, an instruction. Fixed, so that every version is measured the same way.
+CANARY_PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Name three colours."}],
+    [{"role": "user", "content": "How many days are there in a week?"}],
+    [{"role": "user", "content": "Explain in one sentence why the sky is blue."}],
+    [{"role": "user", "content": "Give me a tip for sleeping better."}],
+    [{"role": "user", "content": "What is 12 plus 7?"}],
+]
+LOOP_NGRAM, LOOP_REPEATS = 4, 3
+ATTRIBUTE_KL = 0.05  # nats/token: below it an answer is one the base model gives as well
+
+
+def loops(ids: list[int]) -> bool:
+    """One token n-gram of LOOP_NGRAM tokens seen LOOP_REPEATS times or more."""
+    seen: dict[tuple[int, ...], int] = {}
+    for i in range(len(ids) - LOOP_NGRAM + 1):
+        gram = tuple(ids[i : i + LOOP_NGRAM])
+        seen[gram] = seen.get(gram, 0) + 1
+        if seen[gram] >= LOOP_REPEATS:
+            return True
+    return False
+
+
+@dataclass
+class Answers:
+    """Greedy answers to the canary prompts, and what the guard measured on them."""
+
+    tokens: list[list[int]]  # each answer's tokens, up to and with the end token
+    kl_per_token: float = 0.0  # mean KL(candidate || base) over the answers' tokens
+    kl_by_answer: list[float] = field(default_factory=list)  # the same, per answer
+
+
+@dataclass
+class Reading:
+    """The guard's measurement of one candidate version, as /mace/status shows it."""
+
+    version: int  # the version it would have become
+    kl_per_token: float
+    kl_by_answer: list[float]
+    empty: int  # new empty answers (the base's answer to that prompt is not empty)
+    loops: int  # new looping answers
+    published: bool
+    why: str  # "" when published
+    answers: list[str] = field(default_factory=list)  # the candidate's, cut to 80 chars
+
+
+class Guard:
+    """Decides whether a candidate version may be published (see the module docstring)."""
+
+    def __init__(
+        self,
+        dpo: SlicedDPO,
+        prompts: list[list[int]],
+        eos_id: int,
+        decode: Any,
+        max_kl: float,
+        max_new_tokens: int = 24,
+    ) -> None:
+        """prompts: the canary prompts as token ids (chat template applied); decode: token
+        ids -> text, for the status; max_kl: the bound on kl_per_token (nats)."""
+        self.dpo = dpo
+        self.prompts = prompts
+        self.eos_id = eos_id
+        self.decode = decode
+        self.max_kl = max_kl
+        self.max_new_tokens = max_new_tokens
+        self.checked = 0
+        self.refused: dict[str, int] = {"kl": 0, "empty": 0, "loop": 0}
+        self.last: Reading | None = None
+        base = run_to_end(self.answer_slices(adapter=False, against_base=False))
+        self.base_tokens = base.tokens
+        self.base_empty = [self._empty(t) for t in base.tokens]
+        self.base_loops = [loops(t) for t in base.tokens]
+
+    def _empty(self, tokens: list[int]) -> bool:
+        return not self.decode([t for t in tokens if t != self.eos_id]).strip()
+
+    def check(self, version: int) -> Generator[SliceSpec, None, Reading]:
+        """Measure the adapter as it is now (the candidate); returns the Reading, whose
+        `published` says whether it passed. Counts refusals by their first reason."""
+        got = yield from self.answer_slices(adapter=True, against_base=True)
+        ours = [kl >= ATTRIBUTE_KL for kl in got.kl_by_answer]  # the adapter's doing
+        empty = sum(
+            self._empty(t) and not b and o
+            for t, b, o in zip(got.tokens, self.base_empty, ours, strict=True)
+        )
+        looping = sum(
+            loops(t) and not b and o
+            for t, b, o in zip(got.tokens, self.base_loops, ours, strict=True)
+        )
+        why = ""
+        if not math.isfinite(got.kl_per_token) or got.kl_per_token > self.max_kl:
+            why = f"kl {got.kl_per_token:.3f} nats/token > {self.max_kl:g}"
+            self.refused["kl"] += 1
+        elif empty:
+            why = f"{empty} canary answer(s) became empty"
+            self.refused["empty"] += 1
+        elif looping:
+            why = f"{looping} canary answer(s) loop"
+            self.refused["loop"] += 1
+        self.checked += 1
+        self.last = Reading(
+            version=version,
+            kl_per_token=got.kl_per_token,
+            kl_by_answer=[round(k, 4) for k in got.kl_by_answer],
+            empty=empty,
+            loops=looping,
+            published=not why,
+            why=why,
+            answers=[self.decode(t)[:80] for t in got.tokens],
+        )
+        return self.last
+
+    def answer_slices(
+        self, adapter: bool, against_base: bool
+    ) -> Generator[SliceSpec, None, Answers]:
+        """Greedy answers of the model (adapter on or off) to every canary prompt, batched
+        with left padding; with `against_base`, the base model decodes the same tokens in
+        lockstep and the mean KL(model || base) per answer token comes back too."""
+        lm, dev = self.dpo.lm, self.dpo.device
+        n, width = len(self.prompts), max(len(p) for p in self.prompts)
+        ids = torch.full((n, width), self.eos_id, dtype=torch.long, device=dev)
+        mask = torch.zeros((n, width), dtype=torch.long, device=dev)
+        for i, p in enumerate(self.prompts):
+            ids[i, width - len(p) :] = torch.tensor(p, device=dev)
+            mask[i, width - len(p) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        caches: dict[bool, Any] = {}
+
+        def forward(with_adapter: bool, tokens: torch.Tensor, positions: torch.Tensor) -> Any:
+            with self.dpo._mode(with_adapter, grad=False):
+                out = lm(
+                    input_ids=tokens,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    past_key_values=caches.get(with_adapter),
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            caches[with_adapter] = out.past_key_values
+            return F.log_softmax(out.logits[:, -1].float(), dim=-1)
+
+        models = [adapter] + ([False] if against_base else [])
+        logps: dict[bool, torch.Tensor] = {}
+        for m in models:
+            yield SliceSpec("guard", n * width)
+            logps[m] = forward(m, ids, pos)
+        answers: list[list[int]] = [[] for _ in range(n)]
+        done = torch.zeros(n, dtype=torch.bool, device=dev)
+        kl_sum = torch.zeros(n, dtype=torch.float64, device=dev)
+        kl_count = torch.zeros(n, dtype=torch.float64, device=dev)
+        for step in range(self.max_new_tokens):
+            mine = logps[adapter]
+            if against_base:
+                p = mine.exp()
+                kl = torch.where(p > 0, p * (mine - logps[False]), 0.0).sum(-1)  # nats/row
+                kl_sum += torch.where(done, 0.0, kl.double())
+                kl_count += (~done).double()
+            tok = mine.argmax(-1)
+            for i in range(n):
+                if not done[i]:
+                    answers[i].append(int(tok[i]))
+            done |= tok == self.eos_id
+            if bool(done.all()) or step == self.max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long, device=dev)], dim=1)
+            pos = pos[:, -1:] + 1
+            for m in models:
+                yield SliceSpec("guard", n)
+                logps[m] = forward(m, tok.unsqueeze(-1), pos)
+        total = float(kl_count.sum())
+        kl_mean = float(kl_sum.sum()) / total if total else 0.0
+        by_answer = (kl_sum / kl_count.clamp(min=1)).tolist()
+        return Answers(answers, kl_mean, by_answer)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "max_kl": self.max_kl,
+            "checked": self.checked,
+            "refused": sum(self.refused.values()),
+            "refused_by": dict(self.refused),
+            "last": asdict(self.last) if self.last else None,
+            "base_answers": [self.decode(t)[:80] for t in self.base_tokens],
+        }

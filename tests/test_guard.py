@@ -1,0 +1,116 @@
+"""The publish guard on the tiny model: it refuses versions driven into empty answers or
+loops, and publishes one that learned a benign preference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mace_sgl.templating import encode_pair
+from mace_sgl.trainer.guard import Answers, Guard, loops
+from mace_sgl.trainer.sliced import Pair, SlicedDPO, run_to_end
+
+CANARY = [
+    [{"role": "user", "content": "The capital of France is"}],
+    [{"role": "user", "content": "A scheduler batches prefill"}],
+    [{"role": "user", "content": "Once upon a time"}],
+]
+TRAIN = [[{"role": "user", "content": f"Question {i}: say something"}] for i in range(4)]
+
+
+def setup(model_dir: Path, lr: float, max_kl: float = 0.5):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    base = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.float32, attn_implementation="sdpa"
+    )
+    torch.manual_seed(0)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    dpo = SlicedDPO(model, beta=0.1, lr=lr)
+    prompts = [encode_pair(tok, m, "")[0] for m in CANARY]
+    guard = Guard(dpo, prompts, tok.eos_token_id, tok.decode, max_kl=max_kl, max_new_tokens=12)
+    return tok, dpo, guard
+
+
+def pairs(tok, chosen: str, rejected_of) -> list[Pair]:
+    out = []
+    for i, messages in enumerate(TRAIN):
+        prompt, c = encode_pair(tok, messages, chosen)
+        _, r = encode_pair(tok, messages, rejected_of(i))
+        out.append(Pair(i, prompt, c, r))
+    return out
+
+
+def train(dpo: SlicedDPO, batch: list[Pair], steps: int) -> list[float]:
+    margins = []
+    for s in range(steps):
+        result = run_to_end(dpo.step_slices([batch[s % len(batch)]]))
+        assert result.ok, result.error
+        margins.append(result.margins[batch[s % len(batch)].sample_id])
+    return margins
+
+
+def test_loop_detector():
+    assert loops([5, 6, 7, 8] * 3)
+    assert not loops(list(range(30)))
+    assert not loops([1, 2, 3, 4, 1, 2, 3, 4, 9])  # twice is not a loop
+
+
+def test_base_model_passes_its_own_guard(tiny_model_dir: Path):
+    _, _, guard = setup(tiny_model_dir, lr=1e-3)
+    reading = run_to_end(guard.check(1))
+    assert reading.published and reading.kl_per_token == pytest.approx(0.0, abs=1e-5)
+    assert guard.status()["checked"] == 1 and guard.status()["refused"] == 0
+
+
+def test_guard_refuses_a_version_driven_into_empty_answers(tiny_model_dir: Path):
+    tok, dpo, guard = setup(tiny_model_dir, lr=3e-2, max_kl=1e9)  # only the empty check
+    # chosen: the end token at once (an empty answer); rejected: a real answer
+    train(dpo, pairs(tok, "", lambda i: f"The capital of France is Paris {i}."), 12)
+    reading = run_to_end(guard.check(1))
+    assert not reading.published and reading.empty > 0, reading
+    status = guard.status()
+    assert status["refused_by"]["empty"] == 1 and status["last"]["why"] == reading.why
+    # the KL bound alone refuses it too: collapse moves every token's distribution
+    assert reading.kl_per_token > 0.5
+
+
+def test_guard_refuses_a_version_driven_into_a_loop(tiny_model_dir: Path):
+    tok, dpo, guard = setup(tiny_model_dir, lr=3e-2, max_kl=1e9)  # only the loop check
+    loop = " ".join(["Paris Rome"] * 12)
+    train(dpo, pairs(tok, loop, lambda i: "Large language models answer questions."), 12)
+    reading = run_to_end(guard.check(1))
+    assert not reading.published and reading.loops > 0, reading
+    assert guard.status()["refused_by"]["loop"] == 1
+
+
+def test_guard_publishes_a_benign_preference_that_was_learned(tiny_model_dir: Path):
+    tok, dpo, guard = setup(tiny_model_dir, lr=1e-3)
+    margins = train(dpo, pairs(tok, "Certainly! Here it is.", lambda i: f"no {i}"), 8)
+    assert margins[-1] > margins[0]  # the preference is being learned
+    reading = run_to_end(guard.check(1))
+    assert reading.published, reading
+    assert 0.0 < reading.kl_per_token < guard.max_kl
+
+
+@pytest.mark.parametrize("kl,published", [(0.003, True), (0.2, False)])
+def test_a_loop_counts_only_where_the_adapter_made_it(tiny_model_dir: Path, kl, published):
+    """A near tie flipped by a tiny change can open an answer that the base model itself
+    continues into a loop (seen on SmolLM2 at KL 0.003): not the adapter's doing."""
+    _, _, guard = setup(tiny_model_dir, lr=1e-3)
+    n = len(guard.prompts)
+    looping = [[7, 8, 9, 10] * 3] + [list(t) for t in guard.base_tokens[1:]]
+    by_answer = [kl] + [0.0] * (n - 1)
+
+    def fake(adapter: bool, against_base: bool):
+        yield from ()
+        return Answers(looping, kl / n, by_answer)
+
+    guard.answer_slices = fake
+    reading = run_to_end(guard.check(1))
+    assert reading.published is published and reading.loops == (0 if published else 1)
