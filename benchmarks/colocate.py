@@ -1,25 +1,36 @@
 """Colocated serving and training under open-loop load, one policy against another.
 
     python -m benchmarks.colocate [--quick] [--out DIR] [--model-path P] [--profile FILE]
+        [--repeats N] [--mixed-chunk] [--slo-from profile|inference]
 
-1. `mace-sgl profile --quick` measures this device and model (unless --profile is given);
-   its SLO targets hold for every run.
-2. One server per policy (inference-only, fcfs-reserve, mace), each with --mace-train
-   and the live adapter as default, so every run serves through the same LoRA path.
+1. `mace-sgl profile --quick` measures this device and model (unless --profile is given).
+2. One server per policy (inference-only, fcfs-reserve, mace; with --mixed-chunk also
+   "mace+mixed", the mace policy with SGLang's --enable-mixed-chunk, so that prefill
+   chunks ride with decode), each with --mace-train and the live adapter as default, so
+   every run serves through the same LoRA path.
 3. On the inference-only server: capacity = completed requests/s of a closed loop of 8
-   streaming clients. Then, for every policy, an open-loop Poisson load at 50% and 80%
-   of that capacity, while feedback keeps arriving (a backlog of pairs, then one per
-   second). Last, on the mace server, a training-only run: feedback, no requests.
-4. DIR/results.json: {"runs": [{"policy", "load", "ttft_p99_ms", "tbt_p99_ms",
-   "slo_attainment", "train_tokens_per_s", "idle_fraction", ...}], "harvest": {...}} and
-   DIR/latency_cdf.png (TTFT and TBT CDFs per policy and load).
+   streaming clients. Then, for every policy, an open-loop Poisson load at 80% and 50% of
+   that capacity, --repeats times each, while feedback keeps arriving (a backlog of pairs,
+   then one per second). Last, on the mace server, a training-only run: feedback, no
+   requests.
+4. SLO targets (--slo-from inference, the default): the TTFT p99 and TBT p99 of the
+   inference-only runs at 80% load, pooled over repeats, so that inference-only just
+   meets them at 80% and the policies are judged where it matters; the training servers
+   start with them (--mace-slo-*). --slo-from profile keeps the profile's targets.
+5. DIR/results.json: {"runs": [{"policy", "load", "ttft_p99_ms", "tbt_p99_ms",
+   "slo_attainment", "train_tokens_per_s", "train_time_fraction", "idle_fraction", ...,
+   "ci95": {metric: [low, high]}, "repeats": [the repeats' own rows]}], "harvest",
+   "harvest_ci95", "harvest_by_time", "ratios": {...}} and DIR/latency_cdf.png.
+   Every number of a run is the mean over its repeats; ci95 is a Student-t interval.
 
 Harvest at a load = mace training tokens/s / (training-only tokens/s x the inference-only
 run's idle fraction at that load): the share of the idle capacity training turned into
-work. idle_fraction = 1 - (seconds the scheduler spent in forwards) / wall seconds.
-Training tokens count when their DPO step completes, so a short run on a slow device
-quantizes them (one SmolLM2 step is several seconds of compute); `harvest_by_time` is the
-same ratio with the share of wall time spent in training units (`train_time_fraction`).
+work, by completed DPO steps (trained tokens count when their step completes, so a short
+run quantizes them: one SmolLM2 step is several seconds of compute). `harvest_by_time` is
+the same ratio with the share of wall time spent in training units
+(`train_time_fraction`). idle_fraction = 1 - (seconds the scheduler spent in forwards) /
+wall seconds. `ratios`: per load, each training policy's TBT p99 and SLO attainment over
+inference-only's, computed repeat by repeat (mean and ci95).
 """
 
 from __future__ import annotations
@@ -34,13 +45,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.loadgen import closed_loop, poisson_load, summarize
+from benchmarks.loadgen import RequestResult, closed_loop, percentile_ms, poisson_load, summarize
 from benchmarks.serve_smoke import machine
+from benchmarks.stats import aggregate, mean_ci95
 from mace_sgl.launcher import MACE_SGL, Server
 from mace_sgl.policy import Profile
 
 POLICIES = ("inference-only", "fcfs-reserve", "mace")
-LOADS = (0.5, 0.8)
+MIXED = "mace+mixed"  # the mace policy with SGLang's --enable-mixed-chunk
+LOADS = (0.8, 0.5)  # 80% first: the inference-only run there sets the SLO targets
 TOPICS = [
     "the ocean", "volcanoes", "bicycles", "the moon", "coffee", "honey bees", "trains",
     "the piano", "chess", "rainbows", "deserts", "penguins", "bread", "glaciers", "owls",
@@ -123,13 +136,56 @@ class Meter:
         }
 
 
-def start_server(args: argparse.Namespace, policy: str, profile: Path, out: Path) -> Server:
-    flags = ["--log-level", "warning", "--mace-train", "--mace-policy", policy,
+def start_server(
+    args: argparse.Namespace, policy: str, profile: Path, out: Path, slo: dict | None
+) -> Server:
+    name = "mace" if policy == MIXED else policy
+    flags = ["--log-level", "warning", "--mace-train", "--mace-policy", name,
              "--mace-profile", str(profile), "--mace-default-adapter", "live",
              "--mace-state-dir", str(out / f"state-{policy}")]  # fmt: skip
+    if policy == MIXED:
+        flags.append("--enable-mixed-chunk")
+    if slo is not None:
+        flags += ["--mace-slo-ttft-ms", f"{slo['ttft_ms']:.1f}",
+                  "--mace-slo-tbt-ms", f"{slo['tbt_ms']:.1f}"]  # fmt: skip
     if args.model_path:
         flags += ["--model-path", args.model_path]
     return Server(flags, out / f"server-{policy}.log", timeout_s=600)
+
+
+def derive_slo(results: list[RequestResult]) -> dict[str, float]:
+    """Targets inference-only just meets: its TTFT p99 and TBT p99 (ms)."""
+    ok = [r for r in results if r.error is None and r.ttft is not None]
+    ttft = percentile_ms([r.ttft for r in ok], 99)
+    tbt = percentile_ms([g for r in ok for g in r.gaps], 99)
+    if ttft is None or tbt is None:
+        raise RuntimeError("the inference-only runs at 80% completed no request")
+    return {"ttft_ms": ttft, "tbt_ms": tbt}
+
+
+def paired(rows: dict, policy: str, load: float, key: str, base: str = "inference-only") -> dict:
+    """Mean and ci95 of policy / base of `key`, repeat by repeat (None if any is missing)."""
+    mine, theirs = rows.get((policy, load), []), rows.get((base, load), [])
+    ratios = [
+        a[key] / b[key]
+        for a, b in zip(mine, theirs, strict=False)
+        if isinstance(a.get(key), int | float) and isinstance(b.get(key), int | float) and b[key]
+    ]
+    if not ratios or len(ratios) < min(len(mine), len(theirs)):
+        return {"mean": None, "ci95": None}
+    mean, ci = mean_ci95(ratios)
+    return {"mean": mean, "ci95": ci}
+
+
+def harvests(rows: dict, load: float, key: str) -> list[float]:
+    """Per repeat: mace's `key` / (training-only's x inference-only's idle fraction)."""
+    only = rows[("training-only", 0.0)][0]
+    out = []
+    for mace, inf in zip(rows[("mace", load)], rows[("inference-only", load)], strict=False):
+        potential = only[key] * inf["idle_fraction"]
+        if potential:
+            out.append(mace[key] / potential)
+    return out
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -145,14 +201,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cmd += ["--model-path", args.model_path]
         print("profiling the device ...", file=sys.stderr)
         subprocess.run(cmd, check=True)
-    slo = Profile.load(profile_path).slo
-    print(f"SLO targets: TTFT {slo.ttft_ms} ms, TBT {slo.tbt_ms} ms", file=sys.stderr)
+    slo = Profile.load(profile_path).slo.to_dict()
+    slo_source = "profile"
 
-    runs: list[dict[str, Any]] = []
+    raw: list[tuple[str, float, int, list[RequestResult], dict]] = []  # + measured
     samples: dict[str, dict[str, list[float]]] = {}
+    training_only: dict | None = None
     capacity = None
-    for policy in POLICIES:
-        server = start_server(args, policy, profile_path, out)
+    policies = POLICIES + ((MIXED,) if args.mixed_chunk else ())
+    for policy in policies:
+        targets = slo if slo_source == "inference-only at 80%" else None
+        server = start_server(args, policy, profile_path, out, targets)
         try:
             body = lambda i: request_body(i, args.max_tokens)  # noqa: E731
             closed_loop(server.url, 2, 5.0, body)  # warm-up
@@ -162,49 +221,76 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 capacity = len(done) / wall
                 print(f"capacity: {capacity:.2f} requests/s", file=sys.stderr)
             for load in LOADS:
-                feedback = FeedbackStream(server, backlog=args.backlog, interval_s=1.0)
-                meter = Meter(server)
-                results = poisson_load(server.url, load * capacity, args.load_s, body,
-                                       seed=int(load * 100))  # fmt: skip
-                measured = meter.done()
-                feedback.stop()
-                summary = summarize(results, slo.ttft_ms, slo.tbt_ms, measured["wall_s"])
-                row = {"policy": policy, "load": load, **summary, **measured}
-                runs.append(row)
-                samples[f"{policy}@{load}"] = {
-                    "ttft": [r.ttft for r in results if r.ttft is not None],
-                    "tbt": [g for r in results for g in r.gaps],
-                }
-                print(json.dumps(row), file=sys.stderr)
+                for rep in range(args.repeats):
+                    feedback = FeedbackStream(server, backlog=args.backlog, interval_s=1.0)
+                    meter = Meter(server)
+                    results = poisson_load(server.url, load * capacity, args.load_s, body,
+                                           seed=int(load * 100) + 1000 * rep)  # fmt: skip
+                    measured = meter.done()
+                    feedback.stop()
+                    raw.append((policy, load, rep, results, measured))
+                    cdf = samples.setdefault(f"{policy}@{load}", {"ttft": [], "tbt": []})
+                    cdf["ttft"] += [r.ttft for r in results if r.ttft is not None]
+                    cdf["tbt"] += [g for r in results for g in r.gaps]
+                    print(f"{policy} @ {load} #{rep}: {len(results)} requests, "
+                          f"{json.dumps(measured)}", file=sys.stderr)  # fmt: skip
+            if policy == "inference-only" and args.slo_from == "inference":
+                slo = derive_slo(
+                    [r for p, ld, _, rs, _ in raw if p == policy and ld == 0.8 for r in rs]
+                )
+                slo_source = "inference-only at 80%"
+                print(f"SLO targets from inference-only at 80%: {slo}", file=sys.stderr)
             if policy == "mace":
                 feedback = FeedbackStream(server, backlog=args.backlog, interval_s=1.0)
                 meter = Meter(server)
                 time.sleep(args.load_s)
-                measured = meter.done()
+                training_only = meter.done()
                 feedback.stop()
-                row = {"policy": "training-only", "load": 0.0, "ttft_p99_ms": None,
-                       "tbt_p99_ms": None, "slo_attainment": None, **measured}  # fmt: skip
-                runs.append(row)
-                print(json.dumps(row), file=sys.stderr)
         finally:
             server.stop()
 
-    by = {(r["policy"], r["load"]): r for r in runs}
-    only = by[("training-only", 0.0)]
-    harvest, harvest_by_time = {}, {}
+    rows: dict[tuple[str, float], list[dict]] = {}
+    for policy, load, rep, results, measured in raw:
+        summary = summarize(results, slo["ttft_ms"], slo["tbt_ms"], measured["wall_s"])
+        rows.setdefault((policy, load), []).append(
+            {"policy": policy, "load": load, "repeat": rep, **summary, **measured}
+        )
+    assert training_only is not None
+    rows[("training-only", 0.0)] = [{"policy": "training-only", "load": 0.0, **training_only}]
+    runs = []
+    for (policy, load), reps in rows.items():
+        agg = aggregate(reps, rows_key="repeats")
+        agg.pop("repeat", None)
+        runs.append({"policy": policy, "load": load, **agg})
+    harvest, harvest_ci, harvest_by_time = {}, {}, {}
     for load in LOADS:
-        idle = by[("inference-only", load)]["idle_fraction"]
-        mace = by[("mace", load)]
-        potential = only["train_tokens_per_s"] * idle
-        harvest[str(load)] = mace["train_tokens_per_s"] / potential if potential else None
-        potential = only["train_time_fraction"] * idle
-        harvest_by_time[str(load)] = mace["train_time_fraction"] / potential if potential else None
+        by_steps = harvests(rows, load, "train_tokens_per_s")
+        harvest[str(load)], harvest_ci[str(load)] = (
+            mean_ci95(by_steps) if by_steps else (None, None)
+        )
+        by_time = harvests(rows, load, "train_time_fraction")
+        harvest_by_time[str(load)] = mean_ci95(by_time)[0] if by_time else None
+    ratios = {
+        str(load): {
+            policy: {
+                "tbt_p99": paired(rows, policy, load, "tbt_p99_ms"),
+                "slo_attainment": paired(rows, policy, load, "slo_attainment"),
+            }
+            for policy in policies
+            if policy != "inference-only"
+        }
+        for load in LOADS
+    }
     result = {
         "runs": runs,
         "harvest": harvest,
+        "harvest_ci95": harvest_ci,
         "harvest_by_time": harvest_by_time,
+        "ratios": ratios,
         "capacity_rps": capacity,
-        "slo": slo.to_dict(),
+        "slo": slo,
+        "slo_source": slo_source,
+        "repeats": args.repeats,
         "max_tokens": args.max_tokens,
         "load_s": args.load_s,
         "machine": machine(),
@@ -212,11 +298,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "profile": str(profile_path),
     }
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(samples, out / "latency_cdf.png")
+    plot(samples, policies, out / "latency_cdf.png")
     return result
 
 
-def plot(samples: dict[str, dict[str, list[float]]], path: Path) -> None:
+def plot(samples: dict[str, dict[str, list[float]]], policies: tuple, path: Path) -> None:
     """TTFT and TBT CDFs, one panel per metric and load, one line per policy."""
     import matplotlib
 
@@ -227,7 +313,7 @@ def plot(samples: dict[str, dict[str, list[float]]], path: Path) -> None:
     for row, load in enumerate(LOADS):
         for col, metric in enumerate(("ttft", "tbt")):
             ax = axes[row][col]
-            for policy in POLICIES:
+            for policy in policies:
                 values = sorted(samples.get(f"{policy}@{load}", {}).get(metric, []))
                 if values:
                     ys = [(i + 1) / len(values) for i in range(len(values))]
@@ -252,15 +338,28 @@ def main() -> None:
     parser.add_argument("--capacity-s", type=float, default=None)
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request")
     parser.add_argument("--backlog", type=int, default=40, help="pairs queued per run")
+    parser.add_argument("--repeats", type=int, default=3, help="load windows per policy and load")
+    parser.add_argument(
+        "--mixed-chunk",
+        action="store_true",
+        help="also run the mace policy with SGLang's --enable-mixed-chunk",
+    )
+    parser.add_argument(
+        "--slo-from",
+        choices=("inference", "profile"),
+        default="inference",
+        help="SLO targets: inference-only's p99s at 80%% load, or the profile's",
+    )
     args = parser.parse_args()
     args.load_s = args.load_s or (90.0 if args.quick else 300.0)
     args.capacity_s = args.capacity_s or (30.0 if args.quick else 120.0)
     result = run(args)
-    keys = ("policy", "load", "ttft_p99_ms", "tbt_p99_ms", "slo_attainment",
-            "train_tokens_per_s", "train_time_fraction", "idle_fraction")  # fmt: skip
+    keys = ("policy", "load", "requests", "ttft_p99_ms", "tbt_p99_ms", "slo_attainment",
+            "train_tokens_per_s", "train_time_fraction", "idle_fraction", "ci95")  # fmt: skip
     print(json.dumps({"runs": [{k: r.get(k) for k in keys} for r in result["runs"]],
-                      "harvest": result["harvest"],
-                      "harvest_by_time": result["harvest_by_time"]}, indent=2))  # fmt: skip
+                      "harvest": result["harvest"], "harvest_ci95": result["harvest_ci95"],
+                      "harvest_by_time": result["harvest_by_time"],
+                      "ratios": result["ratios"], "slo": result["slo"]}, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ from benchmarks.align import prompts as shipped_prompts
 from benchmarks.loadgen import RequestResult, poisson_load, summarize
 from benchmarks.phases import DEFAULT_FILE, Phase, degenerate, load_phases, verdict
 from benchmarks.serve_smoke import machine
+from benchmarks.stats import aggregate
 from mace_sgl.config import MaceConfig
 from mace_sgl.launcher import Server
 
@@ -77,47 +78,6 @@ POLICY = {
     "continuous": "fcfs-reserve",
     "mace": "mace",
 }
-
-
-T95 = {
-    1: 12.706,
-    2: 4.303,
-    3: 3.182,
-    4: 2.776,
-    5: 2.571,
-    6: 2.447,
-    7: 2.365,
-    8: 2.306,
-    9: 2.262,
-    10: 2.228,
-}  # Student t, 97.5% quantile, by degrees of freedom
-
-
-def mean_ci95(values: list[float]) -> tuple[float, list[float]]:
-    """Mean and 95% confidence interval [low, high] of a few seeds' values."""
-    m = statistics.mean(values)
-    if len(values) < 2:
-        return m, [m, m]
-    half = T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / len(values) ** 0.5
-    return m, [m - half, m + half]
-
-
-def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """One baseline over seeds: the mean of every number (None where a seed has none),
-    `ci95` of each, and the seeds' own rows."""
-    out: dict[str, Any] = {}
-    ci: dict[str, list[float]] = {}
-    for key, first in rows[0].items():
-        if isinstance(first, bool) or not isinstance(first, int | float):
-            continue
-        values = [r.get(key) for r in rows]
-        if any(not isinstance(v, int | float) for v in values):
-            out[key] = None
-            continue
-        out[key], ci[key] = mean_ci95([float(v) for v in values])
-    out["ci95"] = ci
-    out["seeds"] = rows
-    return out
 
 
 class Client:

@@ -129,7 +129,7 @@ class MaceConfig:
         },
     )
     guard_tokens: int = field(
-        default=24,
+        default=16,
         metadata={"help": "Tokens each canary answer of the publish guard may run to."},
     )
     measure_swap: bool = field(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.drift import aggregate, mean_ci95
+from benchmarks.stats import aggregate, mean_ci95
 
 
 def test_mean_ci95_uses_student_t():

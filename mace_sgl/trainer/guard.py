@@ -21,9 +21,12 @@ KL of 0.003 nats/token: the base model continues that opening the same way.) A v
 with kl_per_token above `max_kl`, or with any new empty or looping answer, is refused and
 the trainer rolls back to the last published version (weights and optimizer state).
 
-The candidate and the base decode in lockstep, a batch of all canary prompts at once: one
-slice per decoded position and model ("guard" units of the cost model), so the check fits
-between serving iterations like any other training work.
+The candidate answers one canary prompt at a time, one slice per decoded position, and the
+base model then scores each answer in one teacher-forced pass ("guard" units of the cost
+model): the largest slice is one short prompt's forward, so the check fits between
+serving iterations like any other training work. (A first form decoded all prompts as one
+batch: its prefill slice took 2.3 s on the 2-core Xeon and, run in an idle gap, delayed
+the next request's first token by as much; the SLO controller then starved training.)
 """
 
 from __future__ import annotations
@@ -45,8 +48,6 @@ CANARY_PROMPTS = [
     [{"role": "user", "content": "Name three colours."}],
     [{"role": "user", "content": "How many days are there in a week?"}],
     [{"role": "user", "content": "Explain in one sentence why the sky is blue."}],
-    [{"role": "user", "content": "Give me a tip for sleeping better."}],
-    [{"role": "user", "content": "What is 12 plus 7?"}],
 ]
 LOOP_NGRAM, LOOP_REPEATS = 4, 3
 ATTRIBUTE_KL = 0.05  # nats/token: below it an answer is one the base model gives as well
@@ -96,7 +97,7 @@ class Guard:
         eos_id: int,
         decode: Any,
         max_kl: float,
-        max_new_tokens: int = 24,
+        max_new_tokens: int = 16,
     ) -> None:
         """prompts: the canary prompts as token ids (chat template applied); decode: token
         ids -> text, for the status; max_kl: the bound on kl_per_token (nats)."""
@@ -156,63 +157,56 @@ class Guard:
     def answer_slices(
         self, adapter: bool, against_base: bool
     ) -> Generator[SliceSpec, None, Answers]:
-        """Greedy answers of the model (adapter on or off) to every canary prompt, batched
-        with left padding; with `against_base`, the base model decodes the same tokens in
-        lockstep and the mean KL(model || base) per answer token comes back too."""
+        """Greedy answers of the model (adapter on or off) to the canary prompts, one
+        prompt at a time and one slice per decoded position (the largest slice is one
+        prompt's prefill, about as long as a short serving prefill); with `against_base`,
+        one more slice per prompt runs the base model over prompt and answer (teacher
+        forcing) and the mean KL(model || base) per answer token comes back too."""
         lm, dev = self.dpo.lm, self.dpo.device
-        n, width = len(self.prompts), max(len(p) for p in self.prompts)
-        ids = torch.full((n, width), self.eos_id, dtype=torch.long, device=dev)
-        mask = torch.zeros((n, width), dtype=torch.long, device=dev)
-        for i, p in enumerate(self.prompts):
-            ids[i, width - len(p) :] = torch.tensor(p, device=dev)
-            mask[i, width - len(p) :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        caches: dict[bool, Any] = {}
-
-        def forward(with_adapter: bool, tokens: torch.Tensor, positions: torch.Tensor) -> Any:
-            with self.dpo._mode(with_adapter, grad=False):
-                out = lm(
-                    input_ids=tokens,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    past_key_values=caches.get(with_adapter),
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-            caches[with_adapter] = out.past_key_values
-            return F.log_softmax(out.logits[:, -1].float(), dim=-1)
-
-        models = [adapter] + ([False] if against_base else [])
-        logps: dict[bool, torch.Tensor] = {}
-        for m in models:
-            yield SliceSpec("guard", n * width)
-            logps[m] = forward(m, ids, pos)
-        answers: list[list[int]] = [[] for _ in range(n)]
-        done = torch.zeros(n, dtype=torch.bool, device=dev)
-        kl_sum = torch.zeros(n, dtype=torch.float64, device=dev)
-        kl_count = torch.zeros(n, dtype=torch.float64, device=dev)
-        for step in range(self.max_new_tokens):
-            mine = logps[adapter]
-            if against_base:
-                p = mine.exp()
-                kl = torch.where(p > 0, p * (mine - logps[False]), 0.0).sum(-1)  # nats/row
-                kl_sum += torch.where(done, 0.0, kl.double())
-                kl_count += (~done).double()
-            tok = mine.argmax(-1)
-            for i in range(n):
-                if not done[i]:
-                    answers[i].append(int(tok[i]))
-            done |= tok == self.eos_id
-            if bool(done.all()) or step == self.max_new_tokens - 1:
-                break
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long, device=dev)], dim=1)
-            pos = pos[:, -1:] + 1
-            for m in models:
-                yield SliceSpec("guard", n)
-                logps[m] = forward(m, tok.unsqueeze(-1), pos)
-        total = float(kl_count.sum())
-        kl_mean = float(kl_sum.sum()) / total if total else 0.0
-        by_answer = (kl_sum / kl_count.clamp(min=1)).tolist()
+        answers: list[list[int]] = []
+        by_answer: list[float] = []
+        kl_total, tokens_total = 0.0, 0
+        for prompt in self.prompts:
+            tokens = torch.tensor([prompt], device=dev)
+            pos = torch.arange(len(prompt), device=dev).unsqueeze(0)
+            cache: Any = None
+            mine: list[torch.Tensor] = []  # the model's next-token log-probs, a step each
+            answer: list[int] = []
+            for _ in range(self.max_new_tokens):
+                yield SliceSpec("guard", int(tokens.shape[1]))
+                with self.dpo._mode(adapter, grad=False):
+                    out = lm(
+                        input_ids=tokens,
+                        position_ids=pos,
+                        past_key_values=cache,
+                        use_cache=True,
+                        logits_to_keep=1,
+                    )
+                cache = out.past_key_values
+                logp = F.log_softmax(out.logits[0, -1].float(), dim=-1)
+                if against_base:
+                    mine.append(logp)
+                answer.append(int(logp.argmax()))
+                if answer[-1] == self.eos_id:
+                    break
+                tokens = torch.tensor([[answer[-1]]], device=dev)
+                pos = pos[:, -1:] + 1
+            answers.append(answer)
+            if not against_base:
+                continue
+            full = torch.tensor([prompt + answer], device=dev)
+            yield SliceSpec("guard", int(full.shape[1]))
+            with self.dpo._mode(False, grad=False):
+                out = lm(input_ids=full, logits_to_keep=len(answer) + 1)
+            # the last len(answer) + 1 positions; position j of them predicts answer token j
+            base = F.log_softmax(out.logits[0, : len(answer)].float(), dim=-1)
+            ours = torch.stack(mine)
+            p = ours.exp()
+            kl = torch.where(p > 0, p * (ours - base), 0.0).sum(-1)  # nats per token
+            by_answer.append(float(kl.mean()))
+            kl_total += float(kl.sum())
+            tokens_total += len(answer)
+        kl_mean = kl_total / tokens_total if tokens_total else 0.0
         return Answers(answers, kl_mean, by_answer)
 
     def status(self) -> dict[str, Any]:
