@@ -420,17 +420,3 @@ def test_prefill_cost_fits_nonnegative_weights_not_clipped_ones():
         predicted = model.predict("prefill", tokens=t, context=prefix + t, lora=lora)
         assert predicted == pytest.approx(cost(t, lora), rel=0.25), (t, prefix, lora)
     assert model.abs_pct_error["prefill"] < 0.25
-
-
-def test_stalls_do_not_teach_the_cost_model():
-    """On 2 cores a decode iteration now and then takes several times as long while
-    another process holds a core (145 of 2,647 decode observations of a 15-minute soak).
-    Those stalls must not raise the predictions for the normal iterations after them;
-    unclipped, one stall in 20 at 5x raised them by 20%."""
-    model = CostModel()
-    rng = random.Random(7)
-    for i in range(2000):
-        y = 0.2 * rng.uniform(0.95, 1.05) * (5.0 if i % 20 == 19 else 1.0)
-        model.observe(Observation("decode", y, batch=1, context=100))
-    assert model.predict("decode", batch=1, context=100) == pytest.approx(0.2, rel=0.05)
-    assert model.models["decode"].clipped >= 90

@@ -98,18 +98,7 @@ class DecayedLeastSquares:
     are short and mostly cached) the unconstrained fit pairs a large positive weight with
     a large negative one; zeroing the negative one left the positive one to over-predict
     prefill by 2-3x, and the running error climbed to 149% in a 60-minute soak.
-
-    Stalls do not teach it: after a warm-up of WARMUP observations, an observation's
-    residual is clipped to CLIP times the running mean absolute residual before it enters
-    the fit (a Huber-like robust update). On 2 cores a decode iteration of 0.3 s now and
-    then takes 1-3 s while another process holds a core; unclipped, each such stall
-    raised the next hundred predictions. A lasting change of the device is still
-    followed: the clipped residuals keep pushing, and the scale they feed grows by up
-    to (CLIP - 1) x 5% an observation.
     """
-
-    WARMUP = 20
-    CLIP = 3.0
 
     def __init__(
         self, weights: list[float], forgetting: float = FORGETTING, ridge: float = 1e-3
@@ -123,8 +112,6 @@ class DecayedLeastSquares:
         self.b = [0.0] * n
         self.count = 0
         self.rejected = 0  # updates dropped as non-finite
-        self.scale = 0.0  # running mean absolute residual (seconds)
-        self.clipped = 0  # updates whose residual was clipped
 
     @property
     def weights(self) -> list[float]:
@@ -139,18 +126,6 @@ class DecayedLeastSquares:
             self.rejected += 1
             return
         n, lam = len(self.w), self.lam
-        predicted = self.predict(x)
-        residual = y - predicted
-        if self.count >= self.WARMUP:
-            # never tighter than 15% of the prediction: a scale near zero must not freeze it
-            bound = self.CLIP * max(self.scale, 0.05 * predicted)
-            if abs(residual) > bound:
-                self.clipped += 1
-                residual = bound if residual > 0 else -bound
-                y = predicted + residual
-            self.scale += 0.05 * (abs(residual) - self.scale)
-        else:
-            self.scale += (abs(residual) - self.scale) / (self.count + 1)
         A = [[lam * self.A[i][j] + x[i] * x[j] for j in range(n)] for i in range(n)]
         b = [lam * self.b[i] + x[i] * y for i in range(n)]
         reg = [[A[i][j] + (self.ridge if i == j else 0.0) for j in range(n)] for i in range(n)]
