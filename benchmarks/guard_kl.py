@@ -114,7 +114,7 @@ def run_drive(name: str, model_path: str, steps: int, cfg: MaceConfig) -> dict:
             "margin_last": rows[-1]["margin"],
             "first_empty_or_loop_step": first_bad,
             "refused_at_default": sum(not r["would_publish"] for r in rows),
-            "base_canary_answers": [guard.decode(t)[:80] for t in guard.base_tokens],
+            "base_canary_answers": guard.base_answers,
         },
     }
 

@@ -89,8 +89,7 @@ class DecayedLeastSquares:
     1e61 s after 5,000 identical decode observations, NaN after 20,000). Here such a
     direction only decays back to the starting weights, A + ridge I stays positive
     definite, and excited directions still follow the device within ~1/(1-lam)
-    observations. Non-finite observations, and a solve that would not be finite, change
-    nothing.
+    observations. Non-finite observations change nothing.
 
     The weights are the best fit with every weight >= 0 (every term is a cost), solved
     exactly: not the unconstrained fit with its negative weights set to zero afterwards.
