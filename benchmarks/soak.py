@@ -539,6 +539,7 @@ def compact_status(body: dict[str, Any]) -> dict[str, Any]:
         },
         "slo": training.get("slo"),
         "abs_pct_error": cost.get("abs_pct_error"),
+        "cost_outliers": training.get("cost_outliers"),
         "trainer_memory": training.get("memory"),
         # the scheduler's RSS against glibc's heap (mace_sgl/memstats.py)
         "memory": schedulers[0].get("memory") if schedulers else None,

@@ -89,3 +89,54 @@ def test_starvation_reports_since_when_and_why():
     assert s.status(171.0)["total_s"] == 70.0 and s.episodes == 1
     s.iteration(200.0, waiting=0, ran=0, why="")  # nothing waiting is not starvation
     assert s.starved_s(300.0) == 0.0
+
+
+def test_forwards_the_cost_model_missed_are_kept_bounded_with_their_context():
+    monitor = IterationMonitor(make_policy("mace", Profile()), on_cuda=False)
+    monitor.outliers_kept = 4
+    monitor.outliers = type(monitor.outliers)(maxlen=4)
+    monitor.started = 0.0  # the fake clock below starts at 0
+    decode = SimpleNamespace(
+        forward_mode=SimpleNamespace(is_decode=lambda: True),
+        reqs=[req("a"), req("b", LIVE)],
+        seq_lens_cpu=None,
+        seq_lens_sum=300,
+    )
+    # 40 ordinary 20 ms decode forwards, then 8 times a 1 s one followed by 30 ordinary
+    plan = [0.02] * 40 + ([1.0] + [0.02] * 30) * 8
+    seconds = iter(plan)
+
+    def forward(scheduler, batch):
+        return next(seconds)
+
+    now = [0.0]
+
+    def clock():
+        return now[0]
+
+    import mace_sgl.plugin.iteration as iteration
+
+    real = iteration.time.monotonic
+    iteration.time.monotonic = clock
+    try:
+        for _ in range(len(plan)):
+            t0 = now[0]
+            now[0] = t0 + 0.01  # a 10 ms gap between forwards
+
+            def run(scheduler, batch, t=t0):
+                took = forward(scheduler, batch)
+                now[0] += took
+                return None
+
+            monitor.timed_forward(run, None, decode)
+    finally:
+        iteration.time.monotonic = real
+    out = monitor.status()["cost_outliers"]
+    assert set(out["count"]) == {"decode"} and out["count"]["decode"] >= 8  # each slow one
+    assert len(out["last"]) == 4  # only the newest kept
+    assert all(o["abs_pct_error"] > 1.0 for o in out["last"])
+    last = out["last"][-1]  # after a slow one, ordinary ones are missed too for a while
+    assert last["kind"] == "decode" and last["batch"] == 2 and last["lora"] == 1
+    assert last["t_s"] > 40 * 0.03  # not among the first, well-predicted ones
+    assert last["gap_s"] == 0.01 and last["cpu_s"] >= 0 and last["gc_collections"] >= 0
+    json.dumps(out, allow_nan=False)

@@ -7,8 +7,10 @@ scheduler as an IterationView. Hooks in plugin/train_hooks.py call it.
 
 from __future__ import annotations
 
+import gc
+import os
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 from mace_sgl.policy import IterationView, Observation, WaitingPrefill
@@ -23,6 +25,8 @@ class IterationMonitor:
     """
 
     sweep_every_s = 10.0
+    outlier_error = 1.0  # a forward the cost model missed by more than 100% is kept
+    outliers_kept = 16
 
     def __init__(self, policy: Any, on_cuda: bool) -> None:
         self.policy = policy
@@ -35,6 +39,14 @@ class IterationMonitor:
         self.cuda_pending: deque[tuple[Any, Any, Observation]] = deque()
         self.serving_seconds = 0.0  # forward time, for the idle fraction
         self.started = time.monotonic()
+        self.forward_end: float | None = None  # when the last timed forward ended
+        # Forwards the cost model missed badly, newest last (bounded): what ran, how long,
+        # how much CPU this process got meanwhile (about 2 x wall when its threads had both
+        # cores of a 2-core machine, less when something else ran) and whether Python's
+        # garbage collector ran inside. What an operator reads to tell a device disturbed
+        # by something else from work the model does not describe.
+        self.outliers: deque[dict[str, Any]] = deque(maxlen=self.outliers_kept)
+        self.outlier_counts: Counter[str] = Counter()
 
     # -- requests --------------------------------------------------------------------------
 
@@ -80,15 +92,38 @@ class IterationMonitor:
             end.record()
             self.cuda_pending.append((start, end, obs))
             return result
-        t0 = time.monotonic()
+        t0, cpu0, gc0 = time.monotonic(), time.process_time(), _gc_collections()
         result = original(scheduler, batch, *a, **kw)
-        obs.seconds = time.monotonic() - t0
-        self._observe(obs)
+        t1 = time.monotonic()
+        obs.seconds = t1 - t0
+        err = self._observe(obs)
+        if err is not None and err > self.outlier_error:
+            self._outlier(obs, err, t0, time.process_time() - cpu0, _gc_collections() - gc0)
+        self.forward_end = t1
         return result
 
-    def _observe(self, obs: Observation) -> None:
+    def _observe(self, obs: Observation) -> float | None:
         self.serving_seconds += obs.seconds
-        self.policy.observe(obs)
+        return self.policy.observe(obs)
+
+    def _outlier(self, obs: Observation, err: float, t0: float, cpu_s: float, gcs: int) -> None:
+        self.outlier_counts[obs.kind] += 1
+        self.outliers.append(
+            {
+                "t_s": round(t0 - self.started, 3),
+                "kind": obs.kind,
+                "batch": obs.batch,
+                "tokens": obs.tokens,
+                "context": obs.context,
+                "lora": obs.lora,
+                "seconds": round(obs.seconds, 4),
+                "abs_pct_error": round(err, 3),
+                "cpu_s": round(cpu_s, 4),
+                "gc_collections": gcs,
+                "gap_s": round(t0 - self.forward_end, 4) if self.forward_end else None,
+                "loadavg_1m": os.getloadavg()[0],
+            }
+        )
 
     def _drain_cuda(self) -> None:
         while self.cuda_pending and self.cuda_pending[0][1].query():
@@ -151,6 +186,7 @@ class IterationMonitor:
             "idle_fraction": max(0.0, 1.0 - self.serving_seconds / wall) if wall else None,
             "tracked_requests": len(self.arrivals),
             "swept_requests": self.swept,
+            "cost_outliers": {"count": dict(self.outlier_counts), "last": list(self.outliers)},
         }
 
 
@@ -169,6 +205,11 @@ def _live_rids(scheduler: Any, batch: Any) -> set[str]:
     if chunked is not None:
         live.add(chunked.rid)
     return live
+
+
+def _gc_collections() -> int:
+    """Collections Python's garbage collector has run so far, all generations."""
+    return sum(g["collections"] for g in gc.get_stats())
 
 
 def _lora_rows(reqs: Any) -> int:

@@ -263,10 +263,11 @@ class CostModel:
         """Predicted peak extra bytes of a fine-tune unit."""
         return self.mem_per_token.get(kind, 0.0) * tokens
 
-    def observe(self, obs: Observation) -> None:
-        """Fold one measurement in: tracks the error it had, then corrects the model."""
+    def observe(self, obs: Observation) -> float | None:
+        """Fold one measurement in: tracks the error it had, then corrects the model.
+        Returns that relative error (|predicted - measured| / measured), None if ignored."""
         if not (math.isfinite(obs.seconds) and obs.seconds >= 0.0):
-            return
+            return None
         x = features(obs.kind, obs.tokens, obs.batch, obs.context, obs.lora)
         model = self.models[obs.kind]
         predicted = max(model.predict(x), 1e-9)
@@ -278,6 +279,7 @@ class CostModel:
             per = obs.mem_bytes / obs.tokens
             old = self.mem_per_token.get(obs.kind, per)
             self.mem_per_token[obs.kind] = max(per, old + 0.2 * (per - old))
+        return err
 
     def to_dict(self) -> dict[str, Any]:
         """The profile's `cost` section."""

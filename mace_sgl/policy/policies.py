@@ -76,9 +76,10 @@ class Policy:
             forced=True,
         )
 
-    def observe(self, obs: Observation) -> None:
-        """A measured iteration or unit: corrects the cost model."""
-        self.cost.observe(obs)
+    def observe(self, obs: Observation) -> float | None:
+        """A measured iteration or unit: corrects the cost model; returns its relative error
+        before the correction."""
+        return self.cost.observe(obs)
 
     def status(self) -> dict[str, Any]:
         return {
