@@ -6,8 +6,11 @@ the candidate answers a fixed set of canary prompts greedily, and the guard meas
 
 - kl_per_token: the mean, over the candidate's answer tokens, of KL(candidate || base) of
   the next-token distributions at that position, with the base model (adapter disabled)
-  teacher-forced on the same tokens. Learning a style moves a few tokens of each answer
-  (an opener, a closing line): a small mean. Collapse moves every token: a large one.
+  teacher-forced on the same tokens. Collapse moves every token: a large mean. Learning
+  a style moves a few tokens of each answer (an opener, a closing line), but on short
+  answers those few weigh a lot: in `benchmarks.align` a fully learned "Certainly!"
+  opener measured 0.47-0.69 nats/token (2026-12-02), as much as a collapse's first wrong
+  answer (0.61), so the default bound refuses real learning there (README, Known gaps).
 - empty: answers with nothing but whitespace before the end-of-sequence token;
 - loops: answers in which one token n-gram recurs (LOOP_NGRAM tokens, LOOP_REPEATS times);
 
