@@ -7,7 +7,7 @@ import json
 from types import SimpleNamespace
 
 from mace_sgl.config import MaceConfig
-from mace_sgl.plugin import state
+from mace_sgl.plugin import iteration, state
 from mace_sgl.plugin.iteration import IterationMonitor
 from mace_sgl.plugin.train_hooks import TrainHooks
 from mace_sgl.policy import Profile, make_policy
@@ -91,11 +91,11 @@ def test_starvation_reports_since_when_and_why():
     assert s.starved_s(300.0) == 0.0
 
 
-def test_forwards_the_cost_model_missed_are_kept_bounded_with_their_context():
+def test_forwards_the_cost_model_missed_are_kept_bounded_with_their_context(monkeypatch):
+    monkeypatch.setattr(IterationMonitor, "outliers_kept", 4)
+    now = [0.0]  # a fake clock for the monitor's timings
+    monkeypatch.setattr(iteration.time, "monotonic", lambda: now[0])
     monitor = IterationMonitor(make_policy("mace", Profile()), on_cuda=False)
-    monitor.outliers_kept = 4
-    monitor.outliers = type(monitor.outliers)(maxlen=4)
-    monitor.started = 0.0  # the fake clock below starts at 0
     decode = SimpleNamespace(
         forward_mode=SimpleNamespace(is_decode=lambda: True),
         reqs=[req("a"), req("b", LIVE)],
@@ -104,33 +104,13 @@ def test_forwards_the_cost_model_missed_are_kept_bounded_with_their_context():
     )
     # 40 ordinary 20 ms decode forwards, then 8 times a 1 s one followed by 30 ordinary
     plan = [0.02] * 40 + ([1.0] + [0.02] * 30) * 8
-    seconds = iter(plan)
+    for took in plan:
+        now[0] += 0.01  # a 10 ms gap between forwards
 
-    def forward(scheduler, batch):
-        return next(seconds)
+        def run(scheduler, batch, took=took):
+            now[0] += took
 
-    now = [0.0]
-
-    def clock():
-        return now[0]
-
-    import mace_sgl.plugin.iteration as iteration
-
-    real = iteration.time.monotonic
-    iteration.time.monotonic = clock
-    try:
-        for _ in range(len(plan)):
-            t0 = now[0]
-            now[0] = t0 + 0.01  # a 10 ms gap between forwards
-
-            def run(scheduler, batch, t=t0):
-                took = forward(scheduler, batch)
-                now[0] += took
-                return None
-
-            monitor.timed_forward(run, None, decode)
-    finally:
-        iteration.time.monotonic = real
+        monitor.timed_forward(run, None, decode)
     out = monitor.status()["cost_outliers"]
     assert set(out["count"]) == {"decode"} and out["count"]["decode"] >= 8  # each slow one
     assert len(out["last"]) == 4  # only the newest kept
