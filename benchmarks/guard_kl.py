@@ -1,26 +1,31 @@
 """What the publish guard measures while a preference is learned, and while a model collapses.
 
-Chooses and documents the default of `--mace-guard-max-kl` (trainer/guard.py). No server:
-the embedded default model in plain HF + peft, trained with the server's own sliced DPO
-(one pair per step, the default recipe unless a drive says otherwise), with the guard's
-reading (mean KL from the base on the candidate's own canary answers, new empty and
-looping answers) taken after every step. Drives:
+Chooses and documents the defaults of `--mace-guard-max-kl` and `--mace-guard-min-keep`
+(trainer/guard.py). No server: the embedded default model in plain HF + peft, trained with
+the server's own sliced DPO (one pair per step, the default recipe unless a drive says
+otherwise), with the guard's reading (mean KL from the base on the candidate's own canary
+answers, the share of each base answer's content kept, new empty and looping answers)
+taken after every step. Drives:
 
 - style:    chosen = "Certainly! " + the base answer, rejected = the base answer;
 - brief:    chosen = the base answer's first sentence, rejected = the base answer;
+- closing:  chosen = the base answer + " I hope this helps!", rejected = the base answer;
+- lines:    chosen = the base answer with "> " before every non-empty line;
 - collapse: chosen = "No, no, no.", rejected = the base answer, at 10x the learning rate
             (5e-4 collapsed SmolLM2-135M within 32 pairs: DESIGN.md).
 
-The benign drives must stay under the bound while they learn (their margin grows); the
-collapse must cross it before its canary answers degenerate. Writes results.json with
+The benign drives must pass the guard while they learn (their margin grows); the collapse
+must be refused before its canary answers degenerate. Writes results.json with
 every step's reading and a summary per drive.
 
-    python -m benchmarks.guard_kl --out DIR [--steps 40] [--model-path P]
+    python -m benchmarks.guard_kl --out DIR [--steps 40] [--drives style,...]
+        [--rpo-alpha A] [--beta B] [--model-path P]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import time
@@ -40,6 +45,8 @@ from mace_sgl.trainer.sliced import Pair, SlicedDPO, run_to_end
 DRIVES = {
     "style": (lambda base: "Certainly! " + base, 1.0),
     "brief": (lambda base: re.split(r"(?<=[.!?])\s", base.strip())[0], 1.0),
+    "closing": (lambda base: base.strip() + " I hope this helps!", 1.0),
+    "lines": (lambda base: "\n".join("> " + x if x.strip() else x for x in base.split("\n")), 1.0),
     "collapse": (lambda base: "No, no, no.", 10.0),
 }
 
@@ -77,6 +84,7 @@ def run_drive(name: str, model_path: str, steps: int, cfg: MaceConfig) -> dict:
     guard = Guard(
         dpo, [encode_pair(tokenizer, m, "")[0] for m in CANARY_PROMPTS],
         tokenizer.eos_token_id, tokenizer.decode, cfg.guard_max_kl, cfg.guard_tokens,
+        cfg.guard_min_keep,
     )  # fmt: skip
     rows = []
     for step in range(steps):
@@ -91,6 +99,8 @@ def run_drive(name: str, model_path: str, steps: int, cfg: MaceConfig) -> dict:
             "margin": result.margins[pair.sample_id],
             "kl_per_token": reading.kl_per_token,
             "kl_by_answer": reading.kl_by_answer,
+            "keep_by_answer": reading.keep_by_answer,
+            "why": reading.why,
             "empty": reading.empty,
             "loops": reading.loops,
             "would_publish": reading.published,
@@ -99,7 +109,7 @@ def run_drive(name: str, model_path: str, steps: int, cfg: MaceConfig) -> dict:
             "guard_s": time.monotonic() - t1,
         })  # fmt: skip
         print(f"{name} step {step + 1}: margin {rows[-1]['margin']:+.2f} "
-              f"kl {reading.kl_per_token:.3f} empty {reading.empty} loops {reading.loops} "
+              f"kl {reading.kl_per_token:.3f} keep {min(reading.keep_by_answer):.2f} empty {reading.empty} loops {reading.loops} "
               f"| {reading.answers[0][:60]!r}", flush=True)  # fmt: skip
     kls = [r["kl_per_token"] for r in rows]
     first_bad = next((r["step"] for r in rows if r["empty"] or r["loops"]), None)
@@ -125,6 +135,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--drives", default="style,brief,collapse")
     parser.add_argument("--model-path", default=None, help="default: the embedded model")
+    parser.add_argument("--rpo-alpha", type=float, default=None, help="default: the server's")
+    parser.add_argument("--beta", type=float, default=None, help="default: the server's")
     args = parser.parse_args()
     if args.model_path is None:
         from mace_sgl.models import ensure_default_model
@@ -132,6 +144,10 @@ def main() -> None:
         args.model_path = str(ensure_default_model(progress=False))
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = MaceConfig()
+    if args.rpo_alpha is not None:
+        cfg = dataclasses.replace(cfg, rpo_alpha=args.rpo_alpha)
+    if args.beta is not None:
+        cfg = dataclasses.replace(cfg, beta=args.beta)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {

@@ -120,12 +120,21 @@ class MaceConfig:
         metadata={"help": "Adapter checkpoints kept on disk (newest); older ones are deleted."},
     )
     guard_max_kl: float = field(
+        default=1.0,
+        metadata={
+            "help": "Publish guard backstop: the largest mean KL (nats per token) of a "
+            "candidate version from the base model on its own greedy answers to fixed canary "
+            "prompts. A version above it, or whose canary answers lose the base answers' "
+            "content (--mace-guard-min-keep), turn empty or loop, is not published and "
+            "training rolls back (trainer/guard.py; `guard` in /mace/status)."
+        },
+    )
+    guard_min_keep: float = field(
         default=0.5,
         metadata={
-            "help": "Publish guard bound: the largest mean KL (nats per token) of a candidate "
-            "version from the base model on its own greedy answers to fixed canary prompts. "
-            "A version above it, or whose canary answers turn empty or loop, is not published "
-            "and training rolls back (trainer/guard.py; `guard` in /mace/status)."
+            "help": "Publish guard bound: the least share of the base model's content words "
+            "that each of a candidate's canary answers must keep (0 turns the check off; "
+            "trainer/guard.py)."
         },
     )
     guard_tokens: int = field(
@@ -249,6 +258,8 @@ class MaceConfig:
             raise ValueError(f"malloc_trim_s must be >= 0 seconds, got {self.malloc_trim_s}")
         if not self.guard_max_kl > 0:  # also refuses NaN
             raise ValueError(f"guard_max_kl must be > 0 nats/token, got {self.guard_max_kl}")
+        if not 0.0 <= self.guard_min_keep <= 1.0:
+            raise ValueError(f"guard_min_keep must be in [0, 1], got {self.guard_min_keep}")
         if self.guard_tokens < 1:
             raise ValueError(f"guard_tokens must be >= 1, got {self.guard_tokens}")
         if self.head_chunks < 0:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mace_sgl.templating import encode_pair
-from mace_sgl.trainer.guard import Answers, Guard, loops
+from mace_sgl.trainer.guard import Answers, Guard, content_words, loops
 from mace_sgl.trainer.sliced import Pair, SlicedDPO, run_to_end
 
 CANARY = [
@@ -20,7 +20,7 @@ CANARY = [
 TRAIN = [[{"role": "user", "content": f"Question {i}: say something"}] for i in range(4)]
 
 
-def setup(model_dir: Path, lr: float, max_kl: float = 0.5):
+def setup(model_dir: Path, lr: float, max_kl: float = 0.5, min_keep: float = 0.5):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -33,7 +33,10 @@ def setup(model_dir: Path, lr: float, max_kl: float = 0.5):
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     dpo = SlicedDPO(model, beta=0.1, lr=lr)
     prompts = [encode_pair(tok, m, "")[0] for m in CANARY]
-    guard = Guard(dpo, prompts, tok.eos_token_id, tok.decode, max_kl=max_kl, max_new_tokens=12)
+    guard = Guard(
+        dpo, prompts, tok.eos_token_id, tok.decode, max_kl=max_kl, max_new_tokens=12,
+        min_keep=min_keep,
+    )  # fmt: skip
     return tok, dpo, guard
 
 
@@ -69,7 +72,7 @@ def test_base_model_passes_its_own_guard(tiny_model_dir: Path):
 
 
 def test_guard_refuses_a_version_driven_into_empty_answers(tiny_model_dir: Path):
-    tok, dpo, guard = setup(tiny_model_dir, lr=3e-2, max_kl=1e9)  # only the empty check
+    tok, dpo, guard = setup(tiny_model_dir, lr=3e-2, max_kl=1e9, min_keep=0.0)  # only empty
     # chosen: the end token at once (an empty answer); rejected: a real answer
     train(dpo, pairs(tok, "", lambda i: f"The capital of France is Paris {i}."), 12)
     reading = run_to_end(guard.check(1))
@@ -81,7 +84,7 @@ def test_guard_refuses_a_version_driven_into_empty_answers(tiny_model_dir: Path)
 
 
 def test_guard_refuses_a_version_driven_into_a_loop(tiny_model_dir: Path):
-    tok, dpo, guard = setup(tiny_model_dir, lr=3e-2, max_kl=1e9)  # only the loop check
+    tok, dpo, guard = setup(tiny_model_dir, lr=3e-2, max_kl=1e9, min_keep=0.0)  # only loops
     loop = " ".join(["Paris Rome"] * 12)
     train(dpo, pairs(tok, loop, lambda i: "Large language models answer questions."), 12)
     reading = run_to_end(guard.check(1))
@@ -102,15 +105,50 @@ def test_guard_publishes_a_benign_preference_that_was_learned(tiny_model_dir: Pa
 def test_a_loop_counts_only_where_the_adapter_made_it(tiny_model_dir: Path, kl, published):
     """A near tie flipped by a tiny change can open an answer that the base model itself
     continues into a loop (seen on SmolLM2 at KL 0.003): not the adapter's doing."""
-    _, _, guard = setup(tiny_model_dir, lr=1e-3)
+    _, _, guard = setup(tiny_model_dir, lr=1e-3, min_keep=0.0)  # only loops
     n = len(guard.prompts)
     looping = [[7, 8, 9, 10] * 3] + [list(t) for t in guard.base_tokens[1:]]
     by_answer = [kl] + [0.0] * (n - 1)
 
-    def fake(adapter: bool, against_base: bool):
+    def fake(adapter: bool, against_base: bool, max_new: int):
         yield from ()
         return Answers(looping, kl / n, by_answer)
 
     guard.answer_slices = fake
     reading = run_to_end(guard.check(1))
     assert reading.published is published and reading.loops == (0 if published else 1)
+
+
+def test_content_words():
+    base = content_words("The capital of France is Paris.")
+    assert base == {"capital", "france", "paris"}
+    assert base <= content_words("Certainly! The capital of France is Paris.")
+    assert not base & content_words("No, no, no, no.")
+    assert content_words("A week has 7 days; bien sûr!") == {"week", "7", "days", "bien", "sûr"}
+
+
+@pytest.mark.parametrize(
+    "answer,kl,why",
+    [
+        ("Completely unrelated words instead", 0.2, "keep"),  # the content is gone
+        ("Completely unrelated words instead", 0.003, ""),  # not the adapter's doing
+        ("Certainly! {base}", 0.2, ""),  # an opener keeps every content word
+    ],
+)
+def test_guard_refuses_an_answer_that_lost_the_base_content(tiny_model_dir, answer, kl, why):
+    tok, _, guard = setup(tiny_model_dir, lr=1e-3, max_kl=1e9)  # only keep (and empty/loop)
+    assert guard.base_words[0], "the test needs a base answer with content words"
+    n = len(guard.prompts)
+    text = answer.format(base=tok.decode(guard.base_tokens[0], skip_special_tokens=True))
+    tokens = [tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]]
+    tokens += [list(t) for t in guard.base_tokens[1:]]
+
+    def fake(adapter: bool, against_base: bool, max_new: int):
+        yield from ()
+        return Answers(tokens, kl / n, [kl] + [0.0] * (n - 1))
+
+    guard.answer_slices = fake
+    reading = run_to_end(guard.check(1))
+    assert reading.published is (why == ""), reading
+    assert guard.status()["refused_by"]["keep"] == (1 if why == "keep" else 0)
+    assert reading.keep_by_answer[0] == (0.0 if why else 1.0)

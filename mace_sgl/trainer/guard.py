@@ -1,28 +1,35 @@
 """The publish guard: measures each candidate adapter version on its own answers.
 
-Degeneration (the collapse into "No, no, no.", empty answers, repetition loops) changes
-what the model *says*, so that is what the guard looks at. Before a version is published
-the candidate answers a fixed set of canary prompts greedily, and the guard measures:
+Degeneration (the collapse into "No, no, no.", empty answers, repetition loops, a fact
+lost) changes what the model *says*, so that is what the guard looks at. Before a version
+is published the candidate answers a fixed set of canary prompts greedily, and the guard
+measures, per answer:
 
+- keep: the share of the base answer's content words (letters or digits, lower-cased,
+  without a short list of function words) that the candidate's answer still contains. The
+  candidate may run `max_new_tokens // 2` tokens longer than the base answer it is compared
+  with, so that an opener or a list marker does not push content out of its window.
+  Learning a style keeps the content ("Certainly! The capital of France is Paris."); a
+  collapse or a lost fact does not ("Aw, no.", "A week is a magical number").
 - kl_per_token: the mean, over the candidate's answer tokens, of KL(candidate || base) of
   the next-token distributions at that position, with the base model (adapter disabled)
-  teacher-forced on the same tokens. Collapse moves every token: a large mean. Learning
-  a style moves a few tokens of each answer (an opener, a closing line), but on short
-  answers those few weigh a lot: in `benchmarks.align` a fully learned "Certainly!"
-  opener measured 0.47-0.69 nats/token (2026-12-02), as much as a collapse's first wrong
-  answer (0.61), so the default bound refuses real learning there (README, Known gaps).
+  teacher-forced on the same tokens. It is a backstop for a wholesale shift only: a
+  learned opener moves a few tokens a lot and a collapsed model's loop is one the base
+  model continues too, so both measure about 0.5 nats/token on short answers
+  (`benchmarks.guard_kl`, `benchmarks.align`) and the mean cannot tell them apart.
 - empty: answers with nothing but whitespace before the end-of-sequence token;
 - loops: answers in which one token n-gram recurs (LOOP_NGRAM tokens, LOOP_REPEATS times);
 
-the last two counted only for prompts where the base model's own answer is neither (the
-small base model loops now and then by itself), and only for answers whose own mean KL
-from the base is at least ATTRIBUTE_KL: an answer the base model gives nearly as readily
-is not the adapter's doing. (Measured on SmolLM2-135M: one DPO step at the default
-learning rate flipped a near tie on the first token of "What is the capital of France?",
-and the answer became a loop, "L'Étoile, la Marseillaise, la femme, la femme, ...", at a
-KL of 0.003 nats/token: the base model continues that opening the same way.) A version
-with kl_per_token above `max_kl`, or with any new empty or looping answer, is refused and
-the trainer rolls back to the last published version (weights and optimizer state).
+keep, empty and loops count only for prompts where the base model's own answer is neither
+empty nor a loop (the small base model loops now and then by itself), and only for answers
+whose own mean KL from the base is at least ATTRIBUTE_KL: an answer the base model gives
+nearly as readily is not the adapter's doing. (Measured on SmolLM2-135M: one DPO step at
+the default learning rate flipped a near tie on the first token of "What is the capital
+of France?", and the answer became a loop, "L'Étoile, la Marseillaise, la femme, la
+femme, ...", at a KL of 0.003 nats/token: the base model continues that opening the same
+way.) A version with kl_per_token above `max_kl`, an answer keeping less than `min_keep`
+of its base answer's content, or any new empty or looping answer, is refused and the
+trainer rolls back to the last published version (weights and optimizer state).
 
 The candidate answers one canary prompt at a time, one slice per decoded position, and the
 base model then scores each answer in one teacher-forced pass ("guard" units of the cost
@@ -35,6 +42,7 @@ serving iterations; a 60-minute soak with it saw TBT p99 of 1.2-4.5 s around che
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -54,6 +62,19 @@ CANARY_PROMPTS = [
 ]
 LOOP_NGRAM, LOOP_REPEATS = 4, 3
 ATTRIBUTE_KL = 0.05  # nats/token: below it an answer is one the base model gives as well
+# Words that carry no content of their own: an answer may gain or lose them freely.
+FUNCTION_WORDS = frozenset(
+    "a an the and or but so of to in on at by for with from as is are was were be been it "
+    "its this that these those there here i you he she we they me my your our their his her "
+    "them us do does did has have had not no yes can will would could should may might "
+    "which what who whom whose when where why how than then also very just all any some "
+    "such into about over out up if because".split()
+)
+
+
+def content_words(text: str) -> set[str]:
+    """The lower-cased words of letters or digits in `text`, without FUNCTION_WORDS."""
+    return {w for w in re.findall(r"[^\W_]+", text.lower()) if w not in FUNCTION_WORDS}
 
 
 def loops(ids: list[int]) -> bool:
@@ -83,6 +104,8 @@ class Reading:
     version: int  # the version it would have become
     kl_per_token: float
     kl_by_answer: list[float]
+    keep_by_answer: list[float]  # share of the base answer's content words kept (1.0 where
+    # the adapter did not make the answer, or the base answer has none)
     empty: int  # new empty answers (the base's answer to that prompt is not empty)
     loops: int  # new looping answers
     published: bool
@@ -101,32 +124,53 @@ class Guard:
         decode: Any,
         max_kl: float,
         max_new_tokens: int = 16,
+        min_keep: float = 0.5,
     ) -> None:
         """prompts: the canary prompts as token ids (chat template applied); decode: token
-        ids -> text, for the status; max_kl: the bound on kl_per_token (nats)."""
+        ids -> text; max_kl: the bound on kl_per_token (nats); min_keep: the least share
+        of a base answer's content words each of the candidate's answers must keep."""
         self.dpo = dpo
         self.prompts = prompts
         self.eos_id = eos_id
         self.decode = decode
         self.max_kl = max_kl
         self.max_new_tokens = max_new_tokens
+        self.min_keep = min_keep
         self.checked = 0
-        self.refused: dict[str, int] = {"kl": 0, "empty": 0, "loop": 0}
+        self.refused: dict[str, int] = {"kl": 0, "keep": 0, "empty": 0, "loop": 0}
         self.last: Reading | None = None
-        base = run_to_end(self.answer_slices(adapter=False, against_base=False))
+        base = run_to_end(
+            self.answer_slices(adapter=False, against_base=False, max_new=max_new_tokens)
+        )
         self.base_tokens = base.tokens
         self.base_answers = [self.decode(t)[:80] for t in base.tokens]  # for the status
         self.base_empty = [self._empty(t) for t in base.tokens]
         self.base_loops = [loops(t) for t in base.tokens]
+        self.base_words = [content_words(self.decode(self._text(t))) for t in base.tokens]
+
+    def _text(self, tokens: list[int]) -> list[int]:
+        return [t for t in tokens if t != self.eos_id]
 
     def _empty(self, tokens: list[int]) -> bool:
-        return not self.decode([t for t in tokens if t != self.eos_id]).strip()
+        return not self.decode(self._text(tokens)).strip()
+
+    def _keep(self, i: int, tokens: list[int]) -> float:
+        """Share of base answer i's content words that `tokens` (an answer) contains."""
+        base = self.base_words[i]
+        if not base or self.base_empty[i] or self.base_loops[i]:
+            return 1.0
+        return len(base & content_words(self.decode(self._text(tokens)))) / len(base)
 
     def check(self, version: int) -> Generator[SliceSpec, None, Reading]:
         """Measure the adapter as it is now (the candidate); returns the Reading, whose
         `published` says whether it passed. Counts refusals by their first reason."""
-        got = yield from self.answer_slices(adapter=True, against_base=True)
+        got = yield from self.answer_slices(
+            adapter=True, against_base=True, max_new=self.max_new_tokens * 3 // 2
+        )
         ours = [kl >= ATTRIBUTE_KL for kl in got.kl_by_answer]  # the adapter's doing
+        answers = enumerate(zip(got.tokens, ours, strict=True))
+        keep = [self._keep(i, t) if o else 1.0 for i, (t, o) in answers]
+        lost = sum(k < self.min_keep for k in keep)
         empty = sum(
             self._empty(t) and not b and o
             for t, b, o in zip(got.tokens, self.base_empty, ours, strict=True)
@@ -139,6 +183,9 @@ class Guard:
         if not math.isfinite(got.kl_per_token) or got.kl_per_token > self.max_kl:
             why = f"kl {got.kl_per_token:.3f} nats/token > {self.max_kl:g}"
             self.refused["kl"] += 1
+        elif lost:
+            why = f"{lost} canary answer(s) kept < {self.min_keep:g} of the base's content"
+            self.refused["keep"] += 1
         elif empty:
             why = f"{empty} canary answer(s) became empty"
             self.refused["empty"] += 1
@@ -150,6 +197,7 @@ class Guard:
             version=version,
             kl_per_token=got.kl_per_token,
             kl_by_answer=[round(k, 4) for k in got.kl_by_answer],
+            keep_by_answer=[round(k, 3) for k in keep],
             empty=empty,
             loops=looping,
             published=not why,
@@ -159,9 +207,10 @@ class Guard:
         return self.last
 
     def answer_slices(
-        self, adapter: bool, against_base: bool
+        self, adapter: bool, against_base: bool, max_new: int
     ) -> Generator[SliceSpec, None, Answers]:
-        """Greedy answers of the model (adapter on or off) to the canary prompts, one
+        """Greedy answers of the model (adapter on or off), up to `max_new` tokens, to
+        the canary prompts, one
         prompt at a time and one slice per decoded position (the largest slice is one
         prompt's prefill, about as long as a short serving prefill); with `against_base`,
         one more slice per prompt runs the base model over prompt and answer (teacher
@@ -176,7 +225,7 @@ class Guard:
             cache: Any = None
             mine: list[torch.Tensor] = []  # the model's next-token log-probs, a step each
             answer: list[int] = []
-            for _ in range(self.max_new_tokens):
+            for _ in range(max_new):
                 yield SliceSpec("guard", int(tokens.shape[1]))
                 with self.dpo._mode(adapter, grad=False):
                     out = lm(
@@ -216,6 +265,7 @@ class Guard:
     def status(self) -> dict[str, Any]:
         return {
             "max_kl": self.max_kl,
+            "min_keep": self.min_keep,
             "checked": self.checked,
             "refused": sum(self.refused.values()),
             "refused_by": dict(self.refused),

@@ -177,6 +177,7 @@ class MaceTrainer:
                 self.tokenizer.decode,
                 cfg.guard_max_kl,
                 cfg.guard_tokens,
+                cfg.guard_min_keep,
             )
         ctx = zmq.Context.instance()
         self.push, self.pull = channels.connect_trainer(ctx, cfg.state_path / "run")
