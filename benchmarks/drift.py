@@ -112,9 +112,10 @@ class PeriodicTrainer:
     feedback received since the last round, then a swap through SGLang's adapter API."""
 
     def __init__(self, client: Client, model_path: str, out: Path, period_s: float,
-                 lr: float, beta: float, rpo_alpha: float = 0.0) -> None:  # fmt: skip
+                 lr: float, beta: float, rpo_alpha: float = 0.0,
+                 anchor_alpha: float = 0.0) -> None:  # fmt: skip
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from mace_sgl.config import MaceConfig
         from mace_sgl.trainer.shared import attach_lora
@@ -126,7 +127,16 @@ class PeriodicTrainer:
         torch.set_num_threads(1)
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
         self.model = attach_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
-        self.dpo = SlicedDPO(self.model, beta=beta, lr=lr, rpo_alpha=rpo_alpha)
+        self.dpo = SlicedDPO(
+            self.model, beta=beta, lr=lr, rpo_alpha=rpo_alpha, anchor_alpha=anchor_alpha
+        )
+        if anchor_alpha:  # the same anchors as the server's trainer
+            from mace_sgl.templating import encode_pair
+            from mace_sgl.trainer.anchor import ANCHOR_PROMPTS, base_anchors
+
+            tok = AutoTokenizer.from_pretrained(model_path)
+            prompts = [encode_pair(tok, m, "")[0] for m in ANCHOR_PROMPTS]
+            self.dpo.set_anchors(base_anchors(self.dpo, prompts, tok.eos_token_id))
         self.client, self.out, self.period_s = client, out, period_s
         self.window: list[dict[str, Any]] = []
         self.lock = threading.Lock()
@@ -213,7 +223,9 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
     flags = ["--log-level", "warning", "--mace-train", "--mace-policy", POLICY[name],
              "--mace-state-dir", str(out / f"state-{name}"), "--mace-lr", str(args.lr),
              "--mace-guard-max-kl", str(args.guard_max_kl),
+             "--mace-guard-min-keep", str(args.guard_min_keep),
              "--mace-rpo-alpha", str(args.rpo_alpha),
+             "--mace-anchor-alpha", str(args.anchor_alpha),
              "--mace-slo-ttft-ms", str(args.slo_ttft_ms),
              "--mace-slo-tbt-ms", str(args.slo_tbt_ms)]  # fmt: skip
     if args.model_path:
@@ -232,7 +244,8 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
                     strict=True))  # fmt: skip
         if name == "periodic":
             periodic = PeriodicTrainer(client, model_path, out / "periodic", args.period_s,
-                                       args.lr, 0.1, args.rpo_alpha)  # fmt: skip
+                                       args.lr, 0.1, args.rpo_alpha,
+                                       args.anchor_alpha)  # fmt: skip
         phase_box = {"phase": phases[0]}
         posted = [0]
 
@@ -415,7 +428,22 @@ def main() -> None:
         help="--mace-guard-max-kl for every adapting baseline (the default's)",
     )
     parser.add_argument(
-        "--rpo-alpha", type=float, default=0.0, help="--mace-rpo-alpha for every baseline"
+        "--guard-min-keep",
+        type=float,
+        default=MaceConfig().guard_min_keep,
+        help="--mace-guard-min-keep for every adapting baseline (the default's)",
+    )
+    parser.add_argument(
+        "--rpo-alpha",
+        type=float,
+        default=MaceConfig().rpo_alpha,
+        help="--mace-rpo-alpha for every baseline (the default's)",
+    )
+    parser.add_argument(
+        "--anchor-alpha",
+        type=float,
+        default=MaceConfig().anchor_alpha,
+        help="--mace-anchor-alpha for every training baseline (the default's)",
     )
     parser.add_argument("--recover-at", type=float, default=0.75)
     parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)

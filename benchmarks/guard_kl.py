@@ -19,7 +19,7 @@ must be refused before its canary answers degenerate. Writes results.json with
 every step's reading and a summary per drive.
 
     python -m benchmarks.guard_kl --out DIR [--steps 40] [--drives style,...]
-        [--rpo-alpha A] [--beta B] [--model-path P]
+        [--rpo-alpha A] [--beta B] [--anchor-alpha A] [--model-path P]
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from benchmarks.colocate import TOPICS
 from benchmarks.serve_smoke import machine
 from mace_sgl.config import MaceConfig
 from mace_sgl.templating import encode_pair
+from mace_sgl.trainer.anchor import ANCHOR_PROMPTS, base_anchors
 from mace_sgl.trainer.guard import CANARY_PROMPTS, Guard
 from mace_sgl.trainer.shared import attach_lora
 from mace_sgl.trainer.sliced import Pair, SlicedDPO, run_to_end
@@ -73,7 +74,13 @@ def run_drive(name: str, model_path: str, steps: int, cfg: MaceConfig) -> dict:
     lm.config._attn_implementation = "sdpa"
     model = attach_lora(lm, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
     edit, lr_scale = DRIVES[name]
-    dpo = SlicedDPO(model, beta=cfg.beta, lr=cfg.lr * lr_scale, rpo_alpha=cfg.rpo_alpha)
+    dpo = SlicedDPO(
+        model, beta=cfg.beta, lr=cfg.lr * lr_scale, rpo_alpha=cfg.rpo_alpha,
+        anchor_alpha=cfg.anchor_alpha,
+    )  # fmt: skip
+    if cfg.anchor_alpha:
+        anchor_prompts = [encode_pair(tokenizer, m, "")[0] for m in ANCHOR_PROMPTS]
+        dpo.set_anchors(base_anchors(dpo, anchor_prompts, tokenizer.eos_token_id))
     prompts = [[{"role": "user", "content": f"Tell me about {t}."}] for t in TOPICS]
     bases = base_answers(model, tokenizer, prompts, 48)
     pairs = []
@@ -137,6 +144,7 @@ def main() -> None:
     parser.add_argument("--model-path", default=None, help="default: the embedded model")
     parser.add_argument("--rpo-alpha", type=float, default=None, help="default: the server's")
     parser.add_argument("--beta", type=float, default=None, help="default: the server's")
+    parser.add_argument("--anchor-alpha", type=float, default=None, help="default: the server's")
     args = parser.parse_args()
     if args.model_path is None:
         from mace_sgl.models import ensure_default_model
@@ -148,12 +156,15 @@ def main() -> None:
         cfg = dataclasses.replace(cfg, rpo_alpha=args.rpo_alpha)
     if args.beta is not None:
         cfg = dataclasses.replace(cfg, beta=args.beta)
+    if args.anchor_alpha is not None:
+        cfg = dataclasses.replace(cfg, anchor_alpha=args.anchor_alpha)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {
         "settings": {"steps": args.steps, "guard_max_kl": cfg.guard_max_kl,
                      "guard_tokens": cfg.guard_tokens, "lr": cfg.lr, "beta": cfg.beta,
-                     "rpo_alpha": cfg.rpo_alpha, "model_path": args.model_path},
+                     "rpo_alpha": cfg.rpo_alpha, "anchor_alpha": cfg.anchor_alpha,
+                     "model_path": args.model_path},
         "machine": machine(),
         "drives": [],
     }  # fmt: skip

@@ -67,6 +67,16 @@ class MaceConfig:
             "(trl's rpo_alpha; 0: plain DPO)."
         },
     )
+    anchor_alpha: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight of the anchor term: each step also lowers the mean NLL of the "
+            "base model's own answer to one of a few fixed general prompts "
+            "(trainer/anchor.py; 0: off). At 1.0, 30 steps of a 'Certainly!' opener kept "
+            "every canary fact (none refused) where plain DPO lost one from step 18 "
+            "(benchmarks.guard_kl)."
+        },
+    )
     lr: float = field(
         default=5e-5,
         metadata={
@@ -250,6 +260,8 @@ class MaceConfig:
                 f"unknown policy {self.policy!r}; choose inference-only, fcfs-reserve, mace "
                 "or synchronous"
             )
+        if not self.anchor_alpha >= 0:  # also refuses NaN
+            raise ValueError(f"anchor_alpha must be >= 0, got {self.anchor_alpha}")
         if self.rpo_alpha < 0:
             raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
         if not 0.0 <= self.train_floor <= 1.0:

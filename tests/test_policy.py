@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -231,6 +232,34 @@ def test_mace_budget_follows_tbt_room_waiting_prefills_and_risk():
         policy.slo.record_tbt(0.099)
     policy.slo.update()
     assert policy.plan(IterationView(now=0.0, decode_batch=1, units=units)).units == ()
+
+
+def test_mace_credit_runs_units_larger_than_one_iterations_share():
+    """A unit costs 2.5 iterations' share of training time: it runs every 2-3 iterations,
+    never past the room under the TBT target, and the credit is gone once a tail is at
+    risk."""
+    policy = make_policy("mace", profile(tbt_ms=100.0))
+    policy.slo.factor = 1.0
+    view = IterationView(now=0.0, decode_batch=1, decode_context=100, units=())
+    serve = true_seconds("decode", batch=1, context=100)
+    share, room = 0.1 * serve, 0.09 - serve
+    tokens = round((2.5 * share - TRUE["fwd"][0]) / TRUE["fwd"][1])  # fwd: 2 ms + 0.1 ms/token
+    big = unit(1, "fwd", tokens)
+    cost = true_seconds("fwd", tokens=tokens)
+    assert share < cost < room
+    ran = 0
+    for _ in range(40):
+        plan = policy.plan(replace(view, units=(big,)))
+        assert plan.budget_s <= room + 1e-12
+        if plan.units:
+            ran += 1
+            policy.charge(plan.predicted_s)
+    assert ran == pytest.approx(40 * share / cost, abs=1)
+    for _ in range(20):
+        policy.slo.record_tbt(0.099)
+    policy.slo.update()
+    assert policy.slo.factor == 0.0
+    assert policy.plan(replace(view, units=(big,))).units == () and policy.credit == 0.0
 
 
 def test_unknown_policy_is_a_clear_error():

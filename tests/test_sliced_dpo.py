@@ -126,6 +126,44 @@ def test_sliced_step_equals_autograd(
     assert changed, "the optimizer step changed no LoRA weight"
 
 
+ANCHORS = [([4, 6, 8], [11, 12, 13, 2]), ([21, 22], [30, 31, 2])]
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_anchor_term_is_the_mean_nll_of_the_next_anchor(tiny_model_dir: Path, steps: int):
+    """Each step adds anchor_alpha x the mean NLL of one anchor answer, in turn: step 3
+    of 2 anchors uses the first again. The sliced gradient equals autograd's."""
+    beta, alpha = 0.1, 0.8
+    model = lora_model(tiny_model_dir)
+    dpo = SlicedDPO(model, beta=beta, lr=0.0, max_grad_norm=1e9, anchor_alpha=alpha)
+    dpo.set_anchors(ANCHORS)
+    for _ in range(steps - 1):  # lr 0: the weights stay as they are
+        assert run_to_end(dpo.step_slices(PAIRS[:1])).ok
+    gen = dpo.step_slices(PAIRS[:1])
+    spec = next(gen)
+    while spec.kind != "opt":
+        spec = next(gen)
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    result = run_to_end(gen)
+
+    ref_model = lora_model(tiny_model_dir)
+    pair = PAIRS[0]
+    seqs = []
+    for completion in (pair.chosen_ids, pair.rejected_ids):
+        ids = pair.prompt_ids + completion
+        with torch.no_grad(), ref_model.disable_adapter():
+            ref = full_logp(ref_model, ids, len(pair.prompt_ids))
+        seqs.append((full_logp(ref_model, ids, len(pair.prompt_ids)), ref))
+    (pc, rc), (pr, rr) = seqs
+    prompt, answer = ANCHORS[(steps - 1) % len(ANCHORS)]
+    nll = -full_logp(ref_model, prompt + answer, len(prompt)) / len(answer)
+    (dpo_loss(pc, pr, rc, rr, beta) + alpha * nll).backward()
+    assert result.anchor_nll == pytest.approx(nll.item(), rel=1e-5)
+    for name, p in ref_model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_non_finite_loss_is_reported_not_stepped(tiny_model_dir: Path):
     model = lora_model(tiny_model_dir)
     with torch.no_grad():

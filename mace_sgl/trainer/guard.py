@@ -52,13 +52,16 @@ import torch.nn.functional as F
 
 from mace_sgl.trainer.sliced import SlicedDPO, SliceSpec, run_to_end
 
-# Prompts whose answers a preference about style should not break: facts, lists, a short
-# explanation, an instruction. Fixed, so that every version is measured the same way.
+# Prompts with short answers of definite content (facts, a list), which a preference
+# about style should not break. Fixed, so that every version is measured the same way.
+# Open questions make poor canaries for `keep`: a benign rephrasing of "Name three
+# colours." ("Sure! Here are three more colours: * Red: a classic ...") kept 0.33 of the
+# base answer's words in `benchmarks.align` (2026-12-02), a false refusal.
 CANARY_PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "user", "content": "Name three colours."}],
+    [{"role": "user", "content": "List the first three months of the year."}],
     [{"role": "user", "content": "How many days are there in a week?"}],
-    [{"role": "user", "content": "Explain in one sentence why the sky is blue."}],
+    [{"role": "user", "content": "What is the chemical symbol for gold?"}],
 ]
 LOOP_NGRAM, LOOP_REPEATS = 4, 3
 ATTRIBUTE_KL = 0.05  # nats/token: below it an answer is one the base model gives as well
@@ -209,58 +212,8 @@ class Guard:
     def answer_slices(
         self, adapter: bool, against_base: bool, max_new: int
     ) -> Generator[SliceSpec, None, Answers]:
-        """Greedy answers of the model (adapter on or off), up to `max_new` tokens, to
-        the canary prompts, one
-        prompt at a time and one slice per decoded position (the largest slice is one
-        prompt's prefill, about as long as a short serving prefill); with `against_base`,
-        one more slice per prompt runs the base model over prompt and answer (teacher
-        forcing) and the mean KL(model || base) per answer token comes back too."""
-        lm, dev = self.dpo.lm, self.dpo.device
-        answers: list[list[int]] = []
-        by_answer: list[float] = []
-        kl_total, tokens_total = 0.0, 0
-        for prompt in self.prompts:
-            tokens = torch.tensor([prompt], device=dev)
-            pos = torch.arange(len(prompt), device=dev).unsqueeze(0)
-            cache: Any = None
-            mine: list[torch.Tensor] = []  # the model's next-token log-probs, a step each
-            answer: list[int] = []
-            for _ in range(max_new):
-                yield SliceSpec("guard", int(tokens.shape[1]))
-                with self.dpo._mode(adapter, grad=False):
-                    out = lm(
-                        input_ids=tokens,
-                        position_ids=pos,
-                        past_key_values=cache,
-                        use_cache=True,
-                        logits_to_keep=1,
-                    )
-                cache = out.past_key_values
-                logp = F.log_softmax(out.logits[0, -1].float(), dim=-1)
-                if against_base:
-                    mine.append(logp)
-                answer.append(int(logp.argmax()))
-                if answer[-1] == self.eos_id:
-                    break
-                tokens = torch.tensor([[answer[-1]]], device=dev)
-                pos = pos[:, -1:] + 1
-            answers.append(answer)
-            if not against_base:
-                continue
-            full = torch.tensor([prompt + answer], device=dev)
-            yield SliceSpec("guard", int(full.shape[1]))
-            with self.dpo._mode(False, grad=False):
-                out = lm(input_ids=full, logits_to_keep=len(answer) + 1)
-            # the last len(answer) + 1 positions; position j of them predicts answer token j
-            base = F.log_softmax(out.logits[0, : len(answer)].float(), dim=-1)
-            ours = torch.stack(mine)
-            p = ours.exp()
-            kl = torch.where(p > 0, p * (ours - base), 0.0).sum(-1)  # nats per token
-            by_answer.append(float(kl.mean()))
-            kl_total += float(kl.sum())
-            tokens_total += len(answer)
-        kl_mean = kl_total / tokens_total if tokens_total else 0.0
-        return Answers(answers, kl_mean, by_answer)
+        """The canary prompts' greedy answers (see `greedy_answers`)."""
+        return greedy_answers(self.dpo, self.prompts, self.eos_id, adapter, against_base, max_new)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -272,3 +225,65 @@ class Guard:
             "last": asdict(self.last) if self.last else None,
             "base_answers": self.base_answers,
         }
+
+
+def greedy_answers(
+    dpo: SlicedDPO,
+    prompts: list[list[int]],
+    eos_id: int,
+    adapter: bool,
+    against_base: bool,
+    max_new: int,
+) -> Generator[SliceSpec, None, Answers]:
+    """Greedy answers of the model (adapter on or off), up to `max_new` tokens, to
+    `prompts` (token ids), one prompt at a time and one slice per decoded position (the
+    largest slice is one prompt's prefill, about as long as a short serving prefill);
+    with `against_base`, one more slice per prompt runs the base model over prompt and
+    answer (teacher forcing) and the mean KL(model || base) per answer token comes back
+    too. Answers end with `eos_id` unless they ran to `max_new` tokens."""
+    lm, dev = dpo.lm, dpo.device
+    answers: list[list[int]] = []
+    by_answer: list[float] = []
+    kl_total, tokens_total = 0.0, 0
+    for prompt in prompts:
+        tokens = torch.tensor([prompt], device=dev)
+        pos = torch.arange(len(prompt), device=dev).unsqueeze(0)
+        cache: Any = None
+        mine: list[torch.Tensor] = []  # the model's next-token log-probs, a step each
+        answer: list[int] = []
+        for _ in range(max_new):
+            yield SliceSpec("guard", int(tokens.shape[1]))
+            with dpo._mode(adapter, grad=False):
+                out = lm(
+                    input_ids=tokens,
+                    position_ids=pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            cache = out.past_key_values
+            logp = F.log_softmax(out.logits[0, -1].float(), dim=-1)
+            if against_base:
+                mine.append(logp)
+            answer.append(int(logp.argmax()))
+            if answer[-1] == eos_id:
+                break
+            tokens = torch.tensor([[answer[-1]]], device=dev)
+            pos = pos[:, -1:] + 1
+        answers.append(answer)
+        if not against_base:
+            continue
+        full = torch.tensor([prompt + answer], device=dev)
+        yield SliceSpec("guard", int(full.shape[1]))
+        with dpo._mode(False, grad=False):
+            out = lm(input_ids=full, logits_to_keep=len(answer) + 1)
+        # the last len(answer) + 1 positions; position j of them predicts answer token j
+        base = F.log_softmax(out.logits[0, : len(answer)].float(), dim=-1)
+        ours = torch.stack(mine)
+        p = ours.exp()
+        kl = torch.where(p > 0, p * (ours - base), 0.0).sum(-1)  # nats per token
+        by_answer.append(float(kl.mean()))
+        kl_total += float(kl.sum())
+        tokens_total += len(answer)
+    kl_mean = kl_total / tokens_total if tokens_total else 0.0
+    return Answers(answers, kl_mean, by_answer)

@@ -32,6 +32,7 @@ from mace_sgl.policy import IterationView, Observation, Profile, Unit, make_poli
 from mace_sgl.policy.slo import SloTargets
 from mace_sgl.templating import encode_pair
 from mace_sgl.trainer import learned_cost
+from mace_sgl.trainer.anchor import ANCHOR_PROMPTS, base_anchors
 from mace_sgl.trainer.checkpoints import CheckpointWriter, check_compatible, resume
 from mace_sgl.trainer.guard import CANARY_PROMPTS, Guard
 from mace_sgl.trainer.publish import PoolPublisher, lora_config_dict
@@ -99,6 +100,7 @@ class MaceTrainer:
                 lr=cfg.lr,
                 rpo_alpha=cfg.rpo_alpha,
                 head_chunks=cfg.head_chunks,
+                anchor_alpha=cfg.anchor_alpha,
             )
             check_compatible(cfg.adapter_dir, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
             resumed = resume(cfg.adapter_dir, self.model, self.dpo.optimizer)
@@ -179,6 +181,14 @@ class MaceTrainer:
                 cfg.guard_tokens,
                 cfg.guard_min_keep,
             )
+            if cfg.anchor_alpha:  # answered with the adapter off: the base model's own
+                self.dpo.set_anchors(
+                    base_anchors(
+                        self.dpo,
+                        [encode_pair(self.tokenizer, m, "")[0] for m in ANCHOR_PROMPTS],
+                        self.tokenizer.eos_token_id,
+                    )
+                )
         ctx = zmq.Context.instance()
         self.push, self.pull = channels.connect_trainer(ctx, cfg.state_path / "run")
         self.push.send(encode(Hello(self.session, cfg.adapter_name)))

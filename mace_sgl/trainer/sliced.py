@@ -3,7 +3,9 @@
 The DPO gradient factorises: dL/dtheta = c_chosen * dlogp(chosen)/dtheta +
 c_rejected * dlogp(rejected)/dtheta with c_chosen = -beta * sigmoid(-beta * margin) * w and
 c_rejected = -c_chosen (an RPO term, rpo_alpha * mean NLL of the chosen tokens, adds
--rpo_alpha / len(chosen) * w to c_chosen). So a step is: reference log-probs (adapter
+-rpo_alpha / len(chosen) * w to c_chosen; an anchor term, anchor_alpha * the mean NLL of
+the base model's own answer to a general prompt, is one more sequence with coefficient
+-anchor_alpha / len(answer)). So a step is: reference log-probs (adapter
 disabled, no grad), policy log-probs (no grad, layer inputs kept), the loss, then for
 each sequence a backward that recomputes one layer at a time from its kept input
 (activation checkpointing by hand).
@@ -62,6 +64,7 @@ class StepResult:
     losses: dict[int, float] = field(default_factory=dict)  # sample_id -> DPO loss
     margins: dict[int, float] = field(default_factory=dict)
     grad_norm: float = 0.0
+    anchor_nll: float | None = None  # mean NLL of the anchor answer, when one ran
     ok: bool = True
     error: str = ""
 
@@ -97,18 +100,31 @@ class SlicedDPO:
         max_grad_norm: float = 1.0,
         rpo_alpha: float = 0.0,
         head_chunks: int = 0,
+        anchor_alpha: float = 0.0,
     ) -> None:
         """head_chunks: vocabulary chunks of the LM head, one slice each (0: one chunk
-        per HEAD_CHUNK_ROWS rows of the output matrix; 1: the whole head at once)."""
+        per HEAD_CHUNK_ROWS rows of the output matrix; 1: the whole head at once).
+        anchor_alpha: weight of the anchor term (see `set_anchors`)."""
         self.peft = peft_model
         self.lm = peft_model.get_base_model()
         self.head_ranges = head_ranges(self.lm.lm_head, head_chunks)
         self.beta = beta
         self.rpo_alpha = rpo_alpha
+        self.anchor_alpha = anchor_alpha
+        self.anchors: list[tuple[list[int], list[int]]] = []
+        self._next_anchor = 0
         self.max_grad_norm = max_grad_norm
         self.params = [p for p in peft_model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
         self.device = next(iter(self.lm.parameters())).device
+
+    def set_anchors(self, anchors: list[tuple[list[int], list[int]]]) -> None:
+        """(prompt ids, answer ids) pairs, the base model's own answers to general prompts
+        (trainer/anchor.py). Each step adds anchor_alpha x the mean NLL of the next one's
+        answer tokens (in turn): a pull back towards what the base model says where the
+        feedback says nothing, against a preference spilling over into facts."""
+        self.anchors = [(list(p), list(a)) for p, a in anchors if a]
+        self._next_anchor = 0
 
     # -- forward pieces --------------------------------------------------------------
 
@@ -291,6 +307,20 @@ class SlicedDPO:
             coef_c = (coef - self.rpo_alpha / n_chosen) * w
             yield from self.backward_slices(ids_c, prompt_len, kept_c, coef_c)
             yield from self.backward_slices(ids_r, prompt_len, kept_r, -coef * w)
+        if self.anchor_alpha and self.anchors:
+            prompt, answer = self.anchors[self._next_anchor % len(self.anchors)]
+            self._next_anchor += 1
+            with torch.inference_mode(False):
+                ids = torch.tensor([prompt + answer], device=self.device)
+            kept = []
+            logp = yield from self.forward_slices(ids, len(prompt), True, kept)
+            result.anchor_nll = -logp / len(answer)
+            if not math.isfinite(logp):
+                result.ok, result.error = False, "non-finite anchor log-prob"
+                return result
+            yield from self.backward_slices(
+                ids, len(prompt), kept, -self.anchor_alpha / len(answer)
+            )
         yield SliceSpec("opt", 0)
         with self._mode(adapter=True, grad=False):
             return self._optimizer_step(result)
