@@ -421,30 +421,14 @@ def main() -> None:
     parser.add_argument("--feedback-every", type=int, default=1)
     parser.add_argument("--period-s", type=float, default=None)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument(
-        "--guard-max-kl",
-        type=float,
-        default=MaceConfig().guard_max_kl,
-        help="--mace-guard-max-kl for every adapting baseline (the default's)",
-    )
-    parser.add_argument(
-        "--guard-min-keep",
-        type=float,
-        default=MaceConfig().guard_min_keep,
-        help="--mace-guard-min-keep for every adapting baseline (the default's)",
-    )
-    parser.add_argument(
-        "--rpo-alpha",
-        type=float,
-        default=MaceConfig().rpo_alpha,
-        help="--mace-rpo-alpha for every baseline (the default's)",
-    )
-    parser.add_argument(
-        "--anchor-alpha",
-        type=float,
-        default=MaceConfig().anchor_alpha,
-        help="--mace-anchor-alpha for every training baseline (the default's)",
-    )
+    defaults = MaceConfig()
+    for flag in ("--guard-max-kl", "--guard-min-keep", "--rpo-alpha", "--anchor-alpha"):
+        parser.add_argument(
+            flag,
+            type=float,
+            default=getattr(defaults, flag[2:].replace("-", "_")),
+            help=f"--mace-{flag[2:]} for every adapting baseline (default: the server's)",
+        )
     parser.add_argument("--recover-at", type=float, default=0.75)
     parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     parser.add_argument("--slo-tbt-ms", type=float, default=200.0)

@@ -34,6 +34,18 @@ def full_logp(model, ids: list[int], prompt_len: int) -> torch.Tensor:
     return torch.gather(logp, 2, x[:, prompt_len:].unsqueeze(-1)).sum()
 
 
+def logps(model, pair: Pair) -> tuple[torch.Tensor, ...]:
+    """Policy log-probs of chosen and rejected (with grad), then the reference's."""
+    seqs = []
+    for completion in (pair.chosen_ids, pair.rejected_ids):
+        ids = pair.prompt_ids + completion
+        with torch.no_grad(), model.disable_adapter():
+            ref = full_logp(model, ids, len(pair.prompt_ids))
+        seqs.append((full_logp(model, ids, len(pair.prompt_ids)), ref))
+    (pc, rc), (pr, rr) = seqs
+    return pc, pr, rc, rr
+
+
 PAIRS = [
     Pair(1, [5, 17, 33, 41], [60, 61, 62, 2], [70, 71, 2], 1.0),
     Pair(2, [9, 8, 7], [100, 101, 2], [102, 103, 104, 105, 2], 3.0),
@@ -70,13 +82,7 @@ def test_sliced_step_equals_autograd(
     total = sum(p.weight for p in PAIRS)
     losses = {}
     for pair in PAIRS:
-        seqs = []
-        for completion in (pair.chosen_ids, pair.rejected_ids):
-            ids = pair.prompt_ids + completion
-            with torch.no_grad(), ref_model.disable_adapter():
-                ref = full_logp(ref_model, ids, len(pair.prompt_ids))
-            seqs.append((full_logp(ref_model, ids, len(pair.prompt_ids)), ref))
-        (pc, rc), (pr, rr) = seqs
+        pc, pr, rc, rr = logps(ref_model, pair)
         losses[pair.sample_id] = dpo_loss(pc, pr, rc, rr, beta).item()
         loss = dpo_loss(pc, pr, rc, rr, beta, rpo_alpha, len(pair.chosen_ids))
         (loss * pair.weight / total).backward()
@@ -147,14 +153,7 @@ def test_anchor_term_is_the_mean_nll_of_the_next_anchor(tiny_model_dir: Path, st
     result = run_to_end(gen)
 
     ref_model = lora_model(tiny_model_dir)
-    pair = PAIRS[0]
-    seqs = []
-    for completion in (pair.chosen_ids, pair.rejected_ids):
-        ids = pair.prompt_ids + completion
-        with torch.no_grad(), ref_model.disable_adapter():
-            ref = full_logp(ref_model, ids, len(pair.prompt_ids))
-        seqs.append((full_logp(ref_model, ids, len(pair.prompt_ids)), ref))
-    (pc, rc), (pr, rr) = seqs
+    pc, pr, rc, rr = logps(ref_model, PAIRS[0])
     prompt, answer = ANCHORS[(steps - 1) % len(ANCHORS)]
     nll = -full_logp(ref_model, prompt + answer, len(prompt)) / len(answer)
     (dpo_loss(pc, pr, rc, rr, beta) + alpha * nll).backward()
