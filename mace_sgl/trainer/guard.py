@@ -93,7 +93,7 @@ def loops(ids: list[int]) -> bool:
 
 @dataclass
 class Answers:
-    """Greedy answers to the canary prompts, and what the guard measured on them."""
+    """Greedy answers to a set of prompts, and their KL from the base when measured."""
 
     tokens: list[list[int]]  # each answer's tokens, up to and with the end token
     kl_per_token: float = 0.0  # mean KL(candidate || base) over the answers' tokens
@@ -147,22 +147,21 @@ class Guard:
         )
         self.base_tokens = base.tokens
         self.base_answers = [self.decode(t)[:80] for t in base.tokens]  # for the status
-        self.base_empty = [self._empty(t) for t in base.tokens]
+        texts = [self._text(t) for t in base.tokens]
+        self.base_empty = [not x.strip() for x in texts]
         self.base_loops = [loops(t) for t in base.tokens]
-        self.base_words = [content_words(self.decode(self._text(t))) for t in base.tokens]
+        self.base_words = [content_words(x) for x in texts]
 
-    def _text(self, tokens: list[int]) -> list[int]:
-        return [t for t in tokens if t != self.eos_id]
+    def _text(self, tokens: list[int]) -> str:
+        """An answer's text, without the end token."""
+        return self.decode([t for t in tokens if t != self.eos_id])
 
-    def _empty(self, tokens: list[int]) -> bool:
-        return not self.decode(self._text(tokens)).strip()
-
-    def _keep(self, i: int, tokens: list[int]) -> float:
-        """Share of base answer i's content words that `tokens` (an answer) contains."""
+    def _keep(self, i: int, text: str) -> float:
+        """Share of base answer i's content words that `text` (an answer) contains."""
         base = self.base_words[i]
         if not base or self.base_empty[i] or self.base_loops[i]:
             return 1.0
-        return len(base & content_words(self.decode(self._text(tokens)))) / len(base)
+        return len(base & content_words(text)) / len(base)
 
     def check(self, version: int) -> Generator[SliceSpec, None, Reading]:
         """Measure the adapter as it is now (the candidate); returns the Reading, whose
@@ -171,12 +170,13 @@ class Guard:
             adapter=True, against_base=True, max_new=self.max_new_tokens * 3 // 2
         )
         ours = [kl >= ATTRIBUTE_KL for kl in got.kl_by_answer]  # the adapter's doing
-        answers = enumerate(zip(got.tokens, ours, strict=True))
-        keep = [self._keep(i, t) if o else 1.0 for i, (t, o) in answers]
+        texts = [self._text(t) for t in got.tokens]
+        answers = enumerate(zip(texts, ours, strict=True))
+        keep = [self._keep(i, x) if o else 1.0 for i, (x, o) in answers]
         lost = sum(k < self.min_keep for k in keep)
         empty = sum(
-            self._empty(t) and not b and o
-            for t, b, o in zip(got.tokens, self.base_empty, ours, strict=True)
+            not x.strip() and not b and o
+            for x, b, o in zip(texts, self.base_empty, ours, strict=True)
         )
         looping = sum(
             loops(t) and not b and o

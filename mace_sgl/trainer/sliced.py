@@ -251,9 +251,9 @@ class SlicedDPO:
 
     # -- one optimizer step ------------------------------------------------------------
 
-    def _ids(self, pair: Pair, completion: list[int]) -> torch.Tensor:
+    def _ids(self, prompt: list[int], completion: list[int]) -> torch.Tensor:
         with torch.inference_mode(False):  # autograd must be able to save it
-            return torch.tensor([pair.prompt_ids + completion], device=self.device)
+            return torch.tensor([prompt + completion], device=self.device)
 
     def ref_slices(self, pair: Pair) -> Generator[SliceSpec, None, tuple[float, float]]:
         """Reference log-probs (adapter disabled) of chosen and rejected, sliced.
@@ -263,7 +263,7 @@ class SlicedDPO:
         """
         refs = []
         for completion in (pair.chosen_ids, pair.rejected_ids):
-            ids = self._ids(pair, completion)
+            ids = self._ids(pair.prompt_ids, completion)
             refs.append((yield from self.forward_slices(ids, len(pair.prompt_ids), False, None)))
         return refs[0], refs[1]
 
@@ -282,7 +282,7 @@ class SlicedDPO:
             seqs = []
             known = (refs or {}).get(pair.sample_id)
             for i, completion in enumerate((pair.chosen_ids, pair.rejected_ids)):
-                ids = self._ids(pair, completion)
+                ids = self._ids(pair.prompt_ids, completion)
                 if known is not None:
                     ref = known[i]
                 else:
@@ -310,8 +310,7 @@ class SlicedDPO:
         if self.anchor_alpha and self.anchors:
             prompt, answer = self.anchors[self._next_anchor % len(self.anchors)]
             self._next_anchor += 1
-            with torch.inference_mode(False):
-                ids = torch.tensor([prompt + answer], device=self.device)
+            ids = self._ids(prompt, answer)
             kept = []
             logp = yield from self.forward_slices(ids, len(prompt), True, kept)
             result.anchor_nll = -logp / len(answer)
