@@ -111,9 +111,11 @@ def resolve_serve_args(argv: list[str]) -> tuple[argparse.Namespace, Any]:
         if dest not in given:
             setattr(args, dest, value)
     mace_cfg = _enable_kv_prune(args, given, mace_cfg, cpu)
+    tenants = _register_tenants(mace_cfg)
     if mace_cfg.train:
         _refuse_parallel_training(args)
-        _enable_live_adapter(args, given, mace_cfg)
+        _refuse_lora_eviction(args, given)
+        _enable_live_adapter(args, given, mace_cfg, tenants)
     args._radix_eviction_policy_explicitly_set = "radix_eviction_policy" in given
     return args, mace_cfg
 
@@ -164,8 +166,38 @@ def _refuse_parallel_training(args: argparse.Namespace) -> None:
             )
 
 
-def _enable_live_adapter(args: argparse.Namespace, given: set[str], cfg: Any) -> None:
-    """SGLang LoRA settings that serve the live adapter; an all-zero v0 reserves its slot."""
+def _register_tenants(cfg: Any) -> list[str]:
+    """Create the default adapter's and --mace-adapters' tenants in the store (each a
+    LoRA trained on its own feedback), and return every existing tenant: those made at
+    run time before a restart come back too."""
+    from sidecar import store
+
+    conn = store.connect(cfg.store_path)
+    try:
+        for name in [cfg.adapter_name, *cfg.tenant_names]:
+            store.add_tenant(conn, name)
+        return [t.name for t in store.tenants(conn)]
+    finally:
+        conn.close()
+
+
+def _refuse_lora_eviction(args: argparse.Namespace, given: set[str]) -> None:
+    """--max-loaded-loras unloads adapters SGLang used least recently, CPU copy and all: a
+    tenant would lose its trained weights in SGLang while the trainer goes on with them."""
+    if "max_loaded_loras" in given and args.max_loaded_loras is not None:
+        raise SystemExit(
+            "--mace-train cannot run with --max-loaded-loras: SGLang would unload tenants "
+            "whose weights live only in memory between checkpoints. Leave it out; "
+            "--max-loras-per-batch bounds the LoRA pool slots (tenants beyond it are swapped "
+            "in from their CPU copies at their newest version)."
+        )
+
+
+def _enable_live_adapter(
+    args: argparse.Namespace, given: set[str], cfg: Any, tenants: list[str]
+) -> None:
+    """SGLang LoRA settings that serve every tenant; an all-zero v0 reserves each one's
+    entry (the trainer publishes its newest weights into it before serving starts)."""
     from mace_sgl.trainer.publish import write_zero_adapter
 
     model_config = _read_model_config(args.model_path)
@@ -173,19 +205,25 @@ def _enable_live_adapter(args: argparse.Namespace, given: set[str], cfg: Any) ->
         raise SystemExit("--mace-train needs a local --model-path with a config.json")
     from mace_sgl.trainer.checkpoints import CheckpointMismatch, check_compatible
 
-    try:  # before SGLang loads v0 or the trainer resumes: a clear error, not a crash
-        check_compatible(cfg.adapter_dir, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
-    except CheckpointMismatch as e:
-        raise SystemExit(f"mace-sgl: {e}") from None
-    v0 = cfg.adapter_dir / "v0"
-    if not (v0 / "adapter_model.safetensors").is_file():
-        write_zero_adapter(v0, model_config, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
+    paths = []
+    for name in tenants:
+        adapter_dir = cfg.tenant_dir(name)
+        try:  # before SGLang loads v0 or the trainer resumes: a clear error, not a crash
+            check_compatible(adapter_dir, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
+        except CheckpointMismatch as e:
+            raise SystemExit(f"mace-sgl: {e}") from None
+        v0 = adapter_dir / "v0"
+        if not (v0 / "adapter_model.safetensors").is_file():
+            write_zero_adapter(v0, model_config, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
+        paths.append(f"{name}={v0}")
     args.enable_lora = True
-    live = f"{cfg.adapter_name}={v0}"
     if "lora_paths" not in given:
-        args.lora_paths = [live]
-    elif live not in (args.lora_paths or []):
-        args.lora_paths = [*args.lora_paths, live]
+        args.lora_paths = paths
+    else:
+        args.lora_paths = [
+            *(args.lora_paths or []),
+            *(p for p in paths if p not in args.lora_paths),
+        ]
     if "max_lora_rank" not in given:
         args.max_lora_rank = cfg.lora_rank
     if "lora_target_modules" not in given:

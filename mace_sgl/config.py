@@ -41,6 +41,20 @@ class MaceConfig:
         default="live",
         metadata={"help": "Name of the adapter that feedback trains when it names none."},
     )
+    adapters: str = field(
+        default="",
+        metadata={
+            "help": "Comma-separated tenants to create at start (besides the default "
+            "adapter): each adapter name gets its own LoRA, trained on its own feedback."
+        },
+    )
+    auto_adapters: bool = field(
+        default=False,
+        metadata={
+            "help": "Let the first feedback naming an unknown adapter create that tenant "
+            "(without it such feedback is a 404 and nothing is stored)."
+        },
+    )
     feedback_max_bytes: int = field(
         default=1 << 20,
         metadata={"help": "Largest POST /mace/feedback body accepted; larger ones get 413."},
@@ -288,6 +302,15 @@ class MaceConfig:
                 f"{self.kv_tokens_min} and {self.kv_tokens_max}"
             )
 
+        from mace_sgl.feedback import ADAPTER_NAME
+
+        for name in [self.adapter_name, *self.tenant_names]:
+            if not ADAPTER_NAME.match(name):
+                raise ValueError(
+                    f"adapter name {name!r}: use 1-64 letters, digits, '_', '.' or '-', "
+                    "starting with a letter or digit"
+                )
+
         if self.kv_prune:
             self.prune_policy()  # bad budgets or windows fail at start-up
 
@@ -318,9 +341,18 @@ class MaceConfig:
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
     @property
+    def tenant_names(self) -> list[str]:
+        """--mace-adapters as a list (the default adapter not included)."""
+        return [t.strip() for t in self.adapters.split(",") if t.strip()]
+
+    @property
     def adapter_dir(self) -> Path:
-        """Where versions of the live adapter are checkpointed (peft format)."""
-        return self.state_path / "adapters" / self.adapter_name
+        """Where versions of the default adapter are checkpointed (peft format)."""
+        return self.tenant_dir(self.adapter_name)
+
+    def tenant_dir(self, name: str) -> Path:
+        """Where versions of adapter `name` are checkpointed: STATE/adapters/NAME/vN."""
+        return self.state_path / "adapters" / name
 
     @property
     def store_path(self) -> Path:

@@ -14,7 +14,9 @@ from typing import Any
 
 FIELDS = {"prompt", "chosen", "rejected", "adapter", "weight"}
 ROLES = {"system", "user", "assistant"}
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Adapter names become directory names (STATE/adapters/NAME): a safe set and a bound.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+ADAPTER_NAME_RULE = "use 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
 
 
 class FeedbackError(ValueError):
@@ -74,7 +76,7 @@ def validate_item(item: Any, where: str, default_adapter: str) -> dict[str, Any]
     if adapter is None:
         adapter = default_adapter
     if not isinstance(adapter, str) or not ADAPTER_NAME.match(adapter):
-        raise _bad(where, "`adapter` must be a name of 1-64 letters, digits, '_', '.', '-'")
+        raise _bad(where, f"`adapter` must be an adapter name: {ADAPTER_NAME_RULE}")
     weight = item.get("weight", 1.0)
     if weight is None:
         weight = 1.0

@@ -4,7 +4,8 @@
                            [--parent-pid PID]
 
 It binds the two ipc:// sockets in DIR/run, answers the trainer's Ready with Work picked
-from the store, records each Result, returns in-flight samples of a dead trainer session
+from the store (every existing tenant in turn; --adapter names the default one, which
+always exists), records each Result, returns in-flight samples of a dead trainer session
 (or of Work a dead sidecar never delivered) to the queue, and forwards pause/resume (a
 `paused` setting in the store) as Control. It exits with its parent (--parent-pid).
 """
@@ -57,7 +58,9 @@ class Sidecar:
         self.max_train_count = max_train_count
         self.parent_pid = parent_pid
         self.conn = store.connect(state_dir / "feedback.sqlite3")
-        self.adapter = adapter
+        self.adapter = adapter  # the default tenant, which always exists
+        self.turn = 0  # which tenant picks first on the next Ready
+        store.add_tenant(self.conn, adapter)
         self.ctx = zmq.Context()
         self.push, self.pull = channels.bind_sidecar(self.ctx, state_dir / "run")
         self.session: str | None = None
@@ -100,10 +103,18 @@ class Sidecar:
                 logger.warning("requeued %d samples picked but never delivered", freed)
         if msg.want <= 0:
             return
-        rows = store.pick_next(self.conn, self.adapter, msg.want, msg.session, self.max_train_count)
+        # Every tenant takes turns (store.pick_next), the default one included, and the
+        # first turn rotates: a trainer that asks for one sample at a time still gets
+        # each tenant's in turn.
+        adapters = [t.name for t in store.tenants(self.conn)] or [self.adapter]
+        first = self.turn % len(adapters)
+        adapters = adapters[first:] + adapters[:first]
+        self.turn += 1
+        rows = store.pick_next(self.conn, adapters, msg.want, msg.session, self.max_train_count)
         if rows:
             samples = [
-                Sample(r.id, r.prompt, r.chosen, r.rejected, r.weight, r.last_loss) for r in rows
+                Sample(r.id, r.prompt, r.chosen, r.rejected, r.weight, r.last_loss, r.adapter)
+                for r in rows
             ]
             if not self._send(Work(msg.session, samples, self.id)):
                 store.release(self.conn, msg.session, [r.id for r in rows])

@@ -31,6 +31,12 @@ CREATE TABLE IF NOT EXISTS feedback (
 );
 CREATE INDEX IF NOT EXISTS feedback_pick ON feedback (adapter, train_count, last_loss);
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tenants (
+    name TEXT PRIMARY KEY,          -- the adapter name (a directory under STATE/adapters)
+    created_at REAL NOT NULL,
+    retired_at REAL,                -- NULL while the tenant exists
+    weight REAL NOT NULL DEFAULT 1.0
+);
 """
 
 
@@ -115,25 +121,43 @@ def get(conn: sqlite3.Connection, ids: Iterable[int]) -> list[FeedbackRow]:
     return [_row(r) for r in rows]
 
 
+_PICK_ORDER = (
+    " ORDER BY train_count > 0, CASE WHEN train_count = 0 THEN id END,"
+    " COALESCE(last_loss, 0) * weight DESC, id LIMIT ?"
+)
+
+
 def pick_next(
-    conn: sqlite3.Connection, adapter: str, n: int, session: str, max_train_count: int = 3
+    conn: sqlite3.Connection,
+    adapter: str | list[str],
+    n: int,
+    session: str,
+    max_train_count: int = 3,
 ) -> list[FeedbackRow]:
     """Choose up to n samples to train next and mark them in flight for `session`.
 
     Never-trained samples first (oldest first); then trained ones by last DPO loss times
     weight, highest first, so the pairs the adapter still gets most wrong train again.
     A sample trains at most `max_train_count` times: endless replay of a few pairs
-    overfits them.
+    overfits them. With several adapters (a list), each one's order is kept and the
+    adapters take turns, so one tenant's flood of feedback cannot keep another's pairs
+    from reaching the trainer (which then shares steps fairly, policy/fairshare.py).
     """
+    adapters = [adapter] if isinstance(adapter, str) else list(adapter)
     conn.execute("BEGIN IMMEDIATE")
     try:
-        rows = conn.execute(
-            f"SELECT {_COLUMNS} FROM feedback WHERE adapter = ? AND inflight_session IS NULL"
-            " AND train_count < ?"
-            " ORDER BY train_count > 0, CASE WHEN train_count = 0 THEN id END,"
-            " COALESCE(last_loss, 0) * weight DESC, id LIMIT ?",
-            (adapter, max_train_count, n),
-        ).fetchall()
+        per_adapter = [
+            conn.execute(
+                f"SELECT {_COLUMNS} FROM feedback WHERE adapter = ? AND inflight_session IS NULL"
+                " AND train_count < ?" + _PICK_ORDER,
+                (a, max_train_count, n),
+            ).fetchall()
+            for a in adapters
+        ]
+        rows = []
+        for turn in range(n):
+            rows += [r[turn] for r in per_adapter if turn < len(r)]
+        rows = rows[:n]
         conn.executemany(
             "UPDATE feedback SET inflight_session = ? WHERE id = ?",
             [(session, r[0]) for r in rows],
@@ -232,3 +256,71 @@ def get_setting(conn: sqlite3.Connection, key: str, default: str) -> str:
     """A control setting, or the default when it was never set."""
     row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
     return row[0] if row else default
+
+
+# -- tenants: the adapters that exist (each one trained on its own feedback) -------------
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """One existing adapter."""
+
+    name: str
+    created_at: float
+    weight: float
+
+
+def add_tenant(conn: sqlite3.Connection, name: str, weight: float = 1.0) -> bool:
+    """Create tenant `name` (or bring a retired one back); True if it did not exist."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        row = conn.execute("SELECT retired_at FROM tenants WHERE name = ?", (name,)).fetchone()
+        if row is not None and row[0] is None:
+            conn.execute("COMMIT")
+            return False
+        conn.execute(
+            "INSERT INTO tenants (name, created_at, retired_at, weight) VALUES (?, ?, NULL, ?)"
+            " ON CONFLICT(name) DO UPDATE SET retired_at = NULL, weight = excluded.weight,"
+            " created_at = excluded.created_at",
+            (name, time.time(), float(weight)),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return True
+
+
+def retire_tenant(conn: sqlite3.Connection, name: str) -> bool:
+    """Retire tenant `name` (its feedback rows stay); False if it does not exist."""
+    cur = conn.execute(
+        "UPDATE tenants SET retired_at = ? WHERE name = ? AND retired_at IS NULL",
+        (time.time(), name),
+    )
+    return cur.rowcount == 1
+
+
+def tenants(conn: sqlite3.Connection) -> list[Tenant]:
+    """The existing tenants, oldest first."""
+    rows = conn.execute(
+        "SELECT name, created_at, weight FROM tenants WHERE retired_at IS NULL"
+        " ORDER BY created_at, name"
+    )
+    return [Tenant(*r) for r in rows]
+
+
+def has_tenant(conn: sqlite3.Connection, name: str) -> bool:
+    """True if tenant `name` exists (not retired)."""
+    row = conn.execute(
+        "SELECT 1 FROM tenants WHERE name = ? AND retired_at IS NULL", (name,)
+    ).fetchone()
+    return row is not None
+
+
+def counts_by_adapter(conn: sqlite3.Connection) -> dict[str, Counts]:
+    """counts() of every adapter that has feedback rows."""
+    rows = conn.execute(
+        "SELECT adapter, COUNT(*), COALESCE(SUM(train_count = 0), 0),"
+        " COALESCE(SUM(inflight_session IS NOT NULL), 0) FROM feedback GROUP BY adapter"
+    )
+    return {a: Counts(feedback=n, untrained=u, inflight=i) for a, n, u, i in rows}

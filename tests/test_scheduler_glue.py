@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
+
 from mace_sgl.config import MaceConfig
 from mace_sgl.plugin import iteration, state
 from mace_sgl.plugin.iteration import IterationMonitor
-from mace_sgl.plugin.train_hooks import TrainHooks
+from mace_sgl.plugin.train_hooks import KEY_PREFIX, TrainHooks, radix_key
 from mace_sgl.policy import Profile, make_policy
 from mace_sgl.trainer.runtime import Starvation
 
@@ -34,23 +36,61 @@ def test_each_scheduler_has_its_own_state():
     assert state.of(SimpleNamespace()) is None
 
 
+def sglang_req(rid: str, lora_id: str | None = None, extra_key: str | None = None):
+    """A request as SGLang's Req.__init__ leaves it: lora_id appended to the extra_key."""
+    if lora_id is not None:
+        extra_key = (extra_key or "") + lora_id
+    return req(rid, lora_id, extra_key)
+
+
 def test_version_key_is_set_when_prefill_is_scheduled_not_on_arrival():
-    trainer = SimpleNamespace(lora_uid=LIVE, version=3)
-    queued = req("a", LIVE)
-    client = req("b", LIVE, extra_key="tenant-salt")
-    base = req("c", None, extra_key="x")
-    sched = scheduler_with(trainer=trainer, waiting=[queued, client, base])
+    versions = {LIVE: 3}
+    trainer = SimpleNamespace(versions_by_uid=lambda: dict(versions))
+    queued = sglang_req("a", LIVE)
+    client = sglang_req("b", LIVE, extra_key="tenant-salt")
+    base = sglang_req("c", None, extra_key="x")
+    plain = sglang_req("d")
+    sched = scheduler_with(trainer=trainer, waiting=[queued, client, base, plain])
     hooks = TrainHooks(MaceConfig(train=True))
     hooks.key_by_version(sched)
-    assert queued.extra_key == "mace-v3"
-    assert client.extra_key == "tenant-salt|mace-v3"
-    assert base.extra_key == "x"  # base-model requests keep their cache key
+    assert queued.extra_key == radix_key(None, LIVE, 3)
+    assert client.extra_key == radix_key("tenant-salt", LIVE, 3)
+    assert base.extra_key == radix_key("x", None, None)
+    assert plain.extra_key is None  # base model, no client key: SGLang's own namespace
+    assert len({queued.extra_key, client.extra_key, base.extra_key}) == 3
     # A publish while they wait: the next prefill batch keys them by the new version,
     # the client's own part of the key kept.
-    trainer.version = 4
+    versions[LIVE] = 4
     hooks.key_by_version(sched)
-    assert queued.extra_key == "mace-v4"
-    assert client.extra_key == "tenant-salt|mace-v4"
+    assert queued.extra_key == radix_key(None, LIVE, 4)
+    assert client.extra_key == radix_key("tenant-salt", LIVE, 4)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_no_client_key_reaches_an_adapters_namespace(train: bool):
+    """SGLang #24638: a base request whose extra_key spells what SGLang makes of an
+    adapter request's key (extra_key + lora_id) shared that adapter's cached KV. Every
+    such forgery now lands in a namespace of its own, with or without training."""
+    other = "uid-other"  # a static --lora-paths adapter: uuid5(name, path), computable
+    trainer = SimpleNamespace(versions_by_uid=lambda: {LIVE: 2}) if train else None
+    victims = [sglang_req("v1", LIVE), sglang_req("v2", LIVE, "salt"), sglang_req("v3", other)]
+    sched = scheduler_with(trainer=trainer, waiting=list(victims))
+    hooks = TrainHooks(MaceConfig(train=train))
+    hooks.key_by_version(sched)
+    taken = {v.extra_key for v in victims}
+    forged_keys = [
+        LIVE,  # SGLang's own key of v1
+        "salt" + LIVE,
+        other,
+        f"{LIVE}|mace-v2",  # the key the previous mace-sgl gave v1
+        *taken,  # the keys victims carry now, sent verbatim
+        *(k.removeprefix(KEY_PREFIX) for k in taken),
+    ]
+    forged = [sglang_req(f"f{i}", None, k) for i, k in enumerate(forged_keys)]
+    sched.waiting_queue = forged
+    hooks.key_by_version(sched)
+    for f in forged:
+        assert f.extra_key not in taken, f.rid
 
 
 def test_request_tables_forget_aborted_requests():

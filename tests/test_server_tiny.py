@@ -238,22 +238,62 @@ def test_control_routes_need_the_admin_key(server: Server):
     for method, path in controls:
         r = requests.request(method, server.url + path, headers=admin, timeout=30)
         assert r.status_code == 200, (path, r.text)
-    assert r.json()["adapter"] == "live"
+    assert [a["name"] for a in r.json()["adapters"]] == ["live"]
+    # Creating and retiring tenants are control routes too.
+    for method, path, body in (
+        ("POST", "/mace/adapters", {"name": "t1"}),
+        ("DELETE", "/mace/adapters/t1", None),
+    ):
+        r = requests.request(method, server.url + path, json=body, headers=user, timeout=30)
+        assert r.status_code == 401, (path, r.text)
+        r = requests.request(method, server.url + path, json=body, headers=admin, timeout=30)
+        assert r.status_code in (200, 201), (path, r.text)
     # SGLang's NORMAL level takes only the API key once one is set, even from an admin.
     r = requests.get(server.url + "/mace/status", headers=admin, timeout=30)
     assert r.status_code == 401
 
 
-def test_queue_depth_counts_only_the_trained_adapter(server: Server):
+def test_feedback_for_an_unknown_adapter_is_a_404_and_stores_nothing(server: Server):
     before = server.get("/mace/status").json()
-    r = server.post("/mace/feedback", [{**PAIR, "adapter": "someone-else"}] * 2)
-    assert r.status_code == 200, r.text
+    r = server.post("/mace/feedback", [PAIR, {**PAIR, "adapter": "someone-else"}])
+    assert r.status_code == 404, r.text
+    assert "someone-else" in r.json()["error"] and "POST /mace/adapters" in r.json()["error"]
+    assert server.get("/mace/status").json()["feedback_count"] == before["feedback_count"]
+    # Names are validated: they become directory names.
+    for bad in ("../x", "a/b", "", "x" * 65, ".hidden"):
+        r = server.post("/mace/feedback", {**PAIR, "adapter": bad})
+        assert r.status_code == 400, (bad, r.text)
+
+
+def test_tenants_are_created_counted_and_retired(server: Server):
+    """Without --mace-train a tenant is a store entry: its feedback is kept for later."""
+    admin = bearer(ADMIN_KEY)
+    r = requests.post(server.url + "/mace/adapters", json={"name": "team-a"}, headers=admin)
+    assert r.status_code == 201 and r.json() == {"name": "team-a", "created": True}, r.text
+    r = requests.post(server.url + "/mace/adapters", json={"name": "team-a"}, headers=admin)
+    assert r.status_code == 200 and r.json()["created"] is False
+    for body in ({"name": "../x"}, {"nom": "x"}, {"name": "x", "weight": 0}):
+        r = requests.post(server.url + "/mace/adapters", json=body, headers=admin)
+        assert r.status_code == 400, (body, r.text)
+    before = server.get("/mace/status").json()
+    assert server.post("/mace/feedback", [{**PAIR, "adapter": "team-a"}] * 2).status_code == 200
     after = server.get("/mace/status").json()
-    assert after["queue_depth"] == before["queue_depth"]
-    assert after["feedback_count"] == before["feedback_count"] + 2
-    assert after["feedback_other_adapters"] == before["feedback_other_adapters"] + 2
-    assert server.post("/mace/feedback", PAIR).status_code == 200
-    assert server.get("/mace/status").json()["queue_depth"] == before["queue_depth"] + 1
+    assert after["queue_depth"] == before["queue_depth"] + 2
+    assert after["tenants"]["queue_depth"]["team-a"] == 2
+    listed = requests.get(server.url + "/mace/adapters", headers=admin).json()["adapters"]
+    team = next(a for a in listed if a["name"] == "team-a")
+    assert team["queue_depth"] == 2 and team["version"] == 0 and team["versions"] == []
+    assert set(team) >= {"name", "version", "versions", "train_steps", "queue_depth"}
+    assert set(team) >= {"last_loss", "guard_refusals"}
+    # Retired: its rows stay stored but leave the queue, and new feedback is refused.
+    r = requests.delete(server.url + "/mace/adapters/team-a", headers=admin)
+    assert r.status_code == 200 and r.json()["checkpoints_kept"] is True, r.text
+    assert requests.delete(server.url + "/mace/adapters/team-a", headers=admin).status_code == 404
+    assert requests.delete(server.url + "/mace/adapters/live", headers=admin).status_code == 409
+    gone = server.get("/mace/status").json()
+    assert gone["queue_depth"] == before["queue_depth"]
+    assert gone["feedback_other_adapters"] == before["feedback_other_adapters"] + 2
+    assert server.post("/mace/feedback", {**PAIR, "adapter": "team-a"}).status_code == 404
 
 
 def test_feedback_survives_kill_9_of_the_whole_server(

@@ -7,8 +7,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections import deque
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import zmq
@@ -199,24 +199,25 @@ def test_rows_a_dead_sidecar_picked_are_requeued_and_work_in_transit_is_kept(
 def trainer_shell(tmp_path: Path, lookahead: int = 2):
     from mace_sgl.policy.cost import CostModel
     from mace_sgl.trainer import learned_cost
+    from mace_sgl.trainer.jobs import JobBoard
+    from mace_sgl.trainer.link import SidecarLink
     from mace_sgl.trainer.runtime import MaceTrainer
     from mace_sgl.trainer.sliced import Pair
 
     t = object.__new__(MaceTrainer)
     t.cfg = MaceConfig(state_dir=str(tmp_path), train=True, lookahead=lookahead)
-    t.session = "s1"
-    t.queue = deque()
-    t.jobs = {}
-    t.step_job = None
-    t.paused = False
-    t.asked_at = 0.0
-    t.sidecar_id = ""
+    t.link = SidecarLink(tmp_path, "live")
+    t.link.session = "s1"
+    t.board = JobBoard(on_cuda=False)
+    t.tenants = SimpleNamespace(tenants={"live": None})
+    t.orphans_returned = 0
+    t._sync_tenants = lambda: None  # no SGLang here: the tenant set does not change
     t.cost_saver = learned_cost.CostSaver(
         tmp_path / learned_cost.FILE, {}, CostModel(), resumed=False
     )
     # No tokenizer here: the pair's ids do not matter to the conversation.
     t._pair = lambda s: Pair(s.id, [1], [2], [3], s.weight)
-    t.push, t.pull = channels.connect_trainer(zmq.Context.instance(), tmp_path / "run")
+    t.push, t.pull = t.link.push, t.link.pull
     return t
 
 
@@ -242,7 +243,7 @@ def test_resume_reaches_a_paused_trainer_after_a_sidecar_restart(tmp_path: Path,
         # learns the session and forwards the resume.
         poll_until(t, lambda: not t.paused, 30, "the resume reached the trainer")
         (a,) = store.add_feedback(conn, [pair(0)])
-        poll_until(t, lambda: [q.pair.sample_id for q in t.queue] == [a], 30, "work arrives")
+        poll_until(t, lambda: [q.pair.sample_id for q in t.board.queue] == [a], 30, "work arrives")
     finally:
         sidecar.stop()
         t.push.close(linger=0)
@@ -259,10 +260,10 @@ def test_trainer_drops_malformed_messages_and_work_of_a_dead_sidecar(tmp_path: P
         push.send(encode(Control(False, "s1", "new")))
         push.send(encode(Work("s1", [Sample(1, "p", "c", "r", 1.0)], "old")))  # in transit
         push.send(encode(Work("s1", [Sample(2, "p", "c", "r", 1.0)], "new")))
-        poll_until(t, lambda: len(t.queue) > 0, 30, "work of the new sidecar")
-        assert [q.pair.sample_id for q in t.queue] == [2]
+        poll_until(t, lambda: len(t.board.queue) > 0, 30, "work of the new sidecar")
+        assert [q.pair.sample_id for q in t.board.queue] == [2]
         # Every Ready from now on names the new sidecar and what the trainer holds.
-        t.asked_at = 0.0
+        t.link.asked_at = 0.0
         t.poll()
         assert pull.poll(10_000)
         ready = decode_to_sidecar(pull.recv())

@@ -120,7 +120,11 @@ def test_feedback_raises_version_and_chosen_logprob(
         assert s["train_steps"] >= 3 and s["last_loss"] is not None
         assert s["queue_depth"] == 0  # every pair trained at least once
         # What is served is exactly the checkpoint of the current version (peft format).
-        versions = server.get("/mace/adapters").json()["versions"]
+        (live,) = [a for a in server.get("/mace/adapters").json()["adapters"] if a["default"]]
+        assert live["name"] == "live" and live["version"] == s["adapter_version"]
+        assert live["train_steps"] == s["train_steps"] and live["queue_depth"] == 0
+        assert live["guard_refusals"] == 0 and live["last_loss"] == s["last_loss"]
+        versions = live["versions"]
         assert versions[-1]["version"] == s["adapter_version"]
         assert len(versions) <= 6  # keep 5 plus v0
         wait_for(server, lambda _: (Path(versions[-1]["path"]) / "mace.json").is_file(), 30)

@@ -22,6 +22,7 @@ class Sample(msgspec.Struct, frozen=True):
     rejected: str
     weight: float
     loss: float | None = None  # its last DPO loss, if it trained before (priorities)
+    adapter: str = "live"  # the tenant whose feedback it is (its LoRA trains on it)
 
 
 class Hello(msgspec.Struct, tag=True, frozen=True):

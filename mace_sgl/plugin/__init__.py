@@ -30,10 +30,13 @@ Hooks (target -> why -> how):
   `Scheduler.maybe_sleep_on_idle` AROUND trains one unit instead of sleeping (also
   without --mace-train when --mace-malloc-trim-s > 0: an idle scheduler calls
   malloc_trim, mace_sgl/memstats.py);
-  `Scheduler.handle_generate_request` BEFORE notes the arrival;
-  `Scheduler.get_new_batch_prefill` BEFORE adds the live adapter's version to the radix
-  key of every waiting request of that adapter, when its prefill is about to be matched
-  and run, not on arrival (plugin/train_hooks.py, plugin/iteration.py).
+  `Scheduler.handle_generate_request` BEFORE notes the arrival (plugin/train_hooks.py,
+  plugin/iteration.py).
+- Every scheduler process: `Scheduler.get_new_batch_prefill` BEFORE -> SGLang keys a
+  request's radix prefix by extra_key + lora_id concatenated, which a base request can
+  forge, and a tenant's weights change in place -> every waiting request's key becomes
+  JSON of (client key, adapter id, that adapter's published version), set when its
+  prefill is about to be matched and run, not on arrival (plugin/train_hooks.py).
 - Launcher process: `TokenizerManager.generate_request` BEFORE gives requests that name no
   adapter the --mace-default-adapter.
 - Every process: `mace_prune` added to `attention_registry.ATTENTION_BACKENDS` and to
@@ -47,8 +50,9 @@ Hooks (target -> why -> how):
   seq_lens/kv lengths (prune/runtime.py); a no-op unless the mace_prune backend exists.
 - Launcher (HTTP) process only: `/mace/*` routes added to SGLang's FastAPI `app` before it
   starts, so SGLang's --api-key middleware covers them like its own routes; pause, resume
-  and adapter listing carry SGLang's ADMIN_OPTIONAL auth level (--admin-api-key when set)
-  (plugin/routes.py).
+  and adapter management carry SGLang's ADMIN_OPTIONAL auth level (--admin-api-key when
+  set) (plugin/routes.py). Tenants made at run time load into SGLang through its own
+  TokenizerManager.load_lora_adapter / unload_lora_adapter.
 """
 
 from __future__ import annotations
@@ -100,6 +104,9 @@ def register() -> None:
     # Every scheduler gets its state object (plugin/state.py), training or not: the
     # pruner and /mace/status find their parts there.
     HookRegistry.register(sched + "__init__", hooks.attach_state, HookType.AFTER)
+    # Radix keys no request can forge, with each tenant's version (train_hooks.py): also
+    # without --mace-train, as SGLang's own key lets a base request reach any adapter's KV.
+    HookRegistry.register(sched + "get_new_batch_prefill", hooks.key_by_version, HookType.BEFORE)
     if cfg.train and cpu.on_cpu():
         HookRegistry.register(
             "sglang.srt.model_executor.model_runner.ModelRunner.init_lora_manager",
@@ -110,9 +117,6 @@ def register() -> None:
         HookRegistry.register(sched + "process_batch_result", hooks.after_iteration, HookType.AFTER)
         HookRegistry.register(
             sched + "handle_generate_request", hooks.on_generate_request, HookType.BEFORE
-        )
-        HookRegistry.register(
-            sched + "get_new_batch_prefill", hooks.key_by_version, HookType.BEFORE
         )
         HookRegistry.register(sched + "run_batch", hooks.timed_forward, HookType.AROUND)
     if cfg.train or cfg.malloc_trim_s > 0:

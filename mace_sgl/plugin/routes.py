@@ -1,8 +1,9 @@
 """The /mace/* HTTP routes, added to SGLang's own FastAPI app in the launcher process.
 
 Auth follows SGLang's levels (sglang.srt.utils.auth): status and feedback are NORMAL
-routes (--api-key), pause, resume and the adapter list are ADMIN_OPTIONAL, like SGLang's
-own control routes (--admin-api-key when set, else --api-key, else open).
+routes (--api-key), pause, resume and adapter management (list, create, retire) are
+ADMIN_OPTIONAL, like SGLang's own control routes (--admin-api-key when set, else
+--api-key, else open).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import Request
@@ -21,7 +24,7 @@ from sglang.srt.utils.auth import AuthLevel, auth_level
 
 from mace_sgl import __version__
 from mace_sgl.config import MaceConfig
-from mace_sgl.feedback import FeedbackError, parse_feedback
+from mace_sgl.feedback import ADAPTER_NAME, ADAPTER_NAME_RULE, FeedbackError, parse_feedback
 from mace_sgl.metrics import FeedbackMetrics
 from mace_sgl.templating import encode_pair
 from mace_sgl.trainer.publish import checkpoints
@@ -72,20 +75,26 @@ def _with_store(cfg: MaceConfig, fn: Callable[..., Any], *args: Any) -> Any:
         conn.close()
 
 
-def _all_and_adapter_counts(
-    conn: sqlite3.Connection, adapter: str
-) -> tuple[store.Counts, store.Counts]:
-    return store.counts(conn), store.counts(conn, adapter)
+def _tenant_counts(
+    conn: sqlite3.Connection,
+) -> tuple[store.Counts, list[store.Tenant], dict[str, store.Counts]]:
+    return store.counts(conn), store.tenants(conn), store.counts_by_adapter(conn)
+
+
+def _queue_depth(conn: sqlite3.Connection) -> int:
+    """Rows never trained, over the existing tenants."""
+    by_adapter = store.counts_by_adapter(conn)
+    return sum(by_adapter[t.name].untrained for t in store.tenants(conn) if t.name in by_adapter)
 
 
 async def _refresh_queue_depth(cfg: MaceConfig, metrics: FeedbackMetrics) -> None:
     try:
-        counts = await asyncio.to_thread(_with_store, cfg, store.counts, cfg.adapter_name)
+        depth = await asyncio.to_thread(_with_store, cfg, _queue_depth)
     except Exception:
         # A metric must never fail the request that refreshes it.
         logger.warning("mace: queue depth for /metrics not read", exc_info=True)
         return
-    metrics.queue_depth(counts.untrained)
+    metrics.queue_depth(depth)
 
 
 class _QueueDepthOnScrape:
@@ -115,16 +124,18 @@ async def mace_status(request: Request) -> JSONResponse:
     cfg = st.cfg
     # One entry per data-parallel scheduler; each comes from that scheduler process.
     internal: list[dict[str, Any]] = await tm.get_internal_state()
-    # queue_depth counts only the trained adapter: rows naming another adapter never
-    # train here, so counting them would keep the queue from ever draining.
-    counts, mine = await asyncio.to_thread(
-        _with_store, cfg, _all_and_adapter_counts, cfg.adapter_name
-    )
+    # queue_depth counts the rows of existing tenants only: rows naming a retired
+    # adapter never train, so counting them would keep the queue from ever draining.
+    counts, tenants, by_adapter = await asyncio.to_thread(_with_store, cfg, _tenant_counts)
+    none = store.Counts(0, 0, 0)
+    mine = [by_adapter.get(t.name, none) for t in tenants]
+    queue_depth = sum(c.untrained for c in mine)
     metrics = st.metrics()
     if metrics is not None:
-        metrics.queue_depth(mine.untrained)
+        metrics.queue_depth(queue_depth)
     schedulers = [s.get("mace") for s in internal]
     trainer = next((s["trainer"] for s in schedulers if s and s.get("trainer")), None)
+    by_name = {t["name"]: t for t in (trainer or {}).get("tenants", [])}
     body = {
         "version": __version__,
         "sglang_version": sglang.__version__,
@@ -146,8 +157,16 @@ async def mace_status(request: Request) -> JSONResponse:
         "reserve_ms": trainer["reserve_ms"] if trainer else 0.0,
         "slo": trainer["slo"] if trainer else None,
         "feedback_count": counts.feedback,
-        "feedback_other_adapters": counts.feedback - mine.feedback,
-        "queue_depth": mine.untrained,
+        "feedback_other_adapters": counts.feedback - sum(c.feedback for c in mine),
+        "queue_depth": queue_depth,
+        "tenants": {
+            "count": len(tenants),
+            "names": [t.name for t in tenants],
+            "training": sorted(by_name),
+            "train_steps": {n: t["train_steps"] for n, t in by_name.items()},
+            "versions": {n: t["version"] for n, t in by_name.items()},
+            "queue_depth": {t.name: c.untrained for t, c in zip(tenants, mine, strict=True)},
+        },
         "http_pid": os.getpid(),
         "schedulers": schedulers,
     }
@@ -189,6 +208,21 @@ async def mace_feedback(request: Request) -> JSONResponse:
         )
     except FeedbackError as e:
         return _error(e.status, e.reason)
+    named = sorted({item["adapter"] for item in items})
+    known = await asyncio.to_thread(_with_store, cfg, _existing, named)
+    unknown = [n for n in named if n not in known]
+    if unknown and not cfg.auto_adapters:
+        return _error(
+            404,
+            f"no adapter named {', '.join(map(repr, unknown))}: create it first with POST "
+            '/mace/adapters {"name": ...} (or start the server with --mace-auto-adapters); '
+            "nothing was stored",
+        )
+    for name in unknown:
+        try:
+            await create_tenant(cfg, name)
+        except TenantError as e:
+            return _error(e.status, f"{e.reason}; nothing was stored")
     ids = await asyncio.to_thread(_with_store, cfg, store.add_feedback, items)
     metrics = st.metrics()
     if metrics is not None:
@@ -197,21 +231,174 @@ async def mace_feedback(request: Request) -> JSONResponse:
     return JSONResponse({"ids": ids, "count": len(ids)})
 
 
+def _existing(conn: sqlite3.Connection, names: list[str]) -> set[str]:
+    return {n for n in names if store.has_tenant(conn, n)}
+
+
+class TenantError(Exception):
+    """A tenant could not be created or retired: `status` and the reason to answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _prepare_tenant_dir(cfg: MaceConfig, model_path: str, name: str) -> Path:
+    """STATE/adapters/NAME with an all-zero v0; returns the version for SGLang to load
+    (the newest checkpoint, so a tenant brought back serves its last weights at once)."""
+    from mace_sgl.trainer.checkpoints import CheckpointMismatch, check_compatible
+    from mace_sgl.trainer.publish import write_zero_adapter
+
+    adapter_dir = cfg.tenant_dir(name)
+    try:
+        check_compatible(adapter_dir, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
+    except CheckpointMismatch as e:
+        raise TenantError(409, str(e)) from None
+    v0 = adapter_dir / "v0"
+    if not (v0 / "adapter_model.safetensors").is_file():
+        model_config = json.loads((Path(model_path) / "config.json").read_text())
+        write_zero_adapter(v0, model_config, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
+    return checkpoints(adapter_dir)[-1][1]
+
+
+async def create_tenant(cfg: MaceConfig, name: str, weight: float = 1.0) -> bool:
+    """Create tenant `name`: its store row and, with --mace-train, its adapter in SGLang
+    (whose scheduler-side trainer then picks it up). False if it existed already."""
+    if not ADAPTER_NAME.match(name):
+        raise TenantError(400, f"adapter name {name!r}: {ADAPTER_NAME_RULE}")
+    created = await asyncio.to_thread(_with_store, cfg, store.add_tenant, name, weight)
+    if not created or not cfg.train:
+        return created
+    tm = _tokenizer_manager()
+    try:
+        if tm is None:
+            raise TenantError(503, "server is starting")
+        path = await asyncio.to_thread(_prepare_tenant_dir, cfg, tm.model_path, name)
+        from sglang.srt.managers.io_struct import LoadLoRAAdapterReqInput
+
+        out = await tm.load_lora_adapter(
+            LoadLoRAAdapterReqInput(lora_name=name, lora_path=str(path))
+        )
+        if not out.success:
+            raise TenantError(500, f"SGLang could not load adapter {name!r}: {out.error_message}")
+    except BaseException:
+        await asyncio.to_thread(_with_store, cfg, store.retire_tenant, name)
+        raise
+    logger.info("mace: tenant %s created (%s)", name, path)
+    return True
+
+
+async def _trainer_tenants() -> dict[str, dict[str, Any]]:
+    """Each tenant's status from the trainer (empty without --mace-train)."""
+    tm = _tokenizer_manager()
+    if tm is None:
+        return {}
+    internal: list[dict[str, Any]] = await tm.get_internal_state()
+    for s in internal:
+        trainer = (s.get("mace") or {}).get("trainer")
+        if trainer:
+            return {t["name"]: t for t in trainer.get("tenants", [])}
+    return {}
+
+
 @auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def mace_adapters(request: Request) -> JSONResponse:
-    """GET /mace/adapters: the checkpointed versions of the live adapter."""
+    """GET /mace/adapters: every tenant with its version, stored versions, training
+    progress, queue and guard refusals."""
     cfg = _state(request.app).cfg
 
-    def scan() -> list[dict[str, Any]]:
-        out = []
-        for version, d in checkpoints(cfg.adapter_dir):
-            meta_file = d / "mace.json"
-            meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-            out.append({"version": version, "path": str(d), **meta})
-        return out
+    def scan() -> tuple[list[store.Tenant], dict[str, store.Counts], dict[str, list]]:
+        conn = store.connect(cfg.store_path)
+        try:
+            tenants, by_adapter = store.tenants(conn), store.counts_by_adapter(conn)
+        finally:
+            conn.close()
+        versions = {}
+        for t in tenants:
+            out = []
+            for version, d in checkpoints(cfg.tenant_dir(t.name)):
+                meta_file = d / "mace.json"
+                meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+                out.append({"version": version, "path": str(d), **meta})
+            versions[t.name] = out
+        return tenants, by_adapter, versions
 
-    versions = await asyncio.to_thread(scan)
-    return JSONResponse({"adapter": cfg.adapter_name, "versions": versions})
+    tenants, by_adapter, versions = await asyncio.to_thread(scan)
+    live = await _trainer_tenants()
+    body = []
+    for t in tenants:
+        stored = versions[t.name]
+        newest = stored[-1] if stored else {}
+        trainer = live.get(t.name)
+        body.append(
+            {
+                "name": t.name,
+                "version": trainer["version"] if trainer else newest.get("version", 0),
+                "versions": stored,
+                "train_steps": trainer["train_steps"] if trainer else newest.get("train_steps", 0),
+                "queue_depth": by_adapter[t.name].untrained if t.name in by_adapter else 0,
+                "last_loss": trainer["last_loss"] if trainer else newest.get("loss"),
+                "guard_refusals": trainer["guard_refusals"] if trainer else None,
+                "default": t.name == cfg.adapter_name,
+                "weight": t.weight,
+                "training": trainer is not None,
+            }
+        )
+    return JSONResponse({"adapters": body})
+
+
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
+async def mace_adapters_create(request: Request) -> JSONResponse:
+    """POST /mace/adapters {"name": ..., "weight": 1.0}: create a tenant (201), or 200 if
+    it exists."""
+    cfg = _state(request.app).cfg
+    try:
+        body = json.loads(await request.body())
+    except ValueError as e:
+        return _error(400, f"body is not JSON: {e}")
+    if not isinstance(body, dict) or not isinstance(body.get("name"), str):
+        return _error(400, 'send {"name": "<adapter name>"}')
+    extra = set(body) - {"name", "weight"}
+    if extra:
+        return _error(400, f"unknown field(s) {sorted(extra)}; allowed: name, weight")
+    weight = body.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
+        return _error(400, "`weight` must be a number > 0 (the tenant's share of steps)")
+    name = body["name"]
+    try:
+        created = await create_tenant(cfg, name, float(weight))
+    except TenantError as e:
+        return _error(e.status, e.reason)
+    return JSONResponse({"name": name, "created": created}, status_code=201 if created else 200)
+
+
+@auth_level(AuthLevel.ADMIN_OPTIONAL)
+async def mace_adapters_delete(request: Request) -> JSONResponse:
+    """DELETE /mace/adapters/NAME[?purge=true]: retire a tenant (its checkpoints are kept
+    unless purge is asked; its feedback rows stay in the store)."""
+    cfg = _state(request.app).cfg
+    name = request.path_params["name"]
+    purge = request.query_params.get("purge", "false").lower() in ("1", "true", "yes")
+    if not ADAPTER_NAME.match(name):
+        return _error(400, f"adapter name {name!r}: {ADAPTER_NAME_RULE}")
+    if name == cfg.adapter_name:
+        return _error(
+            409, f"{name!r} is the default adapter (--mace-adapter-name): it always exists"
+        )
+    retired = await asyncio.to_thread(_with_store, cfg, store.retire_tenant, name)
+    if not retired:
+        return _error(404, f"no adapter named {name!r}")
+    tm = _tokenizer_manager()
+    if cfg.train and tm is not None:
+        from sglang.srt.managers.io_struct import UnloadLoRAAdapterReqInput
+
+        out = await tm.unload_lora_adapter(UnloadLoRAAdapterReqInput(lora_name=name))
+        if not out.success:
+            logger.warning("mace: SGLang did not unload %s: %s", name, out.error_message)
+    if purge:
+        await asyncio.to_thread(shutil.rmtree, cfg.tenant_dir(name), True)
+    return JSONResponse({"name": name, "retired": True, "checkpoints_kept": not purge})
 
 
 @auth_level(AuthLevel.ADMIN_OPTIONAL)
@@ -245,6 +432,8 @@ def install(cfg: MaceConfig) -> None:
     app.add_api_route("/mace/status", mace_status, methods=["GET"])
     app.add_api_route("/mace/feedback", mace_feedback, methods=["POST"])
     app.add_api_route("/mace/adapters", mace_adapters, methods=["GET"])
+    app.add_api_route("/mace/adapters", mace_adapters_create, methods=["POST"])
+    app.add_api_route("/mace/adapters/{name}", mace_adapters_delete, methods=["DELETE"])
     app.add_api_route("/mace/train/pause", mace_train_pause, methods=["POST"])
     app.add_api_route("/mace/train/resume", mace_train_resume, methods=["POST"])
     app.add_middleware(_QueueDepthOnScrape)

@@ -7,6 +7,7 @@ that scheduler's trainer and monitor on its state (plugin/state.py).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -39,9 +40,10 @@ class TrainHooks:
         if not self.cfg.train:
             return
         from mace_sgl.plugin.iteration import IterationMonitor
+        from mace_sgl.trainer.host import TrainerHost
         from mace_sgl.trainer.runtime import MaceTrainer
 
-        st.trainer = MaceTrainer(runner, self.cfg)
+        st.trainer = MaceTrainer(TrainerHost.from_model_runner(runner, self.cfg))
         st.monitor = IterationMonitor(st.trainer.policy, st.trainer.on_cuda)
         if getattr(scheduler.server_args, "enable_metrics", False):
             from mace_sgl.metrics import TrainerMetrics
@@ -53,7 +55,7 @@ class TrainHooks:
             import zmq
 
             # An idle scheduler sleeps in poll(); sidecar messages must wake it too.
-            sleeper.poller.register(st.trainer.pull, zmq.POLLIN)
+            sleeper.poller.register(st.trainer.link.pull, zmq.POLLIN)
 
     def timed_forward(self, original: Any, scheduler: Any, batch: Any, *a: Any, **kw: Any) -> Any:
         """AROUND Scheduler.run_batch: every forward's time feeds the policy's cost model."""
@@ -93,22 +95,22 @@ class TrainHooks:
             st.monitor.arrived(recv_req.rid)
 
     def key_by_version(self, scheduler: Any, *args: Any, **kwargs: Any) -> None:
-        """BEFORE the scheduler builds a prefill batch: never share KV across adapter
-        versions.
+        """BEFORE the scheduler builds a prefill batch: every waiting request's radix key
+        names its adapter and that adapter's version, in a form no request can forge.
 
-        SGLang keys a LoRA request's radix prefix by extra_key + lora_id, and the live
-        adapter's weights change in place, so the version joins the key. It is set here,
-        when prefix matching is about to run, not on arrival: a request that waited in
-        the queue across a publish runs its prefill under the new weights and must store
-        that KV under the new version. Base-model requests keep their key.
+        SGLang joins a request's extra_key and its lora_id by plain concatenation
+        (SGLang #24638), so a base-model request whose extra_key ends with an adapter's
+        id would share that adapter's cached KV; and a tenant's weights change in place,
+        so its version must join the key too. The key is set here, when prefix matching
+        is about to run, not on arrival: a request that waited across a publish runs its
+        prefill under the new weights and must store that KV under the new version.
         """
         st = state.of(scheduler)
-        if st is None or st.trainer is None:
+        if st is None:
             return
-        uid, suffix = st.trainer.lora_uid, f"mace-v{st.trainer.version}"
+        versions = st.trainer.versions_by_uid() if st.trainer is not None else {}
         for req in scheduler.waiting_queue:
-            if getattr(req, "lora_id", None) == uid:
-                set_version_key(req, suffix)
+            set_radix_key(req, versions)
 
     def default_adapter(self, tm: Any, obj: Any, *args: Any, **kwargs: Any) -> None:
         """BEFORE TokenizerManager.generate_request: requests naming no adapter get the
@@ -118,14 +120,28 @@ class TrainHooks:
             obj.lora_path = name
 
 
-def set_version_key(req: Any, suffix: str) -> None:
-    """Key `req` by the adapter version `suffix`, after the client's own extra_key (kept
-    on the request the first time, so a later version replaces only our part)."""
-    client = getattr(req, "_mace_client_key", None)
-    if client is None:
-        client = req.extra_key or ""
-        req._mace_client_key = client
-    req.extra_key = f"{client}|{suffix}" if client else suffix
+KEY_PREFIX = "mace:"
+
+
+def radix_key(client: str | None, lora_id: str | None, version: int | None) -> str | None:
+    """The radix namespace of a request: its client's own extra_key, its adapter's id and
+    that adapter's version, JSON-encoded (so no client key can spell another request's).
+    None only for a base-model request without a client key, as SGLang has it."""
+    if client is None and lora_id is None:
+        return None
+    return KEY_PREFIX + json.dumps([client, lora_id, version], separators=(",", ":"))
+
+
+def set_radix_key(req: Any, versions: dict[str, int]) -> None:
+    """Key `req` by radix_key(); the client's part is recovered from SGLang's concatenated
+    key the first time (and kept on the request, so a later version replaces only ours)."""
+    uid = getattr(req, "lora_id", None)
+    if not hasattr(req, "_mace_client_key"):
+        key = req.extra_key
+        if uid is not None and key is not None and key.endswith(uid):
+            key = key[: -len(uid)] or None  # SGLang appended the lora id
+        req._mace_client_key = key
+    req.extra_key = radix_key(req._mace_client_key, uid, versions.get(uid) if uid else None)
 
 
 def _refresh_metrics(st: state.SchedulerState) -> None:

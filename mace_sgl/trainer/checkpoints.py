@@ -67,8 +67,9 @@ class Resumed:
 
 
 def resume(adapter_dir: Path, model: Any, optimizer: torch.optim.Optimizer) -> Resumed:
-    """Load the newest checkpointed version (v1 and up) into the peft model's LoRA
-    parameters and, when saved with it, the optimizer's state."""
+    """Load the newest checkpointed version (v1 and up) into the LoRA parameters and, when
+    saved with it, the optimizer's state. `model`: a peft model, or its LoRA tensors by
+    parameter name (a tenant's weights while another tenant is in the model)."""
     from safetensors.torch import load_file
 
     # v0 is the all-zero adapter that only reserves SGLang's slot: never resume it
@@ -78,7 +79,10 @@ def resume(adapter_dir: Path, model: Any, optimizer: torch.optim.Optimizer) -> R
         return Resumed(0, None, False)
     version, path = versions[-1]
     weights = load_file(str(path / "adapter_model.safetensors"))
-    params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    if isinstance(model, dict):
+        params = model
+    else:
+        params = {n: p for n, p in model.named_parameters() if "lora_" in n}
     missing = [n for n in params if n.replace(".default", "") not in weights]
     if missing:
         raise CheckpointMismatch(f"{path} lacks {len(missing)} LoRA tensors, e.g. {missing[0]}")

@@ -139,9 +139,7 @@ class Guard:
         self.max_kl = max_kl
         self.max_new_tokens = max_new_tokens
         self.min_keep = min_keep
-        self.checked = 0
-        self.refused: dict[str, int] = {"kl": 0, "keep": 0, "empty": 0, "loop": 0}
-        self.last: Reading | None = None
+        self.log = GuardLog()  # the record of `check` calls that name no other
         base = run_to_end(
             self.answer_slices(adapter=False, against_base=False, max_new=max_new_tokens)
         )
@@ -163,9 +161,13 @@ class Guard:
             return 1.0
         return len(base & content_words(text)) / len(base)
 
-    def check(self, version: int) -> Generator[SliceSpec, None, Reading]:
+    def check(
+        self, version: int, log: GuardLog | None = None
+    ) -> Generator[SliceSpec, None, Reading]:
         """Measure the adapter as it is now (the candidate); returns the Reading, whose
-        `published` says whether it passed. Counts refusals by their first reason."""
+        `published` says whether it passed. Counts refusals by their first reason in `log`
+        (each tenant keeps its own; the base answers are shared)."""
+        log = log if log is not None else self.log
         got = yield from self.answer_slices(
             adapter=True, against_base=True, max_new=self.max_new_tokens * 3 // 2
         )
@@ -185,18 +187,18 @@ class Guard:
         why = ""
         if not math.isfinite(got.kl_per_token) or got.kl_per_token > self.max_kl:
             why = f"kl {got.kl_per_token:.3f} nats/token > {self.max_kl:g}"
-            self.refused["kl"] += 1
+            log.refused["kl"] += 1
         elif lost:
             why = f"{lost} canary answer(s) kept < {self.min_keep:g} of the base's content"
-            self.refused["keep"] += 1
+            log.refused["keep"] += 1
         elif empty:
             why = f"{empty} canary answer(s) became empty"
-            self.refused["empty"] += 1
+            log.refused["empty"] += 1
         elif looping:
             why = f"{looping} canary answer(s) loop"
-            self.refused["loop"] += 1
-        self.checked += 1
-        self.last = Reading(
+            log.refused["loop"] += 1
+        log.checked += 1
+        log.last = Reading(
             version=version,
             kl_per_token=got.kl_per_token,
             kl_by_answer=[round(k, 4) for k in got.kl_by_answer],
@@ -207,7 +209,7 @@ class Guard:
             why=why,
             answers=[self.decode(t)[:80] for t in got.tokens],
         )
-        return self.last
+        return log.last
 
     def answer_slices(
         self, adapter: bool, against_base: bool, max_new: int
@@ -215,15 +217,33 @@ class Guard:
         """The canary prompts' greedy answers (see `greedy_answers`)."""
         return greedy_answers(self.dpo, self.prompts, self.eos_id, adapter, against_base, max_new)
 
-    def status(self) -> dict[str, Any]:
+    def status(self, log: GuardLog | None = None) -> dict[str, Any]:
+        log = log if log is not None else self.log
         return {
             "max_kl": self.max_kl,
             "min_keep": self.min_keep,
+            **log.status(),
+            "base_answers": self.base_answers,
+        }
+
+
+@dataclass
+class GuardLog:
+    """What the guard measured for one tenant: checks, refusals by reason, the last
+    reading."""
+
+    checked: int = 0
+    refused: dict[str, int] = field(
+        default_factory=lambda: {"kl": 0, "keep": 0, "empty": 0, "loop": 0}
+    )
+    last: Reading | None = None
+
+    def status(self) -> dict[str, Any]:
+        return {
             "checked": self.checked,
             "refused": sum(self.refused.values()),
             "refused_by": dict(self.refused),
             "last": asdict(self.last) if self.last else None,
-            "base_answers": self.base_answers,
         }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,15 @@ _LAYER = re.compile(r"layers\.(\d+)\.")
 
 def peft_layer_weights(peft_model: Any) -> dict[int, dict[str, torch.Tensor]]:
     """{layer: {"q_proj.lora_A": tensor, ...}} from a peft model's adapter parameters."""
+    return layer_weights(peft_model.named_parameters())
+
+
+def layer_weights(
+    named: Iterable[tuple[str, torch.Tensor]],
+) -> dict[int, dict[str, torch.Tensor]]:
+    """{layer: {"q_proj.lora_A": tensor, ...}} from (peft parameter name, tensor) pairs."""
     out: dict[int, dict[str, torch.Tensor]] = {}
-    for name, p in peft_model.named_parameters():
+    for name, p in named:
         if "lora_" not in name:
             continue
         layer = int(_LAYER.search(name).group(1))
@@ -58,8 +66,12 @@ class PoolPublisher:
 
     def publish(self, peft_model: Any) -> None:
         """Copy the weights; afterwards new forwards of this adapter use them."""
+        self.publish_weights(peft_model.named_parameters())
+
+    def publish_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy LoRA weights given as (peft parameter name, tensor) pairs."""
         adapter = self.manager.loras[self.uid]
-        per_layer = peft_layer_weights(peft_model)
+        per_layer = layer_weights(named)
         with torch.no_grad():
             for i, layer in enumerate(adapter.layers):
                 for sg_name, dst in layer.weights.items():

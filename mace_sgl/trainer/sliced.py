@@ -115,8 +115,14 @@ class SlicedDPO:
         self._next_anchor = 0
         self.max_grad_norm = max_grad_norm
         self.params = [p for p in peft_model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        self.lr = lr
+        self.optimizer = self.new_optimizer()
         self.device = next(iter(self.lm.parameters())).device
+
+    def new_optimizer(self) -> torch.optim.Optimizer:
+        """A fresh AdamW over the LoRA parameters (one per tenant: its state follows the
+        tensors the parameters point at while that tenant is in the model)."""
+        return torch.optim.AdamW(self.params, lr=self.lr, weight_decay=0.0)
 
     def set_anchors(self, anchors: list[tuple[list[int], list[int]]]) -> None:
         """(prompt ids, answer ids) pairs, the base model's own answers to general prompts

@@ -1,0 +1,87 @@
+"""The trainer's end of the sidecar conversation (messages in ipc/messages.py).
+
+Samples arrive as Work, pause and the sidecar's id as Control; the trainer says Ready
+(how many samples it wants, which it holds) and sends a Result per trained sample. The
+link never blocks the scheduler: with the sidecar down, Ready and Result are dropped
+(the sidecar requeues what a dead session held) rather than waited on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from pathlib import Path
+
+import msgspec
+import zmq
+
+from mace_sgl.ipc import channels
+from mace_sgl.ipc.messages import (
+    Control,
+    Hello,
+    Ready,
+    Result,
+    Sample,
+    Work,
+    decode_to_trainer,
+    encode,
+)
+
+logger = logging.getLogger("mace_sgl.trainer")
+
+
+class SidecarLink:
+    """ZeroMQ sockets to the sidecar, the session id and the pause state it sent."""
+
+    def __init__(self, state_path: Path, adapter_name: str) -> None:
+        self.session = uuid.uuid4().hex
+        ctx = zmq.Context.instance()
+        self.push, self.pull = channels.connect_trainer(ctx, state_path / "run")
+        self.paused = False
+        self.asked_at = 0.0
+        # The sidecar process whose Work we take (messages.py), set by its Control.
+        self.sidecar_id = ""
+        self.push.send(encode(Hello(self.session, adapter_name)))
+
+    def receive(self) -> list[Sample]:
+        """Every waiting message taken: the samples of Work from the current sidecar
+        (Control updates `paused` and the sidecar's id)."""
+        samples: list[Sample] = []
+        sidecar = self.sidecar_id
+        while True:
+            try:
+                data = self.pull.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                msg = decode_to_trainer(data)
+            except msgspec.DecodeError as e:  # garbage, or a ValidationError (a subclass)
+                logger.error("dropped a malformed sidecar message (%d bytes): %s", len(data), e)
+                continue
+            if isinstance(msg, Work) and msg.session == self.session and msg.sidecar == sidecar:
+                self.asked_at = 0.0
+                samples.extend(msg.samples)
+            elif isinstance(msg, Control) and msg.session in ("", self.session):
+                self.paused = msg.paused
+                sidecar = self.sidecar_id = msg.sidecar
+                self.asked_at = 0.0  # name it in a Ready at once: it sends no Work before
+        return samples
+
+    def maybe_ready(self, want: int, asking: bool, held: list[int]) -> None:
+        """Ask for `want` samples (every 0.5 s while `asking`), and say Ready every 2 s even
+        when not (paused, full), so a restarted sidecar learns of this session, sends it
+        the pause state and requeues what it will never get."""
+        now = time.monotonic()
+        if (asking and now - self.asked_at > 0.5) or now - self.asked_at > 2.0:
+            ready = Ready(self.session, want if asking else 0, held, self.sidecar_id)
+            try:
+                # Never block the scheduler: with the sidecar down for long the queue fills.
+                self.push.send(encode(ready), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            self.asked_at = now
+
+    def report(self, sample_id: int, loss: float, version: int) -> None:
+        """One sample took part in a finished step (loss NaN: rolled back)."""
+        self.push.send(encode(Result(self.session, sample_id, loss, version)))
