@@ -6,6 +6,7 @@ Used by the end-to-end tests and the benchmarks; a user starts the server direct
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,11 +20,37 @@ import requests
 MACE_SGL = str(Path(sys.executable).with_name("mace-sgl"))
 
 
-def free_port() -> int:
-    """A TCP port free on loopback right now."""
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(low: int = 30000) -> int:
+    """A TCP port free on loopback right now, below the kernel's ephemeral range.
+
+    A port from bind(0) is an ephemeral one: until the server binds it (after its
+    scheduler has loaded, many seconds later) any outgoing connection or gloo socket can
+    be handed the same port. Ports from `low` up to the ephemeral range are never handed
+    out by the kernel; SGLang picks its own internal ports from 22000-29999.
+    """
+    high = _ephemeral_low() - 1
+    if high - low >= 64:
+        for port in random.sample(range(low, high + 1), 64):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class PortTaken(RuntimeError):
+    """The server exited because its port was taken before it could bind it."""
 
 
 class Server:
@@ -40,28 +67,37 @@ class Server:
         env: dict[str, str] | None = None,
         timeout_s: float = 300.0,
         cmd: list[str] | None = None,
+        attempts: int = 3,
     ) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         self.log_path = log_path
-        cmd = [*(cmd or [MACE_SGL, "serve"]), "--port", str(self.port), *args]
-        if api_key:
-            cmd += ["--api-key", api_key]
         self.log = log_path.open("w")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-        )
-        try:
-            self._wait_ready(timeout_s)
-        except BaseException:
-            self.stop()
-            raise
+        for attempt in range(attempts):
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            full = [*(cmd or [MACE_SGL, "serve"]), "--port", str(self.port), *args]
+            if api_key:
+                full += ["--api-key", api_key]
+            self.proc = subprocess.Popen(
+                full,
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+                start_new_session=True,
+            )
+            try:
+                self._wait_ready(timeout_s)
+                break
+            except PortTaken:
+                self._kill()
+                if attempt == attempts - 1:
+                    self.log.close()
+                    raise
+                self.log.write(f"\n[launcher] port {self.port} was taken; retrying on another\n")
+            except BaseException:
+                self.stop()
+                raise
         self.startup_s = time.monotonic() - self.started
 
     @property
@@ -71,9 +107,15 @@ class Server:
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
+        taken = f"address ('127.0.0.1', {self.port}): address already in use"
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
+            exited = self.proc.poll() is not None
+            tail = self.tail()
+            if taken in tail:
+                # uvicorn logs the bind error but SGLang's other processes keep running.
+                raise PortTaken(f"port {self.port} taken:\n{tail}")
+            if exited:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{tail}")
             try:
                 if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
@@ -95,6 +137,10 @@ class Server:
 
     def stop(self) -> None:
         """SIGTERM the process group, SIGKILL after 30 s."""
+        self._kill()
+        self.log.close()
+
+    def _kill(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -102,4 +148,3 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=30)
-        self.log.close()
