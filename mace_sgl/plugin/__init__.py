@@ -8,6 +8,11 @@ Hooks (target -> why -> how):
 
 - CPU only, every process: `vllm._custom_ops` stub -> SGLang's RotaryEmbedding imports the
   vllm fallback kernel on an unknown platform -> an in-memory module (plugin/cpu.py).
+- CPU only, every process: the `torch_native` entry of SGLang's LoRA backend registry
+  (`lora_registry.LORA_SUPPORTED_BACKENDS`) -> its per-segment Python loop made a decode
+  batch of 8 tenants cost 7x one tenant's LoRA work -> the same class with a gathered
+  path for many short segments (plugin/lora_backend.py); `--lora-backend torch_native`
+  stays the flag.
 - `sglang.srt.distributed.parallel_state.init_distributed_environment` BEFORE -> torch's
   TCPStore listens on every interface although SGLang asks for 127.0.0.1 -> a
   single-rank engine rendezvouses through a file store instead (plugin/loopback.py).
@@ -75,10 +80,11 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     from mace_sgl.config import MaceConfig
-    from mace_sgl.plugin import cpu, loopback, prune_hooks, scheduler, train_hooks
+    from mace_sgl.plugin import cpu, loopback, lora_backend, prune_hooks, scheduler, train_hooks
 
     if cpu.on_cpu():
         cpu.install()
+        lora_backend.install()
 
     HookRegistry.register(
         "sglang.srt.distributed.parallel_state.init_distributed_environment",
