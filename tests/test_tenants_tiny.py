@@ -52,6 +52,7 @@ def start(model_dir: Path, state_dir: Path, log: Path) -> Server:
             "1e-3",
             "--mace-max-train-count",
             "2",
+            "--mace-auto-adapters",  # first feedback for an unknown name creates it
         ),
         log,
     )
@@ -243,15 +244,24 @@ def test_a_flooding_tenant_does_not_starve_another(server: Server):
 
 
 def test_tenants_are_created_at_run_time_and_retired(server: Server, tok):
-    r = server.post("/mace/feedback", pairs("late", 1))
-    assert r.status_code == 404 and "late" in r.json()["error"]
     r = server.post("/mace/adapters", {"name": "late"})
     assert r.status_code == 201, r.text
-    assert server.post("/mace/feedback", pairs("a", 2, start=300)).status_code == 200
     body = [{**p, "adapter": "late"} for p in pairs("a", 3, start=400)]
     assert server.post("/mace/feedback", body).status_code == 200
-    wait_for(server, lambda g: g["late"]["version"] >= 2, "late trained", 300)
-    assert margin(server, tok, "late") > margin(server, tok, None) + 0.05
+    # --mace-auto-adapters: feedback naming a new adapter creates it.
+    body = [{**p, "adapter": "auto"} for p in pairs("a", 3, start=500)]
+    assert server.post("/mace/feedback", body).status_code == 200
+    wait_for(
+        server,
+        lambda g: g["late"]["version"] >= 2 and g.get("auto", {}).get("version", 0) >= 2,
+        "late and auto trained",
+        300,
+    )
+    base = margin(server, tok, None)
+    assert margin(server, tok, "late") > base + 0.05
+    assert margin(server, tok, "auto") > base + 0.05
+    r = server.post("/mace/feedback", {**pairs("a", 1)[0], "adapter": "../escape"})
+    assert r.status_code == 400  # a bad name is refused even with auto creation
     # Retired: not served any more, checkpoints kept.
     r = requests.delete(server.url + "/mace/adapters/gone-never", timeout=30)
     assert r.status_code == 404
@@ -274,12 +284,12 @@ def test_restart_resumes_every_tenant(
         "checkpoints written",
         60,
     )
-    served = {n: margin(server, tok, n) for n in (*TENANTS, "late")}
+    served = {n: margin(server, tok, n) for n in (*TENANTS, "late", "auto")}
     server.stop()
     again = start(tiny_model_dir, state_dir, tmp_path / "restarted.log")
     try:
         got = adapters(again)
-        assert set(got) == set(before)  # "late", made at run time, comes back too
+        assert set(got) == set(before)  # "late" and "auto", made at run time, come back
         for name, a in got.items():
             # Every tenant resumes its newest checkpoint and serves it at once.
             assert a["version"] == before[name]["version"], name
@@ -287,6 +297,6 @@ def test_restart_resumes_every_tenant(
             assert margin(again, tok, name) == pytest.approx(value, abs=2e-3), name
         status = again.get("/mace/status").json()
         resumed = {t["name"]: t["resumed"] for t in status["training"]["tenants"]}
-        assert all(resumed[n]["optimizer"] for n in ("a", "b", "c", "late"))
+        assert all(resumed[n]["optimizer"] for n in ("a", "b", "c", "late", "auto"))
     finally:
         again.stop()
