@@ -4,7 +4,7 @@
                            [--parent-pid PID]
 
 It binds the two ipc:// sockets in DIR/run, answers the trainer's Ready with Work picked
-from the store (every existing tenant in turn; --adapter names the default one, which
+from the store (every existing tenant by its fair share; --adapter names the default one, which
 always exists), records each Result, returns in-flight samples of a dead trainer session
 (or of Work a dead sidecar never delivered) to the queue, and forwards pause/resume (a
 `paused` setting in the store) as Control. It exits with its parent (--parent-pid).
@@ -36,6 +36,7 @@ from mace_sgl.ipc.messages import (
     decode_to_sidecar,
     encode,
 )
+from mace_sgl.policy.fairshare import FairShare
 from sidecar import store
 
 logger = logging.getLogger("mace_sgl.sidecar")
@@ -59,7 +60,7 @@ class Sidecar:
         self.parent_pid = parent_pid
         self.conn = store.connect(state_dir / "feedback.sqlite3")
         self.adapter = adapter  # the default tenant, which always exists
-        self.turn = 0  # which tenant picks first on the next Ready
+        self.share = FairShare()  # whose sample goes next, across Readies
         store.add_tenant(self.conn, adapter)
         self.ctx = zmq.Context()
         self.push, self.pull = channels.bind_sidecar(self.ctx, state_dir / "run")
@@ -103,14 +104,18 @@ class Sidecar:
                 logger.warning("requeued %d samples picked but never delivered", freed)
         if msg.want <= 0:
             return
-        # Every tenant takes turns (store.pick_next), the default one included, and the
-        # first turn rotates: a trainer that asks for one sample at a time still gets
-        # each tenant's in turn.
-        adapters = [t.name for t in store.tenants(self.conn)] or [self.adapter]
-        first = self.turn % len(adapters)
-        adapters = adapters[first:] + adapters[:first]
-        self.turn += 1
-        rows = store.pick_next(self.conn, adapters, msg.want, msg.session, self.max_train_count)
+        # Every tenant with feedback to train gets its fair share of the samples sent
+        # (store.pick_next), the default one included, by weight, whether the trainer
+        # asks for one sample at a time or many.
+        tenants = store.tenants(self.conn) or [store.Tenant(self.adapter, 0.0, 1.0)]
+        for t in tenants:
+            self.share.set_weight(t.name, t.weight)
+        for gone in set(self.share.weights) - {t.name for t in tenants}:
+            self.share.forget(gone)
+        adapters = [t.name for t in tenants]
+        rows = store.pick_next(
+            self.conn, adapters, msg.want, msg.session, self.max_train_count, self.share
+        )
         if rows:
             samples = [
                 Sample(r.id, r.prompt, r.chosen, r.rejected, r.weight, r.last_loss, r.adapter)

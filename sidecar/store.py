@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mace_sgl.policy.fairshare import FairShare
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS feedback (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -133,31 +135,42 @@ def pick_next(
     n: int,
     session: str,
     max_train_count: int = 3,
+    share: FairShare | None = None,
 ) -> list[FeedbackRow]:
     """Choose up to n samples to train next and mark them in flight for `session`.
 
     Never-trained samples first (oldest first); then trained ones by last DPO loss times
     weight, highest first, so the pairs the adapter still gets most wrong train again.
     A sample trains at most `max_train_count` times: endless replay of a few pairs
-    overfits them. With several adapters (a list), each one's order is kept and the
-    adapters take turns, so one tenant's flood of feedback cannot keep another's pairs
-    from reaching the trainer (which then shares steps fairly, policy/fairshare.py).
+    overfits them. With several adapters (a list), each one's order is kept and `share`
+    (policy/fairshare.py, kept by the caller across calls, weights set) decides whose
+    sample comes next, among the adapters that still have one: the least served first,
+    the list's order breaking ties. So one tenant's flood of feedback cannot keep
+    another's pairs from reaching the trainer, and an adapter with nothing to train
+    gives its turn away instead of handing it to its neighbour in the list. Without
+    `share`, the adapters take plain turns in the list's order.
     """
     adapters = [adapter] if isinstance(adapter, str) else list(adapter)
+    share = share if share is not None else FairShare()
+    rank = {a: -float(i) for i, a in enumerate(adapters)}  # earlier in the list first
     conn.execute("BEGIN IMMEDIATE")
     try:
-        per_adapter = [
-            conn.execute(
+        left = {
+            a: conn.execute(
                 f"SELECT {_COLUMNS} FROM feedback WHERE adapter = ? AND inflight_session IS NULL"
                 " AND train_count < ?" + _PICK_ORDER,
                 (a, max_train_count, n),
-            ).fetchall()
+            ).fetchall()[::-1]  # pop() takes the first
             for a in adapters
-        ]
+        }
         rows = []
-        for turn in range(n):
-            rows += [r[turn] for r in per_adapter if turn < len(r)]
-        rows = rows[:n]
+        while len(rows) < n:
+            backlog = {a: rank[a] for a in adapters if left[a]}
+            name = share.pick(backlog)
+            if name is None:
+                break
+            share.charge(name)
+            rows.append(left[name].pop())
         conn.executemany(
             "UPDATE feedback SET inflight_session = ? WHERE id = ?",
             [(session, r[0]) for r in rows],

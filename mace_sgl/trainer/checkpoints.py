@@ -140,7 +140,8 @@ def write_checkpoint(
 
 
 class CheckpointWriter:
-    """One background thread that writes checkpoints in order; failures are counted,
+    """Writes one adapter's checkpoints in order on a background thread (its own, or
+    one shared with other adapters' writers); failures are counted,
     logged and kept as `last_error` (each version is a whole checkpoint, so the next
     successful write restores what a restart resumes).
 
@@ -148,11 +149,20 @@ class CheckpointWriter:
     one (`superseded`), so a slow disk costs intermediate versions on disk, never an
     unbounded queue of weight and optimizer copies in memory."""
 
-    def __init__(self, adapter_dir: Path, keep: int, write: Callable[..., Path] = write_checkpoint):
+    def __init__(
+        self,
+        adapter_dir: Path,
+        keep: int,
+        write: Callable[..., Path] = write_checkpoint,
+        pool: ThreadPoolExecutor | None = None,
+    ):
         self.adapter_dir = adapter_dir
         self.keep = keep
         self._write = write
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mace-ckpt")
+        # Tenants share one writer thread (pool): a thread per tenant would outlive its
+        # tenant's retirement, and each thread's own malloc arena holds its freed
+        # serialisation buffers, tens of MB of RSS per tenant.
+        self._pool = pool or ThreadPoolExecutor(1, thread_name_prefix="mace-ckpt")
         self._lock = threading.Lock()
         self._waiting: tuple[int, tuple[Any, ...], Future] | None = None
         self.written = 0

@@ -63,6 +63,21 @@ class PoolPublisher:
                 f"{sorted(r.lora_name for r in lora_manager.lora_refs.values())})"
             )
         self.uid = uids[0]
+        self._compact()
+
+    def _compact(self) -> None:
+        """Keep SGLang's CPU copy of the adapter in the dtype of its pool slots (the
+        model's): it loads the checkpoint's fp32 as it stands, twice the bytes of what
+        it serves, held for every adapter whether resident or not."""
+        dtype = getattr(self.manager.memory_pool, "dtype", None)
+        if dtype is None:
+            return
+        for layer in self.manager.loras[self.uid].layers:
+            for key, w in layer.weights.items():
+                if w.is_floating_point() and w.dtype != dtype:
+                    layer.weights[key] = w.to(dtype)
+            if getattr(layer, "pinned_weights", None):
+                layer.pinned_weights.clear()
 
     def publish(self, peft_model: Any) -> None:
         """Copy the weights; afterwards new forwards of this adapter use them."""

@@ -23,6 +23,7 @@ import copy
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,8 @@ class TenantRegistry:
         self.active: Tenant | None = None
         self.retired = 0
         self.create_failures: dict[str, str] = {}
+        # One checkpoint-writer thread for every tenant (checkpoints.py says why).
+        self.writer_pool = ThreadPoolExecutor(1, thread_name_prefix="mace-ckpt")
 
     # -- membership ------------------------------------------------------------------------
 
@@ -154,7 +157,7 @@ class TenantRegistry:
             weights=weights,
             optimizer=optimizer,
             publisher=publisher,
-            writer=CheckpointWriter(adapter_dir, cfg.keep_versions),
+            writer=CheckpointWriter(adapter_dir, cfg.keep_versions, pool=self.writer_pool),
             version=resumed.version,
             resumed=resumed,
         )
