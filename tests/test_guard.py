@@ -152,3 +152,36 @@ def test_guard_refuses_an_answer_that_lost_the_base_content(tiny_model_dir, answ
     assert reading.published is (why == ""), reading
     assert guard.status()["refused_by"]["keep"] == (1 if why == "keep" else 0)
     assert reading.keep_by_answer[0] == (0.0 if why else 1.0)
+
+
+def test_batched_answers_equal_one_prompt_at_a_time(tiny_model_dir: Path):
+    # The guard decodes its canary prompts together over left-padded, joined caches: the
+    # answers and KLs must be what each prompt gets alone.
+    import torch.nn.functional as F
+
+    from mace_sgl.trainer.guard import greedy_answers
+
+    tok, dpo, guard = setup(tiny_model_dir, lr=1e-2)
+    train(dpo, pairs(tok, "Sure, fine.", lambda i: f"No {i}."), steps=3)
+    prompts = guard.prompts + [encode_pair(tok, TRAIN[0], "")[0]]  # lengths differ
+    assert len({len(p) for p in prompts}) > 1
+    got = run_to_end(greedy_answers(dpo, prompts, tok.eos_token_id, True, True, max_new=12))
+    kls = []
+    for prompt, answer in zip(prompts, got.tokens, strict=True):
+        ids = list(prompt)
+        with dpo._mode(True, grad=False):
+            for _ in range(12):  # no cache, no padding: the plain definition
+                nxt = int(dpo.lm(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+                ids.append(nxt)
+                if nxt == tok.eos_token_id:
+                    break
+        assert answer == ids[len(prompt) :]
+        full = torch.tensor([ids])
+        n = len(answer)
+        with dpo._mode(True, grad=False):
+            ours = F.log_softmax(dpo.lm(input_ids=full).logits[0, -n - 1 : -1].float(), -1)
+        with dpo._mode(False, grad=False):
+            base = F.log_softmax(dpo.lm(input_ids=full).logits[0, -n - 1 : -1].float(), -1)
+        kls.append(float((ours.exp() * (ours - base)).sum(-1).mean()))
+    assert max(kls) > 1e-4  # the adapter moved the model, so the KLs are a real check
+    assert got.kl_by_answer == pytest.approx(kls, rel=1e-3, abs=1e-5)

@@ -31,10 +31,13 @@ way.) A version with kl_per_token above `max_kl`, an answer keeping less than `m
 of its base answer's content, or any new empty or looping answer, is refused and the
 trainer rolls back to the last published version (weights and optimizer state).
 
-The candidate answers one canary prompt at a time, one slice per decoded position, and the
-base model then scores each answer in one teacher-forced pass ("guard" units of the cost
-model): the largest slice is one short prompt's forward, so the check fits between
-serving iterations like any other training work. (A first form decoded all prompts as one
+The candidate prefills one canary prompt per slice, then decodes all of them together,
+one slice per position (their caches joined, left-padded and masked), and the base model
+then scores each answer in one teacher-forced pass ("guard" units of the cost model):
+the largest slice is one short prompt's forward, so the check fits between serving
+iterations like any other training work. (Decoding one prompt at a time took 4x the
+slices, each about as long as a batched one on CPU: in `benchmarks.tenants` the guard was
+then about 15 of the 27 s that one version took on the 2-core Xeon.) (A first form decoded all prompts as one
 batch: its prefill slice took 2.3 s on the 2-core Xeon, too large for the room between
 serving iterations; a 60-minute soak with it saw TBT p99 of 1.2-4.5 s around checks.)
 """
@@ -256,50 +259,85 @@ def greedy_answers(
     max_new: int,
 ) -> Generator[SliceSpec, None, Answers]:
     """Greedy answers of the model (adapter on or off), up to `max_new` tokens, to
-    `prompts` (token ids), one prompt at a time and one slice per decoded position (the
-    largest slice is one prompt's prefill, about as long as a short serving prefill);
-    with `against_base`, one more slice per prompt runs the base model over prompt and
-    answer (teacher forcing) and the mean KL(model || base) per answer token comes back
-    too. Answers end with `eos_id` unless they ran to `max_new` tokens."""
+    `prompts` (token ids). Each prompt's prefill is a slice of its own (the largest
+    slice, about as long as a short serving prefill); then the prompts decode together,
+    one slice per position, over their caches joined and left-padded (masked). With
+    `against_base`, one more slice per prompt runs the base model over prompt and answer
+    (teacher forcing) and the mean KL(model || base) per answer token comes back too.
+    Answers end with `eos_id` unless they ran to `max_new` tokens."""
+    from transformers import DynamicCache
+
     lm, dev = dpo.lm, dpo.device
-    answers: list[list[int]] = []
+    n = len(prompts)
+    caches: list[Any] = []
+    logps: list[torch.Tensor] = []  # each prompt's next-token log-probs
+    for prompt in prompts:
+        yield SliceSpec("guard", len(prompt))
+        with dpo._mode(adapter, grad=False):
+            out = lm(input_ids=torch.tensor([prompt], device=dev), use_cache=True, logits_to_keep=1)
+        caches.append(out.past_key_values)
+        logps.append(F.log_softmax(out.logits[0, -1].float(), dim=-1))
+    longest = max(len(p) for p in prompts)
+    mask = torch.zeros(n, longest, dtype=torch.long, device=dev)
+    for i, prompt in enumerate(prompts):
+        mask[i, longest - len(prompt) :] = 1
+
+    def left_padded(ts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([F.pad(t, (0, 0, longest - t.shape[-2], 0)) for t in ts])
+
+    layers = [c.layers for c in caches]
+    cache: Any = DynamicCache(
+        [
+            (
+                left_padded([ls[j].keys for ls in layers]),
+                left_padded([ls[j].values for ls in layers]),
+            )
+            for j in range(len(layers[0]))
+        ]
+    )
+    del caches, layers
+    answers: list[list[int]] = [[] for _ in prompts]
+    mine: list[list[torch.Tensor]] = [[] for _ in prompts]  # log-probs behind each token
+    done = [False] * n
+    while True:
+        for i in range(n):
+            if done[i]:
+                continue
+            if against_base:
+                mine[i].append(logps[i])
+            answers[i].append(int(logps[i].argmax()))
+            done[i] = answers[i][-1] == eos_id or len(answers[i]) >= max_new
+        if all(done):
+            break
+        yield SliceSpec("guard", n)  # one position of every answer
+        # A finished answer is fed its last token again; what comes out is not read.
+        tokens = torch.tensor([[a[-1]] for a in answers], device=dev)
+        pos = torch.tensor(
+            [[len(p) + len(a) - 1] for p, a in zip(prompts, answers, strict=True)], device=dev
+        )
+        mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
+        with dpo._mode(adapter, grad=False):
+            out = lm(
+                input_ids=tokens,
+                position_ids=pos,
+                attention_mask=mask,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        cache = out.past_key_values
+        logps = list(F.log_softmax(out.logits[:, -1].float(), dim=-1))
+    del cache
     by_answer: list[float] = []
     kl_total, tokens_total = 0.0, 0
-    for prompt in prompts:
-        tokens = torch.tensor([prompt], device=dev)
-        pos = torch.arange(len(prompt), device=dev).unsqueeze(0)
-        cache: Any = None
-        mine: list[torch.Tensor] = []  # the model's next-token log-probs, a step each
-        answer: list[int] = []
-        for _ in range(max_new):
-            yield SliceSpec("guard", int(tokens.shape[1]))
-            with dpo._mode(adapter, grad=False):
-                out = lm(
-                    input_ids=tokens,
-                    position_ids=pos,
-                    past_key_values=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                )
-            cache = out.past_key_values
-            logp = F.log_softmax(out.logits[0, -1].float(), dim=-1)
-            if against_base:
-                mine.append(logp)
-            answer.append(int(logp.argmax()))
-            if answer[-1] == eos_id:
-                break
-            tokens = torch.tensor([[answer[-1]]], device=dev)
-            pos = pos[:, -1:] + 1
-        answers.append(answer)
-        if not against_base:
-            continue
+    for prompt, answer, own in zip(prompts, answers, mine, strict=True) if against_base else ():
         full = torch.tensor([prompt + answer], device=dev)
         yield SliceSpec("guard", int(full.shape[1]))
         with dpo._mode(False, grad=False):
             out = lm(input_ids=full, logits_to_keep=len(answer) + 1)
         # the last len(answer) + 1 positions; position j of them predicts answer token j
         base = F.log_softmax(out.logits[0, : len(answer)].float(), dim=-1)
-        ours = torch.stack(mine)
+        ours = torch.stack(own)
         p = ours.exp()
         kl = torch.where(p > 0, p * (ours - base), 0.0).sum(-1)  # nats per token
         by_answer.append(float(kl.mean()))
