@@ -97,18 +97,21 @@ def completion_logprob(
     from mace_sgl.templating import encode_pair
 
     p, c = encode_pair(tokenizer, [{"role": "user", "content": prompt}], completion)
-    body: dict[str, Any] = {
-        "input_ids": p + c,
-        "return_logprob": True,
-        "logprob_start_len": 0,
-        "sampling_params": {"max_new_tokens": 1, "temperature": 0},
-    }
-    if lora:
-        body["lora_path"] = lora
-    r = server.post("/generate", body)
-    r.raise_for_status()
-    lps = [x[0] for x in r.json()["meta_info"]["input_token_logprobs"]]
-    return sum(lps[len(p) :])
+    return server.scored(p, c, lora)[0]
+
+
+def base_answers(
+    server: Server, held_out: int, train: int
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """`held_out` prompts (every k-th of prompts()) and `train` others, each with the
+    served base model's greedy answer (32 tokens)."""
+    every = prompts()
+    held = every[:: len(every) // held_out][:held_out]
+    rest = [p for p in every if p not in held][:train]
+    with ThreadPoolExecutor(8) as pool:
+        rest_answers = list(pool.map(lambda p: chat(server, p, None, 32), rest))
+        held_answers = list(pool.map(lambda p: chat(server, p, None, 32), held))
+    return list(zip(held, held_answers, strict=True)), list(zip(rest, rest_answers, strict=True))
 
 
 def evaluate(server: Server, tokenizer: Any, held_out: list[tuple[str, str]]) -> dict[str, float]:
@@ -221,20 +224,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.monotonic()
     try:
         server.post("/mace/train/pause", {})
-        all_prompts = prompts()
-        held = all_prompts[:: len(all_prompts) // args.held_out][: args.held_out]
-        train = [p for p in all_prompts if p not in held][: args.pairs]
-        with ThreadPoolExecutor(8) as pool:
-            base_train = list(pool.map(lambda p: chat(server, p, None, 32), train))
-            base_held = list(pool.map(lambda p: chat(server, p, None, 32), held))
-        held_out = list(zip(held, base_held, strict=True))
+        held_out, train = base_answers(server, args.held_out, args.pairs)
         before = evaluate(server, tokenizer, held_out)
         load_prompts = [f"Write a line about {t}." for t in TOPICS]
         load = Load(server, args.streams, load_prompts)
         off = load.run(args.load_s)
         pairs = [
             {"prompt": [{"role": "user", "content": p}], "chosen": OPENER + a, "rejected": a}
-            for p, a in zip(train, base_train, strict=True)
+            for p, a in train
         ]
         server.post("/mace/train/resume", {})
         feeder_done = threading.Event()

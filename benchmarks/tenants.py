@@ -50,11 +50,10 @@ import json
 import statistics
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.align import TOPICS, chat, completion_logprob, prompts
+from benchmarks.align import TOPICS, base_answers, completion_logprob
 from benchmarks.loadgen import poisson_load, summarize
 from mace_sgl.launcher import Server
 
@@ -238,14 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timings: dict[str, float] = {}
     try:
         set_paused(server, True)
-        all_prompts = prompts()
-        held_prompts = all_prompts[:: len(all_prompts) // args.held_out][: args.held_out]
-        train_prompts = [p for p in all_prompts if p not in held_prompts][: args.pairs]
-        with ThreadPoolExecutor(8) as pool:
-            train_answers = list(pool.map(lambda p: chat(server, p, None, 32), train_prompts))
-            held_answers = list(pool.map(lambda p: chat(server, p, None, 32), held_prompts))
-        held = list(zip(held_prompts, held_answers, strict=True))
-        train = list(zip(train_prompts, train_answers, strict=True))
+        held, train = base_answers(server, args.held_out, args.pairs)
 
         # Warm-up: the default adapter trains two steps, so that the trainer's one-time
         # memory (activations, allocator arenas) is in the baseline RSS.

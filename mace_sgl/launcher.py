@@ -135,6 +135,28 @@ class Server:
     def post(self, path: str, json: Any, **kw: Any) -> requests.Response:
         return requests.post(self.url + path, json=json, headers=self.headers, timeout=120, **kw)
 
+    def scored(
+        self, prompt: list[int], completion: list[int], lora: str | None = None, **extra: Any
+    ) -> tuple[float, dict[str, Any]]:
+        """The served log-prob of `completion` after `prompt` (token ids), under adapter
+        `lora` (None: the base model), and SGLang's meta_info of the request. `extra`
+        goes into the /generate body as it is."""
+        body: dict[str, Any] = {
+            "input_ids": prompt + completion,
+            "return_logprob": True,
+            "logprob_start_len": 0,
+            "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+            **extra,
+        }
+        if lora:
+            body["lora_path"] = lora
+        r = self.post("/generate", body)
+        if r.status_code != 200:
+            raise RuntimeError(f"/generate: {r.status_code} {r.text}")
+        meta = r.json()["meta_info"]
+        lps = [x[0] for x in meta["input_token_logprobs"]]
+        return sum(lps[len(prompt) :]), meta
+
     def stop(self) -> None:
         """SIGTERM the process group, SIGKILL after 30 s."""
         self._kill()

@@ -13,6 +13,7 @@ import pytest
 import requests
 import torch
 from tiny_model import tiny_serve_args
+from waits import wait_for_value
 
 from mace_sgl.launcher import Server
 from mace_sgl.templating import encode_pair
@@ -79,13 +80,7 @@ def adapters(server: Server) -> dict[str, dict]:
 
 
 def wait_for(server: Server, cond, what: str, timeout_s: float = 180.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = adapters(server)
-        if cond(got):
-            return got
-        time.sleep(0.5)
-    raise TimeoutError(f"{what}: not within {timeout_s} s; last {got}\n{server.tail()}")
+    return wait_for_value(lambda: adapters(server), cond, timeout_s, what, server.tail)
 
 
 def set_paused(server: Server, paused: bool) -> None:
@@ -100,20 +95,8 @@ def set_paused(server: Server, paused: bool) -> None:
 def scored(server: Server, tok, lora: str | None, completion: str, **extra) -> tuple[float, int]:
     """Log-prob of `completion` after HELD_OUT as served, and the cached prefix tokens."""
     prompt, answer = encode_pair(tok, HELD_OUT, completion)
-    body = {
-        "input_ids": prompt + answer,
-        "return_logprob": True,
-        "logprob_start_len": 0,
-        "sampling_params": {"max_new_tokens": 1, "temperature": 0},
-        **extra,
-    }
-    if lora:
-        body["lora_path"] = lora
-    r = server.post("/generate", body)
-    assert r.status_code == 200, r.text
-    meta = r.json()["meta_info"]
-    lps = [x[0] for x in meta["input_token_logprobs"]]
-    return sum(lps[len(prompt) :]), meta.get("cached_tokens", 0)
+    logprob, meta = server.scored(prompt, answer, lora, **extra)
+    return logprob, meta.get("cached_tokens", 0)
 
 
 def margin(server: Server, tok, lora: str | None) -> float:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_model import tiny_serve_args
+from waits import wait_for_value
 
 from mace_sgl.launcher import Server
 from mace_sgl.templating import encode_pair
@@ -57,29 +58,12 @@ def status(server: Server) -> dict:
 
 
 def wait_for(server: Server, cond, timeout_s: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        s = status(server)
-        if cond(s):
-            return s
-        time.sleep(0.5)
-    raise TimeoutError(f"condition not met; last status {s}\n{server.tail()}")
+    return wait_for_value(lambda: status(server), cond, timeout_s, "status", server.tail)
 
 
 def chosen_logprob(server: Server, tokenizer, lora: str | None) -> float:
     prompt, completion = encode_pair(tokenizer, PAIRS[0]["prompt"], PAIRS[0]["chosen"])
-    body = {
-        "input_ids": prompt + completion,
-        "return_logprob": True,
-        "logprob_start_len": 0,
-        "sampling_params": {"max_new_tokens": 1, "temperature": 0},
-    }
-    if lora:
-        body["lora_path"] = lora
-    r = server.post("/generate", body)
-    assert r.status_code == 200, r.text
-    lps = [x[0] for x in r.json()["meta_info"]["input_token_logprobs"]]
-    return sum(lps[len(prompt) :])
+    return server.scored(prompt, completion, lora)[0]
 
 
 def set_paused(server: Server, paused: bool) -> None:
