@@ -35,11 +35,12 @@ The candidate prefills one canary prompt per slice, then decodes all of them tog
 one slice per position (their caches joined, left-padded and masked), and the base model
 then scores each answer in one teacher-forced pass ("guard" units of the cost model):
 the largest slice is one short prompt's forward, so the check fits between serving
-iterations like any other training work. (Decoding one prompt at a time took 4x the
-slices, each about as long as a batched one on CPU: in `benchmarks.tenants` the guard was
-then about 15 of the 27 s that one version took on the 2-core Xeon.) (A first form decoded all prompts as one
-batch: its prefill slice took 2.3 s on the 2-core Xeon, too large for the room between
-serving iterations; a 60-minute soak with it saw TBT p99 of 1.2-4.5 s around checks.)
+iterations like any other training work. Earlier forms: all prompts as one batch from
+the prefill on (its prefill slice took 2.3 s on a 2-core Xeon, too large for the room
+between serving iterations; a 60-minute soak with it saw TBT p99 of 1.2-4.5 s around
+checks), then one prompt at a time (4x the decode slices, each about as long as a batched
+one on CPU: in `benchmarks.tenants` the guard was about 15 of the 27 s that one version
+took on the 2-core Xeon).
 """
 
 from __future__ import annotations
