@@ -66,7 +66,10 @@ def _available_ram_bytes() -> int:
 def resolve_serve_args(argv: list[str]) -> tuple[argparse.Namespace, Any]:
     """Parse `serve` flags and apply platform defaults, the profile and the default model.
 
-    Returns the namespace SGLang's ServerArgs is built from, and the MaceConfig.
+    Platform defaults follow the profile's target (`target: device:`), else this machine:
+    `--profile h100` resolves to GPU settings on a CPU machine too. With --print-args
+    nothing is written (no store, no v0 adapter). Returns the namespace SGLang's
+    ServerArgs is built from, and the MaceConfig.
     """
     from mace_sgl.config import (
         build_mace_config,
@@ -83,7 +86,7 @@ def resolve_serve_args(argv: list[str]) -> tuple[argparse.Namespace, Any]:
         argv = ConfigArgumentMerger(parser).merge_config_with_args(argv)
     args = parser.parse_args(argv)
     given = explicit_dests(parser, argv)
-    cpu = on_cpu()
+    write = not args.print_args
 
     if args.model_path is None:
         from mace_sgl.models import DEFAULT_MODEL_NAME, ensure_default_model
@@ -92,9 +95,11 @@ def resolve_serve_args(argv: list[str]) -> tuple[argparse.Namespace, Any]:
         if "served_model_name" not in given:
             args.served_model_name = DEFAULT_MODEL_NAME
 
-    profile_name = args.profile or ("cpu-dev" if cpu else None)
+    profile_name = args.profile or ("cpu-dev" if on_cpu() else None)
     sglang_dests = {a.dest for a in parser._actions}
     profile = load_profile(profile_name, sglang_dests) if profile_name else None
+    target = profile.target_device if profile is not None else None
+    cpu = target == "cpu" if target else on_cpu()
     mace_cfg = build_mace_config(args, profile)
 
     layered: dict[str, Any] = {}
@@ -111,13 +116,99 @@ def resolve_serve_args(argv: list[str]) -> tuple[argparse.Namespace, Any]:
         if dest not in given:
             setattr(args, dest, value)
     mace_cfg = _enable_kv_prune(args, given, mace_cfg, cpu)
-    tenants = _register_tenants(mace_cfg)
+    tenants = _register_tenants(mace_cfg, write)
     if mace_cfg.train:
         _refuse_parallel_training(args)
         _refuse_lora_eviction(args, given)
-        _enable_live_adapter(args, given, mace_cfg, tenants)
+        _enable_live_adapter(args, given, mace_cfg, tenants, write)
+    if not cpu:
+        mace_cfg = _reserve_gpu_memory(args, given, mace_cfg, profile, len(tenants))
     args._radix_eviction_policy_explicitly_set = "radix_eviction_policy" in given
     return args, mace_cfg
+
+
+def _reserve_gpu_memory(
+    args: argparse.Namespace, given: set[str], cfg: Any, profile: Any, tenants: int
+) -> Any:
+    """On a GPU target, hold the trainer's memory and the KV-pruning scores back from
+    SGLang's static share before it sizes its KV pool (mace_sgl/gpu_memory.py). Sets
+    `args.mace_reserve`; lowers --mem-fraction-static now when the profile gives it and
+    the GPU size is known, else in serve() once SGLang resolved its own default. Returns
+    the config with the trainer's reserve resolved (the trainer plans inside it)."""
+    import dataclasses
+
+    from mace_sgl import gpu_memory
+
+    args.mace_reserve = None
+    if not (cfg.train or cfg.kv_prune):
+        return cfg
+    model_config = _read_model_config(args.model_path) or {}
+    train_bytes = 0
+    if cfg.train:
+        train_bytes = int(cfg.train_memory_mb * gpu_memory.MB) or gpu_memory.estimate_train_bytes(
+            model_config,
+            cfg.lora_rank,
+            cfg.targets,
+            tenants=tenants,
+            head_chunks=cfg.head_chunks,
+            seq_tokens=args.context_length,
+            dtype_bytes=4 if args.dtype in ("float32", "float") else 2,
+        )
+        cfg = dataclasses.replace(cfg, train_memory_mb=round(train_bytes / gpu_memory.MB, 1))
+    prune_bytes = 0
+    if cfg.kv_prune:
+        if args.max_running_requests is None:
+            # The score tensor has a row per request slot: bound the slots, or SGLang's
+            # own sizing (thousands on a large GPU) makes it gigabytes.
+            args.max_running_requests = 256
+        max_len = args.context_length or model_config.get("max_position_embeddings") or 4096
+        prune_bytes = gpu_memory.prune_score_bytes(args.max_running_requests + 1, int(max_len))
+    reserve = gpu_memory.GpuReserve(train_bytes, prune_bytes)
+    args.mace_reserve = reserve
+    if "mem_fraction_static" in given or args.mem_fraction_static is None:
+        return cfg  # explicit: taken as given; unknown yet: serve() lowers SGLang's default
+    gpu_gb = (profile.target.get("gpu_memory_gb") if profile is not None else None) or (
+        _gpu_total_bytes() / 2**30
+    )
+    if gpu_gb:
+        try:
+            args.mem_fraction_static = gpu_memory.lowered_fraction(
+                args.mem_fraction_static, reserve, gpu_gb * 2**30
+            )
+        except ValueError as e:
+            raise SystemExit(f"mace-sgl: {e}") from None
+        args.mace_reserve_applied = True
+    return cfg
+
+
+def _gpu_total_bytes() -> float:
+    """This machine's GPU memory, 0 without a CUDA device."""
+    import torch
+
+    return float(torch.cuda.mem_get_info()[1]) if torch.cuda.is_available() else 0.0
+
+
+def print_args(args: argparse.Namespace, cfg: Any) -> None:
+    """--print-args: the resolved SGLang server arguments and MaceConfig, one JSON
+    object on stdout."""
+    import dataclasses
+
+    from sglang.srt.server_args import ServerArgs, record_fields
+
+    reserve = getattr(args, "mace_reserve", None)
+    out = {
+        "profile": cfg.profile,
+        "sglang": {
+            f.name: getattr(args, f.name)
+            for f in record_fields(ServerArgs)  # what ServerArgs.from_cli_args takes
+            if hasattr(args, f.name)
+        },
+        "mace": dataclasses.asdict(cfg),
+        "gpu_reserve": None
+        if reserve is None
+        else {**reserve.as_dict(), "applied": bool(getattr(args, "mace_reserve_applied", False))},
+    }
+    sys.stdout.write(json.dumps(out, indent=1, sort_keys=True, default=str) + "\n")
 
 
 def _enable_kv_prune(args: argparse.Namespace, given: set[str], cfg: Any, cpu: bool) -> Any:
@@ -166,12 +257,22 @@ def _refuse_parallel_training(args: argparse.Namespace) -> None:
             )
 
 
-def _register_tenants(cfg: Any) -> list[str]:
+def _register_tenants(cfg: Any, write: bool = True) -> list[str]:
     """Create the default adapter's and --mace-adapters' tenants in the store (each a
     LoRA trained on its own feedback), and return every existing tenant: those made at
-    run time before a restart come back too."""
+    run time before a restart come back too. Without `write` (--print-args) the store is
+    only read, if it exists."""
     from sidecar import store
 
+    named = [cfg.adapter_name, *cfg.tenant_names]
+    if not write:
+        if not cfg.store_path.is_file():
+            return named
+        conn = store.connect(cfg.store_path)
+        try:
+            return list(dict.fromkeys([*named, *(t.name for t in store.tenants(conn))]))
+        finally:
+            conn.close()
     conn = store.connect(cfg.store_path)
     try:
         for name in [cfg.adapter_name, *cfg.tenant_names]:
@@ -194,7 +295,7 @@ def _refuse_lora_eviction(args: argparse.Namespace, given: set[str]) -> None:
 
 
 def _enable_live_adapter(
-    args: argparse.Namespace, given: set[str], cfg: Any, tenants: list[str]
+    args: argparse.Namespace, given: set[str], cfg: Any, tenants: list[str], write: bool = True
 ) -> None:
     """SGLang LoRA settings that serve every tenant; an all-zero v0 reserves each one's
     entry (the trainer publishes its newest weights into it before serving starts)."""
@@ -213,7 +314,7 @@ def _enable_live_adapter(
         except CheckpointMismatch as e:
             raise SystemExit(f"mace-sgl: {e}") from None
         v0 = adapter_dir / "v0"
-        if not (v0 / "adapter_model.safetensors").is_file():
+        if write and not (v0 / "adapter_model.safetensors").is_file():
             write_zero_adapter(v0, model_config, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
         paths.append(f"{name}={v0}")
     args.enable_lora = True
@@ -239,6 +340,9 @@ def serve(argv: list[str]) -> int:
     from mace_sgl.config import ENV_VAR
 
     args, mace_cfg = resolve_serve_args(argv)
+    if args.print_args:
+        print_args(args, mace_cfg)
+        return 0
     # SGLang's subprocesses inherit the environment; the plugin reads it there.
     os.environ[ENV_VAR] = mace_cfg.to_env()
     logging.basicConfig(
@@ -250,6 +354,7 @@ def serve(argv: list[str]) -> int:
     # Hooks on ServerArgs must exist before it is built, as in sglang.launch_server.
     load_plugins()
     server_args = ServerArgs.from_cli_args(args)
+    _lower_default_static_share(server_args, args)
     server_args._launch_command = ["mace-sgl", "serve", *argv]
     logger.info(
         "mace-sgl %s: model %s on %s (profile %s)",
@@ -273,6 +378,32 @@ def serve(argv: list[str]) -> int:
             supervisor.stop()
         kill_process_tree(os.getpid(), include_parent=False)
     return 0
+
+
+def _lower_default_static_share(server_args: Any, args: argparse.Namespace) -> None:
+    """The GPU reserve, when SGLang chose --mem-fraction-static itself (known only once
+    ServerArgs resolved it for this GPU): lowered before any scheduler sizes its pool."""
+    from mace_sgl import gpu_memory
+
+    reserve = getattr(args, "mace_reserve", None)
+    if reserve is None or getattr(args, "mace_reserve_applied", False):
+        return
+    if args.mem_fraction_static is not None or server_args.mem_fraction_static is None:
+        return  # given explicitly: taken as given
+    total = _gpu_total_bytes()
+    if not total:
+        return
+    try:
+        lowered = gpu_memory.lowered_fraction(server_args.mem_fraction_static, reserve, total)
+    except ValueError as e:
+        raise SystemExit(f"mace-sgl: {e}") from None
+    logger.info(
+        "mem-fraction-static %.3f -> %.3f: %s held back for training/pruning",
+        server_args.mem_fraction_static,
+        lowered,
+        reserve.as_dict(),
+    )
+    server_args.mem_fraction_static = lowered
 
 
 def model_prepare(argv: list[str]) -> int:

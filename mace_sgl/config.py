@@ -136,6 +136,16 @@ class MaceConfig:
             "slice). Smaller slices fit the room of busy serving iterations."
         },
     )
+    train_memory_mb: float = field(
+        default=0.0,
+        metadata={
+            "help": "GPU only: MiB held back from SGLang's --mem-fraction-static for the "
+            "trainer (LoRA, gradients, AdamW, rollback snapshot, its largest slice); "
+            "training slices are planned inside it. 0: estimated at start from the "
+            "model's config, the rank and the tenants (mace_sgl/gpu_memory.py). An "
+            "explicit --mem-fraction-static is taken as given and must leave it free."
+        },
+    )
     max_train_count: int = field(
         default=3, metadata={"help": "Times one feedback pair may train (replay bound)."}
     )
@@ -288,6 +298,8 @@ class MaceConfig:
             raise ValueError(f"guard_min_keep must be in [0, 1], got {self.guard_min_keep}")
         if self.guard_tokens < 1:
             raise ValueError(f"guard_tokens must be >= 1, got {self.guard_tokens}")
+        if not (self.train_memory_mb >= 0 and math.isfinite(self.train_memory_mb)):
+            raise ValueError(f"train_memory_mb must be >= 0 MiB, got {self.train_memory_mb}")
         if self.head_chunks < 0:
             raise ValueError(f"head_chunks must be >= 0, got {self.head_chunks}")
         if self.lookahead < 1:
@@ -377,6 +389,16 @@ class Profile:
     name: str
     sglang: dict[str, Any]
     mace: dict[str, Any]
+    # The machine the profile is for: `device` (cpu or cuda), and on a GPU its
+    # `gpu_memory_gb` (the training reserve is taken out of that) and a `name`.
+    target: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target_device(self) -> str | None:
+        return self.target.get("device")
+
+
+TARGET_KEYS = {"device", "name", "gpu_memory_gb"}
 
 
 def resolve_profile_path(name_or_path: str) -> Path:
@@ -399,9 +421,15 @@ def load_profile(name_or_path: str, sglang_dests: set[str]) -> Profile:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a profile is a mapping with `sglang:` and `mace:` sections")
-    unknown_sections = set(data) - {"sglang", "mace"}
+    unknown_sections = set(data) - {"sglang", "mace", "target"}
     if unknown_sections:
         raise ValueError(f"{path}: unknown sections {sorted(unknown_sections)}")
+    target = dict(data.get("target") or {})
+    bad = sorted(set(target) - TARGET_KEYS)
+    if bad:
+        raise ValueError(f"{path}: unknown target keys {bad}; known: {sorted(TARGET_KEYS)}")
+    if target.get("device", "cpu") not in ("cpu", "cuda"):
+        raise ValueError(f"{path}: target device must be cpu or cuda, got {target['device']!r}")
     sglang = {k.replace("-", "_"): v for k, v in (data.get("sglang") or {}).items()}
     mace = {k.replace("-", "_"): v for k, v in (data.get("mace") or {}).items()}
     bad = sorted(set(sglang) - sglang_dests)
@@ -412,7 +440,7 @@ def load_profile(name_or_path: str, sglang_dests: set[str]) -> Profile:
     if bad:
         raise ValueError(f"{path}: not mace fields: {bad}; known: {sorted(mace_fields)}")
     name = path.stem if path.parent == CONFIGS_DIR else str(path)
-    return Profile(name=name, sglang=sglang, mace=mace)
+    return Profile(name=name, sglang=sglang, mace=mace, target=target)
 
 
 def add_mace_args(parser: argparse.ArgumentParser) -> None:
@@ -421,8 +449,16 @@ def add_mace_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--profile",
         default=None,
-        help="YAML profile: a name from configs/ (cpu-dev) or a file path. "
-        "Default: cpu-dev on a machine without a GPU, none otherwise.",
+        help="YAML profile: a name from configs/ (cpu-dev, h100, orin-agx) or a file "
+        "path. Default: cpu-dev on a machine without a GPU, none otherwise.",
+    )
+    group.add_argument(
+        "--print-args",
+        action="store_true",
+        default=False,
+        help="Print the SGLang server arguments and the mace configuration that the "
+        "profile and the flags resolve to, as one JSON object, and exit without starting "
+        "anything. Resolves for the profile's target device, whatever this machine is.",
     )
     for f in dataclasses.fields(MaceConfig):
         if not f.metadata.get("flag", True):

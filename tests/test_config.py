@@ -54,14 +54,6 @@ def test_config_round_trips_through_the_environment(monkeypatch: pytest.MonkeyPa
     assert MaceConfig.from_env() == MaceConfig()
 
 
-def test_every_shipped_profile_loads():
-    profiles = sorted(config.CONFIGS_DIR.glob("*.yaml"))
-    assert profiles, "configs/ has no profile"
-    for path in profiles:
-        loaded = config.load_profile(path.stem, {"max_running_requests", "chunked_prefill_size"})
-        assert loaded.name == path.stem
-
-
 def test_profile_errors_name_the_problem(tmp_path: Path):
     bad_section = tmp_path / "a.yaml"
     bad_section.write_text("sglang: {}\ntraining: {}\n")

@@ -94,7 +94,7 @@ def test_no_client_key_reaches_an_adapters_namespace(train: bool):
 
 
 def test_request_tables_forget_aborted_requests():
-    monitor = IterationMonitor(make_policy("mace", Profile()), on_cuda=False)
+    monitor = IterationMonitor(make_policy("mace", Profile()))
     for i in range(1000):
         monitor.arrived(f"gone-{i}")  # aborted before running: no finish ever comes
     monitor.arrived("alive")
@@ -135,7 +135,7 @@ def test_forwards_the_cost_model_missed_are_kept_bounded_with_their_context(monk
     monkeypatch.setattr(IterationMonitor, "outliers_kept", 4)
     now = [0.0]  # a fake clock for the monitor's timings
     monkeypatch.setattr(iteration.time, "monotonic", lambda: now[0])
-    monitor = IterationMonitor(make_policy("mace", Profile()), on_cuda=False)
+    monitor = IterationMonitor(make_policy("mace", Profile()))
     decode = SimpleNamespace(
         forward_mode=SimpleNamespace(is_decode=lambda: True),
         reqs=[req("a"), req("b", LIVE)],

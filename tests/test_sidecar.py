@@ -208,7 +208,7 @@ def trainer_shell(tmp_path: Path, lookahead: int = 2):
     t.cfg = MaceConfig(state_dir=str(tmp_path), train=True, lookahead=lookahead)
     t.link = SidecarLink(tmp_path, "live")
     t.link.session = "s1"
-    t.board = JobBoard(on_cuda=False)
+    t.board = JobBoard()
     t.tenants = SimpleNamespace(tenants={"live": None})
     t.orphans_returned = 0
     t._sync_tenants = lambda: None  # no SGLang here: the tenant set does not change

@@ -14,6 +14,7 @@ from collections import Counter, deque
 from typing import Any
 
 from mace_sgl.policy import IterationView, Observation, WaitingPrefill
+from mace_sgl.trainer.streams import DeviceStreams
 
 
 class IterationMonitor:
@@ -28,15 +29,14 @@ class IterationMonitor:
     outlier_error = 1.0  # a forward the cost model missed by more than 100% is kept
     outliers_kept = 16
 
-    def __init__(self, policy: Any, on_cuda: bool) -> None:
+    def __init__(self, policy: Any, streams: DeviceStreams | None = None) -> None:
         self.policy = policy
-        self.on_cuda = on_cuda
+        self.streams = streams or DeviceStreams.cpu()
         self.arrivals: dict[str, float] = {}  # rid -> monotonic() it reached the scheduler
         self.first_token: dict[str, float] = {}
         self.swept_at = time.monotonic()
         self.swept = 0  # entries dropped by sweeps (aborted requests)
         self.last_output: float | None = None  # end of the last iteration with outputs
-        self.cuda_pending: deque[tuple[Any, Any, Observation]] = deque()
         self.serving_seconds = 0.0  # forward time, for the idle fraction
         self.started = time.monotonic()
         self.forward_end: float | None = None  # when the last timed forward ended
@@ -79,19 +79,13 @@ class IterationMonitor:
 
     def timed_forward(self, original: Any, scheduler: Any, batch: Any, *a: Any, **kw: Any) -> Any:
         """Run SGLang's run_batch and time it: wall clock on CPU (forwards are synchronous
-        there), CUDA events on a GPU (read once they completed, never waited for)."""
+        there); on a GPU, CUDA events on the forward stream the batch runs on (with overlap
+        scheduling not the current stream), read once they completed, never waited for."""
         obs = self.observation(batch)
         if obs is None:
             return original(scheduler, batch, *a, **kw)
-        if self.on_cuda:
-            import torch
-
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            result = original(scheduler, batch, *a, **kw)
-            end.record()
-            self.cuda_pending.append((start, end, obs))
-            return result
+        if self.streams.on_device:
+            return self.streams.time_forward(lambda: original(scheduler, batch, *a, **kw), obs)
         t0, cpu0, gc0 = time.monotonic(), time.process_time(), _gc_collections()
         result = original(scheduler, batch, *a, **kw)
         t1 = time.monotonic()
@@ -126,9 +120,8 @@ class IterationMonitor:
         )
 
     def _drain_cuda(self) -> None:
-        while self.cuda_pending and self.cuda_pending[0][1].query():
-            start, end, obs = self.cuda_pending.popleft()
-            obs.seconds = start.elapsed_time(end) / 1000.0
+        for obs, seconds in self.streams.drain_forwards():
+            obs.seconds = seconds
             self._observe(obs)
 
     # -- results ---------------------------------------------------------------------------

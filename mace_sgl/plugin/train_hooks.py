@@ -42,9 +42,11 @@ class TrainHooks:
         from mace_sgl.plugin.iteration import IterationMonitor
         from mace_sgl.trainer.host import TrainerHost
         from mace_sgl.trainer.runtime import MaceTrainer
+        from mace_sgl.trainer.streams import DeviceStreams
 
-        st.trainer = MaceTrainer(TrainerHost.from_model_runner(runner, self.cfg))
-        st.monitor = IterationMonitor(st.trainer.policy, st.trainer.on_cuda)
+        streams = DeviceStreams.for_scheduler(scheduler, runner.device)
+        st.trainer = MaceTrainer(TrainerHost.from_model_runner(runner, self.cfg, streams))
+        st.monitor = IterationMonitor(st.trainer.policy, streams)
         if getattr(scheduler.server_args, "enable_metrics", False):
             from mace_sgl.metrics import TrainerMetrics
 

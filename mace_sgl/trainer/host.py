@@ -7,13 +7,14 @@ manager whose adapters it publishes into, the device) and nothing else of SGLang
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mace_sgl.config import MaceConfig
+from mace_sgl.trainer.streams import DeviceStreams
 
 
 @dataclass(frozen=True)
@@ -24,11 +25,21 @@ class TrainerHost:
     lora_manager: Any  # SGLang's LoRAManager: served adapters, their CPU copies, pool slots
     model_path: str  # the checkpoint directory (config.json, tokenizer)
     cfg: MaceConfig
+    # Where serving and training run on a GPU (trainer/streams.py); CPU: no streams.
+    streams: DeviceStreams = field(default_factory=DeviceStreams.cpu)
 
     @classmethod
-    def from_model_runner(cls, runner: Any, cfg: MaceConfig) -> TrainerHost:
+    def from_model_runner(
+        cls, runner: Any, cfg: MaceConfig, streams: DeviceStreams | None = None
+    ) -> TrainerHost:
         """The host of SGLang's ModelRunner `runner` (tensor parallel size 1)."""
-        return cls(runner.model, runner.lora_manager, runner.model_config.model_path, cfg)
+        return cls(
+            runner.model,
+            runner.lora_manager,
+            runner.model_config.model_path,
+            cfg,
+            streams or DeviceStreams.cpu(),
+        )
 
     @property
     def device(self) -> torch.device:

@@ -10,7 +10,6 @@ measures it. What runs when is the policy's choice (trainer/runtime.py).
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch
 
 from mace_sgl.policy import Unit
 from mace_sgl.trainer.sliced import Pair, SliceSpec
+from mace_sgl.trainer.streams import DeviceStreams
 
 logger = logging.getLogger("mace_sgl.trainer")
 
@@ -59,9 +59,10 @@ class Ran:
 
     job: Job
     spec: SliceSpec
-    seconds: float
+    seconds: float  # wall seconds: the slice's cost on CPU, only its launch on a GPU
     mem_bytes: float | None
     finished: bool
+    on_device: bool = False  # its device span arrives later (JobBoard.drain_device)
     value: Any = None  # the job's return value when it finished
     error: BaseException | None = None
 
@@ -69,8 +70,9 @@ class Ran:
 class JobBoard:
     """The queue of pairs without a step yet, the jobs, and reference log-probs ahead."""
 
-    def __init__(self, on_cuda: bool) -> None:
-        self.on_cuda = on_cuda
+    def __init__(self, streams: DeviceStreams | None = None) -> None:
+        self.streams = streams or DeviceStreams.cpu()
+        self.on_cuda = self.streams.on_device
         self.queue: deque[QueuedPair] = deque()
         self.jobs: dict[int, Job] = {}
         self.step_job: Job | None = None
@@ -90,7 +92,8 @@ class JobBoard:
     def _new_job(self, kind: str, gen: Generator[SliceSpec, None, Any], pairs: list) -> Job:
         self.next_key += 1
         job = Job(self.next_key, kind, gen, None, pairs)
-        job.pending = next(gen)  # runs only the set-up before the first slice
+        with self.streams.training_work():
+            job.pending = next(gen)  # runs only the set-up before the first slice
         self.jobs[job.key] = job
         return job
 
@@ -144,24 +147,32 @@ class JobBoard:
         job = self.jobs[key]
         spec = job.pending
         mem = MemoryProbe(self.on_cuda, param_storage)
-        start = time.perf_counter()
-        finished, value, error = False, None, None
-        try:
-            with torch.inference_mode(False), mem:
-                job.pending = next(job.gen)
-        except StopIteration as stop:
-            finished, value = True, stop.value
-        except Exception as e:  # OOM or anything else
-            logger.exception("training slice failed (%s job)", job.kind)
-            finished, error = True, e
+
+        def run_slice() -> tuple[bool, Any, BaseException | None]:
+            try:
+                with torch.inference_mode(False), mem:
+                    job.pending = next(job.gen)
+            except StopIteration as stop:
+                return True, stop.value, None
+            except Exception as e:  # OOM or anything else
+                logger.exception("training slice failed (%s job)", job.kind)
+                return True, None, e
+            return False, None, None
+
+        # On a GPU on the training stream, timed there (trainer/streams.py).
+        (finished, value, error), elapsed = self.streams.time_slice(run_slice, (spec, mem))
         if finished:
             self.jobs.pop(job.key, None)
             if job is self.step_job:
                 self.step_job = None
             elif job.kind == "ref" and value is not None:
                 self.refs[job.pairs[0].pair.sample_id] = value
-        elapsed = time.perf_counter() - start
-        return Ran(job, spec, elapsed, mem.bytes, finished, value, error)
+        return Ran(job, spec, elapsed, mem.bytes, finished, self.on_cuda, value=value, error=error)
+
+    def drain_device(self) -> list[tuple[SliceSpec, float, float | None]]:
+        """(spec, device seconds, peak bytes) of GPU slices that completed since the last
+        call; always empty on CPU, where run() measured them."""
+        return [(spec, s, mem.bytes) for (spec, mem), s in self.streams.drain_slices()]
 
 
 class MemoryProbe:

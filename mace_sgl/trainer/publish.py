@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from mace_sgl.trainer.streams import DeviceStreams
+
 STACKS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
@@ -54,8 +56,9 @@ def normalised(weights: dict[str, torch.Tensor], sglang_name: str) -> torch.Tens
 class PoolPublisher:
     """Writes a peft adapter's weights into SGLang's copy of adapter `name`, in place."""
 
-    def __init__(self, lora_manager: Any, name: str) -> None:
+    def __init__(self, lora_manager: Any, name: str, streams: DeviceStreams | None = None) -> None:
         self.manager = lora_manager
+        self.streams = streams or DeviceStreams.cpu()
         uids = [uid for uid, ref in lora_manager.lora_refs.items() if ref.lora_name == name]
         if len(uids) != 1:
             raise ValueError(
@@ -84,7 +87,9 @@ class PoolPublisher:
         self.publish_weights(peft_model.named_parameters())
 
     def publish_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy LoRA weights given as (peft parameter name, tensor) pairs."""
+        """Copy LoRA weights given as (peft parameter name, tensor) pairs. On a GPU the
+        caller runs on the training stream: the copy into the CPU copy waits for that
+        stream only (the weights' last writer)."""
         adapter = self.manager.loras[self.uid]
         per_layer = layer_weights(named)
         with torch.no_grad():
@@ -103,16 +108,17 @@ class PoolPublisher:
         buffer_id = pool.uid_to_buffer_id.get(self.uid)
         if buffer_id is None:
             return  # not resident: the next batch loads the updated CPU copy
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # no forward may read the slot while it is written
-        pool.load_lora_weight_to_buffer(
-            self.uid,
-            buffer_id,
-            adapter,
-            self.manager.lora_modules,
-            self.manager.embed_tokens_module,
-            self.manager.lm_head_module,
-        )
+        # On a GPU the slot is written on the forward stream, after the forwards queued
+        # before and before those queued after, with no host sync (trainer/streams.py).
+        with self.streams.publish_point():
+            pool.load_lora_weight_to_buffer(
+                self.uid,
+                buffer_id,
+                adapter,
+                self.manager.lora_modules,
+                self.manager.embed_tokens_module,
+                self.manager.lm_head_module,
+            )
         self.manager._notify_lora_slots_updated({buffer_id})
 
 

@@ -20,6 +20,7 @@ and the status.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Generator
 from dataclasses import replace
@@ -104,6 +105,7 @@ class MaceTrainer:
             "rss_before_trainer_mb": rss_before / 2**20,
             "rss_after_trainer_mb": self.process.memory_info().rss / 2**20,
         }
+        self.on_cuda = self.dpo.device.type == "cuda"
         self.swap_baseline = None
         if cfg.measure_swap:
             try:
@@ -111,8 +113,8 @@ class MaceTrainer:
             except Exception as e:  # a measurement must never take the server down
                 logger.exception("swap measurement failed")
                 self.swap_baseline = {"error": f"{type(e).__name__}: {e}"}
-        self.on_cuda = self.dpo.device.type == "cuda"
-        self.board = JobBoard(self.on_cuda)
+        self.streams = host.streams
+        self.board = JobBoard(self.streams)
         self.fair = FairShare()
         profile = load_profile(cfg)
         # A restart resumes the cost model learned before it (trainer/learned_cost.py).
@@ -182,7 +184,7 @@ class MaceTrainer:
         if now - self.synced_at < SYNC_EVERY_S:
             return
         self.synced_at = now
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), self.streams.training_work():
             _, removed = self.tenants.sync()
         for name in removed:
             self.fair.forget(name)
@@ -222,9 +224,14 @@ class MaceTrainer:
         publisher.publish_weights(tenant.weights.items())
         slot = pool.uid_to_buffer_id.get(tenant.uid, 0)
         in_place, reload = [], []
+        # A start-up measurement, before serving: waiting for the device is allowed here
+        # (and needed, or a GPU run would time only the launches).
+        settle = torch.cuda.synchronize if self.on_cuda else (lambda: None)
         for _ in range(repeats):
+            settle()
             start = time.perf_counter()
             publisher.publish_weights(tenant.weights.items())
+            settle()
             in_place.append((time.perf_counter() - start) * 1000)
             ref = LoRARef(lora_name="mace-swap-probe", lora_path="mace-swap-probe", pinned=False)
             start = time.perf_counter()
@@ -239,6 +246,7 @@ class MaceTrainer:
                 manager.embed_tokens_module,
                 manager.lm_head_module,
             )
+            settle()
             reload.append((time.perf_counter() - start) * 1000)
             manager.unload_lora_adapter(ref)
         publisher.publish_weights(tenant.weights.items())  # the live weights back in the slot
@@ -307,24 +315,40 @@ class MaceTrainer:
         self.board.start_step(self._step(known[name], pairs, refs), pairs)
 
     def _run_unit(self, key: int) -> float:
-        """Run the head slice of one job; returns the seconds it took."""
+        """Run the head slice of one job; returns the seconds it is charged: its wall time
+        on CPU; on a GPU, where it runs on the training stream after the launch returns,
+        the predicted time (its device span corrects the cost model once it completed)."""
         storage = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
         ran: Ran = self.board.run(key, storage)
         if ran.error is not None and ran.job.kind == "step":
             tenant = self.tenants.get(ran.job.tenant)
             if tenant is not None:
-                self.tenants.rollback(tenant, f"{type(ran.error).__name__}: {ran.error}")
+                with self.streams.training_work():
+                    self.tenants.rollback(tenant, f"{type(ran.error).__name__}: {ran.error}")
                 self._report([q.pair for q in ran.job.pairs], {}, tenant.version)
+        if not ran.on_device:
+            self._observe_slice(ran.spec, ran.seconds, ran.mem_bytes)
+            return ran.seconds
+        self._observe_device_slices()
+        predicted = self.policy.cost.predict(ran.spec.kind, ran.spec.tokens)
+        return predicted if math.isfinite(predicted) else ran.seconds
+
+    def _observe_slice(self, spec: SliceSpec, seconds: float, mem_bytes: float | None) -> None:
         self.policy.observe(
-            Observation(ran.spec.kind, ran.seconds, tokens=ran.spec.tokens, mem_bytes=ran.mem_bytes)
+            Observation(spec.kind, seconds, tokens=spec.tokens, mem_bytes=mem_bytes)
         )
-        self.totals["train_seconds"] += ran.seconds
-        self.step_seconds += ran.seconds
-        return ran.seconds
+        self.totals["train_seconds"] += seconds
+        self.step_seconds += seconds
+
+    def _observe_device_slices(self) -> None:
+        """Fold in the device spans of GPU slices that completed (none on CPU)."""
+        for spec, seconds, mem_bytes in self.board.drain_device():
+            self._observe_slice(spec, seconds, mem_bytes)
 
     def iteration_done(self, view: IterationView) -> None:
         """After a serving iteration: the units the policy fits into what it leaves."""
         self.poll()
+        self._observe_device_slices()
         if not policy_trains(self.cfg.policy):
             self.policy.slo.update()
             return
@@ -352,6 +376,7 @@ class MaceTrainer:
     def run_idle_slice(self) -> None:
         """Nothing to serve: one unit, then back to the loop to look for requests."""
         self.poll()
+        self._observe_device_slices()
         units = self._candidates()
         if not units:
             return
@@ -368,8 +393,16 @@ class MaceTrainer:
             self.starvation.iteration(time.monotonic(), len(units), 0, plan.why)
 
     def _mem_free(self) -> float:
+        """Bytes a slice may take: on a GPU the free device memory, capped by the reserve
+        SGLang left for training (--mace-train-memory-mb) net of what the trainer holds
+        all the time (per tenant: LoRA, gradient, AdamW moments, rollback snapshot), so a
+        slice that would spill into serving memory is not planned; on CPU, available RAM."""
         if self.on_cuda:
-            return float(torch.cuda.mem_get_info()[0])
+            return slice_room(
+                float(torch.cuda.mem_get_info()[0]),
+                self.cfg.train_memory_mb * 2**20,
+                5 * self.tenants.lora_bytes() * len(self.tenants.tenants),
+            )
         return float(psutil.virtual_memory().available)
 
     # -- one step, then maybe a publish --------------------------------------------------
@@ -449,7 +482,16 @@ class MaceTrainer:
             "train_tokens_per_s": self.totals["trained_tokens"] / secs if secs else 0.0,
             "reserve_tokens_per_iter": self.cfg.train_tokens_per_iter,
             **self.policy.status(),
-            "memory": {**self.memory, "rss_now_mb": self.process.memory_info().rss / 2**20},
+            "memory": {
+                **self.memory,
+                "rss_now_mb": self.process.memory_info().rss / 2**20,
+                "gpu_reserve_mb": self.cfg.train_memory_mb if self.on_cuda else None,
+            },
+            "device_timing": {
+                "slices_in_flight": len(self.streams.slice_timer.pending),
+                "timings_dropped": self.streams.slice_timer.dropped
+                + self.streams.forward_timer.dropped,
+            },
             "swap_baseline": self.swap_baseline,
             "checkpoints": self.default.writer.status(),
             "learned_cost": self.cost_saver.status(),
@@ -523,6 +565,14 @@ class Starvation:
             "episodes": self.episodes,
             "total_s": self.total_s + current,
         }
+
+
+def slice_room(device_free: float, reserve_bytes: float, resident_bytes: float) -> float:
+    """Memory a GPU slice may take: what is free on the device, and never more than the
+    training reserve less the trainer's resident tensors (no reserve given: device free)."""
+    if reserve_bytes <= 0:
+        return device_free
+    return max(0.0, min(device_free, reserve_bytes - resident_bytes))
 
 
 def policy_trains(name: str) -> bool:

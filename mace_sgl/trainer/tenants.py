@@ -148,7 +148,7 @@ class TenantRegistry:
         # resume() loads into the tensors and, for the optimizer, must see them as the
         # parameters: the optimizer's state is keyed by the (shared) parameter objects.
         resumed = resume(adapter_dir, weights, optimizer)
-        publisher = PoolPublisher(self.host.lora_manager, name)
+        publisher = PoolPublisher(self.host.lora_manager, name, self.host.streams)
         publisher.publish_weights(weights.items())
         tenant = Tenant(
             name=name,

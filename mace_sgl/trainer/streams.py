@@ -1,0 +1,202 @@
+"""Where serving and training work runs on a GPU, and how long it took there.
+
+On CPU every forward and training slice runs synchronously in the scheduler's thread:
+the wall clock times it, and no ordering is needed. On a GPU three things differ:
+
+- SGLang queues each forward on its *forward stream* (`Scheduler.forward_stream`), which
+  with overlap scheduling is not the scheduler's current (schedule) stream. A forward is
+  timed with CUDA events recorded on that forward stream, after it waits for the
+  schedule stream as SGLang's run_batch does anyway, so the span is the forward's own.
+- Training slices run on a *training stream* of their own: they read only the frozen
+  base weights and the trainer's tensors, so a serving forward never waits behind them
+  (on the schedule stream it would: SGLang's forward waits for that stream). A slice is
+  timed with events on the training stream; the CPU time of its launch is not its cost.
+  At most `max_in_flight` timed slices are queued ahead of the device: past that the
+  oldest one's end event is waited for (that event only, never the device).
+- A publish writes the trainer's weights into SGLang's LoRA pool slot. The slot copy is
+  queued on the forward stream after that stream waits for the training stream: every
+  forward queued before reads the old weights, every one after the new, and nothing
+  waits on the host (no `torch.cuda.synchronize()`).
+
+Times are read when their end event has completed (`drain`), never waited for; the
+deques are bounded, so an estimator that stops draining cannot grow memory.
+The device is reached through `torch.cuda` only in `DeviceStreams.for_scheduler` and
+`cuda_events`; everything else takes stream and event objects, so tests run it on CPU
+with stand-ins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+P = TypeVar("P")  # what a timing is about (an Observation, a slice spec)
+
+
+@dataclass
+class Pending(Generic[P]):
+    start: Any
+    end: Any
+    payload: P
+
+
+class EventTimer(Generic[P]):
+    """Spans of device work between two events recorded on the stream that runs it."""
+
+    def __init__(self, new_event: Callable[[], Any], max_pending: int = 256) -> None:
+        self.new_event = new_event
+        self.pending: deque[Pending[P]] = deque()
+        self.max_pending = max_pending
+        self.dropped = 0  # timings given up because too many were pending
+
+    def start(self, stream: Any) -> Any:
+        ev = self.new_event()
+        ev.record(stream)
+        return ev
+
+    def stop(self, start: Any, stream: Any, payload: P) -> None:
+        end = self.new_event()
+        end.record(stream)
+        if len(self.pending) >= self.max_pending:
+            self.pending.popleft()  # bounded: an undrained timer forgets its oldest
+            self.dropped += 1
+        self.pending.append(Pending(start, end, payload))
+
+    def drain(self) -> list[tuple[P, float]]:
+        """(payload, seconds) of every span whose end completed, oldest first; stops at
+        the first one still running (spans on one stream complete in order)."""
+        done = []
+        while self.pending and self.pending[0].end.query():
+            p = self.pending.popleft()
+            done.append((p.payload, p.start.elapsed_time(p.end) / 1000.0))
+        return done
+
+    def wait_oldest(self) -> None:
+        """Block until the oldest pending span ended (its event only)."""
+        if self.pending:
+            self.pending[0].end.synchronize()
+
+
+def cuda_events() -> Any:
+    import torch
+
+    return torch.cuda.Event(enable_timing=True)
+
+
+@dataclass
+class DeviceStreams:
+    """The streams of one scheduler process: None on CPU (work is synchronous there)."""
+
+    forward: Any = None  # SGLang's forward stream
+    training: Any = None  # ours
+    # Torch's stream API, given so tests can stand in for it: stream_context(s) makes s
+    # current; current() is the current stream.
+    stream_context: Callable[[Any], Any] | None = None
+    current: Callable[[], Any] | None = None
+    new_event: Callable[[], Any] = cuda_events
+    max_in_flight: int = 4
+    slice_timer: EventTimer[Any] = field(init=False)
+    forward_timer: EventTimer[Any] = field(init=False)
+    # device spans read while waiting for room (time_slice), handed out by drain_slices
+    pending_slices: list[tuple[Any, float]] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        self.slice_timer = EventTimer(self.new_event)
+        self.forward_timer = EventTimer(self.new_event)
+
+    @classmethod
+    def cpu(cls) -> DeviceStreams:
+        return cls()
+
+    @classmethod
+    def for_scheduler(cls, scheduler: Any, device: Any) -> DeviceStreams:
+        """The forward stream SGLang's run_batch uses, and a new training stream; CPU
+        streams when the model is not on CUDA."""
+        if getattr(device, "type", str(device)) != "cuda":
+            return cls.cpu()
+        import torch
+
+        forward = getattr(scheduler, "forward_stream", None) or torch.cuda.current_stream()
+        return cls(
+            forward=forward,
+            training=torch.cuda.Stream(device=device),
+            stream_context=torch.cuda.stream,
+            current=torch.cuda.current_stream,
+        )
+
+    @property
+    def on_device(self) -> bool:
+        return self.training is not None
+
+    # -- forwards ----------------------------------------------------------------------
+
+    def time_forward(self, run: Callable[[], Any], payload: Any) -> Any:
+        """Run one forward launch and time it on the forward stream (GPU only)."""
+        here = self.current()
+        if here != self.forward:
+            # run_batch makes the forward stream wait for the schedule stream first
+            # thing; waiting here instead puts the start event after the inputs are ready.
+            self.forward.wait_stream(here)
+        start = self.forward_timer.start(self.forward)
+        result = run()
+        self.forward_timer.stop(start, self.forward, payload)
+        return result
+
+    # -- training ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def training_work(self) -> Iterator[None]:
+        """Make the training stream current (a no-op on CPU). It first waits for the
+        stream that was current (the schedule stream: light input work; never the
+        forward stream under overlap), so trainer work made outside a slice (start-up,
+        a rollback) is ordered before it."""
+        if not self.on_device:
+            yield
+            return
+        self.training.wait_stream(self.current())
+        with self.stream_context(self.training):
+            yield
+
+    def time_slice(self, run: Callable[[], Any], payload: Any) -> tuple[Any, float]:
+        """Run one training slice; returns (its result, seconds known now): wall seconds
+        on CPU, where that is the slice's cost; on a GPU the launch's wall seconds, and
+        the device span arrives later through drain_slices()."""
+        if not self.on_device:
+            t0 = time.perf_counter()
+            result = run()
+            return result, time.perf_counter() - t0
+        while len(self.slice_timer.pending) >= self.max_in_flight:
+            self.slice_timer.wait_oldest()
+            self.pending_slices.extend(self.slice_timer.drain())
+        t0 = time.perf_counter()
+        with self.training_work():
+            start = self.slice_timer.start(self.training)
+            result = run()
+            self.slice_timer.stop(start, self.training, payload)
+        return result, time.perf_counter() - t0
+
+    def drain_slices(self) -> list[tuple[Any, float]]:
+        """(payload, device seconds) of training slices that completed since last asked."""
+        done, self.pending_slices = self.pending_slices, []
+        return done + self.slice_timer.drain()
+
+    def drain_forwards(self) -> list[tuple[Any, float]]:
+        return self.forward_timer.drain()
+
+    # -- publish -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def publish_point(self) -> Iterator[None]:
+        """Writes into the pool made here land between two forwards: after every forward
+        queued before, before every one queued after, and after the training stream's
+        work (the weights being published). A no-op on CPU."""
+        if not self.on_device:
+            yield
+            return
+        self.forward.wait_stream(self.training)
+        with self.stream_context(self.forward):
+            yield
