@@ -121,7 +121,8 @@ class Sidecar:
                 Sample(r.id, r.prompt, r.chosen, r.rejected, r.weight, r.last_loss, r.adapter)
                 for r in rows
             ]
-            if not self._send(Work(msg.session, samples, self.id)):
+            weights = {t.name: t.weight for t in tenants}
+            if not self._send(Work(msg.session, samples, self.id, weights)):
                 store.release(self.conn, msg.session, [r.id for r in rows])
 
     def _send(self, msg: Work | Control) -> bool:

@@ -198,6 +198,7 @@ def test_rows_a_dead_sidecar_picked_are_requeued_and_work_in_transit_is_kept(
 
 def trainer_shell(tmp_path: Path, lookahead: int = 2):
     from mace_sgl.policy.cost import CostModel
+    from mace_sgl.policy.fairshare import FairShare
     from mace_sgl.trainer import learned_cost
     from mace_sgl.trainer.jobs import JobBoard
     from mace_sgl.trainer.link import SidecarLink
@@ -209,6 +210,7 @@ def trainer_shell(tmp_path: Path, lookahead: int = 2):
     t.link = SidecarLink(tmp_path, "live")
     t.link.session = "s1"
     t.board = JobBoard()
+    t.fair = FairShare()
     t.tenants = SimpleNamespace(tenants={"live": None})
     t.orphans_returned = 0
     t._sync_tenants = lambda: None  # no SGLang here: the tenant set does not change
@@ -276,3 +278,28 @@ def test_trainer_drops_malformed_messages_and_work_of_a_dead_sidecar(tmp_path: P
         push.close(linger=0)
         pull.close(linger=0)
         ctx.term()
+
+
+def test_the_trainer_shares_steps_by_the_store_weights_the_sidecar_sends(tmp_path: Path, conn):
+    """A tenant's weight reaches the trainer's fair share with the Work (it used to stay
+    in the sidecar: the trainer treated every tenant as weight 1)."""
+    t = trainer_shell(tmp_path, lookahead=4)
+    t.tenants = SimpleNamespace(tenants={"live": None, "heavy": None})
+    sidecar = SidecarProcess(tmp_path)
+    try:
+        store.add_tenant(conn, "live")
+        store.add_tenant(conn, "heavy", weight=3.0)
+        store.add_feedback(conn, [{**pair(0), "adapter": "heavy"}])
+        poll_until(t, lambda: "heavy" in t.fair.weights, 30, "weights reach the trainer")
+        assert t.fair.weights == {"live": 1.0, "heavy": 3.0}
+        # Both tenants wait: the fair share hands heavy three steps to live's one.
+        picks = []
+        for _ in range(8):
+            name = t.fair.pick({"live": 0.0, "heavy": 0.0})
+            t.fair.charge(name)
+            picks.append(name)
+        assert picks.count("heavy") == 6 and picks.count("live") == 2
+    finally:
+        sidecar.stop()
+        t.push.close(linger=0)
+        t.pull.close(linger=0)

@@ -59,6 +59,9 @@ class Work(msgspec.Struct, tag=True, frozen=True):
     session: str
     samples: list[Sample]
     sidecar: str = ""  # the id of the sidecar process that picked them
+    # Every tenant's weight in the store when they were picked: the trainer's fair share
+    # over the pairs it holds uses the same weights as the sidecar's.
+    weights: dict[str, float] = msgspec.field(default_factory=dict)
 
 
 class Control(msgspec.Struct, tag=True, frozen=True):

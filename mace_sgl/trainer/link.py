@@ -40,6 +40,7 @@ class SidecarLink:
         self.push, self.pull = channels.connect_trainer(ctx, state_path / "run")
         self.paused = False
         self.asked_at = 0.0
+        self.weights: dict[str, float] = {}  # tenant weights of the latest Work
         # The sidecar process whose Work we take (messages.py), set by its Control.
         self.sidecar_id = ""
         self.push.send(encode(Hello(self.session, adapter_name)))
@@ -62,6 +63,7 @@ class SidecarLink:
             if isinstance(msg, Work) and msg.session == self.session and msg.sidecar == sidecar:
                 self.asked_at = 0.0
                 samples.extend(msg.samples)
+                self.weights = dict(msg.weights)  # every tenant's, as the store has them
             elif isinstance(msg, Control) and msg.session in ("", self.session):
                 self.paused = msg.paused
                 sidecar = self.sidecar_id = msg.sidecar

@@ -264,6 +264,9 @@ class MaceTrainer:
         for s in self.link.receive():
             self.board.queue.append(QueuedPair(self._pair(s), now, s.loss, s.adapter))
         self._sync_tenants()
+        for name, weight in self.link.weights.items():  # the store's, sent with the Work
+            if name in self.tenants.tenants:
+                self.fair.set_weight(name, weight)
         self._return_orphans()
         self.cost_saver.maybe_save()
         # The sidecar answers only when it has samples; ask again now and then.
