@@ -131,10 +131,13 @@ def _reserve_gpu_memory(
     args: argparse.Namespace, given: set[str], cfg: Any, profile: Any, tenants: int
 ) -> Any:
     """On a GPU target, hold the trainer's memory and the KV-pruning scores back from
-    SGLang's static share before it sizes its KV pool (mace_sgl/gpu_memory.py). Sets
-    `args.mace_reserve`; lowers --mem-fraction-static now when the profile gives it and
-    the GPU size is known, else in serve() once SGLang resolved its own default. Returns
-    the config with the trainer's reserve resolved (the trainer plans inside it)."""
+    SGLang's static share before it sizes its KV pool (mace_sgl/gpu_memory.py).
+
+    An explicit --mem-fraction-static is taken as given. A profile's share on a target of
+    known size (`target: gpu_memory_gb`) is lowered here, so --print-args shows it;
+    otherwise the plugin's resolution hook lowers the share SGLang resolves for this
+    GPU (plugin/gpu_reserve.py; `reserve_pending`). Sets `args.mace_reserve`; returns the
+    config with the reserve resolved (the trainer plans its slices inside it)."""
     import dataclasses
 
     from mace_sgl import gpu_memory
@@ -154,7 +157,6 @@ def _reserve_gpu_memory(
             seq_tokens=args.context_length,
             dtype_bytes=4 if args.dtype in ("float32", "float") else 2,
         )
-        cfg = dataclasses.replace(cfg, train_memory_mb=round(train_bytes / gpu_memory.MB, 1))
     prune_bytes = 0
     if cfg.kv_prune:
         if args.max_running_requests is None:
@@ -163,29 +165,27 @@ def _reserve_gpu_memory(
             args.max_running_requests = 256
         max_len = args.context_length or model_config.get("max_position_embeddings") or 4096
         prune_bytes = gpu_memory.prune_score_bytes(args.max_running_requests + 1, int(max_len))
-    reserve = gpu_memory.GpuReserve(train_bytes, prune_bytes)
-    args.mace_reserve = reserve
-    if "mem_fraction_static" in given or args.mem_fraction_static is None:
-        return cfg  # explicit: taken as given; unknown yet: serve() lowers SGLang's default
-    gpu_gb = (profile.target.get("gpu_memory_gb") if profile is not None else None) or (
-        _gpu_total_bytes() / 2**30
+    reserve = args.mace_reserve = gpu_memory.GpuReserve(train_bytes, prune_bytes)
+    cfg = dataclasses.replace(
+        cfg,
+        train_memory_mb=round(train_bytes / gpu_memory.MB, 1),
+        prune_reserve_mb=round(prune_bytes / gpu_memory.MB, 1),
     )
-    if gpu_gb:
-        try:
-            args.mem_fraction_static = gpu_memory.lowered_fraction(
-                args.mem_fraction_static, reserve, gpu_gb * 2**30
-            )
-        except ValueError as e:
-            raise SystemExit(f"mace-sgl: {e}") from None
-        args.mace_reserve_applied = True
+    if "mem_fraction_static" in given:
+        args.mace_reserve_mode = "explicit share, taken as given"
+        return cfg
+    gpu_gb = profile.target.get("gpu_memory_gb") if profile is not None else None
+    if args.mem_fraction_static is None or not gpu_gb:
+        args.mace_reserve_mode = "taken out of the share SGLang resolves on the GPU"
+        return dataclasses.replace(cfg, reserve_pending=True)
+    args.mace_reserve_mode = "taken out of mem_fraction_static"
+    try:
+        args.mem_fraction_static = gpu_memory.lowered_fraction(
+            args.mem_fraction_static, reserve, gpu_gb * 2**30
+        )
+    except ValueError as e:
+        raise SystemExit(f"mace-sgl: {e}") from None
     return cfg
-
-
-def _gpu_total_bytes() -> float:
-    """This machine's GPU memory, 0 without a CUDA device."""
-    import torch
-
-    return float(torch.cuda.mem_get_info()[1]) if torch.cuda.is_available() else 0.0
 
 
 def print_args(args: argparse.Namespace, cfg: Any) -> None:
@@ -206,7 +206,7 @@ def print_args(args: argparse.Namespace, cfg: Any) -> None:
         "mace": dataclasses.asdict(cfg),
         "gpu_reserve": None
         if reserve is None
-        else {**reserve.as_dict(), "applied": bool(getattr(args, "mace_reserve_applied", False))},
+        else {**reserve.as_dict(), "static_share": args.mace_reserve_mode},
     }
     sys.stdout.write(json.dumps(out, indent=1, sort_keys=True, default=str) + "\n")
 
@@ -354,7 +354,6 @@ def serve(argv: list[str]) -> int:
     # Hooks on ServerArgs must exist before it is built, as in sglang.launch_server.
     load_plugins()
     server_args = ServerArgs.from_cli_args(args)
-    _lower_default_static_share(server_args, args)
     server_args._launch_command = ["mace-sgl", "serve", *argv]
     logger.info(
         "mace-sgl %s: model %s on %s (profile %s)",
@@ -378,32 +377,6 @@ def serve(argv: list[str]) -> int:
             supervisor.stop()
         kill_process_tree(os.getpid(), include_parent=False)
     return 0
-
-
-def _lower_default_static_share(server_args: Any, args: argparse.Namespace) -> None:
-    """The GPU reserve, when SGLang chose --mem-fraction-static itself (known only once
-    ServerArgs resolved it for this GPU): lowered before any scheduler sizes its pool."""
-    from mace_sgl import gpu_memory
-
-    reserve = getattr(args, "mace_reserve", None)
-    if reserve is None or getattr(args, "mace_reserve_applied", False):
-        return
-    if args.mem_fraction_static is not None or server_args.mem_fraction_static is None:
-        return  # given explicitly: taken as given
-    total = _gpu_total_bytes()
-    if not total:
-        return
-    try:
-        lowered = gpu_memory.lowered_fraction(server_args.mem_fraction_static, reserve, total)
-    except ValueError as e:
-        raise SystemExit(f"mace-sgl: {e}") from None
-    logger.info(
-        "mem-fraction-static %.3f -> %.3f: %s held back for training/pruning",
-        server_args.mem_fraction_static,
-        lowered,
-        reserve.as_dict(),
-    )
-    server_args.mem_fraction_static = lowered
 
 
 def model_prepare(argv: list[str]) -> int:

@@ -146,6 +146,23 @@ class MaceConfig:
             "explicit --mem-fraction-static is taken as given and must leave it free."
         },
     )
+    prune_reserve_mb: float = field(
+        default=0.0,
+        metadata={
+            "help": "Resolved by the launcher on a GPU with --mace-kv-prune: MiB of the "
+            "KV-pruning score tensor, held back like the training reserve.",
+            "flag": False,
+        },
+    )
+    reserve_pending: bool = field(
+        default=False,
+        metadata={
+            "help": "Set by the launcher when the reserve must come out of the static "
+            "share SGLang resolves (its own default, or a profile's share on a GPU of "
+            "unknown size): the plugin's resolution hook does it (plugin/gpu_reserve.py).",
+            "flag": False,
+        },
+    )
     max_train_count: int = field(
         default=3, metadata={"help": "Times one feedback pair may train (replay bound)."}
     )

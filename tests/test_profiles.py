@@ -161,7 +161,7 @@ def test_print_args_prints_one_json_object_and_writes_nothing(tiny_model_dir: Pa
     assert resolved["sglang"]["enable_lora"] is True
     assert resolved["sglang"]["mem_fraction_static"] == pytest.approx(0.775, abs=1e-4)
     assert resolved["mace"]["train"] is True and resolved["mace"]["train_memory_mb"] == 6144
-    assert resolved["gpu_reserve"]["applied"] is True
+    assert resolved["gpu_reserve"]["static_share"] == "taken out of mem_fraction_static"
     assert "print_args" not in resolved["sglang"]
     # Nothing started and nothing written: no store, no v0 adapter.
     assert not state.exists() or not any(state.rglob("*"))
@@ -169,3 +169,50 @@ def test_print_args_prints_one_json_object_and_writes_nothing(tiny_model_dir: Pa
 
 def test_profile_files_are_the_shipped_ones():
     assert {p.stem for p in CONFIGS_DIR.glob("*.yaml")} >= {"cpu-dev", "h100", "orin-agx"}
+
+
+def test_a_reserve_left_to_resolution_comes_out_of_the_share_sglang_resolves(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch
+):
+    """No share given (or none of known GPU size): the plugin wraps SGLang's own
+    handle_gpu_memory_settings step and lowers what it resolved for the GPU it finds."""
+    import sglang.srt.utils.common as common
+    from sglang.srt.arg_groups import resolution_hooks
+    from sglang.srt.arg_groups.model_override_base import resolving_view
+    from sglang.srt.arg_groups.overrides import declare_resolution
+    from sglang.srt.server_args import ServerArgs
+
+    from mace_sgl.plugin import gpu_reserve
+
+    profile = tmp_path / "gpu.yaml"
+    profile.write_text("target:\n  device: cuda\nsglang:\n  attention_backend: flashinfer\n")
+    args, cfg = _resolve(tiny_model_dir, tmp_path / "s", "--profile", str(profile), "--mace-train")
+    assert cfg.reserve_pending and args.mem_fraction_static is None
+    server_args = ServerArgs.from_cli_args(args)
+
+    def handle_gpu_memory_settings(sa):  # stands in for SGLang's step on an 80 GiB GPU
+        declare_resolution(sa, "sglang", mem_fraction_static=0.88)
+
+    monkeypatch.setitem(resolution_hooks._HOOKS, gpu_reserve.STEP, [])
+    monkeypatch.setattr(common, "get_device_memory_capacity", lambda device=None: 80 * 1024.0)
+    gpu_reserve.install(cfg)
+    resolution_hooks.run_hook(handle_gpu_memory_settings, server_args)
+    expected = 0.88 - cfg.train_memory_mb / (80 * 1024)
+    assert resolving_view(server_args).mem_fraction_static == pytest.approx(expected, abs=1e-4)
+    # A GPU whose size cannot be read: a clear refusal, not a silent missing reserve.
+    monkeypatch.setattr(common, "get_device_memory_capacity", lambda device=None: None)
+    with pytest.raises(ValueError, match="give --mem-fraction-static"):
+        resolution_hooks.run_hook(handle_gpu_memory_settings, ServerArgs.from_cli_args(args))
+
+
+def test_an_explicit_share_installs_no_resolution_hook(tiny_model_dir: Path, tmp_path: Path):
+    _, cfg = _resolve(
+        tiny_model_dir,
+        tmp_path,
+        "--profile",
+        "h100",
+        "--mace-train",
+        "--mem-fraction-static",
+        "0.7",
+    )
+    assert not cfg.reserve_pending

@@ -10,6 +10,8 @@ device-wide sync, and nothing is read before its end event completed.
 from __future__ import annotations
 
 import contextlib
+import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,7 +22,7 @@ from mace_sgl.trainer.jobs import JobBoard, QueuedPair
 from mace_sgl.trainer.publish import PoolPublisher
 from mace_sgl.trainer.runtime import slice_room
 from mace_sgl.trainer.sliced import Pair, SliceSpec
-from mace_sgl.trainer.streams import DeviceStreams, EventTimer
+from mace_sgl.trainer.streams import DeviceStreams, EventTimer, forward_stream_of
 
 
 class Device:
@@ -38,6 +40,9 @@ class FakeStream:
 
     def wait_stream(self, other: FakeStream) -> None:
         self.dev.log.append(("wait", self.name, other.name))
+
+    def wait_event(self, event: FakeEvent) -> None:
+        self.dev.log.append(("wait-event", self.name, event.stream))
 
     def __repr__(self) -> str:
         return self.name
@@ -81,8 +86,9 @@ def fake_streams(max_in_flight: int = 4) -> tuple[DeviceStreams, Device]:
         finally:
             dev.current = before
 
+    forward = FakeStream(dev, "forward")
     streams = DeviceStreams(
-        forward=FakeStream(dev, "forward"),
+        forward_of=lambda: forward,
         training=FakeStream(dev, "training"),
         stream_context=stream_context,
         current=lambda: dev.current,
@@ -110,11 +116,34 @@ def test_forward_is_timed_on_the_forward_stream_after_its_inputs():
     assert payload == "obs" and seconds == pytest.approx(0.5)
 
 
+def test_the_forward_stream_follows_the_overlap_mode():
+    sched = SimpleNamespace(enable_overlap=True, forward_stream="fwd", schedule_stream="sched")
+    assert forward_stream_of(sched) == "fwd"
+    sched.enable_overlap = False  # --disable-overlap-schedule, or --mace-kv-prune
+    assert forward_stream_of(sched) == "sched"
+
+
+def test_without_overlap_a_forward_is_timed_on_the_schedule_stream_it_runs_on():
+    streams, dev = fake_streams()
+    sched = SimpleNamespace(enable_overlap=False, forward_stream="unused")
+    sched.schedule_stream = dev.current
+    streams.forward_of = lambda: forward_stream_of(sched)
+    streams.time_forward(lambda: None, "obs")
+    # No wait (it is the current stream), both events where the forward runs.
+    assert dev.log == [("record", "schedule"), ("record", "schedule")]
+
+
 def test_training_slices_run_and_are_timed_on_the_training_stream():
     streams, dev = fake_streams()
     seen = []
-    value, wall = streams.time_slice(lambda: seen.append(dev.current.name) or 7, "spec")
-    assert value == 7 and wall >= 0.0
+
+    def run():
+        seen.append(dev.current.name)
+        time.sleep(0.02)
+        return 7
+
+    value, wall = streams.time_slice(run, "spec")
+    assert value == 7 and wall >= 0.02  # the launch's wall time, known at once
     assert seen == ["training"]
     assert dev.current.name == "schedule"  # restored afterwards
     records = [e for e in dev.log if e[0] == "record"]
@@ -141,19 +170,22 @@ def test_slices_in_flight_are_bounded_by_waiting_on_the_oldest_event_only():
 
 def test_publish_lands_on_the_forward_stream_after_the_training_stream():
     streams, dev = fake_streams()
+    loading = FakeEvent(dev)
+    loading.record(FakeStream(dev, "lora-loader"))  # SGLang's overlap loader, in flight
     with streams.training_work():
-        with streams.publish_point():
+        with streams.publish_point(after=loading):
             dev.log.append(("copy", dev.current.name))
         assert dev.current.name == "training"
     i = dev.log.index(("copy", "forward"))
     assert ("wait", "forward", "training") in dev.log[:i]
+    assert ("wait-event", "forward", "lora-loader") in dev.log[:i]
 
 
 def test_on_cpu_everything_is_synchronous_and_untimed_by_events():
     streams = DeviceStreams.cpu()
     assert not streams.on_device
-    value, seconds = streams.time_slice(lambda: 3, "spec")
-    assert value == 3 and seconds >= 0.0
+    value, seconds = streams.time_slice(lambda: time.sleep(0.02) or 3, "spec")
+    assert value == 3 and seconds >= 0.02  # the slice's own wall time: its cost on CPU
     with streams.training_work(), streams.publish_point():
         pass
     assert streams.drain_slices() == [] and streams.drain_forwards() == []

@@ -23,8 +23,9 @@ pytestmark = [
 def cuda_streams():
     from mace_sgl.trainer.streams import DeviceStreams
 
+    forward = torch.cuda.Stream()
     return DeviceStreams(
-        forward=torch.cuda.Stream(),
+        forward_of=lambda: forward,
         training=torch.cuda.Stream(),
         stream_context=torch.cuda.stream,
         current=torch.cuda.current_stream,
@@ -34,23 +35,25 @@ def cuda_streams():
 def test_forward_timing_matches_an_event_reference_on_the_forward_stream():
     streams = cuda_streams()
     a = torch.randn(4096, 4096, device="cuda")
+    ref_start, ref_end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
 
     def work():
-        with torch.cuda.stream(streams.forward):  # as SGLang's run_batch does
+        # As SGLang's run_batch under overlap: the forward switches to the forward
+        # stream itself, the caller's (schedule) stream stays current outside.
+        with torch.cuda.stream(streams.forward):
+            ref_start.record()
             for _ in range(20):
                 a @ a
+            ref_end.record()
 
     for _ in range(3):  # warm-up
         work()
     torch.cuda.synchronize()
+    assert torch.cuda.current_stream() != streams.forward
     streams.time_forward(work, "obs")
-    ref_start, ref_end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-    ref_start.record(streams.forward)
-    work()
-    ref_end.record(streams.forward)
     torch.cuda.synchronize()
     [(payload, seconds)] = streams.drain_forwards()
-    reference = ref_start.elapsed_time(ref_end) / 1000
+    reference = ref_start.elapsed_time(ref_end) / 1000  # the same run, inside the forward
     assert payload == "obs"
     assert seconds == pytest.approx(reference, rel=0.25)
 
@@ -97,11 +100,15 @@ def test_sliced_step_on_the_training_stream_equals_cpu_and_is_timed_on_device(
 def test_publish_point_orders_the_slot_copy_between_forwards_without_a_host_sync():
     streams = cuda_streams()
     slot = torch.zeros(1024, 1024, device="cuda")
+    torch.cuda.synchronize()
     with streams.training_work():
+        torch.cuda._sleep(2_000_000_000)  # a long training slice still running
         new = torch.full((1024, 1024), 3.0, device="cuda")  # written on the training stream
         with streams.publish_point():
             slot.copy_(new, non_blocking=True)
     with torch.cuda.stream(streams.forward):
         seen = slot.sum()  # a forward queued after the publish
+    # The host did not wait: the forward stream is still behind the training slice.
+    assert not streams.forward.query()
     streams.forward.synchronize()
     assert seen.item() == 3.0 * 1024 * 1024

@@ -44,6 +44,11 @@ Hooks (target -> why -> how):
   prefill is about to be matched and run, not on arrival (plugin/train_hooks.py).
 - Launcher process: `TokenizerManager.generate_request` BEFORE gives requests that name no
   adapter the --mace-default-adapter.
+- Launcher process, on a GPU when the launcher left the training/pruning reserve to
+  resolution (`reserve_pending`): SGLang's resolution step `handle_gpu_memory_settings`
+  wrapped through its own `register_resolution_hook` -> SGLang picks
+  --mem-fraction-static for the GPU it finds, and the trainer's memory must come out of
+  it before the KV pool is sized -> declare the lowered share (plugin/gpu_reserve.py).
 - Every process: `mace_prune` added to `attention_registry.ATTENTION_BACKENDS` and to
   `arg_groups/choices.ATTENTION_BACKEND_CHOICES` -> KV pruning is an attention backend
   (scores come from the attention it computes) that --attention-backend must accept in
@@ -80,7 +85,15 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     from mace_sgl.config import MaceConfig
-    from mace_sgl.plugin import cpu, loopback, lora_backend, prune_hooks, scheduler, train_hooks
+    from mace_sgl.plugin import (
+        cpu,
+        gpu_reserve,
+        loopback,
+        lora_backend,
+        prune_hooks,
+        scheduler,
+        train_hooks,
+    )
 
     if cpu.on_cpu():
         cpu.install()
@@ -140,4 +153,5 @@ def register() -> None:
         from mace_sgl.plugin import routes
 
         routes.install(cfg)
+        gpu_reserve.install(cfg)
     logger.info("mace-sgl plugin registered (cpu shims: %s)", cpu.INSTALLED or "none")

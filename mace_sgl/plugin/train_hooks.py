@@ -45,7 +45,9 @@ class TrainHooks:
         from mace_sgl.trainer.streams import DeviceStreams
 
         streams = DeviceStreams.for_scheduler(scheduler, runner.device)
-        st.trainer = MaceTrainer(TrainerHost.from_model_runner(runner, self.cfg, streams))
+        with streams.training_work():  # its tensors belong to the training stream
+            st.trainer = MaceTrainer(TrainerHost.from_model_runner(runner, self.cfg, streams))
+        streams.settle_start_up()
         st.monitor = IterationMonitor(st.trainer.policy, streams)
         if getattr(scheduler.server_args, "enable_metrics", False):
             from mace_sgl.metrics import TrainerMetrics

@@ -109,8 +109,11 @@ class PoolPublisher:
         if buffer_id is None:
             return  # not resident: the next batch loads the updated CPU copy
         # On a GPU the slot is written on the forward stream, after the forwards queued
-        # before and before those queued after, with no host sync (trainer/streams.py).
-        with self.streams.publish_point():
+        # before and before those queued after (trainer/streams.py), and after a load of
+        # this adapter SGLang may still run on its loader stream
+        # (--enable-lora-overlap-loading), which would otherwise land old weights later.
+        pending = getattr(self.manager, "pending_lora_load_events", None) or {}
+        with self.streams.publish_point(after=pending.get(self.uid)):
             pool.load_lora_weight_to_buffer(
                 self.uid,
                 buffer_id,
@@ -119,7 +122,7 @@ class PoolPublisher:
                 self.manager.embed_tokens_module,
                 self.manager.lm_head_module,
             )
-        self.manager._notify_lora_slots_updated({buffer_id})
+            self.manager._notify_lora_slots_updated({buffer_id})
 
 
 def checkpoints(adapter_dir: Path) -> list[tuple[int, Path]]:

@@ -3,10 +3,13 @@
 On CPU every forward and training slice runs synchronously in the scheduler's thread:
 the wall clock times it, and no ordering is needed. On a GPU three things differ:
 
-- SGLang queues each forward on its *forward stream* (`Scheduler.forward_stream`), which
-  with overlap scheduling is not the scheduler's current (schedule) stream. A forward is
-  timed with CUDA events recorded on that forward stream, after it waits for the
-  schedule stream as SGLang's run_batch does anyway, so the span is the forward's own.
+- With overlap scheduling (SGLang's default on a GPU) each forward runs on the
+  scheduler's *forward stream* (`Scheduler.forward_stream`), not on the current (schedule)
+  stream; without it (`--disable-overlap-schedule`, implied by `--mace-kv-prune`) it runs
+  on the schedule stream itself. `forward_stream_of` says which, asked at each use. A
+  forward is timed with CUDA events recorded on that stream, after it waits for the
+  schedule stream as SGLang's run_batch does anyway, so the span is the forward's own
+  (including any time the GPU waits for the CPU to launch its kernels).
 - Training slices run on a *training stream* of their own: they read only the frozen
   base weights and the trainer's tensors, so a serving forward never waits behind them
   (on the schedule stream it would: SGLang's forward waits for that stream). A slice is
@@ -15,8 +18,9 @@ the wall clock times it, and no ordering is needed. On a GPU three things differ
   oldest one's end event is waited for (that event only, never the device).
 - A publish writes the trainer's weights into SGLang's LoRA pool slot. The slot copy is
   queued on the forward stream after that stream waits for the training stream: every
-  forward queued before reads the old weights, every one after the new, and nothing
-  waits on the host (no `torch.cuda.synchronize()`).
+  forward queued before reads the old weights, every one after the new. There is no
+  device-wide `torch.cuda.synchronize()`: the host waits only where it copies the new
+  weights into SGLang's CPU copy of the adapter, for the training stream that wrote them.
 
 Times are read when their end event has completed (`drain`), never waited for; the
 deques are bounded, so an estimator that stops draining cannot grow memory.
@@ -91,7 +95,9 @@ def cuda_events() -> Any:
 class DeviceStreams:
     """The streams of one scheduler process: None on CPU (work is synchronous there)."""
 
-    forward: Any = None  # SGLang's forward stream
+    # The stream SGLang's forwards run on, asked at each use (it depends on the overlap
+    # mode, and SGLang may replace its schedule stream when its event loop starts).
+    forward_of: Callable[[], Any] | None = None
     training: Any = None  # ours
     # Torch's stream API, given so tests can stand in for it: stream_context(s) makes s
     # current; current() is the current stream.
@@ -120,9 +126,8 @@ class DeviceStreams:
             return cls.cpu()
         import torch
 
-        forward = getattr(scheduler, "forward_stream", None) or torch.cuda.current_stream()
         return cls(
-            forward=forward,
+            forward_of=lambda: forward_stream_of(scheduler),
             training=torch.cuda.Stream(device=device),
             stream_context=torch.cuda.stream,
             current=torch.cuda.current_stream,
@@ -132,18 +137,31 @@ class DeviceStreams:
     def on_device(self) -> bool:
         return self.training is not None
 
+    @property
+    def forward(self) -> Any:
+        return self.forward_of() if self.forward_of is not None else None
+
+    def settle_start_up(self) -> None:
+        """Once, before serving starts: all work queued so far (the trainer's set-up, the
+        first slot writes) completes, so no stream reads it half done. Never while
+        serving."""
+        if self.on_device:
+            import torch
+
+            torch.cuda.synchronize()
+
     # -- forwards ----------------------------------------------------------------------
 
     def time_forward(self, run: Callable[[], Any], payload: Any) -> Any:
         """Run one forward launch and time it on the forward stream (GPU only)."""
-        here = self.current()
-        if here != self.forward:
+        here, forward = self.current(), self.forward
+        if here != forward:
             # run_batch makes the forward stream wait for the schedule stream first
             # thing; waiting here instead puts the start event after the inputs are ready.
-            self.forward.wait_stream(here)
-        start = self.forward_timer.start(self.forward)
+            forward.wait_stream(here)
+        start = self.forward_timer.start(forward)
         result = run()
-        self.forward_timer.stop(start, self.forward, payload)
+        self.forward_timer.stop(start, forward, payload)
         return result
 
     # -- training ----------------------------------------------------------------------
@@ -151,9 +169,10 @@ class DeviceStreams:
     @contextlib.contextmanager
     def training_work(self) -> Iterator[None]:
         """Make the training stream current (a no-op on CPU). It first waits for the
-        stream that was current (the schedule stream: light input work; never the
-        forward stream under overlap), so trainer work made outside a slice (start-up,
-        a rollback) is ordered before it."""
+        stream that was current (the schedule stream), so trainer work queued there
+        before is ordered before it. Under overlap SGLang makes the schedule stream wait
+        for the forward in flight (its WAR barrier), so slices run after that forward on
+        the device rather than beside it; the next forward never waits for them."""
         if not self.on_device:
             yield
             return
@@ -190,13 +209,25 @@ class DeviceStreams:
     # -- publish -----------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def publish_point(self) -> Iterator[None]:
+    def publish_point(self, after: Any = None) -> Iterator[None]:
         """Writes into the pool made here land between two forwards: after every forward
         queued before, before every one queued after, and after the training stream's
-        work (the weights being published). A no-op on CPU."""
+        work (the weights being published) and the event `after` (a load of the same
+        adapter still in flight on another stream). A no-op on CPU."""
         if not self.on_device:
             yield
             return
-        self.forward.wait_stream(self.training)
-        with self.stream_context(self.forward):
+        forward = self.forward
+        forward.wait_stream(self.training)
+        if after is not None:
+            forward.wait_event(after)
+        with self.stream_context(forward):
             yield
+
+
+def forward_stream_of(scheduler: Any) -> Any:
+    """The stream SGLang 0.5.23's run_batch runs a forward on: the forward stream under
+    overlap scheduling, else the schedule stream (current in its event loop)."""
+    if getattr(scheduler, "enable_overlap", False):
+        return scheduler.forward_stream
+    return scheduler.schedule_stream

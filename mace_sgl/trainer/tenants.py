@@ -83,6 +83,18 @@ class Tenant:
         }
 
 
+def host_copy(obj: Any) -> Any:
+    """A deep copy with every tensor in host memory (a GPU tensor's copy waits for the
+    current stream, the one that wrote it)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(host_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
 class TenantRegistry:
     """The tenants of one trainer and which of them is in the model."""
 
@@ -218,8 +230,10 @@ class TenantRegistry:
         tenant.stats.last_swap_ms = (time.perf_counter() - start) * 1000
         tenant.version += 1
         tenant.good_state = None
-        # Private copies for the background writer: training goes on changing the tensors.
-        weights = {n.replace(".default", ""): t.detach().clone() for n, t in tenant.weights.items()}
+        # Private host copies for the background writer: training goes on changing the
+        # tensors, and on a GPU the writer's thread must not read device memory that the
+        # training stream may still be writing (a copy to the host waits for it here).
+        weights = {n.replace(".default", ""): host_copy(t) for n, t in tenant.weights.items()}
         meta = {
             "version": tenant.version,
             "time": time.time(),
@@ -227,7 +241,7 @@ class TenantRegistry:
             "loss": tenant.stats.last_loss,
         }
         config = self.model.peft_config["default"].to_dict()
-        optimizer = copy.deepcopy(tenant.optimizer.state_dict())
+        optimizer = host_copy(tenant.optimizer.state_dict())
         tenant.writer.submit(tenant.version, weights, config, meta, optimizer)
         logger.info(
             "published %s v%d (loss %.4f, swap %.1f ms)",
