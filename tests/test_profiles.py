@@ -25,6 +25,10 @@ def _resolve(tiny_model_dir: Path, state: Path, *flags: str):
     )
 
 
+def _h100_training(tiny_model_dir: Path, state: Path, *flags: str):
+    return _resolve(tiny_model_dir, state, "--profile", "h100", "--mace-train", *flags)
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
 def test_every_shipped_profile_loads_with_a_target(name: str):
     parser = cli.build_serve_parser()  # every key must be a real SGLang or mace setting
@@ -38,7 +42,7 @@ def test_every_shipped_profile_loads_with_a_target(name: str):
 
 
 def test_h100_resolves_gpu_settings_on_a_cpu_machine(tiny_model_dir: Path, tmp_path: Path):
-    args, cfg = _resolve(tiny_model_dir, tmp_path, "--profile", "h100", "--mace-train")
+    args, cfg = _h100_training(tiny_model_dir, tmp_path)
     assert cfg.profile == "h100"
     # None of the CPU platform defaults.
     assert args.device == "cuda"
@@ -64,15 +68,8 @@ def test_orin_resolves_its_edge_settings(tiny_model_dir: Path, tmp_path: Path):
 def test_reserve_is_estimated_when_not_given_and_includes_prune_scores(
     tiny_model_dir: Path, tmp_path: Path
 ):
-    args, cfg = _resolve(
-        tiny_model_dir,
-        tmp_path,
-        "--profile",
-        "h100",
-        "--mace-train",
-        "--mace-train-memory-mb",
-        "0",
-        "--mace-kv-prune",
+    args, cfg = _h100_training(
+        tiny_model_dir, tmp_path, "--mace-train-memory-mb", "0", "--mace-kv-prune"
     )
     model_config = json.loads((tiny_model_dir / "config.json").read_text())
     train = gpu_memory.estimate_train_bytes(model_config, cfg.lora_rank, cfg.targets)
@@ -86,16 +83,9 @@ def test_reserve_is_estimated_when_not_given_and_includes_prune_scores(
 
 
 def test_explicit_static_share_is_taken_as_given(tiny_model_dir: Path, tmp_path: Path):
-    args, _ = _resolve(
-        tiny_model_dir,
-        tmp_path,
-        "--profile",
-        "h100",
-        "--mace-train",
-        "--mem-fraction-static",
-        "0.7",
-    )
+    args, cfg = _h100_training(tiny_model_dir, tmp_path, "--mem-fraction-static", "0.7")
     assert args.mem_fraction_static == 0.7
+    assert not cfg.reserve_pending  # nor lowered later by the resolution hook
 
 
 def test_a_reserve_that_leaves_too_little_to_serve_is_refused(tiny_model_dir: Path, tmp_path: Path):
@@ -203,16 +193,3 @@ def test_a_reserve_left_to_resolution_comes_out_of_the_share_sglang_resolves(
     monkeypatch.setattr(common, "get_device_memory_capacity", lambda device=None: None)
     with pytest.raises(ValueError, match="give --mem-fraction-static"):
         resolution_hooks.run_hook(handle_gpu_memory_settings, ServerArgs.from_cli_args(args))
-
-
-def test_an_explicit_share_installs_no_resolution_hook(tiny_model_dir: Path, tmp_path: Path):
-    _, cfg = _resolve(
-        tiny_model_dir,
-        tmp_path,
-        "--profile",
-        "h100",
-        "--mace-train",
-        "--mem-fraction-static",
-        "0.7",
-    )
-    assert not cfg.reserve_pending
