@@ -107,7 +107,11 @@ def resolve_serve_args(argv: list[str]) -> tuple[argparse.Namespace, Any]:
         dtype_bytes = 4 if args.dtype in ("float32", "float") else 2
         layered.update(
             cpu_server_defaults(
-                mace_cfg, _read_model_config(args.model_path), _available_ram_bytes(), dtype_bytes
+                mace_cfg,
+                _read_model_config(args.model_path),
+                # Each data-parallel replica has a KV pool of its own: they share the RAM.
+                _available_ram_bytes() // max(1, getattr(args, "dp_size", 1) or 1),
+                dtype_bytes,
             )
         )
     if profile is not None:
@@ -116,6 +120,7 @@ def resolve_serve_args(argv: list[str]) -> tuple[argparse.Namespace, Any]:
         if dest not in given:
             setattr(args, dest, value)
     mace_cfg = _enable_kv_prune(args, given, mace_cfg, cpu)
+    mace_cfg = _data_parallel(args, given, mace_cfg, cpu, write)
     tenants = _register_tenants(mace_cfg, write)
     if mace_cfg.train:
         _refuse_parallel_training(args)
@@ -233,19 +238,99 @@ def _enable_kv_prune(args: argparse.Namespace, given: set[str], cfg: Any, cpu: b
     return cfg
 
 
+def _data_parallel(
+    args: argparse.Namespace, given: set[str], cfg: Any, cpu: bool, write: bool
+) -> Any:
+    """--dp-size N > 1: N replicas under SGLang's data-parallel controller. Each scheduler
+    with --mace-train has its own trainer; they train one at a time and sync over a gloo
+    group that rendezvouses in a fresh owner-only directory (trainer/replicas.py). On CPU
+    each replica gets its share of the cores (SGLANG_CPU_OMP_THREADS_BIND), unless set.
+    Placement: --mace-placement lemix replaces the controller's dispatch; SGLang's own
+    --load-balance-method needs --mace-placement sglang."""
+    import dataclasses
+
+    n = getattr(args, "dp_size", 1) or 1
+    if n <= 1:
+        return cfg
+    if getattr(args, "enable_dp_attention", False):
+        raise SystemExit(
+            "mace-sgl: --dp-size with --enable-dp-attention is not supported: its replicas "
+            "share one model across ranks. Use plain --dp-size N (one model per replica)."
+        )
+    if cfg.placement == "lemix" and "load_balance_method" in given:
+        raise SystemExit(
+            "mace-sgl: --load-balance-method is SGLang's own placement; with --dp-size > 1 "
+            "mace-sgl places by predicted response time (--mace-placement lemix, the "
+            "default). Add --mace-placement sglang to use --load-balance-method instead."
+        )
+    if cfg.train and cfg.publish_every != 1:
+        raise SystemExit(
+            f"mace-sgl: --dp-size {n} --mace-train needs --mace-publish-every 1: replicas "
+            "share each step's result when it is published, and an unpublished step "
+            "would be lost to the next step that runs on another replica."
+        )
+    if cpu:
+        _split_cpu_cores(n)
+    store = ""
+    if cfg.train and write:
+        store = _replica_store_dir()
+    return dataclasses.replace(cfg, replicas=n, replica_store=store)
+
+
+def _split_cpu_cores(n: int) -> None:
+    """Give each of n CPU replicas its own cores (SGLang binds a rank's OpenMP threads
+    to SGLANG_CPU_OMP_THREADS_BIND, one `|`-separated range per rank); a value the user
+    set is kept. Fewer cores than replicas is refused."""
+    import os
+
+    if os.environ.get("SGLANG_CPU_OMP_THREADS_BIND"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < n:
+        raise SystemExit(
+            f"mace-sgl: --dp-size {n} on CPU needs at least {n} cores, this process may "
+            f"use {len(cores)}. Lower --dp-size, or set SGLANG_CPU_OMP_THREADS_BIND."
+        )
+    os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = "|".join(
+        ",".join(str(c) for c in part) for part in split_evenly(cores, n)
+    )
+
+
+def split_evenly(items: list[int], n: int) -> list[list[int]]:
+    """`items` cut into n contiguous parts whose sizes differ by at most one."""
+    size, extra = divmod(len(items), n)
+    parts, at = [], 0
+    for i in range(n):
+        k = size + (1 if i < extra else 0)
+        parts.append(items[at : at + k])
+        at += k
+    return parts
+
+
+def _replica_store_dir() -> str:
+    """A fresh owner-only (0700) directory for the replicas' FileStore, named after this
+    launcher (plugin/loopback.py removes those of launchers that are gone)."""
+    import atexit
+    import os
+    import shutil
+    import tempfile
+
+    from mace_sgl.plugin import loopback
+
+    loopback.remove_stale_stores(Path(tempfile.gettempdir()))
+    path = tempfile.mkdtemp(prefix=f"{loopback.PREFIX}{os.getpid()}-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def _refuse_parallel_training(args: argparse.Namespace) -> None:
     """--mace-train runs one trainer on the whole model in one scheduler process: refuse
-    parallel layouts here, before anything starts, rather than fail (or, with dp, start
-    trainers that take each other's feedback rows) once the schedulers are up."""
+    layouts that split the model, here, before anything starts, rather than fail once the
+    schedulers are up. Data parallelism (whole replicas) is supported: _data_parallel."""
     whole = "the trainer needs the whole model in one process"
     layouts = (
         ("--tp-size", "tp_size", whole + ", and tensor parallelism shards it across {n}"),
         ("--pp-size", "pp_size", whole + ", and pipeline parallelism splits it into {n}"),
-        (
-            "--dp-size",
-            "dp_size",
-            "{n} schedulers would start {n} trainers that take each other's feedback rows",
-        ),
     )
     for flag, dest, why in layouts:
         n = getattr(args, dest, 1) or 1

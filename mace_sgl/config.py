@@ -163,6 +163,32 @@ class MaceConfig:
             "flag": False,
         },
     )
+    replicas: int = field(
+        default=1,
+        metadata={
+            "help": "Set by the launcher from --dp-size: data-parallel replicas, each "
+            "scheduler with its own trainer; one of them trains at a time and every "
+            "replica serves the same adapter version (trainer/replicas.py).",
+            "flag": False,
+        },
+    )
+    replica_store: str = field(
+        default="",
+        metadata={
+            "help": "Set by the launcher with --dp-size > 1: a fresh owner-only directory "
+            "where the replicas' gloo group rendezvouses (a FileStore, no TCP store).",
+            "flag": False,
+        },
+    )
+    placement: str = field(
+        default="lemix",
+        metadata={
+            "help": "With --dp-size > 1: how SGLang's data-parallel controller places "
+            "requests. lemix: by predicted response time, away from a replica busy "
+            "training (policy/placement.py); sglang: SGLang's own --load-balance-method.",
+            "choices": ("lemix", "sglang"),
+        },
+    )
     max_train_count: int = field(
         default=3, metadata={"help": "Times one feedback pair may train (replay bound)."}
     )
@@ -294,6 +320,8 @@ class MaceConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.kv_ram_fraction <= 0.9:
             raise ValueError(f"kv_ram_fraction must be in (0, 0.9], got {self.kv_ram_fraction}")
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {self.replicas}")
         if self.pairs_per_step < 1 or self.publish_every < 1 or self.lora_rank < 1:
             raise ValueError("pairs_per_step, publish_every and lora_rank must be >= 1")
         if self.policy not in ("inference-only", "fcfs-reserve", "mace", "synchronous"):

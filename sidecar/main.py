@@ -1,7 +1,7 @@
 """The training sidecar process: owns sample selection and the trainer conversation.
 
     python -m sidecar.main --state-dir DIR --adapter live [--max-train-count N]
-                           [--parent-pid PID]
+                           [--parent-pid PID] [--replicas N]
 
 It binds the two ipc:// sockets in DIR/run, answers the trainer's Ready with Work picked
 from the store (every existing tenant by its fair share; --adapter names the default one, which
@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -45,8 +46,25 @@ logger = logging.getLogger("mace_sgl.sidecar")
 ANNOUNCE_EVERY_S = 1.0
 
 
+@dataclass
+class Session:
+    """The trainer session of one data-parallel rank, as this sidecar knows it."""
+
+    id: str
+    paused: bool | None = None  # the pause state it last got from us (None: tell it)
+    announced_at: float = float("-inf")  # when it last got a Control
+    # Whether its in-flight rows were checked against what it holds (release_unheld).
+    reconciled: bool = False
+
+
 class Sidecar:
-    """One sidecar process: a store connection, the two sockets and its own id."""
+    """One sidecar process: a store connection, the sockets and its own id.
+
+    With several data-parallel replicas (--replicas N) each scheduler's trainer is one
+    session, and the sidecar leases training to one of them at a time: Work goes to a
+    session only while no other session holds samples in flight, so no pair trains on two
+    replicas and every step starts from the adapter the previous one published (Work
+    names the versions it must start from; trainer/replicas.py brings them over)."""
 
     def __init__(
         self,
@@ -54,6 +72,7 @@ class Sidecar:
         adapter: str,
         max_train_count: int = 3,
         parent_pid: int | None = None,
+        replicas: int = 1,
     ) -> None:
         self.id = uuid.uuid4().hex
         self.max_train_count = max_train_count
@@ -63,46 +82,66 @@ class Sidecar:
         self.share = FairShare()  # whose sample goes next, across Readies
         store.add_tenant(self.conn, adapter)
         self.ctx = zmq.Context()
-        self.push, self.pull = channels.bind_sidecar(self.ctx, state_dir / "run")
-        self.session: str | None = None
-        self.paused: bool | None = None  # the pause state self.session last got from us
-        self.announced_at = float("-inf")  # when self.session last got a Control
-        # Sessions whose in-flight rows were checked against what the trainer holds.
-        self.reconciled: set[str] = set()
+        self.replicas = replicas
+        self.pushes, self.pull = channels.bind_sidecar_replicas(
+            self.ctx, state_dir / "run", replicas
+        )
+        self.sessions: dict[int, Session] = {}  # dp rank -> its trainer's session
+        # The newest version of each tenant any Result reported (Work.versions).
+        self.versions: dict[str, int] = {}
+        self.lease_refusals = 0
         self.running = True
+
+    @property
+    def session(self) -> str | None:
+        """The session of the rank-0 trainer (the only one without data parallelism)."""
+        s = self.sessions.get(0)
+        return s.id if s else None
 
     def handle(self, msg: Hello | Ready | Result) -> None:
         """React to one trainer message."""
         if isinstance(msg, Hello):
-            self.session = msg.session
-            freed = store.release_stale(self.conn, msg.session)
+            if not 0 <= msg.dp_rank < self.replicas:
+                logger.error("Hello from dp rank %d of %d: ignored", msg.dp_rank, self.replicas)
+                return
+            self.sessions[msg.dp_rank] = Session(msg.session)
+            # A rank's new session replaces its dead one: what no live session holds goes
+            # back to the queue (the pause state and our id go out in sync_pause).
+            freed = store.release_stale(self.conn, [s.id for s in self.sessions.values()])
             if freed:
                 logger.warning("requeued %d samples in flight in a dead trainer session", freed)
-            self.paused = None  # sync_pause tells the new session the pause state and our id
         elif isinstance(msg, Ready):
             self._ready(msg)
         elif isinstance(msg, Result):
             if not store.record_result(self.conn, msg.sample_id, msg.loss, msg.session):
                 logger.warning("result for sample %d from a stale session", msg.sample_id)
+            if msg.adapter and msg.version > self.versions.get(msg.adapter, -1):
+                self.versions[msg.adapter] = msg.version
 
     def _ready(self, msg: Ready) -> None:
-        if msg.session != self.session:
-            self.session = msg.session  # e.g. this sidecar restarted and missed the Hello
-            self.paused = None
+        if not 0 <= msg.dp_rank < self.replicas:
+            return
+        session = self.sessions.get(msg.dp_rank)
+        if session is None or session.id != msg.session:
+            # e.g. this sidecar restarted and missed the Hello
+            session = self.sessions[msg.dp_rank] = Session(msg.session)
         if msg.sidecar != self.id:
             # The trainer would drop our Work: first a Control must tell it who we are.
-            if time.monotonic() - self.announced_at > ANNOUNCE_EVERY_S:
-                self.paused = None
+            if time.monotonic() - session.announced_at > ANNOUNCE_EVERY_S:
+                session.paused = None
             return
-        if msg.session not in self.reconciled:
+        if not session.reconciled:
             # The trainer named us only after it took our Control, and from then on it drops
             # Work of earlier sidecars; we sent none before this Ready. So what it does not
             # hold now it will never train: Work a dead sidecar picked but never delivered.
-            self.reconciled.add(msg.session)
+            session.reconciled = True
             freed = store.release_unheld(self.conn, msg.session, msg.held)
             if freed:
                 logger.warning("requeued %d samples picked but never delivered", freed)
         if msg.want <= 0:
+            return
+        if self.replicas > 1 and store.held_elsewhere(self.conn, msg.session):
+            self.lease_refusals += 1  # another replica is training: one step at a time
             return
         # Every tenant with feedback to train gets its fair share of the samples sent
         # (store.pick_next), the default one included, by weight, whether the trainer
@@ -122,14 +161,15 @@ class Sidecar:
                 for r in rows
             ]
             weights = {t.name: t.weight for t in tenants}
-            if not self._send(Work(msg.session, samples, self.id, weights)):
+            work = Work(msg.session, samples, self.id, weights, dict(self.versions))
+            if not self._send(msg.dp_rank, work):
                 store.release(self.conn, msg.session, [r.id for r in rows])
 
-    def _send(self, msg: Work | Control) -> bool:
+    def _send(self, dp_rank: int, msg: Work | Control) -> bool:
         # Never block: with no trainer connected a bound PUSH would wait forever, deaf to
         # SIGTERM; the caller undoes what an unsent message promised.
         try:
-            self.push.send(encode(msg), zmq.NOBLOCK)
+            self.pushes[dp_rank].send(encode(msg), zmq.NOBLOCK)
         except zmq.Again:
             # A Control is retried on the next loop turn: only lost Work is worth a warning.
             log = logger.warning if isinstance(msg, Work) else logger.debug
@@ -138,13 +178,16 @@ class Sidecar:
         return True
 
     def sync_pause(self) -> None:
-        """Forward a change of the `paused` setting (and our id) to the trainer."""
-        if self.session is None:
+        """Forward a change of the `paused` setting (and our id) to every trainer."""
+        if not self.sessions:
             return
         paused = store.get_setting(self.conn, "paused", "0") == "1"
-        if paused != self.paused and self._send(Control(paused, self.session, self.id)):
-            self.paused = paused
-            self.announced_at = time.monotonic()
+        for rank, session in self.sessions.items():
+            if paused != session.paused and self._send(
+                rank, Control(paused, session.id, self.id)
+            ):
+                session.paused = paused
+                session.announced_at = time.monotonic()
 
     def parent_alive(self) -> bool:
         """False once the process that started us is gone (we were re-parented)."""
@@ -174,7 +217,8 @@ class Sidecar:
 
     def close(self) -> None:
         """Release sockets and the store; messages not yet sent are dropped."""
-        self.push.close(linger=0)
+        for push in self.pushes:
+            push.close(linger=0)
         self.pull.close(linger=0)
         self.ctx.term()
         self.conn.close()
@@ -197,11 +241,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", default="live")
     parser.add_argument("--max-train-count", type=int, default=3)
     parser.add_argument(
+        "--replicas", type=int, default=1, help="data-parallel replicas, one trainer each"
+    )
+    parser.add_argument(
         "--parent-pid", type=int, default=None, help="exit when this process is gone"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s sidecar] %(message)s")
-    sidecar = Sidecar(args.state_dir, args.adapter, args.max_train_count, args.parent_pid)
+    sidecar = Sidecar(
+        args.state_dir, args.adapter, args.max_train_count, args.parent_pid, args.replicas
+    )
     signal.signal(signal.SIGTERM, sidecar.stop)
     signal.signal(signal.SIGINT, sidecar.stop)
     if args.parent_pid is not None:

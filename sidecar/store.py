@@ -192,14 +192,26 @@ def record_result(conn: sqlite3.Connection, sample_id: int, loss: float, session
     return cur.rowcount == 1
 
 
-def release_stale(conn: sqlite3.Connection, live_session: str | None) -> int:
-    """Return in-flight samples of any other (dead) trainer session to the queue."""
+def release_stale(conn: sqlite3.Connection, live: str | Iterable[str] | None) -> int:
+    """Return in-flight samples of every trainer session not in `live` (one live session,
+    or those of all replicas; dead sessions) to the queue."""
+    keep = [live] if isinstance(live, str) else [s for s in (live or ()) if s]
+    marks = ",".join("?" * len(keep))
     cur = conn.execute(
         "UPDATE feedback SET inflight_session = NULL WHERE inflight_session IS NOT NULL"
-        " AND inflight_session IS NOT ?",
-        (live_session,),
+        + (f" AND inflight_session NOT IN ({marks})" if keep else ""),
+        keep,
     )
     return cur.rowcount
+
+
+def held_elsewhere(conn: sqlite3.Connection, session: str) -> int:
+    """How many samples trainer sessions other than `session` hold in flight."""
+    return conn.execute(
+        "SELECT COUNT(*) FROM feedback WHERE inflight_session IS NOT NULL"
+        " AND inflight_session != ?",
+        (session,),
+    ).fetchone()[0]
 
 
 def release_unheld(conn: sqlite3.Connection, session: str, held: Iterable[int]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import os
 from pathlib import Path
 
 import pytest
@@ -94,7 +95,6 @@ def test_kv_prune_selects_its_backend_and_the_settings_it_needs(tiny_model_dir: 
         (["--tp-size", "2"], "--tp-size 2"),
         (["--tensor-parallel-size", "4"], "--tp-size 4"),
         (["--pp-size", "2"], "--pp-size 2"),
-        (["--dp-size", "2"], "--dp-size 2"),
     ],
 )
 def test_training_refuses_parallel_layouts_before_starting(
@@ -111,6 +111,36 @@ def test_training_refuses_parallel_layouts_before_starting(
     # The same layout without training is SGLang's business, not ours.
     args, cfg = cli.resolve_serve_args(argv)
     assert not cfg.train and args.enable_lora is not True
+
+
+def test_data_parallel_training_is_accepted_with_its_own_placement_and_cores(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "")  # restored after the test
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    argv = ["--model-path", str(tiny_model_dir), "--mace-state-dir", str(tmp_path)]
+    args, cfg = cli.resolve_serve_args([*argv, "--mace-train", "--dp-size", "2"])
+    assert cfg.train and cfg.replicas == 2 and cfg.placement == "lemix"
+    store = Path(cfg.replica_store)
+    assert store.is_dir() and store.stat().st_mode & 0o777 == 0o700
+    # Each replica its own cores, split as evenly as they go.
+    assert os.environ["SGLANG_CPU_OMP_THREADS_BIND"] == "0,1,2|3,4"
+    monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "")
+    with pytest.raises(SystemExit, match="--dp-size 8 on CPU needs at least 8 cores"):
+        cli.resolve_serve_args([*argv, "--dp-size", "8"])
+    with pytest.raises(SystemExit, match="--mace-publish-every 1"):
+        cli.resolve_serve_args([*argv, "--mace-train", "--dp-size", "2", "--mace-publish-every", "2"])
+    with pytest.raises(SystemExit, match="--mace-placement sglang"):
+        cli.resolve_serve_args([*argv, "--dp-size", "2", "--load-balance-method", "total_tokens"])
+    args, cfg = cli.resolve_serve_args(
+        [*argv, "--dp-size", "2", "--mace-placement", "sglang", "--load-balance-method", "total_tokens"]
+    )
+    assert cfg.placement == "sglang" and args.load_balance_method == "total_tokens"
+
+
+def test_cores_split_evenly():
+    assert cli.split_evenly([0, 1], 2) == [[0], [1]]
+    assert cli.split_evenly(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
 
 
 def test_training_accepts_the_single_process_layout(tiny_model_dir: Path, tmp_path: Path):

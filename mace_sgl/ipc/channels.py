@@ -1,6 +1,8 @@
 """ZeroMQ PUSH/PULL channels over ipc:// sockets in an owner-only (0700) run directory.
 
-The sidecar binds both sockets; the trainer connects. ZeroMQ reconnects on its own and a
+The sidecar binds the sockets; each trainer connects. Every trainer pushes into the one
+TO_SIDECAR socket; the sidecar pushes to the trainer of data-parallel rank r through its
+own socket (`to_trainer(r)`), so Work reaches exactly the replica it was picked for. ZeroMQ reconnects on its own and a
 connecting PUSH keeps queued messages while its peer restarts, so either side may restart.
 """
 
@@ -14,6 +16,11 @@ import zmq
 
 TO_TRAINER = "to-trainer.sock"
 TO_SIDECAR = "to-sidecar.sock"
+
+
+def to_trainer(dp_rank: int) -> str:
+    """The socket file of the trainer of data-parallel rank `dp_rank` (rank 0: TO_TRAINER)."""
+    return TO_TRAINER if dp_rank == 0 else f"to-trainer-{dp_rank}.sock"
 
 
 def make_run_dir(path: Path) -> Path:
@@ -33,23 +40,35 @@ def _addr(run_dir: Path, name: str) -> str:
 
 
 def bind_sidecar(ctx: zmq.Context, run_dir: Path) -> tuple[zmq.Socket, zmq.Socket]:
-    """(push to trainer, pull from trainer), bound, socket files chmod 0600."""
+    """(push to the trainer of rank 0, pull from every trainer), bound, chmod 0600."""
+    pushes, pull = bind_sidecar_replicas(ctx, run_dir, 1)
+    return pushes[0], pull
+
+
+def bind_sidecar_replicas(
+    ctx: zmq.Context, run_dir: Path, replicas: int
+) -> tuple[list[zmq.Socket], zmq.Socket]:
+    """([push to the trainer of rank r for each r], pull from every trainer), bound,
+    socket files chmod 0600."""
     make_run_dir(run_dir)
-    push = ctx.socket(zmq.PUSH)
+    pushes = [ctx.socket(zmq.PUSH) for _ in range(replicas)]
     pull = ctx.socket(zmq.PULL)
-    for sock, name in ((push, TO_TRAINER), (pull, TO_SIDECAR)):
+    named = [(push, to_trainer(r)) for r, push in enumerate(pushes)] + [(pull, TO_SIDECAR)]
+    for sock, name in named:
         path = run_dir / name
         if path.exists():
             path.unlink()  # a stale socket file of a previous sidecar
         sock.bind(_addr(run_dir, name))
         os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
-    return push, pull
+    return pushes, pull
 
 
-def connect_trainer(ctx: zmq.Context, run_dir: Path) -> tuple[zmq.Socket, zmq.Socket]:
-    """(push to sidecar, pull from sidecar), connected."""
+def connect_trainer(
+    ctx: zmq.Context, run_dir: Path, dp_rank: int = 0
+) -> tuple[zmq.Socket, zmq.Socket]:
+    """(push to sidecar, pull from sidecar) of the trainer of `dp_rank`, connected."""
     push = ctx.socket(zmq.PUSH)
     pull = ctx.socket(zmq.PULL)
     push.connect(_addr(run_dir, TO_SIDECAR))
-    pull.connect(_addr(run_dir, TO_TRAINER))
+    pull.connect(_addr(run_dir, to_trainer(dp_rank)))
     return push, pull

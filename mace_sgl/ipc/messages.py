@@ -30,6 +30,7 @@ class Hello(msgspec.Struct, tag=True, frozen=True):
 
     session: str
     adapter: str
+    dp_rank: int = 0  # the data-parallel replica whose scheduler the trainer lives in
 
 
 class Ready(msgspec.Struct, tag=True, frozen=True):
@@ -42,6 +43,7 @@ class Ready(msgspec.Struct, tag=True, frozen=True):
     held: list[int] = msgspec.field(default_factory=list)
     # The sidecar whose Work the trainer accepts ("" before any Control reached it).
     sidecar: str = ""
+    dp_rank: int = 0
 
 
 class Result(msgspec.Struct, tag=True, frozen=True):
@@ -51,6 +53,7 @@ class Result(msgspec.Struct, tag=True, frozen=True):
     sample_id: int
     loss: float
     version: int
+    adapter: str = ""  # the tenant it trained (whose version `version` is)
 
 
 class Work(msgspec.Struct, tag=True, frozen=True):
@@ -62,6 +65,11 @@ class Work(msgspec.Struct, tag=True, frozen=True):
     # Every tenant's weight in the store when they were picked: the trainer's fair share
     # over the pairs it holds uses the same weights as the sidecar's.
     weights: dict[str, float] = msgspec.field(default_factory=dict)
+    # With several replicas: the newest version of each tenant that a Result reported.
+    # A trainer steps a tenant only once its own copy is at least that version (it came
+    # from another replica's step, over trainer/replicas.py), so no step starts from an
+    # older adapter than the last one published anywhere.
+    versions: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class Control(msgspec.Struct, tag=True, frozen=True):

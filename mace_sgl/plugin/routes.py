@@ -169,8 +169,32 @@ async def mace_status(request: Request) -> JSONResponse:
         },
         "http_pid": os.getpid(),
         "schedulers": schedulers,
+        "replicas": replicas(schedulers),
     }
     return JSONResponse(body)
+
+
+def replicas(schedulers: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """One entry per data-parallel replica (its scheduler's report), by dp rank: the
+    default adapter's version, every tenant's, its own steps, reserve and load."""
+    out = []
+    for s in schedulers:
+        if not s:
+            continue
+        t = s.get("trainer") or {}
+        out.append(
+            {
+                "dp_rank": s.get("dp_rank", 0),
+                "adapter_version": t.get("adapter_version", 0),
+                "adapters": t.get("adapters", {}),
+                "adapter_digest": t.get("adapter_digest"),
+                "train_steps": t.get("train_steps", 0),
+                "reserve_ms": t.get("reserve_ms", 0.0),
+                "load": s.get("load"),
+                "sync": t.get("replica_sync"),
+            }
+        )
+    return sorted(out, key=lambda r: r["dp_rank"])
 
 
 async def mace_feedback(request: Request) -> JSONResponse:

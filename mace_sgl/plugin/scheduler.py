@@ -15,6 +15,8 @@ def scheduler_state(scheduler: Any) -> dict[str, Any]:
 
     report = {
         "pid": os.getpid(),
+        "dp_rank": train_hooks.dp_rank(scheduler),
+        "load": queued_and_running_tokens(scheduler),
         "plugin_version": __version__,
         "cpu_shims": list(cpu.INSTALLED),
         "network": list(loopback.APPLIED),
@@ -30,6 +32,18 @@ def scheduler_state(scheduler: Any) -> dict[str, Any]:
     if st is not None and st.pruner is not None:
         report["kv"] = st.pruner.status()
     return state.json_safe(report)
+
+
+def queued_and_running_tokens(scheduler: Any) -> int | None:
+    """The scheduler's queued plus running tokens, from its own load snapshot (what
+    SGLang's data-parallel controller and /v1/loads see), or None where it has none."""
+    inquirer = getattr(scheduler, "load_inquirer", None)
+    if inquirer is None:
+        return None
+    try:
+        return int(inquirer.get_loads().num_total_tokens)
+    except Exception:  # a status field must never fail the route
+        return None
 
 
 def add_mace_state(result: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:

@@ -45,8 +45,9 @@ class TrainHooks:
         from mace_sgl.trainer.streams import DeviceStreams
 
         streams = DeviceStreams.for_scheduler(scheduler, runner.device)
+        host = TrainerHost.from_model_runner(runner, self.cfg, streams, dp_rank(scheduler))
         with streams.training_work():  # its tensors belong to the training stream
-            st.trainer = MaceTrainer(TrainerHost.from_model_runner(runner, self.cfg, streams))
+            st.trainer = MaceTrainer(host)
         streams.settle_start_up()
         st.monitor = IterationMonitor(st.trainer.policy, streams)
         if getattr(scheduler.server_args, "enable_metrics", False):
@@ -146,6 +147,14 @@ def set_radix_key(req: Any, versions: dict[str, int]) -> None:
             key = key[: -len(uid)] or None  # SGLang appended the lora id
         req._mace_client_key = key
     req.extra_key = radix_key(req._mace_client_key, uid, versions.get(uid) if uid else None)
+
+
+def dp_rank(scheduler: Any) -> int:
+    """The data-parallel rank of this scheduler (0 without data parallelism)."""
+    from sglang.srt.runtime_context import get_parallel
+
+    rank = get_parallel().dp_rank
+    return int(rank) if rank is not None else 0
 
 
 def _refresh_metrics(st: state.SchedulerState) -> None:

@@ -27,10 +27,15 @@ class TrainerHost:
     cfg: MaceConfig
     # Where serving and training run on a GPU (trainer/streams.py); CPU: no streams.
     streams: DeviceStreams = field(default_factory=DeviceStreams.cpu)
+    dp_rank: int = 0  # which data-parallel replica this scheduler serves
 
     @classmethod
     def from_model_runner(
-        cls, runner: Any, cfg: MaceConfig, streams: DeviceStreams | None = None
+        cls,
+        runner: Any,
+        cfg: MaceConfig,
+        streams: DeviceStreams | None = None,
+        dp_rank: int = 0,
     ) -> TrainerHost:
         """The host of SGLang's ModelRunner `runner` (tensor parallel size 1)."""
         return cls(
@@ -39,6 +44,7 @@ class TrainerHost:
             runner.model_config.model_path,
             cfg,
             streams or DeviceStreams.cpu(),
+            dp_rank,
         )
 
     @property

@@ -34,16 +34,20 @@ logger = logging.getLogger("mace_sgl.trainer")
 class SidecarLink:
     """ZeroMQ sockets to the sidecar, the session id and the pause state it sent."""
 
-    def __init__(self, state_path: Path, adapter_name: str) -> None:
+    def __init__(self, state_path: Path, adapter_name: str, dp_rank: int = 0) -> None:
         self.session = uuid.uuid4().hex
+        self.dp_rank = dp_rank
         ctx = zmq.Context.instance()
-        self.push, self.pull = channels.connect_trainer(ctx, state_path / "run")
+        self.push, self.pull = channels.connect_trainer(ctx, state_path / "run", dp_rank)
         self.paused = False
         self.asked_at = 0.0
         self.weights: dict[str, float] = {}  # tenant weights of the latest Work
+        # The newest version of each tenant any replica reported (Work.versions): a step
+        # of that tenant waits until this replica's copy is at least that version.
+        self.required: dict[str, int] = {}
         # The sidecar process whose Work we take (messages.py), set by its Control.
         self.sidecar_id = ""
-        self.push.send(encode(Hello(self.session, adapter_name)))
+        self.push.send(encode(Hello(self.session, adapter_name, dp_rank)))
 
     def receive(self) -> list[Sample]:
         """Every waiting message taken: the samples of Work from the current sidecar
@@ -64,6 +68,8 @@ class SidecarLink:
                 self.asked_at = 0.0
                 samples.extend(msg.samples)
                 self.weights = dict(msg.weights)  # every tenant's, as the store has them
+                for name, version in msg.versions.items():
+                    self.required[name] = max(version, self.required.get(name, -1))
             elif isinstance(msg, Control) and msg.session in ("", self.session):
                 self.paused = msg.paused
                 sidecar = self.sidecar_id = msg.sidecar
@@ -76,7 +82,9 @@ class SidecarLink:
         the pause state and requeues what it will never get."""
         now = time.monotonic()
         if (asking and now - self.asked_at > 0.5) or now - self.asked_at > 2.0:
-            ready = Ready(self.session, want if asking else 0, held, self.sidecar_id)
+            ready = Ready(
+                self.session, want if asking else 0, held, self.sidecar_id, self.dp_rank
+            )
             try:
                 # Never block the scheduler: with the sidecar down for long the queue fills.
                 self.push.send(encode(ready), zmq.NOBLOCK)
@@ -84,6 +92,6 @@ class SidecarLink:
                 pass
             self.asked_at = now
 
-    def report(self, sample_id: int, loss: float, version: int) -> None:
-        """One sample took part in a finished step (loss NaN: rolled back)."""
-        self.push.send(encode(Result(self.session, sample_id, loss, version)))
+    def report(self, sample_id: int, loss: float, version: int, adapter: str = "") -> None:
+        """One sample took part in a finished step of `adapter` (loss NaN: rolled back)."""
+        self.push.send(encode(Result(self.session, sample_id, loss, version, adapter)))

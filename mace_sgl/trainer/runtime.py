@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Generator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -41,6 +42,7 @@ from mace_sgl.trainer.host import TrainerHost
 from mace_sgl.trainer.jobs import JobBoard, QueuedPair, Ran
 from mace_sgl.trainer.link import SidecarLink
 from mace_sgl.trainer.publish import lora_config_dict
+from mace_sgl.trainer.replicas import ReplicaSync, Update, pack_state, tenant_key
 from mace_sgl.trainer.shared import attach_lora, build_shared_llama, shares_storage
 from mace_sgl.trainer.sliced import Pair, SlicedDPO, SliceSpec
 from mace_sgl.trainer.tenants import Tenant, TenantRegistry
@@ -155,8 +157,16 @@ class MaceTrainer:
                         self.tokenizer.eos_token_id,
                     )
                 )
-        self.link = SidecarLink(cfg.state_path, cfg.adapter_name)
+        self.link = SidecarLink(cfg.state_path, cfg.adapter_name, host.dp_rank)
         self.session = self.link.session
+        self.dp_rank = host.dp_rank
+        # With --dp-size > 1: the group that keeps every replica's adapters identical.
+        self.replicas = (
+            ReplicaSync(Path(cfg.replica_store), host.dp_rank, cfg.replicas)
+            if cfg.replicas > 1
+            else None
+        )
+        self._updates: list[Update] = []  # received, waiting for a step to end
         logger.info(
             "trainer ready: %d tenant(s), default %s v%d",
             len(self.tenants.tenants),
@@ -260,6 +270,7 @@ class MaceTrainer:
     def poll(self) -> None:
         """Take every waiting sidecar message, follow SGLang's adapters, and ask for work
         when too little is queued (link.py says when a Ready goes out)."""
+        self._follow_replicas()
         now = time.monotonic()
         for s in self.link.receive():
             self.board.queue.append(QueuedPair(self._pair(s), now, s.loss, s.adapter))
@@ -302,8 +313,11 @@ class MaceTrainer:
         highest-priority pairs."""
         queue = self.board.queue
         known = self.tenants.tenants
+        required = self.link.required  # versions other replicas published (replicas.py)
         waiting = [
-            Unit(i, "fwd", 0, q.arrival, q.loss) for i, q in enumerate(queue) if q.tenant in known
+            Unit(i, "fwd", 0, q.arrival, q.loss)
+            for i, q in enumerate(queue)
+            if q.tenant in known and known[q.tenant].version >= required.get(q.tenant, -1)
         ]
         if not waiting:
             return
@@ -328,7 +342,7 @@ class MaceTrainer:
             if tenant is not None:
                 with self.streams.training_work():
                     self.tenants.rollback(tenant, f"{type(ran.error).__name__}: {ran.error}")
-                self._report([q.pair for q in ran.job.pairs], {}, tenant.version)
+                self._report(tenant, [q.pair for q in ran.job.pairs], {})
         if not ran.on_device:
             self._observe_slice(ran.spec, ran.seconds, ran.mem_bytes)
             return ran.seconds
@@ -423,7 +437,7 @@ class MaceTrainer:
         stats = tenant.stats
         if not result.ok:
             self.tenants.rollback(tenant, result.error)
-            self._report(pairs, result.losses, tenant.version)
+            self._report(tenant, pairs, result.losses)
             return
         stats.train_steps += 1
         self.totals["train_steps"] += 1
@@ -449,11 +463,61 @@ class MaceTrainer:
             else:
                 yield SliceSpec("publish", 0)
                 self.tenants.publish(tenant)
-        self._report(pairs, result.losses, tenant.version)
+                if self.replicas is not None:
+                    # The other replicas take this version; the sidecar hears of the
+                    # step only once they all have it (trainer/replicas.py).
+                    version, losses = tenant.version, dict(result.losses)
+                    self.replicas.send(
+                        tenant.name,
+                        version,
+                        pack_state(tenant.weights, tenant.optimizer),
+                        lambda: self._report(tenant, pairs, losses, version),
+                    )
+                    return
+        self._report(tenant, pairs, result.losses)
 
-    def _report(self, pairs: list[Pair], losses: dict[int, float], version: int) -> None:
+    def _report(
+        self,
+        tenant: Tenant,
+        pairs: list[Pair],
+        losses: dict[int, float],
+        version: int | None = None,
+    ) -> None:
+        """Results to the sidecar: each pair's loss (NaN: not trained) and the version of
+        `tenant` after the step (default: its version now)."""
+        version = tenant.version if version is None else version
         for p in pairs:
-            self.link.report(p.sample_id, losses.get(p.sample_id, float("nan")), version)
+            loss = losses.get(p.sample_id, float("nan"))
+            self.link.report(p.sample_id, loss, version, tenant.name)
+
+    # -- replicas ------------------------------------------------------------------------
+
+    def _follow_replicas(self) -> None:
+        """Install what other replicas published (not while this replica is in a step of
+        that tenant; it waits for the next poll), and report the steps every peer took."""
+        sync = self.replicas
+        if sync is None:
+            return
+        for done in sync.delivered():
+            done()
+        self._updates.extend(sync.received())
+        if not self._updates:
+            return
+        by_key = {tenant_key(name): t for name, t in self.tenants.tenants.items()}
+        step = self.board.step_job
+        busy = step.tenant if step is not None else None
+        keep = []
+        for update in self._updates:
+            tenant = by_key.get(update.key)
+            if tenant is None:
+                logger.error("update v%d for a tenant this replica lacks: dropped", update.version)
+            elif tenant.name == busy:
+                keep.append(update)
+            elif update.version > tenant.version:
+                with torch.inference_mode(False), self.streams.training_work():
+                    self.tenants.install(tenant, update.version, update.payload)
+                sync.stats.applied += 1
+        self._updates = keep
 
     # -- status --------------------------------------------------------------------------
 
@@ -509,6 +573,10 @@ class MaceTrainer:
             "tenant_failures": dict(self.tenants.create_failures),
             "fair_share": self.fair.status(),
             "orphans_returned": self.orphans_returned,
+            "dp_rank": self.dp_rank,
+            "adapters": {name: t.version for name, t in self.tenants.tenants.items()},
+            "adapter_digest": self.default.served_digest,
+            "replica_sync": self.replicas.status() if self.replicas is not None else None,
         }
 
 

@@ -49,6 +49,8 @@ class TenantStats:
     trained_tokens: int = 0
     last_swap_ms: float | None = None
     last_error: str | None = None
+    # Versions published by another data-parallel replica and installed here.
+    synced_versions: int = 0
 
 
 @dataclass
@@ -69,6 +71,9 @@ class Tenant:
     # Weights and optimizer state of the last published version, taken at the start of a
     # step and dropped once a version is published: what a rollback restores.
     good_state: dict[str, Any] | None = None
+    # With data-parallel replicas: digest() of the weights its version was published
+    # with (what it serves; training goes on changing the tensors until the next one).
+    served_digest: str | None = None
 
     def status(self) -> dict[str, Any]:
         return {
@@ -230,6 +235,8 @@ class TenantRegistry:
         tenant.stats.last_swap_ms = (time.perf_counter() - start) * 1000
         tenant.version += 1
         tenant.good_state = None
+        if self.cfg.replicas > 1:
+            tenant.served_digest = self.digest(tenant)
         # Private host copies for the background writer: training goes on changing the
         # tensors, and on a GPU the writer's thread must not read device memory that the
         # training stream may still be writing (a copy to the host waits for it here).
@@ -250,6 +257,33 @@ class TenantRegistry:
             tenant.stats.last_loss if tenant.stats.last_loss is not None else float("nan"),
             tenant.stats.last_swap_ms,
         )
+
+    def install(self, tenant: Tenant, version: int, payload: torch.Tensor) -> None:
+        """Serve `version` of `tenant` as another replica published it: its weights and
+        optimizer state (trainer/replicas.py) written in place, then into SGLang's pool
+        slot. No checkpoint: the replica that ran the step wrote it."""
+        from mace_sgl.trainer.replicas import unpack_state
+
+        start = time.perf_counter()
+        unpack_state(payload, tenant.weights, tenant.optimizer)
+        tenant.publisher.publish_weights(tenant.weights.items())
+        tenant.stats.last_swap_ms = (time.perf_counter() - start) * 1000
+        tenant.version = version
+        tenant.good_state = None
+        tenant.served_digest = self.digest(tenant)
+        tenant.stats.synced_versions += 1
+        logger.info("installed %s v%d from another replica", tenant.name, version)
+
+    @staticmethod
+    def digest(tenant: Tenant) -> str:
+        """sha256 of the tenant's LoRA tensors now (bytes, in order): equal on two
+        replicas exactly when their weights are identical."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for t in tenant.weights.values():
+            h.update(host_copy(t).contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def lora_bytes(self) -> int:
         """Bytes of one tenant's LoRA weights (fp32)."""
