@@ -183,9 +183,7 @@ class Sidecar:
             return
         paused = store.get_setting(self.conn, "paused", "0") == "1"
         for rank, session in self.sessions.items():
-            if paused != session.paused and self._send(
-                rank, Control(paused, session.id, self.id)
-            ):
+            if paused != session.paused and self._send(rank, Control(paused, session.id, self.id)):
                 session.paused = paused
                 session.announced_at = time.monotonic()
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
-import os
 from pathlib import Path
 
 import pytest
@@ -129,11 +129,21 @@ def test_data_parallel_training_is_accepted_with_its_own_placement_and_cores(
     with pytest.raises(SystemExit, match="--dp-size 8 on CPU needs at least 8 cores"):
         cli.resolve_serve_args([*argv, "--dp-size", "8"])
     with pytest.raises(SystemExit, match="--mace-publish-every 1"):
-        cli.resolve_serve_args([*argv, "--mace-train", "--dp-size", "2", "--mace-publish-every", "2"])
+        cli.resolve_serve_args(
+            [*argv, "--mace-train", "--dp-size", "2", "--mace-publish-every", "2"]
+        )
     with pytest.raises(SystemExit, match="--mace-placement sglang"):
         cli.resolve_serve_args([*argv, "--dp-size", "2", "--load-balance-method", "total_tokens"])
     args, cfg = cli.resolve_serve_args(
-        [*argv, "--dp-size", "2", "--mace-placement", "sglang", "--load-balance-method", "total_tokens"]
+        [
+            *argv,
+            "--dp-size",
+            "2",
+            "--mace-placement",
+            "sglang",
+            "--load-balance-method",
+            "total_tokens",
+        ]
     )
     assert cfg.placement == "sglang" and args.load_balance_method == "total_tokens"
 

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import zmq
+from waits import wait_until
 
 from mace_sgl.config import MaceConfig
 from mace_sgl.ipc import channels
@@ -66,17 +67,18 @@ class SidecarProcess:
 class FakeTrainer:
     """The trainer's sockets, driven by hand (messages as MaceTrainer.poll sends them)."""
 
-    def __init__(self, run_dir: Path, session: str = "s1") -> None:
+    def __init__(self, run_dir: Path, session: str = "s1", dp_rank: int = 0) -> None:
         self.ctx = zmq.Context()
-        self.push, self.pull = channels.connect_trainer(self.ctx, run_dir)
+        self.push, self.pull = channels.connect_trainer(self.ctx, run_dir, dp_rank)
         self.session = session
+        self.dp_rank = dp_rank
         self.sidecar = ""
 
     def send(self, msg: Hello | Ready | Result) -> None:
         self.push.send(encode(msg))
 
     def ready(self, want: int = 0, held: list[int] | None = None) -> None:
-        self.send(Ready(self.session, want, held or [], self.sidecar))
+        self.send(Ready(self.session, want, held or [], self.sidecar, self.dp_rank))
 
     def recv(self, timeout_s: float = 15.0) -> Work | Control:
         assert self.pull.poll(int(timeout_s * 1000)), "no message from the sidecar"
@@ -213,6 +215,7 @@ def trainer_shell(tmp_path: Path, lookahead: int = 2):
     t.fair = FairShare()
     t.tenants = SimpleNamespace(tenants={"live": None})
     t.orphans_returned = 0
+    t.replicas = None  # one replica: nothing to follow
     t._sync_tenants = lambda: None  # no SGLang here: the tenant set does not change
     t.cost_saver = learned_cost.CostSaver(
         tmp_path / learned_cost.FILE, {}, CostModel(), resumed=False
@@ -303,3 +306,38 @@ def test_the_trainer_shares_steps_by_the_store_weights_the_sidecar_sends(tmp_pat
         sidecar.stop()
         t.push.close(linger=0)
         t.pull.close(linger=0)
+
+
+def test_replicas_train_one_at_a_time_from_the_newest_version(tmp_path: Path, conn):
+    """--replicas 2: Work goes to one replica's trainer while another holds samples, and
+    names the versions the steps reported; a rank's new session frees only its own."""
+    ids = store.add_feedback(conn, [pair(i) for i in range(4)])
+    sidecar = SidecarProcess(tmp_path, "--replicas", "2")
+    t0 = FakeTrainer(tmp_path / "run", "r0", dp_rank=0)
+    t1 = FakeTrainer(tmp_path / "run", "r1", dp_rank=1)
+    try:
+        for t in (t0, t1):
+            t.send(Hello(t.session, "live", t.dp_rank))
+            t.handshake()
+        first = t0.work(2)
+        assert [s.id for s in first.samples] == ids[:2] and first.versions == {}
+        t1.ready(2)  # refused: rank 0 holds samples in flight
+        # A rank's new session replaces only that rank's: rank 0's samples stay its own.
+        t1.session = "r1b"
+        t1.send(Hello("r1b", "live", 1))
+        t1.handshake()
+        assert [inflight(conn, i) for i in ids[:2]] == ["r0", "r0"]
+        for i in ids[:2]:
+            t0.send(Result("r0", i, 0.5, 1, "live"))
+        wait_until(
+            lambda: [inflight(conn, i) for i in ids[:2]] == [None, None], 15, "results recorded"
+        )
+        # Rank 1's first Work comes after rank 0's step: it names the version to start from.
+        # (Had the lease let the refused Ready through, that Work would name no version.)
+        second = t1.work(2)
+        assert [s.id for s in second.samples] == ids[2:] and second.versions == {"live": 1}
+        assert [inflight(conn, i) for i in ids] == [None, None, "r1b", "r1b"]
+    finally:
+        t0.close()
+        t1.close()
+        assert sidecar.stop() == 0

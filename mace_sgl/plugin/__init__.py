@@ -42,6 +42,12 @@ Hooks (target -> why -> how):
   forge, and a tenant's weights change in place -> every waiting request's key becomes
   JSON of (client key, adapter id, that adapter's published version), set when its
   prefill is about to be matched and run, not on arrival (plugin/train_hooks.py).
+- With --dp-size > 1 and --mace-placement lemix (the default), data-parallel
+  controller process: `DataParallelController.__init__` AFTER -> SGLang places requests
+  round robin or by queued tokens, blind to the training a replica runs between its
+  iterations -> its `dispatching` becomes LeMix placement by predicted response time,
+  from SGLang's own load snapshots plus each replica's training state
+  (plugin/placement.py, policy/placement.py).
 - Launcher process: `TokenizerManager.generate_request` BEFORE gives requests that name no
   adapter the --mace-default-adapter.
 - Launcher process, on a GPU when the launcher left the training/pruning reserve to
@@ -140,6 +146,14 @@ def register() -> None:
         HookRegistry.register(sched + "run_batch", hooks.timed_forward, HookType.AROUND)
     if cfg.train or cfg.malloc_trim_s > 0:
         HookRegistry.register(sched + "maybe_sleep_on_idle", hooks.train_or_sleep, HookType.AROUND)
+    if cfg.replicas > 1 and cfg.placement == "lemix":
+        from mace_sgl.plugin import placement
+
+        HookRegistry.register(
+            "sglang.srt.managers.data_parallel_controller.DataParallelController.__init__",
+            placement.PlacementHooks(cfg).install_dispatch,
+            HookType.AFTER,
+        )
     if cfg.default_adapter:
         HookRegistry.register(
             "sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request",

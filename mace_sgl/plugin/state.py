@@ -26,6 +26,10 @@ class SchedulerState:
     pruner: Any = None  # prune.runtime.KvPruner with --mace-kv-prune
     metrics: Any = None  # metrics.TrainerMetrics with --enable-metrics and --mace-train
     trimmer: Any = None  # memstats.Trimmer (--mace-malloc-trim-s; never trims at 0)
+    # plugin.placement.TrainingSlots with --dp-size > 1 and --mace-train: where this
+    # replica's training state goes for the controller's LeMix placement.
+    slots: Any = None
+    dp_rank: int = 0
 
 
 def attach(scheduler: Any, state: SchedulerState) -> SchedulerState:

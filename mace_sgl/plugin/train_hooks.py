@@ -50,6 +50,11 @@ class TrainHooks:
             st.trainer = MaceTrainer(host)
         streams.settle_start_up()
         st.monitor = IterationMonitor(st.trainer.policy, streams)
+        st.dp_rank = host.dp_rank
+        if self.cfg.replicas > 1 and self.cfg.replica_store:
+            from mace_sgl.plugin.placement import TrainingSlots
+
+            st.slots = TrainingSlots(self.cfg.replica_store, self.cfg.replicas)
         if getattr(scheduler.server_args, "enable_metrics", False):
             from mace_sgl.metrics import TrainerMetrics
 
@@ -77,6 +82,7 @@ class TrainHooks:
             return
         st.trainer.iteration_done(st.monitor.results(scheduler, batch))
         _refresh_metrics(st)
+        _publish_training_load(st)
 
     def train_or_sleep(self, original: Any, scheduler: Any, *args: Any, **kwargs: Any) -> Any:
         """AROUND Scheduler.maybe_sleep_on_idle: with training work, one unit instead of
@@ -88,6 +94,7 @@ class TrainHooks:
             st.monitor.idle()
             st.trainer.poll()
             _refresh_metrics(st)
+            _publish_training_load(st)
             if st.trainer.has_work():
                 st.trainer.run_idle_slice()
                 return None
@@ -155,6 +162,12 @@ def dp_rank(scheduler: Any) -> int:
 
     rank = get_parallel().dp_rank
     return int(rank) if rank is not None else 0
+
+
+def _publish_training_load(st: state.SchedulerState) -> None:
+    """This replica's training state for the controller's placement (at most every 20 ms)."""
+    if st.slots is not None:
+        st.slots.write(st.dp_rank, st.trainer.training_load())
 
 
 def _refresh_metrics(st: state.SchedulerState) -> None:

@@ -82,9 +82,7 @@ class SidecarLink:
         the pause state and requeues what it will never get."""
         now = time.monotonic()
         if (asking and now - self.asked_at > 0.5) or now - self.asked_at > 2.0:
-            ready = Ready(
-                self.session, want if asking else 0, held, self.sidecar_id, self.dp_rank
-            )
+            ready = Ready(self.session, want if asking else 0, held, self.sidecar_id, self.dp_rank)
             try:
                 # Never block the scheduler: with the sidecar down for long the queue fills.
                 self.push.send(encode(ready), zmq.NOBLOCK)

@@ -140,9 +140,7 @@ class ReplicaSync:
         self.pg = ProcessGroupGloo(store, rank, world, opts)
         self.send_timeout = datetime.timedelta(seconds=timeout_s)
         self._inbox: queue.Queue[Update] = queue.Queue()
-        self._outbox: queue.Queue[tuple[int, int, torch.Tensor, Callable[[], None]]] = (
-            queue.Queue()
-        )
+        self._outbox: queue.Queue[tuple[int, int, torch.Tensor, Callable[[], None]]] = queue.Queue()
         self._done: queue.Queue[Callable[[], None]] = queue.Queue()
         for target, name in ((self._receive_loop, "recv"), (self._send_loop, "send")):
             threading.Thread(target=target, name=f"mace-replicas-{name}", daemon=True).start()
@@ -150,7 +148,9 @@ class ReplicaSync:
 
     # -- the scheduler's side (never blocks) --------------------------------------------
 
-    def send(self, name: str, version: int, payload: torch.Tensor, done: Callable[[], None]) -> None:
+    def send(
+        self, name: str, version: int, payload: torch.Tensor, done: Callable[[], None]
+    ) -> None:
         """Queue `name`'s state at `version` for every peer; `done` is returned by
         delivered() once all of them took it."""
         self._outbox.put((tenant_key(name), version, payload, done))

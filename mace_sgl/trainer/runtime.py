@@ -33,6 +33,7 @@ import torch
 from mace_sgl.config import MaceConfig
 from mace_sgl.policy import IterationView, Observation, Profile, Unit, make_policy
 from mace_sgl.policy.fairshare import FairShare
+from mace_sgl.policy.placement import TrainingLoad
 from mace_sgl.policy.slo import SloTargets
 from mace_sgl.templating import encode_pair
 from mace_sgl.trainer import learned_cost
@@ -136,6 +137,7 @@ class MaceTrainer:
         # fcfs-reserve (--mace-train-tokens-per-iter) to time.
         self.sec_per_token = 5e-3
         self.step_seconds = 0.0
+        self.unit_s = 0.0
         self.idle_refused = 0
         self.orphans_returned = 0
         self.totals = {"train_steps": 0, "trained_tokens": 0, "train_seconds": 0.0}
@@ -356,6 +358,7 @@ class MaceTrainer:
         )
         self.totals["train_seconds"] += seconds
         self.step_seconds += seconds
+        self.unit_s += 0.2 * (seconds - self.unit_s)  # a unit's length, recently
 
     def _observe_device_slices(self) -> None:
         """Fold in the device spans of GPU slices that completed (none on CPU)."""
@@ -491,6 +494,15 @@ class MaceTrainer:
             self.link.report(p.sample_id, loss, version, tenant.name)
 
     # -- replicas ------------------------------------------------------------------------
+
+    def training_load(self) -> TrainingLoad:
+        """What placement needs of this replica's training (policy/placement.py)."""
+        budget = getattr(self.policy, "last_budget_s", 0.0)
+        return TrainingLoad(
+            training=self.has_work(),
+            unit_ms=1000.0 * self.unit_s,
+            reserve_ms=1000.0 * budget if math.isfinite(budget) else 0.0,
+        )
 
     def _follow_replicas(self) -> None:
         """Install what other replicas published (not while this replica is in a step of

@@ -178,6 +178,8 @@ class TenantRegistry:
             version=resumed.version,
             resumed=resumed,
         )
+        if self.cfg.replicas > 1:
+            tenant.served_digest = self.digest(tenant)
         self.tenants[name] = tenant
         logger.info("tenant %s ready at v%d", name, tenant.version)
         return tenant

@@ -1,0 +1,179 @@
+"""LeMix placement of requests on data-parallel replicas (plain Python, no SGLang).
+
+LeMix (arXiv 2507.21276, `assign_node` in its public code) scores each node with
+
+    score = (idle + beta x length consistency) / (alpha x predicted response time)
+
+and sends the task to the best score. Here a node is one data-parallel replica of
+`mace-sgl serve --dp-size N`, and what it knows comes from two places:
+
+- SGLang's own load snapshot of the replica (what its data-parallel controller and
+  /v1/loads read): running and waiting requests, queued tokens, uncached tokens
+  waiting for prefill, the cumulative prefill busy time per uncached token, and the
+  decode step-time moments (a least-squares line of step time against batch size);
+- the replica's training state (plugin/placement.py carries it from its scheduler):
+  whether it holds a training step, the predicted length of its next training unit
+  (a request arriving meanwhile waits for it) and the training time the policy
+  reserves per serving iteration (each decode step of that replica is that much
+  longer).
+
+The predicted response time of a request with p prompt tokens and n new tokens is
+
+    RT = unit_ms (if training) + (uncached queue + p) x prefill ms/token
+         + n x (step_ms(running + 1) + reserve_ms)
+
+so a replica busy training scores worse by exactly the time training would add. The
+idle term is 1 for a replica with nothing running or waiting, 1/(1 + requests)
+otherwise; length consistency compares p with the mean prompt length recently placed
+there (LeMix groups similar lengths: similar sequences batch better). Between two
+snapshots (SGLang refreshes them at most every 20 ms) each placement adds its own
+tokens and request to the chosen replica's view, so a burst does not all go to one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+# LeMix's defaults (alpha on response time, beta on length consistency).
+ALPHA = 0.15
+BETA = 0.05
+# Costs assumed before a replica has measured its own (CPU-sized; replaced as soon as
+# its snapshot carries prefill and decode counters).
+DEFAULT_PREFILL_MS_PER_TOKEN = 1.0
+DEFAULT_DECODE_STEP_MS = 30.0
+
+
+@dataclass(frozen=True)
+class DecodeMoments:
+    """SGLang's decode step-time sums: count, sum batch, sum step us, sum batch^2,
+    sum batch x step us (load_snapshot.decode_moments, first five entries)."""
+
+    n: float
+    sb: float
+    st: float
+    sbb: float
+    sbt: float
+
+    @classmethod
+    def from_list(cls, values: list[float] | None) -> DecodeMoments | None:
+        if not values or len(values) < 5 or values[0] <= 0:
+            return None
+        return cls(*(float(v) for v in values[:5]))
+
+    def step_ms(self, batch: int) -> float:
+        """Predicted decode step time at `batch` requests, in ms: the least-squares line
+        through every step so far, never below the mean step of the smallest batches
+        (a flat or noisy fit falls back to the mean)."""
+        mean_t = self.st / self.n
+        den = self.n * self.sbb - self.sb * self.sb
+        if den <= 1e-9:
+            return mean_t / 1000.0
+        slope = (self.n * self.sbt - self.sb * self.st) / den
+        intercept = (self.st - slope * self.sb) / self.n
+        t = intercept + max(0.0, slope) * batch
+        if not math.isfinite(t) or t <= 0:
+            t = mean_t
+        return t / 1000.0
+
+
+@dataclass(frozen=True)
+class TrainingLoad:
+    """One replica's training state, as its trainer reports it for placement."""
+
+    training: bool = False  # holds training work (units run between iterations)
+    unit_ms: float = 0.0  # the length of its training units, recently
+    reserve_ms: float = 0.0  # training time its policy adds to each serving iteration
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    """What placement knows of one replica at one moment."""
+
+    dp_rank: int
+    running_reqs: int = 0
+    waiting_reqs: int = 0
+    waiting_uncached_tokens: int = 0
+    total_tokens: int = 0  # queued plus running tokens (SGLang's num_total_tokens)
+    prefill_ms_per_token: float | None = None  # measured, None before any prefill
+    decode: DecodeMoments | None = None
+    timestamp: float = 0.0  # of SGLang's snapshot
+    # The replica's training state (0 / False without --mace-train).
+    training: bool = False  # holds a training step (units will run between iterations)
+    unit_ms: float = 0.0  # predicted length of its next training unit
+    reserve_ms: float = 0.0  # training time its policy adds to each serving iteration
+
+
+@dataclass
+class Placement:
+    """One placement decision: the rank and every candidate's score and prediction."""
+
+    dp_rank: int
+    scores: dict[int, float]
+    predicted_ms: dict[int, float]
+
+
+@dataclass
+class LemixPlacement:
+    """Chooses a replica per request by LeMix's score over ReplicaLoad views."""
+
+    alpha: float = ALPHA
+    beta: float = BETA
+    # Mean prompt length placed on each replica (exponential, for length consistency).
+    mean_len: dict[int, float] = field(default_factory=dict)
+    # Requests and tokens placed since each replica's last snapshot (timestamp).
+    pending: dict[int, tuple[float, int, int]] = field(default_factory=dict)
+    placed: dict[int, int] = field(default_factory=dict)
+    _tie: int = 0
+
+    def predict_ms(self, load: ReplicaLoad, prompt_tokens: int, new_tokens: int) -> float:
+        """Predicted response time (ms) of a request placed on `load`'s replica now."""
+        _, extra_reqs, extra_tokens = self._pending(load)
+        prefill = load.prefill_ms_per_token or DEFAULT_PREFILL_MS_PER_TOKEN
+        batch = load.running_reqs + load.waiting_reqs + extra_reqs + 1
+        step = load.decode.step_ms(batch) if load.decode else DEFAULT_DECODE_STEP_MS
+        queued = load.waiting_uncached_tokens + extra_tokens + prompt_tokens
+        rt = queued * prefill + max(1, new_tokens) * (step + load.reserve_ms)
+        if load.training:
+            rt += load.unit_ms
+        return max(rt, 1e-3)
+
+    def score(self, load: ReplicaLoad, prompt_tokens: int, rt_ms: float) -> float:
+        _, extra_reqs, _ = self._pending(load)
+        busy = load.running_reqs + load.waiting_reqs + extra_reqs
+        idle = 1.0 if busy == 0 else 1.0 / (1.0 + busy)
+        mean = self.mean_len.get(load.dp_rank)
+        if mean is None or prompt_tokens <= 0:
+            consistency = 1.0
+        else:
+            consistency = 1.0 - abs(prompt_tokens - mean) / max(prompt_tokens, mean, 1.0)
+        return (idle + self.beta * consistency) / (self.alpha * rt_ms / 1000.0)
+
+    def choose(self, loads: list[ReplicaLoad], prompt_tokens: int, new_tokens: int) -> Placement:
+        """The best-scoring replica (ties: in turn), recorded as placed there."""
+        if not loads:
+            raise ValueError("no replica to place on")
+        predicted = {ld.dp_rank: self.predict_ms(ld, prompt_tokens, new_tokens) for ld in loads}
+        scores = {ld.dp_rank: self.score(ld, prompt_tokens, predicted[ld.dp_rank]) for ld in loads}
+        best = max(scores.values())
+        tied = [r for r in sorted(scores) if scores[r] >= best * (1 - 1e-9)]
+        rank = tied[self._tie % len(tied)]
+        self._tie += 1
+        chosen = next(ld for ld in loads if ld.dp_rank == rank)
+        self._record(chosen, prompt_tokens)
+        return Placement(rank, scores, predicted)
+
+    def _pending(self, load: ReplicaLoad) -> tuple[float, int, int]:
+        stamp, reqs, tokens = self.pending.get(load.dp_rank, (load.timestamp, 0, 0))
+        if stamp != load.timestamp:  # a fresh snapshot counts what was placed before it
+            return load.timestamp, 0, 0
+        return stamp, reqs, tokens
+
+    def _record(self, load: ReplicaLoad, prompt_tokens: int) -> None:
+        stamp, reqs, tokens = self._pending(load)
+        self.pending[load.dp_rank] = (stamp, reqs + 1, tokens + prompt_tokens)
+        self.placed[load.dp_rank] = self.placed.get(load.dp_rank, 0) + 1
+        mean = self.mean_len.get(load.dp_rank)
+        self.mean_len[load.dp_rank] = (
+            float(prompt_tokens) if mean is None else 0.9 * mean + 0.1 * prompt_tokens
+        )

@@ -1,0 +1,152 @@
+"""Data-parallel pieces without a server: LeMix placement on hand-made loads (plain
+Python), a tenant's state packed on one replica and installed on another, the
+training slots the controller reads, and two ReplicaSync ends in two processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+
+import pytest
+import torch
+
+from mace_sgl.policy.placement import DecodeMoments, LemixPlacement, ReplicaLoad, TrainingLoad
+from mace_sgl.trainer.replicas import pack_state, state_numel, unpack_state
+
+
+def moments(points: list[tuple[int, float]]) -> DecodeMoments:
+    """SGLang's decode sums over (batch, step us) points."""
+    n = len(points)
+    sb = sum(b for b, _ in points)
+    st = sum(t for _, t in points)
+    return DecodeMoments(n, sb, st, sum(b * b for b, _ in points), sum(b * t for b, t in points))
+
+
+def test_decode_moments_fit_the_step_time_line():
+    m = moments([(b, 10_000 + 2_000 * b) for b in (1, 2, 4, 8)])  # 10 ms + 2 ms per request
+    assert m.step_ms(1) == pytest.approx(12.0)
+    assert m.step_ms(10) == pytest.approx(30.0)
+    one_size = moments([(4, 20_000), (4, 22_000)])  # no spread in batch size: the mean
+    assert one_size.step_ms(9) == pytest.approx(21.0)
+    assert DecodeMoments.from_list(None) is None and DecodeMoments.from_list([0] * 6) is None
+
+
+def loads(**train: float) -> list[ReplicaLoad]:
+    decode = moments([(b, 10_000 + 2_000 * b) for b in (1, 2, 4)])
+    return [
+        ReplicaLoad(
+            0, running_reqs=2, prefill_ms_per_token=1.0, decode=decode, timestamp=1.0, **train
+        ),  # fmt: skip
+        ReplicaLoad(1, running_reqs=2, prefill_ms_per_token=1.0, decode=decode, timestamp=1.0),
+    ]
+
+
+def test_placement_avoids_the_replica_busy_training():
+    placement = LemixPlacement()
+    busy = loads(training=True, unit_ms=400.0, reserve_ms=20.0)
+    choice = placement.choose(busy, prompt_tokens=50, new_tokens=32)
+    assert choice.dp_rank == 1
+    # It costs exactly what training adds: the unit in flight and the reserve per step.
+    assert choice.predicted_ms[0] - choice.predicted_ms[1] == pytest.approx(400.0 + 32 * 20.0)
+    # A replica that trains only when idle (no reserve, short units) and serves less is
+    # still the better place: the load counts, not the label.
+    lighter = [
+        ReplicaLoad(0, running_reqs=0, prefill_ms_per_token=1.0, training=True, unit_ms=5.0),
+        ReplicaLoad(1, running_reqs=6, prefill_ms_per_token=1.0),
+    ]
+    assert placement.choose(lighter, 50, 32).dp_rank == 0
+
+
+def test_a_burst_between_snapshots_is_spread_and_equal_replicas_take_turns():
+    placement = LemixPlacement()
+    same = loads()
+    ranks = [placement.choose(same, 40, 16).dp_rank for _ in range(6)]
+    assert sorted(ranks) == [0, 0, 0, 1, 1, 1]  # placed tokens count until the next snapshot
+    fresh = [ReplicaLoad(r, timestamp=2.0) for r in (0, 1)]
+    assert {placement.choose(fresh, 40, 16).dp_rank for _ in range(2)} == {0, 1}
+
+
+def adamw_state(seed: int) -> tuple[dict[str, torch.Tensor], torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    weights = {"a": torch.randn(4, 3), "b": torch.randn(2, 4)}
+    params = [torch.nn.Parameter(t) for t in weights.values()]
+    weights = {n: p.data for n, p in zip(weights, params, strict=True)}
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        sum((p**2).sum() for p in params).backward()
+        opt.step()
+    return weights, opt
+
+
+def test_packed_state_installs_bit_for_bit():
+    src_w, src_opt = adamw_state(0)
+    dst_w, dst_opt = adamw_state(1)
+    payload = pack_state(src_w, src_opt)
+    assert payload.numel() == state_numel(src_w, src_opt) == 3 * (12 + 8) + 2
+    unpack_state(payload, dst_w, dst_opt)
+    for n in src_w:
+        assert torch.equal(src_w[n], dst_w[n])
+    a, b = src_opt.state_dict()["state"], dst_opt.state_dict()["state"]
+    for i in a:
+        for k in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(torch.as_tensor(a[i][k]), torch.as_tensor(b[i][k])), (i, k)
+    with pytest.raises(ValueError, match="different flags"):
+        unpack_state(payload[:-1], dst_w, dst_opt)
+
+
+def test_training_slots_carry_each_replicas_state(tmp_path: Path):
+    from mace_sgl.plugin.placement import TrainingSlots
+
+    writer0, writer1 = TrainingSlots(tmp_path, 2), TrainingSlots(tmp_path, 2)
+    reader = TrainingSlots(tmp_path, 2)
+    assert reader.read(0) == TrainingLoad()  # never written: no training news
+    writer0.write(0, TrainingLoad(True, 120.0, 8.0))
+    writer1.write(1, TrainingLoad(False, 0.0, 0.0))
+    assert reader.read(0) == TrainingLoad(True, 120.0, 8.0)
+    assert reader.read(1) == TrainingLoad()
+    assert (tmp_path / "training.slots").stat().st_mode & 0o777 == 0o600
+
+
+def _replica(rank: int, store: str, out: mp.Queue) -> None:
+    import time
+
+    from mace_sgl.trainer.replicas import ReplicaSync
+
+    sync = ReplicaSync(Path(store), rank, 2, timeout_s=60)
+    if rank == 0:
+        payload = torch.arange(10, dtype=torch.float32)
+        done = []
+        sync.send("live", 7, payload, lambda: done.append(True))
+        deadline = time.monotonic() + 60
+        while not sync.delivered():
+            assert time.monotonic() < deadline, "not delivered"
+            time.sleep(0.01)
+        out.put(("sent", sync.status()["sent"]))
+        time.sleep(1)  # the peer reads before this end goes away
+    else:
+        deadline = time.monotonic() + 60
+        got = []
+        while not got:
+            assert time.monotonic() < deadline, "nothing received"
+            got = sync.received()
+            time.sleep(0.01)
+        (u,) = got
+        out.put(("received", u.version, u.src, u.payload.tolist()))
+
+
+def test_two_replicas_sync_over_a_loopback_gloo_group(tmp_path: Path):
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_replica, args=(r, str(tmp_path), out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    try:
+        results = {m[0]: m[1:] for m in (out.get(timeout=120) for _ in procs)}
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    assert results["sent"] == (1,)
+    assert results["received"] == (7, 0, [float(i) for i in range(10)])

@@ -1,0 +1,156 @@
+"""`mace-sgl serve --dp-size 2 --mace-train` on the tiny model: two replicas under
+SGLang's data-parallel controller with LeMix placement, one adapter for both (identical
+bytes after every published step), loopback only, and a SIGKILL of the whole server
+in the middle of training: nothing lost, both replicas resume at the same version."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+from tiny_model import tiny_serve_args
+from waits import wait_for_value
+
+from mace_sgl.launcher import Server
+from sidecar import store
+
+PAIRS = [
+    {"prompt": f"Question {i}: say something", "chosen": "Certainly! Here.", "rejected": f"no {i}"}
+    for i in range(6)
+]
+
+
+def start(model_dir: Path, state_dir: Path, log: Path) -> Server:
+    return Server(
+        tiny_serve_args(
+            model_dir,
+            "--dp-size",
+            "2",
+            "--mace-train",
+            "--mace-state-dir",
+            str(state_dir),
+            "--mace-lr",
+            "1e-3",
+            "--mace-max-train-count",
+            "1000",
+        ),
+        log,
+    )
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("dp-state")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, state_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    srv = start(tiny_model_dir, state_dir, tmp_path_factory.mktemp("logs") / "dp.log")
+    yield srv
+    srv.stop()
+
+
+def status(server: Server) -> dict:
+    return server.get("/mace/status").json()
+
+
+def wait_for(server: Server, cond, timeout_s: float = 180.0) -> dict:
+    return wait_for_value(lambda: status(server), cond, timeout_s, "status", server.tail)
+
+
+def in_step(s: dict) -> bool:
+    """Both replicas at one version, >= 3, every pair trained once."""
+    versions = {r["adapter_version"] for r in s["replicas"]}
+    return len(versions) == 1 and min(versions) >= 3 and s["queue_depth"] == 0
+
+
+def test_both_replicas_serve_on_loopback_only(server: Server):
+    s = status(server)
+    assert [r["dp_rank"] for r in s["replicas"]] == [0, 1]
+    before = {x["dp_rank"]: x["total_prefill_uncached_tokens"] for x in loads(server)}
+    body = {"text": "hello there, " * 6, "sampling_params": {"max_new_tokens": 8}}
+    with ThreadPoolExecutor(8) as ex:
+        codes = list(ex.map(lambda _: server.post("/generate", body).status_code, range(16)))
+    assert codes == [200] * 16
+    # Placement spreads concurrent requests: each replica ran prefills of its own.
+    after = wait_for_value(
+        lambda: {x["dp_rank"]: x["total_prefill_uncached_tokens"] for x in loads(server)},
+        lambda a: all(a[r] > before[r] for r in (0, 1)),
+        30,
+        "prefill on both replicas",
+        server.tail,
+    )
+    assert set(after) == {0, 1}
+    root = psutil.Process(server.proc.pid)
+    listening = [
+        c.laddr
+        for p in [root, *root.children(recursive=True)]
+        for c in p.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN
+    ]
+    assert any(addr.port == server.port for addr in listening)
+    for addr in listening:  # SGLang's, gloo's and ours: none beyond loopback
+        assert ipaddress.ip_address(addr.ip).is_loopback, addr
+
+
+def loads(server: Server) -> list[dict]:
+    return server.get("/v1/loads").json()["loads"]
+
+
+def test_replicas_serve_identical_adapters_after_steps(server: Server):
+    assert server.post("/mace/feedback", PAIRS).status_code == 200
+    s = wait_for(server, in_step)
+    reps = s["replicas"]
+    # Same version, same bytes: max abs difference 0 (sha256 of the served LoRA tensors).
+    assert reps[0]["adapter_digest"] is not None
+    assert reps[0]["adapter_digest"] == reps[1]["adapter_digest"]
+    assert reps[0]["adapters"] == reps[1]["adapters"] == {"live": reps[0]["adapter_version"]}
+    # Steps ran on the replicas, and every version one published reached the other.
+    assert sum(r["train_steps"] for r in reps) >= 3
+    for r in reps:
+        assert r["sync"]["errors"] == [] and r["sync"]["send_failures"] == 0
+    # Each version was published by one replica and installed by the other.
+    assert sum(r["sync"]["applied"] for r in reps) >= 1
+    assert all(r["sync"]["applied"] <= r["adapter_version"] for r in reps)
+
+
+def test_sigkill_mid_training_loses_nothing_and_replicas_resume_together(
+    server: Server, tiny_model_dir: Path, state_dir: Path, tmp_path: Path
+):
+    more = [{**p, "prompt": p["prompt"] + " again"} for p in PAIRS] * 3
+    assert server.post("/mace/feedback", more).status_code == 200
+    count = status(server)["feedback_count"]
+    start_version = status(server)["replicas"][0]["adapter_version"]
+    # Training is under way: a new version was published after this feedback arrived.
+    wait_for(server, lambda s: s["replicas"][0]["adapter_version"] > start_version, 120)
+    os.killpg(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(30)
+    newest = max(
+        json.loads(m.read_text())["version"]
+        for m in (state_dir / "adapters" / "live").glob("v*/mace.json")
+    )
+    # Restart paused (the setting POST /mace/train/pause writes), to read the versions
+    # the replicas resumed at before any new step.
+    conn = store.connect(state_dir / "feedback.sqlite3")
+    store.set_setting(conn, "paused", "1")
+    conn.close()
+    again = start(tiny_model_dir, state_dir, tmp_path / "dp-restart.log")
+    try:
+        s = status(again)
+        assert s["feedback_count"] == count  # nothing accepted was lost
+        versions = [r["adapter_version"] for r in s["replicas"]]
+        assert versions == [newest, newest]  # both resume from the newest checkpoint
+        digests = {r["adapter_digest"] for r in s["replicas"]}
+        assert len(digests) == 1 and None not in digests  # the same bytes, resumed
+        # Training goes on from there, on one adapter for both.
+        assert again.post("/mace/train/resume", {}).status_code == 200
+        s = wait_for(again, lambda s: in_step(s) and s["replicas"][0]["adapter_version"] > newest)
+        assert s["replicas"][0]["adapter_digest"] == s["replicas"][1]["adapter_digest"]
+    finally:
+        again.stop()
