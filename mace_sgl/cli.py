@@ -269,6 +269,11 @@ def _data_parallel(
             "share each step's result when it is published, and an unpublished step "
             "would be lost to the next step that runs on another replica."
         )
+    if cfg.train and cfg.auto_adapters:
+        raise SystemExit(
+            f"mace-sgl: --dp-size {n} --mace-train cannot create adapters at run time "
+            "(--mace-auto-adapters): name the tenants at start with --mace-adapters."
+        )
     if cpu:
         _split_cpu_cores(n)
     store = ""

@@ -4,7 +4,9 @@ training slots the controller reads, and two ReplicaSync ends in two processes."
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,45 +110,52 @@ def test_training_slots_carry_each_replicas_state(tmp_path: Path):
     assert (tmp_path / "training.slots").stat().st_mode & 0o777 == 0o600
 
 
-def _replica(rank: int, store: str, out: mp.Queue) -> None:
-    import time
+REPLICA = """
+import json, sys, time
+from pathlib import Path
+import torch
+from mace_sgl.trainer.replicas import ReplicaSync
 
-    from mace_sgl.trainer.replicas import ReplicaSync
-
-    sync = ReplicaSync(Path(store), rank, 2, timeout_s=60)
-    if rank == 0:
-        payload = torch.arange(10, dtype=torch.float32)
-        done = []
-        sync.send("live", 7, payload, lambda: done.append(True))
-        deadline = time.monotonic() + 60
-        while not sync.delivered():
-            assert time.monotonic() < deadline, "not delivered"
-            time.sleep(0.01)
-        out.put(("sent", sync.status()["sent"]))
-        time.sleep(1)  # the peer reads before this end goes away
-    else:
-        deadline = time.monotonic() + 60
-        got = []
-        while not got:
-            assert time.monotonic() < deadline, "nothing received"
-            got = sync.received()
-            time.sleep(0.01)
-        (u,) = got
-        out.put(("received", u.version, u.src, u.payload.tolist()))
+rank, store = int(sys.argv[1]), sys.argv[2]
+sync = ReplicaSync(Path(store), rank, 2, timeout_s=60)
+deadline = time.monotonic() + 60
+if rank == 0:
+    sync.send("live", 7, torch.arange(10, dtype=torch.float32), lambda: None)
+    while not sync.delivered():
+        assert time.monotonic() < deadline, "not delivered"
+        time.sleep(0.01)
+    print(json.dumps({"sent": sync.status()["sent"]}), flush=True)
+    time.sleep(1)  # the peer reads before this end goes away
+else:
+    got = []
+    while not got:
+        assert time.monotonic() < deadline, "nothing received"
+        got = sync.received()
+        time.sleep(0.01)
+    (u,) = got
+    print(json.dumps({"version": u.version, "src": u.src, "payload": u.payload.tolist()}))
+"""
 
 
 def test_two_replicas_sync_over_a_loopback_gloo_group(tmp_path: Path):
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_replica, args=(r, str(tmp_path), out)) for r in (0, 1)]
-    for p in procs:
-        p.start()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", REPLICA, str(rank), str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     try:
-        results = {m[0]: m[1:] for m in (out.get(timeout=120) for _ in procs)}
+        outs = [p.communicate(timeout=120) for p in procs]
     finally:
         for p in procs:
-            p.join(30)
-            if p.is_alive():
+            if p.poll() is None:
                 p.kill()
-    assert results["sent"] == (1,)
-    assert results["received"] == (7, 0, [float(i) for i in range(10)])
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    sender = json.loads(outs[0][0].strip().splitlines()[-1])
+    receiver = json.loads(outs[1][0].strip().splitlines()[-1])
+    assert sender == {"sent": 1}
+    assert receiver == {"version": 7, "src": 0, "payload": [float(i) for i in range(10)]}

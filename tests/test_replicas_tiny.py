@@ -120,6 +120,16 @@ def test_replicas_serve_identical_adapters_after_steps(server: Server):
     assert all(r["sync"]["applied"] <= r["adapter_version"] for r in reps)
 
 
+def test_run_time_adapters_are_refused_with_the_way_to_name_them_at_start(server: Server):
+    r = server.post("/mace/adapters", {"name": "team-a"})
+    assert r.status_code == 409 and "--mace-adapters" in r.json()["error"]
+    assert server.post("/mace/adapters", {"name": "live"}).json() == {
+        "name": "live",
+        "created": False,
+    }
+    assert "team-a" not in status(server)["tenants"]["names"]  # nothing left behind
+
+
 def test_sigkill_mid_training_loses_nothing_and_replicas_resume_together(
     server: Server, tiny_model_dir: Path, state_dir: Path, tmp_path: Path
 ):

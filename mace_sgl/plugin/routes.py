@@ -286,11 +286,22 @@ def _prepare_tenant_dir(cfg: MaceConfig, model_path: str, name: str) -> Path:
     return checkpoints(adapter_dir)[-1][1]
 
 
+RUNTIME_TENANTS_WITH_REPLICAS = (
+    "adapters cannot be created or retired at run time with --dp-size > 1 yet (SGLang "
+    "refuses its adapter routes with several replicas): name them at start with "
+    "--mace-adapters NAME,..."
+)
+
+
 async def create_tenant(cfg: MaceConfig, name: str, weight: float = 1.0) -> bool:
     """Create tenant `name`: its store row and, with --mace-train, its adapter in SGLang
     (whose scheduler-side trainer then picks it up). False if it existed already."""
     if not ADAPTER_NAME.match(name):
         raise TenantError(400, f"adapter name {name!r}: {ADAPTER_NAME_RULE}")
+    if cfg.train and cfg.replicas > 1:
+        if await asyncio.to_thread(_with_store, cfg, store.has_tenant, name):
+            return False
+        raise TenantError(409, RUNTIME_TENANTS_WITH_REPLICAS)
     created = await asyncio.to_thread(_with_store, cfg, store.add_tenant, name, weight)
     if not created or not cfg.train:
         return created
@@ -410,6 +421,8 @@ async def mace_adapters_delete(request: Request) -> JSONResponse:
         return _error(
             409, f"{name!r} is the default adapter (--mace-adapter-name): it always exists"
         )
+    if cfg.train and cfg.replicas > 1:
+        return _error(409, RUNTIME_TENANTS_WITH_REPLICAS)
     retired = await asyncio.to_thread(_with_store, cfg, store.retire_tenant, name)
     if not retired:
         return _error(404, f"no adapter named {name!r}")
