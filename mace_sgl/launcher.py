@@ -157,6 +157,18 @@ class Server:
         lps = [x[0] for x in meta["input_token_logprobs"]]
         return sum(lps[len(prompt) :]), meta
 
+    def listening(self) -> list[Any]:
+        """The addresses (psutil's laddr) every process of the server listens on."""
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        return [
+            c.laddr
+            for p in [root, *root.children(recursive=True)]
+            for c in p.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN
+        ]
+
     def stop(self) -> None:
         """SIGTERM the process group, SIGKILL after 30 s."""
         self._kill()

@@ -12,7 +12,6 @@ import signal
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import psutil
 import pytest
 from tiny_model import tiny_serve_args
 from waits import wait_for_value
@@ -87,13 +86,7 @@ def test_both_replicas_serve_on_loopback_only(server: Server):
         server.tail,
     )
     assert set(after) == {0, 1}
-    root = psutil.Process(server.proc.pid)
-    listening = [
-        c.laddr
-        for p in [root, *root.children(recursive=True)]
-        for c in p.net_connections(kind="inet")
-        if c.status == psutil.CONN_LISTEN
-    ]
+    listening = server.listening()
     assert any(addr.port == server.port for addr in listening)
     for addr in listening:  # SGLang's, gloo's and ours: none beyond loopback
         assert ipaddress.ip_address(addr.ip).is_loopback, addr
