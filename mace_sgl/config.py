@@ -180,6 +180,23 @@ class MaceConfig:
             "flag": False,
         },
     )
+    train_ranks: str = field(
+        default="",
+        metadata={
+            "help": "With --dp-size > 1: comma-separated data-parallel ranks whose "
+            "trainers may run steps (default: every replica); the others only serve and "
+            "install what those publish (e.g. 1 for a dedicated training replica)."
+        },
+    )
+    sync_every_s: float = field(
+        default=0.0,
+        metadata={
+            "help": "With --dp-size > 1: send a published adapter to the other replicas "
+            "at most every this many seconds, the newest version only (0: at every "
+            "publish). Periodic sync is the `separate` baseline's; steps report to the "
+            "sidecar only once their version reached every replica."
+        },
+    )
     placement: str = field(
         default="lemix",
         metadata={
@@ -322,6 +339,11 @@ class MaceConfig:
             raise ValueError(f"kv_ram_fraction must be in (0, 0.9], got {self.kv_ram_fraction}")
         if self.replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.sync_every_s < 0:
+            raise ValueError(f"sync_every_s must be >= 0, got {self.sync_every_s}")
+        bad = [r for r in self.training_ranks or () if not 0 <= r < self.replicas]
+        if bad:
+            raise ValueError(f"--mace-train-ranks {bad}: ranks are 0..{self.replicas - 1}")
         if self.pairs_per_step < 1 or self.publish_every < 1 or self.lora_rank < 1:
             raise ValueError("pairs_per_step, publish_every and lora_rank must be >= 1")
         if self.policy not in ("inference-only", "fcfs-reserve", "mace", "synchronous"):
@@ -391,6 +413,15 @@ class MaceConfig:
             return Path(self.state_dir)
         base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
         return Path(base) / "mace-sgl"
+
+    @property
+    def training_ranks(self) -> list[int] | None:
+        """--mace-train-ranks as a list of ranks (None: every replica may train)."""
+        try:
+            ranks = [int(r) for r in self.train_ranks.split(",") if r.strip()]
+        except ValueError:
+            raise ValueError(f"--mace-train-ranks {self.train_ranks!r}: ranks like 0,1") from None
+        return ranks or None
 
     @property
     def targets(self) -> list[str]:

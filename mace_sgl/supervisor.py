@@ -50,6 +50,7 @@ def sidecar_command(cfg: MaceConfig, parent_pid: int) -> list[str]:
         str(parent_pid),
         "--replicas",
         str(cfg.replicas),
+        *(["--train-ranks", cfg.train_ranks] if cfg.training_ranks else []),
     ]
 
 

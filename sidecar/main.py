@@ -73,6 +73,7 @@ class Sidecar:
         max_train_count: int = 3,
         parent_pid: int | None = None,
         replicas: int = 1,
+        train_ranks: list[int] | None = None,
     ) -> None:
         self.id = uuid.uuid4().hex
         self.max_train_count = max_train_count
@@ -83,6 +84,8 @@ class Sidecar:
         store.add_tenant(self.conn, adapter)
         self.ctx = zmq.Context()
         self.replicas = replicas
+        # The ranks whose trainers may take Work (None: all); the others only serve.
+        self.train_ranks = set(train_ranks) if train_ranks else None
         self.pushes, self.pull = channels.bind_sidecar_replicas(
             self.ctx, state_dir / "run", replicas
         )
@@ -140,6 +143,8 @@ class Sidecar:
                 logger.warning("requeued %d samples picked but never delivered", freed)
         if msg.want <= 0:
             return
+        if self.train_ranks is not None and msg.dp_rank not in self.train_ranks:
+            return  # a serving-only replica (--mace-train-ranks)
         if self.replicas > 1 and store.held_elsewhere(self.conn, msg.session):
             self.lease_refusals += 1  # another replica is training: one step at a time
             return
@@ -242,12 +247,20 @@ def main(argv: list[str] | None = None) -> int:
         "--replicas", type=int, default=1, help="data-parallel replicas, one trainer each"
     )
     parser.add_argument(
+        "--train-ranks", default="", help="comma-separated ranks that may train (default all)"
+    )
+    parser.add_argument(
         "--parent-pid", type=int, default=None, help="exit when this process is gone"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s sidecar] %(message)s")
     sidecar = Sidecar(
-        args.state_dir, args.adapter, args.max_train_count, args.parent_pid, args.replicas
+        args.state_dir,
+        args.adapter,
+        args.max_train_count,
+        args.parent_pid,
+        args.replicas,
+        [int(r) for r in args.train_ranks.split(",") if r.strip()] or None,
     )
     signal.signal(signal.SIGTERM, sidecar.stop)
     signal.signal(signal.SIGINT, sidecar.stop)

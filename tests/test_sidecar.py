@@ -341,3 +341,29 @@ def test_replicas_train_one_at_a_time_from_the_newest_version(tmp_path: Path, co
         t0.close()
         t1.close()
         assert sidecar.stop() == 0
+
+
+def test_only_the_training_ranks_get_work(tmp_path: Path, conn):
+    """--train-ranks 1 (`--mace-train-ranks`): rank 0 only serves; its Ready gets no Work."""
+    (a,) = store.add_feedback(conn, [pair(0)])
+    sidecar = SidecarProcess(tmp_path, "--replicas", "2", "--train-ranks", "1")
+    t0 = FakeTrainer(tmp_path / "run", "r0", dp_rank=0)
+    t1 = FakeTrainer(tmp_path / "run", "r1", dp_rank=1)
+    try:
+        for t in (t0, t1):
+            t.send(Hello(t.session, "live", t.dp_rank))
+            t.handshake()
+        t0.ready(1)
+        # A new session of rank 0, on the same socket: the sidecar reads the Ready first,
+        # and anything it sent rank 0 for it arrives before the Control of the new session.
+        t0.send(Hello("r0b", "live", 0))
+        t0.session = "r0b"
+        got = [t0.recv()]
+        while not (isinstance(got[-1], Control) and got[-1].session == "r0b"):
+            got.append(t0.recv())
+        assert not [m for m in got if isinstance(m, Work)]  # rank 0 got no Work
+        assert [s.id for s in t1.work(1).samples] == [a]
+    finally:
+        t0.close()
+        t1.close()
+        assert sidecar.stop() == 0

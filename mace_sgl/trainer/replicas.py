@@ -125,10 +125,20 @@ class SyncStats:
 class ReplicaSync:
     """This replica's end of the group: a sending and a receiving thread."""
 
-    def __init__(self, store_dir: Path, rank: int, world: int, timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        store_dir: Path,
+        rank: int,
+        world: int,
+        timeout_s: float = 600.0,
+        every_s: float = 0.0,
+    ) -> None:
+        """every_s > 0 (--mace-sync-every-s): send at most that often, the newest state
+        of each tenant only (versions queued meanwhile are superseded by it)."""
         from torch.distributed import FileStore, ProcessGroupGloo
 
         self.rank, self.world = rank, world
+        self.every_s = every_s
         self.peers = [r for r in range(world) if r != rank]
         self.stats = SyncStats()
         store = FileStore(str(Path(store_dir) / STORE_FILE), world)
@@ -182,21 +192,35 @@ class ReplicaSync:
     def _send_loop(self) -> None:
         import time
 
+        last = float("-inf")
         while True:
-            key, version, payload, done = self._outbox.get()
-            header = torch.tensor([MAGIC, key, version, payload.numel()], dtype=torch.int64)
+            batch = [self._outbox.get()]
+            wait = last + self.every_s - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            batch += _drain(self._outbox)
+            newest: dict[int, tuple[int, torch.Tensor]] = {}
+            for key, version, payload, _ in batch:
+                if key not in newest or version > newest[key][0]:
+                    newest[key] = (version, payload)
             start = time.perf_counter()
             try:
-                for peer in self.peers:
-                    self.pg.send([header], peer, TAG_HEADER).wait(self.send_timeout)
-                    self.pg.send([payload], peer, TAG_PAYLOAD).wait(self.send_timeout)
+                for key, (version, payload) in newest.items():
+                    header = torch.tensor(
+                        [MAGIC, key, version, payload.numel()], dtype=torch.int64
+                    )
+                    for peer in self.peers:
+                        self.pg.send([header], peer, TAG_HEADER).wait(self.send_timeout)
+                        self.pg.send([payload], peer, TAG_PAYLOAD).wait(self.send_timeout)
+                    self.stats.sent += 1
             except Exception as e:  # the peer is gone: the server is going down with it
                 self.stats.send_failures += 1
-                self._error(f"send v{version}: {type(e).__name__}: {e}")
+                self._error(f"send: {type(e).__name__}: {e}")
                 continue
-            self.stats.sent += 1
+            last = time.monotonic()
             self.stats.last_send_ms = (time.perf_counter() - start) * 1000
-            self._done.put(done)
+            for _, _, _, done in batch:  # superseded versions are delivered by the newest
+                self._done.put(done)
 
     def _receive_loop(self) -> None:
         while True:

@@ -164,7 +164,9 @@ class MaceTrainer:
         self.dp_rank = host.dp_rank
         # With --dp-size > 1: the group that keeps every replica's adapters identical.
         self.replicas = (
-            ReplicaSync(Path(cfg.replica_store), host.dp_rank, cfg.replicas)
+            ReplicaSync(
+                Path(cfg.replica_store), host.dp_rank, cfg.replicas, every_s=cfg.sync_every_s
+            )
             if cfg.replicas > 1
             else None
         )

@@ -1,0 +1,243 @@
+"""Several replicas that serve and train: LeMix placement against its baselines.
+
+    python -m benchmarks.lemix [--quick] [--out DIR] [--model-path P] [--load-s S]
+        [--load-factor F] [--sync-every-s T] [--methods a,b,...]
+
+Every method is one `mace-sgl serve --dp-size 2 --mace-train` on this machine (2
+replicas; on CPU each replica's OpenMP threads get half the cores, SGLANG_CPU_OMP_THREADS_BIND
+"0|1" on 2 cores, and the HTTP, controller, detokenizer and sidecar processes and this
+load generator share the same cores):
+
+- `lemix`: `--mace-placement lemix` (the default): placement by predicted response time,
+  training leased to one replica at a time, every publish synced to the other at once;
+- `round-robin`: `--mace-placement sglang --load-balance-method round_robin` (NaiveMix);
+- `total-tokens`: `--mace-placement sglang --load-balance-method total_tokens`;
+- `separate`: replica 0 only serves (every request carries `X-Data-Parallel-Rank: 0`),
+  replica 1 only trains (`--mace-train-ranks 1`), and the adapter reaches replica 0 at
+  most every --sync-every-s seconds (`--mace-sync-every-s`).
+
+First, on the `separate` server, the capacity of ONE replica: completed requests/s of a
+closed loop of 8 streaming clients pinned to replica 0. Its TTFT p50 and TBT p50 x 3
+become the SLO targets (a replica under saturating load, with slack; the same for every
+method). Then each method runs an open-loop Poisson load at --load-factor (default 1.5)
+x that capacity, a rate one replica alone cannot hold, while feedback keeps arriving (a
+backlog, then one pair per second), and /mace/status is polled every 0.5 s.
+
+DIR/results.json: {"methods": {NAME: {"throughput_tok_s", "slo_attainment",
+"ttft_p99_ms", "tbt_p99_ms", "train_tokens_per_s", "idle_fraction",
+"adapter_staleness_s", ...}}, "capacity_rps", "slo", "machine", ...} and DIR/lemix.png.
+train_tokens_per_s counts the tokens of completed DPO steps on both replicas;
+idle_fraction is the mean over replicas of 1 - serving seconds / wall seconds;
+adapter_staleness_s is, averaged over the polls, how long the replica furthest behind
+has been serving an older version than the newest one any replica published (0 when
+all serve the newest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.colocate import FeedbackStream, request_body
+from benchmarks.loadgen import closed_loop, percentile_ms, poisson_load, summarize
+from benchmarks.serve_smoke import machine
+from mace_sgl.launcher import Server
+
+METHODS = ("lemix", "round-robin", "total-tokens", "separate")
+PIN = {"X-Data-Parallel-Rank": "0"}  # `separate`: requests go to the serving replica
+
+
+def method_flags(method: str, sync_every_s: float) -> list[str]:
+    """`mace-sgl serve` flags of a method (besides the common ones)."""
+    return {
+        "lemix": ["--mace-placement", "lemix"],
+        "round-robin": ["--mace-placement", "sglang", "--load-balance-method", "round_robin"],
+        "total-tokens": ["--mace-placement", "sglang", "--load-balance-method", "total_tokens"],
+        "separate": [
+            "--mace-placement",
+            "sglang",
+            "--mace-train-ranks",
+            "1",
+            "--mace-sync-every-s",
+            str(sync_every_s),
+        ],  # fmt: skip
+    }[method]
+
+
+def start_server(args: argparse.Namespace, method: str, out: Path) -> Server:
+    flags = ["--log-level", "warning", "--dp-size", "2", "--mace-train",
+             "--mace-default-adapter", "live", "--mace-state-dir", str(out / f"state-{method}"),
+             *method_flags(method, args.sync_every_s)]  # fmt: skip
+    if args.model_path:
+        flags += ["--model-path", args.model_path]
+    return Server(flags, out / f"server-{method}.log", timeout_s=900)
+
+
+class Poller:
+    """/mace/status every `every_s` in a thread: per-replica trained tokens, serving
+    seconds and adapter versions, for training throughput, idle and staleness."""
+
+    def __init__(self, server: Server, every_s: float = 0.5) -> None:
+        self.server, self.every_s = server, every_s
+        self.samples: list[tuple[float, list[dict[str, Any]]]] = []
+        self.stop_event = threading.Event()
+        self.first_seen: dict[int, float] = {}  # version -> when a replica first served it
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self._poll()
+        self.thread.start()
+
+    def _poll(self) -> None:
+        try:
+            s = self.server.get("/mace/status").json()
+        except Exception:  # a missed poll is a gap, not a failed benchmark
+            return
+        now = time.monotonic()
+        reps = []
+        for sched in s["schedulers"]:
+            t = (sched or {}).get("trainer") or {}
+            reps.append(
+                {
+                    "version": t.get("adapter_version", 0),
+                    "tokens": t.get("trained_tokens", 0),
+                    "serving": t.get("serving_seconds", 0.0),
+                    "steps": t.get("train_steps", 0),
+                }
+            )
+        for r in reps:
+            self.first_seen.setdefault(r["version"], now)
+        self.samples.append((now, reps))
+
+    def _run(self) -> None:
+        while not self.stop_event.wait(self.every_s):
+            self._poll()
+
+    def done(self) -> dict[str, float]:
+        self.stop_event.set()
+        self.thread.join()
+        self._poll()
+        (t0, first), (t1, last) = self.samples[0], self.samples[-1]
+        wall = t1 - t0
+        tokens = sum(b["tokens"] - a["tokens"] for a, b in zip(first, last, strict=True))
+        idle = [
+            max(0.0, 1.0 - (b["serving"] - a["serving"]) / wall)
+            for a, b in zip(first, last, strict=True)
+        ]
+        stale = []
+        for now, reps in self.samples:
+            newest = max(r["version"] for r in reps)
+            behind = min(r["version"] for r in reps)
+            # Since the first version newer than what the furthest-behind replica serves
+            # appeared anywhere (versions superseded between two polls are never seen).
+            newer = [t for v, t in self.first_seen.items() if behind < v <= newest]
+            stale.append(now - min(newer) if newer else 0.0)
+        return {
+            "wall_s": wall,
+            "train_tokens_per_s": tokens / wall if wall else 0.0,
+            "train_steps": sum(b["steps"] - a["steps"] for a, b in zip(first, last, strict=True)),
+            "idle_fraction": sum(idle) / len(idle),
+            "adapter_staleness_s": sum(stale) / len(stale),
+            "versions": [r["version"] for r in last],
+        }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    out = Path(args.out or tempfile.mkdtemp(prefix="lemix-"))
+    out.mkdir(parents=True, exist_ok=True)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+    body = lambda i: request_body(i, args.max_tokens)  # noqa: E731
+    capacity = slo = None
+    order = ["separate", *[m for m in methods if m != "separate"]]  # capacity comes first
+    measured: dict[str, dict[str, Any]] = {}
+    for method in order:
+        server = start_server(args, method, out)
+        try:
+            headers = PIN if method == "separate" else None
+            closed_loop(server.url, 2, 5.0, body, headers)  # warm-up
+            if capacity is None:
+                results, wall = closed_loop(server.url, 8, args.capacity_s, body, PIN)
+                ok = [r for r in results if r.error is None and r.ttft is not None]
+                capacity = len(ok) / wall
+                slo = {
+                    "ttft_ms": 3 * percentile_ms([r.ttft for r in ok], 50),
+                    "tbt_ms": 3 * percentile_ms([g for r in ok for g in r.gaps], 50),
+                }
+                print(f"one replica: {capacity:.2f} requests/s; SLO {slo}", file=sys.stderr)
+            if method not in methods:
+                continue
+            feedback = FeedbackStream(server, backlog=args.backlog, interval_s=1.0)
+            poller = Poller(server)
+            rate = args.load_factor * capacity
+            results = poisson_load(server.url, rate, args.load_s, body, seed=7, headers=headers)
+            stats = poller.done()
+            feedback.stop()
+            summary = summarize(results, slo["ttft_ms"], slo["tbt_ms"], stats["wall_s"])
+            measured[method] = {**summary, **stats, "rate_rps": rate}
+            print(f"{method}: {json.dumps(measured[method])}", file=sys.stderr)
+        finally:
+            server.stop()
+    result = {
+        "methods": measured,
+        "capacity_rps": capacity,
+        "load_factor": args.load_factor,
+        "slo": slo,
+        "load_s": args.load_s,
+        "max_tokens": args.max_tokens,
+        "sync_every_s": args.sync_every_s,
+        "threads": "2 replicas: SGLANG_CPU_OMP_THREADS_BIND splits the cores in halves; "
+        "HTTP, controller, detokenizer, sidecar and the load generator share them",
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(measured, out / "lemix.png")
+    return result
+
+
+def plot(measured: dict[str, dict[str, Any]], path: Path) -> None:
+    """One bar panel per headline metric, one bar per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ("slo_attainment", "throughput_tok_s", "train_tokens_per_s", "tbt_p99_ms")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5))
+    names = list(measured)
+    for ax, key in zip(axes, keys, strict=True):
+        ax.bar(names, [measured[n].get(key) or 0.0 for n in names])
+        ax.set_title(key)
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short runs (CPU, < 30 min)")
+    parser.add_argument("--out", default=None, help="directory for results.json and the PNG")
+    parser.add_argument("--model-path", default=None, help="default: the embedded model")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--load-s", type=float, default=None, help="seconds of load per method")
+    parser.add_argument("--capacity-s", type=float, default=None)
+    parser.add_argument("--load-factor", type=float, default=1.5, help="x one replica's capacity")
+    parser.add_argument("--sync-every-s", type=float, default=30.0, help="`separate` only")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request")
+    parser.add_argument("--backlog", type=int, default=40, help="pairs queued per run")
+    args = parser.parse_args()
+    args.load_s = args.load_s or (180.0 if args.quick else 600.0)
+    args.capacity_s = args.capacity_s or (60.0 if args.quick else 180.0)
+    result = run(args)
+    print(json.dumps(result["methods"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
