@@ -31,16 +31,19 @@ def test_profile_is_measured_fitted_and_loaded(tiny_model_dir: Path, tmp_path: P
     for kind in ("prefill", "decode", "fwd", "head", "bwd", "opt", "publish"):
         assert samples[kind] > 0, f"no {kind} measured"
     cost = prof.cost
-    # Every fitted term is a cost: longer prefills are never predicted faster. Strictly
-    # slower is a property of the device, not of the fit: on a 2-core EPYC this 64-wide
-    # model's prefill cost the same at 16 and 512 tokens within noise (fitted 2.4e-7 s and
-    # 0 s per token on 2026-12-02). Eight decode rows at 2k context are measurably slower.
+    # Every fitted term is a cost: longer prefills and bigger decodes are never predicted
+    # faster. Strictly slower is a property of the device, not of the fit: on a 2-core
+    # EPYC this 64-wide model's prefill cost the same at 16 and 512 tokens within noise
+    # (fitted 2.4e-7 s and 0 s per token on 2026-12-02), and on the 2-core Xeon its
+    # decode the same at batch 1 and at batch 8 with 2k context (fitted 0 per row and
+    # per context token on 2026-12-03: per-step overhead dominates this model).
     for kind in ("prefill", "decode"):
         fitted = cost.to_dict()["weights"][kind]
         assert all(math.isfinite(w) and w >= 0 for w in fitted), fitted
     assert cost.predict("prefill", tokens=512, context=512) >= cost.predict("prefill", tokens=16)
     assert cost.predict("prefill", tokens=16) > 0
-    assert cost.predict("decode", batch=8, context=2048) > cost.predict("decode", batch=1)
+    assert cost.predict("decode", batch=8, context=2048) >= cost.predict("decode", batch=1)
+    assert cost.predict("decode", batch=1) > 0
     assert cost.mem_per_token["bwd"] > 0  # saved-activation bytes of backward slices
     assert 0 < prof.slo.tbt_ms < prof.slo.ttft_ms
 
