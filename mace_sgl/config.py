@@ -341,8 +341,9 @@ class MaceConfig:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
         if self.sync_every_s < 0:
             raise ValueError(f"sync_every_s must be >= 0, got {self.sync_every_s}")
+        # Checked once the launcher set `replicas` from --dp-size (ranks are its).
         bad = [r for r in self.training_ranks or () if not 0 <= r < self.replicas]
-        if bad:
+        if bad and self.replicas > 1:
             raise ValueError(f"--mace-train-ranks {bad}: ranks are 0..{self.replicas - 1}")
         if self.pairs_per_step < 1 or self.publish_every < 1 or self.lora_rank < 1:
             raise ValueError("pairs_per_step, publish_every and lora_rank must be >= 1")

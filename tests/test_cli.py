@@ -132,6 +132,12 @@ def test_data_parallel_training_is_accepted_with_its_own_placement_and_cores(
         cli.resolve_serve_args(
             [*argv, "--mace-train", "--dp-size", "2", "--mace-publish-every", "2"]
         )
+    with pytest.raises(ValueError, match="ranks are 0..1"):
+        cli.resolve_serve_args([*argv, "--mace-train", "--dp-size", "2", "--mace-train-ranks", "2"])
+    args, cfg = cli.resolve_serve_args(
+        [*argv, "--mace-train", "--dp-size", "2", "--mace-train-ranks", "1"]
+    )
+    assert cfg.training_ranks == [1]
     with pytest.raises(SystemExit, match="--mace-placement sglang"):
         cli.resolve_serve_args([*argv, "--dp-size", "2", "--load-balance-method", "total_tokens"])
     args, cfg = cli.resolve_serve_args(
