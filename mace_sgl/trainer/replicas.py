@@ -206,9 +206,7 @@ class ReplicaSync:
             start = time.perf_counter()
             try:
                 for key, (version, payload) in newest.items():
-                    header = torch.tensor(
-                        [MAGIC, key, version, payload.numel()], dtype=torch.int64
-                    )
+                    header = torch.tensor([MAGIC, key, version, payload.numel()], dtype=torch.int64)
                     for peer in self.peers:
                         self.pg.send([header], peer, TAG_HEADER).wait(self.send_timeout)
                         self.pg.send([payload], peer, TAG_PAYLOAD).wait(self.send_timeout)
