@@ -4,6 +4,7 @@ restart, Work of a dead sidecar, and malformed messages on either side."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -308,17 +309,28 @@ def test_the_trainer_shares_steps_by_the_store_weights_the_sidecar_sends(tmp_pat
         t.pull.close(linger=0)
 
 
+@contextlib.contextmanager
+def two_replicas(tmp_path: Path, *args: str):
+    """A sidecar with --replicas 2 (and `args`), and the trainers of ranks 0 and 1
+    (sessions r0, r1), each greeted and handed the sidecar's id."""
+    sidecar = SidecarProcess(tmp_path, "--replicas", "2", *args)
+    trainers = [FakeTrainer(tmp_path / "run", f"r{r}", dp_rank=r) for r in (0, 1)]
+    try:
+        for t in trainers:
+            t.send(Hello(t.session, "live", t.dp_rank))
+            t.handshake()
+        yield trainers
+    finally:
+        for t in trainers:
+            t.close()
+        assert sidecar.stop() == 0
+
+
 def test_replicas_train_one_at_a_time_from_the_newest_version(tmp_path: Path, conn):
     """--replicas 2: Work goes to one replica's trainer while another holds samples, and
     names the versions the steps reported; a rank's new session frees only its own."""
     ids = store.add_feedback(conn, [pair(i) for i in range(4)])
-    sidecar = SidecarProcess(tmp_path, "--replicas", "2")
-    t0 = FakeTrainer(tmp_path / "run", "r0", dp_rank=0)
-    t1 = FakeTrainer(tmp_path / "run", "r1", dp_rank=1)
-    try:
-        for t in (t0, t1):
-            t.send(Hello(t.session, "live", t.dp_rank))
-            t.handshake()
+    with two_replicas(tmp_path) as (t0, t1):
         first = t0.work(2)
         assert [s.id for s in first.samples] == ids[:2] and first.versions == {}
         t1.ready(2)  # refused: rank 0 holds samples in flight
@@ -337,22 +349,12 @@ def test_replicas_train_one_at_a_time_from_the_newest_version(tmp_path: Path, co
         second = t1.work(2)
         assert [s.id for s in second.samples] == ids[2:] and second.versions == {"live": 1}
         assert [inflight(conn, i) for i in ids] == [None, None, "r1b", "r1b"]
-    finally:
-        t0.close()
-        t1.close()
-        assert sidecar.stop() == 0
 
 
 def test_only_the_training_ranks_get_work(tmp_path: Path, conn):
     """--train-ranks 1 (`--mace-train-ranks`): rank 0 only serves; its Ready gets no Work."""
     (a,) = store.add_feedback(conn, [pair(0)])
-    sidecar = SidecarProcess(tmp_path, "--replicas", "2", "--train-ranks", "1")
-    t0 = FakeTrainer(tmp_path / "run", "r0", dp_rank=0)
-    t1 = FakeTrainer(tmp_path / "run", "r1", dp_rank=1)
-    try:
-        for t in (t0, t1):
-            t.send(Hello(t.session, "live", t.dp_rank))
-            t.handshake()
+    with two_replicas(tmp_path, "--train-ranks", "1") as (t0, t1):
         t0.ready(1)
         # A new session of rank 0, on the same socket: the sidecar reads the Ready first,
         # and anything it sent rank 0 for it arrives before the Control of the new session.
@@ -363,7 +365,3 @@ def test_only_the_training_ranks_get_work(tmp_path: Path, conn):
             got.append(t0.recv())
         assert not [m for m in got if isinstance(m, Work)]  # rank 0 got no Work
         assert [s.id for s in t1.work(1).samples] == [a]
-    finally:
-        t0.close()
-        t1.close()
-        assert sidecar.stop() == 0
