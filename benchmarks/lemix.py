@@ -4,9 +4,10 @@
         [--load-factor F] [--sync-every-s T] [--methods a,b,...]
 
 Every method is one `mace-sgl serve --dp-size 2 --mace-train` on this machine (2
-replicas; on CPU each replica's OpenMP threads get half the cores, SGLANG_CPU_OMP_THREADS_BIND
-"0|1" on 2 cores, and the HTTP, controller, detokenizer and sidecar processes and this
-load generator share the same cores):
+replicas). On CPU each replica's scheduler runs on its half of the cores
+(SGLANG_CPU_OMP_THREADS_BIND "0|1" on 2 cores; the plugin pins the scheduler's threads
+there and sets torch's thread count to match, plugin/cpu.py bind_threads), while the HTTP,
+controller, detokenizer and sidecar processes and this load generator float over all cores:
 
 - `lemix`: `--mace-placement lemix` (the default): placement by predicted response time,
   training leased to one replica at a time, every publish synced to the other at once;
@@ -16,12 +17,16 @@ load generator share the same cores):
   replica 1 only trains (`--mace-train-ranks 1`), and the adapter reaches replica 0 at
   most every --sync-every-s seconds (`--mace-sync-every-s`).
 
-First, on the `separate` server, the capacity of ONE replica: completed requests/s of a
-closed loop of 8 streaming clients pinned to replica 0. Its TTFT p50 and TBT p50 x 3
-become the SLO targets (a replica under saturating load, with slack; the same for every
-method). Then each method runs an open-loop Poisson load at --load-factor (default 1.5)
-x that capacity, a rate one replica alone cannot hold, while feedback keeps arriving (a
-backlog, then one pair per second), and /mace/status is polled every 0.5 s.
+First, on a `separate` server of its own, the capacity of ONE replica: completed
+requests/s of a closed loop of 8 streaming clients pinned to replica 0 while replica 1
+trains. Its TTFT p50 and TBT p50 x 3 become the SLO targets (a replica under saturating
+load, with slack), the same for every method and handed to every method's servers
+(`--mace-slo-ttft-ms`, `--mace-slo-tbt-ms`) so their training reserve answers to them.
+Then each method runs an open-loop Poisson load at --load-factor (default 1.5) x that
+capacity, a rate one replica alone cannot hold, while feedback keeps arriving (a backlog,
+then one pair per second), and /mace/status is polled every 0.5 s. A request still
+running --drain-s after the last arrival counts as unfinished (an error, SLO missed), so
+an overloaded method cannot stretch the run.
 
 DIR/results.json: {"methods": {NAME: {"throughput_tok_s", "slo_attainment",
 "ttft_p99_ms", "tbt_p99_ms", "train_tokens_per_s", "idle_fraction",
@@ -70,13 +75,38 @@ def method_flags(method: str, sync_every_s: float) -> list[str]:
     }[method]
 
 
-def start_server(args: argparse.Namespace, method: str, out: Path) -> Server:
+def start_server(
+    args: argparse.Namespace, method: str, out: Path, slo: dict[str, float] | None, name: str
+) -> Server:
+    """`slo`: the targets every method is judged by, handed to the server's MACE policy
+    (`--mace-slo-*`) so its training reserve answers to the same targets."""
     flags = ["--log-level", "warning", "--dp-size", "2", "--mace-train",
-             "--mace-default-adapter", "live", "--mace-state-dir", str(out / f"state-{method}"),
+             "--mace-default-adapter", "live", "--mace-state-dir", str(out / f"state-{name}"),
              *method_flags(method, args.sync_every_s)]  # fmt: skip
+    if slo is not None:
+        flags += ["--mace-slo-ttft-ms", f"{slo['ttft_ms']:.1f}",
+                  "--mace-slo-tbt-ms", f"{slo['tbt_ms']:.1f}"]  # fmt: skip
     if args.model_path:
         flags += ["--model-path", args.model_path]
-    return Server(flags, out / f"server-{method}.log", timeout_s=900)
+    return Server(flags, out / f"server-{name}.log", timeout_s=900)
+
+
+def measure_capacity(args: argparse.Namespace, out: Path) -> tuple[float, dict[str, float]]:
+    """ONE replica's capacity and the SLO targets, on a `separate` server of its own
+    (replica 1 trains meanwhile): a closed loop of 8 clients pinned to replica 0."""
+    body = lambda i: request_body(i, args.max_tokens)  # noqa: E731
+    server = start_server(args, "separate", out, None, "capacity")
+    try:
+        closed_loop(server.url, 2, 5.0, body, PIN)  # warm-up
+        results, wall = closed_loop(server.url, 8, args.capacity_s, body, PIN)
+    finally:
+        server.stop()
+    ok = [r for r in results if r.error is None and r.ttft is not None]
+    slo = {
+        "ttft_ms": 3 * percentile_ms([r.ttft for r in ok], 50),
+        "tbt_ms": 3 * percentile_ms([g for r in ok for g in r.gaps], 50),
+    }
+    return len(ok) / wall, slo
 
 
 class Poller:
@@ -154,29 +184,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
     body = lambda i: request_body(i, args.max_tokens)  # noqa: E731
-    capacity = slo = None
-    order = ["separate", *[m for m in methods if m != "separate"]]  # capacity comes first
+    capacity, slo = measure_capacity(args, out)
+    print(f"one replica: {capacity:.3f} requests/s; SLO {slo}", file=sys.stderr)
+    rate = args.load_factor * capacity
     measured: dict[str, dict[str, Any]] = {}
-    for method in order:
-        server = start_server(args, method, out)
+    for method in methods:
+        server = start_server(args, method, out, slo, method)
         try:
             headers = PIN if method == "separate" else None
             closed_loop(server.url, 2, 5.0, body, headers)  # warm-up
-            if capacity is None:
-                results, wall = closed_loop(server.url, 8, args.capacity_s, body, PIN)
-                ok = [r for r in results if r.error is None and r.ttft is not None]
-                capacity = len(ok) / wall
-                slo = {
-                    "ttft_ms": 3 * percentile_ms([r.ttft for r in ok], 50),
-                    "tbt_ms": 3 * percentile_ms([g for r in ok for g in r.gaps], 50),
-                }
-                print(f"one replica: {capacity:.2f} requests/s; SLO {slo}", file=sys.stderr)
-            if method not in methods:
-                continue
             feedback = FeedbackStream(server, backlog=args.backlog, interval_s=1.0)
             poller = Poller(server)
-            rate = args.load_factor * capacity
-            results = poisson_load(server.url, rate, args.load_s, body, seed=7, headers=headers)
+            results = poisson_load(server.url, rate, args.load_s, body, seed=7,
+                                   headers=headers, drain_s=args.drain_s)  # fmt: skip
             stats = poller.done()
             feedback.stop()
             summary = summarize(results, slo["ttft_ms"], slo["tbt_ms"], stats["wall_s"])
@@ -190,6 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "load_factor": args.load_factor,
         "slo": slo,
         "load_s": args.load_s,
+        "drain_s": args.drain_s,
         "max_tokens": args.max_tokens,
         "sync_every_s": args.sync_every_s,
         "threads": "2 replicas: SGLANG_CPU_OMP_THREADS_BIND splits the cores in halves; "
@@ -228,6 +249,9 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--load-s", type=float, default=None, help="seconds of load per method")
     parser.add_argument("--capacity-s", type=float, default=None)
+    parser.add_argument(
+        "--drain-s", type=float, default=None, help="longest wait for requests after the load"
+    )
     parser.add_argument("--load-factor", type=float, default=1.5, help="x one replica's capacity")
     parser.add_argument("--sync-every-s", type=float, default=30.0, help="`separate` only")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request")
@@ -235,6 +259,7 @@ def main() -> None:
     args = parser.parse_args()
     args.load_s = args.load_s or (180.0 if args.quick else 600.0)
     args.capacity_s = args.capacity_s or (60.0 if args.quick else 180.0)
+    args.drain_s = args.drain_s or (90.0 if args.quick else 300.0)
     result = run(args)
     print(json.dumps(result["methods"], indent=2))
 

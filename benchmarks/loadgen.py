@@ -84,19 +84,26 @@ def poisson_load(
     seed: int = 0,
     headers: dict[str, str] | None = None,
     on_result: Callable[[int, dict[str, Any], RequestResult], None] | None = None,
+    drain_s: float | None = None,
 ) -> list[RequestResult]:
     """Requests at exponential inter-arrival times (mean 1/rate) for duration_s; waits for
-    every request sent to finish. `on_result(i, body, result)` runs as each one ends."""
+    every request sent to finish. `on_result(i, body, result)` runs as each one ends.
+
+    With `drain_s`, waits at most that long after the last arrival: a request still
+    running then is a result with error "unfinished ..." (an overloaded server's backlog
+    bounds the run instead of stretching it; its tokens so far are not counted)."""
     rng = random.Random(seed)
     results: list[RequestResult] = []
     lock = threading.Lock()
-    threads = []
+    finished: set[int] = set()
+    threads: list[tuple[threading.Thread, float]] = []
 
     def one(i: int) -> None:
         body = make_body(i)
         r = stream_chat(url, body, headers)
         with lock:
             results.append(r)
+            finished.add(i)
         if on_result is not None:
             on_result(i, body, r)
 
@@ -108,12 +115,19 @@ def poisson_load(
             time.sleep(delay)
         th = threading.Thread(target=one, args=(i,), daemon=True)
         th.start()
-        threads.append(th)
+        threads.append((th, time.monotonic()))
         i += 1
         t += rng.expovariate(rate)
-    for th in threads:
-        th.join()
-    return results
+    deadline = None if drain_s is None else time.monotonic() + drain_s
+    for th, _ in threads:
+        th.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    with lock:
+        unfinished = [
+            RequestResult(sent=sent, error=f"unfinished {drain_s:.0f} s after the load ended")
+            for i, (_, sent) in enumerate(threads)
+            if i not in finished
+        ]
+        return results + unfinished
 
 
 def closed_loop(

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from benchmarks.loadgen import RequestResult, summarize
+import http.server
+import json
+import threading
+import time
+
+from benchmarks.loadgen import RequestResult, poisson_load, summarize
 
 
 def test_failed_and_empty_requests_are_counted_apart():
@@ -19,3 +24,43 @@ def test_failed_and_empty_requests_are_counted_apart():
     assert s["slo_attainment"] == 2 / 5
     assert s["throughput_tok_s"] == 5 / 10.0
     assert s["ttft_p99_ms"] == 3000.0 and s["tbt_p99_ms"] == 50.0
+
+
+class _Stream(http.server.BaseHTTPRequestHandler):
+    """OpenAI-style SSE: two tokens at once, or (content "hang") only after 30 s."""
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if body["messages"][0]["content"] == "hang":
+            time.sleep(30)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for token in ("a", "b"):
+            chunk = {"choices": [{"delta": {"content": token}}]}
+            self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_bounded_drain_reports_requests_still_running_as_unfinished():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Stream)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        started = time.monotonic()
+        body = lambda i: {"messages": [{"role": "user", "content": "hang" if i % 2 else "hi"}]}  # noqa: E731
+        results = poisson_load(url, 40.0, 0.5, body, seed=3, drain_s=1.0)
+        took = time.monotonic() - started
+    finally:
+        server.shutdown()
+    done = [r for r in results if r.error is None]
+    unfinished = [r for r in results if r.error and r.error.startswith("unfinished")]
+    assert len(done) + len(unfinished) == len(results) >= 4
+    assert all(r.tokens == 2 and r.text == "ab" for r in done)
+    # every other request hangs for 30 s: those are the unfinished ones
+    assert len(unfinished) == len(results) // 2
+    assert took < 10.0  # the drain bound, not the 30-s hang, ended the wait

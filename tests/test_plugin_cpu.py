@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from mace_sgl.plugin import loopback
 
 
@@ -71,3 +73,36 @@ def test_multi_rank_rendezvous_is_left_alone():
         loopback.file_store_for_single_rank(world_size=1, rank=0, distributed_init_method="env://")
         is None
     )
+
+
+def test_threads_are_bound_to_the_ranks_cores_when_sglang_binds_none():
+    # Through SGLang's own bootstrap function with the hook applied, as a scheduler runs it.
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("binding to one core of one changes nothing")
+    proc = run_py(
+        "import os, threading, time, torch\n"
+        "from sglang.srt.distributed import bootstrap\n"
+        "from sglang.srt.plugins.hook_registry import HookRegistry, HookType\n"
+        "from mace_sgl.plugin import cpu\n"
+        "bootstrap._is_cpu_amx_available = False; bootstrap._is_cpu_arm64 = False\n"
+        "HookRegistry.register('sglang.srt.distributed.bootstrap._init_cpu_threads_env',\n"
+        "                      cpu.bind_threads, HookType.AFTER)\n"
+        "HookRegistry.apply_hooks()\n"
+        "stop = threading.Event()\n"
+        "t = threading.Thread(target=stop.wait); t.start()  # a thread that exists before\n"
+        "core = min(os.sched_getaffinity(0))\n"
+        "bootstrap._init_cpu_threads_env(local_omp_cpuid=str(core))  # SGLang passes a string\n"
+        "assert os.sched_getaffinity(0) == {core}, os.sched_getaffinity(0)\n"
+        "assert os.sched_getaffinity(t.native_id) == {core}\n"
+        "assert torch.get_num_threads() == 1, torch.get_num_threads()\n"
+        "assert cpu.INSTALLED == ['threads_bound'], cpu.INSTALLED\n"
+        "stop.set(); t.join()\n"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_bind_entry_lists_cores_and_ranges():
+    from mace_sgl.plugin.cpu import parse_cpu_list
+
+    assert parse_cpu_list("0-3,8,10-11") == {0, 1, 2, 3, 8, 10, 11}
+    assert parse_cpu_list("1") == {1}

@@ -13,6 +13,11 @@ Hooks (target -> why -> how):
   batch of 8 tenants cost 7x one tenant's LoRA work -> the same class with a gathered
   path for many short segments (plugin/lora_backend.py); `--lora-backend torch_native`
   stays the flag.
+- CPU only, scheduler process: `sglang.srt.distributed.bootstrap._init_cpu_threads_env`
+  AFTER -> SGLang binds a rank's OpenMP threads to its cores only through sgl_kernel's
+  CPU build, so without it every --dp-size replica runs one thread per core of the
+  machine -> pin the scheduler's threads to its cores and set torch's thread count
+  (plugin/cpu.py bind_threads).
 - `sglang.srt.distributed.parallel_state.init_distributed_environment` BEFORE -> torch's
   TCPStore listens on every interface although SGLang asks for 127.0.0.1 -> a
   single-rank engine rendezvouses through a file store instead (plugin/loopback.py).
@@ -104,6 +109,11 @@ def register() -> None:
     if cpu.on_cpu():
         cpu.install()
         lora_backend.install()
+        HookRegistry.register(
+            "sglang.srt.distributed.bootstrap._init_cpu_threads_env",
+            cpu.bind_threads,
+            HookType.AFTER,
+        )
 
     HookRegistry.register(
         "sglang.srt.distributed.parallel_state.init_distributed_environment",

@@ -101,6 +101,55 @@ def unpin_lora(*args: object, **kwargs: object) -> None:
     INSTALLED.append("lora_unpinned")
 
 
+def parse_cpu_list(spec: str) -> set[int]:
+    """Core ids of one SGLANG_CPU_OMP_THREADS_BIND entry: "0-3,8,10-11" -> {0,1,2,3,8,10,11}."""
+    cores: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        cores.update(range(int(lo), int(hi or lo) + 1))
+    return cores
+
+
+def bind_threads(
+    result: object, *args: object, local_omp_cpuid: str | None = None, **kwargs: object
+) -> None:
+    """AFTER hook on sglang.srt.distributed.bootstrap._init_cpu_threads_env, CPU only.
+
+    Target: the step that binds a scheduler's OpenMP threads to its share of the cores
+    (`local_omp_cpuid`, this rank's entry of SGLANG_CPU_OMP_THREADS_BIND, e.g. "0-3").
+    Why: SGLang binds only through sgl_kernel's CPU build (`_is_cpu_amx_available` or
+    arm64) and otherwise logs a warning and binds nothing: every replica of `--dp-size N`
+    then runs as many OpenMP threads as the machine has cores, N x oversubscribed, and
+    spin-waiting threads starve each other (measured on 2 cores: 8 clients spread over 2
+    replicas got 0.07 requests/s, pinned to one replica 0.17).
+    How: when SGLang did not bind, pin every thread of this scheduler process to its
+    cores and set torch's intra-op threads to their count, as sgl_kernel would have.
+    """
+    import os
+
+    import torch
+    from sglang.srt.distributed import bootstrap
+
+    if not local_omp_cpuid or getattr(bootstrap, "_is_cpu_amx_available", False):
+        return
+    if getattr(bootstrap, "_is_cpu_arm64", False):
+        return
+    cores = sorted(parse_cpu_list(str(local_omp_cpuid)) & os.sched_getaffinity(0))
+    if not cores:
+        return
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except OSError:  # a thread that ended since listdir
+            pass
+    torch.set_num_threads(len(cores))
+    if "threads_bound" not in INSTALLED:
+        INSTALLED.append("threads_bound")
+
+
 def install() -> None:
     """Install every CPU shim; idempotent."""
     install_vllm_rotary_stub()
