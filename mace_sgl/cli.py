@@ -278,14 +278,16 @@ def _data_parallel(
         _split_cpu_cores(n)
     store = ""
     if cfg.train and write:
-        store = _replica_store_dir()
+        from mace_sgl.plugin import loopback
+
+        store = loopback.private_store_dir()  # the replicas' FileStore, 0700
     return dataclasses.replace(cfg, replicas=n, replica_store=store)
 
 
 def _split_cpu_cores(n: int) -> None:
-    """Give each of n CPU replicas its own cores (SGLang binds a rank's OpenMP threads
-    to SGLANG_CPU_OMP_THREADS_BIND, one `|`-separated range per rank); a value the user
-    set is kept. Fewer cores than replicas is refused."""
+    """Give each of n CPU replicas its own cores (SGLANG_CPU_OMP_THREADS_BIND, one
+    `|`-separated list per rank; SGLang binds a rank's OpenMP threads to it, or, without
+    sgl_kernel's CPU build, plugin/cpu.py bind_threads does); a value the user set is kept. Fewer cores than replicas is refused."""
     import os
 
     if os.environ.get("SGLANG_CPU_OMP_THREADS_BIND"):
@@ -310,22 +312,6 @@ def split_evenly(items: list[int], n: int) -> list[list[int]]:
         parts.append(items[at : at + k])
         at += k
     return parts
-
-
-def _replica_store_dir() -> str:
-    """A fresh owner-only (0700) directory for the replicas' FileStore, named after this
-    launcher (plugin/loopback.py removes those of launchers that are gone)."""
-    import atexit
-    import os
-    import shutil
-    import tempfile
-
-    from mace_sgl.plugin import loopback
-
-    loopback.remove_stale_stores(Path(tempfile.gettempdir()))
-    path = tempfile.mkdtemp(prefix=f"{loopback.PREFIX}{os.getpid()}-")
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
-    return path
 
 
 def _refuse_parallel_training(args: argparse.Namespace) -> None:
@@ -365,7 +351,7 @@ def _register_tenants(cfg: Any, write: bool = True) -> list[str]:
             conn.close()
     conn = store.connect(cfg.store_path)
     try:
-        for name in [cfg.adapter_name, *cfg.tenant_names]:
+        for name in named:
             store.add_tenant(conn, name)
         return [t.name for t in store.tenants(conn)]
     finally:

@@ -18,6 +18,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+# fp32 copies of each tenant's LoRA weights the trainer holds all the time: the weights,
+# their gradient, AdamW's two moments and the rollback snapshot.
+RESIDENT_COPIES = 5
+
 MB = 2**20
 # Sequence length the estimate assumes for one DPO pair's longer sequence when neither
 # --context-length nor the model bounds it lower (a prompt plus an answer).
@@ -100,7 +104,7 @@ def estimate_train_bytes(
     """
     d = _dims(model_config)
     seq = min(seq_tokens or ESTIMATE_SEQ_TOKENS, d["max_pos"])
-    lora = 5 * 4 * lora_params(model_config, rank, targets) * max(tenants, 1)
+    lora = RESIDENT_COPIES * 4 * lora_params(model_config, rank, targets) * max(tenants, 1)
     kept = 2 * d["layers"] * seq * d["hidden"] * dtype_bytes
     layer = seq * (4 * d["hidden"] + 3 * d["inter"]) * dtype_bytes
     chunks = head_chunks or math.ceil(d["vocab"] / HEAD_CHUNK_ROWS)

@@ -92,14 +92,7 @@ class Sidecar:
         self.sessions: dict[int, Session] = {}  # dp rank -> its trainer's session
         # The newest version of each tenant any Result reported (Work.versions).
         self.versions: dict[str, int] = {}
-        self.lease_refusals = 0
         self.running = True
-
-    @property
-    def session(self) -> str | None:
-        """The session of the rank-0 trainer (the only one without data parallelism)."""
-        s = self.sessions.get(0)
-        return s.id if s else None
 
     def handle(self, msg: Hello | Ready | Result) -> None:
         """React to one trainer message."""
@@ -146,8 +139,7 @@ class Sidecar:
         if self.train_ranks is not None and msg.dp_rank not in self.train_ranks:
             return  # a serving-only replica (--mace-train-ranks)
         if self.replicas > 1 and store.held_elsewhere(self.conn, msg.session):
-            self.lease_refusals += 1  # another replica is training: one step at a time
-            return
+            return  # another replica is training: one step at a time
         # Every tenant with feedback to train gets its fair share of the samples sent
         # (store.pick_next), the default one included, by weight, whether the trainer
         # asks for one sample at a time or many.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,27 @@ def test_training_slots_carry_each_replicas_state(tmp_path: Path):
     assert reader.read(0) == TrainingLoad(True, 120.0, 8.0)
     assert reader.read(1) == TrainingLoad()
     assert (tmp_path / "training.slots").stat().st_mode & 0o777 == 0o600
+    assert not writer0.due()  # just written: the next write waits WRITE_EVERY_S
+    time.sleep(0.03)
+    assert writer0.due()
+
+
+def test_a_replica_load_joins_sglangs_snapshot_and_the_training_slot():
+    from types import SimpleNamespace
+
+    from mace_sgl.plugin.placement import replica_load
+
+    training = TrainingLoad(True, 120.0, 8.0)
+    empty = replica_load(1, None, training)  # no snapshot from this replica yet
+    assert empty == ReplicaLoad(1, training=True, unit_ms=120.0, reserve_ms=8.0)
+    snap = SimpleNamespace(
+        num_running_reqs=3, num_waiting_reqs=2, num_waiting_uncached_tokens=40,
+        num_total_tokens=900, total_prefill_uncached_tokens=100, total_prefill_busy_us=50_000,
+        decode_moments=None, timestamp=5.0,
+    )  # fmt: skip
+    load = replica_load(1, snap, training)
+    assert (load.dp_rank, load.running_reqs, load.waiting_reqs, load.total_tokens) == (1, 3, 2, 900)
+    assert load.prefill_ms_per_token == 0.5 and load.training and load.unit_ms == 120.0
 
 
 REPLICA = """

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from tiny_model import tiny_serve_args
-from waits import wait_for_value
+from waits import mace_status, wait_for_status, wait_for_value
 
 from mace_sgl.launcher import Server
 from sidecar import store
@@ -55,12 +55,8 @@ def server(tiny_model_dir: Path, state_dir: Path, tmp_path_factory: pytest.TempP
     srv.stop()
 
 
-def status(server: Server) -> dict:
-    return server.get("/mace/status").json()
-
-
 def wait_for(server: Server, cond, timeout_s: float = 180.0) -> dict:
-    return wait_for_value(lambda: status(server), cond, timeout_s, "status", server.tail)
+    return wait_for_status(server, cond, timeout_s)
 
 
 def in_step(s: dict) -> bool:
@@ -70,7 +66,7 @@ def in_step(s: dict) -> bool:
 
 
 def test_both_replicas_serve_on_loopback_only(server: Server):
-    s = status(server)
+    s = mace_status(server)
     assert [r["dp_rank"] for r in s["replicas"]] == [0, 1]
     before = {x["dp_rank"]: x["total_prefill_uncached_tokens"] for x in loads(server)}
     body = {"text": "hello there, " * 6, "sampling_params": {"max_new_tokens": 8}}
@@ -120,7 +116,7 @@ def test_run_time_adapters_are_refused_with_the_way_to_name_them_at_start(server
         "name": "live",
         "created": False,
     }
-    assert "team-a" not in status(server)["tenants"]["names"]  # nothing left behind
+    assert "team-a" not in mace_status(server)["tenants"]["names"]  # nothing left behind
 
 
 def test_sigkill_mid_training_loses_nothing_and_replicas_resume_together(
@@ -128,8 +124,8 @@ def test_sigkill_mid_training_loses_nothing_and_replicas_resume_together(
 ):
     more = [{**p, "prompt": p["prompt"] + " again"} for p in PAIRS] * 3
     assert server.post("/mace/feedback", more).status_code == 200
-    count = status(server)["feedback_count"]
-    start_version = status(server)["replicas"][0]["adapter_version"]
+    count = mace_status(server)["feedback_count"]
+    start_version = mace_status(server)["replicas"][0]["adapter_version"]
     # Training is under way: a new version was published after this feedback arrived.
     wait_for(server, lambda s: s["replicas"][0]["adapter_version"] > start_version, 120)
     os.killpg(server.proc.pid, signal.SIGKILL)
@@ -145,7 +141,7 @@ def test_sigkill_mid_training_loses_nothing_and_replicas_resume_together(
     conn.close()
     again = start(tiny_model_dir, state_dir, tmp_path / "dp-restart.log")
     try:
-        s = status(again)
+        s = mace_status(again)
         assert s["feedback_count"] == count  # nothing accepted was lost
         versions = [r["adapter_version"] for r in s["replicas"]]
         assert versions == [newest, newest]  # both resume from the newest checkpoint

@@ -5,7 +5,6 @@ resumes after a restart."""
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import requests
 import torch
 from tiny_model import tiny_serve_args
-from waits import wait_for_value
+from waits import set_paused, wait_for_value
 
 from mace_sgl.launcher import Server
 from mace_sgl.templating import encode_pair
@@ -81,15 +80,6 @@ def adapters(server: Server) -> dict[str, dict]:
 
 def wait_for(server: Server, cond, what: str, timeout_s: float = 180.0) -> dict:
     return wait_for_value(lambda: adapters(server), cond, timeout_s, what, server.tail)
-
-
-def set_paused(server: Server, paused: bool) -> None:
-    r = server.post("/mace/train/pause" if paused else "/mace/train/resume", {})
-    assert r.status_code == 200
-    deadline = time.monotonic() + 30
-    while server.get("/mace/status").json()["training"]["paused"] != paused:
-        assert time.monotonic() < deadline, "pause state did not reach the trainer"
-        time.sleep(0.2)
 
 
 def scored(server: Server, tok, lora: str | None, completion: str, **extra) -> tuple[float, int]:

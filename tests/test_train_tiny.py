@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_model import tiny_serve_args
-from waits import wait_for_value
+from waits import mace_status, set_paused, wait_for_status
 
 from mace_sgl.launcher import Server
 from mace_sgl.templating import encode_pair
@@ -53,12 +53,8 @@ def server(tiny_model_dir: Path, state_dir: Path, tmp_path_factory: pytest.TempP
     srv.stop()
 
 
-def status(server: Server) -> dict:
-    return server.get("/mace/status").json()
-
-
 def wait_for(server: Server, cond, timeout_s: float = 120.0) -> dict:
-    return wait_for_value(lambda: status(server), cond, timeout_s, "status", server.tail)
+    return wait_for_status(server, cond, timeout_s)
 
 
 def chosen_logprob(server: Server, tokenizer, lora: str | None) -> float:
@@ -66,14 +62,8 @@ def chosen_logprob(server: Server, tokenizer, lora: str | None) -> float:
     return server.scored(prompt, completion, lora)[0]
 
 
-def set_paused(server: Server, paused: bool) -> None:
-    r = server.post("/mace/train/pause" if paused else "/mace/train/resume", {})
-    assert r.status_code == 200
-    wait_for(server, lambda s: s["training"]["paused"] == paused, 30)
-
-
 def test_status_before_feedback(server: Server):
-    s = status(server)
+    s = mace_status(server)
     assert s["training"]["enabled"] is True
     assert s["adapter"] == {"name": "live", "version": 0}
     assert s["adapter_version"] == 0 and s["train_steps"] == 0 and s["queue_depth"] == 0
@@ -98,7 +88,7 @@ def test_feedback_raises_version_and_chosen_logprob(
     )
     set_paused(server, True)
     try:
-        s = status(server)
+        s = mace_status(server)
         after = chosen_logprob(server, tok, "live")
         assert after > before + 0.1, (before, after)
         assert s["train_steps"] >= 3 and s["last_loss"] is not None
@@ -145,7 +135,7 @@ def test_no_radix_sharing_across_adapter_versions(server: Server):
     set_paused(server, True)
     cached("live")
     assert cached("live") >= 190  # same version: the prefix is reused
-    v = status(server)["adapter_version"]
+    v = mace_status(server)["adapter_version"]
     set_paused(server, False)
     wait_for(server, lambda s: s["adapter_version"] > v)
     set_paused(server, True)
@@ -174,10 +164,10 @@ def test_no_request_fails_during_repeated_swaps_under_load(server: Server):
     swapped_during_load = False
     deadline = time.monotonic() + 120
     while not swapped_during_load and time.monotonic() < deadline:
-        before = status(server)["adapter_version"]
+        before = mace_status(server)["adapter_version"]
         with ThreadPoolExecutor(8) as pool:
             codes += list(pool.map(one, range(48)))
-        swapped_during_load = status(server)["adapter_version"] > before
+        swapped_during_load = mace_status(server)["adapter_version"] > before
     assert codes and codes == [200] * len(codes)
     assert swapped_during_load, "no swap happened during the load"
 
@@ -204,7 +194,7 @@ def test_sidecar_killed_is_restarted_and_training_goes_on(server: Server):
     while time.monotonic() < deadline and [p.pid for p in sidecars()] in ([], [victim.pid]):
         time.sleep(0.2)
     assert len(sidecars()) == 1 and sidecars()[0].pid != victim.pid
-    v = status(server)["adapter_version"]
-    before = status(server)["feedback_count"]
+    v = mace_status(server)["adapter_version"]
+    before = mace_status(server)["feedback_count"]
     assert server.post("/mace/feedback", PAIRS[:2]).status_code == 200
     wait_for(server, lambda s: s["adapter_version"] > v and s["feedback_count"] == before + 2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -36,3 +36,23 @@ def wait_for_value(
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not within {timeout_s} s; last {got}\n{context()}")
         time.sleep(0.5)
+
+
+def mace_status(server: Any) -> dict:
+    """GET /mace/status of a running `mace_sgl.launcher.Server`."""
+    return server.get("/mace/status").json()
+
+
+def wait_for_status(
+    server: Any, cond: Callable[[dict], object], timeout_s: float, what: str = "status"
+) -> dict:
+    """/mace/status, polled until `cond` holds for it (wait_for_value, with the server
+    log's tail on a timeout)."""
+    return wait_for_value(lambda: mace_status(server), cond, timeout_s, what, server.tail)
+
+
+def set_paused(server: Any, paused: bool, timeout_s: float = 30.0) -> None:
+    """POST /mace/train/pause or resume, then wait until the trainer reports that state."""
+    r = server.post("/mace/train/pause" if paused else "/mace/train/resume", {})
+    assert r.status_code == 200, r.text
+    wait_for_status(server, lambda s: s["training"]["paused"] == paused, timeout_s, "pause")

@@ -30,12 +30,19 @@ def file_store_for_single_rank(*args: Any, **kwargs: Any) -> tuple[tuple, dict] 
     method = kwargs.get("distributed_init_method")
     if kwargs.get("world_size") != 1 or not str(method).startswith("tcp://"):
         return None
-    remove_stale_stores(Path(tempfile.gettempdir()))
-    store_dir = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-")
-    atexit.register(shutil.rmtree, store_dir, ignore_errors=True)
-    kwargs["distributed_init_method"] = f"file://{store_dir}/store"
+    kwargs["distributed_init_method"] = f"file://{private_store_dir()}/store"
     APPLIED.append("file_store_rendezvous")
     return args, kwargs
+
+
+def private_store_dir() -> str:
+    """A fresh owner-only (0700) directory for a torch.distributed FileStore, named after
+    this process and removed at its exit; directories of processes that are gone (killed
+    before their exit handlers ran) are removed first."""
+    remove_stale_stores(Path(tempfile.gettempdir()))
+    path = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def remove_stale_stores(tmp: Path) -> list[Path]:

@@ -43,7 +43,6 @@ class TrainingSlots:
 
     def __init__(self, store_dir: str | Path, replicas: int) -> None:
         self.path = Path(store_dir) / SLOTS_FILE
-        self.replicas = replicas
         size = _SLOT.size * replicas
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -54,11 +53,13 @@ class TrainingSlots:
             os.close(fd)
         self.written_at = 0.0
 
-    def write(self, dp_rank: int, load: TrainingLoad, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.written_at < WRITE_EVERY_S:
-            return
-        self.written_at = now
+    def due(self) -> bool:
+        """Whether WRITE_EVERY_S has passed since the last write (checked before the
+        caller builds a TrainingLoad at all)."""
+        return time.monotonic() - self.written_at >= WRITE_EVERY_S
+
+    def write(self, dp_rank: int, load: TrainingLoad) -> None:
+        self.written_at = time.monotonic()
         at = _SLOT.size * dp_rank
         self.map[at : at + _SLOT.size] = _SLOT.pack(
             time.time(), float(load.training), load.unit_ms, load.reserve_ms
@@ -72,12 +73,17 @@ class TrainingSlots:
         return TrainingLoad(bool(training), unit_ms, reserve_ms)
 
 
-def replica_load(snapshot: Any, training: TrainingLoad) -> ReplicaLoad:
-    """A ReplicaLoad from SGLang's LoadSnapshot of one replica and its training state."""
+def replica_load(dp_rank: int, snapshot: Any | None, training: TrainingLoad) -> ReplicaLoad:
+    """A ReplicaLoad from SGLang's LoadSnapshot of one replica (None before its first
+    snapshot: an empty replica) and its training state."""
+    train = {"training": training.training, "unit_ms": training.unit_ms,
+             "reserve_ms": training.reserve_ms}  # fmt: skip
+    if snapshot is None:
+        return ReplicaLoad(dp_rank, **train)
     uncached = snapshot.total_prefill_uncached_tokens or 0
     busy_us = snapshot.total_prefill_busy_us or 0
     return ReplicaLoad(
-        dp_rank=snapshot.dp_rank,
+        dp_rank=dp_rank,
         running_reqs=snapshot.num_running_reqs,
         waiting_reqs=snapshot.num_waiting_reqs,
         waiting_uncached_tokens=snapshot.num_waiting_uncached_tokens,
@@ -85,9 +91,7 @@ def replica_load(snapshot: Any, training: TrainingLoad) -> ReplicaLoad:
         prefill_ms_per_token=busy_us / uncached / 1000.0 if uncached > 0 else None,
         decode=DecodeMoments.from_list(snapshot.decode_moments),
         timestamp=snapshot.timestamp,
-        training=training.training,
-        unit_ms=training.unit_ms,
-        reserve_ms=training.reserve_ms,
+        **train,
     )
 
 
@@ -114,16 +118,14 @@ class LemixDispatch:
 
     def loads(self, ranks: list[int]) -> list[ReplicaLoad]:
         self._refresh()
-        out = []
-        for r in ranks:
-            training = self.slots.read(r) if self.slots is not None else TrainingLoad()
-            snap = self.snapshots.get(r)
-            if snap is None:
-                out.append(ReplicaLoad(r, training=training.training, unit_ms=training.unit_ms,
-                                       reserve_ms=training.reserve_ms))  # fmt: skip
-            else:
-                out.append(replica_load(snap, training))
-        return out
+        return [
+            replica_load(
+                r,
+                self.snapshots.get(r),
+                self.slots.read(r) if self.slots is not None else TrainingLoad(),
+            )
+            for r in ranks
+        ]
 
     def __call__(self, req: Any) -> None:
         from sglang.srt.managers.data_parallel_controller import sock_send

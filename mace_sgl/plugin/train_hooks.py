@@ -166,7 +166,7 @@ def dp_rank(scheduler: Any) -> int:
 
 def _publish_training_load(st: state.SchedulerState) -> None:
     """This replica's training state for the controller's placement (at most every 20 ms)."""
-    if st.slots is not None:
+    if st.slots is not None and st.slots.due():
         st.slots.write(st.dp_rank, st.trainer.training_load())
 
 

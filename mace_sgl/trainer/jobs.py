@@ -72,7 +72,6 @@ class JobBoard:
 
     def __init__(self, streams: DeviceStreams | None = None) -> None:
         self.streams = streams or DeviceStreams.cpu()
-        self.on_cuda = self.streams.on_device
         self.queue: deque[QueuedPair] = deque()
         self.jobs: dict[int, Job] = {}
         self.step_job: Job | None = None
@@ -146,7 +145,7 @@ class JobBoard:
         """Run the head slice of job `key` (serving must go on whatever it raises)."""
         job = self.jobs[key]
         spec = job.pending
-        mem = MemoryProbe(self.on_cuda, param_storage)
+        mem = MemoryProbe(self.streams.on_device, param_storage)
 
         def run_slice() -> tuple[bool, Any, BaseException | None]:
             try:
@@ -167,7 +166,7 @@ class JobBoard:
                 self.step_job = None
             elif job.kind == "ref" and value is not None:
                 self.refs[job.pairs[0].pair.sample_id] = value
-        return Ran(job, spec, elapsed, mem.bytes, finished, self.on_cuda, value=value, error=error)
+        return Ran(job, spec, elapsed, mem.bytes, finished, self.streams.on_device, value=value, error=error)
 
     def drain_device(self) -> list[tuple[SliceSpec, float, float | None]]:
         """(spec, device seconds, peak bytes) of GPU slices that completed since the last

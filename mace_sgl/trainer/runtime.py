@@ -31,6 +31,7 @@ import psutil
 import torch
 
 from mace_sgl.config import MaceConfig
+from mace_sgl.gpu_memory import RESIDENT_COPIES
 from mace_sgl.policy import IterationView, Observation, Profile, Unit, make_policy
 from mace_sgl.policy.fairshare import FairShare
 from mace_sgl.policy.placement import TrainingLoad
@@ -423,7 +424,7 @@ class MaceTrainer:
             return slice_room(
                 float(torch.cuda.mem_get_info()[0]),
                 self.cfg.train_memory_mb * 2**20,
-                5 * self.tenants.lora_bytes() * len(self.tenants.tenants),
+                RESIDENT_COPIES * self.tenants.lora_bytes() * len(self.tenants.tenants),
             )
         return float(psutil.virtual_memory().available)
 

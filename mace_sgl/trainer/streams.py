@@ -122,7 +122,7 @@ class DeviceStreams:
     def for_scheduler(cls, scheduler: Any, device: Any) -> DeviceStreams:
         """The forward stream SGLang's run_batch uses, and a new training stream; CPU
         streams when the model is not on CUDA."""
-        if getattr(device, "type", str(device)) != "cuda":
+        if str(getattr(device, "type", device)).split(":")[0] != "cuda":  # "cuda:1" too
             return cls.cpu()
         import torch
 
