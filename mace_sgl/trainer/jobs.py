@@ -166,16 +166,8 @@ class JobBoard:
                 self.step_job = None
             elif job.kind == "ref" and value is not None:
                 self.refs[job.pairs[0].pair.sample_id] = value
-        return Ran(
-            job,
-            spec,
-            elapsed,
-            mem.bytes,
-            finished,
-            self.streams.on_device,
-            value=value,
-            error=error,
-        )
+        on_cuda = self.streams.on_device
+        return Ran(job, spec, elapsed, mem.bytes, finished, on_cuda, value=value, error=error)
 
     def drain_device(self) -> list[tuple[SliceSpec, float, float | None]]:
         """(spec, device seconds, peak bytes) of GPU slices that completed since the last
