@@ -44,6 +44,10 @@ logger = logging.getLogger("mace_sgl.sidecar")
 
 # A trainer that has not yet taken our id says so in every Ready; answer it this often.
 ANNOUNCE_EVERY_S = 1.0
+# Leasing by room: an ask older than this is not a competitor (trainers ask every 0.5 s),
+# and a replica needs this much more idle fraction to win over the one asking now.
+ASK_FRESH_S = 1.5
+ROOM_MARGIN = 0.05
 
 
 @dataclass
@@ -55,6 +59,8 @@ class Session:
     announced_at: float = float("-inf")  # when it last got a Control
     # Whether its in-flight rows were checked against what it holds (release_unheld).
     reconciled: bool = False
+    room: float = 0.0  # its replica's idle fraction, from its last asking Ready
+    asked_at: float = float("-inf")  # when it last asked for samples
 
 
 class Sidecar:
@@ -138,8 +144,12 @@ class Sidecar:
             return
         if self.train_ranks is not None and msg.dp_rank not in self.train_ranks:
             return  # a serving-only replica (--mace-train-ranks)
-        if self.replicas > 1 and store.held_elsewhere(self.conn, msg.session):
-            return  # another replica is training: one step at a time
+        session.room, session.asked_at = msg.room, time.monotonic()
+        if self.replicas > 1:
+            if store.held_elsewhere(self.conn, msg.session):
+                return  # another replica is training: one step at a time
+            if self._roomier_elsewhere(session):
+                return  # it goes to the replica with the most idle capacity
         # Every tenant with feedback to train gets its fair share of the samples sent
         # (store.pick_next), the default one included, by weight, whether the trainer
         # asks for one sample at a time or many.
@@ -161,6 +171,17 @@ class Sidecar:
             work = Work(msg.session, samples, self.id, weights, dict(self.versions))
             if not self._send(msg.dp_rank, work):
                 store.release(self.conn, msg.session, [r.id for r in rows])
+
+    def _roomier_elsewhere(self, session: Session) -> bool:
+        """Whether another replica asked lately (its trainer asks every 0.5 s while it
+        wants samples) with clearly more room: that one gets the lease on its next Ready."""
+        now = time.monotonic()
+        return any(
+            other is not session
+            and now - other.asked_at < ASK_FRESH_S
+            and other.room > session.room + ROOM_MARGIN
+            for other in self.sessions.values()
+        )
 
     def _send(self, dp_rank: int, msg: Work | Control) -> bool:
         # Never block: with no trainer connected a bound PUSH would wait forever, deaf to

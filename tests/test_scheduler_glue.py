@@ -160,3 +160,18 @@ def test_forwards_the_cost_model_missed_are_kept_bounded_with_their_context(monk
     assert last["t_s"] > 40 * 0.03  # not among the first, well-predicted ones
     assert last["gap_s"] == 0.01 and last["cpu_s"] >= 0 and last["gc_collections"] >= 0
     json.dumps(out, allow_nan=False)
+
+
+def test_recent_idle_follows_the_last_seconds_not_the_whole_life():
+    monitor = IterationMonitor(make_policy("mace", Profile()))
+    t0 = monitor.started
+    assert monitor.recent_idle(t0) == 1.0  # nothing served, no time passed
+    # 20 s fully busy, one mark per second: recent and lifetime idle are both 0.
+    for i in range(1, 21):
+        monitor.serving_seconds = float(i)
+        assert monitor.recent_idle(t0 + i) == 0.0
+    # Then 10 s idle: the window (about 10 s) forgets the busy time, the lifetime does not.
+    for i in range(21, 31):
+        monitor.recent_idle(t0 + i)
+    assert monitor.recent_idle(t0 + 31) >= 0.9
+    assert monitor.status()["idle_fraction"] < 0.5

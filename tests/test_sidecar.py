@@ -216,6 +216,7 @@ def trainer_shell(tmp_path: Path, lookahead: int = 2):
     t.fair = FairShare()
     t.tenants = SimpleNamespace(tenants={"live": None})
     t.orphans_returned = 0
+    t.room = 0.0  # its replica's idle fraction (set by the scheduler hooks)
     t.replicas = None  # one replica: nothing to follow
     t._sync_tenants = lambda: None  # no SGLang here: the tenant set does not change
     t.cost_saver = learned_cost.CostSaver(
@@ -365,3 +366,42 @@ def test_only_the_training_ranks_get_work(tmp_path: Path, conn):
             got.append(t0.recv())
         assert not [m for m in got if isinstance(m, Work)]  # rank 0 got no Work
         assert [s.id for s in t1.work(1).samples] == [a]
+
+
+def test_the_lease_goes_to_the_asking_replica_with_the_most_room(tmp_path: Path, conn):
+    """Design (a) of the LeMix issue: of the replicas asking for samples, the one whose
+    scheduler was idle the most lately (Ready.room) trains next. In process, messages
+    handled in a fixed order, no sockets read."""
+    from sidecar.main import Sidecar
+
+    sc = Sidecar(tmp_path, "live", replicas=2)
+    sent: list[tuple[int, Work | Control]] = []
+    sc._send = lambda rank, msg: sent.append((rank, msg)) or True
+    try:
+        for r in (0, 1):
+            sc.handle(Hello(f"r{r}", "live", r))
+
+        def ask(rank: int, room: float) -> None:
+            sc.handle(Ready(f"r{rank}", 2, [], sc.id, rank, room))
+
+        def work() -> list[int]:
+            return [rank for rank, msg in sent if isinstance(msg, Work)]
+
+        ask(1, 0.9)  # nothing stored yet: no Work, but rank 1 is asking with room 0.9
+        ids = store.add_feedback(conn, [pair(i) for i in range(4)])
+        ask(0, 0.1)
+        assert work() == []  # rank 1 asked just now with more room
+        ask(0, 0.88)  # within the margin of rank 1's room: first come, first served
+        assert work() == [0]
+        assert [inflight(conn, i) for i in ids[:2]] == ["r0", "r0"]
+        for i in ids[:2]:
+            sc.handle(Result("r0", i, 0.5, 1, "live"))
+        ask(0, 0.1)
+        assert work() == [0]  # rank 1's ask is still fresh and roomier
+        sc.sessions[1].asked_at -= 10  # ... and now it is old: rank 1 stopped asking
+        ask(0, 0.1)
+        assert work() == [0, 0]
+        assert [inflight(conn, i) for i in ids[2:]] == ["r0", "r0"]
+    finally:
+        sc.ctx.destroy(linger=0)
+        sc.conn.close()

@@ -44,6 +44,10 @@ class Ready(msgspec.Struct, tag=True, frozen=True):
     # The sidecar whose Work the trainer accepts ("" before any Control reached it).
     sidecar: str = ""
     dp_rank: int = 0
+    # The fraction of the last seconds its replica did not serve (plugin/iteration.py
+    # recent_idle): with several replicas the sidecar leases training to the one with
+    # the most room among those asking.
+    room: float = 0.0
 
 
 class Result(msgspec.Struct, tag=True, frozen=True):

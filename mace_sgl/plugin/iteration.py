@@ -16,6 +16,9 @@ from typing import Any
 from mace_sgl.policy import IterationView, Observation, WaitingPrefill
 from mace_sgl.trainer.streams import DeviceStreams
 
+# recent_idle's window: marks a second or more apart, so about the last 10 s.
+IDLE_WINDOW_MARKS = 11
+
 
 class IterationMonitor:
     """Per-request timing and per-forward cost observations.
@@ -39,6 +42,8 @@ class IterationMonitor:
         self.last_output: float | None = None  # end of the last iteration with outputs
         self.serving_seconds = 0.0  # forward time, for the idle fraction
         self.started = time.monotonic()
+        # (time, serving_seconds) at least a second apart, for recent_idle's window.
+        self.idle_marks: deque[tuple[float, float]] = deque(maxlen=IDLE_WINDOW_MARKS)
         self.forward_end: float | None = None  # when the last timed forward ended
         # Forwards the cost model missed badly, newest last (bounded): what ran, how long,
         # how much CPU this process got meanwhile (about 2 x wall when its threads had both
@@ -162,6 +167,21 @@ class IterationMonitor:
             decode_lora=_lora_rows(reqs),
             waiting=tuple(waiting),
         )
+
+    def recent_idle(self, now: float | None = None) -> float:
+        """The fraction of the last ~10 s this scheduler spent outside forwards: its room
+        for training without touching serving (the lifetime figure until a second has
+        passed)."""
+        now = time.monotonic() if now is None else now
+        if not self.idle_marks or now - self.idle_marks[-1][0] >= 1.0:
+            self.idle_marks.append((now, self.serving_seconds))
+        t0, served0 = self.idle_marks[0]
+        if now - t0 < 1.0:
+            t0, served0 = self.started, 0.0
+        wall = now - t0
+        if wall <= 0:
+            return 1.0
+        return min(1.0, max(0.0, 1.0 - (self.serving_seconds - served0) / wall))
 
     def sweep(self, live: set[str], now: float) -> None:
         """Forget requests the scheduler no longer holds (aborted: no finish reaches us)."""

@@ -80,6 +80,7 @@ class TrainHooks:
         st = state.of(scheduler)
         if st is None or st.trainer is None:
             return
+        st.trainer.room = st.monitor.recent_idle()
         st.trainer.iteration_done(st.monitor.results(scheduler, batch))
         _refresh_metrics(st)
         _publish_training_load(st)
@@ -92,6 +93,7 @@ class TrainHooks:
             st.trimmer.maybe_trim()
         if st is not None and st.trainer is not None:
             st.monitor.idle()
+            st.trainer.room = st.monitor.recent_idle()
             st.trainer.poll()
             _refresh_metrics(st)
             _publish_training_load(st)

@@ -76,13 +76,14 @@ class SidecarLink:
                 self.asked_at = 0.0  # name it in a Ready at once: it sends no Work before
         return samples
 
-    def maybe_ready(self, want: int, asking: bool, held: list[int]) -> None:
+    def maybe_ready(self, want: int, asking: bool, held: list[int], room: float = 0.0) -> None:
         """Ask for `want` samples (every 0.5 s while `asking`), and say Ready every 2 s even
         when not (paused, full), so a restarted sidecar learns of this session, sends it
         the pause state and requeues what it will never get."""
         now = time.monotonic()
         if (asking and now - self.asked_at > 0.5) or now - self.asked_at > 2.0:
-            ready = Ready(self.session, want if asking else 0, held, self.sidecar_id, self.dp_rank)
+            ready = Ready(self.session, want if asking else 0, held, self.sidecar_id,
+                          self.dp_rank, room)  # fmt: skip
             try:
                 # Never block the scheduler: with the sidecar down for long the queue fills.
                 self.push.send(encode(ready), zmq.NOBLOCK)

@@ -139,6 +139,9 @@ class MaceTrainer:
         self.sec_per_token = 5e-3
         self.step_seconds = 0.0
         self.unit_s = 0.0
+        # This replica's recent idle fraction, set by the scheduler hooks from the
+        # iteration monitor; sent with every Ready (the sidecar's lease goes by it).
+        self.room = 0.0
         self.idle_refused = 0
         self.orphans_returned = 0
         self.totals = {"train_steps": 0, "trained_tokens": 0, "train_seconds": 0.0}
@@ -288,7 +291,7 @@ class MaceTrainer:
         # The sidecar answers only when it has samples; ask again now and then.
         want = self.cfg.lookahead + self.cfg.pairs_per_step - self.board.pairs_held()
         asking = want > 0 and policy_trains(self.cfg.policy) and not self.paused
-        self.link.maybe_ready(want, asking, self.board.held())
+        self.link.maybe_ready(want, asking, self.board.held(), self.room)
 
     def _pair(self, s: Any) -> Pair:
         prompt, chosen = encode_pair(self.tokenizer, s.prompt, s.chosen)
