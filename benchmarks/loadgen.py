@@ -194,6 +194,8 @@ def summarize(
         "ttft_p99_ms": percentile_ms([r.ttft for r in ok], 99),
         "tbt_p50_ms": percentile_ms(gaps, 50),
         "tbt_p99_ms": percentile_ms(gaps, 99),
+        "tpot_p50_ms": percentile_ms([r.tpot for r in ok if r.tpot is not None], 50),
+        "tpot_p99_ms": percentile_ms([r.tpot for r in ok if r.tpot is not None], 99),
         "e2e_p50_ms": percentile_ms([r.e2e for r in ok if r.e2e is not None], 50),
         "e2e_p99_ms": percentile_ms([r.e2e for r in ok if r.e2e is not None], 99),
         "slo_attainment": len(met) / len(results) if results else None,
