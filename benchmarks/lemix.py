@@ -36,6 +36,8 @@ DIR/results.json: {"methods": {NAME: {"throughput_tok_s", "slo_attainment",
 "adapter_staleness_s", ...}}, "capacity_rps", "slo", "machine", ...} and DIR/lemix.png.
 train_tokens_per_s counts the tokens of completed DPO steps on both replicas;
 idle_fraction is the mean over replicas of 1 - serving seconds / wall seconds;
+version_switch_skew_ms: for every version all replicas served, how far apart they began
+serving it (each replica reports its time.monotonic() of the switch), median and max;
 adapter_staleness_s is, averaged over the polls, how long the replica furthest behind
 has been serving an older version than the newest one any replica published (0 when
 all serve the newest).
@@ -124,6 +126,8 @@ class Poller:
         self.samples: list[tuple[float, list[dict[str, Any]]]] = []
         self.stop_event = threading.Event()
         self.first_seen: dict[int, float] = {}  # version -> when a replica first served it
+        # version -> {replica: its time.monotonic() when it began serving that version}
+        self.switches: dict[int, dict[int, float]] = {}
         self.thread = threading.Thread(target=self._run, daemon=True)
         self._poll()
         self.thread.start()
@@ -143,17 +147,24 @@ class Poller:
                     "tokens": t.get("trained_tokens", 0),
                     "serving": t.get("serving_seconds", 0.0),
                     "steps": t.get("train_steps", 0),
+                    "switched_at": t.get("adapter_switched_at"),
                 }
             )
         for r in reps:
             self.first_seen.setdefault(r["version"], now)
+        for rank, r in enumerate(reps):
+            if r["version"] > 0 and r["switched_at"]:
+                self.switches.setdefault(r["version"], {})[rank] = r["switched_at"]
         self.samples.append((now, reps))
 
     def _run(self) -> None:
         while not self.stop_event.wait(self.every_s):
             self._poll()
 
-    def done(self) -> dict[str, float]:
+    def switch_skew(self, replicas: int) -> dict[str, Any]:
+        return skew_summary(self.switches, replicas)
+
+    def done(self) -> dict[str, Any]:
         self.stop_event.set()
         self.thread.join()
         self._poll()
@@ -178,8 +189,22 @@ class Poller:
             "train_steps": sum(b["steps"] - a["steps"] for a, b in zip(first, last, strict=True)),
             "idle_fraction": sum(idle) / len(idle),
             "adapter_staleness_s": sum(stale) / len(stale),
+            "version_switch_skew_ms": self.switch_skew(len(last)),
             "versions": [r["version"] for r in last],
         }
+
+
+def skew_summary(switches: dict[int, dict[int, float]], replicas: int) -> dict[str, Any]:
+    """How far apart the replicas began serving each version all of them served (ms):
+    median and max over those versions, and how many there were."""
+    skews = sorted(
+        1000.0 * (max(at.values()) - min(at.values()))
+        for at in switches.values()
+        if len(at) == replicas
+    )
+    if not skews:
+        return {"versions": 0, "median": None, "max": None}
+    return {"versions": len(skews), "median": skews[len(skews) // 2], "max": skews[-1]}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -100,6 +100,10 @@ def test_replicas_serve_identical_adapters_after_steps(server: Server):
     assert reps[0]["adapter_digest"] is not None
     assert reps[0]["adapter_digest"] == reps[1]["adapter_digest"]
     assert reps[0]["adapters"] == reps[1]["adapters"] == {"live": reps[0]["adapter_version"]}
+    # Both switched to it (publish on one, install on the other) close together: an idle
+    # replica installs at its next idle poll (SGLang's idle sleeper wakes every 1 s).
+    switched = [r["switched_at"] for r in reps]
+    assert all(t > 0 for t in switched) and abs(switched[0] - switched[1]) < 5.0, switched
     # Steps ran on the replicas, and every version one published reached the other.
     assert sum(r["train_steps"] for r in reps) >= 3
     for r in reps:

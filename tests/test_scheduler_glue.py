@@ -45,7 +45,7 @@ def sglang_req(rid: str, lora_id: str | None = None, extra_key: str | None = Non
 
 def test_version_key_is_set_when_prefill_is_scheduled_not_on_arrival():
     versions = {LIVE: 3}
-    trainer = SimpleNamespace(versions_by_uid=lambda: dict(versions))
+    trainer = SimpleNamespace(versions_by_uid=lambda: dict(versions), follow_replicas=lambda: None)
     queued = sglang_req("a", LIVE)
     client = sglang_req("b", LIVE, extra_key="tenant-salt")
     base = sglang_req("c", None, extra_key="x")
@@ -64,6 +64,11 @@ def test_version_key_is_set_when_prefill_is_scheduled_not_on_arrival():
     hooks.key_by_version(sched)
     assert queued.extra_key == radix_key(None, LIVE, 4)
     assert client.extra_key == radix_key("tenant-salt", LIVE, 4)
+    # Another replica published v5 while this one slept: the hook installs it before it
+    # keys the prefill (follow_replicas), so the first batch after waking serves v5.
+    trainer.follow_replicas = lambda: versions.update({LIVE: 5})
+    hooks.key_by_version(sched)
+    assert queued.extra_key == radix_key(None, LIVE, 5)
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -72,7 +77,11 @@ def test_no_client_key_reaches_an_adapters_namespace(train: bool):
     adapter request's key (extra_key + lora_id) shared that adapter's cached KV. Every
     such forgery now lands in a namespace of its own, with or without training."""
     other = "uid-other"  # a static --lora-paths adapter: uuid5(name, path), computable
-    trainer = SimpleNamespace(versions_by_uid=lambda: {LIVE: 2}) if train else None
+    trainer = (
+        SimpleNamespace(versions_by_uid=lambda: {LIVE: 2}, follow_replicas=lambda: None)
+        if train
+        else None
+    )
     victims = [sglang_req("v1", LIVE), sglang_req("v2", LIVE, "salt"), sglang_req("v3", other)]
     sched = scheduler_with(trainer=trainer, waiting=list(victims))
     hooks = TrainHooks(MaceConfig(train=train))

@@ -188,6 +188,7 @@ def replicas(schedulers: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
                 "adapter_version": t.get("adapter_version", 0),
                 "adapters": t.get("adapters", {}),
                 "adapter_digest": t.get("adapter_digest"),
+                "switched_at": t.get("adapter_switched_at"),
                 "train_steps": t.get("train_steps", 0),
                 "reserve_ms": t.get("reserve_ms", 0.0),
                 "load": s.get("load"),

@@ -122,6 +122,10 @@ class TrainHooks:
         st = state.of(scheduler)
         if st is None:
             return
+        if st.trainer is not None and scheduler.waiting_queue:
+            # A version another replica published while this one slept serves from the
+            # first prefill on (replicas switch within an iteration of each other).
+            st.trainer.follow_replicas()
         versions = st.trainer.versions_by_uid() if st.trainer is not None else {}
         for req in scheduler.waiting_queue:
             set_radix_key(req, versions)

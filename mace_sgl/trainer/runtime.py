@@ -278,7 +278,7 @@ class MaceTrainer:
     def poll(self) -> None:
         """Take every waiting sidecar message, follow SGLang's adapters, and ask for work
         when too little is queued (link.py says when a Ready goes out)."""
-        self._follow_replicas()
+        self.follow_replicas()
         now = time.monotonic()
         for s in self.link.receive():
             self.board.queue.append(QueuedPair(self._pair(s), now, s.loss, s.adapter))
@@ -510,9 +510,12 @@ class MaceTrainer:
             reserve_ms=1000.0 * budget if math.isfinite(budget) else 0.0,
         )
 
-    def _follow_replicas(self) -> None:
+    def follow_replicas(self) -> None:
         """Install what other replicas published (not while this replica is in a step of
-        that tenant; it waits for the next poll), and report the steps every peer took."""
+        that tenant; it waits for the next poll), and report the steps every peer took.
+        Runs in every poll (after each iteration, and in the idle loop) and before the
+        scheduler forms a prefill batch (plugin/train_hooks.py key_by_version), so a
+        replica woken by a request installs a version received while it slept first."""
         sync = self.replicas
         if sync is None:
             return
@@ -594,6 +597,9 @@ class MaceTrainer:
             "dp_rank": self.dp_rank,
             "adapters": {name: t.version for name, t in self.tenants.tenants.items()},
             "adapter_digest": self.default.served_digest,
+            # time.monotonic() (one clock for every process of this machine) when the
+            # default adapter's version began serving here: replicas compare theirs.
+            "adapter_switched_at": self.default.served_since,
             "replica_sync": self.replicas.status() if self.replicas is not None else None,
         }
 

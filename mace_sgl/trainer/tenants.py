@@ -74,6 +74,8 @@ class Tenant:
     # With data-parallel replicas: digest() of the weights its version was published
     # with (what it serves; training goes on changing the tensors until the next one).
     served_digest: str | None = None
+    # time.monotonic() when its current version began serving here (publish or install).
+    served_since: float = 0.0
 
     def status(self) -> dict[str, Any]:
         return {
@@ -236,6 +238,7 @@ class TenantRegistry:
         tenant.publisher.publish_weights(tenant.weights.items())
         tenant.stats.last_swap_ms = (time.perf_counter() - start) * 1000
         tenant.version += 1
+        tenant.served_since = time.monotonic()
         tenant.good_state = None
         if self.cfg.replicas > 1:
             tenant.served_digest = self.digest(tenant)
@@ -271,6 +274,7 @@ class TenantRegistry:
         tenant.publisher.publish_weights(tenant.weights.items())
         tenant.stats.last_swap_ms = (time.perf_counter() - start) * 1000
         tenant.version = version
+        tenant.served_since = time.monotonic()
         tenant.good_state = None
         tenant.served_digest = self.digest(tenant)
         tenant.stats.synced_versions += 1
