@@ -53,10 +53,11 @@ class TrainingSlots:
             os.close(fd)
         self.written_at = 0.0
 
-    def due(self) -> bool:
-        """Whether WRITE_EVERY_S has passed since the last write (checked before the
-        caller builds a TrainingLoad at all)."""
-        return time.monotonic() - self.written_at >= WRITE_EVERY_S
+    def due(self, now: float | None = None) -> bool:
+        """Whether WRITE_EVERY_S has passed since the last write at `now` (monotonic;
+        default: now), checked before the caller builds a TrainingLoad at all."""
+        now = time.monotonic() if now is None else now
+        return now - self.written_at >= WRITE_EVERY_S
 
     def write(self, dp_rank: int, load: TrainingLoad) -> None:
         self.written_at = time.monotonic()
