@@ -26,8 +26,8 @@ load, with slack), the same for every method and handed to every method's server
 (`--mace-slo-ttft-ms`, `--mace-slo-tbt-ms`) so their training reserve answers to them.
 Then each method runs an open-loop Poisson load at --load-factor (default 1.2) x that
 capacity, a rate one replica alone cannot hold (`separate`'s attainment shows whether it
-did), while feedback keeps arriving (a backlog,
-then one pair per second), and /mace/status is polled every 0.5 s. A request still
+did), while feedback keeps arriving (a backlog, then one pair per second), and
+/mace/status is polled every 0.5 s. A request still
 running --drain-s after the last arrival counts as unfinished (an error, SLO missed), so
 an overloaded method cannot stretch the run.
 
@@ -51,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +97,11 @@ def start_server(
     return Server(flags, out / f"server-{name}.log", timeout_s=900)
 
 
-def measure_capacity(args: argparse.Namespace, out: Path) -> tuple[float, dict[str, float]]:
+def measure_capacity(
+    args: argparse.Namespace, out: Path, body: Callable[[int], dict[str, Any]]
+) -> tuple[float, dict[str, float]]:
     """ONE replica's capacity and the SLO targets, on a `separate` server of its own
     (replica 1 trains meanwhile): a closed loop of --capacity-clients pinned to replica 0."""
-    body = lambda i: request_body(i, args.max_tokens)  # noqa: E731
     server = start_server(args, "separate", out, None, "capacity")
     try:
         closed_loop(server.url, 2, 5.0, body, PIN)  # warm-up
@@ -161,9 +163,6 @@ class Poller:
         while not self.stop_event.wait(self.every_s):
             self._poll()
 
-    def switch_skew(self, replicas: int) -> dict[str, Any]:
-        return skew_summary(self.switches, replicas)
-
     def done(self) -> dict[str, Any]:
         self.stop_event.set()
         self.thread.join()
@@ -189,7 +188,7 @@ class Poller:
             "train_steps": sum(b["steps"] - a["steps"] for a, b in zip(first, last, strict=True)),
             "idle_fraction": sum(idle) / len(idle),
             "adapter_staleness_s": sum(stale) / len(stale),
-            "version_switch_skew_ms": self.switch_skew(len(last)),
+            "version_switch_skew_ms": skew_summary(self.switches, len(last)),
             "versions": [r["version"] for r in last],
         }
 
@@ -215,7 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
     body = lambda i: request_body(i, args.max_tokens)  # noqa: E731
-    capacity, slo = measure_capacity(args, out)
+    capacity, slo = measure_capacity(args, out, body)
     print(f"one replica: {capacity:.3f} requests/s; SLO {slo}", file=sys.stderr)
     rate = args.load_factor * capacity
     measured: dict[str, dict[str, Any]] = {}

@@ -287,7 +287,8 @@ def _data_parallel(
 def _split_cpu_cores(n: int) -> None:
     """Give each of n CPU replicas its own cores (SGLANG_CPU_OMP_THREADS_BIND, one
     `|`-separated list per rank; SGLang binds a rank's OpenMP threads to it, or, without
-    sgl_kernel's CPU build, plugin/cpu.py bind_threads does); a value the user set is kept. Fewer cores than replicas is refused."""
+    sgl_kernel's CPU build, plugin/cpu.py bind_threads does); a value the user set is
+    kept. Fewer cores than replicas is refused."""
     import os
 
     if os.environ.get("SGLANG_CPU_OMP_THREADS_BIND"):

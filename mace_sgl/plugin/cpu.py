@@ -133,9 +133,10 @@ def bind_threads(
     import torch
     from sglang.srt.distributed import bootstrap
 
-    if not local_omp_cpuid or getattr(bootstrap, "_is_cpu_amx_available", False):
-        return
-    if getattr(bootstrap, "_is_cpu_arm64", False):
+    bound_by_sglang = getattr(bootstrap, "_is_cpu_amx_available", False) or getattr(
+        bootstrap, "_is_cpu_arm64", False
+    )
+    if not local_omp_cpuid or bound_by_sglang:
         return
     cores = sorted(parse_cpu_list(str(local_omp_cpuid)) & os.sched_getaffinity(0))
     if not cores:
