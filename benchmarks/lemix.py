@@ -85,13 +85,17 @@ def start_server(
     args: argparse.Namespace, method: str, out: Path, slo: dict[str, float] | None, name: str
 ) -> Server:
     """`slo`: the targets every method is judged by, handed to the server's MACE policy
-    (`--mace-slo-*`) so its training reserve answers to the same targets."""
+    (`--mace-slo-*`) so its training reserve answers to the same targets, on the same
+    basis: requests' mean time per output token (`--mace-slo-tbt-basis request`), as
+    summarize() judges. Held to single-gap p99, the controller refused all training while
+    every request met its SLO (README, 2026-12-03)."""
     flags = ["--log-level", "warning", "--dp-size", "2", "--mace-train",
              "--mace-default-adapter", "live", "--mace-state-dir", str(out / f"state-{name}"),
              *method_flags(method, args.sync_every_s)]  # fmt: skip
     if slo is not None:
         flags += ["--mace-slo-ttft-ms", f"{slo['ttft_ms']:.1f}",
-                  "--mace-slo-tbt-ms", f"{slo['tbt_ms']:.1f}"]  # fmt: skip
+                  "--mace-slo-tbt-ms", f"{slo['tbt_ms']:.1f}",
+                  "--mace-slo-tbt-basis", "request"]  # fmt: skip
     if args.model_path:
         flags += ["--model-path", args.model_path]
     return Server(flags, out / f"server-{name}.log", timeout_s=900)

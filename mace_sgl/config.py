@@ -272,6 +272,16 @@ class MaceConfig:
             "type": float,
         },
     )
+    slo_tbt_basis: str | None = field(
+        default=None,
+        metadata={
+            "help": "Which tail the SLO controller holds under the TBT target: 'gap' "
+            "(p99 of single token gaps, MACE's TBT) or 'request' (p99 of finished "
+            "requests' mean time per output token, what SLO attainment counts). "
+            "Default: the profile's, else gap.",
+            "choices": ("gap", "request"),
+        },
+    )
     lookahead: int = field(
         default=4,
         metadata={

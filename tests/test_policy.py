@@ -176,6 +176,24 @@ def test_slo_controller_drops_to_zero_at_risk_and_grows_with_slack():
     assert slo.status()["slo_attainment"] == pytest.approx(1 / 3)
 
 
+def test_slo_controller_on_request_basis_holds_requests_tpot_not_single_gaps():
+    targets = SloTargets(ttft_ms=1000, tbt_ms=100, tbt_basis="request")
+    slo = SloController(targets, window=64, step=0.1)
+    for _ in range(50):
+        slo.record_tbt(0.040)
+    slo.record_tbt(0.500)  # one prefill stall: the gap p99 is far over the target ...
+    for _ in range(16):
+        slo.record_request(0.2, 0.050)  # ... but every request's TPOT has slack
+    assert slo.status()["tbt_p99_ms"] == pytest.approx(500.0)
+    assert slo.update() > 0.5 and slo.risk() == pytest.approx(0.5)  # TPOT 50 of 100 ms
+    slo.record_request(0.2, 0.095)  # one request's TPOT near its target
+    assert slo.update() == 0.0
+    assert "request TPOT p99 95 ms" in slo.risk_reason()
+    with pytest.raises(ValueError, match="tbt_basis"):
+        SloTargets(tbt_basis="token")
+    assert SloTargets.from_dict(targets.to_dict()) == targets
+
+
 # -- policies -----------------------------------------------------------------------------
 
 

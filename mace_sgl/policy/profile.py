@@ -44,7 +44,7 @@ class Profile:
             cost=CostModel.from_dict(data.get("cost") or {}),
             priorities=Priorities.from_dict(data.get("priorities") or {}),
             packing=PackingParams.from_dict(data.get("packing") or {}),
-            slo=SloTargets(**{k: float(v) for k, v in slo.items()}),
+            slo=SloTargets.from_dict(slo),
             meta=dict(data.get("meta") or {}),
         )
 

@@ -65,6 +65,7 @@ def load_profile(cfg: MaceConfig) -> Profile:
     profile.slo = SloTargets(
         ttft_ms=cfg.slo_ttft_ms or profile.slo.ttft_ms,
         tbt_ms=cfg.slo_tbt_ms or profile.slo.tbt_ms,
+        tbt_basis=cfg.slo_tbt_basis or profile.slo.tbt_basis,
     )
     return profile
 
