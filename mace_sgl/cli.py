@@ -250,8 +250,15 @@ def _data_parallel(
     import dataclasses
 
     n = getattr(args, "dp_size", 1) or 1
-    if n <= 1:
+    servers = cfg.sync_world_size
+    if servers > 1 and not cfg.train:
+        raise SystemExit(
+            "mace-sgl: --mace-sync-addr joins the servers' adapter group, which only "
+            "--mace-train servers have: add --mace-train (or leave out --mace-sync-*)."
+        )
+    if n <= 1 and servers <= 1:
         return cfg
+    what = f"--dp-size {n}" if servers <= 1 else f"--mace-sync-world-size {servers}"
     if getattr(args, "enable_dp_attention", False):
         raise SystemExit(
             "mace-sgl: --dp-size with --enable-dp-attention is not supported: its replicas "
@@ -265,15 +272,17 @@ def _data_parallel(
         )
     if cfg.train and cfg.publish_every != 1:
         raise SystemExit(
-            f"mace-sgl: --dp-size {n} --mace-train needs --mace-publish-every 1: replicas "
+            f"mace-sgl: {what} --mace-train needs --mace-publish-every 1: replicas "
             "share each step's result when it is published, and an unpublished step "
             "would be lost to the next step that runs on another replica."
         )
     if cfg.train and cfg.auto_adapters:
         raise SystemExit(
-            f"mace-sgl: --dp-size {n} --mace-train cannot create adapters at run time "
+            f"mace-sgl: {what} --mace-train cannot create adapters at run time "
             "(--mace-auto-adapters): name the tenants at start with --mace-adapters."
         )
+    if n <= 1:
+        return cfg  # one replica of a multi-server group: its store is --mace-sync-addr's
     if cpu:
         _split_cpu_cores(n)
     store = ""

@@ -197,6 +197,31 @@ class MaceConfig:
             "sidecar only once their version reached every replica."
         },
     )
+    sync_addr: str = field(
+        default="",
+        metadata={
+            "help": "Several servers, one adapter: HOST:PORT where the servers' adapter "
+            "group meets (a torch.distributed TCPStore that server 0 serves on that "
+            "address only). Needs --mace-sync-world-size and --mace-sync-rank; every "
+            "server runs the same model, flags and --dp-size (README: Several servers)."
+        },
+    )
+    sync_world_size: int = field(
+        default=1,
+        metadata={"help": "Servers in the adapter group (--mace-sync-addr); 1: this one only."},
+    )
+    sync_rank: int = field(
+        default=0,
+        metadata={"help": "This server's rank in the adapter group, 0..world size - 1."},
+    )
+    sync_host: str = field(
+        default="127.0.0.1",
+        metadata={
+            "help": "The address this server's schedulers accept the adapter group's "
+            "connections on (gloo). Loopback by default: servers on other machines need "
+            "an address they can reach."
+        },
+    )
     placement: str = field(
         default="lemix",
         metadata={
@@ -344,6 +369,11 @@ class MaceConfig:
         metadata={"help": "CPU only: upper bound on the KV pool sized from RAM, in tokens."},
     )
 
+    @property
+    def synced(self) -> bool:
+        """Whether other schedulers (replicas, servers) share this one's adapters."""
+        return self.replicas > 1 or self.sync_world_size > 1
+
     def __post_init__(self) -> None:
         if not 0.0 < self.kv_ram_fraction <= 0.9:
             raise ValueError(f"kv_ram_fraction must be in (0, 0.9], got {self.kv_ram_fraction}")
@@ -351,6 +381,18 @@ class MaceConfig:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
         if self.sync_every_s < 0:
             raise ValueError(f"sync_every_s must be >= 0, got {self.sync_every_s}")
+        if self.sync_world_size < 1 or not 0 <= self.sync_rank < self.sync_world_size:
+            raise ValueError(
+                f"--mace-sync-rank {self.sync_rank} of --mace-sync-world-size "
+                f"{self.sync_world_size}: ranks are 0..world size - 1"
+            )
+        if (self.sync_world_size > 1) != bool(self.sync_addr):
+            raise ValueError(
+                "--mace-sync-addr and --mace-sync-world-size > 1 go together: name the "
+                "group's HOST:PORT and how many servers it has (or neither)"
+            )
+        if self.sync_addr:
+            split_addr(self.sync_addr)
         # Checked once the launcher set `replicas` from --dp-size (ranks are its).
         bad = [r for r in self.training_ranks or () if not 0 <= r < self.replicas]
         if bad and self.replicas > 1:
@@ -620,3 +662,11 @@ def cpu_server_defaults(
             cfg, model_config, available_bytes, dtype_bytes
         )
     return defaults
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    """'HOST:PORT' (an IPv6 host in brackets) -> (host, port)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--mace-sync-addr {addr!r}: expected HOST:PORT, e.g. 127.0.0.1:29600")
+    return host.strip("[]"), int(port)

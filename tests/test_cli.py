@@ -154,6 +154,20 @@ def test_data_parallel_training_is_accepted_with_its_own_placement_and_cores(
     assert cfg.placement == "sglang" and args.load_balance_method == "total_tokens"
 
 
+def test_several_servers_need_training_and_the_flags_replicas_need(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    argv = ["--model-path", str(tiny_model_dir), "--mace-state-dir", str(tmp_path),
+            "--mace-sync-addr", "127.0.0.1:29600", "--mace-sync-world-size", "2"]  # fmt: skip
+    with pytest.raises(SystemExit, match="add --mace-train"):
+        cli.resolve_serve_args(argv)
+    with pytest.raises(SystemExit, match="--mace-sync-world-size 2 --mace-train needs"):
+        cli.resolve_serve_args([*argv, "--mace-train", "--mace-publish-every", "2"])
+    args, cfg = cli.resolve_serve_args([*argv, "--mace-train", "--mace-sync-rank", "1"])
+    assert cfg.sync_world_size == 2 and cfg.sync_rank == 1 and cfg.replicas == 1
+    assert cfg.synced and cfg.sync_host == "127.0.0.1"
+
+
 def test_cores_split_evenly():
     assert cli.split_evenly([0, 1], 2) == [[0], [1]]
     assert cli.split_evenly(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]

@@ -39,6 +39,11 @@ def test_kv_tokens_for_ram_is_a_share_of_ram_within_bounds():
         {"kv_ram_fraction": 0.0},
         {"kv_ram_fraction": 0.95},
         {"kv_tokens_min": 10, "kv_tokens_max": 5},
+        {"sync_world_size": 2},  # several servers need the group's address
+        {"sync_addr": "127.0.0.1:29600"},  # ... and an address needs several servers
+        {"sync_addr": "127.0.0.1:29600", "sync_world_size": 2, "sync_rank": 2},
+        {"sync_addr": "localhost", "sync_world_size": 2},  # no port
+        {"sync_addr": "127.0.0.1:0", "sync_world_size": 2},
     ],
 )
 def test_invalid_mace_config_is_rejected(kwargs):
@@ -95,3 +100,10 @@ def test_policy_flags_parse_into_the_config():
         parser.parse_args(["--mace-policy", "lottery"])
     with pytest.raises(ValueError, match="unknown policy"):
         MaceConfig(policy="lottery")
+
+
+def test_sync_addresses_split_into_host_and_port():
+    assert config.split_addr("127.0.0.1:29600") == ("127.0.0.1", 29600)
+    assert config.split_addr("[::1]:29600") == ("::1", 29600)
+    cfg = MaceConfig(sync_addr="127.0.0.1:29600", sync_world_size=2, sync_rank=1)
+    assert cfg.synced and not MaceConfig().synced

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mace_sgl.launcher import free_port
 from mace_sgl.policy.placement import DecodeMoments, LemixPlacement, ReplicaLoad, TrainingLoad
 from mace_sgl.trainer.replicas import pack_state, state_numel, unpack_state
 
@@ -136,11 +137,20 @@ def test_a_replica_load_joins_sglangs_snapshot_and_the_training_slot():
 REPLICA = """
 import json, sys, time
 from pathlib import Path
+from types import SimpleNamespace
 import torch
-from mace_sgl.trainer.replicas import ReplicaSync
+from mace_sgl.trainer.replicas import ReplicaSync, group_store
 
-rank, store = int(sys.argv[1]), sys.argv[2]
-sync = ReplicaSync(Path(store), rank, 2, timeout_s=60)
+rank, store_dir, addr = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+if addr:  # two servers of one replica each, meeting at a TCPStore on addr
+    cfg = SimpleNamespace(replicas=1, replica_store="", sync_world_size=2, sync_rank=rank,
+                          sync_addr=addr)
+    store, grank, world = group_store(cfg, 0)
+else:  # one server's two replicas, meeting in a FileStore
+    cfg = SimpleNamespace(replicas=2, replica_store=store_dir, sync_world_size=1)
+    store, grank, world = group_store(cfg, rank)
+assert (grank, world) == (rank, 2)
+sync = ReplicaSync(store, grank, world, timeout_s=60)
 deadline = time.monotonic() + 60
 if rank == 0:
     sync.send("live", 7, torch.arange(10, dtype=torch.float32), lambda: None)
@@ -160,10 +170,14 @@ else:
 """
 
 
-def test_two_replicas_sync_over_a_loopback_gloo_group(tmp_path: Path):
+@pytest.mark.parametrize("servers", [1, 2])
+def test_two_replicas_sync_over_a_loopback_gloo_group(tmp_path: Path, servers: int):
+    """Two replicas of one server (FileStore), or two one-replica servers (TCPStore on
+    --mace-sync-addr, served by rank 0 on loopback only)."""
+    addr = f"127.0.0.1:{free_port()}" if servers == 2 else ""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", REPLICA, str(rank), str(tmp_path)],
+            [sys.executable, "-c", REPLICA, str(rank), str(tmp_path), addr],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -182,3 +196,17 @@ def test_two_replicas_sync_over_a_loopback_gloo_group(tmp_path: Path):
     receiver = json.loads(outs[1][0].strip().splitlines()[-1])
     assert sender == {"sent": 1}
     assert receiver == {"version": 7, "src": 0, "payload": [float(i) for i in range(10)]}
+
+
+def test_server_load_adds_each_replicas_training_step_to_its_serving_tokens():
+    from mace_sgl.plugin.routes import server_loads
+
+    reports = [
+        {"dp_rank": 1, "load": 300, "trainer": {"training_tokens": 0}},
+        None,  # a scheduler without our state (not up yet)
+        {"dp_rank": 0, "load": None, "trainer": {"training_tokens": 120}},
+    ]
+    assert server_loads(reports) == [
+        {"dp_rank": 0, "num_tokens": 120, "num_serving_tokens": 0, "num_training_tokens": 120},
+        {"dp_rank": 1, "num_tokens": 300, "num_serving_tokens": 300, "num_training_tokens": 0},
+    ]

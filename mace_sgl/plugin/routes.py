@@ -3,7 +3,8 @@
 Auth follows SGLang's levels (sglang.srt.utils.auth): status and feedback are NORMAL
 routes (--api-key), pause, resume and adapter management (list, create, retire) are
 ADMIN_OPTIONAL, like SGLang's own control routes (--admin-api-key when set, else
---api-key, else open).
+--api-key, else open). /get_load (NORMAL) is the load sglang-router polls for its
+load-aware policies; SGLang 0.5.23 itself serves only /v1/loads.
 """
 
 from __future__ import annotations
@@ -174,6 +175,38 @@ async def mace_status(request: Request) -> JSONResponse:
     return JSONResponse(body)
 
 
+async def get_load(request: Request) -> JSONResponse:
+    """GET /get_load: per replica, its serving load and its training occupancy, in the
+    shape sglang-router reads (`num_tokens`, summed over replicas): queued plus running
+    tokens, plus the tokens of the training step it runs (trainer training_tokens), so
+    the router's load-aware policies (power_of_two, cache_aware's balancing) steer away
+    from a server that is training."""
+    tm = _tokenizer_manager()
+    if tm is None:
+        return JSONResponse({"error": "server is starting"}, status_code=503)
+    internal: list[dict[str, Any]] = await tm.get_internal_state()
+    return JSONResponse(server_loads([s.get("mace") for s in internal]))
+
+
+def server_loads(schedulers: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """/get_load's body from the schedulers' reports (plugin/scheduler.py)."""
+    out = []
+    for s in schedulers:
+        if not s:
+            continue
+        serving = s.get("load") or 0
+        training = (s.get("trainer") or {}).get("training_tokens", 0)
+        out.append(
+            {
+                "dp_rank": s.get("dp_rank", 0),
+                "num_tokens": serving + training,
+                "num_serving_tokens": serving,
+                "num_training_tokens": training,
+            }
+        )
+    return sorted(out, key=lambda r: r["dp_rank"])
+
+
 def replicas(schedulers: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
     """One entry per data-parallel replica (its scheduler's report), by dp rank: the
     default adapter's version, every tenant's, its own steps, reserve and load."""
@@ -192,6 +225,7 @@ def replicas(schedulers: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
                 "train_steps": t.get("train_steps", 0),
                 "reserve_ms": t.get("reserve_ms", 0.0),
                 "load": s.get("load"),
+                "training_tokens": t.get("training_tokens", 0),
                 "sync": t.get("replica_sync"),
             }
         )
@@ -288,9 +322,9 @@ def _prepare_tenant_dir(cfg: MaceConfig, model_path: str, name: str) -> Path:
 
 
 RUNTIME_TENANTS_WITH_REPLICAS = (
-    "adapters cannot be created or retired at run time with --dp-size > 1 yet (SGLang "
-    "refuses its adapter routes with several replicas): name them at start with "
-    "--mace-adapters NAME,..."
+    "adapters cannot be created or retired at run time with --dp-size > 1 or several "
+    "servers (--mace-sync-world-size) yet (SGLang refuses its adapter routes with several "
+    "replicas): name them at start with --mace-adapters NAME,... on every server"
 )
 
 
@@ -299,7 +333,7 @@ async def create_tenant(cfg: MaceConfig, name: str, weight: float = 1.0) -> bool
     (whose scheduler-side trainer then picks it up). False if it existed already."""
     if not ADAPTER_NAME.match(name):
         raise TenantError(400, f"adapter name {name!r}: {ADAPTER_NAME_RULE}")
-    if cfg.train and cfg.replicas > 1:
+    if cfg.train and cfg.synced:
         if await asyncio.to_thread(_with_store, cfg, store.has_tenant, name):
             return False
         raise TenantError(409, RUNTIME_TENANTS_WITH_REPLICAS)
@@ -422,7 +456,7 @@ async def mace_adapters_delete(request: Request) -> JSONResponse:
         return _error(
             409, f"{name!r} is the default adapter (--mace-adapter-name): it always exists"
         )
-    if cfg.train and cfg.replicas > 1:
+    if cfg.train and cfg.synced:
         return _error(409, RUNTIME_TENANTS_WITH_REPLICAS)
     retired = await asyncio.to_thread(_with_store, cfg, store.retire_tenant, name)
     if not retired:
@@ -474,4 +508,6 @@ def install(cfg: MaceConfig) -> None:
     app.add_api_route("/mace/adapters/{name}", mace_adapters_delete, methods=["DELETE"])
     app.add_api_route("/mace/train/pause", mace_train_pause, methods=["POST"])
     app.add_api_route("/mace/train/resume", mace_train_resume, methods=["POST"])
+    if not any(getattr(r, "path", None) == "/get_load" for r in app.router.routes):
+        app.add_api_route("/get_load", get_load, methods=["GET"])
     app.add_middleware(_QueueDepthOnScrape)

@@ -10,7 +10,12 @@ same version. The next step may then run on any replica: each holds the same sta
 Transport: a torch.distributed gloo group of the N schedulers, made here (not SGLang's
 default group): rendezvous through a FileStore in an owner-only directory the launcher
 made (no TCP store), and gloo's device bound to 127.0.0.1, so nothing listens beyond
-loopback. Gloo's point-to-point work reports completion only through wait(), so each
+loopback. Several servers (`--mace-sync-world-size` S > 1, `--mace-sync-rank`,
+`--mace-sync-addr HOST:PORT`) form one group of S x N schedulers instead (global rank =
+server rank x N + dp rank): a TCPStore that server 0's first scheduler serves on HOST:PORT
+only (a socket bound there, handed to torch), and gloo on `--mace-sync-host` (default
+127.0.0.1). Each server still leases to one replica of its own; across servers a step
+also takes its tenant's lease in that store (trainer/lease.py). Gloo's point-to-point work reports completion only through wait(), so each
 replica has one receiving thread blocked in `recv_anysource` (a header, then the payload
 from its sender) and one sending thread; the scheduler loop only drains their queues
 (`received`, `delivered`) and never waits on the network. A sender reports its step's
@@ -25,6 +30,7 @@ import datetime
 import hashlib
 import logging
 import queue
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,12 +39,52 @@ from typing import Any
 
 import torch
 
+from mace_sgl.config import split_addr
+
 logger = logging.getLogger("mace_sgl.trainer")
 
 MAGIC = 0x4D414345  # "MACE"
 HEADER = 4  # int64: magic, tenant key, version, payload elements
 TAG_HEADER, TAG_PAYLOAD = 0, 1
 STORE_FILE = "replicas.store"
+# How long a server waits for the others of a multi-server group to come up.
+RENDEZVOUS_TIMEOUT_S = 900.0
+
+
+def group_store(cfg: Any, dp_rank: int) -> tuple[Any, int, int]:
+    """The store the adapter group meets in, this scheduler's global rank, the world.
+
+    One server: the launcher's FileStore of its N replicas. Several: the TCPStore on
+    --mace-sync-addr, served by global rank 0 on a socket bound to that host only; every
+    server checks that the others run the same --dp-size (the ranks would not add up)."""
+    from torch.distributed import FileStore, TCPStore
+
+    dp = cfg.replicas
+    if cfg.sync_world_size <= 1:
+        return FileStore(str(Path(cfg.replica_store) / STORE_FILE), dp), dp_rank, dp
+    rank, world = cfg.sync_rank * dp + dp_rank, cfg.sync_world_size * dp
+    host, port = split_addr(cfg.sync_addr)
+    timeout = datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S)
+    if rank == 0:
+        listener = socket.create_server((host, port), family=_family(host), backlog=128)
+        # detach(): the store owns the bound socket from here (Python must not close it).
+        store = TCPStore(host, port, world, True, timeout, wait_for_workers=False,
+                         master_listen_fd=listener.detach())  # fmt: skip
+    else:
+        store = TCPStore(host, port, world, False, timeout)
+    if dp_rank == 0:
+        store.set(f"mace/dp/{cfg.sync_rank}", str(dp))
+    first = int(store.get("mace/dp/0"))
+    if first != dp:
+        raise ValueError(
+            f"--mace-sync-rank {cfg.sync_rank} runs --dp-size {dp}, server 0 runs {first}: "
+            "every server of one adapter group needs the same --dp-size"
+        )
+    return store, rank, world
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def tenant_key(name: str) -> int:
@@ -109,7 +155,7 @@ class Update:
     key: int  # tenant_key(name)
     version: int
     payload: torch.Tensor
-    src: int  # the dp rank it came from
+    src: int  # the global rank it came from (the dp rank on one server)
 
 
 @dataclass
@@ -127,23 +173,24 @@ class ReplicaSync:
 
     def __init__(
         self,
-        store_dir: Path,
+        store: Any,
         rank: int,
         world: int,
         timeout_s: float = 600.0,
         every_s: float = 0.0,
+        host: str = "127.0.0.1",
     ) -> None:
-        """every_s > 0 (--mace-sync-every-s): send at most that often, the newest state
-        of each tenant only (versions queued meanwhile are superseded by it)."""
-        from torch.distributed import FileStore, ProcessGroupGloo
+        """`store`, `rank`, `world`: group_store()'s. every_s > 0 (--mace-sync-every-s):
+        send at most that often, the newest state of each tenant only (versions queued
+        meanwhile are superseded by it). `host`: the address gloo listens on."""
+        from torch.distributed import ProcessGroupGloo
 
         self.rank, self.world = rank, world
         self.every_s = every_s
         self.peers = [r for r in range(world) if r != rank]
         self.stats = SyncStats()
-        store = FileStore(str(Path(store_dir) / STORE_FILE), world)
         opts = ProcessGroupGloo._Options()
-        opts._devices = [ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+        opts._devices = [ProcessGroupGloo.create_device(hostname=host)]
         # Waits are for a peer that is alive (a dead replica takes the server down):
         # the receiving thread waits for the next header as long as the server runs.
         opts._timeout = datetime.timedelta(days=365)
@@ -154,7 +201,7 @@ class ReplicaSync:
         self._done: queue.Queue[Callable[[], None]] = queue.Queue()
         for target, name in ((self._receive_loop, "recv"), (self._send_loop, "send")):
             threading.Thread(target=target, name=f"mace-replicas-{name}", daemon=True).start()
-        logger.info("replica sync up: rank %d of %d (gloo on 127.0.0.1)", rank, world)
+        logger.info("replica sync up: rank %d of %d (gloo on %s)", rank, world, host)
 
     # -- the scheduler's side (never blocks) --------------------------------------------
 

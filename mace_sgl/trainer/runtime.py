@@ -24,7 +24,6 @@ import math
 import time
 from collections.abc import Generator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -42,9 +41,16 @@ from mace_sgl.trainer.anchor import ANCHOR_PROMPTS, base_anchors
 from mace_sgl.trainer.guard import CANARY_PROMPTS, Guard
 from mace_sgl.trainer.host import TrainerHost
 from mace_sgl.trainer.jobs import JobBoard, QueuedPair, Ran
+from mace_sgl.trainer.lease import ClusterLease
 from mace_sgl.trainer.link import SidecarLink
 from mace_sgl.trainer.publish import lora_config_dict
-from mace_sgl.trainer.replicas import ReplicaSync, Update, pack_state, tenant_key
+from mace_sgl.trainer.replicas import (
+    ReplicaSync,
+    Update,
+    group_store,
+    pack_state,
+    tenant_key,
+)
 from mace_sgl.trainer.shared import attach_lora, build_shared_llama, shares_storage
 from mace_sgl.trainer.sliced import Pair, SlicedDPO, SliceSpec
 from mace_sgl.trainer.tenants import Tenant, TenantRegistry
@@ -167,14 +173,18 @@ class MaceTrainer:
         self.link = SidecarLink(cfg.state_path, cfg.adapter_name, host.dp_rank)
         self.session = self.link.session
         self.dp_rank = host.dp_rank
-        # With --dp-size > 1: the group that keeps every replica's adapters identical.
-        self.replicas = (
-            ReplicaSync(
-                Path(cfg.replica_store), host.dp_rank, cfg.replicas, every_s=cfg.sync_every_s
+        # With --dp-size > 1 or several servers: the group that keeps every replica's
+        # adapters identical, and across servers one step at a time per tenant.
+        self.replicas: ReplicaSync | None = None
+        self.lease: ClusterLease | None = None
+        if cfg.synced:
+            store, rank, world = group_store(cfg, host.dp_rank)
+            self.replicas = ReplicaSync(
+                store, rank, world, every_s=cfg.sync_every_s, host=cfg.sync_host
             )
-            if cfg.replicas > 1
-            else None
-        )
+            if cfg.sync_world_size > 1:
+                self.lease = ClusterLease(store, rank)
+                self._announce_versions()
         self._updates: list[Update] = []  # received, waiting for a step to end
         logger.info(
             "trainer ready: %d tenant(s), default %s v%d",
@@ -335,6 +345,8 @@ class MaceTrainer:
         for rank, i in enumerate(order):
             backlog.setdefault(queue[i].tenant, -float(rank))
         name = self.fair.pick(backlog)
+        if self.lease is not None and not self.lease.try_acquire(name, known[name].version):
+            return  # another server steps this tenant (trainer/lease.py)
         picked = [i for i in order if queue[i].tenant == name][: self.cfg.pairs_per_step]
         self.fair.charge(name)
         pairs, refs = self.board.take(picked)
@@ -460,7 +472,7 @@ class MaceTrainer:
             result.margins,
             result.grad_norm,
         )
-        tokens = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+        tokens = sum(_pair_tokens(p) for p in pairs)
         stats.trained_tokens += tokens
         self.totals["trained_tokens"] += tokens
         self.sec_per_token += 0.3 * (self.step_seconds / tokens - self.sec_per_token)
@@ -499,6 +511,8 @@ class MaceTrainer:
         for p in pairs:
             loss = losses.get(p.sample_id, float("nan"))
             self.link.report(p.sample_id, loss, version, tenant.name)
+        if self.lease is not None:  # the step ended: every peer has `version` (or none)
+            self.lease.release(tenant.name, version)
 
     # -- replicas ------------------------------------------------------------------------
 
@@ -520,6 +534,8 @@ class MaceTrainer:
         sync = self.replicas
         if sync is None:
             return
+        if self.lease is not None:
+            self.lease.renew()
         for done in sync.delivered():
             done()
         self._updates.extend(sync.received())
@@ -540,6 +556,24 @@ class MaceTrainer:
                     self.tenants.install(tenant, update.version, update.payload)
                 sync.stats.applied += 1
         self._updates = keep
+
+    def _announce_versions(self) -> None:
+        """Several servers: after a restart each may have resumed a different version
+        (one checkpointed the newest, another died first). Every server's first replica
+        sends each tenant's state; the others install what is newer than
+        theirs (follow_replicas), so the group starts from the newest version there is."""
+        if self.dp_rank != 0 or self.replicas is None:
+            return
+        for tenant in self.tenants.tenants.values():
+            if tenant.version == 0:
+                continue
+            try:
+                payload = pack_state(tenant.weights, tenant.optimizer)
+            except ValueError:  # resumed without optimizer state: nothing to share
+                logger.warning("tenant %s v%d: no optimizer state to announce", tenant.name,
+                               tenant.version)  # fmt: skip
+                continue
+            self.replicas.send(tenant.name, tenant.version, payload, lambda: None)
 
     # -- status --------------------------------------------------------------------------
 
@@ -602,7 +636,22 @@ class MaceTrainer:
             # default adapter's version began serving here: replicas compare theirs.
             "adapter_switched_at": self.default.served_since,
             "replica_sync": self.replicas.status() if self.replicas is not None else None,
+            "cluster_lease": self.lease.status() if self.lease is not None else None,
+            "training_tokens": self.training_tokens(),
         }
+
+    def training_tokens(self) -> int:
+        """Tokens of the step in flight (each pair: prompt twice, chosen, rejected): the
+        training work this replica holds, counted like SGLang counts a request's tokens
+        (the server's /get_load adds it to the serving load a router balances by)."""
+        step = self.board.step_job
+        if step is None:
+            return 0
+        return sum(_pair_tokens(q.pair) for q in step.pairs)
+
+
+def _pair_tokens(p: Pair) -> int:
+    return 2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
 
 
 class Starvation:

@@ -180,7 +180,7 @@ class TenantRegistry:
             version=resumed.version,
             resumed=resumed,
         )
-        if self.cfg.replicas > 1:
+        if self.cfg.synced:
             tenant.served_digest = self.digest(tenant)
         self.tenants[name] = tenant
         logger.info("tenant %s ready at v%d", name, tenant.version)
@@ -240,7 +240,7 @@ class TenantRegistry:
         tenant.version += 1
         tenant.served_since = time.monotonic()
         tenant.good_state = None
-        if self.cfg.replicas > 1:
+        if self.cfg.synced:
             tenant.served_digest = self.digest(tenant)
         # Private host copies for the background writer: training goes on changing the
         # tensors, and on a GPU the writer's thread must not read device memory that the

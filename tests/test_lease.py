@@ -1,0 +1,76 @@
+"""The per-tenant lease across servers (trainer/lease.py), on torch's own in-memory store
+with a hand-driven clock: one step at a time, never from an old version, and a dead
+holder's key taken over once it stops renewing."""
+
+from __future__ import annotations
+
+import pytest
+from torch.distributed import HashStore
+
+from mace_sgl.trainer.lease import RETRY_S, TTL_S, ClusterLease, LeaseValue
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def pair():
+    store, clock = HashStore(), Clock()
+    return ClusterLease(store, 0, clock), ClusterLease(store, 1, clock), clock
+
+
+def test_one_holder_at_a_time_and_never_from_an_older_version(pair):
+    a, b, clock = pair
+    assert a.try_acquire("live", 0)
+    assert not b.try_acquire("live", 0)  # a steps
+    a.release("live", 1)  # a's v1 reached every peer
+    clock.now += RETRY_S
+    assert not b.try_acquire("live", 0)  # b has not installed v1 yet
+    clock.now += RETRY_S
+    assert b.try_acquire("live", 1)
+    assert b.status()["held"] == ["live"] and a.status()["held"] == []
+    assert a.refusals == 0 and b.refusals == 2
+
+
+def test_tenants_have_keys_of_their_own(pair):
+    a, b, _ = pair
+    assert a.try_acquire("live", 0) and b.try_acquire("team-a", 0)
+
+
+def test_a_holder_stepping_again_before_delivery_frees_the_key_on_its_last_release(pair):
+    a, b, clock = pair
+    assert a.try_acquire("live", 0) and a.try_acquire("live", 1)  # second step, v1 in flight
+    a.release("live", 1)
+    clock.now += RETRY_S
+    assert not b.try_acquire("live", 2)  # still held: a's second step runs
+    a.release("live", 2)
+    clock.now += RETRY_S
+    assert not b.try_acquire("live", 1)  # the key names v2, the newest given back
+    clock.now += RETRY_S
+    assert b.try_acquire("live", 2)
+
+
+def test_a_dead_holders_key_is_taken_after_its_ttl_and_a_live_one_renews(pair):
+    a, b, clock = pair
+    assert a.try_acquire("live", 3)
+    clock.now += TTL_S - 1
+    a.renew()  # alive: extends its hold
+    clock.now += 2
+    assert not b.try_acquire("live", 3)
+    clock.now += TTL_S + 1  # a stopped renewing (its server died)
+    assert b.try_acquire("live", 3)
+    a.renew()  # a late renewal does not take the key back
+    assert a.errors == 1
+    assert LeaseValue.parse(b.store.get(ClusterLease.key("live"))).holder == 1
+
+
+def test_lease_values_round_trip_and_bad_ones_are_refused():
+    for v in (LeaseValue(None, 0.0, 7), LeaseValue(3, 1234.5, 2)):
+        assert LeaseValue.parse(v.text()) == v
+    with pytest.raises(ValueError, match="not a lease value"):
+        LeaseValue.parse(b"taken")

@@ -1,0 +1,121 @@
+"""Two `mace-sgl serve --mace-train` servers of the tiny model behind SGLang's router
+(`python -m sglang_router.launch_router`), one adapter group over loopback
+(--mace-sync-addr): the router answers, feedback given to either server trains the
+adapter both serve, no two steps start from one version (the lease across servers), and
+each server's /get_load, which the router polls, counts its training work."""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from tiny_model import tiny_serve_args
+from waits import mace_status, wait_for_value
+
+from mace_sgl.launcher import Server, free_port
+
+pytest.importorskip("sglang_router", reason="the optional router extra (sglang-router)")
+
+PAIRS = [
+    {"prompt": f"Question {i}: say something", "chosen": "Certainly! Here.", "rejected": f"no {i}"}
+    for i in range(4)
+]
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("servers")
+    addr = f"127.0.0.1:{free_port()}"
+
+    def start(rank: int) -> Server:
+        args = tiny_serve_args(
+            tiny_model_dir, "--mace-train", "--mace-state-dir", str(root / f"state-{rank}"),
+            "--mace-lr", "1e-3",  # each pair trains at most 3 times: training ends
+            "--mace-sync-addr", addr, "--mace-sync-world-size", "2",
+            "--mace-sync-rank", str(rank),
+        )  # fmt: skip
+        return Server(args, root / f"server-{rank}.log", timeout_s=400)
+
+    # Each server's schedulers wait in the group's rendezvous for the other's: start both.
+    with ThreadPoolExecutor(2) as ex:
+        futures = [ex.submit(start, rank) for rank in (0, 1)]
+    started = [f.result() for f in futures if f.exception() is None]
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        for s in started:
+            s.stop()
+        raise errors[0]
+    yield started
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def router(servers: list[Server], tmp_path_factory: pytest.TempPathFactory):
+    log = tmp_path_factory.mktemp("router") / "router.log"
+    urls = [s.url for s in servers]
+    cmd = [sys.executable, "-m", "sglang_router.launch_router"]
+    r = Server(
+        ["--host", "127.0.0.1", "--policy", "power_of_two", "--worker-urls", *urls],
+        log,
+        cmd=cmd,
+        timeout_s=120,
+    )
+    yield r
+    r.stop()
+
+
+def both(servers: list[Server]) -> list[dict]:
+    return [mace_status(s) for s in servers]
+
+
+def test_the_router_answers_from_both_servers(servers: list[Server], router: Server):
+    body = {"model": "default", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4}  # fmt: skip
+    with ThreadPoolExecutor(4) as ex:
+        codes = list(
+            ex.map(lambda _: router.post("/v1/chat/completions", body).status_code, range(8))
+        )
+    assert codes == [200] * 8
+    for s in [*servers, router]:  # servers, their schedulers' gloo, the router: loopback
+        for addr in s.listening():
+            assert ipaddress.ip_address(addr.ip).is_loopback, addr
+
+
+def test_feedback_to_either_server_trains_one_adapter_with_no_step_lost(servers: list[Server]):
+    a, b = servers
+    assert a.post("/mace/feedback", PAIRS).status_code == 200
+    assert b.post("/mace/feedback", [{**p, "prompt": p["prompt"] + "?"} for p in PAIRS]).ok
+
+    def settled(ss: list[dict]) -> bool:
+        published = sum(s["train_steps"] - s["training"]["rejected_versions"] for s in ss)
+        versions = {s["adapter_version"] for s in ss}
+        digests = {s["replicas"][0]["adapter_digest"] for s in ss}
+        return (
+            all(s["queue_depth"] == 0 for s in ss)
+            and len(versions) == 1
+            and len(digests) == 1
+            and published >= 2
+            and versions == {published}
+        )
+
+    ss = wait_for_value(lambda: both(servers), settled, 300, "one adapter on both", a.tail)
+    # Every published step made a version of its own: no two servers stepped from one
+    # version at once (the lease), and each one's version reached the other.
+    assert all(s["train_steps"] >= 1 for s in ss), [s["train_steps"] for s in ss]
+    for s in ss:
+        sync = s["replicas"][0]["sync"]
+        assert sync["world"] == 2 and sync["errors"] == [] and sync["send_failures"] == 0
+        assert sync["applied"] >= 1  # it installed a version the other published
+        assert s["training"]["cluster_lease"]["errors"] == 0
+
+
+def test_get_load_counts_serving_and_training_tokens(servers: list[Server]):
+    for s in servers:
+        (load,) = s.get("/get_load").json()
+        assert load["dp_rank"] == 0
+        assert load["num_tokens"] == load["num_serving_tokens"] + load["num_training_tokens"]
+        assert load["num_training_tokens"] >= 0
