@@ -480,7 +480,26 @@ def model_prepare(argv: list[str]) -> int:
     return 0
 
 
-USAGE = """usage: mace-sgl {serve,profile,model} ...
+def router(argv: list[str]) -> int:
+    """`mace-sgl router`: `python -m sglang_router.launch_router` (package sglang-router,
+    the `router` extra) with every flag passed through, and loopback defaults: the
+    router's own default binds its Prometheus port (29000) on 0.0.0.0."""
+    import importlib.util
+
+    if importlib.util.find_spec("sglang_router") is None:
+        raise SystemExit(
+            "mace-sgl router needs SGLang's router: pip install 'mace-sgl[router]' "
+            "(the sglang-router package)"
+        )
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    loopback = [x for flag in ("--host", "--prometheus-host") if flag not in given
+                for x in (flag, "127.0.0.1")]  # fmt: skip
+    cmd = [sys.executable, "-m", "sglang_router.launch_router", *loopback, *argv]
+    os.execv(sys.executable, cmd)
+    return 0  # not reached
+
+
+USAGE = """usage: mace-sgl {serve,profile,model,router} ...
 
   serve [SGLang flags] [--profile NAME|FILE] [--mace-* flags]
                         launch SGLang's HTTP server with the mace-sgl plugin
@@ -488,6 +507,9 @@ USAGE = """usage: mace-sgl {serve,profile,model} ...
                         measure this device and model; write the --mace-profile JSON
   model prepare [--force]
                         fetch and convert the embedded default model
+  router [sglang-router flags]
+                        SGLang's router in front of several servers, on loopback
+                        unless --host / --prometheus-host say otherwise
 
 `mace-sgl serve --help` lists every flag."""
 
@@ -510,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         return profile(rest)
     if command == "model" and rest[:1] == ["prepare"]:
         return model_prepare(rest[1:])
+    if command == "router":
+        return router(rest)
     print(USAGE, file=sys.stderr)
     return 2
 

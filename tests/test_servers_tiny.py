@@ -7,7 +7,6 @@ each server's /get_load, which the router polls, counts its training work."""
 from __future__ import annotations
 
 import ipaddress
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 from tiny_model import tiny_serve_args
 from waits import mace_status, wait_for_value
 
-from mace_sgl.launcher import Server, free_port
+from mace_sgl.launcher import MACE_SGL, Server, free_port
 
 pytest.importorskip("sglang_router", reason="the optional router extra (sglang-router)")
 
@@ -57,15 +56,22 @@ def servers(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 def router(servers: list[Server], tmp_path_factory: pytest.TempPathFactory):
     log = tmp_path_factory.mktemp("router") / "router.log"
     urls = [s.url for s in servers]
-    cmd = [sys.executable, "-m", "sglang_router.launch_router"]
-    r = Server(
-        ["--host", "127.0.0.1", "--policy", "power_of_two", "--worker-urls", *urls],
-        log,
-        cmd=cmd,
-        timeout_s=120,
-    )
-    yield r
-    r.stop()
+    # `mace-sgl router`: sglang_router.launch_router on loopback (its host and metrics).
+    args = ["--policy", "power_of_two", "--prometheus-port", str(free_port()),
+            "--worker-urls", *urls]  # fmt: skip
+    r = Server(args, log, cmd=[MACE_SGL, "router"], timeout_s=120)
+    try:
+        # The router is up before it registered its workers (in the background).
+        wait_for_value(
+            lambda: r.get("/workers").json()["workers"],
+            lambda ws: sorted(w["url"] for w in ws if w["is_healthy"]) == sorted(urls),
+            120,
+            "both servers registered in the router",
+            r.tail,
+        )
+        yield r
+    finally:
+        r.stop()
 
 
 def both(servers: list[Server]) -> list[dict]:
@@ -111,6 +117,23 @@ def test_feedback_to_either_server_trains_one_adapter_with_no_step_lost(servers:
         assert sync["world"] == 2 and sync["errors"] == [] and sync["send_failures"] == 0
         assert sync["applied"] >= 1  # it installed a version the other published
         assert s["training"]["cluster_lease"]["errors"] == 0
+
+
+def test_the_router_reads_the_load_each_server_reports(servers: list[Server], router: Server):
+    """Requests sent to server A directly (the router forwards none of them) show in the
+    router's load of A: it is A's /get_load, not the router's own count."""
+    a = servers[0]
+    body = {"text": "count: ", "sampling_params": {"max_new_tokens": 1800, "ignore_eos": True}}
+
+    def router_load() -> int:
+        loads = router.get("/get_loads").json()["workers"]
+        return {w["worker"]: w["load"] for w in loads}[a.url]
+
+    with ThreadPoolExecutor(3) as ex:
+        running = [ex.submit(a.post, "/generate", body) for _ in range(3)]
+        seen = wait_for_value(router_load, lambda v: v > 0, 60, "A's load in the router", a.tail)
+        assert all(f.result().status_code == 200 for f in running)
+    assert seen > 3  # tokens, not requests
 
 
 def test_get_load_counts_serving_and_training_tokens(servers: list[Server]):
