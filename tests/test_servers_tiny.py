@@ -7,6 +7,7 @@ each server's /get_load, which the router polls, counts its training work."""
 from __future__ import annotations
 
 import ipaddress
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,19 +25,20 @@ PAIRS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def servers(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("servers")
+def start_group(model_dir: Path, root: Path, tag: str) -> list[Server]:
+    """Two training servers of one adapter group, state in root/state-RANK."""
     addr = f"127.0.0.1:{free_port()}"
 
     def start(rank: int) -> Server:
         args = tiny_serve_args(
-            tiny_model_dir, "--mace-train", "--mace-state-dir", str(root / f"state-{rank}"),
+            model_dir, "--mace-train", "--mace-state-dir", str(root / f"state-{rank}"),
             "--mace-lr", "1e-3",  # each pair trains at most 3 times: training ends
             "--mace-sync-addr", addr, "--mace-sync-world-size", "2",
             "--mace-sync-rank", str(rank),
         )  # fmt: skip
-        return Server(args, root / f"server-{rank}.log", timeout_s=400)
+        server = Server(args, root / f"server-{rank}-{tag}.log", timeout_s=400)
+        server.state_dir = root / f"state-{rank}"  # type: ignore[attr-defined]
+        return server
 
     # Each server's schedulers wait in the group's rendezvous for the other's: start both.
     with ThreadPoolExecutor(2) as ex:
@@ -47,6 +49,17 @@ def servers(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
         for s in started:
             s.stop()
         raise errors[0]
+    return started
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model_dir: Path, root: Path):
+    started = start_group(tiny_model_dir, root, "first")
     yield started
     for s in started:
         s.stop()
@@ -72,6 +85,11 @@ def router(servers: list[Server], tmp_path_factory: pytest.TempPathFactory):
         yield r
     finally:
         r.stop()
+
+
+def newest_checkpoint(state_dir: Path) -> int:
+    metas = (state_dir / "adapters" / "live").glob("v*/mace.json")
+    return max((json.loads(m.read_text())["version"] for m in metas), default=0)
 
 
 def both(servers: list[Server]) -> list[dict]:
@@ -109,6 +127,16 @@ def test_feedback_to_either_server_trains_one_adapter_with_no_step_lost(servers:
         )
 
     ss = wait_for_value(lambda: both(servers), settled, 300, "one adapter on both", a.tail)
+    version = ss[0]["adapter_version"]
+    # Each server has that version on its own disk (its state directory), whichever
+    # server stepped it: a restart resumes it there.
+    newest = wait_for_value(
+        lambda: [newest_checkpoint(s.state_dir) for s in servers],
+        lambda vs: vs == [version, version],
+        60,
+        "the newest version checkpointed by both servers",
+    )
+    assert newest == [version, version]
     # Every published step made a version of its own: no two servers stepped from one
     # version at once (the lease), and each one's version reached the other.
     assert all(s["train_steps"] >= 1 for s in ss), [s["train_steps"] for s in ss]
@@ -142,3 +170,35 @@ def test_get_load_counts_serving_and_training_tokens(servers: list[Server]):
         assert load["dp_rank"] == 0
         assert load["num_tokens"] == load["num_serving_tokens"] + load["num_training_tokens"]
         assert load["num_training_tokens"] >= 0
+
+
+@pytest.mark.slow
+def test_a_server_that_lost_its_newest_checkpoints_resumes_the_groups_newest(
+    servers: list[Server], tiny_model_dir: Path, root: Path
+):
+    """After the test above: both servers stop, server 1 loses every checkpoint past v1
+    (as if it died before its writer caught up); restarted, it installs the newest
+    version server 0 announces when the group meets, so both serve one adapter."""
+    import shutil
+
+    version = mace_status(servers[0])["adapter_version"]
+    assert version >= 2
+    for s in servers:
+        s.stop()
+    for d in (root / "state-1" / "adapters" / "live").glob("v*"):
+        if d.name not in ("v0", "v1"):
+            shutil.rmtree(d)
+    assert newest_checkpoint(root / "state-1") < version
+    again = start_group(tiny_model_dir, root, "restart")
+    try:
+        ss = wait_for_value(
+            lambda: both(again),
+            lambda ss: [s["adapter_version"] for s in ss] == [version, version],
+            120,
+            "both servers at the group's newest version",
+            again[1].tail,
+        )
+        assert ss[0]["replicas"][0]["adapter_digest"] == ss[1]["replicas"][0]["adapter_digest"]
+    finally:
+        for s in again:
+            s.stop()

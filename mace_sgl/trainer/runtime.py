@@ -552,8 +552,13 @@ class MaceTrainer:
             elif tenant.name == busy:
                 keep.append(update)
             elif update.version > tenant.version:
+                # From another server: this server's first replica checkpoints it into
+                # this server's own state directory, so a restart resumes it here too.
+                foreign = update.src // self.cfg.replicas != self.cfg.sync_rank
                 with torch.inference_mode(False), self.streams.training_work():
-                    self.tenants.install(tenant, update.version, update.payload)
+                    self.tenants.install(
+                        tenant, update.version, update.payload, foreign and self.dp_rank == 0
+                    )
                 sync.stats.applied += 1
         self._updates = keep
 

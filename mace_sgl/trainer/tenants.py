@@ -242,6 +242,17 @@ class TenantRegistry:
         tenant.good_state = None
         if self.cfg.synced:
             tenant.served_digest = self.digest(tenant)
+        self._checkpoint(tenant)
+        logger.info(
+            "published %s v%d (loss %.4f, swap %.1f ms)",
+            tenant.name,
+            tenant.version,
+            tenant.stats.last_loss if tenant.stats.last_loss is not None else float("nan"),
+            tenant.stats.last_swap_ms,
+        )
+
+    def _checkpoint(self, tenant: Tenant) -> None:
+        """Queue the tenant's current version for the background writer."""
         # Private host copies for the background writer: training goes on changing the
         # tensors, and on a GPU the writer's thread must not read device memory that the
         # training stream may still be writing (a copy to the host waits for it here).
@@ -255,18 +266,14 @@ class TenantRegistry:
         config = self.model.peft_config["default"].to_dict()
         optimizer = host_copy(tenant.optimizer.state_dict())
         tenant.writer.submit(tenant.version, weights, config, meta, optimizer)
-        logger.info(
-            "published %s v%d (loss %.4f, swap %.1f ms)",
-            tenant.name,
-            tenant.version,
-            tenant.stats.last_loss if tenant.stats.last_loss is not None else float("nan"),
-            tenant.stats.last_swap_ms,
-        )
 
-    def install(self, tenant: Tenant, version: int, payload: torch.Tensor) -> None:
+    def install(
+        self, tenant: Tenant, version: int, payload: torch.Tensor, checkpoint: bool = False
+    ) -> None:
         """Serve `version` of `tenant` as another replica published it: its weights and
         optimizer state (trainer/replicas.py) written in place, then into SGLang's pool
-        slot. No checkpoint: the replica that ran the step wrote it."""
+        slot. A replica of the same server wrote its checkpoint; one from another server
+        (its own state directory) is checkpointed here when `checkpoint`."""
         from mace_sgl.trainer.replicas import unpack_state
 
         start = time.perf_counter()
@@ -278,6 +285,8 @@ class TenantRegistry:
         tenant.good_state = None
         tenant.served_digest = self.digest(tenant)
         tenant.stats.synced_versions += 1
+        if checkpoint:
+            self._checkpoint(tenant)
         logger.info("installed %s v%d from another replica", tenant.name, version)
 
     @staticmethod
