@@ -135,8 +135,18 @@ class Poller:
         # version -> {replica: its time.monotonic() when it began serving that version}
         self.switches: dict[int, dict[int, float]] = {}
         self.thread = threading.Thread(target=self._run, daemon=True)
+        self.prefill_at_start = self._prefill_tokens()
         self._poll()
         self.thread.start()
+
+    def _prefill_tokens(self) -> list[int]:
+        """Each replica's prefilled (uncached) tokens so far, from SGLang's /v1/loads."""
+        try:
+            loads = self.server.get("/v1/loads").json()["loads"]
+        except Exception:
+            return []
+        ordered = sorted(loads, key=lambda x: x["dp_rank"])
+        return [int(x.get("total_prefill_uncached_tokens") or 0) for x in ordered]
 
     def _poll(self) -> None:
         try:
@@ -194,7 +204,20 @@ class Poller:
             "adapter_staleness_s": sum(stale) / len(stale),
             "version_switch_skew_ms": skew_summary(self.switches, len(last)),
             "versions": [r["version"] for r in last],
+            # Where the requests went: each replica's share of the tokens prefilled
+            # during the run, and each replica's own idle fraction.
+            "prefill_share": prefill_share(self.prefill_at_start, self._prefill_tokens()),
+            "idle_by_replica": idle,
         }
+
+
+def prefill_share(start: list[int], end: list[int]) -> list[float] | None:
+    """Each replica's share of the tokens prefilled between two /v1/loads readings."""
+    if not start or len(start) != len(end):
+        return None
+    done = [b - a for a, b in zip(start, end, strict=True)]
+    total = sum(done)
+    return [d / total for d in done] if total > 0 else None
 
 
 def skew_summary(switches: dict[int, dict[int, float]], replicas: int) -> dict[str, Any]:

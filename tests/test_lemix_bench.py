@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.lemix import skew_summary
+from benchmarks.lemix import prefill_share, skew_summary
 
 
 def test_switch_skew_counts_only_versions_every_replica_served():
@@ -16,3 +16,9 @@ def test_switch_skew_counts_only_versions_every_replica_served():
     assert got["versions"] == 3
     assert abs(got["median"] - 10.0) < 1e-6 and abs(got["max"] - 50.0) < 1e-6
     assert skew_summary({}, 2) == {"versions": 0, "median": None, "max": None}
+
+
+def test_prefill_share_is_each_replicas_part_of_the_tokens_prefilled_meanwhile():
+    assert prefill_share([100, 50], [400, 150]) == [0.75, 0.25]
+    assert prefill_share([], [1, 2]) is None  # /v1/loads unread at the start
+    assert prefill_share([5, 5], [5, 5]) is None  # nothing prefilled
