@@ -25,9 +25,9 @@ time per output token (TPOT) p50 x 3 become the SLO targets (a replica under sat
 load, with slack), the same for every method and handed to every method's servers
 (`--mace-slo-ttft-ms`, `--mace-slo-tbt-ms`) so their training reserve answers to them.
 Then each method runs an open-loop Poisson load at --load-factor (default 1.2) x that
-capacity (or --rate requests/s), a rate one replica alone cannot hold (`separate`'s attainment shows whether it
-did), while feedback keeps arriving (a backlog, then one pair per second), and
-/mace/status is polled every 0.5 s. A request still
+capacity (or --rate requests/s), a rate one replica alone cannot hold (`separate`'s
+attainment shows whether it did), while feedback keeps arriving (a backlog, then one
+pair per second), and /mace/status is polled every 0.5 s. A request still
 running --drain-s after the last arrival counts as unfinished (an error, SLO missed), so
 an overloaded method cannot stretch the run.
 
@@ -315,7 +315,7 @@ def main() -> None:
     parser.add_argument(
         "--rate", type=float, default=None,
         help="requests/s of the Poisson load, instead of --load-factor x the capacity "
-        "measured (that measure varied from 0.80 to 1.56 requests/s between runs here)",
+        "measured (that measure varied from 0.80 to 2.14 requests/s between runs here)",
     )  # fmt: skip
     parser.add_argument("--capacity-clients", type=int, default=16, help="closed-loop clients")
     parser.add_argument("--sync-every-s", type=float, default=30.0, help="`separate` only")

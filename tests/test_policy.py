@@ -192,6 +192,8 @@ def test_slo_controller_on_request_basis_holds_requests_tpot_not_single_gaps():
     with pytest.raises(ValueError, match="tbt_basis"):
         SloTargets(tbt_basis="token")
     assert SloTargets.from_dict(targets.to_dict()) == targets
+    with pytest.raises(ValueError, match="unknown slo keys"):
+        SloTargets.from_dict({"ttft_ms": 100, "tbt": 5})  # a typo is an error
 
 
 # -- policies -----------------------------------------------------------------------------

@@ -38,6 +38,10 @@ class SloTargets:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SloTargets:
+        """From a profile's `slo` section; an unknown key is an error, as before."""
+        unknown = set(data) - {"ttft_ms", "tbt_ms", "tbt_basis"}
+        if unknown:
+            raise ValueError(f"unknown slo keys {sorted(unknown)}: ttft_ms, tbt_ms, tbt_basis")
         return cls(
             ttft_ms=float(data.get("ttft_ms", cls.ttft_ms)),
             tbt_ms=float(data.get("tbt_ms", cls.tbt_ms)),

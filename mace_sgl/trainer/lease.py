@@ -44,7 +44,7 @@ class LeaseValue:
 
     @classmethod
     def parse(cls, raw: bytes | str) -> LeaseValue:
-        text = raw.decode() if isinstance(raw, bytes) else raw
+        text = _text(raw)
         parts = text.split(":")
         if parts[0] == "free" and len(parts) == 2:
             return cls(None, 0.0, int(parts[1]))

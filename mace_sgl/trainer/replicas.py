@@ -15,7 +15,8 @@ loopback. Several servers (`--mace-sync-world-size` S > 1, `--mace-sync-rank`,
 server rank x N + dp rank): a TCPStore that server 0's first scheduler serves on HOST:PORT
 only (a socket bound there, handed to torch), and gloo on `--mace-sync-host` (default
 127.0.0.1). Each server still leases to one replica of its own; across servers a step
-also takes its tenant's lease in that store (trainer/lease.py). Gloo's point-to-point work reports completion only through wait(), so each
+also takes its tenant's lease in that store (trainer/lease.py). Gloo's point-to-point
+work reports completion only through wait(), so each
 replica has one receiving thread blocked in `recv_anysource` (a header, then the payload
 from its sender) and one sending thread; the scheduler loop only drains their queues
 (`received`, `delivered`) and never waits on the network. A sender reports its step's
