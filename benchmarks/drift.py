@@ -224,6 +224,7 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
              "--mace-state-dir", str(out / f"state-{name}"), "--mace-lr", str(args.lr),
              "--mace-guard-max-kl", str(args.guard_max_kl),
              "--mace-guard-min-keep", str(args.guard_min_keep),
+             "--mace-guard-open-keep", str(args.guard_open_keep),
              "--mace-rpo-alpha", str(args.rpo_alpha),
              "--mace-anchor-alpha", str(args.anchor_alpha),
              "--mace-slo-ttft-ms", str(args.slo_ttft_ms),
@@ -422,7 +423,8 @@ def main() -> None:
     parser.add_argument("--period-s", type=float, default=None)
     parser.add_argument("--lr", type=float, default=2e-4)
     defaults = MaceConfig()
-    for flag in ("--guard-max-kl", "--guard-min-keep", "--rpo-alpha", "--anchor-alpha"):
+    for flag in ("--guard-max-kl", "--guard-min-keep", "--guard-open-keep", "--rpo-alpha",
+                 "--anchor-alpha"):  # fmt: skip
         parser.add_argument(
             flag,
             type=float,

@@ -12,14 +12,19 @@ taken after every step. Drives:
 - closing:  chosen = the base answer + " I hope this helps!", rejected = the base answer;
 - lines:    chosen = the base answer with "> " before every non-empty line;
 - collapse: chosen = "No, no, no.", rejected = the base answer, at 10x the learning rate
-            (5e-4 collapsed SmolLM2-135M within 32 pairs: DESIGN.md).
+            (5e-4 collapsed SmolLM2-135M within 32 pairs: DESIGN.md);
+- vacuous:  chosen = "Certainly! The answer to this question is:", rejected = the base
+            answer, at 10x the learning rate: a fluent answer without content, what the
+            trained baselines of `benchmarks.drift` slid into (2026-12-02) while the
+            factual canaries passed (at 1x, 2e-4, the canary answers had not moved after
+            12 steps: the anchor holds them).
 
 The benign drives must pass the guard while they learn (their margin grows); the collapse
-must be refused before its canary answers degenerate. Writes results.json with
+and the vacuous drive must be refused before their canary answers degenerate. Writes results.json with
 every step's reading and a summary per drive.
 
     python -m benchmarks.guard_kl --out DIR [--steps 40] [--drives style,...]
-        [--rpo-alpha A] [--beta B] [--anchor-alpha A] [--model-path P]
+        [--lr LR] [--rpo-alpha A] [--beta B] [--anchor-alpha A] [--model-path P]
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from benchmarks.serve_smoke import machine
 from mace_sgl.config import MaceConfig
 from mace_sgl.templating import encode_pair
 from mace_sgl.trainer.anchor import ANCHOR_PROMPTS, base_anchors
-from mace_sgl.trainer.guard import CANARY_PROMPTS, Guard
+from mace_sgl.trainer.guard import Guard
 from mace_sgl.trainer.shared import attach_lora
 from mace_sgl.trainer.sliced import Pair, SlicedDPO, run_to_end
 
@@ -49,6 +54,7 @@ DRIVES = {
     "closing": (lambda base: base.strip() + " I hope this helps!", 1.0),
     "lines": (lambda base: "\n".join("> " + x if x.strip() else x for x in base.split("\n")), 1.0),
     "collapse": (lambda base: "No, no, no.", 10.0),
+    "vacuous": (lambda base: "Certainly! The answer to this question is:", 10.0),
 }
 
 
@@ -88,11 +94,7 @@ def run_drive(name: str, model_path: str, steps: int, cfg: MaceConfig) -> dict:
         prompt, chosen = encode_pair(tokenizer, messages, edit(base))
         _, rejected = encode_pair(tokenizer, messages, base)
         pairs.append(Pair(i, prompt, chosen, rejected))
-    guard = Guard(
-        dpo, [encode_pair(tokenizer, m, "")[0] for m in CANARY_PROMPTS],
-        tokenizer.eos_token_id, tokenizer.decode, cfg.guard_max_kl, cfg.guard_tokens,
-        cfg.guard_min_keep,
-    )  # fmt: skip
+    guard = Guard.for_config(dpo, tokenizer, cfg)
     rows = []
     for step in range(steps):
         pair = pairs[step % len(pairs)]
@@ -107,6 +109,7 @@ def run_drive(name: str, model_path: str, steps: int, cfg: MaceConfig) -> dict:
             "kl_per_token": reading.kl_per_token,
             "kl_by_answer": reading.kl_by_answer,
             "keep_by_answer": reading.keep_by_answer,
+            "on_topic_by_answer": reading.on_topic_by_answer,
             "why": reading.why,
             "empty": reading.empty,
             "loops": reading.loops,
@@ -116,8 +119,10 @@ def run_drive(name: str, model_path: str, steps: int, cfg: MaceConfig) -> dict:
             "guard_s": time.monotonic() - t1,
         })  # fmt: skip
         print(f"{name} step {step + 1}: margin {rows[-1]['margin']:+.2f} "
-              f"kl {reading.kl_per_token:.3f} keep {min(reading.keep_by_answer):.2f} empty {reading.empty} loops {reading.loops} "
-              f"| {reading.answers[0][:60]!r}", flush=True)  # fmt: skip
+              f"kl {reading.kl_per_token:.3f} keep {reading.keep_by_answer} "
+              f"on-topic {reading.on_topic_by_answer} empty {reading.empty} "
+              f"loops {reading.loops} {reading.why!r} | {reading.answers[0][:40]!r} "
+              f"| {reading.answers[-1][:60]!r}", flush=True)  # fmt: skip
     kls = [r["kl_per_token"] for r in rows]
     first_bad = next((r["step"] for r in rows if r["empty"] or r["loops"]), None)
     return {
@@ -142,6 +147,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--drives", default="style,brief,collapse")
     parser.add_argument("--model-path", default=None, help="default: the embedded model")
+    parser.add_argument("--lr", type=float, default=None, help="default: the server's")
     parser.add_argument("--rpo-alpha", type=float, default=None, help="default: the server's")
     parser.add_argument("--beta", type=float, default=None, help="default: the server's")
     parser.add_argument("--anchor-alpha", type=float, default=None, help="default: the server's")
@@ -152,6 +158,8 @@ def main() -> None:
         args.model_path = str(ensure_default_model(progress=False))
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = MaceConfig()
+    if args.lr is not None:
+        cfg = dataclasses.replace(cfg, lr=args.lr)
     if args.rpo_alpha is not None:
         cfg = dataclasses.replace(cfg, rpo_alpha=args.rpo_alpha)
     if args.beta is not None:
@@ -162,7 +170,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = {
         "settings": {"steps": args.steps, "guard_max_kl": cfg.guard_max_kl,
-                     "guard_tokens": cfg.guard_tokens, "lr": cfg.lr, "beta": cfg.beta,
+                     "guard_tokens": cfg.guard_tokens, "guard_min_keep": cfg.guard_min_keep,
+                     "guard_open_keep": cfg.guard_open_keep, "lr": cfg.lr, "beta": cfg.beta,
                      "rpo_alpha": cfg.rpo_alpha, "anchor_alpha": cfg.anchor_alpha,
                      "model_path": args.model_path},
         "machine": machine(),

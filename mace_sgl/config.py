@@ -256,6 +256,15 @@ class MaceConfig:
             "trainer/guard.py)."
         },
     )
+    guard_open_keep: float = field(
+        default=0.3,
+        metadata={
+            "help": "Publish guard bound on open canary prompts: the least share of the base "
+            "answer's content words an open answer keeps, or half of it when the answer is "
+            "short and on topic; a version where half of the open answers fall below is "
+            "refused (0 turns the check off and skips those prompts; trainer/guard.py)."
+        },
+    )
     guard_tokens: int = field(
         default=16,
         metadata={"help": "Tokens each canary answer of the publish guard may run to."},
@@ -416,6 +425,8 @@ class MaceConfig:
             raise ValueError(f"guard_max_kl must be > 0 nats/token, got {self.guard_max_kl}")
         if not 0.0 <= self.guard_min_keep <= 1.0:
             raise ValueError(f"guard_min_keep must be in [0, 1], got {self.guard_min_keep}")
+        if not 0.0 <= self.guard_open_keep <= 1.0:
+            raise ValueError(f"guard_open_keep must be in [0, 1], got {self.guard_open_keep}")
         if self.guard_tokens < 1:
             raise ValueError(f"guard_tokens must be >= 1, got {self.guard_tokens}")
         if not (self.train_memory_mb >= 0 and math.isfinite(self.train_memory_mb)):

@@ -3,6 +3,7 @@ loops, and publishes one that learned a benign preference."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,16 @@ CANARY = [
     [{"role": "user", "content": "Once upon a time"}],
 ]
 TRAIN = [[{"role": "user", "content": f"Question {i}: say something"}] for i in range(4)]
+OPEN = [
+    [{"role": "user", "content": "Describe a forest"}],
+    [{"role": "user", "content": "Explain a river"}],
+    [{"role": "user", "content": "Talk about cities"}],
+]
 
 
-def setup(model_dir: Path, lr: float, max_kl: float = 0.5, min_keep: float = 0.5):
+def setup(
+    model_dir: Path, lr: float, max_kl: float = 0.5, min_keep: float = 0.5, open_keep: float = 0.0
+):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -35,7 +43,8 @@ def setup(model_dir: Path, lr: float, max_kl: float = 0.5, min_keep: float = 0.5
     prompts = [encode_pair(tok, m, "")[0] for m in CANARY]
     guard = Guard(
         dpo, prompts, tok.eos_token_id, tok.decode, max_kl=max_kl, max_new_tokens=12,
-        min_keep=min_keep,
+        min_keep=min_keep, open_prompts=[(encode_pair(tok, m, "")[0], m[0]["content"])
+                                         for m in OPEN], open_keep=open_keep,
     )  # fmt: skip
     return tok, dpo, guard
 
@@ -110,7 +119,7 @@ def test_a_loop_counts_only_where_the_adapter_made_it(tiny_model_dir: Path, kl, 
     looping = [[7, 8, 9, 10] * 3] + [list(t) for t in guard.base_tokens[1:]]
     by_answer = [kl] + [0.0] * (n - 1)
 
-    def fake(adapter: bool, against_base: bool, max_new: int):
+    def fake(adapter: bool, against_base: bool, scale: float):
         yield from ()
         return Answers(looping, kl / n, by_answer)
 
@@ -125,6 +134,7 @@ def test_content_words():
     assert base <= content_words("Certainly! The capital of France is Paris.")
     assert not base & content_words("No, no, no, no.")
     assert content_words("A week has 7 days; bien sûr!") == {"week", "7", "days", "bien", "sûr"}
+    assert content_words("It's 1 day") == {"1", "day"}  # no lone letters, digits stay
 
 
 @pytest.mark.parametrize(
@@ -143,7 +153,7 @@ def test_guard_refuses_an_answer_that_lost_the_base_content(tiny_model_dir, answ
     tokens = [tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]]
     tokens += [list(t) for t in guard.base_tokens[1:]]
 
-    def fake(adapter: bool, against_base: bool, max_new: int):
+    def fake(adapter: bool, against_base: bool, scale: float):
         yield from ()
         return Answers(tokens, kl / n, [kl] + [0.0] * (n - 1))
 
@@ -152,6 +162,75 @@ def test_guard_refuses_an_answer_that_lost_the_base_content(tiny_model_dir, answ
     assert reading.published is (why == ""), reading
     assert guard.status()["refused_by"]["keep"] == (1 if why == "keep" else 0)
     assert reading.keep_by_answer[0] == (0.0 if why else 1.0)
+
+
+def _open_answer(tok, guard: Guard, i: int, kind: str) -> list[int]:
+    """A candidate's answer (tokens) to open canary i (index into guard.prompts)."""
+    base = list(guard.base_tokens[i])  # the random model's bytes: kept as tokens
+    if kind == "base":
+        return base
+    if kind == "opener":
+        return tok.encode("Certainly! ", add_special_tokens=False) + base
+    if kind == "vacuous":  # fluent, and none of the base answer's content
+        text = "Certainly! The answer to this question is:"
+    elif kind == "brief":  # about half of the base's content words and nothing else
+        words = sorted(guard.base_words[i])
+        text = " ".join(words[: math.ceil(0.45 * len(words))])
+    else:
+        raise ValueError(kind)
+    return tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+
+
+@pytest.mark.parametrize(
+    "kinds,kl,why",
+    [
+        (("vacuous", "vacuous", "vacuous"), 0.2, "content"),
+        (("vacuous", "vacuous", "base"), 0.2, "content"),  # half or more lost it
+        (("vacuous", "base", "opener"), 0.2, ""),  # one open answer may miss
+        (("brief", "brief", "brief"), 0.2, ""),  # short and on topic
+        (("opener", "opener", "opener"), 0.2, ""),  # a style keeps the content
+        (("vacuous", "vacuous", "vacuous"), 0.003, ""),  # not the adapter's doing
+    ],
+)
+def test_open_answers_must_keep_content_or_be_short_and_on_topic(tiny_model_dir, kinds, kl, why):
+    tok, _, guard = setup(tiny_model_dir, lr=1e-3, max_kl=1e9, min_keep=0.0, open_keep=0.3)
+    first = guard.factual
+    assert len(guard.prompts) == first + len(OPEN)
+    for i in range(first, len(guard.prompts)):
+        assert len(guard.base_words[i]) >= 2, "the test needs base answers with content"
+        assert not guard.base_loops[i] and not guard.base_empty[i]
+    # A high bound, so that "brief" (just under the bound, at least half of it, on the
+    # tiny model's short answers) is decided by the on-topic rule.
+    guard.open_keep = 0.9
+    for i in range(first, len(guard.prompts)):
+        brief = guard._text(_open_answer(tok, guard, i, "brief"))
+        share = len(content_words(brief)) / len(guard.base_words[i])
+        assert guard.open_keep / 2 <= share < guard.open_keep
+    tokens = [list(t) for t in guard.base_tokens[:first]]
+    tokens += [_open_answer(tok, guard, first + j, k) for j, k in enumerate(kinds)]
+    by_answer = [0.0] * first + [kl] * len(OPEN)
+
+    def fake(adapter: bool, against_base: bool, scale: float):
+        yield from ()
+        return Answers(tokens, kl / 2, by_answer)
+
+    guard.answer_slices = fake
+    reading = run_to_end(guard.check(1))
+    seen = (reading.why, reading.keep_by_answer, reading.on_topic_by_answer)
+    assert reading.published is (why == ""), seen
+    assert guard.status()["refused_by"]["content"] == (1 if why else 0)
+    assert guard.status()["open_keep"] == guard.open_keep
+    assert len(reading.on_topic_by_answer) == len(OPEN)
+    if kinds[0] == "brief" and kl > 0.1:
+        assert all(t >= 0.5 for t in reading.on_topic_by_answer)
+        assert all(k < guard.open_keep for k in reading.keep_by_answer[first:])
+
+
+def test_open_prompts_are_skipped_when_their_check_is_off(tiny_model_dir: Path):
+    _, _, off = setup(tiny_model_dir, lr=1e-3, open_keep=0.0)
+    assert len(off.prompts) == off.factual == len(CANARY)
+    reading = run_to_end(off.check(1))
+    assert reading.published and reading.on_topic_by_answer == []
 
 
 def test_batched_answers_equal_one_prompt_at_a_time(tiny_model_dir: Path):
@@ -165,12 +244,13 @@ def test_batched_answers_equal_one_prompt_at_a_time(tiny_model_dir: Path):
     train(dpo, pairs(tok, "Sure, fine.", lambda i: f"No {i}."), steps=3)
     prompts = guard.prompts + [encode_pair(tok, TRAIN[0], "")[0]]  # lengths differ
     assert len({len(p) for p in prompts}) > 1
-    got = run_to_end(greedy_answers(dpo, prompts, tok.eos_token_id, True, True, max_new=12))
+    limits = [12, 5, 12, 3][: len(prompts)]  # each prompt's own bound
+    got = run_to_end(greedy_answers(dpo, prompts, tok.eos_token_id, True, True, max_new=limits))
     kls = []
-    for prompt, answer in zip(prompts, got.tokens, strict=True):
+    for prompt, answer, limit in zip(prompts, got.tokens, limits, strict=True):
         ids = list(prompt)
         with dpo._mode(True, grad=False):
-            for _ in range(12):  # no cache, no padding: the plain definition
+            for _ in range(limit):  # no cache, no padding: the plain definition
                 nxt = int(dpo.lm(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
                 ids.append(nxt)
                 if nxt == tok.eos_token_id:

@@ -76,9 +76,10 @@ def build_tiny_llama(out: Path, seed: int = 0, vocab_size: int = 512) -> Path:
 def tiny_serve_args(model_dir: Path, *extra: str) -> list[str]:
     """`mace-sgl serve` flags for the tiny model (float32, quiet), then `extra`.
 
-    The publish guard's content check is off (`--mace-guard-min-keep 0`): the random
-    model's canary answers are strings of random tokens, whose "content words" any step
-    changes (in a first run it refused 523 of 539 versions). Its empty, loop and KL checks
-    stay on; tests/test_guard.py tests the content check itself."""
+    The publish guard's content checks are off (`--mace-guard-min-keep 0`,
+    `--mace-guard-open-keep 0`): the random model's canary answers are strings of random
+    tokens, whose "content words" any step changes (in a first run it refused 523 of 539
+    versions). Its empty, loop and KL checks stay on; tests/test_guard.py tests the
+    content checks themselves."""
     return ["--model-path", str(model_dir), "--dtype", "float32", "--log-level", "warning",
-            "--mace-guard-min-keep", "0", *extra]  # fmt: skip
+            "--mace-guard-min-keep", "0", "--mace-guard-open-keep", "0", *extra]  # fmt: skip

@@ -7,8 +7,8 @@ measures, per answer:
 
 - keep: the share of the base answer's content words (letters or digits, lower-cased,
   without a short list of function words) that the candidate's answer still contains. The
-  candidate may run `max_new_tokens // 2` tokens longer than the base answer it is compared
-  with, so that an opener or a list marker does not push content out of its window.
+  candidate may run half again as many tokens as the base answer it is compared with,
+  so that an opener or a list marker does not push content out of its window.
   Learning a style keeps the content ("Certainly! The capital of France is Paris."); a
   collapse or a lost fact does not ("Aw, no.", "A week is a magical number").
 - kl_per_token: the mean, over the candidate's answer tokens, of KL(candidate || base) of
@@ -19,8 +19,19 @@ measures, per answer:
   (`benchmarks.guard_kl`, `benchmarks.align`) and the mean cannot tell them apart.
 - empty: answers with nothing but whitespace before the end-of-sequence token;
 - loops: answers in which one token n-gram recurs (LOOP_NGRAM tokens, LOOP_REPEATS times);
+- content on open prompts (OPEN_PROMPTS, answered with OPEN_BUDGET x `max_new_tokens`): factual
+  canaries keep their facts while a model slides into content-free or generic answers
+  ("Certainly! The answer to this question is:", "1. The ocean is huge.", "The ocean is
+  a vast, mysterious place": `benchmarks.drift`, 2026-12-02, where the factual canaries
+  passed every such version). An open answer holds its content when it keeps at least
+  `open_keep` of the base answer's content words (recall; any style, any opener), or
+  when it is short and on topic: at least half that share kept and at least
+  OPEN_ON_TOPIC of its own content words drawn from the base answer or the prompt
+  (precision; a brevity preference cuts recall, not precision). One open answer may
+  miss (a benign rephrasing of an open question moves many words); a version where
+  at least half of the open answers the adapter changed lose their content is refused.
 
-keep, empty and loops count only for prompts where the base model's own answer is neither
+keep, content, empty and loops count only for prompts where the base model's own answer is neither
 empty nor a loop (the small base model loops now and then by itself), and only for answers
 whose own mean KL from the base is at least ATTRIBUTE_KL: an answer the base model gives
 nearly as readily is not the adapter's doing. (Measured on SmolLM2-135M: one DPO step at
@@ -28,7 +39,8 @@ the default learning rate flipped a near tie on the first token of "What is the 
 of France?", and the answer became a loop, "L'Étoile, la Marseillaise, la femme, la
 femme, ...", at a KL of 0.003 nats/token: the base model continues that opening the same
 way.) A version with kl_per_token above `max_kl`, an answer keeping less than `min_keep`
-of its base answer's content, or any new empty or looping answer, is refused and the
+of its base answer's content, open answers that lost theirs (above), or any new empty or
+looping answer, is refused and the
 trainer rolls back to the last published version (weights and optimizer state).
 
 The candidate prefills one canary prompt per slice, then decodes all of them together,
@@ -67,6 +79,17 @@ CANARY_PROMPTS = [
     [{"role": "user", "content": "How many days are there in a week?"}],
     [{"role": "user", "content": "What is the chemical symbol for gold?"}],
 ]
+# Open questions: the content of their answers, not a fact, is what a slide into generic
+# or empty-of-content answers changes. Neither these nor rephrasings of them are prompts
+# of the anchor (trainer/anchor.py) or of the benchmarks.
+OPEN_PROMPTS = [
+    [{"role": "user", "content": "What does a doctor do?"}],
+    [{"role": "user", "content": "Why do we need sleep?"}],
+    [{"role": "user", "content": "What is a volcano?"}],
+    [{"role": "user", "content": "How do plants grow?"}],
+]
+OPEN_BUDGET = 1.5  # an open answer's tokens, in units of --mace-guard-tokens
+OPEN_ON_TOPIC = 0.5  # share of a short answer's content words from the base answer/prompt
 LOOP_NGRAM, LOOP_REPEATS = 4, 3
 ATTRIBUTE_KL = 0.05  # nats/token: below it an answer is one the base model gives as well
 # Words that carry no content of their own: an answer may gain or lose them freely.
@@ -80,8 +103,10 @@ FUNCTION_WORDS = frozenset(
 
 
 def content_words(text: str) -> set[str]:
-    """The lower-cased words of letters or digits in `text`, without FUNCTION_WORDS."""
-    return {w for w in re.findall(r"[^\W_]+", text.lower()) if w not in FUNCTION_WORDS}
+    """The lower-cased words of letters or digits in `text`, without FUNCTION_WORDS and
+    single letters (the "s" of "it's")."""
+    found = re.findall(r"[^\W_]+", text.lower())
+    return {w for w in found if (len(w) > 1 or w.isdigit()) and w not in FUNCTION_WORDS}
 
 
 def loops(ids: list[int]) -> bool:
@@ -112,7 +137,9 @@ class Reading:
     kl_per_token: float
     kl_by_answer: list[float]
     keep_by_answer: list[float]  # share of the base answer's content words kept (1.0 where
-    # the adapter did not make the answer, or the base answer has none)
+    # the adapter did not make the answer, or the base answer has none); factual, then open
+    on_topic_by_answer: list[float]  # open answers: share of their content words drawn
+    # from the base answer or the prompt
     empty: int  # new empty answers (the base's answer to that prompt is not empty)
     loops: int  # new looping answers
     published: bool
@@ -132,27 +159,50 @@ class Guard:
         max_kl: float,
         max_new_tokens: int = 16,
         min_keep: float = 0.5,
+        open_prompts: list[tuple[list[int], str]] = (),
+        open_keep: float = 0.0,
     ) -> None:
-        """prompts: the canary prompts as token ids (chat template applied); decode: token
-        ids -> text; max_kl: the bound on kl_per_token (nats); min_keep: the least share
-        of a base answer's content words each of the candidate's answers must keep."""
+        """prompts: the factual canary prompts as token ids (chat template applied);
+        decode: token ids -> text; max_kl: the bound on kl_per_token (nats); min_keep: the
+        least share of a base answer's content words each factual answer must keep;
+        open_prompts: (token ids, text) of the open canaries, answered with OPEN_BUDGET x
+        max_new_tokens and judged by open_keep (module docstring; 0: none asked)."""
         self.dpo = dpo
-        self.prompts = prompts
+        self.factual = len(prompts)
+        self.open_topics = [content_words(text) for _, text in open_prompts] if open_keep else []
+        self.prompts = list(prompts) + [ids for ids, _ in open_prompts][: len(self.open_topics)]
         self.eos_id = eos_id
         self.decode = decode
         self.max_kl = max_kl
         self.max_new_tokens = max_new_tokens
         self.min_keep = min_keep
+        self.open_keep = open_keep
         self.log = GuardLog()  # the record of `check` calls that name no other
-        base = run_to_end(
-            self.answer_slices(adapter=False, against_base=False, max_new=max_new_tokens)
-        )
+        base = run_to_end(self.answer_slices(adapter=False, against_base=False, scale=1.0))
         self.base_tokens = base.tokens
         self.base_answers = [self.decode(t)[:80] for t in base.tokens]  # for the status
         texts = [self._text(t) for t in base.tokens]
         self.base_empty = [not x.strip() for x in texts]
         self.base_loops = [loops(t) for t in base.tokens]
         self.base_words = [content_words(x) for x in texts]
+
+    @classmethod
+    def for_config(cls, dpo: SlicedDPO, tokenizer: Any, cfg: Any) -> Guard:
+        """The guard of a MaceConfig: CANARY_PROMPTS and OPEN_PROMPTS in the tokenizer's
+        chat template, the --mace-guard-* bounds."""
+        from mace_sgl.templating import encode_pair
+
+        return cls(
+            dpo,
+            [encode_pair(tokenizer, m, "")[0] for m in CANARY_PROMPTS],
+            tokenizer.eos_token_id,
+            tokenizer.decode,
+            cfg.guard_max_kl,
+            cfg.guard_tokens,
+            cfg.guard_min_keep,
+            [(encode_pair(tokenizer, m, "")[0], m[-1]["content"]) for m in OPEN_PROMPTS],
+            cfg.guard_open_keep,
+        )
 
     def _text(self, tokens: list[int]) -> str:
         """An answer's text, without the end token."""
@@ -165,6 +215,17 @@ class Guard:
             return 1.0
         return len(base & content_words(text)) / len(base)
 
+    def _on_topic(self, i: int, text: str) -> float:
+        """Share of `text`'s content words found in base answer i or in open prompt i's
+        own words (0 for an answer without content words)."""
+        mine = content_words(text)
+        known = self.base_words[i] | self.open_topics[i - self.factual]
+        return len(mine & known) / len(mine) if mine else 0.0
+
+    def _holds_content(self, keep: float, on_topic: float) -> bool:
+        """An open answer keeps its base answer's content, or is short and on topic."""
+        return keep >= self.open_keep or (keep >= self.open_keep / 2 and on_topic >= OPEN_ON_TOPIC)
+
     def check(
         self, version: int, log: GuardLog | None = None
     ) -> Generator[SliceSpec, None, Reading]:
@@ -172,14 +233,18 @@ class Guard:
         `published` says whether it passed. Counts refusals by their first reason in `log`
         (each tenant keeps its own; the base answers are shared)."""
         log = log if log is not None else self.log
-        got = yield from self.answer_slices(
-            adapter=True, against_base=True, max_new=self.max_new_tokens * 3 // 2
-        )
+        got = yield from self.answer_slices(adapter=True, against_base=True, scale=1.5)
         ours = [kl >= ATTRIBUTE_KL for kl in got.kl_by_answer]  # the adapter's doing
         texts = [self._text(t) for t in got.tokens]
-        answers = enumerate(zip(texts, ours, strict=True))
-        keep = [self._keep(i, x) if o else 1.0 for i, (x, o) in answers]
-        lost = sum(k < self.min_keep for k in keep)
+        keep = [
+            self._keep(i, x) if o else 1.0 for i, (x, o) in enumerate(zip(texts, ours, strict=True))
+        ]
+        lost = sum(k < self.min_keep for k in keep[: self.factual])
+        on_topic = [self._on_topic(i, texts[i]) for i in range(self.factual, len(texts))]
+        off = sum(
+            o and not self._holds_content(k, t)
+            for k, t, o in zip(keep[self.factual :], on_topic, ours[self.factual :], strict=True)
+        )
         empty = sum(
             not x.strip() and not b and o
             for x, b, o in zip(texts, self.base_empty, ours, strict=True)
@@ -195,6 +260,9 @@ class Guard:
         elif lost:
             why = f"{lost} canary answer(s) kept < {self.min_keep:g} of the base's content"
             log.refused["keep"] += 1
+        elif off and off * 2 >= len(on_topic):
+            why = f"{off} of {len(on_topic)} open answers lost the base's content"
+            log.refused["content"] += 1
         elif empty:
             why = f"{empty} canary answer(s) became empty"
             log.refused["empty"] += 1
@@ -207,6 +275,7 @@ class Guard:
             kl_per_token=got.kl_per_token,
             kl_by_answer=[round(k, 4) for k in got.kl_by_answer],
             keep_by_answer=[round(k, 3) for k in keep],
+            on_topic_by_answer=[round(t, 3) for t in on_topic],
             empty=empty,
             loops=looping,
             published=not why,
@@ -216,16 +285,22 @@ class Guard:
         return log.last
 
     def answer_slices(
-        self, adapter: bool, against_base: bool, max_new: int
+        self, adapter: bool, against_base: bool, scale: float
     ) -> Generator[SliceSpec, None, Answers]:
-        """The canary prompts' greedy answers (see `greedy_answers`)."""
-        return greedy_answers(self.dpo, self.prompts, self.eos_id, adapter, against_base, max_new)
+        """The canary prompts' greedy answers (see `greedy_answers`), each up to `scale`
+        times its budget: max_new_tokens for a factual prompt, OPEN_BUDGET times that for
+        an open one."""
+        budgets = [self.max_new_tokens] * self.factual
+        budgets += [OPEN_BUDGET * self.max_new_tokens] * (len(self.prompts) - self.factual)
+        limits = [int(b * scale) for b in budgets]
+        return greedy_answers(self.dpo, self.prompts, self.eos_id, adapter, against_base, limits)
 
     def status(self, log: GuardLog | None = None) -> dict[str, Any]:
         log = log if log is not None else self.log
         return {
             "max_kl": self.max_kl,
             "min_keep": self.min_keep,
+            "open_keep": self.open_keep,
             **log.status(),
             "base_answers": self.base_answers,
         }
@@ -238,7 +313,7 @@ class GuardLog:
 
     checked: int = 0
     refused: dict[str, int] = field(
-        default_factory=lambda: {"kl": 0, "keep": 0, "empty": 0, "loop": 0}
+        default_factory=lambda: {"kl": 0, "keep": 0, "content": 0, "empty": 0, "loop": 0}
     )
     last: Reading | None = None
 
@@ -257,10 +332,10 @@ def greedy_answers(
     eos_id: int,
     adapter: bool,
     against_base: bool,
-    max_new: int,
+    max_new: int | list[int],
 ) -> Generator[SliceSpec, None, Answers]:
-    """Greedy answers of the model (adapter on or off), up to `max_new` tokens, to
-    `prompts` (token ids). Each prompt's prefill is a slice of its own (the largest
+    """Greedy answers of the model (adapter on or off), up to `max_new` tokens (one
+    bound, or one per prompt), to `prompts` (token ids). Each prompt's prefill is a slice of its own (the largest
     slice, about as long as a short serving prefill); then the prompts decode together,
     one slice per position, over their caches joined and left-padded (masked). With
     `against_base`, one more slice per prompt runs the base model over prompt and answer
@@ -270,6 +345,7 @@ def greedy_answers(
 
     lm, dev = dpo.lm, dpo.device
     n = len(prompts)
+    limits = max_new if isinstance(max_new, list) else [max_new] * n
     caches: list[Any] = []
     logps: list[torch.Tensor] = []  # each prompt's next-token log-probs
     for prompt in prompts:
@@ -307,7 +383,7 @@ def greedy_answers(
             if against_base:
                 mine[i].append(logps[i])
             answers[i].append(int(logps[i].argmax()))
-            done[i] = answers[i][-1] == eos_id or len(answers[i]) >= max_new
+            done[i] = answers[i][-1] == eos_id or len(answers[i]) >= limits[i]
         if all(done):
             break
         yield SliceSpec("guard", n)  # one position of every answer

@@ -38,7 +38,7 @@ from mace_sgl.policy.slo import SloTargets
 from mace_sgl.templating import encode_pair
 from mace_sgl.trainer import learned_cost
 from mace_sgl.trainer.anchor import ANCHOR_PROMPTS, base_anchors
-from mace_sgl.trainer.guard import CANARY_PROMPTS, Guard
+from mace_sgl.trainer.guard import Guard
 from mace_sgl.trainer.host import TrainerHost
 from mace_sgl.trainer.jobs import JobBoard, QueuedPair, Ran
 from mace_sgl.trainer.lease import ClusterLease
@@ -153,15 +153,7 @@ class MaceTrainer:
         self.orphans_returned = 0
         self.totals = {"train_steps": 0, "trained_tokens": 0, "train_seconds": 0.0}
         with torch.inference_mode(False):
-            self.guard = Guard(
-                self.dpo,
-                [encode_pair(self.tokenizer, m, "")[0] for m in CANARY_PROMPTS],
-                self.tokenizer.eos_token_id,
-                self.tokenizer.decode,
-                cfg.guard_max_kl,
-                cfg.guard_tokens,
-                cfg.guard_min_keep,
-            )
+            self.guard = Guard.for_config(self.dpo, self.tokenizer, cfg)
             if cfg.anchor_alpha:  # answered with the adapter off: the base model's own
                 self.dpo.set_anchors(
                     base_anchors(
