@@ -1,7 +1,7 @@
 """Several replicas that serve and train: LeMix placement against its baselines.
 
     python -m benchmarks.lemix [--quick] [--out DIR] [--model-path P] [--load-s S]
-        [--load-factor F | --rate R] [--sync-every-s T] [--methods a,b,...]
+        [--load-factor F | --rate R] [--sync-every-s T] [--methods a,b,...] [--repeats N]
 
 Every method is one `mace-sgl serve --dp-size 2 --mace-train` on this machine (2
 replicas). On CPU each replica's scheduler runs on its half of the cores
@@ -31,6 +31,16 @@ pair per second), and /mace/status is polled every 0.5 s. A request still
 running --drain-s after the last arrival counts as unfinished (an error, SLO missed), so
 an overloaded method cannot stretch the run.
 
+--repeats N runs every method N times, interleaved: round k runs the methods in an
+order rotated by k (so no method always runs first, or after the same neighbour, on a
+machine whose speed drifts) with Poisson seed 7 + k, each on a fresh server, against the
+one capacity and SLO measured first. Each method's figures are then the means over its
+runs, with `ci95` ([low, high], Student t) and its runs under `repeats`; `paired` gives,
+for every other method, lemix's figure minus that method's within each round (runs
+minutes apart share the machine's state), mean and ci95. One run per method was within
+the run-to-run spread here: lemix vs round-robin attainment 0.89/0.06 and 1.00/1.00 in
+two runs of the same command (README, 2026-12-03).
+
 DIR/results.json: {"methods": {NAME: {"throughput_tok_s", "slo_attainment",
 "ttft_p99_ms", "tbt_p99_ms", "train_tokens_per_s", "idle_fraction",
 "adapter_staleness_s", ...}}, "capacity_rps", "slo", "machine", ...} and DIR/lemix.png.
@@ -58,9 +68,11 @@ from typing import Any
 from benchmarks.colocate import FeedbackStream, request_body
 from benchmarks.loadgen import closed_loop, percentile_ms, poisson_load, summarize
 from benchmarks.serve_smoke import machine
+from benchmarks.stats import aggregate, mean_ci95
 from mace_sgl.launcher import Server
 
 METHODS = ("lemix", "round-robin", "total-tokens", "separate")
+PAIRED = ("slo_attainment", "throughput_tok_s", "train_tokens_per_s", "tbt_p99_ms")
 PIN = {"X-Data-Parallel-Rank": "0"}  # `separate`: requests go to the serving replica
 
 
@@ -244,25 +256,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     capacity, slo = measure_capacity(args, out, body)
     print(f"one replica: {capacity:.3f} requests/s; SLO {slo}", file=sys.stderr)
     rate = args.rate or args.load_factor * capacity
-    measured: dict[str, dict[str, Any]] = {}
-    for method in methods:
-        server = start_server(args, method, out, slo, method)
-        try:
-            headers = PIN if method == "separate" else None
-            closed_loop(server.url, 2, 5.0, body, headers)  # warm-up
-            feedback = FeedbackStream(server, backlog=args.backlog, interval_s=1.0)
-            poller = Poller(server)
-            results = poisson_load(server.url, rate, args.load_s, body, seed=7,
-                                   headers=headers, drain_s=args.drain_s)  # fmt: skip
-            stats = poller.done()
-            feedback.stop()
-            summary = summarize(results, slo["ttft_ms"], slo["tbt_ms"], stats["wall_s"])
-            measured[method] = {**summary, **stats, "rate_rps": rate}
-            print(f"{method}: {json.dumps(measured[method])}", file=sys.stderr)
-        finally:
-            server.stop()
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    for k, method in rounds(methods, args.repeats):
+        runs[method].append(run_method(args, method, out, slo, rate, body, k))
+        print(f"{method} (round {k}): {json.dumps(runs[method][-1])}", file=sys.stderr)
+    measured = {m: combine(rows) for m, rows in runs.items()}
     result = {
         "methods": measured,
+        "paired": paired(runs, "lemix") if "lemix" in runs and len(runs) > 1 else {},
+        "repeats": args.repeats,
         "capacity_rps": capacity,
         "load_factor": args.load_factor if not args.rate else rate / capacity,
         "rate_rps": rate,
@@ -282,8 +284,73 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def rounds(methods: list[str], repeats: int) -> list[tuple[int, str]]:
+    """(round, method) in the order they run: round k rotates the methods by k."""
+    n = len(methods)
+    return [(k, methods[(k + i) % n]) for k in range(repeats) for i in range(n)]
+
+
+def run_method(
+    args: argparse.Namespace,
+    method: str,
+    out: Path,
+    slo: dict[str, float],
+    rate: float,
+    body: Callable[[int], dict[str, Any]],
+    k: int,
+) -> dict[str, Any]:
+    """One method's run on a fresh server: Poisson load (seed 7 + k) plus feedback."""
+    name = method if k == 0 else f"{method}-r{k}"
+    server = start_server(args, method, out, slo, name)
+    try:
+        headers = PIN if method == "separate" else None
+        closed_loop(server.url, 2, 5.0, body, headers)  # warm-up
+        feedback = FeedbackStream(server, backlog=args.backlog, interval_s=1.0)
+        poller = Poller(server)
+        results = poisson_load(server.url, rate, args.load_s, body, seed=7 + k,
+                               headers=headers, drain_s=args.drain_s)  # fmt: skip
+        stats = poller.done()
+        feedback.stop()
+        summary = summarize(results, slo["ttft_ms"], slo["tbt_ms"], stats["wall_s"])
+        return {**summary, **stats, "rate_rps": rate, "round": k}
+    finally:
+        server.stop()
+
+
+def combine(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One method over its runs: every number's mean and ci95 (benchmarks.stats), the
+    runs under `repeats`, and each other field where every run has the same value."""
+    out = aggregate(rows, "repeats")
+    for key, value in rows[0].items():
+        if key not in out and key != "ci95" and all(r.get(key) == value for r in rows):
+            out[key] = value
+    return out
+
+
+def paired(runs: dict[str, list[dict[str, Any]]], ref: str) -> dict[str, Any]:
+    """For every method but `ref`: `ref`'s figure minus the method's, round by round, for
+    each PAIRED metric: {"mean", "ci95", "rounds"} (None where a round lacks one)."""
+    out: dict[str, Any] = {}
+    by_round = {m: {r["round"]: r for r in rows} for m, rows in runs.items()}
+    for method in runs:
+        if method == ref:
+            continue
+        shared = sorted(set(by_round[ref]) & set(by_round[method]))
+        out[method] = {}
+        for key in PAIRED:
+            diffs = [
+                by_round[ref][k][key] - by_round[method][k][key]
+                for k in shared
+                if isinstance(by_round[ref][k].get(key), int | float)
+                and isinstance(by_round[method][k].get(key), int | float)
+            ]
+            mean, ci = mean_ci95(diffs) if diffs else (None, None)
+            out[method][key] = {"mean": mean, "ci95": ci, "rounds": len(diffs)}
+    return out
+
+
 def plot(measured: dict[str, dict[str, Any]], path: Path) -> None:
-    """One bar panel per headline metric, one bar per method."""
+    """One bar panel per headline metric, one bar per method (ci95 whiskers)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -293,7 +360,14 @@ def plot(measured: dict[str, dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5))
     names = list(measured)
     for ax, key in zip(axes, keys, strict=True):
-        ax.bar(names, [measured[n].get(key) or 0.0 for n in names])
+        means = [measured[n].get(key) or 0.0 for n in names]
+        ci = [
+            measured[n].get("ci95", {}).get(key) or [m, m]
+            for n, m in zip(names, means, strict=True)
+        ]
+        err = [[m - c[0] for m, c in zip(means, ci, strict=True)],
+               [c[1] - m for m, c in zip(means, ci, strict=True)]]  # fmt: skip
+        ax.bar(names, means, yerr=err, capsize=3)
         ax.set_title(key)
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
@@ -321,7 +395,13 @@ def main() -> None:
     parser.add_argument("--sync-every-s", type=float, default=30.0, help="`separate` only")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request")
     parser.add_argument("--backlog", type=int, default=40, help="pairs queued per run")
+    parser.add_argument(
+        "--repeats", type=int, default=1,
+        help="runs per method, interleaved (round k rotates the order by k; seed 7 + k)",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
     args.load_s = args.load_s or (180.0 if args.quick else 600.0)
     args.capacity_s = args.capacity_s or (60.0 if args.quick else 180.0)
     args.drain_s = args.drain_s or (90.0 if args.quick else 300.0)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from benchmarks.lemix import prefill_share, skew_summary
+import pytest
+
+from benchmarks.lemix import combine, paired, prefill_share, rounds, skew_summary
 
 
 def test_switch_skew_counts_only_versions_every_replica_served():
@@ -22,3 +24,41 @@ def test_prefill_share_is_each_replicas_part_of_the_tokens_prefilled_meanwhile()
     assert prefill_share([100, 50], [400, 150]) == [0.75, 0.25]
     assert prefill_share([], [1, 2]) is None  # /v1/loads unread at the start
     assert prefill_share([5, 5], [5, 5]) is None  # nothing prefilled
+
+
+def test_rounds_rotate_the_method_order():
+    got = rounds(["a", "b", "c"], 3)
+    assert [m for _, m in got] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert [k for k, _ in got] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert rounds(["a"], 2) == [(0, "a"), (1, "a")]
+
+
+def test_combine_means_numbers_keeps_shared_fields_and_the_runs():
+    rows = [
+        {"slo_attainment": 1.0, "rate_rps": 1.3, "skew": {"max": 3}, "round": 0},
+        {"slo_attainment": 0.5, "rate_rps": 1.3, "skew": {"max": 9}, "round": 1},
+    ]
+    got = combine(rows)
+    assert got["slo_attainment"] == pytest.approx(0.75)
+    low, high = got["ci95"]["slo_attainment"]
+    assert low < 0.5 and high > 1.0  # two runs this far apart: a wide interval
+    assert got["rate_rps"] == pytest.approx(1.3) and got["ci95"]["rate_rps"] == [1.3, 1.3]
+    assert "skew" not in got  # differs between runs: only in the runs themselves
+    assert got["repeats"] == rows
+    one = combine(rows[:1])
+    assert one["skew"] == {"max": 3} and one["slo_attainment"] == 1.0
+
+
+def test_paired_differences_are_taken_within_each_round():
+    runs = {
+        "lemix": [{"round": 0, "slo_attainment": 0.9}, {"round": 1, "slo_attainment": 1.0},
+                  {"round": 2, "slo_attainment": 0.8}],
+        "rr": [{"round": 1, "slo_attainment": 0.7}, {"round": 0, "slo_attainment": 0.5},
+               {"round": 2, "slo_attainment": None}],
+    }  # fmt: skip
+    got = paired(runs, "lemix")
+    assert set(got) == {"rr"}
+    att = got["rr"]["slo_attainment"]
+    assert att["rounds"] == 2  # round 2 has no figure for rr
+    assert att["mean"] == pytest.approx(((0.9 - 0.5) + (1.0 - 0.7)) / 2)
+    assert got["rr"]["train_tokens_per_s"] == {"mean": None, "ci95": None, "rounds": 0}
