@@ -15,7 +15,12 @@ controller, detokenizer and sidecar processes and this load generator float over
 - `total-tokens`: `--mace-placement sglang --load-balance-method total_tokens`;
 - `separate`: replica 0 only serves (every request carries `X-Data-Parallel-Rank: 0`),
   replica 1 only trains (`--mace-train-ranks 1`), and the adapter reaches replica 0 at
-  most every --sync-every-s seconds (`--mace-sync-every-s`).
+  most every --sync-every-s seconds (`--mace-sync-every-s`);
+- `lemix-floor` (only when named in --methods): `lemix` with `--mace-train-floor F`
+  (--train-floor, default 0.1): a share of busy iterations runs a training unit even
+  when the SLO controller allows none. On 2 cores, at a load one replica cannot hold,
+  the controller left co-located training no room in any run (README, 2026-12-03):
+  this method shows what progress costs in latency.
 
 First, on a `separate` server of its own, the capacity of ONE replica: completed
 requests/s of a closed loop of --capacity-clients (default 16) streaming clients pinned
@@ -72,14 +77,16 @@ from benchmarks.stats import aggregate, mean_ci95
 from mace_sgl.launcher import Server
 
 METHODS = ("lemix", "round-robin", "total-tokens", "separate")
+OPTIONAL = ("lemix-floor",)  # run only when named in --methods
 PAIRED = ("slo_attainment", "throughput_tok_s", "train_tokens_per_s", "tbt_p99_ms")
 PIN = {"X-Data-Parallel-Rank": "0"}  # `separate`: requests go to the serving replica
 
 
-def method_flags(method: str, sync_every_s: float) -> list[str]:
+def method_flags(method: str, sync_every_s: float, train_floor: float = 0.1) -> list[str]:
     """`mace-sgl serve` flags of a method (besides the common ones)."""
     return {
         "lemix": ["--mace-placement", "lemix"],
+        "lemix-floor": ["--mace-placement", "lemix", "--mace-train-floor", str(train_floor)],
         "round-robin": ["--mace-placement", "sglang", "--load-balance-method", "round_robin"],
         "total-tokens": ["--mace-placement", "sglang", "--load-balance-method", "total_tokens"],
         "separate": [
@@ -103,7 +110,7 @@ def start_server(
     every request met its SLO (README, 2026-12-03)."""
     flags = ["--log-level", "warning", "--dp-size", "2", "--mace-train",
              "--mace-default-adapter", "live", "--mace-state-dir", str(out / f"state-{name}"),
-             *method_flags(method, args.sync_every_s)]  # fmt: skip
+             *method_flags(method, args.sync_every_s, args.train_floor)]  # fmt: skip
     if slo is not None:
         flags += ["--mace-slo-ttft-ms", f"{slo['ttft_ms']:.1f}",
                   "--mace-slo-tbt-ms", f"{slo['tbt_ms']:.1f}",
@@ -249,9 +256,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out or tempfile.mkdtemp(prefix="lemix-"))
     out.mkdir(parents=True, exist_ok=True)
     methods = [m for m in args.methods.split(",") if m]
-    unknown = set(methods) - set(METHODS)
+    unknown = set(methods) - set(METHODS) - set(OPTIONAL)
     if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS + OPTIONAL}")
     body = lambda i: request_body(i, args.max_tokens)  # noqa: E731
     capacity, slo = measure_capacity(args, out, body)
     print(f"one replica: {capacity:.3f} requests/s; SLO {slo}", file=sys.stderr)
@@ -393,6 +400,9 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--capacity-clients", type=int, default=16, help="closed-loop clients")
     parser.add_argument("--sync-every-s", type=float, default=30.0, help="`separate` only")
+    parser.add_argument(
+        "--train-floor", type=float, default=0.1, help="`lemix-floor` only: --mace-train-floor"
+    )
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request")
     parser.add_argument("--backlog", type=int, default=40, help="pairs queued per run")
     parser.add_argument(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.lemix import combine, paired, prefill_share, rounds, skew_summary
+from benchmarks.lemix import combine, method_flags, paired, prefill_share, rounds, skew_summary
 
 
 def test_switch_skew_counts_only_versions_every_replica_served():
@@ -62,3 +62,9 @@ def test_paired_differences_are_taken_within_each_round():
     assert att["rounds"] == 2  # round 2 has no figure for rr
     assert att["mean"] == pytest.approx(((0.9 - 0.5) + (1.0 - 0.7)) / 2)
     assert got["rr"]["train_tokens_per_s"] == {"mean": None, "ci95": None, "rounds": 0}
+
+
+def test_lemix_floor_is_lemix_with_a_training_floor():
+    assert method_flags("lemix-floor", 30.0, 0.2) == [
+        *method_flags("lemix", 30.0), "--mace-train-floor", "0.2"
+    ]  # fmt: skip
