@@ -2,6 +2,7 @@
 
     python -m benchmarks.lemix [--quick] [--out DIR] [--model-path P] [--load-s S]
         [--load-factor F | --rate R] [--sync-every-s T] [--methods a,b,...] [--repeats N]
+        [--yardstick closed|held]
 
 Every method is one `mace-sgl serve --dp-size 2 --mace-train` on this machine (2
 replicas). On CPU each replica's scheduler runs on its half of the cores
@@ -29,6 +30,11 @@ batch, so 8 clients measured well below what one replica holds). Its TTFT p50 an
 time per output token (TPOT) p50 x 3 become the SLO targets (a replica under saturating
 load, with slack), the same for every method and handed to every method's servers
 (`--mace-slo-ttft-ms`, `--mace-slo-tbt-ms`) so their training reserve answers to them.
+With --yardstick held, the same server then searches for the highest Poisson rate
+replica 0 holds at those targets (attainment >= 0.9; --probe-steps trials of --probe-s
+seconds, bisecting between 0.2x and 1x the closed-loop figure), and that rate is the
+capacity: the closed loop measured 0.80-2.14 requests/s in four runs here, and one
+replica then failed 1.3 requests/s open-loop after its closed loop did 2.14.
 Then each method runs an open-loop Poisson load at --load-factor (default 1.2) x that
 capacity (or --rate requests/s), a rate one replica alone cannot hold (`separate`'s
 attainment shows whether it did), while feedback keeps arriving (a backlog, then one
@@ -122,24 +128,68 @@ def start_server(
 
 def measure_capacity(
     args: argparse.Namespace, out: Path, body: Callable[[int], dict[str, Any]]
-) -> tuple[float, dict[str, float]]:
+) -> tuple[float, dict[str, float], dict[str, Any] | None]:
     """ONE replica's capacity and the SLO targets, on a `separate` server of its own
-    (replica 1 trains meanwhile): a closed loop of --capacity-clients pinned to replica 0."""
+    (replica 1 trains meanwhile): a closed loop of --capacity-clients pinned to replica 0.
+    With --yardstick held, then, on the same server: the highest Poisson rate replica 0
+    holds at those targets (`held_rate`), which becomes the capacity the load is scaled
+    by; its trials come back as the third value (None with --yardstick closed)."""
     server = start_server(args, "separate", out, None, "capacity")
+    held = None
     try:
         closed_loop(server.url, 2, 5.0, body, PIN)  # warm-up
         results, wall = closed_loop(server.url, args.capacity_clients, args.capacity_s, body, PIN)
+        ok = [r for r in results if r.error is None and r.ttft is not None]
+        capacity = len(ok) / wall
+        slo = {
+            "ttft_ms": 3 * percentile_ms([r.ttft for r in ok], 50),
+            # Mean time per output token of each request, as summarize() judges it: single
+            # gaps are no target, since under load the HTTP process delivers tokens in
+            # bursts (a first run here saw a gap p50 of 0.02 ms).
+            "tbt_ms": 3 * percentile_ms([r.tpot for r in ok if r.tpot is not None], 50),
+        }
+        if args.yardstick == "held":
+
+            def attainment(rate: float) -> float:
+                t0 = time.monotonic()
+                got = poisson_load(server.url, rate, args.probe_s, body, seed=3,
+                                   headers=PIN, drain_s=args.probe_s)  # fmt: skip
+                wall_s = time.monotonic() - t0
+                judged = summarize(got, slo["ttft_ms"], slo["tbt_ms"], wall_s)
+                return judged["slo_attainment"] or 0.0  # None: nothing finished
+
+            rate, trials = held_rate(attainment, 0.2 * capacity, capacity, args.probe_steps)
+            held = {"closed_loop_rps": capacity, "held_rps": rate, "trials": trials,
+                    "goal": HELD_GOAL, "probe_s": args.probe_s}  # fmt: skip
+            capacity = rate
     finally:
         server.stop()
-    ok = [r for r in results if r.error is None and r.ttft is not None]
-    slo = {
-        "ttft_ms": 3 * percentile_ms([r.ttft for r in ok], 50),
-        # Mean time per output token of each request, as summarize() judges it: single
-        # gaps are no target, since under load the HTTP process delivers tokens in bursts
-        # (a first run here saw a gap p50 of 0.02 ms).
-        "tbt_ms": 3 * percentile_ms([r.tpot for r in ok if r.tpot is not None], 50),
-    }
-    return len(ok) / wall, slo
+    return capacity, slo, held
+
+
+HELD_GOAL = 0.9  # SLO attainment a rate must reach to count as held
+
+
+def held_rate(
+    attainment: Callable[[float], float], low: float, high: float, steps: int
+) -> tuple[float, list[dict[str, float]]]:
+    """The highest rate in [low, high] whose `attainment(rate)` reaches HELD_GOAL, by
+    bisection over `steps` trials (the first at `high`; attainment is taken to fall as
+    the rate rises); `low` when no trial reaches it. Returns it and the trials."""
+    trials: list[dict[str, float]] = []
+    held, rate = low, high
+    for _ in range(steps):
+        got = attainment(rate)
+        trials.append({"rate_rps": rate, "slo_attainment": got})
+        if got >= HELD_GOAL:
+            held = max(held, rate)
+            low = rate
+        else:
+            high = rate
+        if low >= high:
+            break
+        rate = (low + high) / 2
+    return held, trials
 
 
 class Poller:
@@ -260,8 +310,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {METHODS + OPTIONAL}")
     body = lambda i: request_body(i, args.max_tokens)  # noqa: E731
-    capacity, slo = measure_capacity(args, out, body)
-    print(f"one replica: {capacity:.3f} requests/s; SLO {slo}", file=sys.stderr)
+    capacity, slo, held = measure_capacity(args, out, body)
+    print(f"one replica: {capacity:.3f} requests/s; SLO {slo}; held {held}", file=sys.stderr)
     rate = args.rate or args.load_factor * capacity
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for k, method in rounds(methods, args.repeats):
@@ -273,6 +323,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "paired": paired(runs, "lemix") if "lemix" in runs and len(runs) > 1 else {},
         "repeats": args.repeats,
         "capacity_rps": capacity,
+        "yardstick": args.yardstick,
+        "held": held,
         "load_factor": args.load_factor if not args.rate else rate / capacity,
         "rate_rps": rate,
         "capacity_clients": args.capacity_clients,
@@ -399,6 +451,13 @@ def main() -> None:
         "measured (that measure varied from 0.80 to 2.14 requests/s between runs here)",
     )  # fmt: skip
     parser.add_argument("--capacity-clients", type=int, default=16, help="closed-loop clients")
+    parser.add_argument(
+        "--yardstick", choices=("closed", "held"), default="closed",
+        help="capacity the load is scaled by: the closed loop's requests/s, or the highest "
+        "Poisson rate one replica holds at the SLO (bisection after the closed loop)",
+    )  # fmt: skip
+    parser.add_argument("--probe-s", type=float, default=30.0, help="seconds per held trial")
+    parser.add_argument("--probe-steps", type=int, default=4, help="held trials")
     parser.add_argument("--sync-every-s", type=float, default=30.0, help="`separate` only")
     parser.add_argument(
         "--train-floor", type=float, default=0.1, help="`lemix-floor` only: --mace-train-floor"

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.lemix import combine, method_flags, paired, prefill_share, rounds, skew_summary
+from benchmarks.lemix import (
+    HELD_GOAL,
+    combine,
+    held_rate,
+    method_flags,
+    paired,
+    prefill_share,
+    rounds,
+    skew_summary,
+)
 
 
 def test_switch_skew_counts_only_versions_every_replica_served():
@@ -68,3 +77,21 @@ def test_lemix_floor_is_lemix_with_a_training_floor():
     assert method_flags("lemix-floor", 30.0, 0.2) == [
         *method_flags("lemix", 30.0), "--mace-train-floor", "0.2"
     ]  # fmt: skip
+
+
+def test_held_rate_bisects_to_the_highest_rate_that_meets_the_goal():
+    tried = []
+
+    def attainment(rate: float) -> float:  # a replica that holds up to 1.3 requests/s
+        tried.append(rate)
+        return 1.0 if rate <= 1.3 else 0.2
+
+    rate, trials = held_rate(attainment, 0.4, 2.0, steps=5)
+    assert tried[0] == 2.0 and len(trials) == 5
+    assert 1.3 - (2.0 - 0.4) / 2**4 <= rate <= 1.3  # within the last interval, below
+    assert all((t["slo_attainment"] >= HELD_GOAL) == (t["rate_rps"] <= 1.3) for t in trials)
+    assert held_rate(lambda r: 0.0, 0.4, 2.0, 3)[0] == 0.4  # nothing held: the floor
+    assert held_rate(lambda r: 1.0, 0.4, 2.0, 3) == (
+        2.0,
+        [{"rate_rps": 2.0, "slo_attainment": 1.0}],
+    )
