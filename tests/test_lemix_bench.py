@@ -95,3 +95,63 @@ def test_held_rate_bisects_to_the_highest_rate_that_meets_the_goal():
         2.0,
         [{"rate_rps": 2.0, "slo_attainment": 1.0}],
     )
+
+
+class _FakeServer:
+    url = "http://127.0.0.1:1"
+
+    def stop(self) -> None:
+        pass
+
+
+def _args(**over):
+    import argparse
+
+    base = dict(out=None, methods="lemix,round-robin", rate=None, load_factor=1.2,
+                repeats=2, load_s=1.0, capacity_s=1.0, drain_s=1.0, capacity_clients=2,
+                sync_every_s=30.0, train_floor=0.1, max_tokens=8, backlog=0,
+                model_path=None, yardstick="held", probe_s=1.0, probe_steps=3)  # fmt: skip
+    base.update(over)
+    return argparse.Namespace(**base)
+
+
+def test_run_interleaves_the_methods_and_writes_means_and_paired_differences(tmp_path, monkeypatch):
+    """run() without servers: the capacity server's closed loop and held-rate trials and
+    each method's run are stand-ins; the order, the rates and results.json are real."""
+    import json
+
+    from benchmarks import lemix
+    from benchmarks.loadgen import RequestResult
+
+    def result(ok: bool) -> RequestResult:  # TTFT 0.1 s, 10 tokens over 1 s
+        return RequestResult(sent=0.0, ttft=0.1 if ok else 9.0, e2e=1.0 if ok else 99.0,
+                             tokens=10)  # fmt: skip
+
+    rates = []
+
+    def poisson(url, rate, duration_s, body, seed=0, headers=None, drain_s=None):
+        rates.append(rate)
+        return [result(rate <= 1.5) for _ in range(10)]  # replica 0 holds up to 1.5
+
+    order = []
+
+    def run_method(args, method, out, slo, rate, body, k):
+        order.append((k, method))
+        att = {"lemix": 1.0, "round-robin": 0.5 + 0.25 * k}[method]
+        return {"slo_attainment": att, "throughput_tok_s": 10.0, "rate_rps": rate, "round": k}
+
+    monkeypatch.setattr(lemix, "start_server", lambda *a, **k: _FakeServer())
+    monkeypatch.setattr(lemix, "closed_loop", lambda *a, **k: ([result(True)] * 4, 2.0))
+    monkeypatch.setattr(lemix, "poisson_load", poisson)
+    monkeypatch.setattr(lemix, "run_method", run_method)
+    got = lemix.run(_args(out=str(tmp_path)))
+    assert order == [(0, "lemix"), (0, "round-robin"), (1, "round-robin"), (1, "lemix")]
+    assert rates == [2.0, 1.2, 1.6]  # closed loop 2.0/s: trials at 1x, then bisecting
+    assert got["held"]["held_rps"] == 1.2 and got["capacity_rps"] == 1.2
+    assert got["rate_rps"] == 1.2 * 1.2
+    assert got["methods"]["round-robin"]["slo_attainment"] == 0.625
+    assert got["paired"]["round-robin"]["slo_attainment"]["mean"] == 0.375
+    assert got["slo"]["ttft_ms"] == 300.0  # 3 x the closed loop's TTFT p50
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["methods"]["lemix"]["repeats"][1]["round"] == 1
+    assert (tmp_path / "lemix.png").stat().st_size > 0
