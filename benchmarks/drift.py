@@ -44,6 +44,8 @@ never does); TTFT/TBT p99, SLO attainment, throughput from the load; training to
 --seeds N repeats the whole run N times (load seeds 1..N; DIR/seed-K/): every metric in
 results.json is the mean over seeds, `ci95` per baseline gives [low, high] (Student t,
 N - 1 degrees of freedom; [x, x] for one seed) and `seeds` keeps each seed's figures.
+results.json is written after every seed (`seeds_done`), so a run stopped early keeps
+the seeds it finished.
 """
 
 from __future__ import annotations
@@ -399,6 +401,22 @@ def plot(baselines: dict[str, dict[str, Any]], phases: list[Phase], phase_s: flo
     fig.savefig(out / "win_rate.png", dpi=100)
 
 
+def write_results(out: Path, args: argparse.Namespace, table: dict[str, Any], seeds: int) -> None:
+    """DIR/results.json over the `seeds` seeds finished so far (`seeds_done`)."""
+    settings = {k: v for k, v in vars(args).items() if k != "phase_list"}
+    result = {
+        "baselines": table,
+        "phases": [
+            {"name": p.name, "judge": p.judge_rule, "edit": p.edit_rule} for p in args.phase_list
+        ],  # fmt: skip
+        "settings": settings,
+        "seeds_done": seeds,
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 CPU cores, < 20 minutes")
@@ -435,6 +453,8 @@ def main() -> None:
     parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     parser.add_argument("--slo-tbt-ms", type=float, default=200.0)
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
     scale = 4.0 if args.full else 1.0
     args.phase_s = args.phase_s or 50.0 * scale
     args.eval_every_s = args.eval_every_s or args.phase_s / args.evals_per_phase
@@ -462,18 +482,9 @@ def main() -> None:
             runs.setdefault(name, []).append(
                 {k: v for k, v in row.items() if k not in ("gaps", "ttfts")}
             )
-    table = {name: aggregate(rows) for name, rows in runs.items()}
-    settings = {k: v for k, v in vars(args).items() if k != "phase_list"}
-    result = {
-        "baselines": table,
-        "phases": [
-            {"name": p.name, "judge": p.judge_rule, "edit": p.edit_rule} for p in args.phase_list
-        ],  # fmt: skip
-        "settings": settings,
-        "machine": machine(),
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        # After every seed: a run stopped later keeps the seeds it finished.
+        table = {name: aggregate(rows) for name, rows in runs.items()}
+        write_results(out, args, table, seed)
     keys = ("win_rate", "degenerate_share", "clpd", "recover_s", "ttft_p99_ms", "tbt_p99_ms",
             "slo_attainment", "throughput_tok_s", "train_tokens_per_s", "guard_refusals")  # fmt: skip
     print(json.dumps({n: {k: r.get(k) for k in keys} for n, r in table.items()}, indent=2))
