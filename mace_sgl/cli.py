@@ -276,10 +276,11 @@ def _data_parallel(
             "share each step's result when it is published, and an unpublished step "
             "would be lost to the next step that runs on another replica."
         )
-    if cfg.train and cfg.auto_adapters:
+    if cfg.train and cfg.auto_adapters and servers > 1:
         raise SystemExit(
             f"mace-sgl: {what} --mace-train cannot create adapters at run time "
-            "(--mace-auto-adapters): name the tenants at start with --mace-adapters."
+            "(--mace-auto-adapters): name the tenants at start with --mace-adapters on "
+            "every server."
         )
     if n <= 1:
         return cfg  # one replica of a multi-server group: its store is --mace-sync-addr's

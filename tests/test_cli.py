@@ -138,6 +138,10 @@ def test_data_parallel_training_is_accepted_with_its_own_placement_and_cores(
         [*argv, "--mace-train", "--dp-size", "2", "--mace-train-ranks", "1"]
     )
     assert cfg.training_ranks == [1]
+    _, cfg = cli.resolve_serve_args(
+        [*argv, "--mace-train", "--dp-size", "2", "--mace-auto-adapters"]
+    )
+    assert cfg.auto_adapters and cfg.replicas == 2  # created on every replica
     with pytest.raises(SystemExit, match="--mace-placement sglang"):
         cli.resolve_serve_args([*argv, "--dp-size", "2", "--load-balance-method", "total_tokens"])
     args, cfg = cli.resolve_serve_args(
@@ -166,6 +170,9 @@ def test_several_servers_need_training_and_the_flags_replicas_need(
     args, cfg = cli.resolve_serve_args([*argv, "--mace-train", "--mace-sync-rank", "1"])
     assert cfg.sync_world_size == 2 and cfg.sync_rank == 1 and cfg.replicas == 1
     assert cfg.synced and cfg.sync_host == "127.0.0.1"
+    # Run-time tenants reach every replica of one server, not the other servers yet.
+    with pytest.raises(SystemExit, match="--mace-adapters on every server"):
+        cli.resolve_serve_args([*argv, "--mace-train", "--mace-auto-adapters"])
 
 
 def test_cores_split_evenly():

@@ -109,6 +109,17 @@ def test_the_router_answers_from_both_servers(servers: list[Server], router: Ser
             assert ipaddress.ip_address(addr.ip).is_loopback, addr
 
 
+def test_run_time_tenants_are_refused_with_the_way_to_name_them_on_every_server(
+    servers: list[Server],
+):
+    r = servers[0].post("/mace/adapters", {"name": "team-a"})
+    assert r.status_code == 409 and "--mace-adapters" in r.json()["error"], r.text
+    assert servers[0].post("/mace/adapters", {"name": "live"}).json() == {
+        "name": "live",
+        "created": False,
+    }
+
+
 def test_feedback_to_either_server_trains_one_adapter_with_no_step_lost(servers: list[Server]):
     a, b = servers
     assert a.post("/mace/feedback", PAIRS).status_code == 200

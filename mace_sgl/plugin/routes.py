@@ -221,6 +221,7 @@ def replicas(schedulers: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
                 "adapter_version": t.get("adapter_version", 0),
                 "adapters": t.get("adapters", {}),
                 "adapter_digest": t.get("adapter_digest"),
+                "adapter_digests": t.get("adapter_digests", {}),
                 "switched_at": t.get("adapter_switched_at"),
                 "train_steps": t.get("train_steps", 0),
                 "reserve_ms": t.get("reserve_ms", 0.0),
@@ -322,10 +323,53 @@ def _prepare_tenant_dir(cfg: MaceConfig, model_path: str, name: str) -> Path:
 
 
 RUNTIME_TENANTS_WITH_REPLICAS = (
-    "adapters cannot be created or retired at run time with --dp-size > 1 or several "
-    "servers (--mace-sync-world-size) yet (SGLang refuses its adapter routes with several "
-    "replicas): name them at start with --mace-adapters NAME,... on every server"
+    "adapters cannot be created or retired at run time with several servers "
+    "(--mace-sync-world-size) yet: name them at start with --mace-adapters NAME,... on "
+    "every server"
 )
+
+
+async def load_adapter(tm: Any, cfg: MaceConfig, name: str, path: Path) -> tuple[bool, str]:
+    """Load `name` from `path` into SGLang on every replica: (success, error message).
+
+    One replica: SGLang's own `load_lora_adapter`. With --dp-size > 1 SGLang refuses that
+    route (an assert on dp_size == 1 in 0.5.23), although the request it sends, through
+    the data-parallel controller's control broadcast and a fan-out of one reply per dp
+    rank, reaches every replica: the same steps without the assert (a new LoRARef, the
+    fan-out, the registry entry only when every rank succeeded). Each replica's trainer
+    then picks the adapter up at v0, the same all-zero state everywhere."""
+    from sglang.srt.managers.io_struct import LoadLoRAAdapterReqInput
+
+    req = LoadLoRAAdapterReqInput(lora_name=name, lora_path=str(path))
+    if cfg.replicas <= 1:
+        out = await tm.load_lora_adapter(req)
+        return out.success, out.error_message or ""
+    from sglang.srt.lora.lora_registry import LoRARef
+    from sglang.srt.managers.tokenizer_control_mixin import _merge_lora_update_results
+
+    tm.auto_create_handle_loop()
+    async with tm.lora_update_lock:
+        ref = LoRARef(lora_name=name, lora_path=str(path))
+        req.lora_id = ref.lora_id
+        result = _merge_lora_update_results(await tm.update_lora_adapter_communicator(req))
+        if result.success:
+            await tm.lora_registry.register(ref)
+            tm.lora_ref_cache[name] = ref
+    return result.success, result.error_message or ""
+
+
+async def unload_adapter(tm: Any, cfg: MaceConfig, name: str) -> tuple[bool, str]:
+    """Unload `name` from SGLang on every replica (see load_adapter)."""
+    from sglang.srt.managers.io_struct import UnloadLoRAAdapterReqInput
+
+    req = UnloadLoRAAdapterReqInput(lora_name=name)
+    if cfg.replicas <= 1:
+        out = await tm.unload_lora_adapter(req)
+    else:
+        tm.auto_create_handle_loop()
+        async with tm.lora_update_lock:
+            out = await tm._unload_lora_adapter_locked(req)
+    return out.success, out.error_message or ""
 
 
 async def create_tenant(cfg: MaceConfig, name: str, weight: float = 1.0) -> bool:
@@ -333,7 +377,7 @@ async def create_tenant(cfg: MaceConfig, name: str, weight: float = 1.0) -> bool
     (whose scheduler-side trainer then picks it up). False if it existed already."""
     if not ADAPTER_NAME.match(name):
         raise TenantError(400, f"adapter name {name!r}: {ADAPTER_NAME_RULE}")
-    if cfg.train and cfg.synced:
+    if cfg.train and cfg.sync_world_size > 1:
         if await asyncio.to_thread(_with_store, cfg, store.has_tenant, name):
             return False
         raise TenantError(409, RUNTIME_TENANTS_WITH_REPLICAS)
@@ -345,13 +389,9 @@ async def create_tenant(cfg: MaceConfig, name: str, weight: float = 1.0) -> bool
         if tm is None:
             raise TenantError(503, "server is starting")
         path = await asyncio.to_thread(_prepare_tenant_dir, cfg, tm.model_path, name)
-        from sglang.srt.managers.io_struct import LoadLoRAAdapterReqInput
-
-        out = await tm.load_lora_adapter(
-            LoadLoRAAdapterReqInput(lora_name=name, lora_path=str(path))
-        )
-        if not out.success:
-            raise TenantError(500, f"SGLang could not load adapter {name!r}: {out.error_message}")
+        loaded, error = await load_adapter(tm, cfg, name, path)
+        if not loaded:
+            raise TenantError(500, f"SGLang could not load adapter {name!r}: {error}")
     except BaseException:
         await asyncio.to_thread(_with_store, cfg, store.retire_tenant, name)
         raise
@@ -456,18 +496,16 @@ async def mace_adapters_delete(request: Request) -> JSONResponse:
         return _error(
             409, f"{name!r} is the default adapter (--mace-adapter-name): it always exists"
         )
-    if cfg.train and cfg.synced:
+    if cfg.train and cfg.sync_world_size > 1:
         return _error(409, RUNTIME_TENANTS_WITH_REPLICAS)
     retired = await asyncio.to_thread(_with_store, cfg, store.retire_tenant, name)
     if not retired:
         return _error(404, f"no adapter named {name!r}")
     tm = _tokenizer_manager()
     if cfg.train and tm is not None:
-        from sglang.srt.managers.io_struct import UnloadLoRAAdapterReqInput
-
-        out = await tm.unload_lora_adapter(UnloadLoRAAdapterReqInput(lora_name=name))
-        if not out.success:
-            logger.warning("mace: SGLang did not unload %s: %s", name, out.error_message)
+        unloaded, error = await unload_adapter(tm, cfg, name)
+        if not unloaded:
+            logger.warning("mace: SGLang did not unload %s: %s", name, error)
     if purge:
         await asyncio.to_thread(shutil.rmtree, cfg.tenant_dir(name), True)
     return JSONResponse({"name": name, "retired": True, "checkpoints_kept": not purge})

@@ -177,7 +177,9 @@ class MaceTrainer:
             if cfg.sync_world_size > 1:
                 self.lease = ClusterLease(store, rank)
                 self._announce_versions()
-        self._updates: list[Update] = []  # received, waiting for a step to end
+        # Received and waiting: for this replica's step of that tenant to end, or for a
+        # tenant created at run time to reach this replica's registry (when it arrived).
+        self._updates: list[tuple[Update, float]] = []
         logger.info(
             "trainer ready: %d tenant(s), default %s v%d",
             len(self.tenants.tenants),
@@ -530,19 +532,31 @@ class MaceTrainer:
             self.lease.renew()
         for done in sync.delivered():
             done()
-        self._updates.extend(sync.received())
+        now = time.monotonic()
+        self._updates.extend((u, now) for u in sync.received())
         if not self._updates:
             return
         by_key = {tenant_key(name): t for name, t in self.tenants.tenants.items()}
+        if any(u.key not in by_key for u, _ in self._updates):
+            self.synced_at = float("-inf")  # a tenant created meanwhile: look now
+            self._sync_tenants()
+            by_key = {tenant_key(name): t for name, t in self.tenants.tenants.items()}
         step = self.board.step_job
         busy = step.tenant if step is not None else None
         keep = []
-        for update in self._updates:
+        for update, since in self._updates:
             tenant = by_key.get(update.key)
             if tenant is None:
-                logger.error("update v%d for a tenant this replica lacks: dropped", update.version)
+                # Created at run time on every replica, not yet here; or retired.
+                if now - since <= ORPHAN_AFTER_S:
+                    keep.append((update, since))
+                else:
+                    logger.error(
+                        "update v%d for a tenant this replica lacks since %.0f s: dropped",
+                        update.version, now - since,
+                    )  # fmt: skip
             elif tenant.name == busy:
-                keep.append(update)
+                keep.append((update, since))
             elif update.version > tenant.version:
                 # From another server: this server's first replica checkpoints it into
                 # this server's own state directory, so a restart resumes it here too.
@@ -629,6 +643,7 @@ class MaceTrainer:
             "dp_rank": self.dp_rank,
             "adapters": {name: t.version for name, t in self.tenants.tenants.items()},
             "adapter_digest": self.default.served_digest,
+            "adapter_digests": {n: t.served_digest for n, t in self.tenants.tenants.items()},
             # time.monotonic() (one clock for every process of this machine) when the
             # default adapter's version began serving here: replicas compare theirs.
             "adapter_switched_at": self.default.served_since,
