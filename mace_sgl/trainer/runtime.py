@@ -533,14 +533,15 @@ class MaceTrainer:
         for done in sync.delivered():
             done()
         now = time.monotonic()
-        self._updates.extend((u, now) for u in sync.received())
+        arrived = sync.received()
+        known = {tenant_key(name) for name in self.tenants.tenants} if arrived else set()
+        if any(u.key not in known for u in arrived):
+            self.synced_at = float("-inf")  # a tenant created meanwhile: look now, once
+            self._sync_tenants()
+        self._updates.extend((u, now) for u in arrived)
         if not self._updates:
             return
         by_key = {tenant_key(name): t for name, t in self.tenants.tenants.items()}
-        if any(u.key not in by_key for u, _ in self._updates):
-            self.synced_at = float("-inf")  # a tenant created meanwhile: look now
-            self._sync_tenants()
-            by_key = {tenant_key(name): t for name, t in self.tenants.tenants.items()}
         step = self.board.step_job
         busy = step.tenant if step is not None else None
         keep = []
