@@ -32,6 +32,15 @@ prompts sent as concurrent requests (batched decoding is several times faster pe
 than one stream on CPU), greedy, up to --eval-max-tokens (128: the base model's answers
 to these prompts fit; an answer cut off there is judged as it stands).
 
+The clock counts serving only. A phase is --evals-per-phase windows of
+`--phase-s / --evals-per-phase` seconds of Poisson load (each waits for its requests to
+finish), and after each window training pauses (POST /mace/train/pause; the periodic
+trainer's thread too), the evaluation runs, and training resumes. An evaluation is an
+observer, not load: on 2 CPU cores one takes 20-60 s, and with a wall clock the load
+(and with it the feedback) had ended before the second phase's first evaluation, so
+phases 2 and 3 got no feedback at all. Times in the timeline, recover_s, throughput,
+training tokens/s and device utilisation are over the serving windows.
+
 Metrics per baseline (means over the evaluations; phase boundaries in the plot):
 win_rate of the served adapter against the frozen base under the current judge (win 1,
 tie 0.5, a degenerate answer loses) on held-out prompts; degenerate_share, the share of
@@ -143,6 +152,11 @@ class PeriodicTrainer:
         self.window: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
+        # cleared while an evaluation runs: the period counts running time only, and a
+        # round in progress waits between pairs (as the server's trainer pauses between
+        # slices)
+        self.running = threading.Event()
+        self.running.set()
         self.rounds = 0
         self.trained_tokens = 0
         self.train_seconds = 0.0
@@ -154,11 +168,25 @@ class PeriodicTrainer:
             self.window.append(pair)
 
     def _run(self) -> None:
-        while not self.stop_event.wait(self.period_s):
+        tick, waited = 0.5, 0.0
+        while not self.stop_event.wait(tick):
+            if not self.running.is_set():
+                continue
+            waited += tick
+            if waited < self.period_s:
+                continue
+            waited = 0.0
             with self.lock:
                 window, self.window = self.window, []
             if window:
                 self._round(window)
+
+    def _wait_running(self) -> bool:
+        """Block while paused; False once stopped."""
+        while not self.running.wait(0.5):
+            if self.stop_event.is_set():
+                return False
+        return not self.stop_event.is_set()
 
     def _round(self, window: list[dict[str, Any]]) -> None:
         from mace_sgl.templating import encode_pair
@@ -167,6 +195,8 @@ class PeriodicTrainer:
         tok = self.client.tokenizer
         start = time.monotonic()
         for i, p in enumerate(window):
+            if not self._wait_running():
+                return
             msgs = [{"role": "user", "content": p["prompt"]}]
             prompt, chosen = encode_pair(tok, msgs, p["chosen"])
             _, rejected = encode_pair(tok, msgs, p["rejected"])
@@ -176,6 +206,8 @@ class PeriodicTrainer:
         path = self.out / f"periodic-{self.rounds}"
         self.model.save_pretrained(str(path))
         name = f"periodic-{self.rounds}"
+        if not self._wait_running():  # no swap in the middle of an evaluation
+            return
         r = self.client.server.post(
             "/load_lora_adapter", {"lora_name": name, "lora_path": str(path)}
         )
@@ -251,12 +283,13 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
                                        args.anchor_alpha)  # fmt: skip
         phase_box = {"phase": phases[0]}
         posted = [0]
+        sent = [0]  # requests sent in earlier windows: prompts go on round the list
 
         def make_body(i: int) -> dict[str, Any]:
-            return client.body(train_prompts[i % len(train_prompts)], client.adapter)
+            return client.body(train_prompts[(sent[0] + i) % len(train_prompts)], client.adapter)
 
         def on_result(i: int, body: dict[str, Any], r: RequestResult) -> None:
-            if r.error or not r.text or i % args.feedback_every:
+            if r.error or not r.text or (sent[0] + i) % args.feedback_every:
                 return
             phase = phase_box["phase"]
             chosen = phase.edit(r.text)
@@ -269,38 +302,48 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
             server.post("/mace/feedback", {**pair, "prompt": body["messages"]})
             posted[0] += 1
 
-        total_s = args.phase_s * len(phases)
+        def training(on: bool) -> None:
+            """Pause or resume training (the server's, and the periodic thread's)."""
+            if periodic is not None:
+                (periodic.running.set if on else periodic.running.clear)()
+            server.post("/mace/train/resume" if on else "/mace/train/pause", {})
+            deadline = time.monotonic() + 60
+            while server.get("/mace/status").json()["training"]["paused"] == on:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"training still {'paused' if on else 'running'}")
+                time.sleep(0.2)
+
         status0 = server.get("/mace/status").json()["training"]
         results: list[RequestResult] = []
-        load = threading.Thread(
-            target=lambda: results.extend(
-                poisson_load(
-                    server.url, args.rate, total_s, make_body, seed=seed, on_result=on_result
-                )  # fmt: skip
-            ),
-            daemon=True,
-        )
-        t0 = time.monotonic()
-        load.start()
         timeline = []
-        evals_per_phase = int(args.phase_s // args.eval_every_s)
-        bar = tqdm(total=evals_per_phase * len(phases), desc=name, unit="eval", file=sys.stderr)
+        wall = 0.0  # serving seconds: the windows of load, evaluations excluded
+        busy = 0.0  # scheduler seconds (forwards + training units) within the windows
+        window_s = args.eval_every_s
+        windows = max(1, int(args.phase_s / window_s + 1e-6))  # evaluations per phase
+        bar = tqdm(total=windows * len(phases), desc=name, unit="eval", file=sys.stderr)
         for k, phase in enumerate(phases):
             phase_box["phase"] = phase
-            phase_start = t0 + k * args.phase_s
-            next_eval = phase_start + args.eval_every_s
-            while next_eval <= phase_start + args.phase_s + 1e-6:
-                time.sleep(max(0.0, next_eval - time.monotonic()))
+            phase_wall = 0.0
+            for j in range(windows):
+                before = server.get("/mace/status").json()["training"]
+                t = time.monotonic()
+                window = poisson_load(server.url, args.rate, window_s, make_body,
+                                      seed=1000 * seed + k * windows + j,
+                                      on_result=on_result, drain_s=args.drain_s)  # fmt: skip
+                sent[0] += len(window)
+                results.extend(window)
+                dt = time.monotonic() - t
+                wall, phase_wall = wall + dt, phase_wall + dt
+                after = server.get("/mace/status").json()["training"]
+                busy += sum(after[f] - before[f] for f in ("serving_seconds", "train_seconds"))
+                training(False)
                 ev = evaluate(client, phase, held_out, base_answers, args.eval_max_tokens)
-                timeline.append({"t": round(time.monotonic() - t0, 1), "phase": phase.name,
-                                 "since_drift": round(time.monotonic() - phase_start, 1),
-                                 **ev})  # fmt: skip
+                training(True)
+                timeline.append({"t": round(wall, 1), "phase": phase.name,
+                                 "since_drift": round(phase_wall, 1), **ev})  # fmt: skip
                 bar.update(1)
                 bar.set_postfix(phase=phase.name, win=f"{ev['win_rate']:.2f}")
-                next_eval += args.eval_every_s
         bar.close()
-        load.join()
-        wall = time.monotonic() - t0
         status1 = server.get("/mace/status").json()["training"]
     finally:
         if periodic is not None:
@@ -338,15 +381,9 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
         "tbt_p50_ms": summary["tbt_p50_ms"],
         "tbt_p99_ms": summary["tbt_p99_ms"],
         "e2e_p99_ms": summary["e2e_p99_ms"],
-        # share of wall time the scheduler ran forwards or training units (the periodic
-        # baseline's training runs in this process and is not in it)
-        "device_utilisation": (
-            status1["serving_seconds"]
-            - status0["serving_seconds"]
-            + status1["train_seconds"]
-            - status0["train_seconds"]
-        )
-        / wall,
+        # share of the serving windows the scheduler ran forwards or training units (the
+        # periodic baseline's training runs in this process and is not in it)
+        "device_utilisation": busy / wall,
         "slo_attainment": summary["slo_attainment"],
         "throughput_tok_s": summary["throughput_tok_s"],
         "train_tokens_per_s": trained / wall,
@@ -362,8 +399,7 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
     return row, base_answers
 
 
-def plot(baselines: dict[str, dict[str, Any]], phases: list[Phase], phase_s: float,
-         out: Path) -> None:  # fmt: skip
+def plot(baselines: dict[str, dict[str, Any]], phases: list[Phase], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -389,10 +425,15 @@ def plot(baselines: dict[str, dict[str, Any]], phases: list[Phase], phase_s: flo
     for name, row in baselines.items():
         ax.plot([e["t"] for e in row["timeline"]], [e["win_rate"] for e in row["timeline"]],
                 marker="o", label=name)  # fmt: skip
-    for k, phase in enumerate(phases):
-        ax.axvline(k * phase_s, color="grey", linestyle="--", linewidth=0.8)
-        ax.text(k * phase_s + 2, 1.02, phase.name, fontsize=9)
-    ax.set_xlabel("seconds")
+    # phase starts on the serving clock (windows wait for their requests, so a phase
+    # takes a little longer than --phase-s)
+    first = next(iter(baselines.values()), {"timeline": []})["timeline"]
+    for phase in phases:
+        starts = [e["t"] - e["since_drift"] for e in first if e["phase"] == phase.name]
+        x = min(starts) if starts else 0.0
+        ax.axvline(x, color="grey", linestyle="--", linewidth=0.8)
+        ax.text(x + 2, 1.02, phase.name, fontsize=9)
+    ax.set_xlabel("seconds of serving (evaluations excluded)")
     ax.set_ylabel("win rate vs frozen base")
     ax.set_ylim(-0.05, 1.1)
     ax.grid(True, alpha=0.3)
@@ -426,7 +467,18 @@ def main() -> None:
     parser.add_argument("--profile", default=None, help="--mace-profile for the servers")
     parser.add_argument("--baselines", default=",".join(BASELINES))
     parser.add_argument("--phase-s", type=float, default=None)
-    parser.add_argument("--eval-every-s", type=float, default=None)
+    parser.add_argument(
+        "--eval-every-s",
+        type=float,
+        default=None,
+        help="seconds of load between evaluations (phase-s / evals-per-phase)",
+    )
+    parser.add_argument(
+        "--drain-s",
+        type=float,
+        default=120.0,
+        help="longest wait for a window's requests after its load",
+    )
     parser.add_argument("--eval-prompts", type=int, default=24)
     parser.add_argument("--evals-per-phase", type=int, default=3)
     parser.add_argument("--eval-max-tokens", type=int, default=128)
@@ -477,7 +529,7 @@ def main() -> None:
             baselines[name], base_answers = run_baseline(
                 name, args, tokenizer, seed_out, base_answers, seed
             )
-        plot(baselines, args.phase_list, args.phase_s, seed_out)
+        plot(baselines, args.phase_list, seed_out)
         for name, row in baselines.items():
             runs.setdefault(name, []).append(
                 {k: v for k, v in row.items() if k not in ("gaps", "ttfts")}

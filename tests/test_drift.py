@@ -28,3 +28,109 @@ def test_aggregate_keeps_every_metric_a_number():
     lo, hi = out["ci95"]["win_rate"]
     assert lo < 0.6 < hi
     assert "timeline" not in out and "ok" not in out and out["seeds"] == rows
+
+
+# an answer every default phase's edit improves (more than 20 words: concise wins too)
+ANSWER = "The sea is big. It is deep and old, and it covers most of the planet, with more life in it than on all the land."
+
+
+class _Response:
+    def __init__(self, body: dict) -> None:
+        self.body, self.status_code = body, 200
+
+    def json(self) -> dict:
+        return self.body
+
+    def raise_for_status(self) -> None:
+        pass
+
+
+def test_run_baseline_counts_serving_windows_and_pauses_training_to_evaluate(tmp_path, monkeypatch):
+    """run_baseline without a server: evaluations run between windows of load with
+    training paused, every phase gets its own windows and feedback, and the clock counts
+    the windows only (an evaluation on 2 cores outlasted the whole load before)."""
+    import argparse
+    import time
+
+    from benchmarks import drift
+    from benchmarks.align import prompts
+    from benchmarks.loadgen import RequestResult
+    from benchmarks.phases import load_phases
+
+    events: list[tuple] = []
+
+    class Server:
+        url = "http://127.0.0.1:1"
+
+        def __init__(self, flags, log, timeout_s) -> None:
+            self.paused, self.busy = False, 0.0
+
+        def get(self, path: str) -> _Response:
+            training = {"paused": self.paused, "serving_seconds": self.busy,
+                        "train_seconds": 0.0, "trained_tokens": 0,
+                        "rejected_versions": 0}  # fmt: skip
+            return _Response({"model_path": "m", "training": training})
+
+        def post(self, path: str, body: dict) -> _Response:
+            if path in ("/mace/train/pause", "/mace/train/resume"):
+                self.paused = path.endswith("pause")
+            elif path == "/mace/feedback":
+                events.append(("feedback", body["chosen"]))
+            return _Response({})
+
+        def stop(self) -> None:
+            pass
+
+    server: list[Server] = []
+    monkeypatch.setattr(
+        drift, "Server", lambda *a, **k: server.append(Server(*a, **k)) or server[0]
+    )
+
+    def poisson_load(url, rate, duration_s, make_body, seed=0, on_result=None, drain_s=None):
+        assert not server[0].paused  # the load runs with training on
+        server[0].busy += 1.0
+        time.sleep(0.2)  # the window's own seconds (the timeline rounds to 0.1 s)
+        out = []
+        for i in range(2):
+            body = make_body(i)
+            r = RequestResult(sent=0.0, ttft=0.1, e2e=1.0, tokens=10, text=ANSWER)
+            on_result(i, body, r)
+            out.append(r)
+        events.append(("load", seed, body["messages"][0]["content"], duration_s))
+        return out
+
+    def evaluate(client, phase, held_out, base, max_tokens):
+        assert server[0].paused  # an evaluation runs with training paused
+        events.append(("eval", phase.name))
+        return {"win_rate": 0.5, "degenerate_share": 0.0, "clpd": 1.0, "example": "",
+                "degenerate_examples": []}  # fmt: skip
+
+    monkeypatch.setattr(drift, "poisson_load", poisson_load)
+    monkeypatch.setattr(drift, "evaluate", evaluate)
+    phases = load_phases()
+    args = argparse.Namespace(
+        phase_list=phases, eval_prompts=4, max_tokens=8, lr=1e-4, guard_max_kl=1.0,
+        guard_min_keep=0.5, guard_open_keep=0.3, rpo_alpha=0.0, anchor_alpha=1.0,
+        slo_ttft_ms=2000.0, slo_tbt_ms=200.0, model_path=None, profile=None,
+        eval_max_tokens=16, rate=1.0, feedback_every=1, phase_s=30.0, eval_every_s=10.0,
+        drain_s=5.0, recover_at=0.75, period_s=10.0,
+    )  # fmt: skip
+    base = {p: "base answer" for p in prompts()}
+    row, _ = drift.run_baseline("mace", args, None, tmp_path, base, seed=2)
+
+    kinds = [e[0] for e in events if e[0] != "feedback"]
+    assert kinds == ["load", "eval"] * 9  # 3 phases x 3 windows, each then evaluated
+    loads = [e for e in events if e[0] == "load"]
+    assert len({e[1] for e in loads}) == 9 and all(e[3] == 10.0 for e in loads)
+    assert len({e[2] for e in loads}) == 9  # the prompts go on across windows
+    assert [e[1] for e in events if e[0] == "eval"] == [p.name for p in phases for _ in range(3)]
+    chosen = [e[1] for e in events if e[0] == "feedback"]
+    assert len(chosen) == 18
+    assert chosen[0] == "The sea is big."  # the first phase's edit (concise)
+    assert all(c.startswith("Certainly") for c in chosen[6:12])  # the second phase's edit
+    assert all(c.startswith("- ") for c in chosen[12:])
+    since = [e["since_drift"] for e in row["timeline"]]
+    assert since[0] < since[1] < since[2] and since[3] < since[2]  # a phase's own clock
+    assert row["timeline"][-1]["t"] < 5.0  # the windows' seconds, not the evaluations'
+    assert row["device_utilisation"] > 1.0  # 9 busy seconds in well under 9 s of windows
+    assert row["feedback_posted"] == 18 and row["requests"] == 18
