@@ -169,8 +169,11 @@ class Guard:
         max_new_tokens and judged by open_keep (module docstring; 0: none asked)."""
         self.dpo = dpo
         self.factual = len(prompts)
-        self.open_topics = [content_words(text) for _, text in open_prompts] if open_keep else []
-        self.prompts = list(prompts) + [ids for ids, _ in open_prompts][: len(self.open_topics)]
+        self.prompts = list(prompts)
+        self.open_topics: list[set[str]] = []
+        if open_keep:  # 0 asks no open prompt
+            self.prompts += [ids for ids, _ in open_prompts]
+            self.open_topics = [content_words(text) for _, text in open_prompts]
         self.eos_id = eos_id
         self.decode = decode
         self.max_kl = max_kl
@@ -335,11 +338,12 @@ def greedy_answers(
     max_new: int | list[int],
 ) -> Generator[SliceSpec, None, Answers]:
     """Greedy answers of the model (adapter on or off), up to `max_new` tokens (one
-    bound, or one per prompt), to `prompts` (token ids). Each prompt's prefill is a slice of its own (the largest
-    slice, about as long as a short serving prefill); then the prompts decode together,
-    one slice per position, over their caches joined and left-padded (masked). With
-    `against_base`, one more slice per prompt runs the base model over prompt and answer
-    (teacher forcing) and the mean KL(model || base) per answer token comes back too.
+    bound, or one per prompt), to `prompts` (token ids). Each prompt's prefill is a slice
+    of its own (the largest slice, about as long as a short serving prefill); then the
+    prompts decode together, one slice per position, over their caches joined and
+    left-padded (masked). With `against_base`, one more slice per prompt runs the base
+    model over prompt and answer (teacher forcing) and the mean KL(model || base) per
+    answer token comes back too.
     Answers end with `eos_id` unless they ran to `max_new` tokens."""
     from transformers import DynamicCache
 
