@@ -114,10 +114,10 @@ class MaceConfig:
     train_floor: float = field(
         default=0.0,
         metadata={
-            "help": "Share of busy serving iterations (0..1) that run at least one training "
-            "unit even when the SLO controller allows none, so that training makes some "
-            "progress under overload at a bounded latency cost. 0 (default): off, the "
-            "SLO always wins."
+            "help": "Share of busy time (0..1) that trains even when the SLO controller "
+            "allows none, so that training makes some progress under overload at a "
+            "bounded latency cost (at most 0.5 s of training, or one larger unit, after "
+            "an iteration). 0 (default): off, the SLO always wins."
         },
     )
     malloc_trim_s: float = field(

@@ -390,22 +390,49 @@ def test_mace_says_why_it_trains_nothing():
     assert "prefill" in waiting.why
 
 
-def test_train_floor_runs_a_share_of_units_under_overload():
-    for floor, expected in ((0.0, 0), (0.1, 10), (0.25, 25)):
-        policy = make_policy("mace", profile(tbt_ms=100.0), floor=floor)
-        for _ in range(50):
-            policy.slo.record_tbt(0.5)  # far over target: the SLO controller says zero
-        ran = 0
-        for _ in range(100):
-            policy.slo.update()
-            plan = policy.plan(
-                IterationView(
-                    now=0.0, decode_batch=8, decode_context=4096, units=(unit(1, "bwd", 8),)
-                )
-            )
-            ran += len(plan.units)
-            assert plan.forced == bool(plan.units)
-        assert ran == expected, floor
+def _overloaded(floor: float):
+    policy = make_policy("mace", profile(tbt_ms=100.0), floor=floor)
+    for _ in range(50):
+        policy.slo.record_tbt(0.5)  # far over target: the SLO controller says zero
+    return policy
+
+
+def _busy_iterations(policy, units, n: int, period_s: float = 0.1, now: float = 0.0):
+    """n busy iterations `period_s` apart, each re-planned as units run (as the trainer
+    does); returns the predicted seconds of forced units and the time after them."""
+    forced = 0.0
+    for _ in range(n):
+        now += period_s
+        policy.slo.update()
+        spent = 0.0
+        for _ in range(policy.max_rounds):
+            view = IterationView(now=now, decode_batch=8, decode_context=4096, units=units,
+                                 spent_s=spent)  # fmt: skip
+            plan = policy.plan(view)
+            if not plan.units:
+                break
+            assert plan.forced
+            spent += plan.predicted_s
+        forced += spent
+    return forced, now
+
+
+def test_train_floor_trains_a_share_of_busy_time_under_overload():
+    small = (unit(1, "bwd", 8),)  # 6.4 ms, under one iteration's credit at 0.1
+    for floor in (0.0, 0.1, 0.25):
+        forced, now = _busy_iterations(_overloaded(floor), small, 100)
+        # 10 s of busy time: floor x the time since the first iteration, within one unit
+        assert forced == pytest.approx(floor * (now - 0.1), abs=0.0065), floor
+    # A unit larger than the cap (0.5 s) still runs, once the credit reaches the cap.
+    big = (unit(1, "bwd", 2653),)  # 0.8 s
+    policy = _overloaded(0.25)
+    forced, _ = _busy_iterations(policy, big, 45)  # 0.25 x 0.1 s: the cap after 20
+    assert forced == pytest.approx(2 * 0.8, rel=1e-3) and policy.floor_units == 2
+    # Idle time earns nothing: the first busy iteration after it starts from zero.
+    policy = _overloaded(0.1)
+    policy.plan(IterationView(now=0.0, idle=True, units=small))
+    forced, _ = _busy_iterations(policy, small, 1, period_s=60.0)
+    assert forced == 0.0
     with pytest.raises(ValueError, match="share"):
         make_policy("mace", profile(), floor=1.5)
 

@@ -25,6 +25,9 @@ class Policy:
     # Plans per iteration: units finish and expose their successors, so the trainer asks
     # again; bounded against a runaway cost model.
     max_rounds: ClassVar[int] = 64
+    # Most floor credit one iteration may spend (seconds): the latency the floor may add
+    # to an iteration after a long busy spell, beyond one unit larger than it.
+    floor_cap_s: ClassVar[float] = 0.5
 
     def __init__(self, profile: Profile, reserve_s: float = 0.01, floor: float = 0.0) -> None:
         self.profile = profile
@@ -34,12 +37,13 @@ class Policy:
         # --mace-train-tokens-per-iter times its measured seconds per token.
         self.reserve_s = reserve_s
         self.last_budget_s = 0.0
-        # --mace-train-floor: share of busy iterations that run a unit whatever the SLO
-        # says (0: off). Credit accrues per busy iteration and is spent by forced units.
+        # --mace-train-floor: share of busy time that trains whatever the SLO says (0:
+        # off). Credit (seconds) accrues with busy time and is spent by units that run.
         if not 0.0 <= floor <= 1.0:
             raise ValueError(f"train floor must be a share in [0, 1], got {floor}")
         self.floor = floor
         self.floor_credit = 0.0
+        self.floor_at: float | None = None  # when the last busy iteration was planned
         self.floor_units = 0
 
     def plan(self, view: IterationView) -> Plan:  # pragma: no cover - abstract
@@ -53,21 +57,37 @@ class Policy:
         """Training seconds really spent after this iteration (for policies with credit)."""
 
     def _floor_plan(self, view: IterationView, plan: Plan) -> Plan:
-        """The plan, or the cheapest unit against it when the training floor is due."""
-        if view.idle or not self.floor or not view.units:
+        """The plan, or the cheapest unit against it when the floor's time share is due.
+
+        Busy time earns `floor` x the seconds since the previous iteration as credit (at
+        most `floor_cap_s`; idle time earns none). Units the plan chose anyway spend it
+        (the SLO's own budget meets the floor first); while the credit covers the
+        cheapest waiting unit, or has reached the cap (a unit larger than it), that unit
+        runs against the plan. So training gets about `floor` of busy time, whatever the
+        size of its units (a share of iterations, the first form, gave one one-layer
+        slice per ten iterations: no SmolLM2 step in 120 s of `benchmarks.lemix`)."""
+        if not self.floor:
+            return plan
+        if view.idle:
+            self.floor_at = None
             return plan
         if view.spent_s == 0.0:  # first plan after this iteration
-            self.floor_credit = min(self.floor_credit + self.floor, 1.0)
+            if self.floor_at is not None:
+                earned = self.floor * max(view.now - self.floor_at, 0.0)
+                self.floor_credit = min(self.floor_credit + earned, self.floor_cap_s)
+            self.floor_at = view.now
+        if not view.units:
+            return plan
         if plan.units:
-            if view.spent_s == 0.0:  # this iteration trains anyway: the floor is met
-                self.floor_credit = max(self.floor_credit - 1.0, 0.0)
+            self.floor_credit = max(self.floor_credit - plan.predicted_s, 0.0)
             return plan
-        if self.floor_credit < 1.0 - 1e-9 or view.spent_s > 0.0:  # 10 x 0.1 < 1.0
-            return plan
-        self.floor_credit = max(self.floor_credit - 1.0, 0.0)
-        self.floor_units += 1
         unit = min(view.units, key=lambda u: self.cost.predict(u.kind, u.tokens))
         predicted = self.cost.predict(unit.kind, unit.tokens)
+        due = predicted if math.isfinite(predicted) else self.floor_cap_s
+        if self.floor_credit < min(due, self.floor_cap_s) - 1e-12:
+            return plan
+        self.floor_credit = max(self.floor_credit - due, 0.0)
+        self.floor_units += 1
         return Plan(
             budget_s=plan.budget_s,
             units=(unit,),
@@ -226,6 +246,7 @@ class Mace(Policy):
             unit = min(view.units, key=lambda u: self.cost.predict(u.kind, u.tokens))
             predicted = self.cost.predict(unit.kind, unit.tokens)
             self.forced_idle_units += 1
+            self.floor_at = None  # idle time earns no floor credit
             return Plan(
                 budget_s=budget,
                 units=(unit,),
