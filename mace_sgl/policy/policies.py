@@ -81,18 +81,25 @@ class Policy:
         if plan.units:
             self.floor_credit = max(self.floor_credit - plan.predicted_s, 0.0)
             return plan
-        unit = min(view.units, key=lambda u: self.cost.predict(u.kind, u.tokens))
-        predicted = self.cost.predict(unit.kind, unit.tokens)
+        forced = self._cheapest(view, plan.budget_s, why=plan.why)
+        predicted = self.cost.predict(forced.units[0].kind, forced.units[0].tokens)
         due = predicted if math.isfinite(predicted) else self.floor_cap_s
         if self.floor_credit < min(due, self.floor_cap_s) - 1e-12:
             return plan
         self.floor_credit = max(self.floor_credit - due, 0.0)
         self.floor_units += 1
+        return forced
+
+    def _cheapest(self, view: IterationView, budget_s: float, why: str = "") -> Plan:
+        """A forced plan of the waiting unit predicted cheapest (a non-finite prediction
+        reads as 0 s in the plan)."""
+        unit = min(view.units, key=lambda u: self.cost.predict(u.kind, u.tokens))
+        predicted = self.cost.predict(unit.kind, unit.tokens)
         return Plan(
-            budget_s=plan.budget_s,
+            budget_s=budget_s,
             units=(unit,),
             predicted_s=predicted if math.isfinite(predicted) else 0.0,
-            why=plan.why,
+            why=why,
             forced=True,
         )
 
@@ -243,16 +250,9 @@ class Mace(Policy):
             # Nothing fits the idle share, but a job must never stall on a unit that is
             # bigger than every budget (an LM head over a large vocabulary, a publish):
             # while idle, the cheapest head runs anyway.
-            unit = min(view.units, key=lambda u: self.cost.predict(u.kind, u.tokens))
-            predicted = self.cost.predict(unit.kind, unit.tokens)
             self.forced_idle_units += 1
-            self.floor_at = None  # idle time earns no floor credit
-            return Plan(
-                budget_s=budget,
-                units=(unit,),
-                predicted_s=predicted if math.isfinite(predicted) else 0.0,
-                forced=True,
-            )
+            # through the floor too: idle time earns it no credit
+            return self._floor_plan(view, self._cheapest(view, budget))
         if not chosen and view.units and not why:
             why = f"no unit fits the budget of {1000 * max(budget, 0.0):.1f} ms"
         plan = Plan(
