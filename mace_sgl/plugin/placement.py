@@ -57,7 +57,8 @@ class TrainingSlots:
         """Whether WRITE_EVERY_S has passed since the last write at `now` (monotonic;
         default: now), checked before the caller builds a TrainingLoad at all."""
         now = time.monotonic() if now is None else now
-        return now - self.written_at >= WRITE_EVERY_S
+        # the sum, not the difference: (t + w) - t can fall an ulp short of w
+        return now >= self.written_at + WRITE_EVERY_S
 
     def write(self, dp_rank: int, load: TrainingLoad) -> None:
         self.written_at = time.monotonic()
