@@ -437,6 +437,27 @@ def test_train_floor_trains_a_share_of_busy_time_under_overload():
         make_policy("mace", profile(), floor=1.5)
 
 
+def _forced_jobs(units: tuple[Unit, ...], n: int = 60) -> list[int]:
+    """The jobs of the units the floor forced in n overloaded iterations 0.1 s apart."""
+    policy, jobs = _overloaded(0.25), []
+    for i in range(1, n + 1):
+        policy.slo.update()
+        view = IterationView(now=0.1 * i, decode_batch=8, decode_context=4096, units=units)
+        jobs += [u.job for u in policy.plan(view).units]
+    return jobs
+
+
+def test_train_floor_advances_the_step_in_flight_before_references_ahead():
+    """Forced by the floor: the step's own unit, though a reference pass of a queued pair
+    is cheaper (the step is what publishes a version); without a step, the cheapest."""
+    ref = unit(1, "fwd", 146)
+    step = Unit(job=2, kind="bwd", tokens=146, arrival=0.0, step=True)
+    jobs = _forced_jobs((ref, step))
+    assert len(jobs) >= 3 and set(jobs) == {2}
+    jobs = _forced_jobs((ref, replace(step, step=False)))
+    assert len(jobs) >= 3 and set(jobs) == {1}
+
+
 def test_recent_attainment_shows_the_rate_now_not_since_start():
     slo = SloController(SloTargets(ttft_ms=1000.0, tbt_ms=100.0), window=10)
     for _ in range(10):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,101 @@ def test_server_load_adds_each_replicas_training_step_to_its_serving_tokens():
         {"dp_rank": 0, "num_tokens": 120, "num_serving_tokens": 0, "num_training_tokens": 120},
         {"dp_rank": 1, "num_tokens": 300, "num_serving_tokens": 300, "num_training_tokens": 0},
     ]
+
+
+REJOIN = """
+import json, sys, time
+from pathlib import Path
+from types import SimpleNamespace
+import torch
+from mace_sgl.trainer.replicas import ReplicaSync, group_store
+
+rank, addr, marker, quiet = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4] == "1"
+cfg = SimpleNamespace(replicas=1, replica_store="", sync_world_size=2, sync_rank=rank,
+                      sync_addr=addr)
+store, grank, world = group_store(cfg, 0)
+sync = ReplicaSync(store, grank, world, timeout_s=60, rejoin=True, rejoin_wait_s=5)
+deadline = time.monotonic() + 240
+
+def delivered():
+    while not sync.delivered():
+        assert time.monotonic() < deadline, "not delivered: " + json.dumps(sync.status())
+        time.sleep(0.05)
+
+if rank == 0:  # the store's server: lives through the peer's death
+    sync.send("live", 7, torch.arange(10, dtype=torch.float32), lambda: None)
+    delivered()
+    while not marker.exists():  # the test killed the peer
+        assert time.monotonic() < deadline, "no kill"
+        time.sleep(0.05)
+    if quiet:  # nothing sent while the peer is down: the restarted peer moves the counter
+        while sync.generation < 1:
+            assert time.monotonic() < deadline, "no regroup"
+            time.sleep(0.05)
+    # Published while the peer is down (or once it is back): sent again if it failed.
+    sync.send("live", 8, torch.full((10,), 8.0), lambda: None)
+    delivered()
+    print(json.dumps(sync.status()), flush=True)
+    time.sleep(2)  # the peer reads before the store goes away
+else:
+    while True:
+        for u in sync.received():
+            print(json.dumps({"version": u.version, "src": u.src, "payload": u.payload.tolist(),
+                              "generation": sync.generation}), flush=True)
+            if u.version == 8:
+                sys.exit(0)
+        assert time.monotonic() < deadline, "nothing received"
+        time.sleep(0.01)
+"""
+
+
+def _line(proc: subprocess.Popen, timeout_s: float) -> dict:
+    """The next JSON line of proc's stdout, within timeout_s."""
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    assert sel.select(timeout_s), f"no line in {timeout_s} s"
+    line = proc.stdout.readline()
+    assert line, f"exited: {proc.wait()} {proc.stderr.read()[-2000:]}"
+    return json.loads(line)
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_a_server_killed_and_restarted_rejoins_the_group(tmp_path: Path, quiet: bool):
+    """Two one-replica servers over a TCPStore: the second is SIGKILLed after taking a
+    version, and restarted joins the next generation of the group. The first either
+    publishes while it is down (its send fails, it moves the generation on, and the
+    version is sent again, not lost), or stays quiet (it noticed nothing: the restarted
+    one moves the generation on after `rejoin_wait_s`, the first follows by polling)."""
+    addr, marker = f"127.0.0.1:{free_port()}", tmp_path / "killed"
+
+    def start(rank: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-c", REJOIN, str(rank), addr, str(marker), str(int(quiet))],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    first, peer = start(0), start(1)
+    procs = [first, peer]
+    try:
+        got = _line(peer, 120)
+        assert (got["version"], got["generation"]) == (7, 0)
+        peer.kill()
+        peer.wait(timeout=30)
+        marker.touch()
+        time.sleep(2)  # the first is publishing v8 to a dead peer now (unless quiet)
+        again = start(1)
+        procs.append(again)
+        got = _line(again, 180)
+        assert (got["version"], got["src"], got["generation"]) == (8, 0, 1)
+        assert got["payload"] == [8.0] * 10
+        status = _line(first, 60)
+        assert (status["generation"], status["regroups"]) == (1, 1)
+        assert status["sent"] >= 2  # v7 once, v8 at least once (again after the regroup)
+        assert (status["send_failures"] > 0) != quiet
+        assert first.wait(timeout=30) == 0 and again.wait(timeout=30) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()

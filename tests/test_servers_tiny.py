@@ -25,24 +25,26 @@ PAIRS = [
 ]
 
 
+def start_rank(model_dir: Path, root: Path, addr: str, rank: int, tag: str) -> Server:
+    """One training server of the adapter group meeting at `addr`, state in root/state-RANK."""
+    args = tiny_serve_args(
+        model_dir, "--mace-train", "--mace-state-dir", str(root / f"state-{rank}"),
+        "--mace-lr", "1e-3",  # each pair trains at most 3 times: training ends
+        "--mace-sync-addr", addr, "--mace-sync-world-size", "2",
+        "--mace-sync-rank", str(rank),
+    )  # fmt: skip
+    server = Server(args, root / f"server-{rank}-{tag}.log", timeout_s=400)
+    server.state_dir = root / f"state-{rank}"  # type: ignore[attr-defined]
+    server.addr = addr  # type: ignore[attr-defined]
+    return server
+
+
 def start_group(model_dir: Path, root: Path, tag: str) -> list[Server]:
     """Two training servers of one adapter group, state in root/state-RANK."""
     addr = f"127.0.0.1:{free_port()}"
-
-    def start(rank: int) -> Server:
-        args = tiny_serve_args(
-            model_dir, "--mace-train", "--mace-state-dir", str(root / f"state-{rank}"),
-            "--mace-lr", "1e-3",  # each pair trains at most 3 times: training ends
-            "--mace-sync-addr", addr, "--mace-sync-world-size", "2",
-            "--mace-sync-rank", str(rank),
-        )  # fmt: skip
-        server = Server(args, root / f"server-{rank}-{tag}.log", timeout_s=400)
-        server.state_dir = root / f"state-{rank}"  # type: ignore[attr-defined]
-        return server
-
     # Each server's schedulers wait in the group's rendezvous for the other's: start both.
     with ThreadPoolExecutor(2) as ex:
-        futures = [ex.submit(start, rank) for rank in (0, 1)]
+        futures = [ex.submit(start_rank, model_dir, root, addr, rank, tag) for rank in (0, 1)]
     started = [f.result() for f in futures if f.exception() is None]
     errors = [f.exception() for f in futures if f.exception() is not None]
     if errors:
@@ -212,4 +214,66 @@ def test_a_server_that_lost_its_newest_checkpoints_resumes_the_groups_newest(
         assert ss[0]["replicas"][0]["adapter_digest"] == ss[1]["replicas"][0]["adapter_digest"]
     finally:
         for s in again:
+            s.stop()
+
+
+def one_adapter(ss: list[dict]) -> bool:
+    """Both servers idle at one version with identical weights."""
+    return (
+        all(s["queue_depth"] == 0 for s in ss)
+        and len({s["adapter_version"] for s in ss}) == 1
+        and len({s["replicas"][0]["adapter_digest"] for s in ss}) == 1
+    )
+
+
+@pytest.mark.slow
+def test_a_killed_server_rejoins_the_group_and_both_train_on(tiny_model_dir: Path, tmp_path: Path):
+    """Server 1 SIGKILLed: server 0 serves on and takes feedback; restarted with the same
+    flags, server 1 joins the group's next generation and installs what server 0
+    published meanwhile; feedback given to the restarted server trains both."""
+    import os
+    import signal
+
+    a, b = start_group(tiny_model_dir, tmp_path, "first")
+    servers = [a, b]
+    try:
+        assert a.post("/mace/feedback", PAIRS[:2]).ok
+        ss = wait_for_value(
+            lambda: both(servers),
+            lambda ss: one_adapter(ss) and ss[0]["adapter_version"] >= 1,
+            300, "a first version on both", a.tail,
+        )  # fmt: skip
+        before = ss[0]["adapter_version"]
+        os.killpg(b.proc.pid, signal.SIGKILL)
+        b.proc.wait(timeout=30)
+        b.log.close()
+        # Server 0 serves and takes feedback while its peer is down.
+        body = {"model": "default", "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4}  # fmt: skip
+        assert a.post("/v1/chat/completions", body).status_code == 200
+        assert a.post("/mace/feedback", PAIRS[2:]).ok
+        wait_for_value(
+            lambda: mace_status(a)["adapter_version"], lambda v: v > before, 300,
+            "server 0 publishes while its peer is down", a.tail,
+        )  # fmt: skip
+        b = servers[1] = start_rank(tiny_model_dir, tmp_path, a.addr, 1, "again")
+        ss = wait_for_value(
+            lambda: both(servers),
+            lambda ss: one_adapter(ss)
+            and all(s["replicas"][0]["sync"]["generation"] == 1 for s in ss),
+            300, "both servers at one version in generation 1", b.tail,
+        )  # fmt: skip
+        during = ss[0]["adapter_version"]
+        assert during > before  # what server 0 published while server 1 was down
+        assert ss[0]["replicas"][0]["sync"]["regroups"] == 1
+        # The restarted server's own feedback trains the adapter both serve.
+        assert b.post("/mace/feedback", [{**p, "prompt": p["prompt"] + "!"} for p in PAIRS]).ok
+        ss = wait_for_value(
+            lambda: both(servers),
+            lambda ss: one_adapter(ss) and ss[0]["adapter_version"] > during,
+            300, "both servers at a newer version", b.tail,
+        )  # fmt: skip
+        assert [s["replicas"][0]["sync"]["pending_sends"] for s in ss] == [0, 0]
+    finally:
+        for s in servers:
             s.stop()

@@ -65,7 +65,12 @@ class Policy:
         cheapest waiting unit, or has reached the cap (a unit larger than it), that unit
         runs against the plan. So training gets about `floor` of busy time, whatever the
         size of its units (a share of iterations, the first form, gave one one-layer
-        slice per ten iterations: no SmolLM2 step in 120 s of `benchmarks.lemix`)."""
+        slice per ten iterations: no SmolLM2 step in 120 s of `benchmarks.lemix`).
+        The forced unit is the step's own when a step is in flight: a finished step is
+        what the floor is for, and the cheapest unit of all was a reference pass of a
+        pair queued behind it (forward slices cost less than the step's backward ones;
+        in `benchmarks.lemix` at floor 0.25 on 2026-12-04, 46 s of training in 200 s
+        finished two reference jobs and no step)."""
         if not self.floor:
             return plan
         if view.idle:
@@ -81,7 +86,7 @@ class Policy:
         if plan.units:
             self.floor_credit = max(self.floor_credit - plan.predicted_s, 0.0)
             return plan
-        forced = self._cheapest(view, plan.budget_s, why=plan.why)
+        forced = self._cheapest(view, plan.budget_s, why=plan.why, step_first=True)
         predicted = self.cost.predict(forced.units[0].kind, forced.units[0].tokens)
         due = predicted if math.isfinite(predicted) else self.floor_cap_s
         if self.floor_credit < min(due, self.floor_cap_s) - 1e-12:
@@ -90,10 +95,14 @@ class Policy:
         self.floor_units += 1
         return forced
 
-    def _cheapest(self, view: IterationView, budget_s: float, why: str = "") -> Plan:
+    def _cheapest(
+        self, view: IterationView, budget_s: float, why: str = "", step_first: bool = False
+    ) -> Plan:
         """A forced plan of the waiting unit predicted cheapest (a non-finite prediction
-        reads as 0 s in the plan)."""
-        unit = min(view.units, key=lambda u: self.cost.predict(u.kind, u.tokens))
+        reads as 0 s in the plan); with `step_first`, the head of the step in flight
+        when there is one."""
+        units = [u for u in view.units if u.step] if step_first else []
+        unit = min(units or view.units, key=lambda u: self.cost.predict(u.kind, u.tokens))
         predicted = self.cost.predict(unit.kind, unit.tokens)
         return Plan(
             budget_s=budget_s,

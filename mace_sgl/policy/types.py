@@ -18,6 +18,7 @@ class Unit:
     tokens: int
     arrival: float  # monotonic seconds the job's pair arrived (aging)
     loss: float | None = None  # last DPO loss of the job's pair, if it trained before
+    step: bool = False  # heads the DPO step in flight (not a reference pass ahead)
 
 
 @dataclass(frozen=True, slots=True)

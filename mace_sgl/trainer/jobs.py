@@ -50,7 +50,9 @@ class Job:
 
     def unit(self) -> Unit:
         first = self.pairs[0]
-        return Unit(self.key, self.pending.kind, self.pending.tokens, first.arrival, first.loss)
+        spec = self.pending
+        return Unit(self.key, spec.kind, spec.tokens, first.arrival, first.loss,
+                    step=self.kind == "step")  # fmt: skip
 
 
 @dataclass(frozen=True)

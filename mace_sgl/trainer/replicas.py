@@ -23,6 +23,27 @@ from its sender) and one sending thread; the scheduler loop only drains their qu
 Results to the sidecar only after every peer took the state (`delivered`), so a step the
 sidecar counts as done is never missing on another replica; Work also names the versions
 it must start from (messages.Work.versions) as a second guard.
+
+A dead server (several servers only; on one server a dead replica takes the server down):
+a gloo group cannot take a restarted member back, so the group is formed again, one
+generation at a time. Each generation meets under its own prefix of the store
+(`mace/sync/<g>/`); `mace/sync/gen` holds the current one and `mace/sync/member/<rank>`
+the one each rank last joined. A member whose send or receive fails moves the counter on
+from the generation that failed (compare-and-set, so several survivors move it once) and
+waits in the next generation's rendezvous; members poll the counter, so one that saw no
+error follows. A restarted server finds its rank's member key, waits until the counter
+passes the generation it died in (or moves it itself after `rejoin_wait_s`), and joins.
+(Measured with torch 2.14's gloo: a pending recv_anysource does not fail when a peer
+dies, only a send to it does; so a survivor with nothing to send notices only when the
+restarted server moves the counter, and its old receiving thread stays blocked in the
+old group: one idle thread per regroup.) A TCPStore call holds its connection for as
+long as it waits, and a rendezvous waits for the dead server: the lease's calls from the
+scheduler thread go over a connection of their own (client_store).
+Sends that failed are kept and sent again in the new generation; the trainer announces
+its tenants' states after each new generation (runtime._announce_versions), so the
+restarted server installs what was published while it was down. Until it is back, the
+survivors' steps wait for it (a step is done when every peer took it). The store lives
+in server 0: if server 0 dies, every server has to restart.
 """
 
 from __future__ import annotations
@@ -50,6 +71,10 @@ TAG_HEADER, TAG_PAYLOAD = 0, 1
 STORE_FILE = "replicas.store"
 # How long a server waits for the others of a multi-server group to come up.
 RENDEZVOUS_TIMEOUT_S = 900.0
+GEN_KEY = "mace/sync/gen"  # the group's current generation (several servers)
+MEMBER_KEY = "mace/sync/member/{rank}"  # the generation a rank last joined
+POLL_S = 2.0  # how often a member reads the generation counter
+REJOIN_WAIT_S = 30.0  # a restarted member waits this long for the survivors to move on
 
 
 def group_store(cfg: Any, dp_rank: int) -> tuple[Any, int, int]:
@@ -82,6 +107,18 @@ def group_store(cfg: Any, dp_rank: int) -> tuple[Any, int, int]:
             "every server of one adapter group needs the same --dp-size"
         )
     return store, rank, world
+
+
+def client_store(cfg: Any) -> Any:
+    """Another connection to the group's TCPStore (several servers). A TCPStore call
+    holds its connection's lock for as long as it waits, and the rendezvous of a new
+    group generation waits for a dead server to come back: the scheduler thread's own
+    calls (the lease's) go over a connection of their own, so serving never waits."""
+    from torch.distributed import TCPStore
+
+    host, port = split_addr(cfg.sync_addr)
+    timeout = datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S)
+    return TCPStore(host, port, cfg.sync_world_size * cfg.replicas, False, timeout)
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -165,12 +202,14 @@ class SyncStats:
     received: int = 0
     applied: int = 0
     send_failures: int = 0
+    regroups: int = 0  # generations formed after the first
     last_send_ms: float | None = None
     errors: list[str] = field(default_factory=list)
 
 
 class ReplicaSync:
-    """This replica's end of the group: a sending and a receiving thread."""
+    """This replica's end of the group: a sending and a receiving thread, and with
+    `rejoin` (several servers) a thread that forms the group again after a failure."""
 
     def __init__(
         self,
@@ -180,29 +219,42 @@ class ReplicaSync:
         timeout_s: float = 600.0,
         every_s: float = 0.0,
         host: str = "127.0.0.1",
+        rejoin: bool = False,
+        rejoin_wait_s: float = REJOIN_WAIT_S,
     ) -> None:
         """`store`, `rank`, `world`: group_store()'s. every_s > 0 (--mace-sync-every-s):
         send at most that often, the newest state of each tenant only (versions queued
-        meanwhile are superseded by it). `host`: the address gloo listens on."""
+        meanwhile are superseded by it). `host`: the address gloo listens on. `rejoin`:
+        form the group again when a member dies and comes back (module docstring)."""
         from torch.distributed import ProcessGroupGloo
 
         self.rank, self.world = rank, world
         self.every_s = every_s
         self.peers = [r for r in range(world) if r != rank]
         self.stats = SyncStats()
+        self.store = store
+        self.rejoin = rejoin
         opts = ProcessGroupGloo._Options()
         opts._devices = [ProcessGroupGloo.create_device(hostname=host)]
-        # Waits are for a peer that is alive (a dead replica takes the server down):
-        # the receiving thread waits for the next header as long as the server runs.
+        # Waits are for a peer that is alive: the receiving thread waits for the next
+        # header as long as the group lasts.
         opts._timeout = datetime.timedelta(days=365)
-        self.pg = ProcessGroupGloo(store, rank, world, opts)
+        self._opts = opts
         self.send_timeout = datetime.timedelta(seconds=timeout_s)
         self._inbox: queue.Queue[Update] = queue.Queue()
         self._outbox: queue.Queue[tuple[int, int, torch.Tensor, Callable[[], None]]] = queue.Queue()
         self._done: queue.Queue[Callable[[], None]] = queue.Queue()
-        for target, name in ((self._receive_loop, "recv"), (self._send_loop, "send")):
-            threading.Thread(target=target, name=f"mace-replicas-{name}", daemon=True).start()
-        logger.info("replica sync up: rank %d of %d (gloo on %s)", rank, world, host)
+        self._moved = threading.Condition()  # generation and pg change together under it
+        self._failed = threading.Event()
+        self.generation = self._first_generation(rejoin_wait_s) if rejoin else 0
+        self.pg = self._form(self.generation)
+        self._start_receiving()
+        threading.Thread(target=self._send_loop, name="mace-replicas-send", daemon=True).start()
+        if rejoin:
+            threading.Thread(target=self._group_loop, name="mace-replicas-group",
+                             daemon=True).start()  # fmt: skip
+        logger.info("replica sync up: rank %d of %d (gloo on %s), generation %d",
+                    rank, world, host, self.generation)  # fmt: skip
 
     # -- the scheduler's side (never blocks) --------------------------------------------
 
@@ -226,6 +278,8 @@ class ReplicaSync:
         return {
             "rank": self.rank,
             "world": self.world,
+            "generation": self.generation,
+            "regroups": s.regroups,
             "sent": s.sent,
             "received": s.received,
             "applied": s.applied,
@@ -235,7 +289,85 @@ class ReplicaSync:
             "errors": s.errors[-3:],
         }
 
+    # -- generations -----------------------------------------------------------------------
+
+    def _form(self, generation: int) -> Any:
+        """The gloo group of `generation` (blocks until every member joined it)."""
+        from torch.distributed import PrefixStore, ProcessGroupGloo
+
+        prefix = PrefixStore(f"mace/sync/{generation}/", self.store)
+        pg = ProcessGroupGloo(prefix, self.rank, self.world, self._opts)
+        if self.rejoin:
+            self.store.set(MEMBER_KEY.format(rank=self.rank), str(generation))
+        return pg
+
+    def _counter(self) -> int:
+        return int(self.store.add(GEN_KEY, 0))  # creates it at 0 on first use
+
+    def _first_generation(self, wait_s: float) -> int:
+        """The generation to join at start: the current one, unless this rank was a
+        member before (a restart): then the first one after the generation it left."""
+        import time
+
+        member = MEMBER_KEY.format(rank=self.rank)
+        if not self.store.check([member]):
+            return self._counter()
+        left = int(self.store.get(member))
+        deadline = time.monotonic() + wait_s
+        while self._counter() <= left and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if self._counter() <= left:  # nobody noticed this rank was gone: move on for them
+            self.store.compare_set(GEN_KEY, str(left), str(left + 1))
+        generation = self._counter()
+        logger.info("replica sync: rank %d rejoins at generation %d (left %d)",
+                    self.rank, generation, left)  # fmt: skip
+        return generation
+
+    def _fail(self, generation: int, what: str, e: Exception) -> None:
+        self._error(f"{what} (generation {generation}): {type(e).__name__}: {e}")
+        with self._moved:
+            if generation == self.generation:
+                self._failed.set()
+
+    def _after(self, generation: int) -> None:
+        """Block until a generation newer than `generation` is formed."""
+        with self._moved:
+            self._moved.wait_for(lambda: self.generation > generation)
+
+    def _group_loop(self) -> None:
+        """Form the next generation when this member's group failed or the counter moved."""
+        last_error = ""
+        while True:
+            failed = self._failed.wait(POLL_S)
+            try:
+                current = self._counter()
+                if failed and current == self.generation:
+                    self.store.compare_set(GEN_KEY, str(current), str(current + 1))
+                    current = self._counter()
+                if current <= self.generation:
+                    continue
+                logger.warning("replica sync: rank %d forms generation %d", self.rank, current)
+                pg = self._form(current)
+            except Exception as e:  # the store is gone (server 0 died) or a member died again
+                msg = f"regroup: {type(e).__name__}: {e}"
+                if msg != last_error:  # every POLL_S for as long as it lasts: log it once
+                    self._error(msg)
+                last_error = msg
+                continue
+            last_error = ""
+            with self._moved:
+                self.pg, self.generation = pg, current
+                self._failed.clear()
+                self.stats.regroups += 1
+                self._moved.notify_all()
+            self._start_receiving()
+
     # -- threads ---------------------------------------------------------------------------
+
+    def _start_receiving(self) -> None:
+        args = (self.generation, self.pg)
+        threading.Thread(target=self._receive_loop, args=args, name="mace-replicas-recv",
+                         daemon=True).start()  # fmt: skip
 
     def _send_loop(self) -> None:
         import time
@@ -252,27 +384,41 @@ class ReplicaSync:
                 if key not in newest or version > newest[key][0]:
                     newest[key] = (version, payload)
             start = time.perf_counter()
-            try:
-                for key, (version, payload) in newest.items():
-                    header = torch.tensor([MAGIC, key, version, payload.numel()], dtype=torch.int64)
-                    for peer in self.peers:
-                        self.pg.send([header], peer, TAG_HEADER).wait(self.send_timeout)
-                        self.pg.send([payload], peer, TAG_PAYLOAD).wait(self.send_timeout)
-                    self.stats.sent += 1
-            except Exception as e:  # the peer is gone: the server is going down with it
-                self.stats.send_failures += 1
-                self._error(f"send: {type(e).__name__}: {e}")
-                continue
+            if not self._send_all(newest):
+                continue  # one server: it is going down with its replica
             last = time.monotonic()
             self.stats.last_send_ms = (time.perf_counter() - start) * 1000
             for _, _, _, done in batch:  # superseded versions are delivered by the newest
                 self._done.put(done)
 
-    def _receive_loop(self) -> None:
+    def _send_all(self, newest: dict[int, tuple[int, torch.Tensor]]) -> bool:
+        """Send each tenant's newest state to every peer. With `rejoin`, a failed send
+        waits for the next generation and the whole batch goes again (a peer that had it
+        already keeps the version it has); without, it gives up (returns False)."""
+        while True:
+            with self._moved:
+                generation, pg = self.generation, self.pg
+            try:
+                for key, (version, payload) in newest.items():
+                    header = torch.tensor([MAGIC, key, version, payload.numel()], dtype=torch.int64)
+                    for peer in self.peers:
+                        pg.send([header], peer, TAG_HEADER).wait(self.send_timeout)
+                        pg.send([payload], peer, TAG_PAYLOAD).wait(self.send_timeout)
+                    self.stats.sent += 1
+                return True
+            except Exception as e:  # a peer is gone
+                self.stats.send_failures += 1
+                self._fail(generation, "send", e)
+                if not self.rejoin:
+                    return False
+                self._after(generation)
+
+    def _receive_loop(self, generation: int, pg: Any) -> None:
+        """Receive in one generation's group; ends when that group fails."""
         while True:
             header = torch.zeros(HEADER, dtype=torch.int64)
             try:
-                work = self.pg.recv_anysource([header], TAG_HEADER)
+                work = pg.recv_anysource([header], TAG_HEADER)
                 work.wait()
                 src = work.source_rank()
                 magic, key, version, numel = (int(v) for v in header.tolist())
@@ -280,9 +426,9 @@ class ReplicaSync:
                     self._error(f"bad header from rank {src}: {header.tolist()}")
                     continue
                 payload = torch.empty(numel, dtype=torch.float32)
-                self.pg.recv([payload], src, TAG_PAYLOAD).wait()
-            except Exception as e:  # the group is gone (server shutting down)
-                self._error(f"receive: {type(e).__name__}: {e}")
+                pg.recv([payload], src, TAG_PAYLOAD).wait()
+            except Exception as e:  # a member died (or this server is shutting down)
+                self._fail(generation, "receive", e)
                 return
             self.stats.received += 1
             self._inbox.put(Update(key, version, payload, src))

@@ -47,6 +47,7 @@ from mace_sgl.trainer.publish import lora_config_dict
 from mace_sgl.trainer.replicas import (
     ReplicaSync,
     Update,
+    client_store,
     group_store,
     pack_state,
     tenant_key,
@@ -171,12 +172,15 @@ class MaceTrainer:
         self.lease: ClusterLease | None = None
         if cfg.synced:
             store, rank, world = group_store(cfg, host.dp_rank)
+            several = cfg.sync_world_size > 1
             self.replicas = ReplicaSync(
-                store, rank, world, every_s=cfg.sync_every_s, host=cfg.sync_host
+                store, rank, world, every_s=cfg.sync_every_s, host=cfg.sync_host, rejoin=several
             )
-            if cfg.sync_world_size > 1:
-                self.lease = ClusterLease(store, rank)
-                self._announce_versions()
+            if several:
+                self.lease = ClusterLease(client_store(cfg), rank)
+        # The group generation whose members heard this replica's versions (several
+        # servers: announced at start and after a member came back).
+        self._announced = -1
         # Received and waiting: for this replica's step of that tenant to end, or for a
         # tenant created at run time to reach this replica's registry (when it arrived).
         self._updates: list[tuple[Update, float]] = []
@@ -530,6 +534,10 @@ class MaceTrainer:
             return
         if self.lease is not None:
             self.lease.renew()
+            # Not in the middle of a step: its weights may be ahead of its version.
+            if sync.generation != self._announced and self.board.step_job is None:
+                self._announced = sync.generation
+                self._announce_versions()
         for done in sync.delivered():
             done()
         now = time.monotonic()
@@ -571,9 +579,11 @@ class MaceTrainer:
 
     def _announce_versions(self) -> None:
         """Several servers: after a restart each may have resumed a different version
-        (one checkpointed the newest, another died first). Every server's first replica
-        sends each tenant's state; the others install what is newer than
-        theirs (follow_replicas), so the group starts from the newest version there is."""
+        (one checkpointed the newest, another died first), and a server that was down
+        missed what the others published. At start and after every new group generation
+        (a member came back), every server's first replica sends each tenant's state; the
+        others install what is newer than theirs (follow_replicas), so the group goes on
+        from the newest version there is."""
         if self.dp_rank != 0 or self.replicas is None:
             return
         for tenant in self.tenants.tenants.values():
