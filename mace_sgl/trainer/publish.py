@@ -82,6 +82,10 @@ class PoolPublisher:
             if getattr(layer, "pinned_weights", None):
                 layer.pinned_weights.clear()
 
+    def loaded(self) -> bool:
+        """Whether SGLang still holds this adapter under the id it was found with."""
+        return self.uid in self.manager.loras
+
     def publish(self, peft_model: Any) -> None:
         """Copy the weights; afterwards new forwards of this adapter use them."""
         self.publish_weights(peft_model.named_parameters())

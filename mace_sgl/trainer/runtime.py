@@ -566,6 +566,18 @@ class MaceTrainer:
                     )  # fmt: skip
             elif tenant.name == busy:
                 keep.append((update, since))
+            elif update.version > tenant.version and not tenant.publisher.loaded():
+                # SGLang no longer has this tenant's adapter under its id (seen once in a
+                # fresh clone's run-time tenant test, cause not found: a KeyError that
+                # took the scheduler down). Look at SGLang's adapters again and keep the
+                # update for the next poll; it is dropped after ORPHAN_AFTER_S like an
+                # update for a tenant this replica lacks.
+                if since == now:  # once, when it arrives
+                    logger.error("tenant %s: adapter %s not in SGLang's LoRA manager; v%d waits",
+                                 tenant.name, tenant.publisher.uid, update.version)  # fmt: skip
+                    self.synced_at = float("-inf")
+                if now - since <= ORPHAN_AFTER_S:
+                    keep.append((update, since))
             elif update.version > tenant.version:
                 # From another server: this server's first replica checkpoints it into
                 # this server's own state directory, so a restart resumes it here too.
