@@ -567,11 +567,12 @@ class MaceTrainer:
             elif tenant.name == busy:
                 keep.append((update, since))
             elif update.version > tenant.version and not tenant.publisher.loaded():
-                # SGLang no longer has this tenant's adapter under its id (seen once in a
-                # fresh clone's run-time tenant test, cause not found: a KeyError that
-                # took the scheduler down). Look at SGLang's adapters again and keep the
-                # update for the next poll; it is dropped after ORPHAN_AFTER_S like an
-                # update for a tenant this replica lacks.
+                # Retired (DELETE unloaded it from SGLang) while another replica's step
+                # of it was in flight; this replica's tenant list follows SGLang only
+                # every SYNC_EVERY_S. Installing would hit a KeyError that takes the
+                # scheduler down (seen once in a fresh clone's run-time tenant test).
+                # Look at SGLang's adapters again and keep the update; it is dropped
+                # after ORPHAN_AFTER_S like an update for a tenant this replica lacks.
                 if since == now:  # once, when it arrives
                     logger.error("tenant %s: adapter %s not in SGLang's LoRA manager; v%d waits",
                                  tenant.name, tenant.publisher.uid, update.version)  # fmt: skip
