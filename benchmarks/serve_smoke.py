@@ -1,6 +1,6 @@
 """Start-up time, TTFT and decode speed of `mace-sgl serve` on the default model.
 
-    python -m benchmarks.serve_smoke [--json] [--model-path DIR] [--tokens 128]
+    python -m benchmarks.serve_smoke [--json] [--model-path DIR] [--tokens 128] [--dtype D]
 
 Starts a server on a free loopback port (SGLang's own warm-up included in start-up),
 streams `--requests` greedy generations one at a time (single stream), then the same
@@ -71,6 +71,8 @@ def machine() -> str:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     log = Path(tempfile.mkdtemp(prefix="mace-bench-")) / "server.log"
     extra = ["--model-path", args.model_path] if args.model_path else []
+    if args.dtype:
+        extra += ["--dtype", args.dtype]
     server = Server([*extra, "--log-level", "warning"], log)
     try:
         stream_one(server.url, 8)  # first request after start pays lazy initialisation
@@ -103,6 +105,7 @@ def main() -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serve_smoke")
     parser.add_argument("--model-path", default=None, help="default: the embedded model")
+    parser.add_argument("--dtype", default=None, help="SGLang's --dtype (default: the server's)")
     parser.add_argument("--tokens", type=int, default=128, help="tokens per generation")
     parser.add_argument("--requests", type=int, default=5, help="single-stream requests")
     parser.add_argument("--concurrency", type=int, default=8, help="concurrent streams")

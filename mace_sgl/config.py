@@ -136,6 +136,18 @@ class MaceConfig:
             "slice). Smaller slices fit the room of busy serving iterations."
         },
     )
+    train_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "What the trainer computes in. model: SGLang's own weight tensors, "
+            "shared (no copy). float32: a float32 copy of the base weights for the "
+            "trainer (one more copy of the model in memory; serving keeps its dtype). "
+            "auto (default): float32 on a CPU without native bf16 math (no AVX512-BF16 "
+            "or AMX, where a bf16 training step is about 10x slower than a float32 "
+            "one), else model.",
+            "choices": ("auto", "model", "float32"),
+        },
+    )
     train_memory_mb: float = field(
         default=0.0,
         metadata={

@@ -52,7 +52,12 @@ from mace_sgl.trainer.replicas import (
     pack_state,
     tenant_key,
 )
-from mace_sgl.trainer.shared import attach_lora, build_shared_llama, shares_storage
+from mace_sgl.trainer.shared import (
+    attach_lora,
+    build_shared_llama,
+    shares_storage,
+    trainer_dtype,
+)
 from mace_sgl.trainer.sliced import Pair, SlicedDPO, SliceSpec
 from mace_sgl.trainer.tenants import Tenant, TenantRegistry
 
@@ -90,7 +95,8 @@ class MaceTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(host.model_path)
         hf_config = AutoConfig.from_pretrained(host.model_path)
         with torch.inference_mode(False):
-            base = build_shared_llama(host.model, hf_config)
+            own = trainer_dtype(cfg.train_dtype, next(host.model.parameters()))
+            base = build_shared_llama(host.model, hf_config, own)
             self.model = attach_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
             self.dpo = SlicedDPO(
                 self.model,
@@ -110,6 +116,9 @@ class MaceTrainer:
         lora_bytes = self.tenants.lora_bytes()
         self.memory = {
             "shares_base_weights": shares_storage(self.model, host.model),
+            # --mace-train-dtype: what the trainer computes in (a copy when it differs
+            # from the served weights' dtype)
+            "train_dtype": str(self.dpo.lm.lm_head.weight.dtype).removeprefix("torch."),
             "base_weight_mb": sum(p.numel() * p.element_size() for p in host.model.parameters())
             / 2**20,
             "lora_mb": lora_bytes / 2**20,
