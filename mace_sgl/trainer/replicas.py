@@ -54,6 +54,7 @@ import logging
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +98,7 @@ def group_store(cfg: Any, dp_rank: int) -> tuple[Any, int, int]:
         store = TCPStore(host, port, world, True, timeout, wait_for_workers=False,
                          master_listen_fd=listener.detach())  # fmt: skip
     else:
-        store = TCPStore(host, port, world, False, timeout)
+        store = client_store(cfg)
     if dp_rank == 0:
         store.set(f"mace/dp/{cfg.sync_rank}", str(dp))
     first = int(store.get("mace/dp/0"))
@@ -307,8 +308,6 @@ class ReplicaSync:
     def _first_generation(self, wait_s: float) -> int:
         """The generation to join at start: the current one, unless this rank was a
         member before (a restart): then the first one after the generation it left."""
-        import time
-
         member = MEMBER_KEY.format(rank=self.rank)
         if not self.store.check([member]):
             return self._counter()
@@ -370,8 +369,6 @@ class ReplicaSync:
                          daemon=True).start()  # fmt: skip
 
     def _send_loop(self) -> None:
-        import time
-
         last = float("-inf")
         while True:
             batch = [self._outbox.get()]

@@ -82,6 +82,15 @@ def load_profile(cfg: MaceConfig) -> Profile:
     return profile
 
 
+def _wait_or_drop(update: Update, since: float, now: float, keep: list, why: str) -> None:
+    """An update this replica cannot install yet waits (into `keep`) for ORPHAN_AFTER_S
+    from its arrival; then it is dropped, with a log line."""
+    if now - since <= ORPHAN_AFTER_S:
+        keep.append((update, since))
+    else:
+        logger.error("update v%d %s since %.0f s: dropped", update.version, why, now - since)
+
+
 class MaceTrainer:
     """One trainer per scheduler: the shared-weight LoRA model, its tenants and jobs."""
 
@@ -566,13 +575,7 @@ class MaceTrainer:
             tenant = by_key.get(update.key)
             if tenant is None:
                 # Created at run time on every replica, not yet here; or retired.
-                if now - since <= ORPHAN_AFTER_S:
-                    keep.append((update, since))
-                else:
-                    logger.error(
-                        "update v%d for a tenant this replica lacks since %.0f s: dropped",
-                        update.version, now - since,
-                    )  # fmt: skip
+                _wait_or_drop(update, since, now, keep, "for a tenant this replica lacks")
             elif tenant.name == busy:
                 keep.append((update, since))
             elif update.version > tenant.version and not tenant.publisher.loaded():
@@ -586,8 +589,7 @@ class MaceTrainer:
                     logger.error("tenant %s: adapter %s not in SGLang's LoRA manager; v%d waits",
                                  tenant.name, tenant.publisher.uid, update.version)  # fmt: skip
                     self.synced_at = float("-inf")
-                if now - since <= ORPHAN_AFTER_S:
-                    keep.append((update, since))
+                _wait_or_drop(update, since, now, keep, f"for {tenant.name}, not in SGLang")
             elif update.version > tenant.version:
                 # From another server: this server's first replica checkpoints it into
                 # this server's own state directory, so a restart resumes it here too.
