@@ -161,6 +161,8 @@ def _reserve_gpu_memory(
             head_chunks=cfg.head_chunks,
             seq_tokens=args.context_length,
             dtype_bytes=4 if args.dtype in ("float32", "float") else 2,
+            # on a GPU, auto keeps SGLang's weights (trainer/shared.py trainer_dtype)
+            base_copy=cfg.train_dtype == "float32" and args.dtype not in ("float32", "float"),
         )
     prune_bytes = 0
     if cfg.kv_prune:

@@ -83,6 +83,17 @@ def lora_params(model_config: dict[str, Any], rank: int, targets: list[str]) -> 
     return per_layer * d["layers"]
 
 
+def base_params(model_config: dict[str, Any]) -> int:
+    """Parameters of the base model (embedding, layers, final norm, an untied head)."""
+    d = _dims(model_config)
+    text = model_config.get("text_config", model_config)
+    attn = d["hidden"] * (d["q"] + 2 * d["kv"]) + d["q"] * d["hidden"]
+    layer = attn + 3 * d["hidden"] * d["inter"] + 2 * d["hidden"]
+    embed = d["vocab"] * d["hidden"]
+    head = 0 if text.get("tie_word_embeddings", model_config.get("tie_word_embeddings")) else embed
+    return embed + d["layers"] * layer + d["hidden"] + head
+
+
 def estimate_train_bytes(
     model_config: dict[str, Any],
     rank: int,
@@ -91,8 +102,12 @@ def estimate_train_bytes(
     head_chunks: int = 0,
     seq_tokens: int | None = None,
     dtype_bytes: int = 2,
+    base_copy: bool = False,
 ) -> int:
     """What the sliced DPO trainer holds at its peak, with 25% headroom:
+
+    - with `base_copy` (--mace-train-dtype float32), its float32 copy of the base
+      weights, and activations in float32;
 
     - per tenant, its LoRA in fp32 with gradient, AdamW's two moments and the rollback
       snapshot (5 copies);
@@ -104,13 +119,16 @@ def estimate_train_bytes(
     """
     d = _dims(model_config)
     seq = min(seq_tokens or ESTIMATE_SEQ_TOKENS, d["max_pos"])
+    copy = 4 * base_params(model_config) if base_copy else 0
+    if base_copy:
+        dtype_bytes = 4
     lora = RESIDENT_COPIES * 4 * lora_params(model_config, rank, targets) * max(tenants, 1)
     kept = 2 * d["layers"] * seq * d["hidden"] * dtype_bytes
     layer = seq * (4 * d["hidden"] + 3 * d["inter"]) * dtype_bytes
     chunks = head_chunks or math.ceil(d["vocab"] / HEAD_CHUNK_ROWS)
     rows = math.ceil(d["vocab"] / max(1, min(chunks, d["vocab"])))
     head = 3 * rows * seq * 4
-    return int(1.25 * (lora + kept + max(layer, head)))
+    return int(1.25 * (copy + lora + kept + max(layer, head)))
 
 
 def prune_score_bytes(rows: int, max_len: int) -> int:

@@ -122,6 +122,13 @@ def test_lowered_fraction_and_estimate_are_plain_arithmetic():
     two = gpu_memory.estimate_train_bytes(llama, 16, targets, tenants=2)
     # A second tenant adds its fp32 LoRA, gradient, two AdamW moments and snapshot.
     assert two - one == pytest.approx(1.25 * 5 * 4 * 41_943_040, abs=2)
+    # Llama-3-8B has 8,030,261,248 parameters (untied head); tied, one embedding fewer.
+    assert gpu_memory.base_params(llama) == 8_030_261_248
+    tied = llama | {"tie_word_embeddings": True}
+    assert gpu_memory.base_params(tied) == 8_030_261_248 - 128256 * 4096
+    # --mace-train-dtype float32 on a GPU: the trainer's float32 copy of the base on top.
+    copy = gpu_memory.estimate_train_bytes(llama, 16, targets, base_copy=True)
+    assert copy - one >= 1.25 * 4 * 8_030_261_248
 
 
 def test_print_args_prints_one_json_object_and_writes_nothing(tiny_model_dir: Path, tmp_path: Path):
