@@ -8,12 +8,17 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 from tiny_model import tiny_serve_args
 
 from mace_sgl.launcher import MACE_SGL, Server
 from mace_sgl.policy import Profile
 
 
+# Two tiny servers and a sweep: about two minutes of the default run's 25 on a 2-core
+# EPYC (pytest --durations, 2026-12-04), so it runs with -m slow; the cost fit and a
+# profile file's round trip stay in the default run (tests/test_policy.py).
+@pytest.mark.slow
 def test_profile_is_measured_fitted_and_loaded(tiny_model_dir: Path, tmp_path: Path):
     out = tmp_path / "profile.json"
     run = subprocess.run(
