@@ -57,6 +57,11 @@ def _read_model_config(model_path: str) -> dict[str, Any] | None:
     return json.loads(config.read_text()) if config.is_file() else None
 
 
+def _serves_float32(args: argparse.Namespace) -> bool:
+    """SGLang serves in float32 (its --dtype float32 or float); else a 2-byte dtype."""
+    return args.dtype in ("float32", "float")
+
+
 def _available_ram_bytes() -> int:
     import psutil
 
@@ -104,7 +109,7 @@ def resolve_serve_args(argv: list[str]) -> tuple[argparse.Namespace, Any]:
 
     layered: dict[str, Any] = {}
     if cpu:
-        dtype_bytes = 4 if args.dtype in ("float32", "float") else 2
+        dtype_bytes = 4 if _serves_float32(args) else 2
         layered.update(
             cpu_server_defaults(
                 mace_cfg,
@@ -160,9 +165,9 @@ def _reserve_gpu_memory(
             tenants=tenants,
             head_chunks=cfg.head_chunks,
             seq_tokens=args.context_length,
-            dtype_bytes=4 if args.dtype in ("float32", "float") else 2,
+            dtype_bytes=4 if _serves_float32(args) else 2,
             # on a GPU, auto keeps SGLang's weights (trainer/shared.py trainer_dtype)
-            base_copy=cfg.train_dtype == "float32" and args.dtype not in ("float32", "float"),
+            base_copy=cfg.train_dtype == "float32" and not _serves_float32(args),
         )
     prune_bytes = 0
     if cfg.kv_prune:

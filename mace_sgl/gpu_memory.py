@@ -119,9 +119,9 @@ def estimate_train_bytes(
     """
     d = _dims(model_config)
     seq = min(seq_tokens or ESTIMATE_SEQ_TOKENS, d["max_pos"])
-    copy = 4 * base_params(model_config) if base_copy else 0
-    if base_copy:
-        dtype_bytes = 4
+    copy = 0
+    if base_copy:  # the copy, and the activations computed from it, are float32
+        copy, dtype_bytes = 4 * base_params(model_config), 4
     lora = RESIDENT_COPIES * 4 * lora_params(model_config, rank, targets) * max(tenants, 1)
     kept = 2 * d["layers"] * seq * d["hidden"] * dtype_bytes
     layer = seq * (4 * d["hidden"] + 3 * d["inter"]) * dtype_bytes

@@ -437,6 +437,30 @@ def test_train_floor_trains_a_share_of_busy_time_under_overload():
         make_policy("mace", profile(), floor=1.5)
 
 
+def test_placement_sees_the_floors_share_of_each_busy_iteration():
+    """With the SLO budget at zero (overloaded), the training time a replica reports for
+    placement is the floor's share of its busy iterations, so LeMix places a request on
+    the replica that is not training."""
+    from mace_sgl.policy.placement import DecodeMoments, LemixPlacement, ReplicaLoad
+
+    reserve = {}
+    for floor in (0.0, 0.25, 0.5):
+        policy = _overloaded(floor)
+        _busy_iterations(policy, (unit(1, "bwd", 8),), 30, period_s=1.4)
+        assert policy.last_budget_s == 0.0
+        reserve[floor] = policy.training_reserve_s()
+        assert reserve[floor] == pytest.approx(floor * 1.4, rel=1e-9), floor
+    steps = DecodeMoments(n=10, sb=10, st=10 * 1_000_000.0, sbb=10, sbt=10 * 1_000_000.0)
+    both = dict(decode=steps, prefill_ms_per_token=1.0, timestamp=1.0)  # 1 s decode steps
+    other = ReplicaLoad(1, running_reqs=2, **both)
+    holder = ReplicaLoad(0, running_reqs=1, training=True, **both)
+    # The holder serves fewer requests: without the floor's time it is the better place;
+    # with the floor at 0.5 (0.7 s more per 1.4 s iteration), the other replica is.
+    assert LemixPlacement().choose([holder, other], 40, 64).dp_rank == 0
+    floored = replace(holder, reserve_ms=1000 * reserve[0.5])
+    assert LemixPlacement().choose([floored, other], 40, 64).dp_rank == 1
+
+
 def _forced_jobs(units: tuple[Unit, ...], n: int = 60) -> list[int]:
     """The jobs of the units the floor forced in n overloaded iterations 0.1 s apart."""
     policy, jobs = _overloaded(0.25), []

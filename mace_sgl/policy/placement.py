@@ -13,9 +13,10 @@ and sends the task to the best score. Here a node is one data-parallel replica o
   decode step-time moments (a least-squares line of step time against batch size);
 - the replica's training state (plugin/placement.py carries it from its scheduler):
   whether it holds a training step, the predicted length of its next training unit
-  (a request arriving meanwhile waits for it) and the training time the policy
-  reserves per serving iteration (each decode step of that replica is that much
-  longer).
+  (a request arriving meanwhile waits for it) and the training time the policy adds
+  to each serving iteration while it has training work, the SLO budget or the train
+  floor's share, whichever is more (`Policy.training_reserve_s`: each decode step of
+  that replica is that much longer).
 
 The predicted response time of a request with p prompt tokens and n new tokens is
 

@@ -534,11 +534,11 @@ class MaceTrainer:
 
     def training_load(self) -> TrainingLoad:
         """What placement needs of this replica's training (policy/placement.py)."""
-        budget = getattr(self.policy, "last_budget_s", 0.0)
+        work = self.has_work()  # without work, neither budget nor floor takes time
         return TrainingLoad(
-            training=self.has_work(),
+            training=work,
             unit_ms=1000.0 * self.unit_s,
-            reserve_ms=1000.0 * budget if math.isfinite(budget) else 0.0,
+            reserve_ms=1000.0 * self.policy.training_reserve_s() if work else 0.0,
         )
 
     def follow_replicas(self) -> None:
