@@ -53,11 +53,11 @@ class Policy:
         """Training seconds this replica adds to each busy serving iteration, for
         placement (policy/placement.py): the SLO budget of the last plan, or the train
         floor's share of an iteration (`floor` of the busy time from one plan to the
-        next, training included) when that is more. Without the floor, LeMix saw the
-        lease holder of `benchmarks.lemix` as almost as fast as the other replica
-        (budget 60-250 ms against 1.4 s iterations) and placed 42% of the requests
-        there, so the floor's share came out of those requests' latency instead of
-        moving them (2026-12-04)."""
+        next, training included) when that is more. Counting the budget alone, LeMix
+        saw the lease holder of `benchmarks.lemix` as almost as fast as the other
+        replica (budget 60-250 ms against 1.4 s iterations) and sent it 43% of the
+        prefill (2026-12-04): a floor's share then comes out of those requests' latency
+        instead of moving them."""
         budget = self.last_budget_s if math.isfinite(self.last_budget_s) else 0.0
         return max(budget, self.floor * self.floor_period_s)
 
