@@ -37,6 +37,9 @@ class Policy:
         # --mace-train-tokens-per-iter times its measured seconds per token.
         self.reserve_s = reserve_s
         self.last_budget_s = 0.0
+        # The budget of the last busy iteration's first plan (an idle budget is the room
+        # for one unit before a request may arrive, not time added to iterations).
+        self.busy_budget_s = 0.0
         # --mace-train-floor: share of busy time that trains whatever the SLO says (0:
         # off). Credit (seconds) accrues with busy time and is spent by units that run.
         if not 0.0 <= floor <= 1.0:
@@ -51,14 +54,16 @@ class Policy:
 
     def training_reserve_s(self) -> float:
         """Training seconds this replica adds to each busy serving iteration, for
-        placement (policy/placement.py): the SLO budget of the last plan, or the train
+        placement (policy/placement.py): the SLO budget of the last busy iteration (an
+        idle replica's budget, a quarter of the TTFT target, read as seconds added to
+        every decode step, kept every request off a holder that had gone idle), or the train
         floor's share of an iteration (`floor` of the busy time from one plan to the
         next, training included) when that is more. Counting the budget alone, LeMix
         saw the lease holder of `benchmarks.lemix` as almost as fast as the other
         replica (budget 60-250 ms against 1.4 s iterations) and sent it 43% of the
         prefill (2026-12-04): a floor's share then comes out of those requests' latency
         instead of moving them."""
-        budget = self.last_budget_s if math.isfinite(self.last_budget_s) else 0.0
+        budget = self.busy_budget_s if math.isfinite(self.busy_budget_s) else 0.0
         return max(budget, self.floor * self.floor_period_s)
 
     def plan(self, view: IterationView) -> Plan:  # pragma: no cover - abstract
@@ -184,7 +189,7 @@ class FcfsReserve(Policy):
             if view.spent_s == 0.0:  # first call after this iteration
                 self.credit = min(self.credit + self.reserve_s, 8 * self.reserve_s)
             budget = self.credit - view.spent_s
-        self.last_budget_s = self.reserve_s
+        self.last_budget_s = self.busy_budget_s = self.reserve_s
         chosen, predicted = [], 0.0
         for u in sorted(view.units, key=lambda u: u.arrival):
             t = self.cost.predict(u.kind, u.tokens)
@@ -261,7 +266,10 @@ class Mace(Policy):
         if not math.isfinite(budget):
             # A broken prediction must never read as unlimited room: no training.
             budget, why = 0.0, "cost model prediction not finite"
-        self.last_budget_s = budget if view.spent_s == 0.0 else self.last_budget_s
+        if view.spent_s == 0.0:
+            self.last_budget_s = budget
+            if not view.idle:
+                self.busy_budget_s = budget
         budget -= view.spent_s
         chosen, predicted, scores = best_fit(
             view.units,
