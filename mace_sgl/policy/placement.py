@@ -36,6 +36,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+# --mace-train-floor of every replica under --mace-placement lemix with --mace-train,
+# unless given: with no floor the lease holder's SLO budget (60-250 ms) fitted no unit
+# while it served, and it trained 25 s in 200 s of `benchmarks.lemix` (2026-12-04);
+# placement counts the floor's share (Policy.training_reserve_s) and moves requests
+# to the other replicas instead. Chosen from `benchmarks.lemix` runs (README).
+TRAIN_FLOOR = 0.7
+
 # LeMix's defaults (alpha on response time, beta on length consistency).
 ALPHA = 0.15
 BETA = 0.05
