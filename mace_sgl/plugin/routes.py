@@ -224,7 +224,7 @@ def replicas(schedulers: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
                 "adapter_digests": t.get("adapter_digests", {}),
                 "switched_at": t.get("adapter_switched_at"),
                 "train_steps": t.get("train_steps", 0),
-                "reserve_ms": t.get("reserve_ms", 0.0),
+                "reserve_ms": t.get("placement_reserve_ms", 0.0),  # what placement counts
                 "load": s.get("load"),
                 "training_tokens": t.get("training_tokens", 0),
                 "sync": t.get("replica_sync"),

@@ -651,6 +651,10 @@ class MaceTrainer:
             "train_tokens_per_s": self.totals["trained_tokens"] / secs if secs else 0.0,
             "reserve_tokens_per_iter": self.cfg.train_tokens_per_iter,
             **self.policy.status(),
+            # What LeMix placement counts per serving iteration of this replica (the
+            # larger of the busy budget and the floor's share; 0 without training work),
+            # unlike `reserve_ms`, the budget of the last iteration whatever it was.
+            "placement_reserve_ms": self.training_load().reserve_ms,
             "memory": {
                 **self.memory,
                 "rss_now_mb": self.process.memory_info().rss / 2**20,
