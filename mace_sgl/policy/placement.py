@@ -40,7 +40,9 @@ from dataclasses import dataclass, field
 # unless given: with no floor the lease holder's SLO budget (60-250 ms) fitted no unit
 # while it served, and it trained 25 s in 200 s of `benchmarks.lemix` (2026-12-04);
 # placement counts the floor's share (Policy.training_reserve_s) and moves requests
-# to the other replicas instead. Chosen from `benchmarks.lemix` runs (README).
+# to the other replicas instead. Measured at 0.7 (three repeats, 2026-12-05, README):
+# against 1.4 s CPU iterations the floor's 0.5 s credit cap binds, so there it trains
+# as 0.5 did; not compared with other values on one host, nor measured on a GPU.
 TRAIN_FLOOR = 0.7
 
 # LeMix's defaults (alpha on response time, beta on length consistency).
