@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,38 @@ def test_placement_avoids_the_replica_busy_training():
     assert placement.choose(lighter, 50, 32).dp_rank == 0
 
 
+def test_serving_goes_to_a_replica_without_training_while_it_holds_the_slo():
+    """With SLO targets known, a replica without training work takes every request it is
+    predicted to serve within headroom, even where LeMix's score prefers the trainer;
+    past its headroom the score chooses among all again, the trainer included."""
+    decode = DecodeMoments(n=10, sb=10, st=10 * 100_000, sbb=10, sbt=10 * 100_000)  # 100 ms
+    slo = {"ttft_ms": 2000.0, "tbt_ms": 500.0}
+
+    def pair(queued: int) -> list[ReplicaLoad]:
+        trainer = ReplicaLoad(0, prefill_ms_per_token=1.0, decode=decode, timestamp=1.0,
+                              training=True, unit_ms=50.0, reserve_ms=10.0, **slo)  # fmt: skip
+        server = ReplicaLoad(1, running_reqs=3, waiting_reqs=1, waiting_uncached_tokens=queued,
+                             prefill_ms_per_token=1.0, decode=decode, timestamp=1.0, **slo)  # fmt: skip
+        return [trainer, server]
+
+    # LeMix's score alone prefers the idle trainer (idle term 1 against 1/5)...
+    assert (
+        LemixPlacement().choose([replace(ld, ttft_ms=0.0) for ld in pair(100)], 50, 32).dp_rank == 0
+    )
+    # ...serving first sends it to the replica that holds the SLO with headroom:
+    # 100 ms in flight + (100 + 50) x 1 ms = 250 ms <= 0.5 x 2000 ms, 100 ms <= 0.9 x 500 ms.
+    choice = LemixPlacement().choose(pair(100), 50, 32)
+    assert (choice.dp_rank, choice.candidates) == (1, (1,))
+    # A queue the first token would wait beyond the headroom for: every replica is a
+    # candidate, and the score picks the trainer.
+    choice = LemixPlacement().choose(pair(900), 50, 32)  # 100 + 950 ms > 1000 ms
+    assert (choice.dp_rank, choice.candidates) == (0, (0, 1))
+    # Slow decode steps break the TBT side the same way.
+    slow = DecodeMoments(n=10, sb=10, st=10 * 480_000, sbb=10, sbt=10 * 480_000)
+    loads = [replace(ld, decode=slow) if ld.dp_rank == 1 else ld for ld in pair(100)]
+    assert LemixPlacement().choose(loads, 50, 32).candidates == (0, 1)
+
+
 def test_a_burst_between_snapshots_is_spread_and_equal_replicas_take_turns():
     placement = LemixPlacement()
     same = loads()
@@ -105,9 +138,9 @@ def test_training_slots_carry_each_replicas_state(tmp_path: Path):
     writer0, writer1 = TrainingSlots(tmp_path, 2), TrainingSlots(tmp_path, 2)
     reader = TrainingSlots(tmp_path, 2)
     assert reader.read(0) == TrainingLoad()  # never written: no training news
-    writer0.write(0, TrainingLoad(True, 120.0, 8.0))
+    writer0.write(0, TrainingLoad(True, 120.0, 8.0, 1500.0, 90.0))
     writer1.write(1, TrainingLoad(False, 0.0, 0.0))
-    assert reader.read(0) == TrainingLoad(True, 120.0, 8.0)
+    assert reader.read(0) == TrainingLoad(True, 120.0, 8.0, 1500.0, 90.0)
     assert reader.read(1) == TrainingLoad()
     assert (tmp_path / "training.slots").stat().st_mode & 0o777 == 0o600
     # The next write waits WRITE_EVERY_S after the last (judged at given instants, so a

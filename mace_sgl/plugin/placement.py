@@ -32,7 +32,8 @@ from mace_sgl.policy.placement import DecodeMoments, LemixPlacement, ReplicaLoad
 logger = logging.getLogger(__name__)
 
 SLOTS_FILE = "training.slots"
-_SLOT = struct.Struct("<dddd")  # written at (unix time), training, unit_ms, reserve_ms
+# written at (unix time), training, unit_ms, reserve_ms, ttft_ms, tbt_ms (SLO targets)
+_SLOT = struct.Struct("<dddddd")
 WRITE_EVERY_S = 0.02
 # A slot older than this is ignored (its scheduler stopped writing: no training news).
 STALE_S = 5.0
@@ -64,22 +65,26 @@ class TrainingSlots:
         self.written_at = time.monotonic()
         at = _SLOT.size * dp_rank
         self.map[at : at + _SLOT.size] = _SLOT.pack(
-            time.time(), float(load.training), load.unit_ms, load.reserve_ms
-        )
+            time.time(), float(load.training), load.unit_ms, load.reserve_ms,
+            load.ttft_ms, load.tbt_ms,
+        )  # fmt: skip
 
     def read(self, dp_rank: int) -> TrainingLoad:
         at = _SLOT.size * dp_rank
-        stamp, training, unit_ms, reserve_ms = _SLOT.unpack(self.map[at : at + _SLOT.size])
+        stamp, training, unit_ms, reserve_ms, ttft_ms, tbt_ms = _SLOT.unpack(
+            self.map[at : at + _SLOT.size]
+        )
         if time.time() - stamp > STALE_S:
             return TrainingLoad()
-        return TrainingLoad(bool(training), unit_ms, reserve_ms)
+        return TrainingLoad(bool(training), unit_ms, reserve_ms, ttft_ms, tbt_ms)
 
 
 def replica_load(dp_rank: int, snapshot: Any | None, training: TrainingLoad) -> ReplicaLoad:
     """A ReplicaLoad from SGLang's LoadSnapshot of one replica (None before its first
     snapshot: an empty replica) and its training state."""
     train = {"training": training.training, "unit_ms": training.unit_ms,
-             "reserve_ms": training.reserve_ms}  # fmt: skip
+             "reserve_ms": training.reserve_ms, "ttft_ms": training.ttft_ms,
+             "tbt_ms": training.tbt_ms}  # fmt: skip
     if snapshot is None:
         return ReplicaLoad(dp_rank, **train)
     uncached = snapshot.total_prefill_uncached_tokens or 0

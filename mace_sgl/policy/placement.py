@@ -29,6 +29,20 @@ otherwise; length consistency compares p with the mean prompt length recently pl
 there (LeMix groups similar lengths: similar sequences batch better). Between two
 snapshots (SGLang refreshes them at most every 20 ms) each placement adds its own
 tokens and request to the chosen replica's view, so a burst does not all go to one.
+
+Serving first: a request goes to a replica *without training work* whenever one is
+predicted to hold the SLO with headroom, and only then does LeMix's score choose among
+those; it scores every replica (the trainers included) only when none is. Each trainer
+carries its SLO targets (ms) in its training slot. "Holds the SLO" is
+
+    first token  = step_ms(running) (the iteration in flight, if any)
+                   + (uncached queue + p) x prefill ms/token   <= TTFT_HEADROOM x TTFT target
+    later tokens = step_ms(running + 1) + reserve_ms           <= TBT_HEADROOM x TBT target
+
+The first token's headroom is wide: the queue's prefill cost is an average over every
+prefill so far, and a burst can outrun it (at 0.9 x the target, one run of
+`benchmarks.lemix` missed 4 of 60 first tokens, by up to 1.6x, 2026-12-05). Without
+targets (no trainer writes its slot: no --mace-train) this step is skipped.
 """
 
 from __future__ import annotations
@@ -52,6 +66,10 @@ BETA = 0.05
 # its snapshot carries prefill and decode counters).
 DEFAULT_PREFILL_MS_PER_TOKEN = 1.0
 DEFAULT_DECODE_STEP_MS = 30.0
+# Share of the SLO targets a replica without training work may be predicted to use and
+# still be preferred over every trainer (module docstring).
+TTFT_HEADROOM = 0.5
+TBT_HEADROOM = 0.9
 
 
 @dataclass(frozen=True)
@@ -94,6 +112,8 @@ class TrainingLoad:
     training: bool = False  # holds training work (units run between iterations)
     unit_ms: float = 0.0  # the length of its training units, recently
     reserve_ms: float = 0.0  # training time its policy adds to each serving iteration
+    ttft_ms: float = 0.0  # its SLO targets (0: not known)
+    tbt_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -112,15 +132,20 @@ class ReplicaLoad:
     training: bool = False  # holds a training step (units will run between iterations)
     unit_ms: float = 0.0  # predicted length of its next training unit
     reserve_ms: float = 0.0  # training time its policy adds to each serving iteration
+    ttft_ms: float = 0.0  # its SLO targets, from its trainer (0: not known)
+    tbt_ms: float = 0.0
 
 
 @dataclass
 class Placement:
-    """One placement decision: the rank and every candidate's score and prediction."""
+    """One placement decision: the rank, the replicas it chose among (those without
+    training work predicted to hold the SLO, else all) and every replica's score and
+    prediction."""
 
     dp_rank: int
     scores: dict[int, float]
     predicted_ms: dict[int, float]
+    candidates: tuple[int, ...] = ()
 
 
 @dataclass
@@ -129,6 +154,8 @@ class LemixPlacement:
 
     alpha: float = ALPHA
     beta: float = BETA
+    ttft_headroom: float = TTFT_HEADROOM
+    tbt_headroom: float = TBT_HEADROOM
     # Mean prompt length placed on each replica (exponential, for length consistency).
     mean_len: dict[int, float] = field(default_factory=dict)
     # Requests and tokens placed since each replica's last snapshot (timestamp).
@@ -138,15 +165,39 @@ class LemixPlacement:
 
     def predict_ms(self, load: ReplicaLoad, prompt_tokens: int, new_tokens: int) -> float:
         """Predicted response time (ms) of a request placed on `load`'s replica now."""
-        _, extra_reqs, extra_tokens = self._pending(load)
-        prefill = load.prefill_ms_per_token or DEFAULT_PREFILL_MS_PER_TOKEN
-        batch = load.running_reqs + load.waiting_reqs + extra_reqs + 1
-        step = load.decode.step_ms(batch) if load.decode else DEFAULT_DECODE_STEP_MS
-        queued = load.waiting_uncached_tokens + extra_tokens + prompt_tokens
-        rt = queued * prefill + max(1, new_tokens) * (step + load.reserve_ms)
+        rt = self._prefill_ms(load, prompt_tokens)
+        rt += max(1, new_tokens) * (self._step_ms(load) + load.reserve_ms)
         if load.training:
             rt += load.unit_ms
         return max(rt, 1e-3)
+
+    def holds_slo(self, load: ReplicaLoad, prompt_tokens: int) -> bool:
+        """Whether a request placed on `load`'s replica now is predicted to meet its SLO
+        targets with headroom (module docstring); False when they are not known."""
+        if load.ttft_ms <= 0 or load.tbt_ms <= 0:
+            return False
+        in_flight = 0.0
+        if load.running_reqs > 0:
+            in_flight = (
+                load.decode.step_ms(load.running_reqs) if load.decode else DEFAULT_DECODE_STEP_MS
+            )
+        first = in_flight + self._prefill_ms(load, prompt_tokens)
+        later = self._step_ms(load) + load.reserve_ms
+        return (
+            first <= self.ttft_headroom * load.ttft_ms and later <= self.tbt_headroom * load.tbt_ms
+        )
+
+    def _prefill_ms(self, load: ReplicaLoad, prompt_tokens: int) -> float:
+        """The queued prefill ahead of a request, its own included (ms)."""
+        _, _, extra_tokens = self._pending(load)
+        prefill = load.prefill_ms_per_token or DEFAULT_PREFILL_MS_PER_TOKEN
+        return (load.waiting_uncached_tokens + extra_tokens + prompt_tokens) * prefill
+
+    def _step_ms(self, load: ReplicaLoad) -> float:
+        """One decode step with the request in the batch (ms)."""
+        _, extra_reqs, _ = self._pending(load)
+        batch = load.running_reqs + load.waiting_reqs + extra_reqs + 1
+        return load.decode.step_ms(batch) if load.decode else DEFAULT_DECODE_STEP_MS
 
     def score(self, load: ReplicaLoad, prompt_tokens: int, rt_ms: float) -> float:
         _, extra_reqs, _ = self._pending(load)
@@ -160,18 +211,23 @@ class LemixPlacement:
         return (idle + self.beta * consistency) / (self.alpha * rt_ms / 1000.0)
 
     def choose(self, loads: list[ReplicaLoad], prompt_tokens: int, new_tokens: int) -> Placement:
-        """The best-scoring replica (ties: in turn), recorded as placed there."""
+        """The best-scoring replica among the candidates (replicas without training work
+        predicted to hold the SLO, else all; ties: in turn), recorded as placed there."""
         if not loads:
             raise ValueError("no replica to place on")
         predicted = {ld.dp_rank: self.predict_ms(ld, prompt_tokens, new_tokens) for ld in loads}
         scores = {ld.dp_rank: self.score(ld, prompt_tokens, predicted[ld.dp_rank]) for ld in loads}
-        best = max(scores.values())
-        tied = [r for r in sorted(scores) if scores[r] >= best * (1 - 1e-9)]
+        serving = [
+            ld.dp_rank for ld in loads if not ld.training and self.holds_slo(ld, prompt_tokens)
+        ]
+        candidates = tuple(sorted(serving or scores))
+        best = max(scores[r] for r in candidates)
+        tied = [r for r in candidates if scores[r] >= best * (1 - 1e-9)]
         rank = tied[self._tie % len(tied)]
         self._tie += 1
         chosen = next(ld for ld in loads if ld.dp_rank == rank)
         self._record(chosen, prompt_tokens)
-        return Placement(rank, scores, predicted)
+        return Placement(rank, scores, predicted, candidates)
 
     def _pending(self, load: ReplicaLoad) -> tuple[float, int, int]:
         stamp, reqs, tokens = self.pending.get(load.dp_rank, (load.timestamp, 0, 0))

@@ -535,10 +535,13 @@ class MaceTrainer:
     def training_load(self) -> TrainingLoad:
         """What placement needs of this replica's training (policy/placement.py)."""
         work = self.has_work()  # without work, neither budget nor floor takes time
+        targets = self.policy.slo.targets
         return TrainingLoad(
             training=work,
             unit_ms=1000.0 * self.unit_s,
             reserve_ms=1000.0 * self.policy.training_reserve_s() if work else 0.0,
+            ttft_ms=targets.ttft_ms,
+            tbt_ms=targets.tbt_ms,
         )
 
     def follow_replicas(self) -> None:
