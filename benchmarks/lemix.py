@@ -59,8 +59,7 @@ DIR/results.json: {"methods": {NAME: {"throughput_tok_s", "slo_attainment",
 "adapter_staleness_s", ...}}, "capacity_rps", "slo", "machine", ...} and DIR/lemix.png.
 train_tokens_per_s counts the tokens of completed DPO steps on both replicas;
 idle_fraction is the mean over replicas of 1 - (serving + training seconds) / wall
-seconds, over the replicas with a trainer (only those report their serving seconds:
-`separate`'s serving replica does not; `idle_by_replica` has None for it);
+seconds (each replica's own: `idle_by_replica`, and `train_share_by_replica`);
 version_switch_skew_ms: for every version all replicas served, how far apart they began
 serving it (each replica reports its time.monotonic() of the switch), median and max;
 adapter_staleness_s is, averaged over the polls, how long the replica furthest behind
@@ -228,15 +227,16 @@ class Poller:
             return
         now = time.monotonic()
         reps = []
-        for sched in s["schedulers"]:
+        # By dp_rank: the list comes in the order the schedulers answered (servers
+        # before 2026-12-05 did not sort it), and deltas between polls pair replicas.
+        ordered = sorted(s["schedulers"], key=lambda x: (x or {}).get("dp_rank") or 0)
+        for sched in ordered:
             t = (sched or {}).get("trainer") or {}
             reps.append(
                 {
                     "version": t.get("adapter_version", 0),
                     "tokens": t.get("trained_tokens", 0),
-                    # None: no trainer on this replica (`separate`'s server), which
-                    # reports no serving seconds
-                    "serving": t.get("serving_seconds"),
+                    "serving": t.get("serving_seconds", 0.0),
                     "training": t.get("train_seconds", 0.0),
                     "steps": t.get("train_steps", 0),
                     "switched_at": t.get("adapter_switched_at"),
@@ -262,12 +262,9 @@ class Poller:
         tokens = sum(b["tokens"] - a["tokens"] for a, b in zip(first, last, strict=True))
         trained = [(b["training"] - a["training"]) / wall for a, b in zip(first, last, strict=True)]
         idle = [
-            None
-            if a["serving"] is None or b["serving"] is None
-            else max(0.0, 1.0 - (b["serving"] - a["serving"]) / wall - share)
+            max(0.0, 1.0 - (b["serving"] - a["serving"]) / wall - share)
             for a, b, share in zip(first, last, trained, strict=True)
         ]
-        measured = [i for i in idle if i is not None]
         stale = []
         for now, reps in self.samples:
             newest = max(r["version"] for r in reps)
@@ -280,13 +277,13 @@ class Poller:
             "wall_s": wall,
             "train_tokens_per_s": tokens / wall if wall else 0.0,
             "train_steps": sum(b["steps"] - a["steps"] for a, b in zip(first, last, strict=True)),
-            "idle_fraction": sum(measured) / len(measured) if measured else None,
+            "idle_fraction": sum(idle) / len(idle),
             "adapter_staleness_s": sum(stale) / len(stale),
             "version_switch_skew_ms": skew_summary(self.switches, len(last)),
             "versions": [r["version"] for r in last],
             # Where the requests went: each replica's share of the tokens prefilled
-            # during the run, each replica's own idle fraction (None: not reported)
-            # and its share of the wall time in training units.
+            # during the run, each replica's own idle fraction and its share of the
+            # wall time in training units.
             "prefill_share": prefill_share(self.prefill_at_start, self._prefill_tokens()),
             "idle_by_replica": idle,
             "train_share_by_replica": trained,

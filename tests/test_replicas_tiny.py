@@ -88,6 +88,7 @@ def settled(server: Server, adapter: str = "live", timeout_s: float = 120.0) -> 
 def test_both_replicas_serve_on_loopback_only(server: Server):
     s = mace_status(server)
     assert [r["dp_rank"] for r in s["replicas"]] == [0, 1]
+    assert [x["dp_rank"] for x in s["schedulers"]] == [0, 1]  # not in answering order
     # No feedback yet, so no training work: placement counts no training time anywhere.
     assert [r["reserve_ms"] for r in s["replicas"]] == [0.0, 0.0]
     before = {x["dp_rank"]: x["total_prefill_uncached_tokens"] for x in loads(server)}

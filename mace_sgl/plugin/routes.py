@@ -134,7 +134,10 @@ async def mace_status(request: Request) -> JSONResponse:
     metrics = st.metrics()
     if metrics is not None:
         metrics.queue_depth(queue_depth)
-    schedulers = [s.get("mace") for s in internal]
+    # By dp_rank: SGLang lists them in the order they answered, which varies.
+    schedulers = sorted(
+        (s.get("mace") for s in internal), key=lambda m: (m or {}).get("dp_rank") or 0
+    )
     trainer = next((s["trainer"] for s in schedulers if s and s.get("trainer")), None)
     by_name = {t["name"]: t for t in (trainer or {}).get("tenants", [])}
     body = {
