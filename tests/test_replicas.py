@@ -5,6 +5,7 @@ training slots the controller reads, and two ReplicaSync ends in two processes."
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
@@ -88,10 +89,37 @@ def test_serving_goes_to_a_replica_without_training_while_it_holds_the_slo():
     # candidate, and the score picks the trainer.
     choice = LemixPlacement().choose(pair(900), 50, 32)  # 100 + 950 ms > 1000 ms
     assert (choice.dp_rank, choice.candidates) == (0, (0, 1))
-    # Slow decode steps break the TBT side the same way.
-    slow = DecodeMoments(n=10, sb=10, st=10 * 480_000, sbb=10, sbt=10 * 480_000)
+    # Slow decode steps break the TBT side the same way (400 ms > 0.7 x 500 ms).
+    slow = DecodeMoments(n=10, sb=10, st=10 * 400_000, sbb=10, sbt=10 * 400_000)
     loads = [replace(ld, decode=slow) if ld.dp_rank == 1 else ld for ld in pair(100)]
     assert LemixPlacement().choose(loads, 50, 32).candidates == (0, 1)
+    # So do SGLang's running slots: at --max-running-requests the next request waits
+    # for one to finish, however short the queue.
+    full = [replace(ld, max_running_reqs=4) if ld.dp_rank == 1 else ld for ld in pair(100)]
+    assert LemixPlacement().choose(full, 50, 32).candidates == (0, 1)
+    roomy = [replace(ld, max_running_reqs=5) if ld.dp_rank == 1 else ld for ld in pair(100)]
+    assert LemixPlacement().choose(roomy, 50, 32).candidates == (1,)
+
+
+def test_prefill_stalls_count_against_the_time_per_token():
+    """Every prefill stalls the running decodes: a replica that spent most of its recent
+    time prefilling is predicted slower per token (step / (1 - prefill share))."""
+    decode = DecodeMoments(n=10, sb=10, st=10 * 200_000, sbb=10, sbt=10 * 200_000)  # 200 ms
+    placement = LemixPlacement()
+
+    def at(t: float, busy_s: float) -> ReplicaLoad:
+        return ReplicaLoad(0, running_reqs=2, prefill_ms_per_token=1.0, decode=decode,
+                           timestamp=t, prefill_busy_us=busy_s * 1e6, ttft_ms=2000.0,
+                           tbt_ms=500.0)  # fmt: skip
+
+    assert placement.holds_slo(at(100.0, 0.0), 10)  # 200 ms <= 0.7 x 500 ms
+    assert placement.prefill_share(at(100.0, 0.0)) == 0.0
+    # 30 s later, 24 of them in prefill: 0.8 of the time, weighted 1 - e^-6 in.
+    share = placement.prefill_share(at(130.0, 24.0))
+    assert share == pytest.approx(0.8 * (1 - math.exp(-30.0 / 5.0)))
+    assert not placement.holds_slo(at(130.0, 24.0), 10)  # 200 / 0.2 = 1000 ms
+    # A restarted replica's counter starts again from zero: no share yet.
+    assert placement.prefill_share(at(131.0, 0.5)) == 0.0
 
 
 def test_a_burst_between_snapshots_is_spread_and_equal_replicas_take_turns():
@@ -161,11 +189,12 @@ def test_a_replica_load_joins_sglangs_snapshot_and_the_training_slot():
     snap = SimpleNamespace(
         num_running_reqs=3, num_waiting_reqs=2, num_waiting_uncached_tokens=40,
         num_total_tokens=900, total_prefill_uncached_tokens=100, total_prefill_busy_us=50_000,
-        decode_moments=None, timestamp=5.0,
+        decode_moments=None, timestamp=5.0, max_running_requests=32,
     )  # fmt: skip
     load = replica_load(1, snap, training)
     assert (load.dp_rank, load.running_reqs, load.waiting_reqs, load.total_tokens) == (1, 3, 2, 900)
     assert load.prefill_ms_per_token == 0.5 and load.training and load.unit_ms == 120.0
+    assert (load.prefill_busy_us, load.max_running_reqs) == (50_000, 32)
 
 
 REPLICA = """

@@ -96,6 +96,8 @@ def replica_load(dp_rank: int, snapshot: Any | None, training: TrainingLoad) -> 
         waiting_uncached_tokens=snapshot.num_waiting_uncached_tokens,
         total_tokens=snapshot.num_total_tokens,
         prefill_ms_per_token=busy_us / uncached / 1000.0 if uncached > 0 else None,
+        prefill_busy_us=float(busy_us),
+        max_running_reqs=snapshot.max_running_requests or 0,
         decode=DecodeMoments.from_list(snapshot.decode_moments),
         timestamp=snapshot.timestamp,
         **train,

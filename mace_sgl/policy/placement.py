@@ -35,14 +35,22 @@ predicted to hold the SLO with headroom, and only then does LeMix's score choose
 those; it scores every replica (the trainers included) only when none is. Each trainer
 carries its SLO targets (ms) in its training slot. "Holds the SLO" is
 
+    a free running slot: running + waiting + placed < max_running_requests (SGLang
+                   admits no more: a request beyond waits for one to finish, seconds)
     first token  = step_ms(running) (the iteration in flight, if any)
                    + (uncached queue + p) x prefill ms/token   <= TTFT_HEADROOM x TTFT target
-    later tokens = step_ms(running + 1) + reserve_ms           <= TBT_HEADROOM x TBT target
+    later tokens = (step_ms(running + 1) + reserve_ms) / (1 - u)
+                                                               <= TBT_HEADROOM x TBT target
 
-The first token's headroom is wide: the queue's prefill cost is an average over every
-prefill so far, and a burst can outrun it (at 0.9 x the target, one run of
-`benchmarks.lemix` missed 4 of 60 first tokens, by up to 1.6x, 2026-12-05). Without
-targets (no trainer writes its slot: no --mace-train) this step is skipped.
+where u is the replica's recent share of time in prefill (from the snapshots' prefill
+busy counter, over about UTIL_WINDOW_S): every prefill stalls the running decodes. The
+headrooms are what a prediction of the typical request needs for the slowest to meet
+the target: under round robin at 1.2x one replica's capacity (`benchmarks.lemix`,
+2026-12-05, Intel Xeon) p99/p50 was 1.9 for TTFT and 1.5 for time per output token.
+Without the running-slot check (and with headrooms 0.5 / 0.9, no stalls) the replica
+without training took 80% of the requests and 93% of them missed the SLO, waiting for
+one of its 32 running slots. Without targets (no trainer writes its slot: no
+--mace-train) this step is skipped.
 """
 
 from __future__ import annotations
@@ -69,7 +77,11 @@ DEFAULT_DECODE_STEP_MS = 30.0
 # Share of the SLO targets a replica without training work may be predicted to use and
 # still be preferred over every trainer (module docstring).
 TTFT_HEADROOM = 0.5
-TBT_HEADROOM = 0.9
+TBT_HEADROOM = 0.7
+# Seconds over which a replica's share of time in prefill is averaged (exponentially).
+UTIL_WINDOW_S = 5.0
+# The decode share never counted below this (a replica always prefilling still decodes).
+MIN_DECODE_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -126,6 +138,8 @@ class ReplicaLoad:
     waiting_uncached_tokens: int = 0
     total_tokens: int = 0  # queued plus running tokens (SGLang's num_total_tokens)
     prefill_ms_per_token: float | None = None  # measured, None before any prefill
+    prefill_busy_us: float = 0.0  # cumulative time in prefill (SGLang's counter)
+    max_running_reqs: int = 0  # SGLang's --max-running-requests (0: not known)
     decode: DecodeMoments | None = None
     timestamp: float = 0.0  # of SGLang's snapshot
     # The replica's training state (0 / False without --mace-train).
@@ -161,6 +175,8 @@ class LemixPlacement:
     # Requests and tokens placed since each replica's last snapshot (timestamp).
     pending: dict[int, tuple[float, int, int]] = field(default_factory=dict)
     placed: dict[int, int] = field(default_factory=dict)
+    # Per replica: (snapshot time, prefill busy us then, recent share of time in prefill).
+    prefill_util: dict[int, tuple[float, float, float]] = field(default_factory=dict)
     _tie: int = 0
 
     def predict_ms(self, load: ReplicaLoad, prompt_tokens: int, new_tokens: int) -> float:
@@ -176,16 +192,37 @@ class LemixPlacement:
         targets with headroom (module docstring); False when they are not known."""
         if load.ttft_ms <= 0 or load.tbt_ms <= 0:
             return False
+        _, extra_reqs, _ = self._pending(load)
+        admitted = load.running_reqs + load.waiting_reqs + extra_reqs
+        if 0 < load.max_running_reqs <= admitted:
+            return False
         in_flight = 0.0
         if load.running_reqs > 0:
             in_flight = (
                 load.decode.step_ms(load.running_reqs) if load.decode else DEFAULT_DECODE_STEP_MS
             )
         first = in_flight + self._prefill_ms(load, prompt_tokens)
-        later = self._step_ms(load) + load.reserve_ms
+        decoding = max(MIN_DECODE_SHARE, 1.0 - self.prefill_share(load))
+        later = (self._step_ms(load) + load.reserve_ms) / decoding
         return (
             first <= self.ttft_headroom * load.ttft_ms and later <= self.tbt_headroom * load.tbt_ms
         )
+
+    def prefill_share(self, load: ReplicaLoad) -> float:
+        """The replica's recent share of time in prefill, updated from each new snapshot
+        (exponential over UTIL_WINDOW_S of snapshot time)."""
+        last = self.prefill_util.get(load.dp_rank)
+        if last is None or load.timestamp < last[0] or load.prefill_busy_us < last[1]:
+            self.prefill_util[load.dp_rank] = (load.timestamp, load.prefill_busy_us, 0.0)
+            return 0.0
+        stamp, busy_us, share = last
+        dt = load.timestamp - stamp
+        if dt <= 0:
+            return share
+        now = min(1.0, (load.prefill_busy_us - busy_us) / 1e6 / dt)
+        share += (1.0 - math.exp(-dt / UTIL_WINDOW_S)) * (now - share)
+        self.prefill_util[load.dp_rank] = (load.timestamp, load.prefill_busy_us, share)
+        return share
 
     def _prefill_ms(self, load: ReplicaLoad, prompt_tokens: int) -> float:
         """The queued prefill ahead of a request, its own included (ms)."""
