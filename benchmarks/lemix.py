@@ -11,17 +11,17 @@ there and sets torch's thread count to match, plugin/cpu.py bind_threads), while
 controller, detokenizer and sidecar processes and this load generator float over all cores:
 
 - `lemix`: `--mace-placement lemix` (the default): placement by predicted response time,
-  training leased to one replica at a time, every publish synced to the other at once,
-  and the lease holder trains its floor's share of busy time (TRAIN_FLOOR of
-  policy/placement.py, the default under that placement) which placement counts;
+  serving first (replicas without training work while they hold the SLO, then a trainer
+  that holds it), training leased to one replica at a time, every publish synced to the
+  other at once;
 - `round-robin`: `--mace-placement sglang --load-balance-method round_robin` (NaiveMix);
 - `total-tokens`: `--mace-placement sglang --load-balance-method total_tokens`;
 - `separate`: replica 0 only serves (every request carries `X-Data-Parallel-Rank: 0`),
   replica 1 only trains (`--mace-train-ranks 1`), and the adapter reaches replica 0 at
   most every --sync-every-s seconds (`--mace-sync-every-s`);
 - `lemix-floor` (only when named in --methods): `lemix` with `--mace-train-floor F`
-  (--train-floor, default 0.1) instead of the default floor: another share of busy
-  time that trains even when the SLO controller allows none. On 2 cores, at a load one
+  (--train-floor, default 0.1): a share of busy time that trains even when the SLO
+  controller allows none. On 2 cores, at a load one
   replica cannot hold, the controller alone left co-located training no room in any
   run (README, 2026-12-03): this method shows what another share costs in latency.
 

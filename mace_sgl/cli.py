@@ -252,10 +252,8 @@ def _data_parallel(
     with --mace-train has its own trainer; they train one at a time and sync over a gloo
     group that rendezvouses in a fresh owner-only directory (trainer/replicas.py). On CPU
     each replica gets its share of the cores (SGLANG_CPU_OMP_THREADS_BIND), unless set.
-    Placement: --mace-placement lemix replaces the controller's dispatch, and its
-    replicas train a floor's share of busy time unless --mace-train-floor is given
-    (policy/placement.py TRAIN_FLOOR); SGLang's own --load-balance-method needs
-    --mace-placement sglang."""
+    Placement: --mace-placement lemix replaces the controller's dispatch; SGLang's own
+    --load-balance-method needs --mace-placement sglang."""
     import dataclasses
 
     n = getattr(args, "dp_size", 1) or 1
@@ -300,12 +298,7 @@ def _data_parallel(
         from mace_sgl.plugin import loopback
 
         store = loopback.private_store_dir()  # the replicas' FileStore, 0700
-    floor = cfg.train_floor
-    if cfg.train and cfg.placement == "lemix" and "mace_train_floor" not in given:
-        from mace_sgl.policy.placement import TRAIN_FLOOR
-
-        floor = TRAIN_FLOOR  # placement moves requests off the holder for it
-    return dataclasses.replace(cfg, replicas=n, replica_store=store, train_floor=floor)
+    return dataclasses.replace(cfg, replicas=n, replica_store=store)
 
 
 def _split_cpu_cores(n: int) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from mace_sgl import cli
-from mace_sgl.policy.placement import TRAIN_FLOOR
 
 MACE_SGL = str(Path(sys.executable).with_name("mace-sgl"))
 
@@ -139,9 +138,9 @@ def test_data_parallel_training_is_accepted_with_its_own_placement_and_cores(
         [*argv, "--mace-train", "--dp-size", "2", "--mace-train-ranks", "1"]
     )
     assert cfg.training_ranks == [1]
-    # LeMix placement's replicas train a floor's share unless the flag says otherwise;
-    # SGLang's placements and a single server keep the flag's own default (off).
-    assert cfg.train_floor == TRAIN_FLOOR > 0
+    # No train floor unless the flag asks for one, under any placement: under LeMix's
+    # serving-first placement a floor kept the holder from serving the overflow.
+    assert cfg.train_floor == 0.0
     _, cfg = cli.resolve_serve_args(
         [*argv, "--mace-train", "--dp-size", "2", "--mace-train-floor", "0"]
     )

@@ -85,18 +85,21 @@ def test_serving_goes_to_a_replica_without_training_while_it_holds_the_slo():
     # 100 ms in flight + (100 + 50) x 1 ms = 250 ms <= 0.5 x 2000 ms, 100 ms <= 0.9 x 500 ms.
     choice = LemixPlacement().choose(pair(100), 50, 32)
     assert (choice.dp_rank, choice.candidates) == (1, (1,))
-    # A queue the first token would wait beyond the headroom for: every replica is a
-    # candidate, and the score picks the trainer.
+    # A queue the first token would wait beyond the headroom for: the trainer serves
+    # the overflow, its unit in flight counted (50 + 50 ms), while it holds the SLO...
     choice = LemixPlacement().choose(pair(900), 50, 32)  # 100 + 950 ms > 1000 ms
-    assert (choice.dp_rank, choice.candidates) == (0, (0, 1))
+    assert (choice.dp_rank, choice.candidates) == (0, (0,))
+    # ...and when neither does, every replica is a candidate and the score chooses.
+    long_unit = [replace(ld, unit_ms=2000.0) if ld.training else ld for ld in pair(900)]
+    assert LemixPlacement().choose(long_unit, 50, 32).candidates == (0, 1)
     # Slow decode steps break the TBT side the same way (400 ms > 0.7 x 500 ms).
     slow = DecodeMoments(n=10, sb=10, st=10 * 400_000, sbb=10, sbt=10 * 400_000)
     loads = [replace(ld, decode=slow) if ld.dp_rank == 1 else ld for ld in pair(100)]
-    assert LemixPlacement().choose(loads, 50, 32).candidates == (0, 1)
+    assert LemixPlacement().choose(loads, 50, 32).candidates == (0,)
     # So do SGLang's running slots: at --max-running-requests the next request waits
     # for one to finish, however short the queue.
     full = [replace(ld, max_running_reqs=4) if ld.dp_rank == 1 else ld for ld in pair(100)]
-    assert LemixPlacement().choose(full, 50, 32).candidates == (0, 1)
+    assert LemixPlacement().choose(full, 50, 32).candidates == (0,)
     roomy = [replace(ld, max_running_reqs=5) if ld.dp_rank == 1 else ld for ld in pair(100)]
     assert LemixPlacement().choose(roomy, 50, 32).candidates == (1,)
 

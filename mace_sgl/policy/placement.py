@@ -31,13 +31,15 @@ snapshots (SGLang refreshes them at most every 20 ms) each placement adds its ow
 tokens and request to the chosen replica's view, so a burst does not all go to one.
 
 Serving first: a request goes to a replica *without training work* whenever one is
-predicted to hold the SLO with headroom, and only then does LeMix's score choose among
-those; it scores every replica (the trainers included) only when none is. Each trainer
-carries its SLO targets (ms) in its training slot. "Holds the SLO" is
+predicted to hold the SLO with headroom, and LeMix's score chooses among those; else to
+a trainer predicted to hold it (its unit in flight counted), so a trainer serves the
+overflow; it scores every replica only when none holds it. Each trainer carries its SLO
+targets (ms) in its training slot. "Holds the SLO" is
 
     a free running slot: running + waiting + placed < max_running_requests (SGLang
                    admits no more: a request beyond waits for one to finish, seconds)
     first token  = step_ms(running) (the iteration in flight, if any)
+                   + unit_ms (a trainer's unit in flight)
                    + (uncached queue + p) x prefill ms/token   <= TTFT_HEADROOM x TTFT target
     later tokens = (step_ms(running + 1) + reserve_ms) / (1 - u)
                                                                <= TBT_HEADROOM x TBT target
@@ -49,7 +51,9 @@ the target: under round robin at 1.2x one replica's capacity (`benchmarks.lemix`
 2026-12-05, Intel Xeon) p99/p50 was 1.9 for TTFT and 1.5 for time per output token.
 Without the running-slot check (and with headrooms 0.5 / 0.9, no stalls) the replica
 without training took 80% of the requests and 93% of them missed the SLO, waiting for
-one of its 32 running slots. Without targets (no trainer writes its slot: no
+one of its 32 running slots; with it, but scoring every replica past the headroom, it
+still took 84% (88% missed): the trainer's predicted response time, 128 tokens x its
+reserve, lost every score. Without targets (no trainer writes its slot: no
 --mace-train) this step is skipped.
 """
 
@@ -57,15 +61,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-
-# --mace-train-floor of every replica under --mace-placement lemix with --mace-train,
-# unless given: with no floor the lease holder's SLO budget (60-250 ms) fitted no unit
-# while it served, and it trained 25 s in 200 s of `benchmarks.lemix` (2026-12-04);
-# placement counts the floor's share (Policy.training_reserve_s) and moves requests
-# to the other replicas instead. Measured at 0.7 (three repeats, 2026-12-05, README):
-# against 1.4 s CPU iterations the floor's 0.5 s credit cap binds, so there it trains
-# as 0.5 did; not compared with other values on one host, nor measured on a GPU.
-TRAIN_FLOOR = 0.7
 
 # LeMix's defaults (alpha on response time, beta on length consistency).
 ALPHA = 0.15
@@ -202,6 +197,8 @@ class LemixPlacement:
                 load.decode.step_ms(load.running_reqs) if load.decode else DEFAULT_DECODE_STEP_MS
             )
         first = in_flight + self._prefill_ms(load, prompt_tokens)
+        if load.training:
+            first += load.unit_ms  # a training unit may be in flight too
         decoding = max(MIN_DECODE_SHARE, 1.0 - self.prefill_share(load))
         later = (self._step_ms(load) + load.reserve_ms) / decoding
         return (
@@ -249,15 +246,15 @@ class LemixPlacement:
 
     def choose(self, loads: list[ReplicaLoad], prompt_tokens: int, new_tokens: int) -> Placement:
         """The best-scoring replica among the candidates (replicas without training work
-        predicted to hold the SLO, else all; ties: in turn), recorded as placed there."""
+        predicted to hold the SLO, else any replica predicted to hold it, else all; ties:
+        in turn), recorded as placed there."""
         if not loads:
             raise ValueError("no replica to place on")
         predicted = {ld.dp_rank: self.predict_ms(ld, prompt_tokens, new_tokens) for ld in loads}
         scores = {ld.dp_rank: self.score(ld, prompt_tokens, predicted[ld.dp_rank]) for ld in loads}
-        serving = [
-            ld.dp_rank for ld in loads if not ld.training and self.holds_slo(ld, prompt_tokens)
-        ]
-        candidates = tuple(sorted(serving or scores))
+        holding = [ld for ld in loads if self.holds_slo(ld, prompt_tokens)]
+        serving = [ld.dp_rank for ld in holding if not ld.training]
+        candidates = tuple(sorted(serving or [ld.dp_rank for ld in holding] or scores))
         best = max(scores[r] for r in candidates)
         tied = [r for r in candidates if scores[r] >= best * (1 - 1e-9)]
         rank = tied[self._tie % len(tied)]
