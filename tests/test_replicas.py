@@ -201,7 +201,7 @@ def test_a_replica_load_joins_sglangs_snapshot_and_the_training_slot():
 
 
 REPLICA = """
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 from types import SimpleNamespace
 import torch
@@ -233,6 +233,11 @@ else:
         time.sleep(0.01)
     (u,) = got
     print(json.dumps({"version": u.version, "src": u.src, "payload": u.payload.tolist()}))
+# Leave without interpreter teardown: the sync's daemon threads wait inside gloo calls,
+# and tearing down under them aborted (exit -6) one run in a few. An assertion above
+# fails the script before this line.
+sys.stdout.flush()
+os._exit(0)
 """
 
 
@@ -279,7 +284,7 @@ def test_server_load_adds_each_replicas_training_step_to_its_serving_tokens():
 
 
 REJOIN = """
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 from types import SimpleNamespace
 import torch
@@ -312,13 +317,15 @@ if rank == 0:  # the store's server: lives through the peer's death
     delivered()
     print(json.dumps(sync.status()), flush=True)
     time.sleep(2)  # the peer reads before the store goes away
+    os._exit(0)  # not a teardown under gloo's threads: see the end of REPLICA
 else:
     while True:
         for u in sync.received():
             print(json.dumps({"version": u.version, "src": u.src, "payload": u.payload.tolist(),
                               "generation": sync.generation}), flush=True)
             if u.version == 8:
-                sys.exit(0)
+                sys.stdout.flush()
+                os._exit(0)  # not sys.exit: see the end of REPLICA
         assert time.monotonic() < deadline, "nothing received"
         time.sleep(0.01)
 """
