@@ -147,9 +147,8 @@ class ReplicaLoad:
 
 @dataclass
 class Placement:
-    """One placement decision: the rank, the replicas it chose among (those without
-    training work predicted to hold the SLO, else all) and every replica's score and
-    prediction."""
+    """One placement decision: the rank, the replicas it chose among (LemixPlacement.
+    choose) and every replica's score and prediction."""
 
     dp_rank: int
     scores: dict[int, float]
