@@ -21,9 +21,9 @@ controller, detokenizer and sidecar processes and this load generator float over
   most every --sync-every-s seconds (`--mace-sync-every-s`);
 - `lemix-floor` (only when named in --methods): `lemix` with `--mace-train-floor F`
   (--train-floor, default 0.1): a share of busy time that trains even when the SLO
-  controller allows none. On 2 cores, at a load one
-  replica cannot hold, the controller alone left co-located training no room in any
-  run (README, 2026-12-03): this method shows what another share costs in latency.
+  controller allows none. On 2 cores, at a load one replica cannot hold, the controller
+  alone left co-located training no room in any run (README, 2026-12-03): this method
+  shows what such a share costs in latency.
 
 First, on a `separate` server of its own, the capacity of ONE replica: completed
 requests/s of a closed loop of --capacity-clients (default 16) streaming clients pinned

@@ -66,7 +66,8 @@ def test_placement_avoids_the_replica_busy_training():
 def test_serving_goes_to_a_replica_without_training_while_it_holds_the_slo():
     """With SLO targets known, a replica without training work takes every request it is
     predicted to serve within headroom, even where LeMix's score prefers the trainer;
-    past its headroom the score chooses among all again, the trainer included."""
+    past its headroom a trainer that holds the SLO serves the overflow, and only when no
+    replica holds it does the score choose among all."""
     decode = DecodeMoments(n=10, sb=10, st=10 * 100_000, sbb=10, sbt=10 * 100_000)  # 100 ms
     slo = {"ttft_ms": 2000.0, "tbt_ms": 500.0}
 
@@ -82,7 +83,7 @@ def test_serving_goes_to_a_replica_without_training_while_it_holds_the_slo():
         LemixPlacement().choose([replace(ld, ttft_ms=0.0) for ld in pair(100)], 50, 32).dp_rank == 0
     )
     # ...serving first sends it to the replica that holds the SLO with headroom:
-    # 100 ms in flight + (100 + 50) x 1 ms = 250 ms <= 0.5 x 2000 ms, 100 ms <= 0.9 x 500 ms.
+    # 100 ms in flight + (100 + 50) x 1 ms = 250 ms <= 0.5 x 2000 ms, 100 ms <= 0.7 x 500 ms.
     choice = LemixPlacement().choose(pair(100), 50, 32)
     assert (choice.dp_rank, choice.candidates) == (1, (1,))
     # A queue the first token would wait beyond the headroom for: the trainer serves

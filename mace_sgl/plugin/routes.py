@@ -211,8 +211,9 @@ def server_loads(schedulers: list[dict[str, Any] | None]) -> list[dict[str, Any]
 
 
 def replicas(schedulers: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
-    """One entry per data-parallel replica (its scheduler's report), by dp rank: the
-    default adapter's version, every tenant's, its own steps, reserve and load."""
+    """One entry per data-parallel replica (its scheduler's report), in the order of
+    `schedulers` (mace_status sorts them by dp rank): the default adapter's version,
+    every tenant's, its own steps, reserve and load."""
     out = []
     for s in schedulers:
         if not s:
@@ -233,7 +234,7 @@ def replicas(schedulers: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
                 "sync": t.get("replica_sync"),
             }
         )
-    return sorted(out, key=lambda r: r["dp_rank"])
+    return out
 
 
 async def mace_feedback(request: Request) -> JSONResponse:

@@ -190,11 +190,7 @@ class LemixPlacement:
         admitted = load.running_reqs + load.waiting_reqs + extra_reqs
         if 0 < load.max_running_reqs <= admitted:
             return False
-        in_flight = 0.0
-        if load.running_reqs > 0:
-            in_flight = (
-                load.decode.step_ms(load.running_reqs) if load.decode else DEFAULT_DECODE_STEP_MS
-            )
+        in_flight = _decode_step_ms(load, load.running_reqs) if load.running_reqs > 0 else 0.0
         first = in_flight + self._prefill_ms(load, prompt_tokens)
         if load.training:
             first += load.unit_ms  # a training unit may be in flight too
@@ -229,8 +225,7 @@ class LemixPlacement:
     def _step_ms(self, load: ReplicaLoad) -> float:
         """One decode step with the request in the batch (ms)."""
         _, extra_reqs, _ = self._pending(load)
-        batch = load.running_reqs + load.waiting_reqs + extra_reqs + 1
-        return load.decode.step_ms(batch) if load.decode else DEFAULT_DECODE_STEP_MS
+        return _decode_step_ms(load, load.running_reqs + load.waiting_reqs + extra_reqs + 1)
 
     def score(self, load: ReplicaLoad, prompt_tokens: int, rt_ms: float) -> float:
         _, extra_reqs, _ = self._pending(load)
@@ -276,3 +271,9 @@ class LemixPlacement:
         self.mean_len[load.dp_rank] = (
             float(prompt_tokens) if mean is None else 0.9 * mean + 0.1 * prompt_tokens
         )
+
+
+def _decode_step_ms(load: ReplicaLoad, batch: int) -> float:
+    """A decode step of `batch` requests on `load`'s replica (ms): its measured line, or
+    DEFAULT_DECODE_STEP_MS before it has one."""
+    return load.decode.step_ms(batch) if load.decode else DEFAULT_DECODE_STEP_MS
