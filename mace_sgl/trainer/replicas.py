@@ -41,9 +41,16 @@ long as it waits, and a rendezvous waits for the dead server: the lease's calls 
 scheduler thread go over a connection of their own (client_store).
 Sends that failed are kept and sent again in the new generation; the trainer announces
 its tenants' states after each new generation (runtime._announce_versions), so the
-restarted server installs what was published while it was down. Until it is back, the
-survivors' steps wait for it (a step is done when every peer took it). The store lives
-in server 0: if server 0 dies, every server has to restart.
+restarted server installs what was published while it was down. A generation after the
+first does not wait for a member that is gone: each member marks itself in under the
+generation's prefix, and once all are in, or after JOIN_WAIT_S, the first to look seals
+the list of those present (compare-and-set on `members`; every member reads the same
+list) and the group forms among them, ranked by their order in it. So the survivors'
+steps go on while a server is down (a step is done when every member took it), and one
+that comes back after the seal finds itself missing, moves the counter on and is taken
+into the next generation. (Before, a regroup waited for the dead server: its survivors
+trained nothing until it was back.) The store lives in server 0: if server 0 dies,
+every server has to restart.
 """
 
 from __future__ import annotations
@@ -76,6 +83,14 @@ GEN_KEY = "mace/sync/gen"  # the group's current generation (several servers)
 MEMBER_KEY = "mace/sync/member/{rank}"  # the generation a rank last joined
 POLL_S = 2.0  # how often a member reads the generation counter
 REJOIN_WAIT_S = 30.0  # a restarted member waits this long for the survivors to move on
+# How long a regroup waits for every member to join before the group goes on without the
+# missing ones (several servers, generations after the first).
+JOIN_WAIT_S = 10.0
+MEMBERS_KEY = "members"  # under a generation's prefix: its members' global ranks, sealed
+
+
+class NotAMember(Exception):
+    """This rank came after its generation's members were sealed: it joins the next."""
 
 
 def group_store(cfg: Any, dp_rank: int) -> tuple[Any, int, int]:
@@ -222,16 +237,18 @@ class ReplicaSync:
         host: str = "127.0.0.1",
         rejoin: bool = False,
         rejoin_wait_s: float = REJOIN_WAIT_S,
+        join_wait_s: float = JOIN_WAIT_S,
     ) -> None:
         """`store`, `rank`, `world`: group_store()'s. every_s > 0 (--mace-sync-every-s):
         send at most that often, the newest state of each tenant only (versions queued
         meanwhile are superseded by it). `host`: the address gloo listens on. `rejoin`:
-        form the group again when a member dies and comes back (module docstring)."""
+        form the group again when a member dies and comes back, without the members
+        that are not back within `join_wait_s` (module docstring)."""
         from torch.distributed import ProcessGroupGloo
 
         self.rank, self.world = rank, world
         self.every_s = every_s
-        self.peers = [r for r in range(world) if r != rank]
+        self.join_wait_s = join_wait_s
         self.stats = SyncStats()
         self.store = store
         self.rejoin = rejoin
@@ -247,8 +264,14 @@ class ReplicaSync:
         self._done: queue.Queue[Callable[[], None]] = queue.Queue()
         self._moved = threading.Condition()  # generation and pg change together under it
         self._failed = threading.Event()
-        self.generation = self._first_generation(rejoin_wait_s) if rejoin else 0
-        self.pg = self._form(self.generation)
+        generation = self._first_generation(rejoin_wait_s) if rejoin else 0
+        while True:
+            try:
+                self.pg, self.members = self._form(generation)
+                break
+            except NotAMember:
+                generation = self._move_on(generation)
+        self.generation = generation
         self._start_receiving()
         threading.Thread(target=self._send_loop, name="mace-replicas-send", daemon=True).start()
         if rejoin:
@@ -280,6 +303,7 @@ class ReplicaSync:
             "rank": self.rank,
             "world": self.world,
             "generation": self.generation,
+            "members": list(self.members),
             "regroups": s.regroups,
             "sent": s.sent,
             "received": s.received,
@@ -292,15 +316,44 @@ class ReplicaSync:
 
     # -- generations -----------------------------------------------------------------------
 
-    def _form(self, generation: int) -> Any:
-        """The gloo group of `generation` (blocks until every member joined it)."""
+    def _form(self, generation: int) -> tuple[Any, tuple[int, ...]]:
+        """The gloo group of `generation` and its members' global ranks (blocks until
+        every member joined it); NotAMember when it was sealed without this rank."""
         from torch.distributed import PrefixStore, ProcessGroupGloo
 
         prefix = PrefixStore(f"mace/sync/{generation}/", self.store)
-        pg = ProcessGroupGloo(prefix, self.rank, self.world, self._opts)
+        members = self._members(prefix, generation)
+        if self.rank not in members:
+            raise NotAMember(generation)
+        pg = ProcessGroupGloo(prefix, members.index(self.rank), len(members), self._opts)
         if self.rejoin:
             self.store.set(MEMBER_KEY.format(rank=self.rank), str(generation))
-        return pg
+        return pg, members
+
+    def _members(self, prefix: Any, generation: int) -> tuple[int, ...]:
+        """Who is in `generation`: everyone in the first one (or on one server); after a
+        regroup, the ranks that joined within `join_wait_s` (all of them: at once), as
+        the first to see the wait end sealed it (compare-and-set: one list for all)."""
+        if not self.rejoin or generation == 0:
+            return tuple(range(self.world))
+        prefix.set(f"in/{self.rank}", "1")
+        keys = [f"in/{r}" for r in range(self.world)]
+        deadline = time.monotonic() + self.join_wait_s
+        while not prefix.check(keys) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        present = ",".join(str(r) for r in range(self.world) if prefix.check([keys[r]]))
+        sealed = prefix.compare_set(MEMBERS_KEY, "", present)
+        text = sealed.decode() if isinstance(sealed, bytes) else str(sealed)
+        members = tuple(int(r) for r in text.split(","))
+        if len(members) < self.world:
+            gone = sorted(set(range(self.world)) - set(members))
+            self._error(f"generation {generation} goes on without rank(s) {gone}")
+        return members
+
+    def _move_on(self, generation: int) -> int:
+        """Move the counter past `generation` (once, whoever does it) and return it."""
+        self.store.compare_set(GEN_KEY, str(generation), str(generation + 1))
+        return self._counter()
 
     def _counter(self) -> int:
         return int(self.store.add(GEN_KEY, 0))  # creates it at 0 on first use
@@ -341,12 +394,14 @@ class ReplicaSync:
             try:
                 current = self._counter()
                 if failed and current == self.generation:
-                    self.store.compare_set(GEN_KEY, str(current), str(current + 1))
-                    current = self._counter()
+                    current = self._move_on(current)
                 if current <= self.generation:
                     continue
                 logger.warning("replica sync: rank %d forms generation %d", self.rank, current)
-                pg = self._form(current)
+                pg, members = self._form(current)
+            except NotAMember:  # sealed without this rank: the next one takes it in
+                self._move_on(current)
+                continue
             except Exception as e:  # the store is gone (server 0 died) or a member died again
                 msg = f"regroup: {type(e).__name__}: {e}"
                 if msg != last_error:  # every POLL_S for as long as it lasts: log it once
@@ -355,7 +410,7 @@ class ReplicaSync:
                 continue
             last_error = ""
             with self._moved:
-                self.pg, self.generation = pg, current
+                self.pg, self.members, self.generation = pg, members, current
                 self._failed.clear()
                 self.stats.regroups += 1
                 self._moved.notify_all()
@@ -364,7 +419,7 @@ class ReplicaSync:
     # -- threads ---------------------------------------------------------------------------
 
     def _start_receiving(self) -> None:
-        args = (self.generation, self.pg)
+        args = (self.generation, self.pg, self.members)
         threading.Thread(target=self._receive_loop, args=args, name="mace-replicas-recv",
                          daemon=True).start()  # fmt: skip
 
@@ -394,11 +449,13 @@ class ReplicaSync:
         already keeps the version it has); without, it gives up (returns False)."""
         while True:
             with self._moved:
-                generation, pg = self.generation, self.pg
+                generation, pg, members = self.generation, self.pg, self.members
             try:
                 for key, (version, payload) in newest.items():
                     header = torch.tensor([MAGIC, key, version, payload.numel()], dtype=torch.int64)
-                    for peer in self.peers:
+                    for peer in range(len(members)):
+                        if members[peer] == self.rank:
+                            continue
                         pg.send([header], peer, TAG_HEADER).wait(self.send_timeout)
                         pg.send([payload], peer, TAG_PAYLOAD).wait(self.send_timeout)
                     self.stats.sent += 1
@@ -410,7 +467,7 @@ class ReplicaSync:
                     return False
                 self._after(generation)
 
-    def _receive_loop(self, generation: int, pg: Any) -> None:
+    def _receive_loop(self, generation: int, pg: Any, members: tuple[int, ...]) -> None:
         """Receive in one generation's group; ends when that group fails."""
         while True:
             header = torch.zeros(HEADER, dtype=torch.int64)
@@ -428,7 +485,7 @@ class ReplicaSync:
                 self._fail(generation, "receive", e)
                 return
             self.stats.received += 1
-            self._inbox.put(Update(key, version, payload, src))
+            self._inbox.put(Update(key, version, payload, members[src]))
 
     def _error(self, msg: str) -> None:
         logger.error("replica sync: %s", msg)
