@@ -37,8 +37,9 @@ passes the generation it died in (or moves it itself after `rejoin_wait_s`), and
 dies, only a send to it does; so a survivor with nothing to send notices only when the
 restarted server moves the counter, and its old receiving thread stays blocked in the
 old group: one idle thread per regroup.) A TCPStore call holds its connection for as
-long as it waits, and a rendezvous waits for the dead server: the lease's calls from the
-scheduler thread go over a connection of their own (client_store).
+long as it waits, and a rendezvous waits for its members (up to JOIN_WAIT_S): the
+lease's calls from the scheduler thread go over a connection of their own
+(client_store).
 Sends that failed are kept and sent again in the new generation; the trainer announces
 its tenants' states after each new generation (runtime._announce_versions), so the
 restarted server installs what was published while it was down. A generation after the
