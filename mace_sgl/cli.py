@@ -285,9 +285,9 @@ def _data_parallel(
         )
     if cfg.train and cfg.auto_adapters and servers > 1:
         raise SystemExit(
-            f"mace-sgl: {what} --mace-train cannot create adapters at run time "
-            "(--mace-auto-adapters): name the tenants at start with --mace-adapters on "
-            "every server."
+            f"mace-sgl: {what} --mace-train does not create adapters from feedback "
+            "(--mace-auto-adapters): create them with POST /mace/adapters on any server "
+            "(every server gets them) or name them at start with --mace-adapters."
         )
     if n <= 1:
         return cfg  # one replica of a multi-server group: its store is --mace-sync-addr's

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import requests
 from tiny_model import tiny_serve_args
 from waits import mace_status, wait_for_value
 
@@ -111,17 +112,6 @@ def test_the_router_answers_from_both_servers(servers: list[Server], router: Ser
             assert ipaddress.ip_address(addr.ip).is_loopback, addr
 
 
-def test_run_time_tenants_are_refused_with_the_way_to_name_them_on_every_server(
-    servers: list[Server],
-):
-    r = servers[0].post("/mace/adapters", {"name": "team-a"})
-    assert r.status_code == 409 and "--mace-adapters" in r.json()["error"], r.text
-    assert servers[0].post("/mace/adapters", {"name": "live"}).json() == {
-        "name": "live",
-        "created": False,
-    }
-
-
 def test_feedback_to_either_server_trains_one_adapter_with_no_step_lost(servers: list[Server]):
     a, b = servers
     assert a.post("/mace/feedback", PAIRS).status_code == 200
@@ -183,6 +173,44 @@ def test_get_load_counts_serving_and_training_tokens(servers: list[Server]):
         assert load["dp_rank"] == 0
         assert load["num_tokens"] == load["num_serving_tokens"] + load["num_training_tokens"]
         assert load["num_training_tokens"] >= 0
+
+
+def adapter_names(server: Server) -> list[str]:
+    return sorted(a["name"] for a in server.get("/mace/adapters").json()["adapters"])
+
+
+def test_a_tenant_created_on_one_server_trains_on_both_and_retires_everywhere(
+    servers: list[Server],
+):
+    """POST /mace/adapters on server 0 creates the tenant on server 1 too (the group's
+    tenant log); its feedback given to server 1 trains one adapter both serve; DELETE
+    on server 1 retires it on server 0."""
+    a, b = servers
+    r = a.post("/mace/adapters", {"name": "team-a"})
+    assert r.status_code == 201 and r.json() == {"name": "team-a", "created": True}, r.text
+    wait_for_value(lambda: adapter_names(b), lambda ns: "team-a" in ns, 60,
+                   "team-a created on server 1", b.tail)  # fmt: skip
+    items = [{**p, "prompt": p["prompt"] + " (a)", "adapter": "team-a"} for p in PAIRS]
+    assert b.post("/mace/feedback", items).status_code == 200
+
+    def trained(ss: list[dict]) -> bool:
+        versions = {s["tenants"]["versions"].get("team-a") for s in ss}
+        digests = {s["replicas"][0]["adapter_digests"].get("team-a") for s in ss}
+        return (
+            all(s["tenants"]["queue_depth"].get("team-a") == 0 for s in ss)
+            and len(versions) == 1
+            and None not in versions
+            and min(versions) >= 1
+            and len(digests) == 1
+        )
+
+    ss = wait_for_value(lambda: both(servers), trained, 300, "team-a trained on both", b.tail)
+    assert all(s["tenant_log"]["errors"] == 0 for s in ss), [s["tenant_log"] for s in ss]
+    assert requests.delete(b.url + "/mace/adapters/team-a", timeout=60).status_code == 200
+    wait_for_value(lambda: adapter_names(a), lambda ns: "team-a" not in ns, 60,
+                   "team-a retired on server 0", a.tail)  # fmt: skip
+    # gone everywhere
+    assert requests.delete(a.url + "/mace/adapters/team-a", timeout=60).status_code == 404
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ from mace_sgl import __version__
 from mace_sgl.config import MaceConfig
 from mace_sgl.feedback import ADAPTER_NAME, ADAPTER_NAME_RULE, FeedbackError, parse_feedback
 from mace_sgl.metrics import FeedbackMetrics
+from mace_sgl.plugin import tenant_log
 from mace_sgl.templating import encode_pair
 from mace_sgl.trainer.publish import checkpoints
 from sidecar import store
@@ -43,6 +44,8 @@ class RouteState:
         self.cfg = cfg
         self._metrics: FeedbackMetrics | None = None
         self._metrics_checked = False
+        # Several training servers: the thread that applies the group's tenant log here.
+        self.tenant_log: tenant_log.TenantLogFollower | None = None
 
     def metrics(self) -> FeedbackMetrics | None:
         """The HTTP process's metrics with --enable-metrics, else None."""
@@ -172,6 +175,7 @@ async def mace_status(request: Request) -> JSONResponse:
             "queue_depth": {t.name: c.untrained for t, c in zip(tenants, mine, strict=True)},
         },
         "http_pid": os.getpid(),
+        "tenant_log": st.tenant_log.status() if st.tenant_log is not None else None,
         "schedulers": schedulers,
         "replicas": replicas(schedulers),
     }
@@ -326,10 +330,9 @@ def _prepare_tenant_dir(cfg: MaceConfig, model_path: str, name: str) -> Path:
     return checkpoints(adapter_dir)[-1][1]
 
 
-RUNTIME_TENANTS_WITH_REPLICAS = (
-    "adapters cannot be created or retired at run time with several servers "
-    "(--mace-sync-world-size) yet: name them at start with --mace-adapters NAME,... on "
-    "every server"
+GROUP_STORE_DOWN = (
+    "the adapter group's store (server 0, --mace-sync-addr) did not answer, so the other "
+    "servers cannot be told"
 )
 
 
@@ -376,15 +379,41 @@ async def unload_adapter(tm: Any, cfg: MaceConfig, name: str) -> tuple[bool, str
     return out.success, out.error_message or ""
 
 
+def _several_servers(cfg: MaceConfig) -> bool:
+    """Training servers of one adapter group: tenants change on all of them (tenant_log)."""
+    return cfg.train and cfg.sync_world_size > 1
+
+
+async def _log(cfg: MaceConfig, op: tenant_log.TenantOp) -> None:
+    """Append `op` to the group's tenant log (several servers)."""
+
+    def append() -> None:
+        s = tenant_log.connect(cfg)
+        tenant_log.append(s, op)
+
+    await asyncio.to_thread(append)
+
+
 async def create_tenant(cfg: MaceConfig, name: str, weight: float = 1.0) -> bool:
     """Create tenant `name`: its store row and, with --mace-train, its adapter in SGLang
-    (whose scheduler-side trainer then picks it up). False if it existed already."""
+    (whose scheduler-side trainer then picks it up). False if it existed already. With
+    several servers, then every other server too, through the group's tenant log; if
+    the log cannot be written, the creation here is undone (503)."""
     if not ADAPTER_NAME.match(name):
         raise TenantError(400, f"adapter name {name!r}: {ADAPTER_NAME_RULE}")
-    if cfg.train and cfg.sync_world_size > 1:
-        if await asyncio.to_thread(_with_store, cfg, store.has_tenant, name):
-            return False
-        raise TenantError(409, RUNTIME_TENANTS_WITH_REPLICAS)
+    created = await _create_local(cfg, name, weight)
+    if created and _several_servers(cfg):
+        op = tenant_log.TenantOp("create", name, weight=weight, origin=cfg.sync_rank)
+        try:
+            await _log(cfg, op)
+        except Exception as e:
+            await _retire_local(cfg, name, purge=False)
+            raise TenantError(503, f"{GROUP_STORE_DOWN} ({e}); nothing was created") from None
+    return created
+
+
+async def _create_local(cfg: MaceConfig, name: str, weight: float) -> bool:
+    """create_tenant on this server only."""
     created = await asyncio.to_thread(_with_store, cfg, store.add_tenant, name, weight)
     if not created or not cfg.train:
         return created
@@ -500,11 +529,27 @@ async def mace_adapters_delete(request: Request) -> JSONResponse:
         return _error(
             409, f"{name!r} is the default adapter (--mace-adapter-name): it always exists"
         )
-    if cfg.train and cfg.sync_world_size > 1:
-        return _error(409, RUNTIME_TENANTS_WITH_REPLICAS)
+    if not await asyncio.to_thread(_with_store, cfg, store.has_tenant, name):
+        return _error(404, f"no adapter named {name!r}")
+    if _several_servers(cfg):  # told first: a retirement must not stay on one server
+        op = tenant_log.TenantOp("retire", name, purge=purge, origin=cfg.sync_rank)
+        try:
+            await _log(cfg, op)
+        except Exception as e:
+            return _error(503, f"{GROUP_STORE_DOWN} ({e}); nothing was retired")
+        # This server's follower may apply the entry first: retired either way.
+        await _retire_local(cfg, name, purge)
+    elif not await _retire_local(cfg, name, purge):
+        return _error(404, f"no adapter named {name!r}")
+    return JSONResponse({"name": name, "retired": True, "checkpoints_kept": not purge})
+
+
+async def _retire_local(cfg: MaceConfig, name: str, purge: bool) -> bool:
+    """Retire `name` on this server: its store row, SGLang's adapter, with `purge` its
+    checkpoints. False if it was not there."""
     retired = await asyncio.to_thread(_with_store, cfg, store.retire_tenant, name)
     if not retired:
-        return _error(404, f"no adapter named {name!r}")
+        return False
     tm = _tokenizer_manager()
     if cfg.train and tm is not None:
         unloaded, error = await unload_adapter(tm, cfg, name)
@@ -512,7 +557,23 @@ async def mace_adapters_delete(request: Request) -> JSONResponse:
             logger.warning("mace: SGLang did not unload %s: %s", name, error)
     if purge:
         await asyncio.to_thread(shutil.rmtree, cfg.tenant_dir(name), True)
-    return JSONResponse({"name": name, "retired": True, "checkpoints_kept": not purge})
+    return True
+
+
+async def apply_tenant_op(cfg: MaceConfig, op: tenant_log.TenantOp) -> None:
+    """One entry of the group's tenant log, on this server (tenant_log.TenantLogFollower);
+    idempotent. A server still starting answers RetryLater."""
+    if op.op == "create":
+        if not ADAPTER_NAME.match(op.name):
+            raise ValueError(f"adapter name {op.name!r}: {ADAPTER_NAME_RULE}")
+        try:
+            await _create_local(cfg, op.name, op.weight)
+        except TenantError as e:
+            if e.status == 503:
+                raise tenant_log.RetryLater(e.reason) from None
+            raise
+    elif op.name != cfg.adapter_name:
+        await _retire_local(cfg, op.name, op.purge)
 
 
 @auth_level(AuthLevel.ADMIN_OPTIONAL)
@@ -543,6 +604,12 @@ def install(cfg: MaceConfig) -> None:
     if any(getattr(r, "path", None) == "/mace/status" for r in app.router.routes):
         return
     app.state.mace = RouteState(cfg)
+    if _several_servers(cfg):
+        app.state.mace.tenant_log = tenant_log.TenantLogFollower(
+            cfg,
+            lambda op: apply_tenant_op(cfg, op),
+            lambda: getattr(_tokenizer_manager(), "event_loop", None),
+        ).start()
     app.add_api_route("/mace/status", mace_status, methods=["GET"])
     app.add_api_route("/mace/feedback", mace_feedback, methods=["POST"])
     app.add_api_route("/mace/adapters", mace_adapters, methods=["GET"])
