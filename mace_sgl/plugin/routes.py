@@ -560,9 +560,29 @@ async def _retire_local(cfg: MaceConfig, name: str, purge: bool) -> bool:
     return True
 
 
+def _log_position(cfg: MaceConfig) -> tenant_log.Position:
+    """Where this server is in the group's tenant log (its feedback store's settings)."""
+
+    def get(conn: sqlite3.Connection) -> tenant_log.Position:
+        epoch = store.get_setting(conn, "tenant_log_epoch", "")
+        return tenant_log.Position(epoch, int(store.get_setting(conn, "tenant_log_applied", "0")))
+
+    return _with_store(cfg, get)
+
+
+def _save_log_position(cfg: MaceConfig, position: tenant_log.Position) -> None:
+    def put(conn: sqlite3.Connection) -> None:
+        with conn:  # both or neither
+            conn.execute("BEGIN IMMEDIATE")
+            store.set_setting(conn, "tenant_log_epoch", position.epoch)
+            store.set_setting(conn, "tenant_log_applied", str(position.applied))
+
+    _with_store(cfg, put)
+
+
 async def apply_tenant_op(cfg: MaceConfig, op: tenant_log.TenantOp) -> None:
-    """One entry of the group's tenant log, on this server (tenant_log.TenantLogFollower);
-    idempotent. A server still starting answers RetryLater."""
+    """Another server's entry of the group's tenant log, on this server (tenant_log.
+    TenantLogFollower); idempotent. A server still starting answers RetryLater."""
     if op.op == "create":
         if not ADAPTER_NAME.match(op.name):
             raise ValueError(f"adapter name {op.name!r}: {ADAPTER_NAME_RULE}")
@@ -609,6 +629,8 @@ def install(cfg: MaceConfig) -> None:
             cfg,
             lambda op: apply_tenant_op(cfg, op),
             lambda: getattr(_tokenizer_manager(), "event_loop", None),
+            lambda: _log_position(cfg),
+            lambda p: _save_log_position(cfg, p),
         ).start()
     app.add_api_route("/mace/status", mace_status, methods=["GET"])
     app.add_api_route("/mace/feedback", mace_feedback, methods=["POST"])

@@ -1,23 +1,40 @@
 """Run-time tenants across servers: one log of creations and retirements in the adapter
-group's store, which every server's HTTP process replays.
+group's store, which every server's HTTP process follows.
 
 With several servers (--mace-sync-world-size > 1) each has its own feedback store and its
 own SGLang, so POST /mace/adapters on one of them must create the tenant on every server,
-and DELETE retire it everywhere. The route does its own server's part, then appends the
+and DELETE retire it everywhere. The route does its own server's part and appends the
 operation to a log in the group's TCPStore (trainer/replicas.py: served by server 0 on
---mace-sync-addr): `mace/tenants/n` counts the entries, `mace/tenants/<i>` holds the i-th
-as JSON. A thread in every server's HTTP process (TenantLogFollower) reads the log from
-where it left off every POLL_S and applies each entry through the same local steps as the
-route, in log order; applying is idempotent (a tenant that exists is not created again,
-one already retired is not retired again), so a server also replays its own entries. A
-server that starts later, or restarts, replays the whole log: a tenant created at run
-time is there after a restart too. Until a server applied a creation, versions of that
-tenant that other servers publish wait in its trainer (trainer/runtime.py, for up to
-ORPHAN_AFTER_S), and its own feedback for that tenant is refused with 404 like any
-unknown adapter's.
+--mace-sync-addr); a thread in every server's HTTP process (TenantLogFollower) reads the
+log every POLL_S and applies the other servers' entries, in log order, through the same
+local steps as the route. Its own entries it skips: the route applied them when it
+appended, and applying them again later could undo a newer change made here (a retire
+replayed onto a tenant created again since).
 
-Entries are plain JSON (TenantOp); nothing is unpickled. The store lives in server 0: while
-it is down, routes that must append answer 503 and the followers retry.
+The log's keys:
+    mace/tenants/epoch   set once by whoever uses the log first (a fresh store, i.e. a
+                         restarted server 0, starts a new log with a new epoch)
+    mace/tenants/n       entries counted so far (a writer takes index i = add(n, 1))
+    mace/tenants/<i>     entry i as JSON (TenantOp), written by compare-and-set from ""
+A writer that dies between taking an index and writing it leaves a gap; a reader that
+finds the same gap for GAP_S writes a `skip` entry there (compare-and-set, so a late
+writer loses and reports the failure instead of being overwritten), and the log goes on.
+
+Each server keeps (epoch, last index applied) in its own feedback store, so a restart
+goes on where it stopped instead of replaying entries it applied (a replayed create and
+retire would bring a retired tenant back for a moment, or retire one created again);
+when the epoch changes (server 0 restarted), it starts the new log from its beginning.
+A server that was down while another created a tenant gets it when it comes back, as
+long as server 0 kept the log meanwhile.
+
+An entry whose apply fails is tried again at the next poll: without end while this server
+is starting (RetryLater), MAX_TRIES times for other errors, then skipped and counted (a
+bad entry must not stop the log). Until a server applied a creation, versions of that
+tenant that the others publish wait in its trainer (trainer/runtime.py, ORPHAN_AFTER_S),
+and feedback for it is refused with 404 there like any unknown adapter's.
+
+Entries are plain JSON; nothing is unpickled. While server 0 is down, routes that must
+append answer 503 and the followers retry.
 """
 
 from __future__ import annotations
@@ -27,25 +44,31 @@ import datetime
 import json
 import logging
 import threading
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
+LOG_EPOCH = "mace/tenants/epoch"
 LOG_COUNT = "mace/tenants/n"
 LOG_ENTRY = "mace/tenants/{i}"
 POLL_S = 2.0
+GAP_S = 30.0  # a counted entry still unwritten after this long is given up as lost
+MAX_TRIES = 3  # an entry that keeps failing here (not RetryLater) is skipped after these
+APPLY_TIMEOUT_S = 300.0  # one entry's apply on the event loop, at most
 STORE_TIMEOUT_S = 10.0  # a route's or the follower's store call, at most
-OPS = ("create", "retire")
+OPS = ("create", "retire", "skip")
 
 
 @dataclass(frozen=True)
 class TenantOp:
-    """One entry of the log: create or retire tenant `name`."""
+    """One entry of the log: create or retire tenant `name` (`skip`: a lost entry)."""
 
     op: str
-    name: str
+    name: str = ""
     weight: float = 1.0  # create: the tenant's share of steps
     purge: bool = False  # retire: delete its checkpoints too
     origin: int = -1  # the server (--mace-sync-rank) that appended it
@@ -54,16 +77,26 @@ class TenantOp:
         if self.op not in OPS:
             raise ValueError(f"tenant log op {self.op!r}: one of {', '.join(OPS)}")
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
     @classmethod
     def from_json(cls, raw: bytes | str) -> TenantOp:
         data = json.loads(raw)
         return cls(
             op=str(data["op"]),
-            name=str(data["name"]),
+            name=str(data.get("name", "")),
             weight=float(data.get("weight", 1.0)),
             purge=bool(data.get("purge", False)),
             origin=int(data.get("origin", -1)),
         )
+
+
+SKIP = TenantOp("skip").to_json()
+
+
+class LogError(Exception):
+    """An entry could not be written (its index was given up as lost meanwhile)."""
 
 
 def connect(cfg: Any, timeout_s: float = STORE_TIMEOUT_S) -> Any:
@@ -77,44 +110,82 @@ def connect(cfg: Any, timeout_s: float = STORE_TIMEOUT_S) -> Any:
     return TCPStore(host, port, cfg.sync_world_size * max(cfg.replicas, 1), False, timeout)
 
 
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def epoch(store: Any) -> str:
+    """This log's epoch (set by the first to ask, in a fresh store)."""
+    return _text(store.compare_set(LOG_EPOCH, "", uuid.uuid4().hex))
+
+
 def append(store: Any, op: TenantOp) -> int:
-    """Add `op` at the end of the log; returns its index (from 1)."""
+    """Add `op` at the end of the log; returns its index (from 1). LogError if a reader
+    gave the index up as lost before this wrote it."""
+    epoch(store)
     i = int(store.add(LOG_COUNT, 1))
-    store.set(LOG_ENTRY.format(i=i), json.dumps(asdict(op)))
+    text = op.to_json()
+    if _text(store.compare_set(LOG_ENTRY.format(i=i), "", text)) != text:
+        raise LogError(f"tenant log entry {i} was given up as lost before it was written")
     return i
 
 
-def read(store: Any, after: int) -> list[tuple[int, TenantOp]]:
-    """The entries after index `after`, in order; stops before one that was counted but
-    not written yet (its writer is between add and set: the next read has it)."""
+def read(store: Any, after: int) -> tuple[list[tuple[int, TenantOp]], int | None]:
+    """The entries after index `after`, in order, and the index of the first one counted
+    but not written yet (None: no gap), before which the list stops."""
     n = int(store.add(LOG_COUNT, 0))
     out = []
     for i in range(after + 1, n + 1):
         key = LOG_ENTRY.format(i=i)
         if not store.check([key]):
-            break
+            return out, i
         out.append((i, TenantOp.from_json(store.get(key))))
-    return out
+    return out, None
+
+
+def fill_gap(store: Any, i: int) -> None:
+    """Give entry i up as lost: a `skip` there, unless its writer got there first."""
+    store.compare_set(LOG_ENTRY.format(i=i), "", SKIP)
+
+
+class RetryLater(Exception):
+    """This server cannot apply the entry yet (SGLang is starting)."""
+
+
+@dataclass
+class Position:
+    """Where a server is in the log: the epoch and the last index it handled."""
+
+    epoch: str = ""
+    applied: int = 0
 
 
 class TenantLogFollower:
-    """Applies the log to this server: a daemon thread that hands each new entry to
-    `apply` on the HTTP process's event loop (`loop()` returns it, None until SGLang's
-    tokenizer manager has one) and goes on only when it returned. `apply` raising
-    RetryLater keeps the entry for the next poll (this server is still starting); any
-    other error is logged and the entry skipped (a bad entry must not stop the log)."""
+    """Applies the other servers' log entries to this server: a daemon thread that hands
+    each to `apply` on the HTTP process's event loop (`loop()` returns it, None until
+    SGLang's tokenizer manager has one), and records its position with `save` after each
+    (`load` gives the saved one at start)."""
 
     def __init__(
         self,
         cfg: Any,
         apply: Callable[[TenantOp], Awaitable[None]],
         loop: Callable[[], asyncio.AbstractEventLoop | None],
+        load: Callable[[], Position],
+        save: Callable[[Position], None],
         poll_s: float = POLL_S,
+        gap_s: float = GAP_S,
     ) -> None:
-        self.cfg, self.apply, self.loop, self.poll_s = cfg, apply, loop, poll_s
-        self.applied = 0  # the index of the last entry handled
+        self.cfg, self.apply, self.loop = cfg, apply, loop
+        self.load, self.save = load, save
+        self.poll_s, self.gap_s = poll_s, gap_s
+        self.rank = cfg.sync_rank
+        self.position: Position | None = None
         self.errors = 0
+        self.skipped = 0  # entries given up after MAX_TRIES
         self.last_error = ""
+        self._tries = 0  # failures of the entry after the position
+        self._gap: tuple[int, float] | None = None  # (index, first seen)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="mace-tenant-log", daemon=True)
 
@@ -126,7 +197,14 @@ class TenantLogFollower:
         self._stop.set()
 
     def status(self) -> dict[str, Any]:
-        return {"applied": self.applied, "errors": self.errors, "last_error": self.last_error}
+        p = self.position
+        return {
+            "epoch": p.epoch if p else None,
+            "applied": p.applied if p else None,
+            "errors": self.errors,
+            "skipped": self.skipped,
+            "last_error": self.last_error,
+        }
 
     def _run(self) -> None:
         store = None
@@ -136,34 +214,53 @@ class TenantLogFollower:
                 continue
             try:
                 store = store or connect(self.cfg)
-                entries = read(store, self.applied)
+                self.poll(store, loop)
             except Exception as e:  # server 0 (the store) is down or not up yet
                 store = None
                 self._error(f"tenant log unreadable: {type(e).__name__}: {e}")
-                continue
-            for i, op in entries:
-                if not self._apply(loop, op):
-                    break  # RetryLater: this entry again next time
-                self.applied = i
 
-    def _apply(self, loop: asyncio.AbstractEventLoop, op: TenantOp) -> bool:
-        """True when the entry is done with (applied, or skipped after an error)."""
-        try:
-            asyncio.run_coroutine_threadsafe(self.apply(op), loop).result()
+    def poll(self, store: Any, loop: asyncio.AbstractEventLoop) -> None:
+        """One read of the log, applying what is new (the thread calls it every poll_s)."""
+        if self.position is None:
+            self.position = self.load()
+        now = epoch(store)
+        if now != self.position.epoch:  # a new log (server 0 restarted): from its start
+            self.position = Position(now, 0)
+            self.save(self.position)
+        entries, gap = read(store, self.position.applied)
+        for i, op in entries:
+            if not self._handle(loop, op):
+                return  # this entry again at the next poll
+            self.position = Position(now, i)
+            self.save(self.position)
+        if gap is not None:
+            first = self._gap[1] if self._gap and self._gap[0] == gap else time.monotonic()
+            self._gap = (gap, first)
+            if time.monotonic() - first >= self.gap_s:
+                fill_gap(store, gap)
+                self._error(f"tenant log entry {gap} unwritten for {self.gap_s:g} s: skipped")
+
+    def _handle(self, loop: asyncio.AbstractEventLoop, op: TenantOp) -> bool:
+        """True when the entry is done with (applied, not ours to apply, or given up)."""
+        if op.op == "skip" or op.origin == self.rank:
             return True
+        try:
+            asyncio.run_coroutine_threadsafe(self.apply(op), loop).result(APPLY_TIMEOUT_S)
         except RetryLater as e:
             self._error(f"tenant {op.op} {op.name!r} waits: {e}")
             return False
         except Exception as e:
-            self._error(f"tenant {op.op} {op.name!r} skipped: {type(e).__name__}: {e}")
-            return True
+            self._tries += 1
+            if self._tries < MAX_TRIES:
+                self._error(f"tenant {op.op} {op.name!r} failed, tried again: {e!r}")
+                return False
+            self.skipped += 1
+            self._error(f"tenant {op.op} {op.name!r} skipped after {MAX_TRIES} tries: {e!r}")
+        self._tries = 0
+        return True
 
     def _error(self, msg: str) -> None:
         if msg != self.last_error:  # every poll for as long as it lasts: log it once
             logger.error("mace: %s", msg)
         self.errors += 1
         self.last_error = msg
-
-
-class RetryLater(Exception):
-    """This server cannot apply the entry yet (SGLang is starting)."""

@@ -50,8 +50,11 @@ list) and the group forms among them, ranked by their order in it. So the surviv
 steps go on while a server is down (a step is done when every member took it), and one
 that comes back after the seal finds itself missing, moves the counter on and is taken
 into the next generation. (Before, a regroup waited for the dead server: its survivors
-trained nothing until it was back.) The store lives in server 0: if server 0 dies,
-every server has to restart.
+trained nothing until it was back.) Not handled: a member that dies after marking itself
+in and before gloo connects leaves the others in gloo's rendezvous (its timeouts are long,
+for the receiving thread's sake) until it comes back; a formation that fails moves the
+counter on, so the next attempt meets under a fresh prefix. The store lives in server 0:
+if server 0 dies, every server has to restart.
 """
 
 from __future__ import annotations
@@ -129,8 +132,9 @@ def group_store(cfg: Any, dp_rank: int) -> tuple[Any, int, int]:
 def client_store(cfg: Any) -> Any:
     """Another connection to the group's TCPStore (several servers). A TCPStore call
     holds its connection's lock for as long as it waits, and the rendezvous of a new
-    group generation waits for a dead server to come back: the scheduler thread's own
-    calls (the lease's) go over a connection of their own, so serving never waits."""
+    group generation waits for its members (JOIN_WAIT_S, then gloo's connections): the
+    scheduler thread's own calls (the lease's) go over a connection of their own, so
+    serving never waits."""
     from torch.distributed import TCPStore
 
     host, port = split_addr(cfg.sync_addr)
@@ -340,7 +344,11 @@ class ReplicaSync:
         prefix.set(f"in/{self.rank}", "1")
         keys = [f"in/{r}" for r in range(self.world)]
         deadline = time.monotonic() + self.join_wait_s
-        while not prefix.check(keys) and time.monotonic() < deadline:
+        while (
+            not prefix.check(keys)
+            and not prefix.check([MEMBERS_KEY])  # sealed already (this rank came late)
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
         present = ",".join(str(r) for r in range(self.world) if prefix.check([keys[r]]))
         sealed = prefix.compare_set(MEMBERS_KEY, "", present)
@@ -408,6 +416,10 @@ class ReplicaSync:
                 if msg != last_error:  # every POLL_S for as long as it lasts: log it once
                     self._error(msg)
                 last_error = msg
+                try:  # not this generation's prefix again (a dead member's keys are there)
+                    self._move_on(current)
+                except Exception:
+                    pass  # the store itself: tried again after POLL_S
                 continue
             last_error = ""
             with self._moved:
