@@ -40,7 +40,6 @@ append answer 503 and the followers retry.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 import logging
 import threading
@@ -49,6 +48,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from mace_sgl.trainer.replicas import client_store, store_text
 
 logger = logging.getLogger(__name__)
 
@@ -99,24 +100,15 @@ class LogError(Exception):
     """An entry could not be written (its index was given up as lost meanwhile)."""
 
 
-def connect(cfg: Any, timeout_s: float = STORE_TIMEOUT_S) -> Any:
-    """A client connection to the group's TCPStore (--mace-sync-addr)."""
-    from torch.distributed import TCPStore
-
-    from mace_sgl.config import split_addr
-
-    host, port = split_addr(cfg.sync_addr)
-    timeout = datetime.timedelta(seconds=timeout_s)
-    return TCPStore(host, port, cfg.sync_world_size * max(cfg.replicas, 1), False, timeout)
-
-
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
+def connect(cfg: Any) -> Any:
+    """A client connection to the group's TCPStore (--mace-sync-addr), its calls waiting
+    at most STORE_TIMEOUT_S."""
+    return client_store(cfg, STORE_TIMEOUT_S)
 
 
 def epoch(store: Any) -> str:
     """This log's epoch (set by the first to ask, in a fresh store)."""
-    return _text(store.compare_set(LOG_EPOCH, "", uuid.uuid4().hex))
+    return store_text(store.compare_set(LOG_EPOCH, "", uuid.uuid4().hex))
 
 
 def append(store: Any, op: TenantOp) -> int:
@@ -125,7 +117,7 @@ def append(store: Any, op: TenantOp) -> int:
     epoch(store)
     i = int(store.add(LOG_COUNT, 1))
     text = op.to_json()
-    if _text(store.compare_set(LOG_ENTRY.format(i=i), "", text)) != text:
+    if store_text(store.compare_set(LOG_ENTRY.format(i=i), "", text)) != text:
         raise LogError(f"tenant log entry {i} was given up as lost before it was written")
     return i
 

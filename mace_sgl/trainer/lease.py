@@ -29,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from mace_sgl.trainer.replicas import store_text
+
 logger = logging.getLogger("mace_sgl.trainer")
 
 TTL_S = 60.0  # a holder that stops renewing loses the key after this long
@@ -44,7 +46,7 @@ class LeaseValue:
 
     @classmethod
     def parse(cls, raw: bytes | str) -> LeaseValue:
-        text = _text(raw)
+        text = store_text(raw)
         parts = text.split(":")
         if parts[0] == "free" and len(parts) == 2:
             return cls(None, 0.0, int(parts[1]))
@@ -90,7 +92,7 @@ class ClusterLease:
             taken = current.holder is None or current.expires < now
             if taken and version >= current.version:
                 mine = LeaseValue(self.rank, now + TTL_S, current.version).text()
-                if _text(self.store.compare_set(key, _text(raw), mine)) == mine:
+                if store_text(self.store.compare_set(key, store_text(raw), mine)) == mine:
                     self.held[name] = (mine, 1)
                     return True
         except Exception as e:  # the store is gone (its server died): no steps
@@ -125,7 +127,7 @@ class ClusterLease:
             old = LeaseValue.parse(value)
             new = LeaseValue(self.rank, now + TTL_S, old.version).text()
             try:
-                if _text(self.store.compare_set(self.key(name), value, new)) == new:
+                if store_text(self.store.compare_set(self.key(name), value, new)) == new:
                     self.held[name] = (new, holds)
                 else:
                     self._error(f"renew {name}: the key was taken after it expired")
@@ -138,7 +140,3 @@ class ClusterLease:
     def _error(self, msg: str) -> None:
         self.errors += 1
         logger.error("cluster lease: %s", msg)
-
-
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw

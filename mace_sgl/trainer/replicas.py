@@ -129,17 +129,23 @@ def group_store(cfg: Any, dp_rank: int) -> tuple[Any, int, int]:
     return store, rank, world
 
 
-def client_store(cfg: Any) -> Any:
-    """Another connection to the group's TCPStore (several servers). A TCPStore call
-    holds its connection's lock for as long as it waits, and the rendezvous of a new
-    group generation waits for its members (JOIN_WAIT_S, then gloo's connections): the
-    scheduler thread's own calls (the lease's) go over a connection of their own, so
-    serving never waits."""
+def client_store(cfg: Any, timeout_s: float = RENDEZVOUS_TIMEOUT_S) -> Any:
+    """Another connection to the group's TCPStore (several servers), its calls waiting
+    at most `timeout_s`. A TCPStore call holds its connection's lock for as long as it
+    waits, and the rendezvous of a new group generation waits for its members
+    (JOIN_WAIT_S, then gloo's connections): the scheduler thread's own calls (the
+    lease's) go over a connection of their own, so serving never waits; so do the HTTP
+    process's (plugin/tenant_log.py)."""
     from torch.distributed import TCPStore
 
     host, port = split_addr(cfg.sync_addr)
-    timeout = datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S)
+    timeout = datetime.timedelta(seconds=timeout_s)
     return TCPStore(host, port, cfg.sync_world_size * cfg.replicas, False, timeout)
+
+
+def store_text(raw: bytes | str) -> str:
+    """A store value as text (get and compare_set answer bytes)."""
+    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -351,9 +357,8 @@ class ReplicaSync:
         ):
             time.sleep(0.1)
         present = ",".join(str(r) for r in range(self.world) if prefix.check([keys[r]]))
-        sealed = prefix.compare_set(MEMBERS_KEY, "", present)
-        text = sealed.decode() if isinstance(sealed, bytes) else str(sealed)
-        members = tuple(int(r) for r in text.split(","))
+        sealed = store_text(prefix.compare_set(MEMBERS_KEY, "", present))
+        members = tuple(int(r) for r in sealed.split(","))
         if len(members) < self.world:
             gone = sorted(set(range(self.world)) - set(members))
             self._error(f"generation {generation} goes on without rank(s) {gone}")
