@@ -23,7 +23,9 @@ controller, detokenizer and sidecar processes and this load generator float over
   (--train-floor, default 0.1): a share of busy time that trains even when the SLO
   controller allows none. On 2 cores, at a load one replica cannot hold, the controller
   alone left co-located training no room in any run (README, 2026-12-03): this method
-  shows what such a share costs in latency.
+  shows what such a share costs in latency. With --floor-all, `round-robin` and
+  `total-tokens` train with the same floor, so that placement alone differs from
+  `lemix-floor` (and `paired` is taken against `lemix-floor` when `lemix` is not run).
 
 First, on a `separate` server of its own, the capacity of ONE replica: completed
 requests/s of a closed loop of --capacity-clients (default 16) streaming clients pinned
@@ -91,8 +93,14 @@ PAIRED = ("slo_attainment", "throughput_tok_s", "train_tokens_per_s", "tbt_p99_m
 PIN = {"X-Data-Parallel-Rank": "0"}  # `separate`: requests go to the serving replica
 
 
-def method_flags(method: str, sync_every_s: float, train_floor: float = 0.1) -> list[str]:
-    """`mace-sgl serve` flags of a method (besides the common ones)."""
+def method_flags(
+    method: str, sync_every_s: float, train_floor: float = 0.1, floor_all: bool = False
+) -> list[str]:
+    """`mace-sgl serve` flags of a method (besides the common ones). `floor_all`: the
+    co-located baselines (round-robin, total-tokens) train with the same floor as
+    `lemix-floor`, so that placement is the only difference between them."""
+    if floor_all and method in ("round-robin", "total-tokens"):
+        return [*method_flags(method, sync_every_s), "--mace-train-floor", str(train_floor)]
     return {
         "lemix": ["--mace-placement", "lemix"],
         "lemix-floor": ["--mace-placement", "lemix", "--mace-train-floor", str(train_floor)],
@@ -119,7 +127,8 @@ def start_server(
     every request met its SLO (README, 2026-12-03)."""
     flags = ["--log-level", "warning", "--dp-size", "2", "--mace-train",
              "--mace-default-adapter", "live", "--mace-state-dir", str(out / f"state-{name}"),
-             *method_flags(method, args.sync_every_s, args.train_floor)]  # fmt: skip
+             *method_flags(method, args.sync_every_s, args.train_floor,
+                           getattr(args, "floor_all", False))]  # fmt: skip
     if slo is not None:
         flags += ["--mace-slo-ttft-ms", f"{slo['ttft_ms']:.1f}",
                   "--mace-slo-tbt-ms", f"{slo['tbt_ms']:.1f}",
@@ -328,9 +337,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runs[method].append(run_method(args, method, out, slo, rate, body, k))
         print(f"{method} (round {k}): {json.dumps(runs[method][-1])}", file=sys.stderr)
     measured = {m: combine(rows) for m, rows in runs.items()}
+    # paired differences against lemix, or against lemix-floor where lemix did not run
+    ref = "lemix" if "lemix" in runs or "lemix-floor" not in runs else "lemix-floor"
     result = {
         "methods": measured,
-        "paired": paired(runs, "lemix") if "lemix" in runs and len(runs) > 1 else {},
+        "paired": paired(runs, ref) if ref in runs and len(runs) > 1 else {},
+        "paired_ref": ref,
+        "train_floor": args.train_floor,
+        "floor_all": getattr(args, "floor_all", False),
         "repeats": args.repeats,
         "capacity_rps": capacity,
         "yardstick": args.yardstick,
@@ -472,6 +486,11 @@ def main() -> None:
     parser.add_argument(
         "--train-floor", type=float, default=0.1, help="`lemix-floor` only: --mace-train-floor"
     )
+    parser.add_argument(
+        "--floor-all", action="store_true",
+        help="round-robin and total-tokens train with --train-floor too (placement alone "
+        "differs from lemix-floor; paired against lemix-floor when lemix is not run)",
+    )  # fmt: skip
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per request")
     parser.add_argument("--backlog", type=int, default=40, help="pairs queued per run")
     parser.add_argument(

@@ -77,6 +77,13 @@ def test_lemix_floor_is_lemix_with_a_training_floor():
     assert method_flags("lemix-floor", 30.0, 0.2) == [
         *method_flags("lemix", 30.0), "--mace-train-floor", "0.2"
     ]  # fmt: skip
+    # --floor-all: the co-located baselines get the same floor, separate does not.
+    assert method_flags("round-robin", 30.0, 0.2, floor_all=True) == [
+        *method_flags("round-robin", 30.0), "--mace-train-floor", "0.2"
+    ]  # fmt: skip
+    assert method_flags("total-tokens", 30.0, 0.2, True)[-2:] == ["--mace-train-floor", "0.2"]
+    assert method_flags("separate", 30.0, 0.2, True) == method_flags("separate", 30.0)
+    assert method_flags("lemix-floor", 30.0, 0.2, True) == method_flags("lemix-floor", 30.0, 0.2)
 
 
 def test_held_rate_bisects_to_the_highest_rate_that_meets_the_goal():

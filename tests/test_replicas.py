@@ -105,6 +105,39 @@ def test_serving_goes_to_a_replica_without_training_while_it_holds_the_slo():
     assert LemixPlacement().choose(roomy, 50, 32).candidates == (1,)
 
 
+def test_a_replica_at_its_running_cap_is_predicted_to_wait_for_a_slot():
+    """At --max-running-requests a request waits for running ones to finish: k waiting
+    (this one included) wait k x n x step / R; with no replica holding the SLO, a full
+    replica loses the score to a trainer it would have beaten without that wait."""
+    decode = DecodeMoments(n=10, sb=10, st=10 * 100_000, sbb=10, sbt=10 * 100_000)  # 100 ms
+    slo = {"ttft_ms": 500.0, "tbt_ms": 500.0}
+    trainer = ReplicaLoad(0, running_reqs=16, prefill_ms_per_token=1.0, decode=decode,
+                          timestamp=1.0, max_running_reqs=32, training=True, unit_ms=400.0,
+                          reserve_ms=60.0, **slo)  # fmt: skip
+    free = ReplicaLoad(1, running_reqs=31, prefill_ms_per_token=1.0, decode=decode,
+                       timestamp=1.0, max_running_reqs=32, **slo)  # fmt: skip
+    placement = LemixPlacement()
+    assert placement.slot_wait_ms(free, 64) == 0.0  # one slot left
+    full = replace(free, running_reqs=32, waiting_reqs=10)
+    # 11 wait (10 + this one), one of 32 finishes every 64 x 100 ms / 32 = 200 ms.
+    assert placement.slot_wait_ms(full, 64) == pytest.approx(11 * 200.0)
+    # The trainer's reserve counts in its step.
+    at_cap = replace(trainer, running_reqs=33)
+    assert placement.slot_wait_ms(at_cap, 64) == pytest.approx(2 * 64 * 160.0 / 32)
+    # One slot left: the free replica holds the SLO and takes the request...
+    choice = placement.choose([trainer, free], 40, 64)
+    assert (choice.candidates, choice.dp_rank) == ((1,), 1)
+    # ...full, neither holds it (the trainer's unit is in the way), the wait goes into
+    # its predicted response time, and the trainer wins, where the same replica without
+    # the wait would still have scored best.
+    choice = LemixPlacement().choose([trainer, full], 40, 64)
+    assert choice.candidates == (0, 1)
+    assert choice.predicted_ms[1] == pytest.approx(2200.0 + 40 + 64 * 100.0)
+    assert choice.dp_rank == 0
+    no_wait = choice.predicted_ms[1] - 2200.0
+    assert LemixPlacement().score(full, 40, no_wait) > choice.scores[0]
+
+
 def test_prefill_stalls_count_against_the_time_per_token():
     """Every prefill stalls the running decodes: a replica that spent most of its recent
     time prefilling is predicted slower per token (step / (1 - prefill share))."""

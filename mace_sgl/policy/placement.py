@@ -20,10 +20,17 @@ and sends the task to the best score. Here a node is one data-parallel replica o
 
 The predicted response time of a request with p prompt tokens and n new tokens is
 
-    RT = unit_ms (if training) + (uncached queue + p) x prefill ms/token
-         + n x (step_ms(running + 1) + reserve_ms)
+    RT = slot wait + unit_ms (if training) + (uncached queue + p) x prefill ms/token
+         + n x (step_ms(running + 1) + reserve_ms) / (1 - u)
 
-so a replica busy training scores worse by exactly the time training would add. The
+where u is the replica's recent share of time in prefill (below: every prefill stalls
+the running decodes) and the slot wait is 0 below SGLang's --max-running-requests and,
+at it, the time until enough running requests finish to admit this one (`slot_wait_ms`:
+k requests waiting for a slot, R running, one finishing every n x step / R). Without
+these two terms a replica at its cap, 64% of its time in prefill, still won the score
+over a trainer, and its first tokens waited 10-13 s inside it (`benchmarks.lemix`,
+2026-12-05, Intel Xeon: ~30 requests in flight, e2e p50 41 s, at a cap of 32). So a
+replica busy training scores worse by exactly the time training would add. The
 idle term is 1 for a replica with nothing running or waiting, 1/(1 + requests)
 otherwise; length consistency compares p with the mean prompt length recently placed
 there (LeMix groups similar lengths: similar sequences batch better). Between two
@@ -166,6 +173,8 @@ class LemixPlacement:
     tbt_headroom: float = TBT_HEADROOM
     # Mean prompt length placed on each replica (exponential, for length consistency).
     mean_len: dict[int, float] = field(default_factory=dict)
+    # Mean max_new_tokens placed on each replica (exponential, for the wait for a slot).
+    mean_new: dict[int, float] = field(default_factory=dict)
     # Requests and tokens placed since each replica's last snapshot (timestamp).
     pending: dict[int, tuple[float, int, int]] = field(default_factory=dict)
     placed: dict[int, int] = field(default_factory=dict)
@@ -175,8 +184,9 @@ class LemixPlacement:
 
     def predict_ms(self, load: ReplicaLoad, prompt_tokens: int, new_tokens: int) -> float:
         """Predicted response time (ms) of a request placed on `load`'s replica now."""
-        rt = self._prefill_ms(load, prompt_tokens)
-        rt += max(1, new_tokens) * (self._step_ms(load) + load.reserve_ms)
+        rt = self.slot_wait_ms(load, new_tokens)
+        rt += self._prefill_ms(load, prompt_tokens)
+        rt += max(1, new_tokens) * (self._step_ms(load) + load.reserve_ms) / self._decoding(load)
         if load.training:
             rt += load.unit_ms
         return max(rt, 1e-3)
@@ -194,11 +204,27 @@ class LemixPlacement:
         first = in_flight + self._prefill_ms(load, prompt_tokens)
         if load.training:
             first += load.unit_ms  # a training unit may be in flight too
-        decoding = max(MIN_DECODE_SHARE, 1.0 - self.prefill_share(load))
-        later = (self._step_ms(load) + load.reserve_ms) / decoding
+        later = (self._step_ms(load) + load.reserve_ms) / self._decoding(load)
         return (
             first <= self.ttft_headroom * load.ttft_ms and later <= self.tbt_headroom * load.tbt_ms
         )
+
+    def slot_wait_ms(self, load: ReplicaLoad, new_tokens: int) -> float:
+        """How long a request placed now waits for one of SGLang's running slots (ms):
+        0 below --max-running-requests; at it, k requests (those already waiting for a
+        slot, this one included) wait for the k-th of the running ones to finish. With
+        R running requests spread evenly over their n new tokens, one finishes every
+        n x step / R: the wait is k x n x step / R, where step is a decode step at R
+        plus the reserve, over the decode share (prefill stalls), and n the mean
+        max_new_tokens placed on the replica (this request's before any)."""
+        cap = load.max_running_reqs
+        _, extra_reqs, _ = self._pending(load)
+        ahead = load.running_reqs + load.waiting_reqs + extra_reqs + 1 - cap
+        if cap <= 0 or ahead <= 0:
+            return 0.0
+        n = self.mean_new.get(load.dp_rank, float(max(1, new_tokens)))
+        step = (_decode_step_ms(load, cap) + load.reserve_ms) / self._decoding(load)
+        return ahead * n * step / cap
 
     def prefill_share(self, load: ReplicaLoad) -> float:
         """The replica's recent share of time in prefill, updated from each new snapshot
@@ -221,6 +247,10 @@ class LemixPlacement:
         _, _, extra_tokens = self._pending(load)
         prefill = load.prefill_ms_per_token or DEFAULT_PREFILL_MS_PER_TOKEN
         return (load.waiting_uncached_tokens + extra_tokens + prompt_tokens) * prefill
+
+    def _decoding(self, load: ReplicaLoad) -> float:
+        """The replica's share of time left to decoding (every prefill stalls it)."""
+        return max(MIN_DECODE_SHARE, 1.0 - self.prefill_share(load))
 
     def _step_ms(self, load: ReplicaLoad) -> float:
         """One decode step with the request in the batch (ms)."""
@@ -254,7 +284,7 @@ class LemixPlacement:
         rank = tied[self._tie % len(tied)]
         self._tie += 1
         chosen = next(ld for ld in loads if ld.dp_rank == rank)
-        self._record(chosen, prompt_tokens)
+        self._record(chosen, prompt_tokens, new_tokens)
         return Placement(rank, scores, predicted, candidates)
 
     def _pending(self, load: ReplicaLoad) -> tuple[float, int, int]:
@@ -263,14 +293,17 @@ class LemixPlacement:
             return load.timestamp, 0, 0
         return stamp, reqs, tokens
 
-    def _record(self, load: ReplicaLoad, prompt_tokens: int) -> None:
+    def _record(self, load: ReplicaLoad, prompt_tokens: int, new_tokens: int) -> None:
         stamp, reqs, tokens = self._pending(load)
         self.pending[load.dp_rank] = (stamp, reqs + 1, tokens + prompt_tokens)
         self.placed[load.dp_rank] = self.placed.get(load.dp_rank, 0) + 1
-        mean = self.mean_len.get(load.dp_rank)
-        self.mean_len[load.dp_rank] = (
-            float(prompt_tokens) if mean is None else 0.9 * mean + 0.1 * prompt_tokens
-        )
+        _ewma(self.mean_len, load.dp_rank, prompt_tokens)
+        _ewma(self.mean_new, load.dp_rank, max(1, new_tokens))
+
+
+def _ewma(means: dict[int, float], key: int, value: float) -> None:
+    mean = means.get(key)
+    means[key] = float(value) if mean is None else 0.9 * mean + 0.1 * value
 
 
 def _decode_step_ms(load: ReplicaLoad, batch: int) -> float:
