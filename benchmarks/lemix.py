@@ -25,7 +25,8 @@ controller, detokenizer and sidecar processes and this load generator float over
   alone left co-located training no room in any run (README, 2026-12-03): this method
   shows what such a share costs in latency. With --floor-all, `round-robin` and
   `total-tokens` train with the same floor, so that placement alone differs from
-  `lemix-floor` (and `paired` is taken against `lemix-floor` when `lemix` is not run).
+  `lemix-floor`, and `paired` is taken against `lemix-floor` (also when `lemix` is not
+  run; `paired_ref` names it).
 
 First, on a `separate` server of its own, the capacity of ONE replica: completed
 requests/s of a closed loop of --capacity-clients (default 16) streaming clients pinned
@@ -128,7 +129,7 @@ def start_server(
     flags = ["--log-level", "warning", "--dp-size", "2", "--mace-train",
              "--mace-default-adapter", "live", "--mace-state-dir", str(out / f"state-{name}"),
              *method_flags(method, args.sync_every_s, args.train_floor,
-                           getattr(args, "floor_all", False))]  # fmt: skip
+                           args.floor_all)]  # fmt: skip
     if slo is not None:
         flags += ["--mace-slo-ttft-ms", f"{slo['ttft_ms']:.1f}",
                   "--mace-slo-tbt-ms", f"{slo['tbt_ms']:.1f}",
@@ -337,14 +338,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         runs[method].append(run_method(args, method, out, slo, rate, body, k))
         print(f"{method} (round {k}): {json.dumps(runs[method][-1])}", file=sys.stderr)
     measured = {m: combine(rows) for m, rows in runs.items()}
-    # paired differences against lemix, or against lemix-floor where lemix did not run
-    ref = "lemix" if "lemix" in runs or "lemix-floor" not in runs else "lemix-floor"
+    # paired differences against lemix, or against lemix-floor where it differs from the
+    # baselines by placement alone (--floor-all) or lemix did not run
+    floored = "lemix-floor" in runs and (args.floor_all or "lemix" not in runs)
+    ref = "lemix-floor" if floored else "lemix"
+    pairs = paired(runs, ref) if ref in runs and len(runs) > 1 else {}
     result = {
         "methods": measured,
-        "paired": paired(runs, ref) if ref in runs and len(runs) > 1 else {},
-        "paired_ref": ref,
+        "paired": pairs,
+        "paired_ref": ref if pairs else None,
         "train_floor": args.train_floor,
-        "floor_all": getattr(args, "floor_all", False),
+        "floor_all": args.floor_all,
         "repeats": args.repeats,
         "capacity_rps": capacity,
         "yardstick": args.yardstick,
@@ -484,7 +488,10 @@ def main() -> None:
     parser.add_argument("--probe-steps", type=int, default=4, help="held trials")
     parser.add_argument("--sync-every-s", type=float, default=30.0, help="`separate` only")
     parser.add_argument(
-        "--train-floor", type=float, default=0.1, help="`lemix-floor` only: --mace-train-floor"
+        "--train-floor",
+        type=float,
+        default=0.1,
+        help="--mace-train-floor of `lemix-floor` (and the baselines with --floor-all)",
     )
     parser.add_argument(
         "--floor-all", action="store_true",

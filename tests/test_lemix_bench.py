@@ -116,7 +116,7 @@ def _args(**over):
 
     base = dict(out=None, methods="lemix,round-robin", rate=None, load_factor=1.2,
                 repeats=2, load_s=1.0, capacity_s=1.0, drain_s=1.0, capacity_clients=2,
-                sync_every_s=30.0, train_floor=0.1, max_tokens=8, backlog=0,
+                sync_every_s=30.0, train_floor=0.1, floor_all=False, max_tokens=8, backlog=0,
                 model_path=None, yardstick="held", probe_s=1.0, probe_steps=3)  # fmt: skip
     base.update(over)
     return argparse.Namespace(**base)
@@ -144,7 +144,7 @@ def test_run_interleaves_the_methods_and_writes_means_and_paired_differences(tmp
 
     def run_method(args, method, out, slo, rate, body, k):
         order.append((k, method))
-        att = {"lemix": 1.0, "round-robin": 0.5 + 0.25 * k}[method]
+        att = {"lemix": 1.0, "lemix-floor": 0.9, "round-robin": 0.5 + 0.25 * k}[method]
         return {"slo_attainment": att, "throughput_tok_s": 10.0, "rate_rps": rate, "round": k}
 
     monkeypatch.setattr(lemix, "start_server", lambda *a, **k: _FakeServer())
@@ -162,3 +162,12 @@ def test_run_interleaves_the_methods_and_writes_means_and_paired_differences(tmp
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["methods"]["lemix"]["repeats"][1]["round"] == 1
     assert (tmp_path / "lemix.png").stat().st_size > 0
+    assert saved["paired_ref"] == "lemix"
+    # --floor-all: the floored baselines are paired against lemix-floor, lemix or not.
+    for methods in ("lemix-floor,round-robin", "lemix,lemix-floor,round-robin"):
+        got = lemix.run(_args(out=str(tmp_path), methods=methods, floor_all=True, repeats=1))
+        assert got["paired_ref"] == "lemix-floor"
+        assert got["paired"]["round-robin"]["slo_attainment"]["mean"] == pytest.approx(0.4)
+    # Neither reference ran: no pairs, and no reference named.
+    got = lemix.run(_args(out=str(tmp_path), methods="round-robin", repeats=1))
+    assert got["paired"] == {} and got["paired_ref"] is None

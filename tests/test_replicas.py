@@ -136,6 +136,23 @@ def test_a_replica_at_its_running_cap_is_predicted_to_wait_for_a_slot():
     assert choice.dp_rank == 0
     no_wait = choice.predicted_ms[1] - 2200.0
     assert LemixPlacement().score(full, 40, no_wait) > choice.scores[0]
+    # n is the mean max_new_tokens placed there, once any was: 64 (placed above), not 8.
+    # (A fresh snapshot: the request placed above is in it, not counted again.)
+    assert placement.slot_wait_ms(replace(full, timestamp=2.0), 8) == pytest.approx(11 * 200.0)
+    # The decode step never counts more than the cap in its batch (the rest wait).
+    sloped = moments([(b, 10_000 + 1_000 * b) for b in (1, 8, 32)])  # 10 ms + 1 ms each
+    deep = replace(full, decode=sloped, waiting_reqs=40)  # 73 waiting or running
+    assert LemixPlacement().predict_ms(deep, 40, 64) == pytest.approx(
+        41 * 64 * 42.0 / 32 + 40 + 64 * 42.0
+    )
+    # Prefill stalls slow both: at a prefill share u, every step lasts 1 / (1 - u).
+    stalled = LemixPlacement()
+    stalled.prefill_share(replace(full, timestamp=100.0, prefill_busy_us=0.0))
+    later = replace(full, timestamp=130.0, prefill_busy_us=15e6)  # half the time in prefill
+    u = stalled.prefill_share(later)
+    assert u == pytest.approx(0.5 * (1 - math.exp(-6.0)))
+    assert stalled.slot_wait_ms(later, 64) == pytest.approx(2200.0 / (1 - u))
+    assert stalled.predict_ms(later, 40, 64) == pytest.approx((2200.0 + 64 * 100.0) / (1 - u) + 40)
 
 
 def test_prefill_stalls_count_against_the_time_per_token():

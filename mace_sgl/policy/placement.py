@@ -23,15 +23,17 @@ The predicted response time of a request with p prompt tokens and n new tokens i
     RT = slot wait + unit_ms (if training) + (uncached queue + p) x prefill ms/token
          + n x (step_ms(running + 1) + reserve_ms) / (1 - u)
 
-where u is the replica's recent share of time in prefill (below: every prefill stalls
-the running decodes) and the slot wait is 0 below SGLang's --max-running-requests and,
-at it, the time until enough running requests finish to admit this one (`slot_wait_ms`:
-k requests waiting for a slot, R running, one finishing every n x step / R). Without
-these two terms a replica at its cap, 64% of its time in prefill, still won the score
-over a trainer, and its first tokens waited 10-13 s inside it (`benchmarks.lemix`,
-2026-12-05, Intel Xeon: ~30 requests in flight, e2e p50 41 s, at a cap of 32). So a
-replica busy training scores worse by exactly the time training would add. The
-idle term is 1 for a replica with nothing running or waiting, 1/(1 + requests)
+so a replica busy training scores worse by exactly the time training would add. Here
+u is the replica's recent share of time in prefill (below: every prefill stalls the
+running decodes), the step's batch is capped at SGLang's --max-running-requests, and
+the slot wait is 0 below that cap and, at it, the time until enough running requests
+finish to admit this one (`slot_wait_ms`: k requests waiting for a slot, R = the cap
+running, one finishing every n x step / R). Without these terms a replica at its cap,
+64% of its time in prefill, still won the score over a trainer, and its first tokens
+waited 10-13 s inside it (`benchmarks.lemix`, 2026-12-05, Intel Xeon: ~30 requests in
+flight, e2e p50 41 s, at a cap of 32).
+
+The idle term is 1 for a replica with nothing running or waiting, 1/(1 + requests)
 otherwise; length consistency compares p with the mean prompt length recently placed
 there (LeMix groups similar lengths: similar sequences batch better). Between two
 snapshots (SGLang refreshes them at most every 20 ms) each placement adds its own
@@ -213,10 +215,13 @@ class LemixPlacement:
         """How long a request placed now waits for one of SGLang's running slots (ms):
         0 below --max-running-requests; at it, k requests (those already waiting for a
         slot, this one included) wait for the k-th of the running ones to finish. With
-        R running requests spread evenly over their n new tokens, one finishes every
-        n x step / R: the wait is k x n x step / R, where step is a decode step at R
+        R = the cap running requests spread evenly over their n new tokens, one finishes
+        every n x step / R: the wait is k x n x step / R, where step is a decode step of R
         plus the reserve, over the decode share (prefill stalls), and n the mean
-        max_new_tokens placed on the replica (this request's before any)."""
+        max_new_tokens placed on the replica (this request's before any; requests that
+        stop early at EOS make it an overestimate). The prefill of the requests ahead
+        is in the decode share and again in the queued prefill (`_prefill_ms`): counted
+        twice in part, which errs against a full replica."""
         cap = load.max_running_reqs
         _, extra_reqs, _ = self._pending(load)
         ahead = load.running_reqs + load.waiting_reqs + extra_reqs + 1 - cap
@@ -253,9 +258,13 @@ class LemixPlacement:
         return max(MIN_DECODE_SHARE, 1.0 - self.prefill_share(load))
 
     def _step_ms(self, load: ReplicaLoad) -> float:
-        """One decode step with the request in the batch (ms)."""
+        """One decode step with the request in the batch (ms); SGLang never decodes more
+        than its running cap at once (the requests beyond wait: `slot_wait_ms`)."""
         _, extra_reqs, _ = self._pending(load)
-        return _decode_step_ms(load, load.running_reqs + load.waiting_reqs + extra_reqs + 1)
+        batch = load.running_reqs + load.waiting_reqs + extra_reqs + 1
+        if load.max_running_reqs > 0:
+            batch = min(batch, load.max_running_reqs)
+        return _decode_step_ms(load, batch)
 
     def score(self, load: ReplicaLoad, prompt_tokens: int, rt_ms: float) -> float:
         _, extra_reqs, _ = self._pending(load)
