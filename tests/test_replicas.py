@@ -457,3 +457,41 @@ def test_a_server_killed_and_restarted_rejoins_the_group(tmp_path: Path, mode: s
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+
+def test_the_stepping_replica_serves_its_version_once_every_peer_took_it():
+    """runtime._publish_delivered, on a stand-in trainer: the deferred version is served
+    and reported when the peers took it, unless the tenant was retired (or another
+    version came) meanwhile; the step is reported either way."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from mace_sgl.trainer.runtime import MaceTrainer
+
+    published, reported = [], []
+
+    def trainer_with(tenant):
+        def publish(t):
+            published.append(t.version)
+            t.version += 1
+
+        return SimpleNamespace(
+            unpublished={"live": tenant.version + 1},
+            tenants=SimpleNamespace(tenants={"live": tenant}, publish=publish),
+            streams=SimpleNamespace(training_work=nullcontext),
+            _report=lambda t, pairs, losses, version: reported.append(version),
+        )
+
+    tenant = SimpleNamespace(name="live", version=4, publisher=SimpleNamespace(loaded=lambda: True))
+    fake = trainer_with(tenant)
+    MaceTrainer._publish_delivered(fake, tenant, [], {}, 5)
+    assert (published, reported, tenant.version, fake.unpublished) == ([4], [5], 5, {})
+    # Retired meanwhile (SGLang no longer holds it): nothing published, still reported.
+    gone = SimpleNamespace(name="live", version=4, publisher=SimpleNamespace(loaded=lambda: False))
+    fake = trainer_with(gone)
+    MaceTrainer._publish_delivered(fake, gone, [], {}, 5)
+    assert (published, reported, gone.version, fake.unpublished) == ([4], [5, 5], 4, {})
+    # Not the version it stepped from: not published over it.
+    moved = SimpleNamespace(name="live", version=6, publisher=SimpleNamespace(loaded=lambda: True))
+    MaceTrainer._publish_delivered(trainer_with(moved), moved, [], {}, 5)
+    assert published == [4] and moved.version == 6

@@ -2,10 +2,13 @@
 
 With `--dp-size N --mace-train` every scheduler has its own trainer on its own replica's
 weights. The sidecar leases training to one replica at a time (sidecar/main.py), so a
-step runs on one replica only; once it is published, that tenant's whole training state
+step runs on one replica only; once its guard passed, that tenant's whole training state
 (LoRA weights, AdamW moments and step counts, and the new version number) goes to every
 other replica, which writes it into its own SGLang pool slot in place and serves the
-same version. The next step may then run on any replica: each holds the same state.
+same version; the stepping replica serves it once every peer took it (runtime.py
+`_publish_delivered`; at once with --mace-sync-every-s), so all switch within about an
+iteration of each other. The next step may then run on any replica: each holds the
+same state.
 
 Transport: a torch.distributed gloo group of the N schedulers, made here (not SGLang's
 default group): rendezvous through a FileStore in an owner-only directory the launcher
