@@ -479,19 +479,43 @@ def test_the_stepping_replica_serves_its_version_once_every_peer_took_it():
             unpublished={"live": tenant.version + 1},
             tenants=SimpleNamespace(tenants={"live": tenant}, publish=publish),
             streams=SimpleNamespace(training_work=nullcontext),
-            _report=lambda t, pairs, losses, version: reported.append(version),
+            # (version, pairs trained): the losses name the trained pairs
+            _report=lambda t, pairs, losses, version: reported.append((version, len(losses))),
         )
 
-    tenant = SimpleNamespace(name="live", version=4, publisher=SimpleNamespace(loaded=lambda: True))
+    def tenant_at(version: int, loaded: bool = True) -> SimpleNamespace:
+        return SimpleNamespace(
+            name="live", version=version, publisher=SimpleNamespace(loaded=lambda: loaded)
+        )
+
+    tenant = tenant_at(4)
     fake = trainer_with(tenant)
-    MaceTrainer._publish_delivered(fake, tenant, [], {}, 5)
-    assert (published, reported, tenant.version, fake.unpublished) == ([4], [5], 5, {})
-    # Retired meanwhile (SGLang no longer holds it): nothing published, still reported.
-    gone = SimpleNamespace(name="live", version=4, publisher=SimpleNamespace(loaded=lambda: False))
+    MaceTrainer._publish_delivered(fake, tenant, [], {1: 0.5}, 5)
+    assert (published, reported, tenant.version, fake.unpublished) == ([4], [(5, 1)], 5, {})
+    # Retired meanwhile (SGLang no longer holds it): nothing published; the pairs go
+    # back untrained at the version before (no checkpoint holds v5 here).
+    gone = tenant_at(4, loaded=False)
     fake = trainer_with(gone)
-    MaceTrainer._publish_delivered(fake, gone, [], {}, 5)
-    assert (published, reported, gone.version, fake.unpublished) == ([4], [5, 5], 4, {})
-    # Not the version it stepped from: not published over it.
-    moved = SimpleNamespace(name="live", version=6, publisher=SimpleNamespace(loaded=lambda: True))
-    MaceTrainer._publish_delivered(trainer_with(moved), moved, [], {}, 5)
-    assert published == [4] and moved.version == 6
+    MaceTrainer._publish_delivered(fake, gone, [], {1: 0.5}, 5)
+    assert (published, reported[-1], gone.version, fake.unpublished) == ([4], (4, 0), 4, {})
+    # Retired and created again under the same name: the new tenant is not published.
+    old, new = tenant_at(4), tenant_at(0)
+    fake = trainer_with(new)
+    MaceTrainer._publish_delivered(fake, old, [], {1: 0.5}, 5)
+    assert (published, reported[-1], old.version, new.version) == ([4], (4, 0), 4, 0)
+    # Already at v6 (another server's announcement): trained, nothing published.
+    moved = tenant_at(6)
+    MaceTrainer._publish_delivered(trainer_with(moved), moved, [], {1: 0.5}, 5)
+    assert (published, reported[-1], moved.version) == ([4], (5, 1), 6)
+    # A publish that fails rolls back and reports the pairs untrained; serving goes on.
+    broken = tenant_at(4)
+    fake = trainer_with(broken)
+    rolled = []
+
+    def fail(t):
+        raise RuntimeError("slot write failed")
+
+    fake.tenants.publish = fail
+    fake.tenants.rollback = lambda t, why: rolled.append(why)
+    MaceTrainer._publish_delivered(fake, broken, [], {1: 0.5}, 5)
+    assert rolled and "v5" in rolled[0] and reported[-1] == (4, 0) and fake.unpublished == {}

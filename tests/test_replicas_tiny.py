@@ -80,7 +80,9 @@ def settled(server: Server, adapter: str = "live", timeout_s: float = 120.0) -> 
         reps = s["replicas"]
         versions = {r["adapters"].get(adapter) for r in reps}
         digests = {r["adapter_digests"].get(adapter) for r in reps}
-        return len(versions) == 1 and len(digests) == 1 and None not in digests
+        # nothing in flight: no version waiting for its peers, no send pending
+        quiet = all(not r["sync"]["unpublished"] and r["sync"]["pending_sends"] == 0 for r in reps)
+        return len(versions) == 1 and len(digests) == 1 and None not in digests and quiet
 
     return wait_for(server, alike, timeout_s)
 

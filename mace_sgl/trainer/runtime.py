@@ -512,11 +512,12 @@ class MaceTrainer:
                     # next poll). Published here first, it served 0.6-1.1 s (two to three
                     # iterations) ahead of the peer (benchmarks.lemix, 2026-12-05, Xeon).
                     version, losses = tenant.version + 1, dict(result.losses)
+                    payload = pack_state(tenant.weights, tenant.optimizer)  # may raise
                     self.unpublished[tenant.name] = version
                     self.replicas.send(
                         tenant.name,
                         version,
-                        pack_state(tenant.weights, tenant.optimizer),
+                        payload,
                         lambda: self._publish_delivered(tenant, pairs, losses, version),
                     )
                     return
@@ -543,13 +544,29 @@ class MaceTrainer:
     def _publish_delivered(
         self, tenant: Tenant, pairs: list[Pair], losses: dict[int, float], version: int
     ) -> None:
-        """Every peer took `version` of `tenant`: serve it here too, then report the step.
-        A tenant retired meanwhile is not published (its SGLang slot is gone)."""
+        """Every peer took `version` of `tenant`: serve it here too (which checkpoints
+        it), then report the step. A tenant retired (or retired and created again)
+        meanwhile, whose SGLang slot is gone, or a failed publish: the pairs are reported
+        untrained at the version before, so nothing names a version no checkpoint here
+        holds, and they train again. Already at `version` or past it (another server's
+        announcement installed it): reported as trained, nothing to publish."""
         self.unpublished.pop(tenant.name, None)
         live = self.tenants.tenants.get(tenant.name) is tenant and tenant.publisher.loaded()
-        if live and tenant.version == version - 1:
+        if not live:
+            self._report(tenant, pairs, {}, version - 1)
+            return
+        if tenant.version >= version:
+            self._report(tenant, pairs, losses, version)
+            return
+        try:
             with torch.inference_mode(False), self.streams.training_work():
                 self.tenants.publish(tenant)
+        except Exception as e:  # serving goes on at the version before
+            logger.exception("%s: publishing v%d failed", tenant.name, version)
+            with torch.inference_mode(False), self.streams.training_work():
+                self.tenants.rollback(tenant, f"publish of v{version} failed: {e}")
+            self._report(tenant, pairs, {}, tenant.version)
+            return
         self._report(tenant, pairs, losses, version)
 
     def _report(
