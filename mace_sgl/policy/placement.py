@@ -188,7 +188,7 @@ class LemixPlacement:
         """Predicted response time (ms) of a request placed on `load`'s replica now."""
         rt = self.slot_wait_ms(load, new_tokens)
         rt += self._prefill_ms(load, prompt_tokens)
-        rt += max(1, new_tokens) * (self._step_ms(load) + load.reserve_ms) / self._decoding(load)
+        rt += max(1, new_tokens) * self._per_token_ms(load)
         if load.training:
             rt += load.unit_ms
         return max(rt, 1e-3)
@@ -198,15 +198,13 @@ class LemixPlacement:
         targets with headroom (module docstring); False when they are not known."""
         if load.ttft_ms <= 0 or load.tbt_ms <= 0:
             return False
-        _, extra_reqs, _ = self._pending(load)
-        admitted = load.running_reqs + load.waiting_reqs + extra_reqs
-        if 0 < load.max_running_reqs <= admitted:
+        if 0 < load.max_running_reqs <= self._admitted(load):
             return False
         in_flight = _decode_step_ms(load, load.running_reqs) if load.running_reqs > 0 else 0.0
         first = in_flight + self._prefill_ms(load, prompt_tokens)
         if load.training:
             first += load.unit_ms  # a training unit may be in flight too
-        later = (self._step_ms(load) + load.reserve_ms) / self._decoding(load)
+        later = self._per_token_ms(load)
         return (
             first <= self.ttft_headroom * load.ttft_ms and later <= self.tbt_headroom * load.tbt_ms
         )
@@ -223,8 +221,7 @@ class LemixPlacement:
         is in the decode share and again in the queued prefill (`_prefill_ms`): counted
         twice in part, which errs against a full replica."""
         cap = load.max_running_reqs
-        _, extra_reqs, _ = self._pending(load)
-        ahead = load.running_reqs + load.waiting_reqs + extra_reqs + 1 - cap
+        ahead = self._admitted(load) + 1 - cap
         if cap <= 0 or ahead <= 0:
             return 0.0
         n = self.mean_new.get(load.dp_rank, float(max(1, new_tokens)))
@@ -253,6 +250,17 @@ class LemixPlacement:
         prefill = load.prefill_ms_per_token or DEFAULT_PREFILL_MS_PER_TOKEN
         return (load.waiting_uncached_tokens + extra_tokens + prompt_tokens) * prefill
 
+    def _admitted(self, load: ReplicaLoad) -> int:
+        """Requests running or waiting on the replica, those placed since its snapshot
+        included."""
+        _, extra_reqs, _ = self._pending(load)
+        return load.running_reqs + load.waiting_reqs + extra_reqs
+
+    def _per_token_ms(self, load: ReplicaLoad) -> float:
+        """Each new token of a request placed now: a decode step with it in the batch
+        plus the training reserve, stretched by the prefill stalls (ms)."""
+        return (self._step_ms(load) + load.reserve_ms) / self._decoding(load)
+
     def _decoding(self, load: ReplicaLoad) -> float:
         """The replica's share of time left to decoding (every prefill stalls it)."""
         return max(MIN_DECODE_SHARE, 1.0 - self.prefill_share(load))
@@ -260,15 +268,13 @@ class LemixPlacement:
     def _step_ms(self, load: ReplicaLoad) -> float:
         """One decode step with the request in the batch (ms); SGLang never decodes more
         than its running cap at once (the requests beyond wait: `slot_wait_ms`)."""
-        _, extra_reqs, _ = self._pending(load)
-        batch = load.running_reqs + load.waiting_reqs + extra_reqs + 1
+        batch = self._admitted(load) + 1
         if load.max_running_reqs > 0:
             batch = min(batch, load.max_running_reqs)
         return _decode_step_ms(load, batch)
 
     def score(self, load: ReplicaLoad, prompt_tokens: int, rt_ms: float) -> float:
-        _, extra_reqs, _ = self._pending(load)
-        busy = load.running_reqs + load.waiting_reqs + extra_reqs
+        busy = self._admitted(load)
         idle = 1.0 if busy == 0 else 1.0 / (1.0 + busy)
         mean = self.mean_len.get(load.dp_rank)
         if mean is None or prompt_tokens <= 0:

@@ -203,7 +203,7 @@ class MaceTrainer:
         # tenant created at run time to reach this replica's registry (when it arrived).
         self._updates: list[tuple[Update, float]] = []
         # Versions stepped here and sent to every peer, served here once they all have
-        # them (`_switch_together`), by tenant; no step of that tenant starts meanwhile.
+        # them (`_send_step`), by tenant; no step of that tenant starts meanwhile.
         self.unpublished: dict[str, int] = {}
         logger.info(
             "trainer ready: %d tenant(s), default %s v%d",
@@ -505,41 +505,31 @@ class MaceTrainer:
                 self.tenants.rollback(tenant, f"guard refused v{tenant.version + 1}: {reading.why}")
             else:
                 yield SliceSpec("publish", 0)
-                if self._switch_together():
-                    # Every replica switches to the new version within an iteration of
-                    # the others: the peers install it as it arrives, this replica
-                    # serves it when they all have it (follow_replicas runs `done` at its
-                    # next poll). Published here first, it served 0.6-1.1 s (two to three
-                    # iterations) ahead of the peer (benchmarks.lemix, 2026-12-05, Xeon).
-                    version, losses = tenant.version + 1, dict(result.losses)
-                    payload = pack_state(tenant.weights, tenant.optimizer)  # may raise
-                    self.unpublished[tenant.name] = version
-                    self.replicas.send(
-                        tenant.name,
-                        version,
-                        payload,
-                        lambda: self._publish_delivered(tenant, pairs, losses, version),
-                    )
+                if self.replicas is not None:
+                    self._send_step(tenant, pairs, dict(result.losses))
                     return
                 self.tenants.publish(tenant)
-                if self.replicas is not None:
-                    # The other replicas take this version; the sidecar hears of the
-                    # step only once they all have it (trainer/replicas.py).
-                    version, losses = tenant.version, dict(result.losses)
-                    self.replicas.send(
-                        tenant.name,
-                        version,
-                        pack_state(tenant.weights, tenant.optimizer),
-                        lambda: self._report(tenant, pairs, losses, version),
-                    )
-                    return
         self._report(tenant, pairs, result.losses)
 
-    def _switch_together(self) -> bool:
-        """Whether a step's version waits for every peer before serving here: with
-        replicas synced at once (not --mace-sync-every-s, which delays every peer on
-        purpose; a holder waiting for that would step once per period)."""
-        return self.replicas is not None and self.replicas.every_s <= 0
+    def _send_step(self, tenant: Tenant, pairs: list[Pair], losses: dict[int, float]) -> None:
+        """The step's version to every other replica; the sidecar hears of the step only
+        once they all have it (trainer/replicas.py). Every replica switches to it within
+        an iteration of the others: the peers install it as it arrives, this replica
+        serves it when they all have it (`_publish_delivered`, run by follow_replicas at
+        its next poll); published here first, it served 0.6-1.1 s (two to three
+        iterations) ahead of the peer (benchmarks.lemix, 2026-12-05, Xeon). With
+        --mace-sync-every-s, which delays every peer on purpose, it is served here at
+        once (a replica waiting for the period would step once per period)."""
+        version = tenant.version + 1
+        if self.replicas.every_s <= 0:
+            payload = pack_state(tenant.weights, tenant.optimizer)  # may raise: mark after
+            self.unpublished[tenant.name] = version
+            done = lambda: self._publish_delivered(tenant, pairs, losses, version)  # noqa: E731
+        else:
+            self.tenants.publish(tenant)
+            payload = pack_state(tenant.weights, tenant.optimizer)
+            done = lambda: self._report(tenant, pairs, losses, version)  # noqa: E731
+        self.replicas.send(tenant.name, version, payload, done)
 
     def _publish_delivered(
         self, tenant: Tenant, pairs: list[Pair], losses: dict[int, float], version: int
