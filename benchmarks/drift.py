@@ -30,7 +30,10 @@ Baselines, each on a fresh `mace-sgl serve --mace-train` (same code, same flags)
 Evaluations: --evals-per-phase (3) per phase, each on --eval-prompts (24) held-out
 prompts sent as concurrent requests (batched decoding is several times faster per token
 than one stream on CPU), greedy, up to --eval-max-tokens (128: the base model's answers
-to these prompts fit; an answer cut off there is judged as it stands).
+to these prompts fit; an answer cut off there is judged as it stands). A served version
+(adapter name and version) answers only once: greedy decoding of the same weights gives
+the same answers, so a later evaluation of it judges those answers again (under the
+phase current then) and its timeline entry says `reused`.
 
 The clock counts serving only. A phase is --evals-per-phase windows of
 `--phase-s / --evals-per-phase` seconds of Poisson load (each waits for its requests to
@@ -40,6 +43,15 @@ observer, not load: on 2 CPU cores one takes 20-60 s, and with a wall clock the 
 (and with it the feedback) had ended before the second phase's first evaluation, so
 phases 2 and 3 got no feedback at all. Times in the timeline, recover_s, throughput,
 training tokens/s and device utilisation are over the serving windows.
+
+SLO targets: with neither --slo-ttft-ms nor --slo-tbt-ms, inference-only runs first in
+each seed and the targets are its own p99 TTFT and p99 time per output token times
+--slo-headroom (1.1): targets this host just meets without training, so that the SLO
+controller of the training baselines (watching requests' time per output token,
+`--mace-slo-tbt-basis request`) has the room the host really has. Fixed targets missed
+by inference alone (200 ms TBT; inference-only's own TBT p99 was 1.3 s on 2 CPU cores,
+2026-12-02) held mace's training at zero under load. Every baseline's `slo_attainment`
+is counted against the seed's targets (`slo_targets` in results.json).
 
 Metrics per baseline (means over the evaluations; phase boundaries in the plot):
 win_rate of the served adapter against the frozen base under the current judge (win 1,
@@ -74,7 +86,7 @@ from tqdm import tqdm
 
 from benchmarks.align import completion_logprob
 from benchmarks.align import prompts as shipped_prompts
-from benchmarks.loadgen import RequestResult, poisson_load, summarize
+from benchmarks.loadgen import RequestResult, percentile_ms, poisson_load, summarize
 from benchmarks.phases import DEFAULT_FILE, Phase, degenerate, load_phases, verdict
 from benchmarks.serve_smoke import machine
 from benchmarks.stats import aggregate
@@ -223,11 +235,22 @@ class PeriodicTrainer:
 
 
 def evaluate(client: Client, phase: Phase, held_out: list[str], base: dict[str, str],
-             max_tokens: int) -> dict:  # fmt: skip
-    """One evaluation: every held-out prompt at once, judged against the base answer."""
+             max_tokens: int, served: tuple, memo: dict[tuple, list]) -> dict:  # fmt: skip
+    """One evaluation: every held-out prompt at once, judged against the base answer.
+
+    `served` names what answers (the adapter and its version): greedy decoding of the
+    same weights gives the same answers, so a version evaluated before is judged again
+    on its answers in `memo` (and, in the same phase, its margins) instead of being asked
+    again. inference-only never changes version, and mace often keeps one for several
+    windows: on 2 CPU cores an evaluation takes 20-60 s, most of a seed's time."""
     adapter = client.adapter
-    with ThreadPoolExecutor(len(held_out)) as pool:
-        answers = list(pool.map(lambda p: client.answer(p, adapter, max_tokens), held_out))
+    reused = ("answers", served) in memo
+    if not reused:
+        with ThreadPoolExecutor(len(held_out)) as pool:
+            memo["answers", served] = list(
+                pool.map(lambda p: client.answer(p, adapter, max_tokens), held_out)
+            )
+    answers = memo["answers", served]
     wins = [verdict(phase, a, base[p], base[p]) for p, a in zip(held_out, answers, strict=True)]
     bad = [degenerate(a, base[p], phase.brief) for p, a in zip(held_out, answers, strict=True)]
     scored = [p for p in held_out if phase.score(phase.edit(base[p])) > phase.score(base[p])]
@@ -236,12 +259,16 @@ def evaluate(client: Client, phase: Phase, held_out: list[str], base: dict[str, 
         chosen = phase.edit(base[p])
         return client.logprob(p, chosen, adapter) - client.logprob(p, base[p], adapter)
 
-    with ThreadPoolExecutor(max(1, len(scored))) as pool:
-        margins = list(pool.map(margin, scored))
+    if ("margins", served, phase.name) not in memo:
+        with ThreadPoolExecutor(max(1, len(scored))) as pool:
+            memo["margins", served, phase.name] = list(pool.map(margin, scored))
+    margins = memo["margins", served, phase.name]
     return {
         "win_rate": statistics.mean(wins),
         "degenerate_share": sum(bad) / len(bad),
         "clpd": statistics.mean(margins) if margins else None,
+        "served": list(served),
+        "reused": reused,
         "example": answers[0][:120],
         "degenerate_examples": [a[:120] for a, b in zip(answers, bad, strict=True) if b][:3],
     }
@@ -262,7 +289,8 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
              "--mace-rpo-alpha", str(args.rpo_alpha),
              "--mace-anchor-alpha", str(args.anchor_alpha),
              "--mace-slo-ttft-ms", str(args.slo_ttft_ms),
-             "--mace-slo-tbt-ms", str(args.slo_tbt_ms)]  # fmt: skip
+             "--mace-slo-tbt-ms", str(args.slo_tbt_ms),
+             "--mace-slo-tbt-basis", "request"]  # fmt: skip
     if args.model_path:
         flags += ["--model-path", args.model_path]
     if args.profile:
@@ -314,6 +342,7 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
                 time.sleep(0.2)
 
         status0 = server.get("/mace/status").json()["training"]
+        memo: dict[tuple, list] = {}  # evaluate's answers and margins per served version
         results: list[RequestResult] = []
         timeline = []
         wall = 0.0  # serving seconds: the windows of load, evaluations excluded
@@ -337,7 +366,10 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
                 after = server.get("/mace/status").json()["training"]
                 busy += sum(after[f] - before[f] for f in ("serving_seconds", "train_seconds"))
                 training(False)
-                ev = evaluate(client, phase, held_out, base_answers, args.eval_max_tokens)
+                served = (client.adapter, server.get("/mace/status").json()["training"][
+                    "adapter_version"])  # fmt: skip
+                ev = evaluate(client, phase, held_out, base_answers, args.eval_max_tokens,
+                              served, memo)  # fmt: skip
                 training(True)
                 timeline.append({"t": round(wall, 1), "phase": phase.name,
                                  "since_drift": round(phase_wall, 1), **ev})  # fmt: skip
@@ -395,8 +427,20 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
         "timeline": timeline,
         "gaps": [g for r in results for g in r.gaps],
         "ttfts": [r.ttft for r in results if r.ttft is not None],
+        "_results": results,  # for attainment against the seed's targets (main)
+        "_wall": wall,
     }
     return row, base_answers
+
+
+def derived_targets(results: list[RequestResult], headroom: float) -> tuple[float, float]:
+    """SLO targets (TTFT ms, TPOT ms) that inference-only just meets: its own p99 TTFT and
+    p99 time per output token at this load, times `headroom`."""
+    ttft = percentile_ms([r.ttft for r in results if r.error is None and r.ttft is not None], 99)
+    tpot = percentile_ms([r.tpot for r in results if r.error is None and r.tpot is not None], 99)
+    if ttft is None or tpot is None:
+        raise RuntimeError("inference-only finished no request: no SLO targets to derive")
+    return ttft * headroom, tpot * headroom
 
 
 def plot(baselines: dict[str, dict[str, Any]], phases: list[Phase], out: Path) -> None:
@@ -442,11 +486,13 @@ def plot(baselines: dict[str, dict[str, Any]], phases: list[Phase], out: Path) -
     fig.savefig(out / "win_rate.png", dpi=100)
 
 
-def write_results(out: Path, args: argparse.Namespace, table: dict[str, Any], seeds: int) -> None:
+def write_results(out: Path, args: argparse.Namespace, table: dict[str, Any], seeds: int,
+                  slo_targets: list[dict[str, Any]]) -> None:  # fmt: skip
     """DIR/results.json over the `seeds` seeds finished so far (`seeds_done`)."""
     settings = {k: v for k, v in vars(args).items() if k != "phase_list"}
     result = {
         "baselines": table,
+        "slo_targets": slo_targets,  # per seed: what slo_attainment was counted against
         "phases": [
             {"name": p.name, "judge": p.judge_rule, "edit": p.edit_rule} for p in args.phase_list
         ],  # fmt: skip
@@ -502,11 +548,32 @@ def main() -> None:
             help=f"--mace-{flag[2:]} for every adapting baseline (default: the server's)",
         )
     parser.add_argument("--recover-at", type=float, default=0.75)
-    parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
-    parser.add_argument("--slo-tbt-ms", type=float, default=200.0)
+    parser.add_argument(
+        "--slo-ttft-ms",
+        type=float,
+        default=None,
+        help="TTFT target; default: derived from inference-only (docstring)",
+    )
+    parser.add_argument(
+        "--slo-tbt-ms",
+        type=float,
+        default=None,
+        help="time-per-output-token target; default: as --slo-ttft-ms",
+    )
+    parser.add_argument("--slo-headroom", type=float, default=1.1,
+                        help="derived targets: inference-only's p99s times this")  # fmt: skip
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
+    names = args.baselines.split(",")
+    derive = args.slo_ttft_ms is None or args.slo_tbt_ms is None
+    if derive and (args.slo_ttft_ms is not None or args.slo_tbt_ms is not None):
+        parser.error("give both --slo-ttft-ms and --slo-tbt-ms, or neither (derived)")
+    if derive and "inference-only" not in names:
+        parser.error("SLO targets are derived from the inference-only baseline: add it to "
+                     "--baselines, or give --slo-ttft-ms and --slo-tbt-ms")  # fmt: skip
+    if derive:  # inference-only first: its run sets the others' targets
+        names = ["inference-only"] + [n for n in names if n != "inference-only"]
     scale = 4.0 if args.full else 1.0
     args.phase_s = args.phase_s or 50.0 * scale
     args.eval_every_s = args.eval_every_s or args.phase_s / args.evals_per_phase
@@ -520,23 +587,37 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(args.model_path or str(ensure_default_model()))
     runs: dict[str, list[dict[str, Any]]] = {}
+    slo_targets: list[dict[str, Any]] = []  # per seed
     for seed in range(1, args.seeds + 1):
         seed_out = out / f"seed-{seed}" if args.seeds > 1 else out
         seed_out.mkdir(parents=True, exist_ok=True)
         baselines: dict[str, dict[str, Any]] = {}
         base_answers = None
-        for name in args.baselines.split(","):
+        # inference-only's server never trains: the targets it runs with steer nothing
+        targets = (2000.0, 200.0) if derive else (args.slo_ttft_ms, args.slo_tbt_ms)
+        for name in names:
+            run_args = argparse.Namespace(**{**vars(args), "slo_ttft_ms": targets[0],
+                                             "slo_tbt_ms": targets[1]})  # fmt: skip
             baselines[name], base_answers = run_baseline(
-                name, args, tokenizer, seed_out, base_answers, seed
+                name, run_args, tokenizer, seed_out, base_answers, seed
             )
+            if derive and name == "inference-only":
+                targets = derived_targets(baselines[name]["_results"], args.slo_headroom)
+                print(f"seed {seed}: SLO targets from inference-only: TTFT "
+                      f"{targets[0]:.0f} ms, TPOT {targets[1]:.0f} ms", flush=True)  # fmt: skip
+        slo_targets.append({"ttft_ms": targets[0], "tbt_ms": targets[1],
+                            "from": "inference-only" if derive else "flags"})  # fmt: skip
+        for row in baselines.values():  # every baseline against the same targets
+            done = summarize(row["_results"], targets[0], targets[1], row["_wall"])
+            row["slo_attainment"] = done["slo_attainment"]
         plot(baselines, args.phase_list, seed_out)
         for name, row in baselines.items():
             runs.setdefault(name, []).append(
-                {k: v for k, v in row.items() if k not in ("gaps", "ttfts")}
+                {k: v for k, v in row.items() if k not in ("gaps", "ttfts", "_results", "_wall")}
             )
         # After every seed: a run stopped later keeps the seeds it finished.
         table = {name: aggregate(rows) for name, rows in runs.items()}
-        write_results(out, args, table, seed)
+        write_results(out, args, table, seed, slo_targets)
     keys = ("win_rate", "degenerate_share", "clpd", "recover_s", "ttft_p99_ms", "tbt_p99_ms",
             "slo_attainment", "throughput_tok_s", "train_tokens_per_s", "guard_refusals")  # fmt: skip
     print(json.dumps({n: {k: r.get(k) for k in keys} for n, r in table.items()}, indent=2))

@@ -68,7 +68,7 @@ def test_run_baseline_counts_serving_windows_and_pauses_training_to_evaluate(tmp
         def get(self, path: str) -> _Response:
             training = {"paused": self.paused, "serving_seconds": self.busy,
                         "train_seconds": 0.0, "trained_tokens": 0,
-                        "rejected_versions": 0}  # fmt: skip
+                        "rejected_versions": 0, "adapter_version": 0}  # fmt: skip
             return _Response({"model_path": "m", "training": training})
 
         def post(self, path: str, body: dict) -> _Response:
@@ -99,7 +99,7 @@ def test_run_baseline_counts_serving_windows_and_pauses_training_to_evaluate(tmp
         events.append(("load", seed, body["messages"][0]["content"], duration_s))
         return out
 
-    def evaluate(client, phase, held_out, base, max_tokens):
+    def evaluate(client, phase, held_out, base, max_tokens, served, memo):
         assert server[0].paused  # an evaluation runs with training paused
         events.append(("eval", phase.name))
         return {"win_rate": 0.5, "degenerate_share": 0.0, "clpd": 1.0, "example": "",
@@ -134,3 +134,58 @@ def test_run_baseline_counts_serving_windows_and_pauses_training_to_evaluate(tmp
     assert row["timeline"][-1]["t"] < 5.0  # the windows' seconds, not the evaluations'
     assert row["device_utilisation"] > 1.0  # 9 busy seconds in well under 9 s of windows
     assert row["feedback_posted"] == 18 and row["requests"] == 18
+
+
+def test_an_evaluation_asks_each_served_version_once_and_judges_it_under_every_phase():
+    """evaluate reuses a version's answers (and, in the same phase, its margins): greedy
+    answers of the same weights are the same, and each evaluation costs 20-60 s on 2
+    cores. A new version, or a new adapter name, is asked again."""
+    from benchmarks import drift
+    from benchmarks.phases import load_phases
+
+    asked: list[tuple] = []
+
+    class Client:
+        adapter = "live"
+
+        def answer(self, prompt, adapter, max_tokens):
+            asked.append(("answer", prompt))
+            return "Certainly! " + prompt
+
+        def logprob(self, prompt, completion, adapter):
+            asked.append(("logprob", prompt))
+            return -1.0
+
+    concise, opener, _ = load_phases()
+    held = ["The sea is big and blue and deep.", "Sand is made of small grains of rock."]
+    base = {p: p for p in held}
+    memo: dict = {}
+    first = drift.evaluate(Client(), opener, held, base, 16, ("live", 3), memo)
+    assert not first["reused"] and first["win_rate"] == 1.0  # the opener phase's judge
+    n = len(asked)
+    assert sum(a[0] == "answer" for a in asked) == 2 and n > 2
+    again = drift.evaluate(Client(), opener, held, base, 16, ("live", 3), memo)
+    assert again["reused"] and len(asked) == n  # nothing asked again
+    assert again["win_rate"] == first["win_rate"] and again["clpd"] == first["clpd"]
+    other = drift.evaluate(Client(), concise, held, base, 16, ("live", 3), memo)
+    assert other["reused"] and other["win_rate"] != first["win_rate"]  # judged anew
+    assert {a[0] for a in asked[n:]} <= {"logprob"}  # only the new phase's margins
+    m = len(asked)
+    drift.evaluate(Client(), concise, held, base, 16, ("live", 4), memo)
+    assert sum(a[0] == "answer" for a in asked[m:]) == 2  # a new version is asked
+
+
+def test_derived_slo_targets_are_inference_onlys_own_tails_with_headroom():
+    from benchmarks.drift import derived_targets
+    from benchmarks.loadgen import RequestResult
+
+    results = [
+        RequestResult(sent=0.0, ttft=0.1 * (i + 1), e2e=0.19 * (i + 1), tokens=10)
+        for i in range(100)  # time per output token 0.01 * (i + 1) s
+    ]
+    results.append(RequestResult(sent=0.0, error="timeout"))  # a failure sets no target
+    ttft, tpot = derived_targets(results, 1.1)
+    assert ttft == pytest.approx(9.9 * 1000 * 1.1)  # p99 of 0.1..10 s
+    assert tpot == pytest.approx(0.99 * 1000 * 1.1)
+    with pytest.raises(RuntimeError, match="no SLO targets"):
+        derived_targets([RequestResult(sent=0.0, error="x")], 1.1)

@@ -119,7 +119,7 @@ def test_a_loop_counts_only_where_the_adapter_made_it(tiny_model_dir: Path, kl, 
     looping = [[7, 8, 9, 10] * 3] + [list(t) for t in guard.base_tokens[1:]]
     by_answer = [kl] + [0.0] * (n - 1)
 
-    def fake(adapter: bool, against_base: bool, scale: float):
+    def fake(adapter: bool, base: object, scale: float):
         yield from ()
         return Answers(looping, kl / n, by_answer)
 
@@ -153,7 +153,7 @@ def test_guard_refuses_an_answer_that_lost_the_base_content(tiny_model_dir, answ
     tokens = [tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]]
     tokens += [list(t) for t in guard.base_tokens[1:]]
 
-    def fake(adapter: bool, against_base: bool, scale: float):
+    def fake(adapter: bool, base: object, scale: float):
         yield from ()
         return Answers(tokens, kl / n, [kl] + [0.0] * (n - 1))
 
@@ -210,7 +210,7 @@ def test_open_answers_must_keep_content_or_be_short_and_on_topic(tiny_model_dir,
     tokens += [_open_answer(tok, guard, first + j, k) for j, k in enumerate(kinds)]
     by_answer = [0.0] * first + [kl] * len(OPEN)
 
-    def fake(adapter: bool, against_base: bool, scale: float):
+    def fake(adapter: bool, base: object, scale: float):
         yield from ()
         return Answers(tokens, kl / 2, by_answer)
 
@@ -234,18 +234,22 @@ def test_open_prompts_are_skipped_when_their_check_is_off(tiny_model_dir: Path):
 
 
 def test_batched_answers_equal_one_prompt_at_a_time(tiny_model_dir: Path):
-    # The guard decodes its canary prompts together over left-padded, joined caches: the
-    # answers and KLs must be what each prompt gets alone.
+    # The guard prefills its canary prompts over their shared prefix, decodes them
+    # together over left-padded, joined caches, and scores the answers with the base model
+    # over its cached prompts: the answers and KLs must be what each prompt gets alone,
+    # without caches.
     import torch.nn.functional as F
 
-    from mace_sgl.trainer.guard import greedy_answers
+    from mace_sgl.trainer.guard import common_prefix, greedy_answers
 
     tok, dpo, guard = setup(tiny_model_dir, lr=1e-2)
     train(dpo, pairs(tok, "Sure, fine.", lambda i: f"No {i}."), steps=3)
     prompts = guard.prompts + [encode_pair(tok, TRAIN[0], "")[0]]  # lengths differ
     assert len({len(p) for p in prompts}) > 1
+    assert common_prefix(prompts) > 0  # the shared-prefix slice runs
     limits = [12, 5, 12, 3][: len(prompts)]  # each prompt's own bound
-    got = run_to_end(greedy_answers(dpo, prompts, tok.eos_token_id, True, True, max_new=limits))
+    base = run_to_end(greedy_answers(dpo, prompts, tok.eos_token_id, False, None, 1)).states
+    got = run_to_end(greedy_answers(dpo, prompts, tok.eos_token_id, True, base, max_new=limits))
     kls = []
     for prompt, answer, limit in zip(prompts, got.tokens, limits, strict=True):
         ids = list(prompt)
@@ -265,3 +269,12 @@ def test_batched_answers_equal_one_prompt_at_a_time(tiny_model_dir: Path):
         kls.append(float((ours.exp() * (ours - base)).sum(-1).mean()))
     assert max(kls) > 1e-4  # the adapter moved the model, so the KLs are a real check
     assert got.kl_by_answer == pytest.approx(kls, rel=1e-3, abs=1e-5)
+
+
+def test_common_prefix_leaves_each_prompt_a_token_of_its_own():
+    from mace_sgl.trainer.guard import common_prefix
+
+    assert common_prefix([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert common_prefix([[1, 2, 3], [1, 2, 3]]) == 2  # identical: the last token is its own
+    assert common_prefix([[1, 2], [1]]) == 0
+    assert common_prefix([[7, 1], [8, 1]]) == 0

@@ -33,5 +33,5 @@ def base_anchors(
 ) -> list[tuple[list[int], list[int]]]:
     """(prompt, answer) token ids: the base model's greedy answers (adapter off, with the
     end token when they end within max_new), leaving out answers that loop."""
-    got = run_to_end(greedy_answers(dpo, prompts, eos_id, False, False, max_new))
+    got = run_to_end(greedy_answers(dpo, prompts, eos_id, False, None, max_new))
     return [(p, a) for p, a in zip(prompts, got.tokens, strict=True) if a and not loops(a)]

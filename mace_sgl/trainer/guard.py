@@ -127,6 +127,7 @@ class Answers:
     tokens: list[list[int]]  # each answer's tokens, up to and with the end token
     kl_per_token: float = 0.0  # mean KL(candidate || base) over the answers' tokens
     kl_by_answer: list[float] = field(default_factory=list)  # the same, per answer
+    states: PromptStates | None = None  # the answering model's own, after each prompt
 
 
 @dataclass
@@ -181,7 +182,8 @@ class Guard:
         self.min_keep = min_keep
         self.open_keep = open_keep
         self.log = GuardLog()  # the record of `check` calls that name no other
-        base = run_to_end(self.answer_slices(adapter=False, against_base=False, scale=1.0))
+        base = run_to_end(self.answer_slices(adapter=False, base=None, scale=1.0))
+        self.base_states = base.states  # each check's teacher forcing starts from them
         self.base_tokens = base.tokens
         self.base_answers = [self.decode(t)[:80] for t in base.tokens]  # for the status
         texts = [self._text(t) for t in base.tokens]
@@ -236,7 +238,7 @@ class Guard:
         `published` says whether it passed. Counts refusals by their first reason in `log`
         (each tenant keeps its own; the base answers are shared)."""
         log = log if log is not None else self.log
-        got = yield from self.answer_slices(adapter=True, against_base=True, scale=1.5)
+        got = yield from self.answer_slices(adapter=True, base=self.base_states, scale=1.5)
         ours = [kl >= ATTRIBUTE_KL for kl in got.kl_by_answer]  # the adapter's doing
         texts = [self._text(t) for t in got.tokens]
         keep = [
@@ -288,7 +290,7 @@ class Guard:
         return log.last
 
     def answer_slices(
-        self, adapter: bool, against_base: bool, scale: float
+        self, adapter: bool, base: PromptStates | None, scale: float
     ) -> Generator[SliceSpec, None, Answers]:
         """The canary prompts' greedy answers (see `greedy_answers`), each up to `scale`
         times its budget: max_new_tokens for a factual prompt, OPEN_BUDGET times that for
@@ -296,7 +298,7 @@ class Guard:
         budgets = [self.max_new_tokens] * self.factual
         budgets += [OPEN_BUDGET * self.max_new_tokens] * (len(self.prompts) - self.factual)
         limits = [int(b * scale) for b in budgets]
-        return greedy_answers(self.dpo, self.prompts, self.eos_id, adapter, against_base, limits)
+        return greedy_answers(self.dpo, self.prompts, self.eos_id, adapter, base, limits)
 
     def status(self, log: GuardLog | None = None) -> dict[str, Any]:
         log = log if log is not None else self.log
@@ -329,35 +331,71 @@ class GuardLog:
         }
 
 
+@dataclass
+class PromptStates:
+    """The base model's state after each prompt (adapter off): the prompt's KV cache, per
+    layer (keys, values), and the next-token log-probs. The base weights never change,
+    so the guard keeps them from its first pass over the canaries and scores every
+    candidate's answers over them: only the answer tokens run again."""
+
+    kv: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per prompt, per layer
+    first: list[torch.Tensor]  # per prompt: log-probs of the first answer token
+
+
+def common_prefix(prompts: list[list[int]]) -> int:
+    """Length of the token prefix every prompt shares (the chat template's system turn),
+    leaving each prompt at least one token of its own."""
+    n = min(len(p) for p in prompts) - 1
+    for i in range(max(n, 0)):
+        if any(p[i] != prompts[0][i] for p in prompts):
+            return i
+    return max(n, 0)
+
+
 def greedy_answers(
     dpo: SlicedDPO,
     prompts: list[list[int]],
     eos_id: int,
     adapter: bool,
-    against_base: bool,
+    base: PromptStates | None,
     max_new: int | list[int],
 ) -> Generator[SliceSpec, None, Answers]:
     """Greedy answers of the model (adapter on or off), up to `max_new` tokens (one
-    bound, or one per prompt), to `prompts` (token ids). Each prompt's prefill is a slice
-    of its own (the largest slice, about as long as a short serving prefill); then the
-    prompts decode together, one slice per position, over their caches joined and
-    left-padded (masked). With `against_base`, one more slice per prompt runs the base
-    model over prompt and answer (teacher forcing) and the mean KL(model || base) per
-    answer token comes back too.
-    Answers end with `eos_id` unless they ran to `max_new` tokens."""
+    bound, or one per prompt), to `prompts` (token ids). The prefix the prompts share is
+    one slice, each prompt's own tokens over it a slice of their own (the largest slices,
+    about as long as a short serving prefill); then the prompts decode together, one
+    slice per position, over their caches joined and left-padded (masked). With `base`
+    (the base model's PromptStates for these prompts), one more slice per answer runs the
+    base model over the answer tokens after its cached prompt (teacher forcing) and the
+    mean KL(model || base) per answer token comes back too.
+    Answers end with `eos_id` unless they ran to `max_new` tokens; `states` holds the
+    model's own PromptStates (the base's when `adapter` is False)."""
     from transformers import DynamicCache
 
     lm, dev = dpo.lm, dpo.device
     n = len(prompts)
     limits = max_new if isinstance(max_new, list) else [max_new] * n
-    caches: list[Any] = []
-    logps: list[torch.Tensor] = []  # each prompt's next-token log-probs
-    for prompt in prompts:
-        yield SliceSpec("guard", len(prompt))
+    shared = common_prefix(prompts)
+    prefix: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if shared:
+        yield SliceSpec("guard", shared)
         with dpo._mode(adapter, grad=False):
-            out = lm(input_ids=torch.tensor([prompt], device=dev), use_cache=True, logits_to_keep=1)
-        caches.append(out.past_key_values)
-        logps.append(F.log_softmax(out.logits[0, -1].float(), dim=-1))
+            out = lm(input_ids=torch.tensor([prompts[0][:shared]], device=dev), use_cache=True)
+        prefix = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    states = PromptStates([], [])
+    for prompt in prompts:
+        yield SliceSpec("guard", len(prompt) - shared)
+        with dpo._mode(adapter, grad=False):
+            out = lm(
+                input_ids=torch.tensor([prompt[shared:]], device=dev),
+                past_key_values=DynamicCache(prefix) if shared else None,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        states.kv.append([(layer.keys, layer.values) for layer in out.past_key_values.layers])
+        states.first.append(F.log_softmax(out.logits[0, -1].float(), dim=-1))
+    del prefix, out
+    logps = list(states.first)  # each prompt's next-token log-probs
     longest = max(len(p) for p in prompts)
     mask = torch.zeros(n, longest, dtype=torch.long, device=dev)
     for i, prompt in enumerate(prompts):
@@ -366,17 +404,15 @@ def greedy_answers(
     def left_padded(ts: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([F.pad(t, (0, 0, longest - t.shape[-2], 0)) for t in ts])
 
-    layers = [c.layers for c in caches]
     cache: Any = DynamicCache(
         [
             (
-                left_padded([ls[j].keys for ls in layers]),
-                left_padded([ls[j].values for ls in layers]),
+                left_padded([kv[j][0] for kv in states.kv]),
+                left_padded([kv[j][1] for kv in states.kv]),
             )
-            for j in range(len(layers[0]))
+            for j in range(len(states.kv[0]))
         ]
     )
-    del caches, layers
     answers: list[list[int]] = [[] for _ in prompts]
     mine: list[list[torch.Tensor]] = [[] for _ in prompts]  # log-probs behind each token
     done = [False] * n
@@ -384,7 +420,7 @@ def greedy_answers(
         for i in range(n):
             if done[i]:
                 continue
-            if against_base:
+            if base is not None:
                 mine[i].append(logps[i])
             answers[i].append(int(logps[i].argmax()))
             done[i] = answers[i][-1] == eos_id or len(answers[i]) >= limits[i]
@@ -411,18 +447,23 @@ def greedy_answers(
     del cache
     by_answer: list[float] = []
     kl_total, tokens_total = 0.0, 0
-    for prompt, answer, own in zip(prompts, answers, mine, strict=True) if against_base else ():
-        full = torch.tensor([prompt + answer], device=dev)
-        yield SliceSpec("guard", int(full.shape[1]))
-        with dpo._mode(False, grad=False):
-            out = lm(input_ids=full, logits_to_keep=len(answer) + 1)
-        # the last len(answer) + 1 positions; position j of them predicts answer token j
-        base = F.log_softmax(out.logits[0, : len(answer)].float(), dim=-1)
+    for i, (answer, own) in enumerate(zip(answers, mine, strict=True)) if base else ():
+        # position j of `theirs` is the base's log-probs for answer token j
+        theirs = base.first[i][None]
+        if len(answer) > 1:
+            yield SliceSpec("guard", len(answer) - 1)
+            with dpo._mode(False, grad=False):
+                out = lm(
+                    input_ids=torch.tensor([answer[:-1]], device=dev),
+                    past_key_values=DynamicCache(base.kv[i]),
+                    use_cache=True,
+                )
+            theirs = torch.cat([theirs, F.log_softmax(out.logits[0].float(), dim=-1)])
         ours = torch.stack(own)
         p = ours.exp()
-        kl = torch.where(p > 0, p * (ours - base), 0.0).sum(-1)  # nats per token
+        kl = torch.where(p > 0, p * (ours - theirs), 0.0).sum(-1)  # nats per token
         by_answer.append(float(kl.mean()))
         kl_total += float(kl.sum())
         tokens_total += len(answer)
     kl_mean = kl_total / tokens_total if tokens_total else 0.0
-    return Answers(answers, kl_mean, by_answer)
+    return Answers(answers, kl_mean, by_answer, states)
