@@ -86,7 +86,7 @@ from tqdm import tqdm
 
 from benchmarks.align import completion_logprob
 from benchmarks.align import prompts as shipped_prompts
-from benchmarks.loadgen import RequestResult, percentile_ms, poisson_load, summarize
+from benchmarks.loadgen import RequestResult, poisson_load, summarize, tail_targets
 from benchmarks.phases import DEFAULT_FILE, Phase, degenerate, load_phases, verdict
 from benchmarks.serve_smoke import machine
 from benchmarks.stats import aggregate
@@ -433,16 +433,6 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
     return row, base_answers
 
 
-def derived_targets(results: list[RequestResult], headroom: float) -> tuple[float, float]:
-    """SLO targets (TTFT ms, TPOT ms) that inference-only just meets: its own p99 TTFT and
-    p99 time per output token at this load, times `headroom`."""
-    ttft = percentile_ms([r.ttft for r in results if r.error is None and r.ttft is not None], 99)
-    tpot = percentile_ms([r.tpot for r in results if r.error is None and r.tpot is not None], 99)
-    if ttft is None or tpot is None:
-        raise RuntimeError("inference-only finished no request: no SLO targets to derive")
-    return ttft * headroom, tpot * headroom
-
-
 def plot(baselines: dict[str, dict[str, Any]], phases: list[Phase], out: Path) -> None:
     import matplotlib
 
@@ -602,7 +592,8 @@ def main() -> None:
                 name, run_args, tokenizer, seed_out, base_answers, seed
             )
             if derive and name == "inference-only":
-                targets = derived_targets(baselines[name]["_results"], args.slo_headroom)
+                # inference-only's own p99 TTFT and time per output token
+                targets = tail_targets(baselines[name]["_results"], args.slo_headroom)
                 print(f"seed {seed}: SLO targets from inference-only: TTFT "
                       f"{targets[0]:.0f} ms, TPOT {targets[1]:.0f} ms", flush=True)  # fmt: skip
         slo_targets.append({"ttft_ms": targets[0], "tbt_ms": targets[1],

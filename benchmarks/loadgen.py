@@ -169,6 +169,24 @@ def percentile_ms(values: list[float], q: float) -> float | None:
     return 1000.0 * percentile(values, q)
 
 
+def tail_targets(
+    results: list[RequestResult], headroom: float = 1.0, per_token: str = "tpot"
+) -> tuple[float, float]:
+    """SLO targets (ms) that a run just meets: its p99 TTFT and p99 time per token, times
+    `headroom`. per_token "tpot": requests' mean time per output token (what
+    `summarize` counts for attainment); "gap": single gaps between tokens (the server
+    controller's default TBT, prefill stalls included). Failed requests set nothing."""
+    ok = [r for r in results if r.error is None and r.ttft is not None]
+    ttft = percentile_ms([r.ttft for r in ok], 99)
+    if per_token == "gap":
+        tbt = percentile_ms([g for r in ok for g in r.gaps], 99)
+    else:
+        tbt = percentile_ms([r.tpot for r in ok if r.tpot is not None], 99)
+    if ttft is None or tbt is None:
+        raise RuntimeError("no request completed: no SLO targets to derive")
+    return ttft * headroom, tbt * headroom
+
+
 def summarize(
     results: list[RequestResult], ttft_ms: float, tbt_ms: float, wall_s: float
 ) -> dict[str, Any]:

@@ -176,16 +176,17 @@ def test_an_evaluation_asks_each_served_version_once_and_judges_it_under_every_p
 
 
 def test_derived_slo_targets_are_inference_onlys_own_tails_with_headroom():
-    from benchmarks.drift import derived_targets
-    from benchmarks.loadgen import RequestResult
+    """drift's targets: inference-only's p99 TTFT and p99 time per output token (what
+    attainment counts), x headroom."""
+    from benchmarks.loadgen import RequestResult, tail_targets
 
     results = [
         RequestResult(sent=0.0, ttft=0.1 * (i + 1), e2e=0.19 * (i + 1), tokens=10)
         for i in range(100)  # time per output token 0.01 * (i + 1) s
     ]
     results.append(RequestResult(sent=0.0, error="timeout"))  # a failure sets no target
-    ttft, tpot = derived_targets(results, 1.1)
+    ttft, tpot = tail_targets(results, 1.1)
     assert ttft == pytest.approx(9.9 * 1000 * 1.1)  # p99 of 0.1..10 s
     assert tpot == pytest.approx(0.99 * 1000 * 1.1)
     with pytest.raises(RuntimeError, match="no SLO targets"):
-        derived_targets([RequestResult(sent=0.0, error="x")], 1.1)
+        tail_targets([RequestResult(sent=0.0, error="x")], 1.1)

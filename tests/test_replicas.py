@@ -519,3 +519,58 @@ def test_the_stepping_replica_serves_its_version_once_every_peer_took_it():
     fake.tenants.rollback = lambda t, why: rolled.append(why)
     MaceTrainer._publish_delivered(fake, broken, [], {1: 0.5}, 5)
     assert rolled and "v5" in rolled[0] and reported[-1] == (4, 0) and fake.unpublished == {}
+
+
+def test_no_step_of_a_tenant_starts_while_its_last_version_reaches_the_peers():
+    """runtime._start_step, on a stand-in trainer: a tenant in `unpublished` (its step's
+    version sent, not yet served here) gets no new step, another tenant's pairs do; once
+    it is served the tenant steps again. A step on an unpublished version would be
+    trained on weights the peers may not hold yet."""
+    from types import SimpleNamespace
+
+    from mace_sgl.policy.fairshare import FairShare
+    from mace_sgl.trainer.jobs import QueuedPair
+    from mace_sgl.trainer.runtime import MaceTrainer
+
+    started: list[str] = []
+
+    def fake_with(queue, unpublished, required=None):
+        taken: list[int] = []
+
+        def take(picked):
+            taken.extend(picked)
+            return [queue[i] for i in picked], {}
+
+        return SimpleNamespace(
+            board=SimpleNamespace(
+                queue=queue, take=take, start_step=lambda gen, pairs: started.append(gen)
+            ),
+            tenants=SimpleNamespace(
+                tenants={
+                    "live": SimpleNamespace(name="live", version=5),
+                    "other": SimpleNamespace(name="other", version=2),
+                }
+            ),
+            link=SimpleNamespace(required=required or {}),
+            unpublished=unpublished,
+            policy=SimpleNamespace(rank=lambda units, now: sorted(units, key=lambda u: u.arrival)),
+            fair=FairShare(),
+            lease=None,
+            cfg=SimpleNamespace(pairs_per_step=1),
+            _step=lambda tenant, pairs, refs: tenant.name,
+        )
+
+    def queued(tenant: str, arrival: float) -> QueuedPair:
+        return QueuedPair(pair=None, arrival=arrival, loss=None, tenant=tenant)
+
+    # live's pair is older (first in line), but live's v6 is still on its way
+    queue = [queued("live", 1.0), queued("other", 2.0)]
+    MaceTrainer._start_step(fake_with(queue, {"live": 6}))
+    assert started == ["other"]
+    MaceTrainer._start_step(fake_with([queued("live", 1.0)], {"live": 6}))
+    assert started == ["other"]  # nothing else waits: no step at all
+    MaceTrainer._start_step(fake_with([queued("live", 1.0)], {}))
+    assert started == ["other", "live"]  # served: it steps again
+    # behind a version another replica published (link.required): no step either
+    MaceTrainer._start_step(fake_with([queued("live", 1.0)], {}, {"live": 7}))
+    assert started == ["other", "live"]
