@@ -190,3 +190,57 @@ def test_derived_slo_targets_are_inference_onlys_own_tails_with_headroom():
     assert tpot == pytest.approx(0.99 * 1000 * 1.1)
     with pytest.raises(RuntimeError, match="no SLO targets"):
         tail_targets([RequestResult(sent=0.0, error="x")], 1.1)
+
+
+def test_main_derives_each_seeds_targets_from_inference_only_and_counts_every_baseline_against_them(
+    tmp_path, monkeypatch, tiny_model_dir
+):
+    """drift.main without servers: inference-only runs first in every seed whatever the
+    order asked, the later baselines' servers get its p99s x headroom as targets, and
+    every baseline's slo_attainment is counted against them (results.json)."""
+    import json
+    import sys
+
+    from benchmarks import drift
+    from benchmarks.loadgen import RequestResult
+
+    ran: list[tuple[int, str, float, float]] = []
+
+    def run_baseline(name, args, tokenizer, out, base_answers, seed=1):
+        ran.append((seed, name, args.slo_ttft_ms, args.slo_tbt_ms))
+        # TTFT 0.1..1.0 s (inference-only) or 0.2..2.0 s, and 10 x seed ms per token
+        slow = 1.0 if name == "inference-only" else 2.0
+        results = [
+            RequestResult(
+                sent=0.0,
+                ttft=0.1 * (i + 1) * slow,
+                e2e=0.1 * (i + 1) * slow + 0.09 * seed,
+                tokens=10,
+            )  # fmt: skip
+            for i in range(10)
+        ]
+        row = {"win_rate": 0.5, "slo_attainment": -1.0, "timeline": [], "gaps": [],
+               "ttfts": [], "_results": results, "_wall": 10.0}  # fmt: skip
+        return row, {}
+
+    monkeypatch.setattr(drift, "run_baseline", run_baseline)
+    monkeypatch.setattr(drift, "plot", lambda *a: None)
+    monkeypatch.setattr(sys, "argv", [
+        "drift", "--quick", "--seeds", "2", "--baselines", "mace,inference-only",
+        "--model-path", str(tiny_model_dir), "--out", str(tmp_path),
+    ])  # fmt: skip
+    drift.main()
+    assert [(s, n) for s, n, _, _ in ran] == [
+        (1, "inference-only"),
+        (1, "mace"),
+        (2, "inference-only"),
+        (2, "mace"),
+    ]
+    # seed s: TTFT p99 1.0 s, time per token 0.01 * s s, x 1.1
+    assert ran[1][2:] == (pytest.approx(1100.0), pytest.approx(11.0))
+    assert ran[3][2:] == (pytest.approx(1100.0), pytest.approx(22.0))
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert [t["from"] for t in result["slo_targets"]] == ["inference-only"] * 2
+    base, mace = result["baselines"]["inference-only"], result["baselines"]["mace"]
+    assert base["slo_attainment"] == pytest.approx(1.0)  # its own p99 x 1.1: every request
+    assert mace["slo_attainment"] == pytest.approx(0.5)  # TTFT 0.2..1.0 s of 0.2..2.0 met

@@ -247,9 +247,13 @@ def test_batched_answers_equal_one_prompt_at_a_time(tiny_model_dir: Path):
     prompts = guard.prompts + [encode_pair(tok, TRAIN[0], "")[0]]  # lengths differ
     assert len({len(p) for p in prompts}) > 1
     assert common_prefix(prompts) > 0  # the shared-prefix slice runs
-    limits = [12, 5, 12, 3][: len(prompts)]  # each prompt's own bound
+    limits = [12, 5, 12, 1][: len(prompts)]  # each prompt's own bound; one answer of 1
     base = run_to_end(greedy_answers(dpo, prompts, tok.eos_token_id, False, None, 1)).states
     got = run_to_end(greedy_answers(dpo, prompts, tok.eos_token_id, True, base, max_new=limits))
+    assert any(len(a) == 1 for a in got.tokens)  # its KL needs no teacher-forced pass
+    # the base states are read, never changed: a second check over them reads the same
+    again = run_to_end(greedy_answers(dpo, prompts, tok.eos_token_id, True, base, limits))
+    assert again.kl_by_answer == got.kl_by_answer and again.tokens == got.tokens
     kls = []
     for prompt, answer, limit in zip(prompts, got.tokens, limits, strict=True):
         ids = list(prompt)

@@ -136,7 +136,7 @@ class Answers:
     tokens: list[list[int]]  # each answer's tokens, up to and with the end token
     kl_per_token: float = 0.0  # mean KL(candidate || base) over the answers' tokens
     kl_by_answer: list[float] = field(default_factory=list)  # the same, per answer
-    states: PromptStates | None = None  # the answering model's own, after each prompt
+    states: PromptStates | None = None  # the answering model's own (asked without base)
 
 
 @dataclass
@@ -377,19 +377,25 @@ def greedy_answers(
     (the base model's PromptStates for these prompts), one more slice per answer runs the
     base model over the answer tokens after its cached prompt (teacher forcing) and the
     mean KL(model || base) per answer token comes back too.
-    Answers end with `eos_id` unless they ran to `max_new` tokens; `states` holds the
-    model's own PromptStates (the base's when `adapter` is False)."""
+    Answers end with `eos_id` unless they ran to `max_new` tokens; without `base`,
+    `states` holds the model's own PromptStates (the base's when `adapter` is False)."""
     from transformers import DynamicCache
 
     lm, dev = dpo.lm, dpo.device
     n = len(prompts)
+    if base is not None and len(base.first) != n:
+        raise ValueError(f"base states for {len(base.first)} prompts, {n} prompts given")
     limits = max_new if isinstance(max_new, list) else [max_new] * n
     shared = common_prefix(prompts)
     prefix: list[tuple[torch.Tensor, torch.Tensor]] = []
     if shared:
         yield SliceSpec("guard", shared)
         with dpo._mode(adapter, grad=False):
-            out = lm(input_ids=torch.tensor([prompts[0][:shared]], device=dev), use_cache=True)
+            out = lm(
+                input_ids=torch.tensor([prompts[0][:shared]], device=dev),
+                use_cache=True,
+                logits_to_keep=1,  # no token of the prefix is predicted
+            )
         prefix = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
     states = PromptStates([], [])
     for prompt in prompts:
@@ -422,6 +428,8 @@ def greedy_answers(
             for j in range(len(states.kv[0]))
         ]
     )
+    kept = states if base is None else None  # a candidate's own are not kept: free them
+    del states
     answers: list[list[int]] = [[] for _ in prompts]
     mine: list[list[torch.Tensor]] = [[] for _ in prompts]  # log-probs behind each token
     done = [False] * n
@@ -475,4 +483,4 @@ def greedy_answers(
         kl_total += float(kl.sum())
         tokens_total += len(answer)
     kl_mean = kl_total / tokens_total if tokens_total else 0.0
-    return Answers(answers, kl_mean, by_answer, states)
+    return Answers(answers, kl_mean, by_answer, kept)
