@@ -137,7 +137,7 @@ class PeriodicTrainer:
 
     def __init__(self, client: Client, model_path: str, out: Path, period_s: float,
                  lr: float, beta: float, rpo_alpha: float = 0.0,
-                 anchor_alpha: float = 0.0) -> None:  # fmt: skip
+                 anchor_alpha: float = 0.0, decay: float = 0.0) -> None:  # fmt: skip
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -152,7 +152,12 @@ class PeriodicTrainer:
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
         self.model = attach_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
         self.dpo = SlicedDPO(
-            self.model, beta=beta, lr=lr, rpo_alpha=rpo_alpha, anchor_alpha=anchor_alpha
+            self.model,
+            beta=beta,
+            lr=lr,
+            rpo_alpha=rpo_alpha,
+            anchor_alpha=anchor_alpha,
+            decay=decay,
         )
         if anchor_alpha:  # the same anchors as the server's trainer
             from mace_sgl.templating import encode_pair
@@ -303,6 +308,7 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
              "--mace-guard-open-keep", str(args.guard_open_keep),
              "--mace-rpo-alpha", str(args.rpo_alpha),
              "--mace-anchor-alpha", str(args.anchor_alpha),
+             "--mace-adapter-decay", str(args.adapter_decay),
              "--mace-slo-ttft-ms", str(args.slo_ttft_ms),
              "--mace-slo-tbt-ms", str(args.slo_tbt_ms),
              "--mace-slo-tbt-basis", "request"]  # fmt: skip
@@ -323,7 +329,7 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
         if name == "periodic":
             periodic = PeriodicTrainer(client, model_path, out / "periodic", args.period_s,
                                        args.lr, 0.1, args.rpo_alpha,
-                                       args.anchor_alpha)  # fmt: skip
+                                       args.anchor_alpha, args.adapter_decay)  # fmt: skip
         phase_box = {"phase": phases[0]}
         posted = [0]
         sent = [0]  # requests sent in earlier windows: prompts go on round the list
@@ -547,7 +553,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     defaults = MaceConfig()
     for flag in ("--guard-max-kl", "--guard-min-keep", "--guard-open-keep", "--rpo-alpha",
-                 "--anchor-alpha"):  # fmt: skip
+                 "--anchor-alpha", "--adapter-decay"):  # fmt: skip
         parser.add_argument(
             flag,
             type=float,

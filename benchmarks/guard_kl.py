@@ -82,7 +82,7 @@ def run_drive(name: str, model_path: str, steps: int, cfg: MaceConfig) -> dict:
     edit, lr_scale = DRIVES[name]
     dpo = SlicedDPO(
         model, beta=cfg.beta, lr=cfg.lr * lr_scale, rpo_alpha=cfg.rpo_alpha,
-        anchor_alpha=cfg.anchor_alpha,
+        anchor_alpha=cfg.anchor_alpha, decay=cfg.adapter_decay,
     )  # fmt: skip
     if cfg.anchor_alpha:
         anchor_prompts = [encode_pair(tokenizer, m, "")[0] for m in ANCHOR_PROMPTS]
@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--rpo-alpha", type=float, default=None, help="default: the server's")
     parser.add_argument("--beta", type=float, default=None, help="default: the server's")
     parser.add_argument("--anchor-alpha", type=float, default=None, help="default: the server's")
+    parser.add_argument("--adapter-decay", type=float, default=None, help="default: the server's")
     args = parser.parse_args()
     if args.model_path is None:
         from mace_sgl.models import ensure_default_model
@@ -166,6 +167,8 @@ def main() -> None:
         cfg = dataclasses.replace(cfg, beta=args.beta)
     if args.anchor_alpha is not None:
         cfg = dataclasses.replace(cfg, anchor_alpha=args.anchor_alpha)
+    if args.adapter_decay is not None:
+        cfg = dataclasses.replace(cfg, adapter_decay=args.adapter_decay)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {
@@ -173,7 +176,7 @@ def main() -> None:
                      "guard_tokens": cfg.guard_tokens, "guard_min_keep": cfg.guard_min_keep,
                      "guard_open_keep": cfg.guard_open_keep, "lr": cfg.lr, "beta": cfg.beta,
                      "rpo_alpha": cfg.rpo_alpha, "anchor_alpha": cfg.anchor_alpha,
-                     "model_path": args.model_path},
+                     "adapter_decay": cfg.adapter_decay, "model_path": args.model_path},
         "machine": machine(),
         "drives": [],
     }  # fmt: skip

@@ -91,6 +91,16 @@ class MaceConfig:
             "(benchmarks.guard_kl)."
         },
     )
+    adapter_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Share of the adapter's change to the base weights taken away after "
+            "every optimizer step (LoRA B scaled by 1 - decay), so that a preference the "
+            "feedback no longer asks for fades (half-life about 0.69 / decay steps) while "
+            "the current one is renewed by its own pairs. 0: off (a learned preference "
+            "stays until pairs undo it)."
+        },
+    )
     lr: float = field(
         default=5e-5,
         metadata={
@@ -427,6 +437,8 @@ class MaceConfig:
             )
         if not self.anchor_alpha >= 0:  # also refuses NaN
             raise ValueError(f"anchor_alpha must be >= 0, got {self.anchor_alpha}")
+        if not 0.0 <= self.adapter_decay < 1.0:  # also refuses NaN
+            raise ValueError(f"adapter_decay must be in [0, 1), got {self.adapter_decay}")
         if self.rpo_alpha < 0:
             raise ValueError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
         if not 0.0 <= self.train_floor <= 1.0:

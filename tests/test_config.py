@@ -44,6 +44,9 @@ def test_kv_tokens_for_ram_is_a_share_of_ram_within_bounds():
         {"sync_addr": "127.0.0.1:29600", "sync_world_size": 2, "sync_rank": 2},
         {"sync_addr": "localhost", "sync_world_size": 2},  # no port
         {"sync_addr": "127.0.0.1:0", "sync_world_size": 2},
+        {"adapter_decay": 1.0},  # would wipe the adapter after every step
+        {"adapter_decay": -0.1},
+        {"adapter_decay": float("nan")},
     ],
 )
 def test_invalid_mace_config_is_rejected(kwargs):

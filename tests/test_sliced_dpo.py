@@ -163,6 +163,35 @@ def test_anchor_term_is_the_mean_nll_of_the_next_anchor(tiny_model_dir: Path, st
             torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_decay_shrinks_every_adapted_weight_delta_by_its_share(tiny_model_dir: Path):
+    """After a step (lr 0: AdamW leaves the weights), B is scaled by 1 - decay and A is
+    not, so each adapted module's delta B A x scale shrinks by exactly that share; a
+    step that fails is not decayed."""
+    decay = 0.25
+    model = lora_model(tiny_model_dir)
+    dpo = SlicedDPO(model, lr=0.0, decay=decay)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert len(dpo.lora_b) == sum("lora_B" in n for n in before) > 0
+    assert run_to_end(dpo.step_slices(PAIRS[:1])).ok
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            scale = 1.0 - decay if "lora_B" in n else 1.0
+            torch.testing.assert_close(p.detach(), before[n] * scale, msg=n)
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
+    delta = (q.lora_B["default"].weight @ q.lora_A["default"].weight) * q.scaling["default"]
+    b0, a0 = (before[f"{k}.weight"] for k in (
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default",
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default"))  # fmt: skip
+    torch.testing.assert_close(delta, (b0 @ a0) * q.scaling["default"] * (1.0 - decay))
+
+    with torch.no_grad():  # a non-finite loss: no step, so no decay either
+        dpo.lora_b[0][0, 0] = float("nan")
+    kept = [b.detach().clone() for b in dpo.lora_b]
+    assert not run_to_end(dpo.step_slices(PAIRS[:1])).ok
+    for b, k in zip(dpo.lora_b, kept, strict=True):
+        torch.testing.assert_close(b.detach(), k, equal_nan=True)
+
+
 def test_non_finite_loss_is_reported_not_stepped(tiny_model_dir: Path):
     model = lora_model(tiny_model_dir)
     with torch.no_grad():

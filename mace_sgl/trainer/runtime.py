@@ -114,6 +114,7 @@ class MaceTrainer:
                 rpo_alpha=cfg.rpo_alpha,
                 head_chunks=cfg.head_chunks,
                 anchor_alpha=cfg.anchor_alpha,
+                decay=cfg.adapter_decay,
             )
             self.tenants = TenantRegistry(host, self.model, self.dpo)
             self.tenants.sync()  # every tenant resumes before the first request is served

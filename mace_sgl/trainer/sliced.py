@@ -101,10 +101,14 @@ class SlicedDPO:
         rpo_alpha: float = 0.0,
         head_chunks: int = 0,
         anchor_alpha: float = 0.0,
+        decay: float = 0.0,
     ) -> None:
         """head_chunks: vocabulary chunks of the LM head, one slice each (0: one chunk
         per HEAD_CHUNK_ROWS rows of the output matrix; 1: the whole head at once).
-        anchor_alpha: weight of the anchor term (see `set_anchors`)."""
+        anchor_alpha: weight of the anchor term (see `set_anchors`).
+        decay: share of the adapter's change taken away after every step: each LoRA B
+        matrix is scaled by 1 - decay, so every adapted weight's delta (B A x scale) is
+        too, exactly. A preference that the pairs stop renewing fades geometrically."""
         self.peft = peft_model
         self.lm = peft_model.get_base_model()
         self.head_ranges = head_ranges(self.lm.lm_head, head_chunks)
@@ -115,6 +119,10 @@ class SlicedDPO:
         self._next_anchor = 0
         self.max_grad_norm = max_grad_norm
         self.params = [p for p in peft_model.parameters() if p.requires_grad]
+        self.decay = decay
+        self.lora_b = [
+            p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_B" in n
+        ]
         self.lr = lr
         self.optimizer = self.new_optimizer()
         self.device = next(iter(self.lm.parameters())).device
@@ -352,6 +360,9 @@ class SlicedDPO:
             return result
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.decay:
+            for b in self.lora_b:
+                b.mul_(1.0 - self.decay)
         return result
 
 
