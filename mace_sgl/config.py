@@ -96,9 +96,10 @@ class MaceConfig:
         metadata={
             "help": "Share of the adapter's change to the base weights taken away after "
             "every optimizer step (LoRA B scaled by 1 - decay), so that a preference the "
-            "feedback no longer asks for fades (half-life about 0.69 / decay steps) while "
-            "the current one is renewed by its own pairs. 0: off (a learned preference "
-            "stays until pairs undo it)."
+            "feedback no longer asks for fades (half-life ln 2 / -ln(1 - decay) steps: 1.9 "
+            "at 0.3) while the current one is renewed by its own pairs; without feedback "
+            "there are no steps and nothing fades. 0: off (a learned preference stays "
+            "until pairs undo it)."
         },
     )
     lr: float = field(

@@ -464,7 +464,7 @@ def greedy_answers(
     del cache
     by_answer: list[float] = []
     kl_total, tokens_total = 0.0, 0
-    for i, (answer, own) in enumerate(zip(answers, mine, strict=True)) if base else ():
+    for i, (answer, own) in enumerate(zip(answers, mine, strict=True)) if base is not None else ():
         # position j of `theirs` is the base's log-probs for answer token j
         theirs = base.first[i][None]
         if len(answer) > 1:

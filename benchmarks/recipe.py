@@ -1,0 +1,265 @@
+"""Training recipes compared on the drift benchmark's preference shifts, without a server.
+
+`benchmarks.drift` measures serving and training together and costs about 17 minutes per
+baseline and seed on 2 CPU cores; choosing a recipe (learning rate, beta, `rpo_alpha`,
+`anchor_alpha`, `adapter_decay`) needs many more runs than that allows. This benchmark
+keeps drift's pairs and judge and drops the serving: the default model in plain HF +
+peft (bfloat16 by default, as drift's periodic trainer), trained with the server's own
+sliced DPO and anchors. In each phase of the phase file (`benchmarks/phases.py`),
+`--steps` training prompts in turn: the prompt's current greedy answer (`--max-tokens`,
+as drift serves) is the rejected answer and the phase's edit of it the chosen one, and
+the pair is skipped, as drift skips it, when the answer is empty or the edit does not
+raise the judge's score (an answer that already starts with "Certainly"). Each pair
+trains one step, once: unlike the server, no replay of earlier pairs
+(`--mace-max-train-count`) and no publish guard. After each phase the held-out prompts'
+greedy answers (`--eval-max-tokens`) are judged against the base model's answers by
+drift's own `verdict` and `degenerate`. Held-out prompts are the first `--held-out` of
+drift's 24, and no prompt of those 24 is trained on.
+
+    python -m benchmarks.recipe --out DIR [--seeds 3] [--steps 8] [--held-out 12]
+        [--recipe NAME:key=value,key=value ...] [--phases FILE] [--lr LR]
+
+A recipe is a name and the recipe keys it changes from the server's defaults, e.g.
+`--recipe decay0.3:adapter_decay=0.3 --recipe rpo:rpo_alpha=1`; `--lr` (drift --quick's
+2e-4 by default) is the learning rate of every recipe that names none. Without
+`--recipe`, `server` (the defaults) and `decay0.3` run. A seed sets the LoRA
+initialisation and the order of the training prompts. DIR/results.json holds per recipe
+the mean over seeds of `win_rate` (all phases), `degenerate_share`,
+`last_win_rate.<phase>`, `degenerate.<phase>`, `words.<phase>`, `b_norm.<phase>` (the
+LoRA B matrices' norm at the phase's end: how much adapter there is), `steps` and `skipped`,
+a `ci95` entry of [low, high] per metric, and every seed's row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.align import prompts as shipped_prompts
+from benchmarks.phases import DEFAULT_FILE, Phase, degenerate, load_phases, verdict
+from benchmarks.serve_smoke import machine
+from benchmarks.stats import aggregate
+from mace_sgl.config import MaceConfig
+
+RECIPE_KEYS = ("lr", "beta", "rpo_alpha", "anchor_alpha", "adapter_decay")
+POSITIVE = ("lr", "beta")  # the others may be 0 (off)
+DRIFT_HELD_OUT = 24  # benchmarks.drift's --eval-prompts
+
+
+def parse_recipe(spec: str) -> tuple[str, dict[str, float]]:
+    """ "name:key=value,key=value" -> (name, {key: value}); keys from RECIPE_KEYS, values
+    checked by MaceConfig's own validation."""
+    name, _, rest = spec.partition(":")
+    if not name:
+        raise ValueError(f"recipe {spec!r}: give a name before the colon")
+    changes: dict[str, float] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in RECIPE_KEYS:
+            raise ValueError(
+                f"recipe {spec!r}: {item!r} is not key=value with a key of {RECIPE_KEYS}"
+            )
+        try:
+            changes[key] = float(value)
+        except ValueError:
+            raise ValueError(f"recipe {spec!r}: {value!r} is not a number") from None
+        v = changes[key]
+        if not math.isfinite(v) or v < 0 or (key in POSITIVE and v == 0):
+            low = "> 0" if key in POSITIVE else ">= 0"
+            raise ValueError(f"recipe {spec!r}: {key} must be finite and {low}, got {value}")
+    dataclasses.replace(MaceConfig(), **changes)  # raises on out-of-range values
+    return name, changes
+
+
+class Learner:
+    """The model, its LoRA adapter and the server's sliced DPO with a recipe."""
+
+    def __init__(
+        self, model_path: str, cfg: MaceConfig, seed: int, dtype: torch.dtype = torch.bfloat16
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from mace_sgl.templating import encode_pair
+        from mace_sgl.trainer.anchor import ANCHOR_PROMPTS, base_anchors
+        from mace_sgl.trainer.shared import attach_lora
+        from mace_sgl.trainer.sliced import SlicedDPO
+
+        self.tok = AutoTokenizer.from_pretrained(model_path)
+        self.tok.padding_side = "left"
+        if self.tok.pad_token_id is None:
+            self.tok.pad_token = self.tok.eos_token
+        lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        lm.config._attn_implementation = "sdpa"
+        torch.manual_seed(seed)  # LoRA A's initialisation
+        self.model = attach_lora(lm, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
+        self.dpo = SlicedDPO(
+            self.model,
+            beta=cfg.beta,
+            lr=cfg.lr,
+            rpo_alpha=cfg.rpo_alpha,
+            anchor_alpha=cfg.anchor_alpha,
+            decay=cfg.adapter_decay,
+        )
+        self.encode = encode_pair
+        if cfg.anchor_alpha:  # the server's anchors
+            prompts = [encode_pair(self.tok, m, "")[0] for m in ANCHOR_PROMPTS]
+            self.dpo.set_anchors(base_anchors(self.dpo, prompts, self.tok.eos_token_id))
+
+    def answers(self, prompts: list[str], max_new: int, adapter: bool = True) -> list[str]:
+        """Greedy answers, batched."""
+        chats = [
+            self.tok.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
+        enc = self.tok(chats, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            kw = dict(max_new_tokens=max_new, do_sample=False, pad_token_id=self.tok.pad_token_id)
+            if adapter:
+                out = self.model.generate(**enc, **kw)
+            else:
+                with self.model.disable_adapter():
+                    out = self.model.generate(**enc, **kw)
+        n = enc["input_ids"].shape[1]
+        return [self.tok.decode(o[n:], skip_special_tokens=True).strip() for o in out]
+
+    def b_norm(self) -> float:
+        """Frobenius norm of all LoRA B matrices: 0 at the start, the adapter's size."""
+        return math.sqrt(sum(float(b.detach().float().pow(2).sum()) for b in self.dpo.lora_b))
+
+    def step(self, sample_id: int, prompt: str, chosen: str, rejected: str) -> bool:
+        from mace_sgl.trainer.sliced import Pair, run_to_end
+
+        chat = [{"role": "user", "content": prompt}]
+        prompt_ids, chosen_ids = self.encode(self.tok, chat, chosen)
+        _, rejected_ids = self.encode(self.tok, chat, rejected)
+        pair = Pair(sample_id, prompt_ids, chosen_ids, rejected_ids)
+        return run_to_end(self.dpo.step_slices([pair])).ok
+
+
+def judge(phase: Phase, answers: list[str], base: list[str]) -> dict[str, float]:
+    """Win rate against the base answers and degenerate share, drift's rules."""
+    wins = [verdict(phase, a, b, b) for a, b in zip(answers, base, strict=True)]
+    bad = [degenerate(a, b, phase.brief) for a, b in zip(answers, base, strict=True)]
+    return {
+        "win_rate": statistics.mean(wins),
+        "degenerate_share": statistics.mean(bad),
+        "words": statistics.mean(len(a.split()) for a in answers),
+    }
+
+
+def run_recipe(
+    model_path: str,
+    cfg: MaceConfig,
+    phases: list[Phase],
+    seed: int,
+    steps: int,
+    train: list[str],
+    held_out: list[str],
+    max_tokens: int,
+    eval_max_tokens: int,
+    dtype: torch.dtype = torch.bfloat16,
+) -> dict[str, Any]:
+    """One seed of one recipe: every phase's steps, then its held-out verdicts."""
+    learner = Learner(model_path, cfg, seed, dtype)
+    order = list(train)
+    random.Random(seed).shuffle(order)
+    base = learner.answers(held_out, eval_max_tokens, adapter=False)
+    row: dict[str, Any] = {"steps": 0, "skipped": 0, "failed_steps": 0}
+    wins, bad, k = [], [], 0
+    for phase in phases:
+        for _ in range(steps):
+            prompt = order[k % len(order)]
+            k += 1
+            answer = learner.answers([prompt], max_tokens)[0]
+            chosen = phase.edit(answer)
+            if not answer or phase.score(chosen) <= phase.score(answer):
+                row["skipped"] += 1  # drift posts no feedback for it either
+                continue
+            row["steps"] += 1
+            if not learner.step(k, prompt, chosen, answer):
+                row["failed_steps"] += 1
+        got = judge(phase, learner.answers(held_out, eval_max_tokens), base)
+        row[f"last_win_rate.{phase.name}"] = got["win_rate"]
+        row[f"degenerate.{phase.name}"] = got["degenerate_share"]
+        row[f"words.{phase.name}"] = got["words"]
+        row[f"b_norm.{phase.name}"] = learner.b_norm()
+        wins.append(got["win_rate"])
+        bad.append(got["degenerate_share"])
+    return {"win_rate": statistics.mean(wins), "degenerate_share": statistics.mean(bad), **row}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--model-path", default=None, help="default: the embedded model")
+    parser.add_argument("--phases", default=str(DEFAULT_FILE), help="phase file, YAML or JSON")
+    parser.add_argument("--recipe", action="append", default=None, help="NAME:key=value,...")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8, help="pairs (steps) per phase")
+    parser.add_argument("--lr", type=float, default=2e-4, help="as drift --quick")
+    parser.add_argument("--held-out", type=int, default=12, help="held-out prompts")
+    parser.add_argument("--max-tokens", type=int, default=48, help="served answers")
+    parser.add_argument("--eval-max-tokens", type=int, default=128)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    args = parser.parse_args()
+    if min(args.seeds, args.steps, args.max_tokens, args.eval_max_tokens) < 1:
+        parser.error("--seeds, --steps, --max-tokens and --eval-max-tokens must be >= 1")
+    if not 1 <= args.held_out <= DRIFT_HELD_OUT:
+        parser.error(f"--held-out must be in 1..{DRIFT_HELD_OUT} (drift's held-out prompts)")
+    try:
+        recipes = [parse_recipe(s) for s in args.recipe or ["server", "decay0.3:adapter_decay=0.3"]]
+    except ValueError as e:
+        parser.error(str(e))
+    if len({n for n, _ in recipes}) != len(recipes):
+        parser.error("recipe names must differ")
+    if args.model_path is None:
+        from mace_sgl.models import ensure_default_model
+
+        args.model_path = str(ensure_default_model(progress=False))
+    phases = load_phases(args.phases)
+    every = shipped_prompts()
+    drift_held_out = every[::9][:DRIFT_HELD_OUT]  # as drift splits them
+    held_out = drift_held_out[: args.held_out]
+    train = [p for p in every if p not in drift_held_out]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table: dict[str, Any] = {}
+    for name, changes in recipes:
+        cfg = dataclasses.replace(MaceConfig(), **{"lr": args.lr, **changes})
+        rows = []
+        for seed in range(1, args.seeds + 1):
+            t0 = time.monotonic()
+            row = run_recipe(args.model_path, cfg, phases, seed, args.steps, train, held_out,
+                             args.max_tokens, args.eval_max_tokens,
+                             getattr(torch, args.dtype))  # fmt: skip
+            row["wall_s"] = time.monotonic() - t0
+            rows.append(row)
+            print(name, json.dumps(row), flush=True)
+        table[name] = {"recipe": {k: getattr(cfg, k) for k in RECIPE_KEYS}, **aggregate(rows)}
+    results = {
+        "recipes": table,
+        "phases": [{"name": p.name, "judge": p.judge_rule, "edit": p.edit_rule} for p in phases],
+        "settings": {k: v for k, v in vars(args).items() if k != "recipe"},
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    for name, r in table.items():
+        print(f"{name}: win {r['win_rate']:.3f} {[round(x, 3) for x in r['ci95']['win_rate']]} "
+              f"degenerate {r['degenerate_share']:.3f} "
+              f"{[round(x, 3) for x in r['ci95']['degenerate_share']]}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""benchmarks.recipe: recipe specs, the judge, the loop's pairs, one seed on the tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import recipe
+from benchmarks.phases import load_phases, parse_phases
+from benchmarks.recipe import judge, parse_recipe, run_recipe
+from mace_sgl.config import MaceConfig
+
+
+def test_recipe_specs_parse_and_bad_ones_say_why():
+    assert parse_recipe("server") == ("server", {})
+    assert parse_recipe("d:adapter_decay=0.3,rpo_alpha=1") == (
+        "d",
+        {"adapter_decay": 0.3, "rpo_alpha": 1.0},
+    )
+    for spec, why in [
+        (":lr=1e-4", "name"),
+        ("x:decay=0.3", "key=value"),  # not a recipe key
+        ("x:lr", "key=value"),
+        ("x:lr=fast", "not a number"),
+        ("x:lr=0", "> 0"),
+        ("x:rpo_alpha=nan", "finite"),
+        ("x:anchor_alpha=-1", ">= 0"),
+        ("x:adapter_decay=1", "adapter_decay"),  # MaceConfig's own bound
+    ]:
+        with pytest.raises(ValueError, match=why):
+            parse_recipe(spec)
+
+
+def test_judge_counts_wins_and_degenerate_answers_by_drift_rules():
+    concise, opener, _ = load_phases()
+    base = ["Paris is the capital of France, a country in western Europe with many cities."]
+    assert judge(opener, base, base)["win_rate"] == 0.5  # the base ties itself
+    got = judge(opener, ["Certainly! " + base[0]], base)
+    assert got == {"win_rate": 1.0, "degenerate_share": 0.0, "words": 15}
+    got = judge(concise, ["No, no, no."], base)  # a refusal loses and is degenerate
+    assert got["win_rate"] == 0.0 and got["degenerate_share"] == 1.0
+
+
+class FakeLearner:
+    """Answers from a script, steps recorded: the loop without a model."""
+
+    def __init__(self, model_path, cfg, seed, dtype) -> None:
+        self.served = iter(["Certainly! Done.", "", "Plain answer.", "Plain answer."])
+        self.pairs: list[tuple[str, str]] = []
+        FakeLearner.last = self
+
+    def answers(self, prompts, max_new, adapter=True):
+        if len(prompts) > 1 or not adapter:  # held-out evaluation or base answers
+            return ["Plain answer." for _ in prompts]
+        return [next(self.served)]
+
+    def step(self, sample_id, prompt, chosen, rejected):
+        self.pairs.append((chosen, rejected))
+        return True
+
+    def b_norm(self):
+        return float(len(self.pairs))
+
+
+def test_loop_skips_the_pairs_drift_skips(monkeypatch: pytest.MonkeyPatch):
+    """An answer that already satisfies the judge, or an empty one, gives no pair (drift
+    posts no feedback for them); the others train one step each."""
+    monkeypatch.setattr(recipe, "Learner", FakeLearner)
+    phases = parse_phases(
+        {
+            "phases": [
+                {
+                    "name": "opener",
+                    "judge": {"starts_with": "Certainly"},
+                    "edit": {"prepend": "Certainly! "},
+                }
+            ]
+        }  # fmt: skip
+    )
+    row = run_recipe("m", MaceConfig(), phases, 1, 4, ["a", "b"], ["h1", "h2"], 8, 8)
+    assert row["steps"] == 2 and row["skipped"] == 2 and row["failed_steps"] == 0
+    assert FakeLearner.last.pairs == [("Certainly! Plain answer.", "Plain answer.")] * 2
+    assert row["b_norm.opener"] == 2.0
+
+
+def test_one_seed_trains_every_phase_and_reports_each(tiny_model_dir: Path):
+    phases = parse_phases(
+        {"phases": [{"name": "a", "judge": {"starts_with": "Zq"}, "edit": {"prepend": "Zq "}},
+                    {"name": "b", "judge": {"ends_with": "Qz"}, "edit": {"append": " Qz"}}]}
+    )  # fmt: skip
+    cfg = MaceConfig(lr=1e-3, adapter_decay=0.3, anchor_alpha=0.0)
+    row = run_recipe(
+        str(tiny_model_dir), cfg, phases, seed=1, steps=2, train=["Tell me about cats."],
+        held_out=["Tell me about dogs.", "Tell me about owls."], max_tokens=4,
+        eval_max_tokens=6, dtype=torch.float32,
+    )  # fmt: skip
+    assert row["steps"] + row["skipped"] == 4 and row["failed_steps"] == 0
+    assert row["steps"] >= 1 and row[f"b_norm.{phases[-1].name}"] > 0  # it trained
+    for p in phases:
+        assert f"last_win_rate.{p.name}" in row and f"degenerate.{p.name}" in row
+    wins = [row[f"last_win_rate.{p.name}"] for p in phases]
+    assert row["win_rate"] == pytest.approx(sum(wins) / len(wins))
