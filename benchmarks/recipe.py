@@ -1,7 +1,7 @@
 """Training recipes compared on the drift benchmark's preference shifts, without a server.
 
-`benchmarks.drift` measures serving and training together and costs about 17 minutes per
-baseline and seed on 2 CPU cores; choosing a recipe (learning rate, beta, `rpo_alpha`,
+`benchmarks.drift` measures serving and training together and costs about 6 minutes per
+baseline and seed on 2 CPU cores (17 for one seed of three baselines); choosing a recipe (learning rate, beta, `rpo_alpha`,
 `anchor_alpha`, `adapter_decay`) needs many more runs than that allows. This benchmark
 keeps drift's pairs and judge and drops the serving: the default model in plain HF +
 peft (bfloat16 by default, as drift's periodic trainer), trained with the server's own
@@ -22,7 +22,7 @@ drift's 24, and no prompt of those 24 is trained on.
 A recipe is a name and the recipe keys it changes from the server's defaults, e.g.
 `--recipe decay0.3:adapter_decay=0.3 --recipe rpo:rpo_alpha=1`; `--lr` (drift --quick's
 2e-4 by default) is the learning rate of every recipe that names none. Without
-`--recipe`, `server` (the defaults) and `decay0.3` run. A seed sets the LoRA
+`--recipe`, `server` (the server's defaults at `--lr`) and `decay0.3` run. A seed sets the LoRA
 initialisation and the order of the training prompts. DIR/results.json holds per recipe
 the mean over seeds of `win_rate` (all phases), `degenerate_share`,
 `last_win_rate.<phase>`, `degenerate.<phase>`, `words.<phase>`, `b_norm.<phase>` (the
