@@ -80,10 +80,7 @@ def run_drive(name: str, model_path: str, steps: int, cfg: MaceConfig) -> dict:
     lm.config._attn_implementation = "sdpa"
     model = attach_lora(lm, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
     edit, lr_scale = DRIVES[name]
-    dpo = SlicedDPO(
-        model, beta=cfg.beta, lr=cfg.lr * lr_scale, rpo_alpha=cfg.rpo_alpha,
-        anchor_alpha=cfg.anchor_alpha, decay=cfg.adapter_decay,
-    )  # fmt: skip
+    dpo = SlicedDPO.for_config(model, dataclasses.replace(cfg, lr=cfg.lr * lr_scale))
     if cfg.anchor_alpha:
         anchor_prompts = [encode_pair(tokenizer, m, "")[0] for m in ANCHOR_PROMPTS]
         dpo.set_anchors(base_anchors(dpo, anchor_prompts, tokenizer.eos_token_id))

@@ -101,14 +101,7 @@ class Learner:
         lm.config._attn_implementation = "sdpa"
         torch.manual_seed(seed)  # LoRA A's initialisation
         self.model = attach_lora(lm, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
-        self.dpo = SlicedDPO(
-            self.model,
-            beta=cfg.beta,
-            lr=cfg.lr,
-            rpo_alpha=cfg.rpo_alpha,
-            anchor_alpha=cfg.anchor_alpha,
-            decay=cfg.adapter_decay,
-        )
+        self.dpo = SlicedDPO.for_config(self.model, cfg)
         self.encode = encode_pair
         if cfg.anchor_alpha:  # the server's anchors
             prompts = [encode_pair(self.tok, m, "")[0] for m in ANCHOR_PROMPTS]

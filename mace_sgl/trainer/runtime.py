@@ -107,15 +107,7 @@ class MaceTrainer:
             own = trainer_dtype(cfg.train_dtype, next(host.model.parameters()))
             base = build_shared_llama(host.model, hf_config, own)
             self.model = attach_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
-            self.dpo = SlicedDPO(
-                self.model,
-                beta=cfg.beta,
-                lr=cfg.lr,
-                rpo_alpha=cfg.rpo_alpha,
-                head_chunks=cfg.head_chunks,
-                anchor_alpha=cfg.anchor_alpha,
-                decay=cfg.adapter_decay,
-            )
+            self.dpo = SlicedDPO.for_config(self.model, cfg)
             self.tenants = TenantRegistry(host, self.model, self.dpo)
             self.tenants.sync()  # every tenant resumes before the first request is served
         if cfg.adapter_name not in self.tenants.tenants:

@@ -136,6 +136,20 @@ class SlicedDPO:
         ]
         self.lora_all = [m for layer in self.lora_by_layer for m in layer]
 
+    @classmethod
+    def for_config(cls, peft_model: Any, cfg: Any) -> SlicedDPO:
+        """The training recipe of a MaceConfig: beta, lr, rpo_alpha, anchor_alpha,
+        adapter_decay and head_chunks (the anchors themselves: `set_anchors`)."""
+        return cls(
+            peft_model,
+            beta=cfg.beta,
+            lr=cfg.lr,
+            rpo_alpha=cfg.rpo_alpha,
+            head_chunks=cfg.head_chunks,
+            anchor_alpha=cfg.anchor_alpha,
+            decay=cfg.adapter_decay,
+        )
+
     def new_optimizer(self) -> torch.optim.Optimizer:
         """A fresh AdamW over the LoRA parameters (one per tenant: its state follows the
         tensors the parameters point at while that tenant is in the model)."""
