@@ -73,6 +73,7 @@ the seeds it finished.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -151,21 +152,14 @@ class PeriodicTrainer:
         torch.set_num_threads(1)
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
         self.model = attach_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
-        self.dpo = SlicedDPO(
-            self.model,
-            beta=beta,
-            lr=lr,
-            rpo_alpha=rpo_alpha,
-            anchor_alpha=anchor_alpha,
-            decay=decay,
-        )
+        recipe = dataclasses.replace(cfg, lr=lr, beta=beta, rpo_alpha=rpo_alpha,
+                                     anchor_alpha=anchor_alpha, adapter_decay=decay)  # fmt: skip
+        self.dpo = SlicedDPO.for_config(self.model, recipe)
         if anchor_alpha:  # the same anchors as the server's trainer
-            from mace_sgl.templating import encode_pair
-            from mace_sgl.trainer.anchor import ANCHOR_PROMPTS, base_anchors
+            from mace_sgl.trainer.anchor import shipped_anchors
 
             tok = AutoTokenizer.from_pretrained(model_path)
-            prompts = [encode_pair(tok, m, "")[0] for m in ANCHOR_PROMPTS]
-            self.dpo.set_anchors(base_anchors(self.dpo, prompts, tok.eos_token_id))
+            self.dpo.set_anchors(shipped_anchors(self.dpo, tok))
         self.client, self.out, self.period_s = client, out, period_s
         self.window: list[dict[str, Any]] = []
         self.lock = threading.Lock()

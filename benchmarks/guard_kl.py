@@ -43,7 +43,7 @@ from benchmarks.colocate import TOPICS
 from benchmarks.serve_smoke import machine
 from mace_sgl.config import MaceConfig
 from mace_sgl.templating import encode_pair
-from mace_sgl.trainer.anchor import ANCHOR_PROMPTS, base_anchors
+from mace_sgl.trainer.anchor import shipped_anchors
 from mace_sgl.trainer.guard import Guard
 from mace_sgl.trainer.shared import attach_lora
 from mace_sgl.trainer.sliced import Pair, SlicedDPO, run_to_end
@@ -82,8 +82,7 @@ def run_drive(name: str, model_path: str, steps: int, cfg: MaceConfig) -> dict:
     edit, lr_scale = DRIVES[name]
     dpo = SlicedDPO.for_config(model, dataclasses.replace(cfg, lr=cfg.lr * lr_scale))
     if cfg.anchor_alpha:
-        anchor_prompts = [encode_pair(tokenizer, m, "")[0] for m in ANCHOR_PROMPTS]
-        dpo.set_anchors(base_anchors(dpo, anchor_prompts, tokenizer.eos_token_id))
+        dpo.set_anchors(shipped_anchors(dpo, tokenizer))
     prompts = [[{"role": "user", "content": f"Tell me about {t}."}] for t in TOPICS]
     bases = base_answers(model, tokenizer, prompts, 48)
     pairs = []

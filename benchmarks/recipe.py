@@ -89,7 +89,7 @@ class Learner:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from mace_sgl.templating import encode_pair
-        from mace_sgl.trainer.anchor import ANCHOR_PROMPTS, base_anchors
+        from mace_sgl.trainer.anchor import shipped_anchors
         from mace_sgl.trainer.shared import attach_lora
         from mace_sgl.trainer.sliced import SlicedDPO
 
@@ -104,8 +104,7 @@ class Learner:
         self.dpo = SlicedDPO.for_config(self.model, cfg)
         self.encode = encode_pair
         if cfg.anchor_alpha:  # the server's anchors
-            prompts = [encode_pair(self.tok, m, "")[0] for m in ANCHOR_PROMPTS]
-            self.dpo.set_anchors(base_anchors(self.dpo, prompts, self.tok.eos_token_id))
+            self.dpo.set_anchors(shipped_anchors(self.dpo, self.tok))
 
     def answers(self, prompts: list[str], max_new: int, adapter: bool = True) -> list[str]:
         """Greedy answers, batched."""

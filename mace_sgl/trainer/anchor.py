@@ -13,6 +13,9 @@ measures answers the training never saw.
 
 from __future__ import annotations
 
+from typing import Any
+
+from mace_sgl.templating import encode_pair
 from mace_sgl.trainer.guard import greedy_answers, loops
 from mace_sgl.trainer.sliced import SlicedDPO, run_to_end
 
@@ -35,3 +38,9 @@ def base_anchors(
     end token when they end within max_new), leaving out answers that loop."""
     got = run_to_end(greedy_answers(dpo, prompts, eos_id, False, None, max_new))
     return [(p, a) for p, a in zip(prompts, got.tokens, strict=True) if a and not loops(a)]
+
+
+def shipped_anchors(dpo: SlicedDPO, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
+    """`base_anchors` of ANCHOR_PROMPTS, as the server's trainer sets them."""
+    prompts = [encode_pair(tokenizer, m, "")[0] for m in ANCHOR_PROMPTS]
+    return base_anchors(dpo, prompts, tokenizer.eos_token_id)

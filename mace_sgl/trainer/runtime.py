@@ -37,7 +37,7 @@ from mace_sgl.policy.placement import TrainingLoad
 from mace_sgl.policy.slo import SloTargets
 from mace_sgl.templating import encode_pair
 from mace_sgl.trainer import learned_cost
-from mace_sgl.trainer.anchor import ANCHOR_PROMPTS, base_anchors
+from mace_sgl.trainer.anchor import shipped_anchors
 from mace_sgl.trainer.guard import Guard
 from mace_sgl.trainer.host import TrainerHost
 from mace_sgl.trainer.jobs import JobBoard, QueuedPair, Ran
@@ -167,13 +167,7 @@ class MaceTrainer:
         with torch.inference_mode(False):
             self.guard = Guard.for_config(self.dpo, self.tokenizer, cfg)
             if cfg.anchor_alpha:  # answered with the adapter off: the base model's own
-                self.dpo.set_anchors(
-                    base_anchors(
-                        self.dpo,
-                        [encode_pair(self.tokenizer, m, "")[0] for m in ANCHOR_PROMPTS],
-                        self.tokenizer.eos_token_id,
-                    )
-                )
+                self.dpo.set_anchors(shipped_anchors(self.dpo, self.tokenizer))
         self.link = SidecarLink(cfg.state_path, cfg.adapter_name, host.dp_rank)
         self.session = self.link.session
         self.dp_rank = host.dp_rank
