@@ -132,30 +132,41 @@ class Client:
         return completion_logprob(self.server, self.tokenizer, prompt, completion, adapter)
 
 
+def training_recipe(args: argparse.Namespace) -> MaceConfig:
+    """The training recipe every adapting baseline gets: the servers' flags, and the
+    periodic trainer's SlicedDPO (the server's default beta)."""
+    return dataclasses.replace(
+        MaceConfig(),
+        lr=args.lr,
+        rpo_alpha=args.rpo_alpha,
+        anchor_alpha=args.anchor_alpha,
+        adapter_decay=args.adapter_decay,
+        dpo_span=args.dpo_span,
+    )
+
+
 class PeriodicTrainer:
     """Ekya-style retraining outside the serving loop: every period, DPO on the window of
     feedback received since the last round, then a swap through SGLang's adapter API."""
 
-    def __init__(self, client: Client, model_path: str, out: Path, period_s: float,
-                 lr: float, beta: float, rpo_alpha: float = 0.0,
-                 anchor_alpha: float = 0.0, decay: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self, client: Client, model_path: str, out: Path, period_s: float, recipe: MaceConfig
+    ) -> None:
+        """recipe: the servers' training recipe (lr, beta, rpo_alpha, anchor_alpha,
+        adapter_decay, dpo_span; SlicedDPO.for_config), its LoRA shape too."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from mace_sgl.config import MaceConfig
         from mace_sgl.trainer.shared import attach_lora
         from mace_sgl.trainer.sliced import SlicedDPO
 
-        cfg = MaceConfig()
         # One thread: two OpenMP pools (server and this trainer) spinning on 2 cores made
         # a first SmolLM2 run stall serving until a request timed out after 120 s.
         torch.set_num_threads(1)
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
-        self.model = attach_lora(base, cfg.lora_rank, cfg.lora_alpha, cfg.targets)
-        recipe = dataclasses.replace(cfg, lr=lr, beta=beta, rpo_alpha=rpo_alpha,
-                                     anchor_alpha=anchor_alpha, adapter_decay=decay)  # fmt: skip
+        self.model = attach_lora(base, recipe.lora_rank, recipe.lora_alpha, recipe.targets)
         self.dpo = SlicedDPO.for_config(self.model, recipe)
-        if anchor_alpha:  # the same anchors as the server's trainer
+        if recipe.anchor_alpha:  # the same anchors as the server's trainer
             from mace_sgl.trainer.anchor import shipped_anchors
 
             tok = AutoTokenizer.from_pretrained(model_path)
@@ -303,6 +314,7 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
              "--mace-rpo-alpha", str(args.rpo_alpha),
              "--mace-anchor-alpha", str(args.anchor_alpha),
              "--mace-adapter-decay", str(args.adapter_decay),
+             "--mace-dpo-span", args.dpo_span,
              "--mace-slo-ttft-ms", str(args.slo_ttft_ms),
              "--mace-slo-tbt-ms", str(args.slo_tbt_ms),
              "--mace-slo-tbt-basis", "request"]  # fmt: skip
@@ -322,8 +334,7 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
                     strict=True))  # fmt: skip
         if name == "periodic":
             periodic = PeriodicTrainer(client, model_path, out / "periodic", args.period_s,
-                                       args.lr, 0.1, args.rpo_alpha,
-                                       args.anchor_alpha, args.adapter_decay)  # fmt: skip
+                                       training_recipe(args))  # fmt: skip
         phase_box = {"phase": phases[0]}
         posted = [0]
         sent = [0]  # requests sent in earlier windows: prompts go on round the list
@@ -554,6 +565,12 @@ def main() -> None:
             default=getattr(defaults, flag[2:].replace("-", "_")),
             help=f"--mace-{flag[2:]} for every adapting baseline (default: the server's)",
         )
+    parser.add_argument(
+        "--dpo-span",
+        choices=("whole", "edit"),
+        default=defaults.dpo_span,
+        help="--mace-dpo-span for every adapting baseline (default: the server's)",
+    )
     parser.add_argument("--recover-at", type=float, default=0.75)
     parser.add_argument(
         "--slo-ttft-ms",

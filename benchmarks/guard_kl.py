@@ -148,23 +148,16 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=None, help="default: the server's")
     parser.add_argument("--anchor-alpha", type=float, default=None, help="default: the server's")
     parser.add_argument("--adapter-decay", type=float, default=None, help="default: the server's")
+    parser.add_argument("--dpo-span", choices=("whole", "edit"), help="default: the server's")
     args = parser.parse_args()
     if args.model_path is None:
         from mace_sgl.models import ensure_default_model
 
         args.model_path = str(ensure_default_model(progress=False))
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    cfg = MaceConfig()
-    if args.lr is not None:
-        cfg = dataclasses.replace(cfg, lr=args.lr)
-    if args.rpo_alpha is not None:
-        cfg = dataclasses.replace(cfg, rpo_alpha=args.rpo_alpha)
-    if args.beta is not None:
-        cfg = dataclasses.replace(cfg, beta=args.beta)
-    if args.anchor_alpha is not None:
-        cfg = dataclasses.replace(cfg, anchor_alpha=args.anchor_alpha)
-    if args.adapter_decay is not None:
-        cfg = dataclasses.replace(cfg, adapter_decay=args.adapter_decay)
+    recipe = ("lr", "rpo_alpha", "beta", "anchor_alpha", "adapter_decay", "dpo_span")
+    given = {k: getattr(args, k) for k in recipe if getattr(args, k) is not None}
+    cfg = dataclasses.replace(MaceConfig(), **given)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {
@@ -172,7 +165,8 @@ def main() -> None:
                      "guard_tokens": cfg.guard_tokens, "guard_min_keep": cfg.guard_min_keep,
                      "guard_open_keep": cfg.guard_open_keep, "lr": cfg.lr, "beta": cfg.beta,
                      "rpo_alpha": cfg.rpo_alpha, "anchor_alpha": cfg.anchor_alpha,
-                     "adapter_decay": cfg.adapter_decay, "model_path": args.model_path},
+                     "adapter_decay": cfg.adapter_decay, "dpo_span": cfg.dpo_span,
+                     "model_path": args.model_path},
         "machine": machine(),
         "drives": [],
     }  # fmt: skip

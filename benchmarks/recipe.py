@@ -2,7 +2,7 @@
 
 `benchmarks.drift` measures serving and training together and costs about 6 minutes per
 baseline and seed on 2 CPU cores (17 for one seed of three baselines); choosing a recipe (learning rate, beta, `rpo_alpha`,
-`anchor_alpha`, `adapter_decay`) needs many more runs than that allows. This benchmark
+`anchor_alpha`, `adapter_decay`, `dpo_span`) needs many more runs than that allows. This benchmark
 keeps drift's pairs and judge and drops the serving: the default model in plain HF +
 peft (bfloat16 by default, as drift's periodic trainer), trained with the server's own
 sliced DPO and anchors. In each phase of the phase file (`benchmarks/phases.py`),
@@ -20,7 +20,7 @@ drift's 24, and no prompt of those 24 is trained on.
         [--recipe NAME:key=value,key=value ...] [--phases FILE] [--lr LR]
 
 A recipe is a name and the recipe keys it changes from the server's defaults, e.g.
-`--recipe decay0.3:adapter_decay=0.3 --recipe rpo:rpo_alpha=1`; `--lr` (drift --quick's
+`--recipe decay0.3:adapter_decay=0.3 --recipe edit:dpo_span=edit`; `--lr` (drift --quick's
 2e-4 by default) is the learning rate of every recipe that names none. Without
 `--recipe`, `server` (the server's defaults at `--lr`) and `decay0.3` run. A seed sets the LoRA
 initialisation and the order of the training prompts. DIR/results.json holds per recipe
@@ -50,24 +50,28 @@ from benchmarks.serve_smoke import machine
 from benchmarks.stats import aggregate
 from mace_sgl.config import MaceConfig
 
-RECIPE_KEYS = ("lr", "beta", "rpo_alpha", "anchor_alpha", "adapter_decay")
+RECIPE_KEYS = ("lr", "beta", "rpo_alpha", "anchor_alpha", "adapter_decay", "dpo_span")
+WORDS = ("dpo_span",)  # the keys whose values are words, not numbers
 POSITIVE = ("lr", "beta")  # the others may be 0 (off)
 DRIFT_HELD_OUT = 24  # benchmarks.drift's --eval-prompts
 
 
-def parse_recipe(spec: str) -> tuple[str, dict[str, float]]:
+def parse_recipe(spec: str) -> tuple[str, dict[str, float | str]]:
     """ "name:key=value,key=value" -> (name, {key: value}); keys from RECIPE_KEYS, values
     checked by MaceConfig's own validation."""
     name, _, rest = spec.partition(":")
     if not name:
         raise ValueError(f"recipe {spec!r}: give a name before the colon")
-    changes: dict[str, float] = {}
+    changes: dict[str, float | str] = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq or key not in RECIPE_KEYS:
             raise ValueError(
                 f"recipe {spec!r}: {item!r} is not key=value with a key of {RECIPE_KEYS}"
             )
+        if key in WORDS:
+            changes[key] = value  # MaceConfig checks it below
+            continue
         try:
             changes[key] = float(value)
         except ValueError:

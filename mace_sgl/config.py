@@ -102,6 +102,18 @@ class MaceConfig:
             "until pairs undo it)."
         },
     )
+    dpo_span: str = field(
+        default="whole",
+        metadata={
+            "help": "Which tokens of a pair the DPO term compares. whole: every completion "
+            "token. edit: the tokens from the first difference between chosen and rejected "
+            "up to their common ending, which is dropped (trainer/sliced.py edit_span): "
+            "where chosen is an edit of rejected ('Certainly! ' + answer), the shared "
+            "ending under two different openings carries no preference, and DPO on it "
+            "lowers the plain answer itself.",
+            "choices": ("whole", "edit"),
+        },
+    )
     lr: float = field(
         default=5e-5,
         metadata={
@@ -431,6 +443,8 @@ class MaceConfig:
             raise ValueError(f"--mace-train-ranks {bad}: ranks are 0..{self.replicas - 1}")
         if self.pairs_per_step < 1 or self.publish_every < 1 or self.lora_rank < 1:
             raise ValueError("pairs_per_step, publish_every and lora_rank must be >= 1")
+        if self.dpo_span not in ("whole", "edit"):
+            raise ValueError(f"dpo_span must be whole or edit, got {self.dpo_span!r}")
         if self.policy not in ("inference-only", "fcfs-reserve", "mace", "synchronous"):
             raise ValueError(
                 f"unknown policy {self.policy!r}; choose inference-only, fcfs-reserve, mace "

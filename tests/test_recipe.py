@@ -19,6 +19,7 @@ def test_recipe_specs_parse_and_bad_ones_say_why():
         "d",
         {"adapter_decay": 0.3, "rpo_alpha": 1.0},
     )
+    assert parse_recipe("e:dpo_span=edit,lr=1e-3") == ("e", {"dpo_span": "edit", "lr": 1e-3})
     for spec, why in [
         (":lr=1e-4", "name"),
         ("x:decay=0.3", "key=value"),  # not a recipe key
@@ -28,6 +29,7 @@ def test_recipe_specs_parse_and_bad_ones_say_why():
         ("x:rpo_alpha=nan", "finite"),
         ("x:anchor_alpha=-1", ">= 0"),
         ("x:adapter_decay=1", "adapter_decay"),  # MaceConfig's own bound
+        ("x:dpo_span=tokens", "dpo_span"),
     ]:
         with pytest.raises(ValueError, match=why):
             parse_recipe(spec)

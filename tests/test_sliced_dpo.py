@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mace_sgl.trainer.sliced import Pair, SlicedDPO, dpo_loss, run_to_end
+from mace_sgl.trainer.sliced import Pair, SlicedDPO, dpo_loss, edit_span, run_to_end
 
 
 def lora_model(model_dir: Path, seed: int = 1):
@@ -190,6 +190,67 @@ def test_decay_shrinks_every_adapted_weight_delta_by_its_share(tiny_model_dir: P
     assert not run_to_end(dpo.step_slices(PAIRS[:1])).ok
     for b, k in zip(dpo.lora_b, kept, strict=True):
         torch.testing.assert_close(b.detach(), k, equal_nan=True)
+
+
+EOS = 2
+
+
+@pytest.mark.parametrize(
+    ("chosen", "rejected", "want_chosen", "want_rejected"),
+    [
+        # an opening prepended: the shared answer after it goes, one rejected token stays
+        ([9, 8, 40, 41, 42, EOS], [40, 41, 42, EOS], [9, 8, 40], [40]),
+        # every line prefixed: cut after the last edit
+        ([7, 40, 5, 7, 41, 42, EOS], [40, 5, 41, 42, EOS], [7, 40, 5, 7], [40, 5]),
+        # chosen is rejected's first sentence: its end of sequence stays against the rest
+        ([40, 41, EOS], [40, 41, 43, 44, EOS], [40, 41, EOS], [40, 41, 43, 44, EOS]),
+        # two unrelated answers share only the end of sequence: it goes
+        ([50, 51, EOS], [60, EOS], [50, 51], [60]),
+        # nothing shared at the end
+        ([50, 51], [60, 61], [50, 51], [60, 61]),
+        # the same answer twice: nothing to compare, nothing cut
+        ([40, EOS], [40, EOS], [40, EOS], [40, EOS]),
+    ],
+)
+def test_edit_span_drops_the_ending_chosen_and_rejected_share(
+    chosen, rejected, want_chosen, want_rejected
+):
+    pair = Pair(1, [3, 4], chosen, rejected, 2.0)
+    got = edit_span(pair)
+    assert (got.chosen_ids, got.rejected_ids) == (want_chosen, want_rejected)
+    assert (got.sample_id, got.prompt_ids, got.weight) == (1, [3, 4], 2.0)
+    assert edit_span(got) == got  # once is all it does
+
+
+def test_edit_span_step_trains_the_edit_only(tiny_model_dir: Path):
+    """span="edit": the step's losses and gradients are those of the whole-span step on
+    the cut pairs, and references computed ahead are the cut pairs' too."""
+    pairs = [Pair(1, [5, 17, 33], [9, 8, 40, 41, 42, EOS], [40, 41, 42, EOS])]
+    cut = [edit_span(p) for p in pairs]
+    assert cut[0].chosen_ids == [9, 8, 40]
+
+    def grads_and_losses(span: str, step_pairs: list[Pair], refs_ahead: bool):
+        model = lora_model(tiny_model_dir)
+        dpo = SlicedDPO(model, lr=0.0, max_grad_norm=1e9, rpo_alpha=0.5, span=span)
+        refs = (
+            {p.sample_id: run_to_end(dpo.ref_slices(p)) for p in step_pairs} if refs_ahead else None
+        )
+        gen = dpo.step_slices(step_pairs, refs)
+        while next(gen).kind != "opt":
+            pass
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return grads, run_to_end(gen).losses
+
+    want_grads, want_losses = grads_and_losses("whole", cut, False)
+    whole_grads, _ = grads_and_losses("whole", pairs, False)
+    for refs_ahead in (False, True):
+        grads, losses = grads_and_losses("edit", pairs, refs_ahead)
+        assert losses == pytest.approx(want_losses, rel=1e-6)
+        for name, g in want_grads.items():
+            torch.testing.assert_close(grads[name], g, msg=name)
+    assert any(not torch.allclose(whole_grads[n], g) for n, g in want_grads.items())
+    with pytest.raises(ValueError, match="span"):
+        SlicedDPO(lora_model(tiny_model_dir), span="tokens")
 
 
 def test_non_finite_loss_is_reported_not_stepped(tiny_model_dir: Path):

@@ -18,6 +18,9 @@ chunks; the backward reuses that log-sum-exp (the head and the final norm carry 
 weights, so it does not change within a step) and accumulates the gradient of the
 normed hidden states chunk by chunk: d logp / d logits = onehot(target) - softmax.
 
+With span "edit" (`--mace-dpo-span edit`), a pair is first cut to its edit
+(`edit_span`): the ending chosen and rejected share is dropped from both.
+
 `step_slices()` is a generator that yields a `SliceSpec` describing the work it is about
 to do; the caller decides whether that work fits, then resumes it to run it.
 """
@@ -27,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -89,6 +92,31 @@ def dpo_loss(
     return loss
 
 
+def edit_span(pair: Pair) -> Pair:
+    """The pair without the ending its chosen and rejected completions share.
+
+    Feedback often edits the served answer: chosen = "Certainly! " + rejected, or its
+    lines prefixed. The tokens after the last edit are the same text in both, but each
+    follows a different opening, so their policy-to-reference log-ratios do not cancel in
+    the DPO margin: the loss raises the answer after the new opening and lowers the same
+    answer after the old one, which is the model's plain answer to every prompt. Cut at
+    the shared ending, the margin compares the edit alone (the shared beginning cancels
+    exactly either way). Each completion keeps at least one token past the shared
+    beginning, so a pure cut (chosen = the first sentence of rejected) keeps its end of
+    sequence against rejected's continuation. Applying it twice changes nothing more."""
+    c, r = pair.chosen_ids, pair.rejected_ids
+    first = 0  # the first position where they differ
+    while first < min(len(c), len(r)) and c[first] == r[first]:
+        first += 1
+    room = min(len(c), len(r)) - first - 1
+    shared = 0  # length of the common ending, within that room
+    while shared < room and c[-1 - shared] == r[-1 - shared]:
+        shared += 1
+    if not shared:
+        return pair
+    return replace(pair, chosen_ids=c[: len(c) - shared], rejected_ids=r[: len(r) - shared])
+
+
 class SlicedDPO:
     """DPO steps on a peft LoRA model, executed one layer-slice at a time."""
 
@@ -102,13 +130,19 @@ class SlicedDPO:
         head_chunks: int = 0,
         anchor_alpha: float = 0.0,
         decay: float = 0.0,
+        span: str = "whole",
     ) -> None:
         """head_chunks: vocabulary chunks of the LM head, one slice each (0: one chunk
         per HEAD_CHUNK_ROWS rows of the output matrix; 1: the whole head at once).
         anchor_alpha: weight of the anchor term (see `set_anchors`).
         decay: share of the adapter's change taken away after every step: each LoRA B
         matrix is scaled by 1 - decay, so every adapted weight's delta (B A x scale) is
-        too, exactly. A preference that the pairs stop renewing fades geometrically."""
+        too, exactly. A preference that the pairs stop renewing fades geometrically.
+        span: "whole" (every completion token) or "edit" (`edit_span`: without the
+        ending chosen and rejected share; the RPO term then covers the chosen edit)."""
+        if span not in ("whole", "edit"):
+            raise ValueError(f"span must be whole or edit, got {span!r}")
+        self.span = span
         self.peft = peft_model
         self.lm = peft_model.get_base_model()
         self.head_ranges = head_ranges(self.lm.lm_head, head_chunks)
@@ -139,7 +173,7 @@ class SlicedDPO:
     @classmethod
     def for_config(cls, peft_model: Any, cfg: Any) -> SlicedDPO:
         """The training recipe of a MaceConfig: beta, lr, rpo_alpha, anchor_alpha,
-        adapter_decay and head_chunks (the anchors themselves: `set_anchors`)."""
+        adapter_decay, dpo_span and head_chunks (the anchors themselves: `set_anchors`)."""
         return cls(
             peft_model,
             beta=cfg.beta,
@@ -148,6 +182,7 @@ class SlicedDPO:
             head_chunks=cfg.head_chunks,
             anchor_alpha=cfg.anchor_alpha,
             decay=cfg.adapter_decay,
+            span=cfg.dpo_span,
         )
 
     def new_optimizer(self) -> torch.optim.Optimizer:
@@ -296,12 +331,17 @@ class SlicedDPO:
         with torch.inference_mode(False):  # autograd must be able to save it
             return torch.tensor([prompt + completion], device=self.device)
 
+    def trained(self, pair: Pair) -> Pair:
+        """The tokens of `pair` a step trains on: all of them, or its edit (`span`)."""
+        return edit_span(pair) if self.span == "edit" else pair
+
     def ref_slices(self, pair: Pair) -> Generator[SliceSpec, None, tuple[float, float]]:
         """Reference log-probs (adapter disabled) of chosen and rejected, sliced.
 
         They do not depend on the adapter, so they can be computed ahead of the step, in
         whatever room an iteration leaves (see step_slices' `refs`).
         """
+        pair = self.trained(pair)
         refs = []
         for completion in (pair.chosen_ids, pair.rejected_ids):
             ids = self._ids(pair.prompt_ids, completion)
@@ -319,7 +359,7 @@ class SlicedDPO:
         result = StepResult()
         self.optimizer.zero_grad(set_to_none=True)
         total_weight = sum(p.weight for p in pairs) or 1.0
-        for pair in pairs:
+        for pair in map(self.trained, pairs):
             seqs = []
             known = (refs or {}).get(pair.sample_id)
             for i, completion in enumerate((pair.chosen_ids, pair.rejected_ids)):
