@@ -89,7 +89,7 @@ from tqdm import tqdm
 from benchmarks.align import completion_logprob
 from benchmarks.align import prompts as shipped_prompts
 from benchmarks.loadgen import RequestResult, poisson_load, summarize, tail_targets
-from benchmarks.phases import DEFAULT_FILE, Phase, degenerate, load_phases, verdict
+from benchmarks.phases import DEFAULT_FILE, Phase, judged, load_phases
 from benchmarks.serve_smoke import machine
 from benchmarks.stats import aggregate
 from mace_sgl.config import MaceConfig
@@ -276,8 +276,7 @@ def evaluate(client: Client, phase: Phase, held_out: list[str], base: dict[str, 
                 pool.map(lambda p: client.answer(p, adapter, max_tokens), held_out)
             )
     answers = memo["answers", served]
-    wins = [verdict(phase, a, base[p], base[p]) for p, a in zip(held_out, answers, strict=True)]
-    bad = [degenerate(a, base[p], phase.brief) for p, a in zip(held_out, answers, strict=True)]
+    wins, bad = judged(phase, answers, [base[p] for p in held_out])
     scored = [p for p in held_out if phase.score(phase.edit(base[p])) > phase.score(base[p])]
 
     def margin(p: str) -> float:

@@ -146,6 +146,15 @@ def verdict(phase: Phase, answer: str, other: str, base: str) -> float:
     return 1.0 if sa > so else 0.5 if sa == so else 0.0
 
 
+def judged(phase: Phase, answers: list[str], base: list[str]) -> tuple[list[float], list[bool]]:
+    """Each answer's verdict against the base model's answer to the same prompt, and
+    whether it is degenerate: how drift and benchmarks.recipe judge an evaluation."""
+    pairs = list(zip(answers, base, strict=True))
+    return [verdict(phase, a, b, b) for a, b in pairs], [
+        degenerate(a, b, phase.brief) for a, b in pairs
+    ]
+
+
 def _one(rule: Any, known: tuple[str, ...], what: str, name: str) -> tuple[str, Any]:
     if not isinstance(rule, dict) or len(rule) != 1:
         raise ValueError(f"phase {name!r}: {what} must be one rule out of {', '.join(known)}")

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from benchmarks.align import prompts as shipped_prompts
-from benchmarks.phases import DEFAULT_FILE, Phase, degenerate, load_phases, verdict
+from benchmarks.phases import DEFAULT_FILE, Phase, judged, load_phases
 from benchmarks.serve_smoke import machine
 from benchmarks.stats import aggregate
 from mace_sgl.config import MaceConfig
@@ -145,8 +145,7 @@ class Learner:
 
 def judge(phase: Phase, answers: list[str], base: list[str]) -> dict[str, float]:
     """Win rate against the base answers and degenerate share, drift's rules."""
-    wins = [verdict(phase, a, b, b) for a, b in zip(answers, base, strict=True)]
-    bad = [degenerate(a, b, phase.brief) for a, b in zip(answers, base, strict=True)]
+    wins, bad = judged(phase, answers, base)
     return {
         "win_rate": statistics.mean(wins),
         "degenerate_share": statistics.mean(bad),
