@@ -224,8 +224,10 @@ class PeriodicTrainer:
             msgs = [{"role": "user", "content": p["prompt"]}]
             prompt, chosen = encode_pair(tok, msgs, p["chosen"])
             _, rejected = encode_pair(tok, msgs, p["rejected"])
-            run_to_end(self.dpo.step_slices([Pair(i, prompt, chosen, rejected)]))
-            self.trained_tokens += 2 * len(prompt) + len(chosen) + len(rejected)
+            pair = self.dpo.trained(Pair(i, prompt, chosen, rejected))
+            run_to_end(self.dpo.step_slices([pair]))
+            # counted as the server counts them: the tokens trained (the edit, by default)
+            self.trained_tokens += 2 * len(prompt) + len(pair.chosen_ids) + len(pair.rejected_ids)
         self.rounds += 1
         path = self.out / f"periodic-{self.rounds}"
         self.model.save_pretrained(str(path))
@@ -342,14 +344,15 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
             return client.body(train_prompts[(sent[0] + i) % len(train_prompts)], client.adapter)
 
         def on_result(i: int, body: dict[str, Any], r: RequestResult) -> None:
-            if r.error or not r.text or (sent[0] + i) % args.feedback_every:
+            text = (r.text or "").strip()  # as the edits strip it: the endings then match
+            if r.error or not text or (sent[0] + i) % args.feedback_every:
                 return
             phase = phase_box["phase"]
-            chosen = phase.edit(r.text)
-            if phase.score(chosen) <= phase.score(r.text):
+            chosen = phase.edit(text)
+            if phase.score(chosen) <= phase.score(text):
                 return
             pair = {"prompt": body["messages"][0]["content"], "chosen": chosen,
-                    "rejected": r.text}  # fmt: skip
+                    "rejected": text}  # fmt: skip
             if periodic is not None:
                 periodic.feedback(pair)
             server.post("/mace/feedback", {**pair, "prompt": body["messages"]})

@@ -24,7 +24,8 @@ and the vacuous drive must be refused before their canary answers degenerate. Wr
 every step's reading and a summary per drive.
 
     python -m benchmarks.guard_kl --out DIR [--steps 40] [--drives style,...]
-        [--lr LR] [--rpo-alpha A] [--beta B] [--anchor-alpha A] [--model-path P]
+        [--lr LR] [--rpo-alpha A] [--beta B] [--anchor-alpha A] [--adapter-decay D]
+        [--dpo-span whole|edit] [--model-path P]
 """
 
 from __future__ import annotations

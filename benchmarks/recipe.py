@@ -20,7 +20,7 @@ drift's 24, and no prompt of those 24 is trained on.
         [--recipe NAME:key=value,key=value ...] [--phases FILE] [--lr LR]
 
 A recipe is a name and the recipe keys it changes from the server's defaults, e.g.
-`--recipe decay0.3:adapter_decay=0.3 --recipe edit:dpo_span=edit`; `--lr` (drift --quick's
+`--recipe decay0.3:adapter_decay=0.3 --recipe whole:dpo_span=whole`; `--lr` (drift --quick's
 2e-4 by default) is the learning rate of every recipe that names none. Without
 `--recipe`, `server` (the server's defaults at `--lr`) and `decay0.3` run. A seed sets the LoRA
 initialisation and the order of the training prompts. DIR/results.json holds per recipe

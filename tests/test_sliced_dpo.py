@@ -204,8 +204,15 @@ EOS = 2
         ([7, 40, 5, 7, 41, 42, EOS], [40, 5, 41, 42, EOS], [7, 40, 5, 7], [40, 5]),
         # chosen is rejected's first sentence: its end of sequence stays against the rest
         ([40, 41, EOS], [40, 41, 43, 44, EOS], [40, 41, EOS], [40, 41, 43, 44, EOS]),
-        # two unrelated answers share only the end of sequence: it goes
-        ([50, 51, EOS], [60, EOS], [50, 51], [60]),
+        # two unrelated answers share their last word and the end of sequence: both go
+        ([50, 51, 52, EOS], [60, 52, EOS], [50, 51], [60]),
+        # ... only the end of sequence: it stays
+        ([50, 51, EOS], [60, EOS], [50, 51, EOS], [60, EOS]),
+        # a cut whose last punctuation the tokenizer merged with what followed (8 = '.',
+        # 9 = '."'): the cut keeps its end of sequence
+        ([40, 8, EOS], [40, 9, 44, 8, EOS], [40, 8, EOS], [40, 9, 44, 8, EOS]),
+        # an append: rejected keeps its end of sequence against the added text
+        ([40, 41, 70, 71, EOS], [40, 41, EOS], [40, 41, 70, 71, EOS], [40, 41, EOS]),
         # nothing shared at the end
         ([50, 51], [60, 61], [50, 51], [60, 61]),
         # the same answer twice: nothing to compare, nothing cut
@@ -251,6 +258,12 @@ def test_edit_span_step_trains_the_edit_only(tiny_model_dir: Path):
     assert any(not torch.allclose(whole_grads[n], g) for n, g in want_grads.items())
     with pytest.raises(ValueError, match="span"):
         SlicedDPO(lora_model(tiny_model_dir), span="tokens")
+    # the server's recipe: edit by default, whole when configured
+    from mace_sgl.config import MaceConfig
+
+    model = lora_model(tiny_model_dir)
+    assert SlicedDPO.for_config(model, MaceConfig()).span == "edit"
+    assert SlicedDPO.for_config(model, MaceConfig(dpo_span="whole")).span == "whole"
 
 
 def test_non_finite_loss_is_reported_not_stepped(tiny_model_dir: Path):

@@ -103,7 +103,10 @@ def edit_span(pair: Pair) -> Pair:
     the shared ending, the margin compares the edit alone (the shared beginning cancels
     exactly either way). Each completion keeps at least one token past the shared
     beginning, so a pure cut (chosen = the first sentence of rejected) keeps its end of
-    sequence against rejected's continuation. Applying it twice changes nothing more."""
+    sequence against rejected's continuation. A shared ending of one token is kept: it is
+    the end of sequence alone, and where the tokenizer merged the cut's last punctuation
+    with what followed ('."'), dropping it would lose the cut's end of sequence (or, for
+    an append, rejected's). Applying it twice changes nothing more."""
     c, r = pair.chosen_ids, pair.rejected_ids
     first = 0  # the first position where they differ
     while first < min(len(c), len(r)) and c[first] == r[first]:
@@ -112,7 +115,7 @@ def edit_span(pair: Pair) -> Pair:
     shared = 0  # length of the common ending, within that room
     while shared < room and c[-1 - shared] == r[-1 - shared]:
         shared += 1
-    if not shared:
+    if shared < 2:
         return pair
     return replace(pair, chosen_ids=c[: len(c) - shared], rejected_ids=r[: len(r) - shared])
 
@@ -139,7 +142,8 @@ class SlicedDPO:
         matrix is scaled by 1 - decay, so every adapted weight's delta (B A x scale) is
         too, exactly. A preference that the pairs stop renewing fades geometrically.
         span: "whole" (every completion token) or "edit" (`edit_span`: without the
-        ending chosen and rejected share; the RPO term then covers the chosen edit)."""
+        ending chosen and rejected share; the RPO term then covers what is left of the
+        chosen completion, the shared beginning and the edit)."""
         if span not in ("whole", "edit"):
             raise ValueError(f"span must be whole or edit, got {span!r}")
         self.span = span
