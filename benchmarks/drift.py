@@ -92,7 +92,7 @@ from benchmarks.loadgen import RequestResult, poisson_load, summarize, tail_targ
 from benchmarks.phases import DEFAULT_FILE, Phase, judged, load_phases
 from benchmarks.serve_smoke import machine
 from benchmarks.stats import aggregate
-from mace_sgl.config import MaceConfig
+from mace_sgl.config import DPO_SPANS, MaceConfig
 from mace_sgl.launcher import Server
 
 BASELINES = ("inference-only", "periodic", "synchronous", "continuous", "mace")
@@ -226,8 +226,7 @@ class PeriodicTrainer:
             _, rejected = encode_pair(tok, msgs, p["rejected"])
             pair = self.dpo.trained(Pair(i, prompt, chosen, rejected))
             run_to_end(self.dpo.step_slices([pair]))
-            # counted as the server counts them: the tokens trained (the edit, by default)
-            self.trained_tokens += 2 * len(prompt) + len(pair.chosen_ids) + len(pair.rejected_ids)
+            self.trained_tokens += pair.tokens  # as the server counts them: what trained
         self.rounds += 1
         path = self.out / f"periodic-{self.rounds}"
         self.model.save_pretrained(str(path))
@@ -569,7 +568,7 @@ def main() -> None:
         )
     parser.add_argument(
         "--dpo-span",
-        choices=("whole", "edit"),
+        choices=DPO_SPANS,
         default=defaults.dpo_span,
         help="--mace-dpo-span for every adapting baseline (default: the server's)",
     )

@@ -41,8 +41,9 @@ from typing import Any
 import torch
 
 from benchmarks.colocate import TOPICS
+from benchmarks.recipe import RECIPE_KEYS
 from benchmarks.serve_smoke import machine
-from mace_sgl.config import MaceConfig
+from mace_sgl.config import DPO_SPANS, MaceConfig
 from mace_sgl.templating import encode_pair
 from mace_sgl.trainer.anchor import shipped_anchors
 from mace_sgl.trainer.guard import Guard
@@ -149,15 +150,14 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=None, help="default: the server's")
     parser.add_argument("--anchor-alpha", type=float, default=None, help="default: the server's")
     parser.add_argument("--adapter-decay", type=float, default=None, help="default: the server's")
-    parser.add_argument("--dpo-span", choices=("whole", "edit"), help="default: the server's")
+    parser.add_argument("--dpo-span", choices=DPO_SPANS, help="default: the server's")
     args = parser.parse_args()
     if args.model_path is None:
         from mace_sgl.models import ensure_default_model
 
         args.model_path = str(ensure_default_model(progress=False))
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    recipe = ("lr", "rpo_alpha", "beta", "anchor_alpha", "adapter_decay", "dpo_span")
-    given = {k: getattr(args, k) for k in recipe if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in RECIPE_KEYS if getattr(args, k) is not None}
     cfg = dataclasses.replace(MaceConfig(), **given)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

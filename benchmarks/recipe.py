@@ -1,8 +1,9 @@
 """Training recipes compared on the drift benchmark's preference shifts, without a server.
 
 `benchmarks.drift` measures serving and training together and costs about 6 minutes per
-baseline and seed on 2 CPU cores (17 for one seed of three baselines); choosing a recipe (learning rate, beta, `rpo_alpha`,
-`anchor_alpha`, `adapter_decay`, `dpo_span`) needs many more runs than that allows. This benchmark
+baseline and seed on 2 CPU cores (17 for one seed of three baselines); choosing a recipe
+(learning rate, beta, `rpo_alpha`, `anchor_alpha`, `adapter_decay`, `dpo_span`) needs
+many more runs than that allows. This benchmark
 keeps drift's pairs and judge and drops the serving: the default model in plain HF +
 peft (bfloat16 by default, as drift's periodic trainer), trained with the server's own
 sliced DPO and anchors. In each phase of the phase file (`benchmarks/phases.py`),

@@ -22,6 +22,9 @@ ENV_VAR = "MACE_SGL_CONFIG"
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+DPO_SPANS = ("whole", "edit")  # --mace-dpo-span: trainer/sliced.py SlicedDPO(span=)
+
+
 @dataclass(frozen=True)
 class MaceConfig:
     """Settings of mace-sgl itself; every field is also a --mace-<name> flag."""
@@ -113,7 +116,7 @@ class MaceConfig:
             "lr 1e-3) won 0.47 against whole's 0.26 with fewer answers losing content. "
             "whole: every completion token. The RPO term (--mace-rpo-alpha) covers the "
             "chosen tokens DPO compares.",
-            "choices": ("whole", "edit"),
+            "choices": DPO_SPANS,
         },
     )
     lr: float = field(
@@ -445,7 +448,7 @@ class MaceConfig:
             raise ValueError(f"--mace-train-ranks {bad}: ranks are 0..{self.replicas - 1}")
         if self.pairs_per_step < 1 or self.publish_every < 1 or self.lora_rank < 1:
             raise ValueError("pairs_per_step, publish_every and lora_rank must be >= 1")
-        if self.dpo_span not in ("whole", "edit"):
+        if self.dpo_span not in DPO_SPANS:
             raise ValueError(f"dpo_span must be whole or edit, got {self.dpo_span!r}")
         if self.policy not in ("inference-only", "fcfs-reserve", "mace", "synchronous"):
             raise ValueError(

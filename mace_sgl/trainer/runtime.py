@@ -480,7 +480,7 @@ class MaceTrainer:
             result.margins,
             result.grad_norm,
         )
-        tokens = sum(_pair_tokens(self.dpo.trained(p)) for p in pairs)
+        tokens = sum(self.dpo.trained(p).tokens for p in pairs)
         stats.trained_tokens += tokens
         self.totals["trained_tokens"] += tokens
         self.sec_per_token += 0.3 * (self.step_seconds / tokens - self.sec_per_token)
@@ -740,11 +740,7 @@ class MaceTrainer:
         step = self.board.step_job
         if step is None:
             return 0
-        return sum(_pair_tokens(self.dpo.trained(q.pair)) for q in step.pairs)
-
-
-def _pair_tokens(p: Pair) -> int:
-    return 2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+        return sum(self.dpo.trained(q.pair).tokens for q in step.pairs)
 
 
 class Starvation:

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mace_sgl.config import DPO_SPANS
+
 
 @dataclass(frozen=True)
 class Pair:
@@ -46,6 +48,11 @@ class Pair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     weight: float = 1.0
+
+    @property
+    def tokens(self) -> int:
+        """Tokens a step processes for it: the prompt twice, chosen and rejected."""
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
 
 
 @dataclass(frozen=True)
@@ -144,8 +151,8 @@ class SlicedDPO:
         span: "whole" (every completion token) or "edit" (`edit_span`: without the
         ending chosen and rejected share; the RPO term then covers what is left of the
         chosen completion, the shared beginning and the edit)."""
-        if span not in ("whole", "edit"):
-            raise ValueError(f"span must be whole or edit, got {span!r}")
+        if span not in DPO_SPANS:
+            raise ValueError(f"span must be one of {DPO_SPANS}, got {span!r}")
         self.span = span
         self.peft = peft_model
         self.lm = peft_model.get_base_model()
