@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from concurrent.futures import ThreadPoolExecutor
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import pytest
@@ -152,18 +154,41 @@ def test_feedback_to_either_server_trains_one_adapter_with_no_step_lost(servers:
 
 def test_the_router_reads_the_load_each_server_reports(servers: list[Server], router: Server):
     """Requests sent to server A directly (the router forwards none of them) show in the
-    router's load of A: it is A's /get_load, not the router's own count."""
+    router's load of A: it is A's /get_load, not the router's own count. The requests
+    would run for minutes on a busy machine: once seen, they are aborted (SGLang's
+    /abort_request) and each one's answer must still come back whole."""
     a = servers[0]
-    body = {"text": "count: ", "sampling_params": {"max_new_tokens": 1800, "ignore_eos": True}}
+    rids = [f"router-load-{uuid.uuid4().hex}" for _ in range(3)]
+
+    def long_request(rid: str) -> requests.Response:
+        body = {"text": "count: ", "rid": rid,
+                "sampling_params": {"max_new_tokens": 1800, "ignore_eos": True}}  # fmt: skip
+        return a.post("/generate", body)
 
     def router_load() -> int:
         loads = router.get("/get_loads").json()["workers"]
         return {w["worker"]: w["load"] for w in loads}[a.url]
 
     with ThreadPoolExecutor(3) as ex:
-        running = [ex.submit(a.post, "/generate", body) for _ in range(3)]
-        seen = wait_for_value(router_load, lambda v: v > 0, 60, "A's load in the router", a.tail)
-        assert all(f.result().status_code == 200 for f in running)
+        running = [ex.submit(long_request, rid) for rid in rids]
+        try:
+            seen = wait_for_value(
+                router_load, lambda v: v > 0, 60, "A's load in the router", a.tail
+            )
+        finally:
+            # An abort that reaches the server before its request is dropped: repeat
+            # until every request has answered.
+            deadline = time.monotonic() + 60
+            while not all(f.done() for f in running) and time.monotonic() < deadline:
+                for rid, f in zip(rids, running, strict=True):
+                    if not f.done():
+                        a.post("/abort_request", {"rid": rid}).raise_for_status()
+                wait(running, timeout=0.5)
+        assert all(f.done() for f in running), f"aborted requests still running\n{a.tail()}"
+        answers = [f.result() for f in running]
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    reasons = {r.json()["meta_info"]["finish_reason"]["type"] for r in answers}
+    assert reasons <= {"abort", "length"}, reasons
     assert seen > 3  # tokens, not requests
 
 
