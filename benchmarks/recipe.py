@@ -11,14 +11,17 @@ sliced DPO and anchors. In each phase of the phase file (`benchmarks/phases.py`)
 as drift serves) is the rejected answer and the phase's edit of it the chosen one, and
 the pair is skipped, as drift skips it, when the answer is empty or the edit does not
 raise the judge's score (an answer that already starts with "Certainly"). Each pair
-trains one step, once: unlike the server, no replay of earlier pairs
-(`--mace-max-train-count`) and no publish guard. After each phase the held-out prompts'
+trains one step when it arrives; `--replay N` then takes N more steps on kept pairs, as
+the server's trainer does between arrivals: each step the kept pair (of every phase so
+far) with the highest last DPO loss among those trained fewer than `max_train_count`
+times (`--mace-max-train-count`, a recipe key). No publish guard. After each phase the
+held-out prompts'
 greedy answers (`--eval-max-tokens`) are judged against the base model's answers by
 drift's own `verdict` and `degenerate`. Held-out prompts are the first `--held-out` of
 drift's 24, and no prompt of those 24 is trained on.
 
     python -m benchmarks.recipe --out DIR [--seeds 3] [--steps 8] [--held-out 12]
-        [--recipe NAME:key=value,key=value ...] [--phases FILE] [--lr LR]
+        [--recipe NAME:key=value,key=value ...] [--phases FILE] [--lr LR] [--replay N]
 
 A recipe is a name and the recipe keys it changes from the server's defaults, e.g.
 `--recipe decay0.3:adapter_decay=0.3 --recipe whole:dpo_span=whole`; `--lr` (drift --quick's
@@ -27,7 +30,8 @@ A recipe is a name and the recipe keys it changes from the server's defaults, e.
 initialisation and the order of the training prompts. DIR/results.json holds per recipe
 the mean over seeds of `win_rate` (all phases), `degenerate_share`,
 `last_win_rate.<phase>`, `degenerate.<phase>`, `words.<phase>`, `b_norm.<phase>` (the
-LoRA B matrices' norm at the phase's end: how much adapter there is), `steps` and `skipped`,
+LoRA B matrices' norm at the phase's end: how much adapter there is), `steps`, `replays`
+and `skipped`,
 a `ci95` entry of [low, high] per metric, and every seed's row.
 """
 
@@ -51,9 +55,12 @@ from benchmarks.serve_smoke import machine
 from benchmarks.stats import aggregate
 from mace_sgl.config import MaceConfig
 
-RECIPE_KEYS = ("lr", "beta", "rpo_alpha", "anchor_alpha", "adapter_decay", "dpo_span")
+RECIPE_KEYS = (
+    "lr", "beta", "rpo_alpha", "anchor_alpha", "adapter_decay", "dpo_span", "max_train_count",
+)  # fmt: skip
 WORDS = ("dpo_span",)  # the keys whose values are words, not numbers
-POSITIVE = ("lr", "beta")  # the others may be 0 (off)
+COUNTS = ("max_train_count",)  # whole numbers
+POSITIVE = ("lr", "beta", "max_train_count")  # the others may be 0 (off)
 DRIFT_HELD_OUT = 24  # benchmarks.drift's --eval-prompts
 
 
@@ -74,9 +81,10 @@ def parse_recipe(spec: str) -> tuple[str, dict[str, float | str]]:
             changes[key] = value  # MaceConfig checks it below
             continue
         try:
-            changes[key] = float(value)
+            changes[key] = int(value) if key in COUNTS else float(value)
         except ValueError:
-            raise ValueError(f"recipe {spec!r}: {value!r} is not a number") from None
+            kind = "a whole number" if key in COUNTS else "a number"
+            raise ValueError(f"recipe {spec!r}: {value!r} is not {kind}") from None
         v = changes[key]
         if not math.isfinite(v) or v < 0 or (key in POSITIVE and v == 0):
             low = "> 0" if key in POSITIVE else ">= 0"
@@ -134,14 +142,44 @@ class Learner:
         """Frobenius norm of all LoRA B matrices: 0 at the start, the adapter's size."""
         return math.sqrt(sum(float(b.detach().float().pow(2).sum()) for b in self.dpo.lora_b))
 
-    def step(self, sample_id: int, prompt: str, chosen: str, rejected: str) -> bool:
+    def step(self, kept: Kept) -> float | None:
+        """One optimizer step on one pair: its DPO loss, None if the step failed."""
         from mace_sgl.trainer.sliced import Pair, run_to_end
 
-        chat = [{"role": "user", "content": prompt}]
-        prompt_ids, chosen_ids = self.encode(self.tok, chat, chosen)
-        _, rejected_ids = self.encode(self.tok, chat, rejected)
-        pair = Pair(sample_id, prompt_ids, chosen_ids, rejected_ids)
-        return run_to_end(self.dpo.step_slices([pair])).ok
+        chat = [{"role": "user", "content": kept.prompt}]
+        prompt_ids, chosen_ids = self.encode(self.tok, chat, kept.chosen)
+        _, rejected_ids = self.encode(self.tok, chat, kept.rejected)
+        pair = Pair(kept.sample_id, prompt_ids, chosen_ids, rejected_ids)
+        result = run_to_end(self.dpo.step_slices([pair]))
+        return result.losses[kept.sample_id] if result.ok else None
+
+
+@dataclasses.dataclass
+class Kept:
+    """A pair fed back, and what the server's store keeps of it for replay."""
+
+    sample_id: int
+    prompt: str
+    chosen: str
+    rejected: str
+    count: int = 0  # steps it trained
+    loss: float = 0.0  # its DPO loss in its last step
+
+
+def train_once(learner: Learner, kept: Kept, row: dict[str, Any]) -> None:
+    loss = learner.step(kept)
+    kept.count += 1  # the server counts a failed step's pairs too (they trained once)
+    if loss is None:
+        row["failed_steps"] += 1
+    else:
+        kept.loss = loss
+
+
+def replay_pick(kept: list[Kept], max_train_count: int) -> Kept | None:
+    """The server's replay order (sidecar/store.py::pick_next for trained pairs): the
+    highest last loss first, the oldest on ties, none trained max_train_count times."""
+    left = [k for k in kept if k.count < max_train_count]
+    return max(left, key=lambda k: k.loss) if left else None
 
 
 def judge(phase: Phase, answers: list[str], base: list[str]) -> dict[str, float]:
@@ -165,14 +203,17 @@ def run_recipe(
     max_tokens: int,
     eval_max_tokens: int,
     dtype: torch.dtype = torch.bfloat16,
+    replay: int = 0,
 ) -> dict[str, Any]:
-    """One seed of one recipe: every phase's steps, then its held-out verdicts."""
+    """One seed of one recipe: every phase's steps (each new pair, then `replay` steps on
+    kept pairs), then its held-out verdicts."""
     learner = Learner(model_path, cfg, seed, dtype)
     order = list(train)
     random.Random(seed).shuffle(order)
     base = learner.answers(held_out, eval_max_tokens, adapter=False)
-    row: dict[str, Any] = {"steps": 0, "skipped": 0, "failed_steps": 0}
+    row: dict[str, Any] = {"steps": 0, "replays": 0, "skipped": 0, "failed_steps": 0}
     wins, bad, k = [], [], 0
+    kept: list[Kept] = []
     for phase in phases:
         for _ in range(steps):
             prompt = order[k % len(order)]
@@ -183,8 +224,14 @@ def run_recipe(
                 row["skipped"] += 1  # drift posts no feedback for it either
                 continue
             row["steps"] += 1
-            if not learner.step(k, prompt, chosen, answer):
-                row["failed_steps"] += 1
+            kept.append(Kept(k, prompt, chosen, answer))
+            train_once(learner, kept[-1], row)
+            for _ in range(replay):
+                again = replay_pick(kept, cfg.max_train_count)
+                if again is None:
+                    break
+                row["replays"] += 1
+                train_once(learner, again, row)
         got = judge(phase, learner.answers(held_out, eval_max_tokens), base)
         row[f"last_win_rate.{phase.name}"] = got["win_rate"]
         row[f"degenerate.{phase.name}"] = got["degenerate_share"]
@@ -204,6 +251,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8, help="pairs (steps) per phase")
     parser.add_argument("--lr", type=float, default=2e-4, help="as drift --quick")
+    parser.add_argument(
+        "--replay", type=int, default=0, help="steps on kept pairs after each new pair"
+    )
     parser.add_argument("--held-out", type=int, default=12, help="held-out prompts")
     parser.add_argument("--max-tokens", type=int, default=48, help="served answers")
     parser.add_argument("--eval-max-tokens", type=int, default=128)
@@ -211,6 +261,8 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.seeds, args.steps, args.max_tokens, args.eval_max_tokens) < 1:
         parser.error("--seeds, --steps, --max-tokens and --eval-max-tokens must be >= 1")
+    if args.replay < 0:
+        parser.error("--replay must be >= 0")
     if not 1 <= args.held_out <= DRIFT_HELD_OUT:
         parser.error(f"--held-out must be in 1..{DRIFT_HELD_OUT} (drift's held-out prompts)")
     try:
@@ -238,7 +290,7 @@ def main() -> None:
             t0 = time.monotonic()
             row = run_recipe(args.model_path, cfg, phases, seed, args.steps, train, held_out,
                              args.max_tokens, args.eval_max_tokens,
-                             getattr(torch, args.dtype))  # fmt: skip
+                             getattr(torch, args.dtype), args.replay)  # fmt: skip
             row["wall_s"] = time.monotonic() - t0
             rows.append(row)
             print(name, json.dumps(row), flush=True)

@@ -446,8 +446,10 @@ class MaceConfig:
         bad = [r for r in self.training_ranks or () if not 0 <= r < self.replicas]
         if bad and self.replicas > 1:
             raise ValueError(f"--mace-train-ranks {bad}: ranks are 0..{self.replicas - 1}")
-        if self.pairs_per_step < 1 or self.publish_every < 1 or self.lora_rank < 1:
-            raise ValueError("pairs_per_step, publish_every and lora_rank must be >= 1")
+        if min(self.pairs_per_step, self.publish_every, self.lora_rank, self.max_train_count) < 1:
+            raise ValueError(
+                "pairs_per_step, publish_every, lora_rank and max_train_count must be >= 1"
+            )
         if self.dpo_span not in DPO_SPANS:
             raise ValueError(f"dpo_span must be whole or edit, got {self.dpo_span!r}")
         if self.policy not in ("inference-only", "fcfs-reserve", "mace", "synchronous"):

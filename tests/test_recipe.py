@@ -23,6 +23,8 @@ def test_recipe_specs_parse_and_bad_ones_say_why():
     for spec, why in [
         (":lr=1e-4", "name"),
         ("x:decay=0.3", "key=value"),  # not a recipe key
+        ("x:max_train_count=1.5", "whole number"),
+        ("x:max_train_count=0", "max_train_count"),
         ("x:lr", "key=value"),
         ("x:lr=fast", "not a number"),
         ("x:lr=0", "> 0"),
@@ -58,9 +60,9 @@ class FakeLearner:
             return ["Plain answer." for _ in prompts]
         return [next(self.served)]
 
-    def step(self, sample_id, prompt, chosen, rejected):
-        self.pairs.append((chosen, rejected))
-        return True
+    def step(self, kept):
+        self.pairs.append((kept.chosen, kept.rejected))
+        return 1.0
 
     def b_norm(self):
         return float(len(self.pairs))
@@ -85,6 +87,52 @@ def test_loop_skips_the_pairs_drift_skips(monkeypatch: pytest.MonkeyPatch):
     assert row["steps"] == 2 and row["skipped"] == 2 and row["failed_steps"] == 0
     assert FakeLearner.last.pairs == [("Certainly! Plain answer.", "Plain answer.")] * 2
     assert row["b_norm.opener"] == 2.0
+
+
+class LossLearner(FakeLearner):
+    """Every answer plain (each gives a pair); a pair's loss is fixed by its prompt."""
+
+    losses: dict[str, float] = {}
+
+    def __init__(self, *a) -> None:
+        super().__init__(*a)
+        self.served = iter(["Plain answer."] * 10)
+        self.trained: list[str] = []
+
+    def step(self, kept):
+        self.trained.append(kept.prompt)
+        return self.losses[kept.prompt]
+
+
+@pytest.mark.parametrize(
+    "losses, mtc, replay, want",
+    [
+        ((1.0, 2.0, 0.5), 3, 1, [0, 0, 1, 1, 2, 1]),  # the highest last loss with a turn left
+        ((1.0, 1.0, 1.0), 3, 1, [0, 0, 1, 0, 2, 1]),  # the oldest on ties
+        ((1.0, 2.0, 0.5), 2, 9, [0, 0, 1, 1, 2, 2]),  # each pair max_train_count times
+        ((1.0, 2.0, 0.5), 3, 0, [0, 1, 2]),  # no replay: each pair once
+    ],
+)
+def test_replay_follows_the_servers_pick_order(
+    monkeypatch: pytest.MonkeyPatch, losses, mtc, replay, want
+):
+    """--replay N: after each new pair, up to N steps on kept pairs in the server's order
+    (sidecar/store.py::pick_next): the highest last loss, the oldest on ties, each pair
+    at most max_train_count times."""
+    import random
+
+    monkeypatch.setattr(recipe, "Learner", LossLearner)
+    phases = parse_phases(
+        {"phases": [{"name": "o", "judge": {"starts_with": "Zq"}, "edit": {"prepend": "Zq "}}]}
+    )
+    train = ["p1", "p2", "p3"]
+    arrived = list(train)
+    random.Random(1).shuffle(arrived)  # run_recipe's order for seed 1
+    LossLearner.losses = dict(zip(arrived, losses, strict=True))
+    cfg = MaceConfig(max_train_count=mtc)
+    row = run_recipe("m", cfg, phases, 1, 3, train, ["h"], 8, 8, replay=replay)
+    assert LossLearner.last.trained == [arrived[i] for i in want]
+    assert row["steps"] == 3 and row["replays"] == len(want) - 3 and row["failed_steps"] == 0
 
 
 def test_one_seed_trains_every_phase_and_reports_each(tiny_model_dir: Path):
