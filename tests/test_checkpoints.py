@@ -10,7 +10,9 @@ import pytest
 import torch
 from test_sliced_dpo import PAIRS, lora_model
 
+from mace_sgl.plugin.routes import purge_dir
 from mace_sgl.trainer.checkpoints import (
+    AdapterGone,
     CheckpointMismatch,
     CheckpointWriter,
     check_compatible,
@@ -131,6 +133,89 @@ def test_writer_holds_at_most_one_waiting_write(tmp_path: Path):
     writer.flush()
     assert written == [1, 5]
     assert writer.status()["superseded"] == 3 and writer.status()["written"] == 2
+
+
+def _adapter(adapter_dir: Path) -> CheckpointWriter:
+    """An adapter's directory as its creation leaves it (v0), and its writer."""
+    write_zero_adapter(adapter_dir / "v0", _tiny_config(), 2, 4, ["q_proj"])
+    return CheckpointWriter(adapter_dir, keep=3)
+
+
+def _submit(writer: CheckpointWriter, version: int):
+    return writer.submit(version, {"w": torch.zeros(2)}, lora_config_dict(2, 4, ["q_proj"]),
+                         {"version": version}, None)  # fmt: skip
+
+
+def test_a_write_after_a_purge_does_not_bring_the_adapter_back(tmp_path: Path, caplog):
+    """DELETE ?purge=true deletes the directory while the trainer may still hold a
+    version to write: the write is dropped (counted as purged, not a failure) and the
+    directory stays gone."""
+    adapter_dir = tmp_path / "adapters" / "team-a"
+    writer = _adapter(adapter_dir)
+    assert _submit(writer, 1).result(timeout=10) == adapter_dir / "v1"
+    purge_dir(adapter_dir)
+    assert not adapter_dir.exists() and list((tmp_path / "adapters").iterdir()) == []
+    with pytest.raises(AdapterGone):
+        _submit(writer, 2).result(timeout=10)
+    writer.flush()
+    assert not adapter_dir.exists()
+    status = writer.status()
+    assert status["purged"] == 1 and status["failures"] == 0 and status["written"] == 1
+    assert status["last_error"] is None and "failed" not in caplog.text
+
+
+def test_a_write_under_way_when_the_purge_comes_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The purge lands between the write's first file and its last (the directory is
+    renamed away, then deleted): the write ends as purged and nothing is left behind."""
+    import safetensors.torch
+
+    adapter_dir = tmp_path / "adapters" / "team-a"
+    writer = _adapter(adapter_dir)
+    inside, release = threading.Event(), threading.Event()
+    real = safetensors.torch.save_file
+
+    def paused(tensors, path, *a, **kw):
+        real(tensors, path, *a, **kw)
+        inside.set()
+        assert release.wait(10)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", paused)
+    future = _submit(writer, 1)
+    assert inside.wait(10)
+    purge_dir(adapter_dir)
+    release.set()
+    with pytest.raises(AdapterGone):
+        future.result(timeout=10)
+    writer.flush()
+    assert list((tmp_path / "adapters").iterdir()) == []
+    assert writer.status()["purged"] == 1 and writer.status()["failures"] == 0
+
+
+def test_a_write_queued_for_a_purged_adapter_skips_its_namesake(tmp_path: Path):
+    """Purged and created again under the same name before the old adapter's queued
+    write ran: the new adapter's directory gets nothing of the old one."""
+    adapter_dir = tmp_path / "adapters" / "team-a"
+    old = _adapter(adapter_dir)
+    purge_dir(adapter_dir)
+    new = _adapter(adapter_dir)  # a new v0, maybe on the freed inode
+    with pytest.raises(AdapterGone):
+        _submit(old, 5).result(timeout=10)
+    assert sorted(p.name for p in adapter_dir.iterdir()) == ["v0"]
+    assert old.status()["purged"] == 1 and old.status()["failures"] == 0
+    assert _submit(new, 1).result(timeout=10) == adapter_dir / "v1"
+
+
+def test_purge_clears_what_a_crashed_purge_left(tmp_path: Path):
+    adapters = tmp_path / "adapters"
+    left = adapters / ".team-b.purged-0123"
+    (left / "v3").mkdir(parents=True)
+    _adapter(adapters / "team-a")
+    _adapter(adapters / "team-c")
+    purge_dir(adapters / "team-a")
+    purge_dir(adapters / "never-made")  # nothing there: no error
+    assert [p.name for p in adapters.iterdir()] == ["team-c"]
 
 
 def _tiny_config() -> dict:

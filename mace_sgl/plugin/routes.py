@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -556,8 +557,23 @@ async def _retire_local(cfg: MaceConfig, name: str, purge: bool) -> bool:
         if not unloaded:
             logger.warning("mace: SGLang did not unload %s: %s", name, error)
     if purge:
-        await asyncio.to_thread(shutil.rmtree, cfg.tenant_dir(name), True)
+        await asyncio.to_thread(purge_dir, cfg.tenant_dir(name))
     return True
+
+
+def purge_dir(adapter_dir: Path) -> None:
+    """Delete a retired adapter's checkpoints. The directory is first renamed away in
+    one step, so the trainer's checkpoint writer, which may still hold a version of it
+    and never creates the directory (trainer/checkpoints.py), cannot write into it or
+    bring it back while it is being deleted."""
+    doomed = adapter_dir.with_name(f".{adapter_dir.name}.purged-{uuid.uuid4().hex}")
+    try:
+        adapter_dir.rename(doomed)
+    except FileNotFoundError:
+        pass  # nothing kept (or purged already)
+    # this one, and any a crash left half-deleted (no adapter name starts with a dot)
+    for d in adapter_dir.parent.glob(".*.purged-*"):
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _log_position(cfg: MaceConfig) -> tenant_log.Position:

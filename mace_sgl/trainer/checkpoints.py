@@ -28,6 +28,10 @@ logger = logging.getLogger("mace_sgl.trainer")
 OPTIMIZER_FILE = "optimizer.pt"
 
 
+class AdapterGone(FileNotFoundError):
+    """The adapter's directory is gone (retired with purge): nothing is written there."""
+
+
 class CheckpointMismatch(ValueError):
     """The state dir holds checkpoints of another adapter shape than the flags ask for."""
 
@@ -116,27 +120,49 @@ def write_checkpoint(
     optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """peft-format checkpoint of one version, written to a temp dir and renamed; prunes
-    all but the newest `keep` versions (v0, the all-zero start, always stays)."""
+    all but the newest `keep` versions (v0, the all-zero start, always stays).
+
+    The adapter's directory must exist (it holds v0 from the adapter's creation): it is
+    never created here, so a write that outlives a purge of its adapter
+    (`DELETE /mace/adapters/NAME?purge=true`, which first renames the directory away)
+    raises AdapterGone instead of bringing the purged adapter's directory back."""
     from safetensors.torch import save_file
 
     out = adapter_dir / f"v{version}"
     tmp = adapter_dir / f".v{version}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by a crash in the middle of a write
-    tmp.mkdir(parents=True)
-    save_file(weights, str(tmp / "adapter_model.safetensors"))
-    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-    (tmp / "adapter_config.json").write_text(json.dumps(config, default=str, indent=2) + "\n")
-    if optimizer_state is not None:
-        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-    (tmp / "mace.json").write_text(json.dumps(meta) + "\n")
-    if out.exists():
-        shutil.rmtree(out)  # a version number reused after a crash lost its newer files
-    tmp.rename(out)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by a crash in the middle of a write
+        tmp.mkdir()
+        save_file(weights, str(tmp / "adapter_model.safetensors"))
+        config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+        (tmp / "adapter_config.json").write_text(json.dumps(config, default=str, indent=2) + "\n")
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        (tmp / "mace.json").write_text(json.dumps(meta) + "\n")
+        if out.exists():
+            shutil.rmtree(out)  # a version number reused after a crash lost its newer files
+        tmp.rename(out)
+    except FileNotFoundError as e:
+        if adapter_dir.is_dir():
+            raise
+        raise AdapterGone(f"{adapter_dir} is gone (the adapter was purged)") from e
     for old, path in checkpoints(adapter_dir)[:-keep]:
         if old != 0:
             shutil.rmtree(path, ignore_errors=True)
     return out
+
+
+def _dir_id(adapter_dir: Path) -> tuple[int, ...] | None:
+    """Which adapter directory this is: its inode, and the time its v0 (written once,
+    when the adapter was created) was written, since a directory made after a purge
+    may get the freed inode number; None without a v0 there."""
+    try:
+        v0 = (adapter_dir / "v0" / "adapter_model.safetensors").stat()
+        st = adapter_dir.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, v0.st_mtime_ns
 
 
 class CheckpointWriter:
@@ -147,7 +173,8 @@ class CheckpointWriter:
 
     Bounded: one write runs and at most one waits. A newer version replaces the waiting
     one (`superseded`), so a slow disk costs intermediate versions on disk, never an
-    unbounded queue of weight and optimizer copies in memory."""
+    unbounded queue of weight and optimizer copies in memory. A write whose adapter was
+    purged meanwhile is dropped (`purged`), not a failure."""
 
     def __init__(
         self,
@@ -159,6 +186,9 @@ class CheckpointWriter:
         self.adapter_dir = adapter_dir
         self.keep = keep
         self._write = write
+        # The directory this writer's adapter owns: a purge and a new adapter of the same
+        # name make another one, which a write still queued for the old one must not touch.
+        self._dir_id = _dir_id(adapter_dir)
         # Tenants share one writer thread (pool): a thread per tenant would outlive its
         # tenant's retirement, and each thread's own malloc arena holds its freed
         # serialisation buffers, tens of MB of RSS per tenant.
@@ -168,6 +198,7 @@ class CheckpointWriter:
         self.written = 0
         self.failures = 0
         self.superseded = 0
+        self.purged = 0
         self.last_error: str | None = None
         self.last_written: int | None = None
 
@@ -200,6 +231,8 @@ class CheckpointWriter:
             return
         version, args, future = job
         try:
+            if self._dir_id is not None and _dir_id(self.adapter_dir) != self._dir_id:
+                raise AdapterGone(f"{self.adapter_dir} is not this adapter's any more (purged)")
             future.set_result(self._write(*args))
         except BaseException as e:  # counted and logged by _done
             future.set_exception(e)
@@ -211,6 +244,10 @@ class CheckpointWriter:
             if error is None:
                 self.written += 1
                 self.last_written = version
+                return
+            if isinstance(error, AdapterGone):
+                self.purged += 1
+                logger.info("checkpoint of v%d dropped: %s", version, error)
                 return
             self.failures += 1
             self.last_error = f"v{version}: {type(error).__name__}: {error}"
@@ -230,6 +267,7 @@ class CheckpointWriter:
                 "last_error": self.last_error,
                 "last_written_version": self.last_written,
                 "superseded": self.superseded,
+                "purged": self.purged,
             }
 
     def flush(self, timeout_s: float = 30.0) -> None:
