@@ -574,3 +574,65 @@ def test_no_step_of_a_tenant_starts_while_its_last_version_reaches_the_peers():
     # behind a version another replica published (link.required): no step either
     MaceTrainer._start_step(fake_with([queued("live", 1.0)], {}, {"live": 7}))
     assert started == ["other", "live"]
+
+
+def test_an_update_for_a_tenant_sglang_unloaded_waits_then_is_dropped(monkeypatch):
+    """runtime.follow_replicas, on a stand-in trainer: another replica's version of a
+    tenant that DELETE unloaded from SGLang here (this replica's tenant list follows
+    SGLang only every SYNC_EVERY_S) is not installed (that took a scheduler down once),
+    SGLang's adapters are looked at again at once, and the update waits; it is dropped
+    after ORPHAN_AFTER_S. A loaded tenant's update installs."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from mace_sgl.trainer import runtime
+    from mace_sgl.trainer.replicas import SyncStats, Update, tenant_key
+    from mace_sgl.trainer.runtime import ORPHAN_AFTER_S, MaceTrainer
+
+    clock = [1000.0]
+    monkeypatch.setattr(runtime, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    installed: list[tuple[str, int]] = []
+    inbox: list[Update] = []
+
+    def tenant(name: str, loaded: bool) -> SimpleNamespace:
+        return SimpleNamespace(
+            name=name, version=3,
+            publisher=SimpleNamespace(loaded=lambda: loaded, uid=f"uid-{name}"),
+        )  # fmt: skip
+
+    def install(t, version, payload, checkpoint):
+        installed.append((t.name, version))
+        t.version = version
+
+    synced: list[float] = []
+    fake = SimpleNamespace(
+        replicas=SimpleNamespace(
+            delivered=lambda: [], received=lambda: [inbox.pop() for _ in list(inbox)],
+            stats=SyncStats(),
+        ),
+        lease=None,
+        tenants=SimpleNamespace(
+            tenants={"gone": tenant("gone", False), "kept": tenant("kept", True)},
+            install=install,
+        ),
+        board=SimpleNamespace(step_job=None),
+        streams=SimpleNamespace(training_work=nullcontext),
+        cfg=SimpleNamespace(replicas=2, sync_rank=0),
+        dp_rank=0,
+        _updates=[],
+        synced_at=clock[0],
+        _sync_tenants=lambda: synced.append(clock[0]),
+    )  # fmt: skip
+    payload = torch.zeros(1)
+    inbox += [Update(tenant_key("gone"), 4, payload, 1), Update(tenant_key("kept"), 4, payload, 1)]
+    MaceTrainer.follow_replicas(fake)
+    assert installed == [("kept", 4)]
+    assert fake.synced_at == float("-inf")  # look at SGLang's adapters at the next poll
+    assert [(u.key, u.version) for u, _ in fake._updates] == [(tenant_key("gone"), 4)]
+    clock[0] += ORPHAN_AFTER_S / 2
+    MaceTrainer.follow_replicas(fake)
+    assert installed == [("kept", 4)] and len(fake._updates) == 1  # still waiting
+    clock[0] += ORPHAN_AFTER_S
+    MaceTrainer.follow_replicas(fake)
+    assert installed == [("kept", 4)] and fake._updates == []  # dropped
+    assert fake.replicas.stats.applied == 1
