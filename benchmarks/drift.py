@@ -224,9 +224,9 @@ class PeriodicTrainer:
             msgs = [{"role": "user", "content": p["prompt"]}]
             prompt, chosen = encode_pair(tok, msgs, p["chosen"])
             _, rejected = encode_pair(tok, msgs, p["rejected"])
-            pair = self.dpo.trained(Pair(i, prompt, chosen, rejected))
+            pair = Pair(i, prompt, chosen, rejected)
             run_to_end(self.dpo.step_slices([pair]))
-            self.trained_tokens += pair.tokens  # as the server counts them: what trained
+            self.trained_tokens += self.dpo.step_tokens(pair)  # as the server counts them
         self.rounds += 1
         path = self.out / f"periodic-{self.rounds}"
         self.model.save_pretrained(str(path))

@@ -81,7 +81,8 @@ class MaceConfig:
         default=0.0,
         metadata={
             "help": "Weight of the mean NLL of the chosen answer added to the DPO loss "
-            "(trl's rpo_alpha; 0: plain DPO)."
+            "(trl's rpo_alpha; 0: plain DPO). It covers the whole chosen answer, also "
+            "when DPO compares the edit alone (--mace-dpo-span edit)."
         },
     )
     anchor_alpha: float = field(

@@ -231,14 +231,15 @@ def test_edit_span_drops_the_ending_chosen_and_rejected_share(
 
 def test_edit_span_step_trains_the_edit_only(tiny_model_dir: Path):
     """span="edit": the step's losses and gradients are those of the whole-span step on
-    the cut pairs, and references computed ahead are the cut pairs' too."""
+    the cut pairs, and references computed ahead are the cut pairs' too (without RPO;
+    with it, the next test)."""
     pairs = [Pair(1, [5, 17, 33], [9, 8, 40, 41, 42, EOS], [40, 41, 42, EOS])]
     cut = [edit_span(p) for p in pairs]
     assert cut[0].chosen_ids == [9, 8, 40]
 
     def grads_and_losses(span: str, step_pairs: list[Pair], refs_ahead: bool):
         model = lora_model(tiny_model_dir)
-        dpo = SlicedDPO(model, lr=0.0, max_grad_norm=1e9, rpo_alpha=0.5, span=span)
+        dpo = SlicedDPO(model, lr=0.0, max_grad_norm=1e9, span=span)
         refs = (
             {p.sample_id: run_to_end(dpo.ref_slices(p)) for p in step_pairs} if refs_ahead else None
         )
@@ -264,6 +265,46 @@ def test_edit_span_step_trains_the_edit_only(tiny_model_dir: Path):
     model = lora_model(tiny_model_dir)
     assert SlicedDPO.for_config(model, MaceConfig()).span == "edit"
     assert SlicedDPO.for_config(model, MaceConfig(dpo_span="whole")).span == "whole"
+
+
+@pytest.mark.parametrize("refs_ahead", [False, True])
+def test_edit_span_with_rpo_keeps_the_whole_chosen_answer_likely(
+    tiny_model_dir: Path, refs_ahead: bool
+):
+    """span="edit" with rpo_alpha: DPO compares the cut pair, the RPO term is the mean
+    NLL of the whole chosen answer (the text after the edit too), as plain autograd of
+    that loss gives."""
+    beta, rpo = 0.1, 0.7
+    pairs = [
+        Pair(1, [5, 17, 33], [9, 8, 40, 41, 42, EOS], [40, 41, 42, EOS], 1.0),
+        Pair(2, [6, 7], [40, 41, EOS], [40, 41, 43, 44, EOS], 2.0),  # a cut: nothing shared
+    ]
+    ref_model = lora_model(tiny_model_dir)
+    ref_model.zero_grad()
+    losses = {}
+    for whole in pairs:
+        cut = edit_span(whole)
+        pc, pr, rc, rr = logps(ref_model, cut)
+        losses[whole.sample_id] = dpo_loss(pc, pr, rc, rr, beta).item()
+        n = len(whole.prompt_ids)
+        nll = -full_logp(ref_model, whole.prompt_ids + whole.chosen_ids, n) / len(whole.chosen_ids)
+        ((dpo_loss(pc, pr, rc, rr, beta) + rpo * nll) * whole.weight / 3.0).backward()
+    want = {n: p.grad.clone() for n, p in ref_model.named_parameters() if p.requires_grad}
+
+    model = lora_model(tiny_model_dir)
+    dpo = SlicedDPO(model, beta=beta, lr=0.0, max_grad_norm=1e9, rpo_alpha=rpo, span="edit",
+                    head_chunks=3)  # fmt: skip
+    refs = {p.sample_id: run_to_end(dpo.ref_slices(p)) for p in pairs} if refs_ahead else None
+    gen = dpo.step_slices(pairs, refs)
+    while next(gen).kind != "opt":
+        pass
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert run_to_end(gen).losses == pytest.approx(losses, rel=1e-5)
+    # what the runtime counts as trained: the prompt twice, chosen whole, rejected cut
+    assert dpo.step_tokens(pairs[0]) == 2 * 3 + 6 + 1
+    assert SlicedDPO(model, span="edit").step_tokens(pairs[0]) == 2 * 3 + 3 + 1  # no RPO
 
 
 def test_non_finite_loss_is_reported_not_stepped(tiny_model_dir: Path):

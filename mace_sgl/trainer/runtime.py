@@ -480,7 +480,7 @@ class MaceTrainer:
             result.margins,
             result.grad_norm,
         )
-        tokens = sum(self.dpo.trained(p).tokens for p in pairs)
+        tokens = sum(self.dpo.step_tokens(p) for p in pairs)
         stats.trained_tokens += tokens
         self.totals["trained_tokens"] += tokens
         self.sec_per_token += 0.3 * (self.step_seconds / tokens - self.sec_per_token)
@@ -740,7 +740,7 @@ class MaceTrainer:
         step = self.board.step_job
         if step is None:
             return 0
-        return sum(self.dpo.trained(q.pair).tokens for q in step.pairs)
+        return sum(self.dpo.step_tokens(q.pair) for q in step.pairs)
 
 
 class Starvation:

@@ -19,7 +19,9 @@ weights, so it does not change within a step) and accumulates the gradient of th
 normed hidden states chunk by chunk: d logp / d logits = onehot(target) - softmax.
 
 With span "edit" (`--mace-dpo-span edit`), a pair is first cut to its edit
-(`edit_span`): the ending chosen and rejected share is dropped from both.
+(`edit_span`): the ending chosen and rejected share is dropped from both in the DPO
+margin; an RPO term still covers the whole chosen completion (its backward then has a
+coefficient per token: DPO's and RPO's on the edit, RPO's alone after it).
 
 `step_slices()` is a generator that yields a `SliceSpec` describing the work it is about
 to do; the caller decides whether that work fits, then resumes it to run it.
@@ -149,8 +151,9 @@ class SlicedDPO:
         matrix is scaled by 1 - decay, so every adapted weight's delta (B A x scale) is
         too, exactly. A preference that the pairs stop renewing fades geometrically.
         span: "whole" (every completion token) or "edit" (`edit_span`: without the
-        ending chosen and rejected share; the RPO term then covers what is left of the
-        chosen completion, the shared beginning and the edit)."""
+        ending chosen and rejected share; the RPO term still covers the whole chosen
+        completion, so what follows the edit stays as likely as the chosen answer has
+        it: the chosen side then runs whole, with a coefficient per token)."""
         if span not in DPO_SPANS:
             raise ValueError(f"span must be one of {DPO_SPANS}, got {span!r}")
         self.span = span
@@ -220,10 +223,10 @@ class SlicedDPO:
 
     def _head_forward(
         self, hidden: torch.Tensor, ids: torch.Tensor, prompt_len: int
-    ) -> Generator[SliceSpec, None, tuple[float, torch.Tensor]]:
-        """Sum of log-probs of the completion tokens given the final hidden states, a
-        vocabulary chunk per slice; also returns each position's log-sum-exp (float32)
-        for the backward. Runs in no-grad mode."""
+    ) -> Generator[SliceSpec, None, tuple[torch.Tensor, torch.Tensor]]:
+        """Log-prob of each completion token given the final hidden states, a vocabulary
+        chunk per slice; also returns each position's log-sum-exp (float32) for the
+        backward. Runs in no-grad mode."""
         targets = ids[0, prompt_len:]
         rows = targets.shape[0]
         weight = self.lm.lm_head.weight
@@ -242,22 +245,25 @@ class SlicedDPO:
                 inside = (targets >= lo) & (targets < hi)
                 col = (targets - lo).clamp(0, hi - lo - 1).unsqueeze(-1)
                 picked += torch.where(inside, logits.gather(1, col).squeeze(-1), 0.0)
-        return float((picked - lse).sum()), lse
+        return picked - lse, lse
 
     def _head_backward(
         self,
         hidden: torch.Tensor,
         ids: torch.Tensor,
         prompt_len: int,
-        coef: float,
+        coef: float | torch.Tensor,
         lse: torch.Tensor,
     ) -> Generator[SliceSpec, None, torch.Tensor]:
-        """Gradient of coef * logp(completion) with respect to the final hidden states
-        (the head's input), a vocabulary chunk per slice."""
+        """Gradient of sum_t coef_t * logp(completion token t) with respect to the final
+        hidden states (the head's input), a vocabulary chunk per slice. `coef`: one
+        number for every token, or one per completion token."""
         targets = ids[0, prompt_len:]
         rows = targets.shape[0]
         weight = self.lm.lm_head.weight
         grad_hn = None
+        if isinstance(coef, torch.Tensor):
+            coef = coef.to(device=self.device, dtype=torch.float32).unsqueeze(-1)
         for lo, hi in self.head_ranges:
             yield SliceSpec("head_bwd", rows)
             with torch.inference_mode(False), torch.no_grad():
@@ -279,7 +285,15 @@ class SlicedDPO:
     def forward_slices(
         self, ids: torch.Tensor, prompt_len: int, adapter: bool, keep: list | None
     ) -> Generator[SliceSpec, None, float]:
-        """No-grad forward of one sequence, a layer per slice; returns its log-prob.
+        """No-grad forward of one sequence, a layer per slice; returns its log-prob
+        (the sum of `token_slices`' per token)."""
+        return float((yield from self.token_slices(ids, prompt_len, adapter, keep)).sum())
+
+    def token_slices(
+        self, ids: torch.Tensor, prompt_len: int, adapter: bool, keep: list | None
+    ) -> Generator[SliceSpec, None, torch.Tensor]:
+        """No-grad forward of one sequence, a layer per slice; returns the log-prob of
+        each completion token (float32).
 
         With `keep`, the input of every layer and the final hidden state are appended
         to it, for the backward pass. Grad mode and the adapter switch are set inside each
@@ -296,10 +310,10 @@ class SlicedDPO:
                 keep.append(h)
             with self._mode(adapter, grad=False, lora=lora):
                 h = layer(h, position_ids=pos, position_embeddings=rope)
-        logp, lse = yield from self._head_forward(h, ids, prompt_len)
+        logps, lse = yield from self._head_forward(h, ids, prompt_len)
         if keep is not None:
             keep.extend((h, lse))
-        return logp
+        return logps
 
     @contextmanager
     def _mode(self, adapter: bool, grad: bool, lora: Sequence[Any] | None = None) -> Iterator[None]:
@@ -315,11 +329,12 @@ class SlicedDPO:
             yield
 
     def backward_slices(
-        self, ids: torch.Tensor, prompt_len: int, kept: list, coef: float
+        self, ids: torch.Tensor, prompt_len: int, kept: list, coef: float | torch.Tensor
     ) -> Iterator[SliceSpec]:
         """Backward of coef * logp(sequence) into the LoRA grads, a layer (or a chunk of
-        the head) per slice. `kept`: the layer inputs, the final hidden states and the
-        head's log-sum-exp, as forward_slices left them."""
+        the head) per slice; `coef` one number, or one per completion token. `kept`: the
+        layer inputs, the final hidden states and the head's log-sum-exp, as
+        forward_slices left them."""
         n = ids.shape[1]
         pos = self._positions(n)
         hidden, lse = kept[-2], kept[-1]
@@ -343,8 +358,16 @@ class SlicedDPO:
             return torch.tensor([prompt + completion], device=self.device)
 
     def trained(self, pair: Pair) -> Pair:
-        """The tokens of `pair` a step trains on: all of them, or its edit (`span`)."""
+        """The tokens of `pair` DPO compares: all of them, or its edit (`span`)."""
         return edit_span(pair) if self.span == "edit" else pair
+
+    def step_tokens(self, pair: Pair) -> int:
+        """Tokens a step processes for `pair`: the DPO span's, and with RPO the whole
+        chosen answer (see step_slices)."""
+        cut = self.trained(pair)
+        if self.rpo_alpha and cut is not pair:
+            return cut.tokens + len(pair.chosen_ids) - len(cut.chosen_ids)
+        return cut.tokens
 
     def ref_slices(self, pair: Pair) -> Generator[SliceSpec, None, tuple[float, float]]:
         """Reference log-probs (adapter disabled) of chosen and rejected, sliced.
@@ -370,33 +393,48 @@ class SlicedDPO:
         result = StepResult()
         self.optimizer.zero_grad(set_to_none=True)
         total_weight = sum(p.weight for p in pairs) or 1.0
-        for pair in map(self.trained, pairs):
+        for whole in pairs:
+            pair = self.trained(whole)
+            # With the edit span, RPO still covers the whole chosen answer (what follows
+            # the edit too): a causal model's log-probs of the edit are the same on the
+            # whole sequence, so the chosen side runs whole and DPO sums its first
+            # `k` tokens.
+            rpo_whole = bool(self.rpo_alpha) and pair is not whole
+            chosen = whole.chosen_ids if rpo_whole else pair.chosen_ids
+            k = len(pair.chosen_ids)
             seqs = []
             known = (refs or {}).get(pair.sample_id)
-            for i, completion in enumerate((pair.chosen_ids, pair.rejected_ids)):
+            for i, completion in enumerate((chosen, pair.rejected_ids)):
                 ids = self._ids(pair.prompt_ids, completion)
                 if known is not None:
                     ref = known[i]
                 else:
-                    ref = yield from self.forward_slices(ids, len(pair.prompt_ids), False, None)
+                    ref_tokens = yield from self.token_slices(
+                        ids, len(pair.prompt_ids), False, None
+                    )
+                    ref = float(ref_tokens[: k if i == 0 else None].sum())
                 kept: list = []
-                pol = yield from self.forward_slices(ids, len(pair.prompt_ids), True, kept)
-                seqs.append((ids, kept, pol, ref))
-            (ids_c, kept_c, pol_c, ref_c), (ids_r, kept_r, pol_r, ref_r) = seqs
+                tokens = yield from self.token_slices(ids, len(pair.prompt_ids), True, kept)
+                seqs.append((ids, kept, tokens, ref))
+            (ids_c, kept_c, tok_c, ref_c), (ids_r, kept_r, tok_r, ref_r) = seqs
+            pol_c, pol_r = float(tok_c[:k].sum()), float(tok_r.sum())
             margin = (pol_c - ref_c) - (pol_r - ref_r)
             loss = -F.logsigmoid(torch.tensor(self.beta * margin)).item()
-            n_chosen = len(pair.chosen_ids)
+            n_chosen = len(chosen)
             result.losses[pair.sample_id] = loss
             result.margins[pair.sample_id] = margin
-            if not math.isfinite(loss - pol_c):
+            if not math.isfinite(loss - float(tok_c.sum())):
                 result.ok, result.error = False, f"non-finite loss for sample {pair.sample_id}"
                 return result
             # dL/dlogp(chosen) of the DPO term; the rejected sequence gets the opposite
-            # sign. The RPO term only adds to the chosen side.
+            # sign. The RPO term only adds to the chosen side, on each of its tokens.
             coef = -self.beta * torch.sigmoid(torch.tensor(-self.beta * margin)).item()
             w = pair.weight / total_weight
             prompt_len = len(pair.prompt_ids)
-            coef_c = (coef - self.rpo_alpha / n_chosen) * w
+            coef_c: float | torch.Tensor = (coef - self.rpo_alpha / n_chosen) * w
+            if rpo_whole:
+                coef_c = torch.full((n_chosen,), -self.rpo_alpha / n_chosen * w)
+                coef_c[:k] += coef * w
             yield from self.backward_slices(ids_c, prompt_len, kept_c, coef_c)
             yield from self.backward_slices(ids_r, prompt_len, kept_r, -coef * w)
         if self.anchor_alpha and self.anchors:
