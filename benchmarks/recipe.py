@@ -2,7 +2,8 @@
 
 `benchmarks.drift` measures serving and training together and costs about 6 minutes per
 baseline and seed on 2 CPU cores (17 for one seed of three baselines); choosing a recipe
-(learning rate, beta, `rpo_alpha`, `anchor_alpha`, `adapter_decay`, `dpo_span`) needs
+(learning rate, beta, `rpo_alpha`, `anchor_alpha`, `adapter_decay`, `dpo_span`,
+`max_train_count` with `--replay`) needs
 many more runs than that allows. This benchmark
 keeps drift's pairs and judge and drops the serving: the default model in plain HF +
 peft (bfloat16 by default, as drift's periodic trainer), trained with the server's own
@@ -151,7 +152,9 @@ class Learner:
         _, rejected_ids = self.encode(self.tok, chat, kept.rejected)
         pair = Pair(kept.sample_id, prompt_ids, chosen_ids, rejected_ids)
         result = run_to_end(self.dpo.step_slices([pair]))
-        return result.losses[kept.sample_id] if result.ok else None
+        if result.ok:
+            return result.losses[kept.sample_id]
+        return None
 
 
 @dataclasses.dataclass
@@ -171,8 +174,8 @@ def train_once(learner: Learner, kept: Kept, row: dict[str, Any]) -> None:
     kept.count += 1  # the server counts a failed step's pairs too (they trained once)
     if loss is None:
         row["failed_steps"] += 1
-    else:
-        kept.loss = loss
+    # a failed step's loss is mostly non-finite: the store keeps NULL, which orders as 0
+    kept.loss = 0.0 if loss is None or not math.isfinite(loss) else loss
 
 
 def replay_pick(kept: list[Kept], max_train_count: int) -> Kept | None:

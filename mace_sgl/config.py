@@ -116,7 +116,7 @@ class MaceConfig:
             "the plain answer itself; a one-phase opener run (benchmarks.recipe, 3 seeds, "
             "lr 1e-3) won 0.47 against whole's 0.26 with fewer answers losing content. "
             "whole: every completion token. The RPO term (--mace-rpo-alpha) covers the "
-            "chosen tokens DPO compares.",
+            "whole chosen answer either way.",
             "choices": DPO_SPANS,
         },
     )

@@ -10,12 +10,12 @@ import pytest
 import torch
 from test_sliced_dpo import PAIRS, lora_model
 
-from mace_sgl.plugin.routes import purge_dir
 from mace_sgl.trainer.checkpoints import (
     AdapterGone,
     CheckpointMismatch,
     CheckpointWriter,
     check_compatible,
+    purge_dir,
     resume,
     write_checkpoint,
 )
@@ -107,7 +107,7 @@ def test_writer_keeps_the_newest_versions(tmp_path: Path):
     # versions submitted while a write runs may be superseded by newer ones
     assert status["written"] + status["superseded"] == 3 and status["failures"] == 0
     assert status["last_written_version"] == 3 and status["last_error"] is None
-    names = sorted(p.name for p in tmp_path.iterdir())
+    names = sorted(p.name for p in tmp_path.glob("v*"))
     assert names[0] == "v0" and names[-1] == "v3" and len(names) <= 3
 
 
@@ -164,11 +164,13 @@ def test_a_write_after_a_purge_does_not_bring_the_adapter_back(tmp_path: Path, c
     assert status["last_error"] is None and "failed" not in caplog.text
 
 
+@pytest.mark.parametrize("made_again", [False, True])
 def test_a_write_under_way_when_the_purge_comes_is_dropped(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, made_again: bool
 ):
     """The purge lands between the write's first file and its last (the directory is
-    renamed away, then deleted): the write ends as purged and nothing is left behind."""
+    renamed away, then deleted), and maybe a new adapter of the same name is created
+    meanwhile: the write ends as purged and leaves nothing behind."""
     import safetensors.torch
 
     adapter_dir = tmp_path / "adapters" / "team-a"
@@ -178,18 +180,23 @@ def test_a_write_under_way_when_the_purge_comes_is_dropped(
 
     def paused(tensors, path, *a, **kw):
         real(tensors, path, *a, **kw)
-        inside.set()
-        assert release.wait(10)
+        if ".v1.tmp" in str(path):  # the write under test, not a new adapter's v0
+            inside.set()
+            assert release.wait(10)
 
     monkeypatch.setattr(safetensors.torch, "save_file", paused)
     future = _submit(writer, 1)
     assert inside.wait(10)
     purge_dir(adapter_dir)
+    if made_again:
+        _adapter(adapter_dir)
     release.set()
     with pytest.raises(AdapterGone):
         future.result(timeout=10)
     writer.flush()
-    assert list((tmp_path / "adapters").iterdir()) == []
+    adapters = tmp_path / "adapters"
+    left = sorted(str(p.relative_to(adapters)) for p in adapters.glob("**/*v*"))
+    assert left == (["team-a/v0"] if made_again else [])
     assert writer.status()["purged"] == 1 and writer.status()["failures"] == 0
 
 
@@ -202,7 +209,7 @@ def test_a_write_queued_for_a_purged_adapter_skips_its_namesake(tmp_path: Path):
     new = _adapter(adapter_dir)  # a new v0, maybe on the freed inode
     with pytest.raises(AdapterGone):
         _submit(old, 5).result(timeout=10)
-    assert sorted(p.name for p in adapter_dir.iterdir()) == ["v0"]
+    assert sorted(p.name for p in adapter_dir.glob("*v*")) == ["v0"]
     assert old.status()["purged"] == 1 and old.status()["failures"] == 0
     assert _submit(new, 1).result(timeout=10) == adapter_dir / "v1"
 

@@ -277,7 +277,8 @@ def test_edit_span_with_rpo_keeps_the_whole_chosen_answer_likely(
     beta, rpo = 0.1, 0.7
     pairs = [
         Pair(1, [5, 17, 33], [9, 8, 40, 41, 42, EOS], [40, 41, 42, EOS], 1.0),
-        Pair(2, [6, 7], [40, 41, EOS], [40, 41, 43, 44, EOS], 2.0),  # a cut: nothing shared
+        # a cut (chosen ends where rejected goes on): edit_span leaves it whole
+        Pair(2, [6, 7], [40, 41, EOS], [40, 41, 43, 44, EOS], 2.0),
     ]
     ref_model = lora_model(tiny_model_dir)
     ref_model.zero_grad()
@@ -296,12 +297,14 @@ def test_edit_span_with_rpo_keeps_the_whole_chosen_answer_likely(
                     head_chunks=3)  # fmt: skip
     refs = {p.sample_id: run_to_end(dpo.ref_slices(p)) for p in pairs} if refs_ahead else None
     gen = dpo.step_slices(pairs, refs)
-    while next(gen).kind != "opt":
-        pass
+    with torch.inference_mode():  # as SGLang's event loop runs every slice
+        while next(gen).kind != "opt":
+            pass
     for name, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert run_to_end(gen).losses == pytest.approx(losses, rel=1e-5)
+    with torch.inference_mode():
+        assert run_to_end(gen).losses == pytest.approx(losses, rel=1e-5)
     # what the runtime counts as trained: the prompt twice, chosen whole, rejected cut
     assert dpo.step_tokens(pairs[0]) == 2 * 3 + 6 + 1
     assert SlicedDPO(model, span="edit").step_tokens(pairs[0]) == 2 * 3 + 3 + 1  # no RPO

@@ -247,8 +247,9 @@ def test_tenants_are_created_at_run_time_and_retired(server: Server, tok):
 
 def test_a_purged_tenant_stays_purged_and_comes_back_fresh(server: Server, state_dir: Path):
     """DELETE ?purge=true while the tenant trains: its directory is gone at the answer
-    and stays gone once the trainer has let it go (a version still being checkpointed
-    must not bring it back); created again, it starts from v0."""
+    and still gone once the trainer has let it go; created again, it starts from v0.
+    (Whether a write was queued at that moment is up to timing here: the writer's
+    races are driven in tests/test_checkpoints.py.)"""
     assert server.post("/mace/adapters", {"name": "purged"}).status_code == 201
     body = [{**p, "adapter": "purged"} for p in pairs("a", 3, start=600)]
     assert server.post("/mace/feedback", body).status_code == 200
@@ -274,7 +275,7 @@ def test_a_purged_tenant_stays_purged_and_comes_back_fresh(server: Server, state
         assert r.status_code == 201, r.text
         got = wait_for(server, lambda g: "purged" in g, "purged created again", 60)
         assert got["purged"]["version"] == 0
-        assert sorted(p.name for p in tenant_dir.iterdir()) == ["v0"]
+        assert sorted(p.name for p in tenant_dir.glob("*v*")) == ["v0"]
     finally:
         set_paused(server, False)
 

@@ -13,9 +13,7 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import sqlite3
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from mace_sgl.feedback import ADAPTER_NAME, ADAPTER_NAME_RULE, FeedbackError, pa
 from mace_sgl.metrics import FeedbackMetrics
 from mace_sgl.plugin import tenant_log
 from mace_sgl.templating import encode_pair
+from mace_sgl.trainer.checkpoints import purge_dir
 from mace_sgl.trainer.publish import checkpoints
 from sidecar import store
 
@@ -559,21 +558,6 @@ async def _retire_local(cfg: MaceConfig, name: str, purge: bool) -> bool:
     if purge:
         await asyncio.to_thread(purge_dir, cfg.tenant_dir(name))
     return True
-
-
-def purge_dir(adapter_dir: Path) -> None:
-    """Delete a retired adapter's checkpoints. The directory is first renamed away in
-    one step, so the trainer's checkpoint writer, which may still hold a version of it
-    and never creates the directory (trainer/checkpoints.py), cannot write into it or
-    bring it back while it is being deleted."""
-    doomed = adapter_dir.with_name(f".{adapter_dir.name}.purged-{uuid.uuid4().hex}")
-    try:
-        adapter_dir.rename(doomed)
-    except FileNotFoundError:
-        pass  # nothing kept (or purged already)
-    # this one, and any a crash left half-deleted (no adapter name starts with a dot)
-    for d in adapter_dir.parent.glob(".*.purged-*"):
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _log_position(cfg: MaceConfig) -> tenant_log.Position:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -118,19 +120,29 @@ def write_checkpoint(
     meta: dict[str, Any],
     keep: int,
     optimizer_state: dict[str, Any] | None = None,
+    owner: str | None = None,
 ) -> Path:
     """peft-format checkpoint of one version, written to a temp dir and renamed; prunes
     all but the newest `keep` versions (v0, the all-zero start, always stays).
 
     The adapter's directory must exist (it holds v0 from the adapter's creation): it is
-    never created here, so a write that outlives a purge of its adapter
-    (`DELETE /mace/adapters/NAME?purge=true`, which first renames the directory away)
-    raises AdapterGone instead of bringing the purged adapter's directory back."""
+    never created here, so a write that outlives a purge of its adapter (`purge_dir`,
+    which first renames the directory away) raises AdapterGone instead of bringing the
+    purged adapter's directory back. With `owner` (`owner_id` of the directory when
+    its writer started), a directory made since under the same name (the adapter
+    purged and created again) raises AdapterGone too, checked before the first file
+    and again before the version is renamed into place."""
     from safetensors.torch import save_file
 
     out = adapter_dir / f"v{version}"
     tmp = adapter_dir / f".v{version}.tmp"
+
+    def still_ours() -> None:
+        if owner is not None and read_owner(adapter_dir) != owner:
+            raise AdapterGone(f"{adapter_dir} is another adapter's now (purged, made again)")
+
     try:
+        still_ours()
         if tmp.exists():
             shutil.rmtree(tmp)  # left by a crash in the middle of a write
         tmp.mkdir()
@@ -142,9 +154,10 @@ def write_checkpoint(
         (tmp / "mace.json").write_text(json.dumps(meta) + "\n")
         if out.exists():
             shutil.rmtree(out)  # a version number reused after a crash lost its newer files
+        still_ours()
         tmp.rename(out)
     except FileNotFoundError as e:
-        if adapter_dir.is_dir():
+        if adapter_dir.is_dir() and (owner is None or read_owner(adapter_dir) == owner):
             raise
         raise AdapterGone(f"{adapter_dir} is gone (the adapter was purged)") from e
     for old, path in checkpoints(adapter_dir)[:-keep]:
@@ -153,16 +166,56 @@ def write_checkpoint(
     return out
 
 
-def _dir_id(adapter_dir: Path) -> tuple[int, ...] | None:
-    """Which adapter directory this is: its inode, and the time its v0 (written once,
-    when the adapter was created) was written, since a directory made after a purge
-    may get the freed inode number; None without a v0 there."""
+OWNER_FILE = ".owner"  # a random id per adapter directory (owner_id)
+
+
+def read_owner(adapter_dir: Path) -> str | None:
     try:
-        v0 = (adapter_dir / "v0" / "adapter_model.safetensors").stat()
-        st = adapter_dir.stat()
+        return (adapter_dir / OWNER_FILE).read_text()
     except FileNotFoundError:
         return None
-    return st.st_dev, st.st_ino, v0.st_mtime_ns
+
+
+def owner_id(adapter_dir: Path) -> str | None:
+    """The random id of this adapter directory, made by the first writer that asks
+    (atomically: every replica's writer gets the same); None without the directory. A
+    directory made again after a purge gets a new one (an inode number or a time would
+    not do: ext4 hands a freed inode out again at once). None too where it cannot be
+    written: that writer then writes without the check."""
+    for _ in range(3):
+        got = read_owner(adapter_dir)
+        if got is not None or not adapter_dir.is_dir():
+            return got
+        tmp = adapter_dir / f".owner.{uuid.uuid4().hex}"
+        try:
+            tmp.write_text(uuid.uuid4().hex)
+            os.link(tmp, adapter_dir / OWNER_FILE)  # fails if another writer was first
+        except (FileExistsError, FileNotFoundError):
+            pass  # read theirs (or find the directory gone) on the next turn
+        except OSError:
+            logger.exception("could not write %s's owner id", adapter_dir)
+            return None
+        finally:
+            tmp.unlink(missing_ok=True)
+    return read_owner(adapter_dir)
+
+
+def purge_dir(adapter_dir: Path) -> None:
+    """Delete a retired adapter's checkpoints (DELETE /mace/adapters/NAME?purge=true).
+    The directory is first renamed away in one step, so a checkpoint writer that still
+    holds a version of it, and never creates the directory, cannot write into it or
+    bring it back while it is deleted; a leftover of a purge a crash cut short goes
+    too (no adapter name starts with a dot)."""
+    doomed = adapter_dir.with_name(f".{adapter_dir.name}.purged-{uuid.uuid4().hex}")
+    try:
+        adapter_dir.rename(doomed)
+    except FileNotFoundError:
+        pass  # nothing kept (or purged already)
+    except OSError:
+        logger.exception("could not move %s away to purge it; deleting it in place", adapter_dir)
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+    for d in adapter_dir.parent.glob(".*.purged-*"):
+        shutil.rmtree(d, ignore_errors=True)
 
 
 class CheckpointWriter:
@@ -174,7 +227,8 @@ class CheckpointWriter:
     Bounded: one write runs and at most one waits. A newer version replaces the waiting
     one (`superseded`), so a slow disk costs intermediate versions on disk, never an
     unbounded queue of weight and optimizer copies in memory. A write whose adapter was
-    purged meanwhile is dropped (`purged`), not a failure."""
+    purged meanwhile (its directory gone, or made again for a new adapter of that name)
+    is dropped (`purged`, with a warning), not a failure."""
 
     def __init__(
         self,
@@ -188,7 +242,7 @@ class CheckpointWriter:
         self._write = write
         # The directory this writer's adapter owns: a purge and a new adapter of the same
         # name make another one, which a write still queued for the old one must not touch.
-        self._dir_id = _dir_id(adapter_dir)
+        self.owner = owner_id(adapter_dir)
         # Tenants share one writer thread (pool): a thread per tenant would outlive its
         # tenant's retirement, and each thread's own malloc arena holds its freed
         # serialisation buffers, tens of MB of RSS per tenant.
@@ -213,7 +267,8 @@ class CheckpointWriter:
         """Queue the write of `version` (the tensors must not change afterwards). The
         future ends when it is written, fails, or is superseded (result None)."""
         future: Future = Future()
-        args = (self.adapter_dir, version, weights, config, meta, self.keep, optimizer_state)
+        args = (self.adapter_dir, version, weights, config, meta, self.keep, optimizer_state,
+                self.owner)  # fmt: skip
         with self._lock:
             dropped, self._waiting = self._waiting, (version, args, future)
             if dropped is not None:
@@ -231,8 +286,6 @@ class CheckpointWriter:
             return
         version, args, future = job
         try:
-            if self._dir_id is not None and _dir_id(self.adapter_dir) != self._dir_id:
-                raise AdapterGone(f"{self.adapter_dir} is not this adapter's any more (purged)")
             future.set_result(self._write(*args))
         except BaseException as e:  # counted and logged by _done
             future.set_exception(e)
@@ -246,8 +299,10 @@ class CheckpointWriter:
                 self.last_written = version
                 return
             if isinstance(error, AdapterGone):
+                # Purged: the trainer lets the tenant go within a poll. (A live tenant's
+                # directory removed by hand lands here too: hence a warning.)
                 self.purged += 1
-                logger.info("checkpoint of v%d dropped: %s", version, error)
+                logger.warning("checkpoint of v%d not written: %s", version, error)
                 return
             self.failures += 1
             self.last_error = f"v{version}: {type(error).__name__}: {error}"

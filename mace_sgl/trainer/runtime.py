@@ -734,7 +734,7 @@ class MaceTrainer:
         return {**self.replicas.status(), "unpublished": dict(self.unpublished)}
 
     def training_tokens(self) -> int:
-        """Tokens of the step in flight (each pair: prompt twice, chosen, rejected): the
+        """Tokens of the step in flight (SlicedDPO.step_tokens of each pair): the
         training work this replica holds, counted like SGLang counts a request's tokens
         (the server's /get_load adds it to the serving load a router balances by)."""
         step = self.board.step_job

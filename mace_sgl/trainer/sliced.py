@@ -53,7 +53,8 @@ class Pair:
 
     @property
     def tokens(self) -> int:
-        """Tokens a step processes for it: the prompt twice, chosen and rejected."""
+        """Its tokens: the prompt twice, chosen and rejected (what a step processes
+        for it is SlicedDPO.step_tokens: the DPO span's, and the whole chosen with RPO)."""
         return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
 
 
@@ -334,7 +335,7 @@ class SlicedDPO:
         """Backward of coef * logp(sequence) into the LoRA grads, a layer (or a chunk of
         the head) per slice; `coef` one number, or one per completion token. `kept`: the
         layer inputs, the final hidden states and the head's log-sum-exp, as
-        forward_slices left them."""
+        token_slices (or forward_slices) left them."""
         n = ids.shape[1]
         pos = self._positions(n)
         hidden, lse = kept[-2], kept[-1]
@@ -373,13 +374,17 @@ class SlicedDPO:
         """Reference log-probs (adapter disabled) of chosen and rejected, sliced.
 
         They do not depend on the adapter, so they can be computed ahead of the step, in
-        whatever room an iteration leaves (see step_slices' `refs`).
+        whatever room an iteration leaves (see step_slices' `refs`). They cover the
+        tokens DPO compares; the chosen side runs on the same sequence as in the step
+        (whole, with RPO under the edit span), so both give the same numbers.
         """
-        pair = self.trained(pair)
+        whole, pair = pair, self.trained(pair)
+        chosen = whole.chosen_ids if self.rpo_alpha and pair is not whole else pair.chosen_ids
         refs = []
-        for completion in (pair.chosen_ids, pair.rejected_ids):
+        for i, completion in enumerate((chosen, pair.rejected_ids)):
             ids = self._ids(pair.prompt_ids, completion)
-            refs.append((yield from self.forward_slices(ids, len(pair.prompt_ids), False, None)))
+            tokens = yield from self.token_slices(ids, len(pair.prompt_ids), False, None)
+            refs.append(float(tokens[: len(pair.chosen_ids) if i == 0 else None].sum()))
         return refs[0], refs[1]
 
     def step_slices(
