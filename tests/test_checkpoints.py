@@ -214,6 +214,43 @@ def test_a_write_queued_for_a_purged_adapter_skips_its_namesake(tmp_path: Path):
     assert _submit(new, 1).result(timeout=10) == adapter_dir / "v1"
 
 
+def test_a_write_whose_directory_changes_hands_mid_way_touches_no_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The owner check before the version goes into place: a directory made again for
+    a new adapter between the write's first check and its end keeps its own v1."""
+    from mace_sgl.trainer import checkpoints
+
+    adapter_dir = tmp_path / "adapters" / "team-a"
+    writer = _adapter(adapter_dir)
+    assert _submit(writer, 1).result(timeout=10) == adapter_dir / "v1"
+    theirs = (adapter_dir / "v1" / "mace.json").read_text()
+    owners = iter([writer.owner])  # the first check passes, every later one sees another
+    monkeypatch.setattr(checkpoints, "read_owner", lambda d: next(owners, "another"))
+    with pytest.raises(AdapterGone):
+        _submit(writer, 1).result(timeout=10)
+    assert (adapter_dir / "v1" / "mace.json").read_text() == theirs
+
+
+def test_a_purge_that_cannot_delete_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from mace_sgl.trainer import checkpoints
+
+    adapter_dir = tmp_path / "adapters" / "team-a"
+    _adapter(adapter_dir)
+
+    def refuse(self, target):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "rename", refuse)
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", lambda *a, **kw: None)
+    with pytest.raises(OSError, match="by hand"):
+        purge_dir(adapter_dir)
+    monkeypatch.undo()  # a rename refused, the deletion in place works: no error
+    monkeypatch.setattr(Path, "rename", refuse)
+    purge_dir(adapter_dir)
+    assert not adapter_dir.exists()
+
+
 def test_purge_clears_what_a_crashed_purge_left(tmp_path: Path):
     adapters = tmp_path / "adapters"
     left = adapters / ".team-b.purged-0123"

@@ -531,16 +531,19 @@ async def mace_adapters_delete(request: Request) -> JSONResponse:
         )
     if not await asyncio.to_thread(_with_store, cfg, store.has_tenant, name):
         return _error(404, f"no adapter named {name!r}")
-    if _several_servers(cfg):  # told first: a retirement must not stay on one server
-        op = tenant_log.TenantOp("retire", name, purge=purge, origin=cfg.sync_rank)
-        try:
-            await _log(cfg, op)
-        except Exception as e:
-            return _error(503, f"{GROUP_STORE_DOWN} ({e}); nothing was retired")
-        # This server's follower may apply the entry first: retired either way.
-        await _retire_local(cfg, name, purge)
-    elif not await _retire_local(cfg, name, purge):
-        return _error(404, f"no adapter named {name!r}")
+    try:
+        if _several_servers(cfg):  # told first: a retirement must not stay on one server
+            op = tenant_log.TenantOp("retire", name, purge=purge, origin=cfg.sync_rank)
+            try:
+                await _log(cfg, op)
+            except Exception as e:
+                return _error(503, f"{GROUP_STORE_DOWN} ({e}); nothing was retired")
+            # This server's follower may apply the entry first: retired either way.
+            await _retire_local(cfg, name, purge)
+        elif not await _retire_local(cfg, name, purge):
+            return _error(404, f"no adapter named {name!r}")
+    except TenantError as e:  # retired, but its checkpoints could not be deleted
+        return _error(e.status, e.reason)
     return JSONResponse({"name": name, "retired": True, "checkpoints_kept": not purge})
 
 
@@ -556,7 +559,10 @@ async def _retire_local(cfg: MaceConfig, name: str, purge: bool) -> bool:
         if not unloaded:
             logger.warning("mace: SGLang did not unload %s: %s", name, error)
     if purge:
-        await asyncio.to_thread(purge_dir, cfg.tenant_dir(name))
+        try:
+            await asyncio.to_thread(purge_dir, cfg.tenant_dir(name))
+        except OSError as e:
+            raise TenantError(500, f"{name!r} is retired, but its checkpoints stay: {e}") from e
     return True
 
 

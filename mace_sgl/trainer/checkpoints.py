@@ -152,9 +152,9 @@ def write_checkpoint(
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         (tmp / "mace.json").write_text(json.dumps(meta) + "\n")
+        still_ours()  # before anything of the directory's own is touched
         if out.exists():
             shutil.rmtree(out)  # a version number reused after a crash lost its newer files
-        still_ours()
         tmp.rename(out)
     except FileNotFoundError as e:
         if adapter_dir.is_dir() and (owner is None or read_owner(adapter_dir) == owner):
@@ -214,6 +214,8 @@ def purge_dir(adapter_dir: Path) -> None:
     except OSError:
         logger.exception("could not move %s away to purge it; deleting it in place", adapter_dir)
         shutil.rmtree(adapter_dir, ignore_errors=True)
+        if adapter_dir.exists():
+            raise OSError(f"could not purge {adapter_dir}: delete it by hand") from None
     for d in adapter_dir.parent.glob(".*.purged-*"):
         shutil.rmtree(d, ignore_errors=True)
 
