@@ -362,13 +362,23 @@ class SlicedDPO:
         """The tokens of `pair` DPO compares: all of them, or its edit (`span`)."""
         return edit_span(pair) if self.span == "edit" else pair
 
-    def step_tokens(self, pair: Pair) -> int:
-        """Tokens a step processes for `pair`: the DPO span's, and with RPO the whole
-        chosen answer (see step_slices)."""
+    def _sides(self, pair: Pair) -> tuple[Pair, list[int]]:
+        """(the pair DPO compares, the chosen ids the step runs).
+
+        With the edit span, RPO still covers the whole chosen answer (what follows the
+        edit too): a causal model's log-probs of the edit are the same on the whole
+        sequence, so the chosen side runs whole and DPO sums its first
+        `len(cut.chosen_ids)` tokens. Otherwise the chosen side is the cut's.
+        """
         cut = self.trained(pair)
         if self.rpo_alpha and cut is not pair:
-            return cut.tokens + len(pair.chosen_ids) - len(cut.chosen_ids)
-        return cut.tokens
+            return cut, pair.chosen_ids
+        return cut, cut.chosen_ids
+
+    def step_tokens(self, pair: Pair) -> int:
+        """Tokens a step processes for `pair` (see _sides)."""
+        cut, chosen = self._sides(pair)
+        return cut.tokens + len(chosen) - len(cut.chosen_ids)
 
     def ref_slices(self, pair: Pair) -> Generator[SliceSpec, None, tuple[float, float]]:
         """Reference log-probs (adapter disabled) of chosen and rejected, sliced.
@@ -378,8 +388,7 @@ class SlicedDPO:
         tokens DPO compares; the chosen side runs on the same sequence as in the step
         (whole, with RPO under the edit span), so both give the same numbers.
         """
-        whole, pair = pair, self.trained(pair)
-        chosen = whole.chosen_ids if self.rpo_alpha and pair is not whole else pair.chosen_ids
+        pair, chosen = self._sides(pair)
         refs = []
         for i, completion in enumerate((chosen, pair.rejected_ids)):
             ids = self._ids(pair.prompt_ids, completion)
@@ -399,14 +408,8 @@ class SlicedDPO:
         self.optimizer.zero_grad(set_to_none=True)
         total_weight = sum(p.weight for p in pairs) or 1.0
         for whole in pairs:
-            pair = self.trained(whole)
-            # With the edit span, RPO still covers the whole chosen answer (what follows
-            # the edit too): a causal model's log-probs of the edit are the same on the
-            # whole sequence, so the chosen side runs whole and DPO sums its first
-            # `k` tokens.
-            rpo_whole = bool(self.rpo_alpha) and pair is not whole
-            chosen = whole.chosen_ids if rpo_whole else pair.chosen_ids
-            k = len(pair.chosen_ids)
+            pair, chosen = self._sides(whole)
+            k = len(pair.chosen_ids)  # DPO's chosen tokens; the step may run more
             seqs = []
             known = (refs or {}).get(pair.sample_id)
             for i, completion in enumerate((chosen, pair.rejected_ids)):
@@ -437,7 +440,7 @@ class SlicedDPO:
             w = pair.weight / total_weight
             prompt_len = len(pair.prompt_ids)
             coef_c: float | torch.Tensor = (coef - self.rpo_alpha / n_chosen) * w
-            if rpo_whole:
+            if n_chosen > k:  # RPO past the edit: per-token coefficients
                 coef_c = torch.full((n_chosen,), -self.rpo_alpha / n_chosen * w)
                 coef_c[:k] += coef * w
             yield from self.backward_slices(ids_c, prompt_len, kept_c, coef_c)
