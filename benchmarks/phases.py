@@ -20,15 +20,28 @@ Each `edit` holds exactly one rule, and turns an answer into one the judge prefe
 - lines_with_prefix: P                          P before every non-empty line;
 - replace: {"pattern": R, "with": S}            re.sub(R, S, answer).
 
-Every judge also refuses degenerate answers (`degenerate`): empty, a repetition loop, a
-refusal, or one that keeps too little of the base answer's content (content words of
-four letters or more: an answer judged by max_words must draw at least half of its
-content words from the base answer and keep at least 15% of the base's; under any other
-rule it must keep at least 30% of the base's). An answer counts as degenerate only
-where the base model's own answer to the same prompt is not: the small base model loops
-now and then by itself. `verdict` compares an answer with the base answer: a degenerate
-answer loses, otherwise the higher score wins (1), equal scores tie (0.5). So a shorter
-answer wins only under max_words, and only while it keeps the base answer's content.
+Every judge also refuses degenerate answers (`degenerate`): empty, a repetition loop
+(a fifth or more of the answer's word 4-grams are repeats, seq-rep-4 as in Welleck et al.
+2019, or one word four times in a row), a refusal, or one that keeps too little of the
+base answer's content. Content words are words of three letters or more outside a stop
+list, plurals and possessives folded. An answer keeps too little when it shares none of
+the base answer's content words, or, under any rule but max_words, when it has fewer than
+40% as many content words as the base answer (a cut answer). An answer counts as
+degenerate only where the base model's own answer to the same prompt is not: the small
+base model loops now and then by itself. `verdict` compares an answer with the base
+answer: a degenerate answer loses, otherwise the higher score wins (1), equal scores tie
+(0.5). So a shorter answer wins only under max_words, and only while it keeps the base
+answer's content.
+
+The bounds are set so that the base model's own answers pass: an answer sampled again
+from the base model (temperature 0.7) words the same content differently and keeps a
+median of a quarter of the greedy answer's content words, as few as none in 5%. The
+bounds before 2026-12-06 (30% of the base's content words kept; under max_words half of
+the answer's from the base; a word 3-gram three times is a loop) called 60% of those
+answers degenerate, and 85% of their first sentences under max_words: a learned style
+that changed the wording lost however fluent it was. `python -m benchmarks.judge_check`
+measures how often the judge calls the base model's own answers degenerate, and each
+phase's ceiling (its edit applied to resampled base answers).
 
 The shipped default, benchmarks/phases/default.yaml, holds the three phases the drift
 benchmark always had: concise (max_words), opener (starts_with) and bullets
@@ -52,10 +65,19 @@ JUDGES = ("starts_with", "ends_with", "contains", "max_words", "line_prefix", "r
 EDITS = ("prepend", "append", "first_sentence", "lines_with_prefix", "replace")
 
 # Degeneration bounds (see the module docstring).
-MIN_RECALL = 0.30  # share of the base answer's content words kept, other rules
-BRIEF_MIN_RECALL = 0.15  # the same under max_words
-BRIEF_MIN_PRECISION = 0.5  # share of the answer's content words found in the base answer
-LOOP_NGRAM, LOOP_REPEATS = 3, 3  # a word 3-gram seen 3 times or more is a loop
+MIN_LENGTH_SHARE = 0.4  # content words against the base answer's, rules but max_words
+LOOP_NGRAM, LOOP_SHARE = 4, 0.2  # a fifth of the word 4-grams repeated is a loop
+STOP_WORDS = frozenset(
+    """the and for are was but not you its can has had one all any how our out who why
+    may own too yet nor via per get got let see way use did does able about above after
+    again against also although among another anything around because been before being
+    below between both could doing down during each either even ever every from further
+    have having here however into itself just like made make makes many more most much
+    must never only other others over same should since some something such than that
+    their theirs them themselves then there these they this those through under until
+    upon very were what when where whether which while will with within without would
+    your yours""".split()
+)
 REFUSAL = re.compile(
     r"^\W*(no[,.! ]+no\b|i\s*(?:'m| am)\s+(?:sorry|unable|not able)|i\s+(?:can(?:'|no)t|cannot|"
     r"won't|will not|refuse)|as an ai\b|sorry\b)",
@@ -71,22 +93,23 @@ def words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9']+", text.lower())
 
 
+def _fold(word: str) -> str:
+    """Possessive and plural folded: "moon's" and "moons" are "moon"."""
+    word = word.removesuffix("'s")
+    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+
+
 def content_words(text: str) -> set[str]:
-    return {w for w in words(text) if len(w) >= 4}
+    return {_fold(w) for w in words(text) if len(w) >= 3 and w not in STOP_WORDS}
 
 
 def loops(text: str) -> bool:
-    """A word 3-gram repeated LOOP_REPEATS times, or one word 4 times in a row."""
+    """A fifth or more of the word 4-grams are repeats, or one word 4 times in a row."""
     ws = words(text)
     if any(len(set(ws[i : i + 4])) == 1 for i in range(len(ws) - 3)):
         return True
-    seen: dict[tuple[str, ...], int] = {}
-    for i in range(len(ws) - LOOP_NGRAM + 1):
-        gram = tuple(ws[i : i + LOOP_NGRAM])
-        seen[gram] = seen.get(gram, 0) + 1
-        if seen[gram] >= LOOP_REPEATS:
-            return True
-    return False
+    grams = [tuple(ws[i : i + LOOP_NGRAM]) for i in range(len(ws) - LOOP_NGRAM + 1)]
+    return bool(grams) and 1 - len(set(grams)) / len(grams) >= LOOP_SHARE
 
 
 def degenerate_kind(answer: str, base: str, brief: bool) -> str | None:
@@ -100,12 +123,9 @@ def degenerate_kind(answer: str, base: str, brief: bool) -> str | None:
         return "refusal"
     base_words, mine = content_words(base), content_words(answer)
     if base_words:
-        recall = len(base_words & mine) / len(base_words)
-        if brief:
-            precision = len(base_words & mine) / len(mine) if mine else 0.0
-            if recall < BRIEF_MIN_RECALL or precision < BRIEF_MIN_PRECISION:
-                return "content"
-        elif recall < MIN_RECALL:
+        if not base_words & mine:
+            return "content"
+        if not brief and len(mine) < MIN_LENGTH_SHARE * len(base_words):
             return "content"
     return None
 

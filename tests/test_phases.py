@@ -12,6 +12,7 @@ from benchmarks.phases import (
     degenerate,
     degenerate_kind,
     load_phases,
+    loops,
     parse_phases,
     verdict,
 )
@@ -110,6 +111,28 @@ def test_shorter_wins_only_under_max_words_and_only_keeping_content():
     cut = "Certainly! Photosynthesis happens."
     assert degenerate(cut, BASE, brief=False)
     assert opener.score(cut) > opener.score(BASE) and verdict(opener, cut, BASE, BASE) == 0.0
+
+
+def test_the_same_content_worded_otherwise_is_not_degenerate():
+    # how the base model answers again when sampled: other words, few of them shared
+    reworded = (
+        "Plants make their own food: in their leaves, light turns water and carbon "
+        "dioxide into sugar, and oxygen is released into the air."
+    )
+    assert degenerate_kind(reworded, BASE, brief=False) is None
+    first = "Green plants feed on light through photosynthesis."
+    assert degenerate_kind(first, BASE, brief=True) is None
+    assert degenerate_kind("Plants' leaves make glucose.", BASE, brief=True) is None  # folded
+    assert degenerate_kind(first, BASE, brief=False) == "content"  # cut: only max_words
+
+
+def test_a_list_that_repeats_its_frame_is_not_a_loop_but_a_repeated_line_is():
+    listed = (
+        "1. The ocean is home to whales. 2. The ocean is deep and cold. 3. The ocean is "
+        "salty because rivers carry minerals into it. 4. It covers most of the planet."
+    )
+    assert not loops(listed)
+    assert loops("It is a star that shines. " * 3)
 
 
 def test_degeneration_counts_only_where_the_base_answer_is_fine():
