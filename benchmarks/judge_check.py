@@ -10,12 +10,16 @@ the adapter-free base model, and reports:
 
 - `samples`: the share of sampled answers judged degenerate, by kind (under the
   max_words rule's bounds too, on their first sentences, as the concise edit cuts them);
+- `off_topic`: the same shares for each sampled answer judged against the greedy answer
+  to the prompt half the list away (another topic): a negative control, the share of
+  off-topic answers the content bound catches (`degenerate_share`, higher is better);
 - `phases.NAME.ceiling`: the win rate of the phase's edit applied to each sampled answer
   against the greedy answer: what a learner that got the style exactly right, and whose
   content varies as the base model's does, would score. A phase with a low ceiling
   cannot reach a high win rate in drift whatever the recipe.
 
-It exits 1 when more than `--max-share` (0.1) of the sampled answers are degenerate:
+It exits 1 when more than `--max-share` (0.1) of the sampled answers are degenerate
+(whole answers or first sentences, the worse of the two):
 a judge that refuses the base model's own answers measures wording, not degeneration.
 
     python -m benchmarks.judge_check --out DIR [--samples 3] [--phases FILE]
@@ -92,6 +96,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.samples < 1 or args.temperature <= 0 or args.eval_max_tokens < 1:
         parser.error("--samples and --eval-max-tokens must be >= 1, --temperature > 0")
+    if not 0 <= args.max_share <= 1:
+        parser.error("--max-share must be in [0, 1]")
     if args.model_path is None:
         from mace_sgl.models import ensure_default_model
 
@@ -105,11 +111,17 @@ def main() -> None:
     for seed in range(args.samples):
         answers += sampled(learner, held_out, args.eval_max_tokens, args.temperature, seed)
     base = greedy * args.samples
+    half = len(held_out) // 2
+    other = (greedy[half:] + greedy[:half]) * args.samples  # another prompt's greedy answer
     firsts = [(sentences(a) or [""])[0] for a in answers]
     results: dict[str, Any] = {
         "samples": {
             "whole": kinds(answers, base, False),
             "first_sentence": kinds(firsts, base, True),
+        },
+        "off_topic": {
+            "whole": kinds(answers, other, False),
+            "first_sentence": kinds(firsts, other, True),
         },
         "phases": {},
         "examples": [
@@ -139,6 +151,8 @@ def main() -> None:
     for part, r in results["samples"].items():
         print(f"base samples ({part}): degenerate {r['degenerate_share']:.3f} "
               + " ".join(f"{k} {r[k]:.3f}" for k in ("empty", "loop", "refusal", "content")))  # fmt: skip
+    for part, r in results["off_topic"].items():
+        print(f"off-topic control ({part}): caught {r['degenerate_share']:.3f}")
     for name, r in results["phases"].items():
         print(f"{name}: ceiling {r['ceiling']:.3f}, "
               f"edited degenerate {r['edited_degenerate_share']:.3f}")  # fmt: skip

@@ -24,24 +24,29 @@ Every judge also refuses degenerate answers (`degenerate`): empty, a repetition 
 (a fifth or more of the answer's word 4-grams are repeats, seq-rep-4 as in Welleck et al.
 2019, or one word four times in a row), a refusal, or one that keeps too little of the
 base answer's content. Content words are words of three letters or more outside a stop
-list, plurals and possessives folded. An answer keeps too little when it shares none of
-the base answer's content words, or, under any rule but max_words, when it has fewer than
-40% as many content words as the base answer (a cut answer). An answer counts as
-degenerate only where the base model's own answer to the same prompt is not: the small
-base model loops now and then by itself. `verdict` compares an answer with the base
-answer: a degenerate answer loses, otherwise the higher score wins (1), equal scores tie
-(0.5). So a shorter answer wins only under max_words, and only while it keeps the base
-answer's content.
+list, contractions left out, a plural or possessive "s" folded. An answer keeps too
+little when it shares none of the base answer's content words, when it has fewer than
+two content words (a bare echo of the topic), or, under any rule but max_words, when it
+has fewer than 40% as many content words as the base answer (a cut answer). Under
+max_words that is all that is asked of a short answer's content: a short answer on the
+topic that shares a word with the base answer passes, even if the rest differs. An
+answer counts as degenerate only where the base model's own answer to the same prompt
+is not: the small base model loops now and then by itself. `verdict` compares an answer
+with the base answer: a degenerate answer loses, otherwise the higher score wins (1),
+equal scores tie (0.5). So a shorter answer wins only under max_words, and only while it
+keeps some of the base answer's content.
 
 The bounds are set so that the base model's own answers pass: an answer sampled again
 from the base model (temperature 0.7) words the same content differently and keeps a
-median of a quarter of the greedy answer's content words, as few as none in 5%. The
-bounds before 2026-12-06 (30% of the base's content words kept; under max_words half of
-the answer's from the base; a word 3-gram three times is a loop) called 60% of those
-answers degenerate, and 85% of their first sentences under max_words: a learned style
-that changed the wording lost however fluent it was. `python -m benchmarks.judge_check`
-measures how often the judge calls the base model's own answers degenerate, and each
-phase's ceiling (its edit applied to resampled base answers).
+median of a quarter of the greedy answer's content words (four letters or more, no stop
+list), none in 5% of them. The bounds before 2026-12-06 (30% of the base's content words
+of four letters or more kept; under max_words 15% and half of the answer's own from the
+base; a word 3-gram three times is a loop) called 56% of those answers degenerate, and
+85% of their first sentences under max_words: a learned style that changed the wording
+lost however fluent it was. `python -m benchmarks.judge_check` measures how often the
+judge calls the base model's own answers degenerate, how often it passes answers to
+other prompts (a negative control), and each phase's ceiling (its edit applied to
+resampled base answers).
 
 The shipped default, benchmarks/phases/default.yaml, holds the three phases the drift
 benchmark always had: concise (max_words), opener (starts_with) and bullets
@@ -65,6 +70,7 @@ JUDGES = ("starts_with", "ends_with", "contains", "max_words", "line_prefix", "r
 EDITS = ("prepend", "append", "first_sentence", "lines_with_prefix", "replace")
 
 # Degeneration bounds (see the module docstring).
+MIN_CONTENT_WORDS = 2  # a bare echo of the topic ("Rivers.") keeps no content
 MIN_LENGTH_SHARE = 0.4  # content words against the base answer's, rules but max_words
 LOOP_NGRAM, LOOP_SHARE = 4, 0.2  # a fifth of the word 4-grams repeated is a loop
 STOP_WORDS = frozenset(
@@ -94,13 +100,17 @@ def words(text: str) -> list[str]:
 
 
 def _fold(word: str) -> str:
-    """Possessive and plural folded: "moon's" and "moons" are "moon"."""
-    word = word.removesuffix("'s")
+    """Possessive and plural "s" folded: "moon's", "moons'" and "moons" are "moon" (not
+    "-es" or "-ies" plurals)."""
+    word = word.removesuffix("'s").strip("'")
     return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
 
 
 def content_words(text: str) -> set[str]:
-    return {_fold(w) for w in words(text) if len(w) >= 3 and w not in STOP_WORDS}
+    """Folded words of three letters or more outside STOP_WORDS; contractions ("don't",
+    "it's" folds to "it") are not content."""
+    folded = map(_fold, words(text))
+    return {w for w in folded if len(w) >= 3 and w not in STOP_WORDS and "'" not in w}
 
 
 def loops(text: str) -> bool:
@@ -123,7 +133,7 @@ def degenerate_kind(answer: str, base: str, brief: bool) -> str | None:
         return "refusal"
     base_words, mine = content_words(base), content_words(answer)
     if base_words:
-        if not base_words & mine:
+        if not base_words & mine or len(mine) < MIN_CONTENT_WORDS:
             return "content"
         if not brief and len(mine) < MIN_LENGTH_SHARE * len(base_words):
             return "content"

@@ -98,7 +98,7 @@ def test_a_degenerate_answer_loses_under_every_judge_even_if_it_scores():
         assert verdict(p, BASE, looping, BASE) == 1.0
 
 
-def test_shorter_wins_only_under_max_words_and_only_keeping_content():
+def test_shorter_wins_only_under_max_words_and_only_keeping_some_content():
     short = BASE.split(". ")[0] + "."
     brief = phase({"max_words": 20}, {"first_sentence": True})
     assert verdict(brief, short, BASE, BASE) == 1.0
@@ -122,8 +122,15 @@ def test_the_same_content_worded_otherwise_is_not_degenerate():
     assert degenerate_kind(reworded, BASE, brief=False) is None
     first = "Green plants feed on light through photosynthesis."
     assert degenerate_kind(first, BASE, brief=True) is None
-    assert degenerate_kind("Plants' leaves make glucose.", BASE, brief=True) is None  # folded
+    # the only shared word needs folding: "cells'" is "cell", as BASE's "cells"
+    assert degenerate_kind("Ferns grow from cells' division.", BASE, brief=True) is None
+    assert degenerate_kind("Ferns grow from cell division.", BASE, brief=True) is None
     assert degenerate_kind(first, BASE, brief=False) == "content"  # cut: only max_words
+
+
+def test_contractions_and_a_bare_echo_keep_no_content():
+    assert degenerate_kind("It's fine, don't worry.", "It's a whale, don't go.", True) == "content"
+    assert degenerate_kind("Photosynthesis.", BASE, brief=True) == "content"
 
 
 def test_a_list_that_repeats_its_frame_is_not_a_loop_but_a_repeated_line_is():
@@ -207,3 +214,17 @@ def test_json_and_yaml_files_load(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ValueError, match="cannot parse"):
         load_phases(tmp_path / "bad.json")
+
+
+def test_judge_check_counts_only_what_degenerate_calls_degenerate():
+    from benchmarks.judge_check import kinds
+
+    looping_base = "the cell the cell the cell the cell and more"
+    got = kinds(
+        ["", "No, no, no.", BASE, "Dogs are loyal animals.", "the cell the cell the cell the cell"],
+        [BASE, BASE, BASE, BASE, looping_base],
+        brief=False,
+    )
+    # the last loops as its base does: not counted
+    assert got == {"degenerate_share": 0.6, "empty": 0.2, "loop": 0.0, "refusal": 0.2,
+                   "content": 0.2}  # fmt: skip
