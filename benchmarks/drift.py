@@ -92,7 +92,7 @@ from benchmarks.loadgen import RequestResult, poisson_load, summarize, tail_targ
 from benchmarks.phases import DEFAULT_FILE, Phase, judged, load_phases
 from benchmarks.serve_smoke import machine
 from benchmarks.stats import aggregate
-from mace_sgl.config import DPO_SPANS, MaceConfig
+from mace_sgl.config import DECAY_PER, DPO_SPANS, MaceConfig
 from mace_sgl.launcher import Server
 
 BASELINES = ("inference-only", "periodic", "synchronous", "continuous", "mace")
@@ -141,6 +141,7 @@ def training_recipe(args: argparse.Namespace) -> MaceConfig:
         rpo_alpha=args.rpo_alpha,
         anchor_alpha=args.anchor_alpha,
         adapter_decay=args.adapter_decay,
+        adapter_decay_per=args.adapter_decay_per,
         dpo_span=args.dpo_span,
     )
 
@@ -153,7 +154,7 @@ class PeriodicTrainer:
         self, client: Client, model_path: str, out: Path, period_s: float, recipe: MaceConfig
     ) -> None:
         """recipe: the servers' training recipe (lr, beta, rpo_alpha, anchor_alpha,
-        adapter_decay, dpo_span; SlicedDPO.for_config), its LoRA shape too."""
+        adapter_decay(_per), dpo_span; SlicedDPO.for_config), its LoRA shape too."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -315,6 +316,7 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
              "--mace-anchor-alpha", str(args.anchor_alpha),
              "--mace-adapter-decay", str(args.adapter_decay),
              "--mace-dpo-span", args.dpo_span,
+             "--mace-adapter-decay-per", args.adapter_decay_per,
              "--mace-slo-ttft-ms", str(args.slo_ttft_ms),
              "--mace-slo-tbt-ms", str(args.slo_tbt_ms),
              "--mace-slo-tbt-basis", "request"]  # fmt: skip
@@ -571,6 +573,12 @@ def main() -> None:
         choices=DPO_SPANS,
         default=defaults.dpo_span,
         help="--mace-dpo-span for every adapting baseline (default: the server's)",
+    )
+    parser.add_argument(
+        "--adapter-decay-per",
+        choices=DECAY_PER,
+        default=defaults.adapter_decay_per,
+        help="--mace-adapter-decay-per for every adapting baseline (default: the server's)",
     )
     parser.add_argument("--recover-at", type=float, default=0.75)
     parser.add_argument(

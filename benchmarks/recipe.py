@@ -57,9 +57,10 @@ from benchmarks.stats import aggregate
 from mace_sgl.config import MaceConfig
 
 RECIPE_KEYS = (
-    "lr", "beta", "rpo_alpha", "anchor_alpha", "adapter_decay", "dpo_span", "max_train_count",
+    "lr", "beta", "rpo_alpha", "anchor_alpha", "adapter_decay", "adapter_decay_per",
+    "dpo_span", "max_train_count",
 )  # fmt: skip
-WORDS = ("dpo_span",)  # the keys whose values are words, not numbers
+WORDS = ("dpo_span", "adapter_decay_per")  # the keys whose values are words, not numbers
 COUNTS = ("max_train_count",)  # whole numbers
 POSITIVE = ("lr", "beta", "max_train_count")  # the others may be 0 (off)
 DRIFT_HELD_OUT = 24  # benchmarks.drift's --eval-prompts
@@ -150,7 +151,7 @@ class Learner:
         chat = [{"role": "user", "content": kept.prompt}]
         prompt_ids, chosen_ids = self.encode(self.tok, chat, kept.chosen)
         _, rejected_ids = self.encode(self.tok, chat, kept.rejected)
-        pair = Pair(kept.sample_id, prompt_ids, chosen_ids, rejected_ids)
+        pair = Pair(kept.sample_id, prompt_ids, chosen_ids, rejected_ids, new=kept.count == 0)
         result = run_to_end(self.dpo.step_slices([pair]))
         if result.ok:
             return result.losses[kept.sample_id]

@@ -23,6 +23,7 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 DPO_SPANS = ("whole", "edit")  # --mace-dpo-span: trainer/sliced.py SlicedDPO(span=)
+DECAY_PER = ("step", "pair")  # --mace-adapter-decay-per: trainer/sliced.py SlicedDPO(decay_per=)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,19 @@ class MaceConfig:
             "at 0.3) while the current one is renewed by its own pairs; without feedback "
             "there are no steps and nothing fades. 0: off (a learned preference stays "
             "until pairs undo it)."
+        },
+    )
+    adapter_decay_per: str = field(
+        default="step",
+        metadata={
+            "help": "What --mace-adapter-decay counts. step: every optimizer step decays "
+            "the adapter once. pair: a step decays it once per pair in it that never "
+            "trained before, and steps on replayed pairs not at all, so a preference fades "
+            "as new feedback arrives, not as idle time replays the pairs it holds; replay "
+            "(--mace-max-train-count) then renews the current preference several times "
+            "per pair, which per step it cannot outgrow (the adapter's size under decay "
+            "is about lr x (1 - decay) / decay per weight per renewal).",
+            "choices": DECAY_PER,
         },
     )
     dpo_span: str = field(
@@ -450,6 +464,10 @@ class MaceConfig:
         if min(self.pairs_per_step, self.publish_every, self.lora_rank, self.max_train_count) < 1:
             raise ValueError(
                 "pairs_per_step, publish_every, lora_rank and max_train_count must be >= 1"
+            )
+        if self.adapter_decay_per not in DECAY_PER:
+            raise ValueError(
+                f"adapter_decay_per must be step or pair, got {self.adapter_decay_per!r}"
             )
         if self.dpo_span not in DPO_SPANS:
             raise ValueError(f"dpo_span must be whole or edit, got {self.dpo_span!r}")

@@ -164,7 +164,16 @@ class Sidecar:
         )
         if rows:
             samples = [
-                Sample(r.id, r.prompt, r.chosen, r.rejected, r.weight, r.last_loss, r.adapter)
+                Sample(
+                    r.id,
+                    r.prompt,
+                    r.chosen,
+                    r.rejected,
+                    r.weight,
+                    r.last_loss,
+                    r.adapter,
+                    trained=r.train_count,
+                )  # fmt: skip
                 for r in rows
             ]
             weights = {t.name: t.weight for t in tenants}

@@ -47,6 +47,7 @@ def test_kv_tokens_for_ram_is_a_share_of_ram_within_bounds():
         {"adapter_decay": 1.0},  # would wipe the adapter after every step
         {"adapter_decay": -0.1},
         {"adapter_decay": float("nan")},
+        {"adapter_decay_per": "token"},
         {"dpo_span": "tokens"},  # whole or edit
     ],
 )

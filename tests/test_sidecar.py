@@ -152,6 +152,21 @@ def test_the_supervisor_passes_max_train_count(tmp_path: Path, conn, trainer: Fa
         sup.stop()
 
 
+def test_a_sample_says_how_often_it_trained(tmp_path: Path, conn, trainer: FakeTrainer):
+    # the trainer's per-pair decay counts only pairs that never trained (Pair.new)
+    (a,) = store.add_feedback(conn, [pair(0)])
+    sup = SidecarSupervisor(MaceConfig(state_dir=str(tmp_path), max_train_count=3))
+    sup.start()
+    try:
+        trainer.send(Hello("s1", "live"))
+        trainer.handshake()
+        assert [(s.id, s.trained) for s in trainer.work(1).samples] == [(a, 0)]
+        trainer.send(Result("s1", a, 0.5, 1))
+        assert [(s.id, s.trained) for s in trainer.work(1).samples] == [(a, 1)]
+    finally:
+        sup.stop()
+
+
 def test_malformed_messages_are_dropped_and_the_sidecar_goes_on(
     tmp_path: Path, trainer: FakeTrainer
 ):

@@ -192,6 +192,32 @@ def test_decay_shrinks_every_adapted_weight_delta_by_its_share(tiny_model_dir: P
         torch.testing.assert_close(b.detach(), k, equal_nan=True)
 
 
+def test_decay_per_pair_counts_new_pairs_and_skips_replays(tiny_model_dir: Path):
+    """decay_per="pair": B scaled by (1 - decay) ** (new pairs in the step); a step of
+    replayed pairs only leaves B as the optimizer left it (lr 0: unchanged)."""
+    import dataclasses
+
+    decay = 0.25
+    model = lora_model(tiny_model_dir)
+    dpo = SlicedDPO(model, lr=0.0, decay=decay, decay_per="pair")
+    with torch.no_grad():  # B starts at zero: give it something to shrink
+        for b in dpo.lora_b:
+            b.normal_()
+    b0 = [b.detach().clone() for b in dpo.lora_b]
+    old = [dataclasses.replace(p, new=False) for p in PAIRS[:2]]
+    assert run_to_end(dpo.step_slices(old)).ok
+    for b, k in zip(dpo.lora_b, b0, strict=True):
+        torch.testing.assert_close(b.detach(), k)
+    assert run_to_end(dpo.step_slices([PAIRS[0], old[1]])).ok  # one new pair
+    for b, k in zip(dpo.lora_b, b0, strict=True):
+        torch.testing.assert_close(b.detach(), k * (1 - decay))
+    assert run_to_end(dpo.step_slices(PAIRS[:2])).ok  # two new pairs
+    for b, k in zip(dpo.lora_b, b0, strict=True):
+        torch.testing.assert_close(b.detach(), k * (1 - decay) ** 3)
+    with pytest.raises(ValueError, match="decay_per"):
+        SlicedDPO(model, decay_per="token")
+
+
 EOS = 2
 
 

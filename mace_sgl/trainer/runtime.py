@@ -313,7 +313,7 @@ class MaceTrainer:
     def _pair(self, s: Any) -> Pair:
         prompt, chosen = encode_pair(self.tokenizer, s.prompt, s.chosen)
         _, rejected = encode_pair(self.tokenizer, s.prompt, s.rejected)
-        return Pair(s.id, prompt, chosen, rejected, s.weight)
+        return Pair(s.id, prompt, chosen, rejected, s.weight, new=s.trained == 0)
 
     # -- jobs ----------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mace_sgl.config import DPO_SPANS
+from mace_sgl.config import DECAY_PER, DPO_SPANS
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class Pair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     weight: float = 1.0
+    new: bool = True  # never trained before (decay_per="pair" counts these)
 
     @property
     def tokens(self) -> int:
@@ -144,6 +145,7 @@ class SlicedDPO:
         anchor_alpha: float = 0.0,
         decay: float = 0.0,
         span: str = "whole",
+        decay_per: str = "step",
     ) -> None:
         """head_chunks: vocabulary chunks of the LM head, one slice each (0: one chunk
         per HEAD_CHUNK_ROWS rows of the output matrix; 1: the whole head at once).
@@ -151,12 +153,17 @@ class SlicedDPO:
         decay: share of the adapter's change taken away after every step: each LoRA B
         matrix is scaled by 1 - decay, so every adapted weight's delta (B A x scale) is
         too, exactly. A preference that the pairs stop renewing fades geometrically.
+        decay_per: "step" (every successful step decays once) or "pair" (once per new
+        pair in the step, `Pair.new`; a step of replayed pairs only does not decay).
         span: "whole" (every completion token) or "edit" (`edit_span`: without the
         ending chosen and rejected share; the RPO term still covers the whole chosen
         completion, so what follows the edit stays as likely as the chosen answer has
         it: the chosen side then runs whole, with a coefficient per token)."""
         if span not in DPO_SPANS:
             raise ValueError(f"span must be one of {DPO_SPANS}, got {span!r}")
+        if decay_per not in DECAY_PER:
+            raise ValueError(f"decay_per must be one of {DECAY_PER}, got {decay_per!r}")
+        self.decay_per = decay_per
         self.span = span
         self.peft = peft_model
         self.lm = peft_model.get_base_model()
@@ -188,7 +195,7 @@ class SlicedDPO:
     @classmethod
     def for_config(cls, peft_model: Any, cfg: Any) -> SlicedDPO:
         """The training recipe of a MaceConfig: beta, lr, rpo_alpha, anchor_alpha,
-        adapter_decay, dpo_span and head_chunks (the anchors themselves: `set_anchors`)."""
+        adapter_decay(_per), dpo_span and head_chunks (the anchors: `set_anchors`)."""
         return cls(
             peft_model,
             beta=cfg.beta,
@@ -198,6 +205,7 @@ class SlicedDPO:
             anchor_alpha=cfg.anchor_alpha,
             decay=cfg.adapter_decay,
             span=cfg.dpo_span,
+            decay_per=cfg.adapter_decay_per,
         )
 
     def new_optimizer(self) -> torch.optim.Optimizer:
@@ -459,10 +467,12 @@ class SlicedDPO:
                 ids, len(prompt), kept, -self.anchor_alpha / len(answer)
             )
         yield SliceSpec("opt", 0)
+        decays = 1 if self.decay_per == "step" else sum(p.new for p in pairs)
         with self._mode(adapter=True, grad=False):
-            return self._optimizer_step(result)
+            return self._optimizer_step(result, decays)
 
-    def _optimizer_step(self, result: StepResult) -> StepResult:
+    def _optimizer_step(self, result: StepResult, decays: int = 1) -> StepResult:
+        """Clip, step, then decay the adapter `decays` times (see decay_per)."""
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         result.grad_norm = float(norm)
         if not math.isfinite(result.grad_norm):
@@ -471,9 +481,9 @@ class SlicedDPO:
             return result
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.decay:
+        if self.decay and decays:
             for b in self.lora_b:
-                b.mul_(1.0 - self.decay)
+                b.mul_((1.0 - self.decay) ** decays)
         return result
 
 
