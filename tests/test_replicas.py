@@ -4,6 +4,7 @@ training slots the controller reads, and two ReplicaSync ends in two processes."
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import subprocess
@@ -347,7 +348,7 @@ cfg = SimpleNamespace(replicas=1, replica_store="", sync_world_size=2, sync_rank
                       sync_addr=addr)
 store, grank, world = group_store(cfg, 0)
 sync = ReplicaSync(store, grank, world, timeout_s=60, rejoin=True, rejoin_wait_s=5,
-                   join_wait_s=3)
+                   join_wait_s=3, form_timeout_s=5)
 deadline = time.monotonic() + 240
 
 def delivered():
@@ -409,7 +410,7 @@ def _line(proc: subprocess.Popen, timeout_s: float) -> dict:
     return json.loads(line)
 
 
-@pytest.mark.parametrize("mode", ["publish", "quiet", "long"])
+@pytest.mark.parametrize("mode", ["publish", "quiet", "long", "dies-forming"])
 def test_a_server_killed_and_restarted_rejoins_the_group(tmp_path: Path, mode: str):
     """Two one-replica servers over a TCPStore: the second is SIGKILLed after taking a
     version, and restarted joins a later generation of the group. The first publishes
@@ -418,7 +419,11 @@ def test_a_server_killed_and_restarted_rejoins_the_group(tmp_path: Path, mode: s
     restarted one moves the generation on after `rejoin_wait_s`, the first follows by
     polling), or publishes and the peer stays down ("long": the new generation goes on
     without it after `join_wait_s`, the version is delivered to the members there are,
-    and the peer, back later, is taken into the next generation and hears it there)."""
+    and the peer, back later, is taken into the next generation and hears it there), or
+    does so after the peer "died while the group formed" ("dies-forming": its mark in
+    the next generation is there, so that generation is sealed with it and gloo waits
+    for it; the first gives that generation up after `form_timeout_s` and goes on alone
+    in the one after)."""
     addr, killed = f"127.0.0.1:{free_port()}", tmp_path / "killed"
 
     def start(rank: int) -> subprocess.Popen:
@@ -434,11 +439,20 @@ def test_a_server_killed_and_restarted_rejoins_the_group(tmp_path: Path, mode: s
         assert (got["version"], got["generation"]) == (7, 0)
         peer.kill()
         peer.wait(timeout=30)
+        if mode == "dies-forming":  # as if the peer marked itself in, then died
+            from torch.distributed import PrefixStore, TCPStore
+
+            host, port = addr.rsplit(":", 1)
+            client = TCPStore(host, int(port), 2, False, datetime.timedelta(seconds=30))
+            # in the generation the first's failed send opens, as ReplicaSync._form keys it
+            PrefixStore("mace/sync/1/", client).set("in/1", "1")
         killed.touch()
-        if mode == "long":  # v8 is delivered while the peer is down: the group went on
+        if mode in ("long", "dies-forming"):  # v8 goes while the peer is down: the group went on
             alone = _line(first, 120)
             assert alone["members"] == [0] and alone["generation"] >= 1, alone
             assert alone["send_failures"] > 0
+            if mode == "dies-forming":  # generation 1 was given up, not formed
+                assert alone["generation"] >= 2, alone
         else:
             time.sleep(2)  # the first is publishing v8 to a dead peer now (unless quiet)
         again = start(1)
@@ -446,7 +460,7 @@ def test_a_server_killed_and_restarted_rejoins_the_group(tmp_path: Path, mode: s
         got = _line(again, 180)
         assert (got["version"], got["src"]) == (8, 0) and got["generation"] >= 1
         assert got["payload"] == [8.0] * 10
-        if mode != "long":
+        if mode not in ("long", "dies-forming"):
             _line(first, 60)  # v8 delivered (with the peer or without it)
         status = _line(first, 60)
         assert status["members"] == [0, 1] and status["regroups"] >= 1, status

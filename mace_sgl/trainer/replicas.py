@@ -53,10 +53,12 @@ list) and the group forms among them, ranked by their order in it. So the surviv
 steps go on while a server is down (a step is done when every member took it), and one
 that comes back after the seal finds itself missing, moves the counter on and is taken
 into the next generation. (Before, a regroup waited for the dead server: its survivors
-trained nothing until it was back.) Not handled: a member that dies after marking itself
-in and before gloo connects leaves the others in gloo's rendezvous (its timeouts are long,
-for the receiving thread's sake) until it comes back; a formation that fails moves the
-counter on, so the next attempt meets under a fresh prefix. The store lives in server 0:
+trained nothing until it was back.) A member that dies after marking itself in and
+before gloo connects is given up after FORM_TIMEOUT_S: a regroup's gloo connections have
+that timeout (the first generation's wait as long as the servers take to start; the
+receiving thread passes its own long wait), and a formation that fails moves the
+counter on, so the next attempt meets under a fresh prefix without the dead member (it
+is not marked in there). The store lives in server 0:
 if server 0 dies, every server has to restart.
 """
 
@@ -93,6 +95,12 @@ REJOIN_WAIT_S = 30.0  # a restarted member waits this long for the survivors to 
 # How long a regroup waits for every member to join before the group goes on without the
 # missing ones (several servers, generations after the first).
 JOIN_WAIT_S = 10.0
+# How long forming a regroup's gloo group may take once its members are sealed: gloo
+# connects the members there and then; one that died after marking itself in never
+# does, and the others give up on that generation after this and form the next one.
+FORM_TIMEOUT_S = 60.0
+# The receiving thread waits for the next header as long as its group lasts.
+RECV_WAIT = datetime.timedelta(days=365)
 MEMBERS_KEY = "members"  # under a generation's prefix: its members' global ranks, sealed
 
 
@@ -252,26 +260,23 @@ class ReplicaSync:
         rejoin: bool = False,
         rejoin_wait_s: float = REJOIN_WAIT_S,
         join_wait_s: float = JOIN_WAIT_S,
+        form_timeout_s: float = FORM_TIMEOUT_S,
     ) -> None:
         """`store`, `rank`, `world`: group_store()'s. every_s > 0 (--mace-sync-every-s):
         send at most that often, the newest state of each tenant only (versions queued
         meanwhile are superseded by it). `host`: the address gloo listens on. `rejoin`:
         form the group again when a member dies and comes back, without the members
-        that are not back within `join_wait_s` (module docstring)."""
-        from torch.distributed import ProcessGroupGloo
-
+        that are not back within `join_wait_s` (module docstring); a regroup whose
+        sealed members do not all connect within `form_timeout_s` is given up for the
+        next generation."""
         self.rank, self.world = rank, world
         self.every_s = every_s
         self.join_wait_s = join_wait_s
+        self.form_timeout_s = form_timeout_s
+        self.host = host
         self.stats = SyncStats()
         self.store = store
         self.rejoin = rejoin
-        opts = ProcessGroupGloo._Options()
-        opts._devices = [ProcessGroupGloo.create_device(hostname=host)]
-        # Waits are for a peer that is alive: the receiving thread waits for the next
-        # header as long as the group lasts.
-        opts._timeout = datetime.timedelta(days=365)
-        self._opts = opts
         self.send_timeout = datetime.timedelta(seconds=timeout_s)
         self._inbox: queue.Queue[Update] = queue.Queue()
         self._outbox: queue.Queue[tuple[int, int, torch.Tensor, Callable[[], None]]] = queue.Queue()
@@ -339,7 +344,16 @@ class ReplicaSync:
         members = self._members(prefix, generation)
         if self.rank not in members:
             raise NotAMember(generation)
-        pg = ProcessGroupGloo(prefix, members.index(self.rank), len(members), self._opts)
+        opts = ProcessGroupGloo._Options()
+        opts._devices = [ProcessGroupGloo.create_device(hostname=self.host)]
+        # The timeout of gloo's connections among the members. The first generation
+        # waits for every server to come up (as SGLang's own rendezvous does); a
+        # regroup's members are up already (they marked themselves in), so one that does
+        # not connect soon died while the group formed. Sends and receives pass their
+        # own waits (send_timeout, RECV_WAIT).
+        first = generation == 0 or not self.rejoin
+        opts._timeout = RECV_WAIT if first else datetime.timedelta(seconds=self.form_timeout_s)
+        pg = ProcessGroupGloo(prefix, members.index(self.rank), len(members), opts)
         if self.rejoin:
             self.store.set(MEMBER_KEY.format(rank=self.rank), str(generation))
         return pg, members
@@ -494,14 +508,14 @@ class ReplicaSync:
             header = torch.zeros(HEADER, dtype=torch.int64)
             try:
                 work = pg.recv_anysource([header], TAG_HEADER)
-                work.wait()
+                work.wait(RECV_WAIT)
                 src = work.source_rank()
                 magic, key, version, numel = (int(v) for v in header.tolist())
                 if magic != MAGIC or numel <= 0:
                     self._error(f"bad header from rank {src}: {header.tolist()}")
                     continue
                 payload = torch.empty(numel, dtype=torch.float32)
-                pg.recv([payload], src, TAG_PAYLOAD).wait()
+                pg.recv([payload], src, TAG_PAYLOAD).wait(self.send_timeout)
             except Exception as e:  # a member died (or this server is shutting down)
                 self._fail(generation, "receive", e)
                 return
