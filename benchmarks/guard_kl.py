@@ -25,7 +25,7 @@ every step's reading and a summary per drive.
 
     python -m benchmarks.guard_kl --out DIR [--steps 40] [--drives style,...]
         [--lr LR] [--rpo-alpha A] [--beta B] [--anchor-alpha A] [--adapter-decay D]
-        [--dpo-span whole|edit] [--model-path P]
+        [--dpo-span whole|edit] [--adapter-decay-per step|pair] [--model-path P]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import torch
 from benchmarks.colocate import TOPICS
 from benchmarks.recipe import RECIPE_KEYS
 from benchmarks.serve_smoke import machine
-from mace_sgl.config import DPO_SPANS, MaceConfig
+from mace_sgl.config import DECAY_PER, DPO_SPANS, MaceConfig
 from mace_sgl.templating import encode_pair
 from mace_sgl.trainer.anchor import shipped_anchors
 from mace_sgl.trainer.guard import Guard
@@ -95,7 +95,7 @@ def run_drive(name: str, model_path: str, steps: int, cfg: MaceConfig) -> dict:
     guard = Guard.for_config(dpo, tokenizer, cfg)
     rows = []
     for step in range(steps):
-        pair = pairs[step % len(pairs)]
+        pair = dataclasses.replace(pairs[step % len(pairs)], new=step < len(pairs))
         t0 = time.monotonic()
         result = run_to_end(dpo.step_slices([pair]))
         t1 = time.monotonic()
@@ -139,7 +139,7 @@ def run_drive(name: str, model_path: str, steps: int, cfg: MaceConfig) -> dict:
     }
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=40)
@@ -151,14 +151,25 @@ def main() -> None:
     parser.add_argument("--anchor-alpha", type=float, default=None, help="default: the server's")
     parser.add_argument("--adapter-decay", type=float, default=None, help="default: the server's")
     parser.add_argument("--dpo-span", choices=DPO_SPANS, help="default: the server's")
-    args = parser.parse_args()
+    parser.add_argument("--adapter-decay-per", choices=DECAY_PER, help="default: the server's")
+    return parser.parse_args(argv)
+
+
+def recipe(args: argparse.Namespace) -> MaceConfig:
+    """The server's defaults with the recipe flags given."""
+    # the recipe keys this module has flags for (not max_train_count: no replay here)
+    given = {k: getattr(args, k) for k in RECIPE_KEYS if getattr(args, k, None) is not None}
+    return dataclasses.replace(MaceConfig(), **given)
+
+
+def main() -> None:
+    args = parse_args()
     if args.model_path is None:
         from mace_sgl.models import ensure_default_model
 
         args.model_path = str(ensure_default_model(progress=False))
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    given = {k: getattr(args, k) for k in RECIPE_KEYS if getattr(args, k) is not None}
-    cfg = dataclasses.replace(MaceConfig(), **given)
+    cfg = recipe(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {
@@ -166,7 +177,8 @@ def main() -> None:
                      "guard_tokens": cfg.guard_tokens, "guard_min_keep": cfg.guard_min_keep,
                      "guard_open_keep": cfg.guard_open_keep, "lr": cfg.lr, "beta": cfg.beta,
                      "rpo_alpha": cfg.rpo_alpha, "anchor_alpha": cfg.anchor_alpha,
-                     "adapter_decay": cfg.adapter_decay, "dpo_span": cfg.dpo_span,
+                     "adapter_decay": cfg.adapter_decay,
+                     "adapter_decay_per": cfg.adapter_decay_per, "dpo_span": cfg.dpo_span,
                      "model_path": args.model_path},
         "machine": machine(),
         "drives": [],

@@ -2,7 +2,7 @@
 
 `benchmarks.drift` measures serving and training together and costs about 6 minutes per
 baseline and seed on 2 CPU cores (17 for one seed of three baselines); choosing a recipe
-(learning rate, beta, `rpo_alpha`, `anchor_alpha`, `adapter_decay`, `dpo_span`,
+(learning rate, beta, `rpo_alpha`, `anchor_alpha`, `adapter_decay`, `adapter_decay_per`, `dpo_span`,
 `max_train_count` with `--replay`) needs
 many more runs than that allows. This benchmark
 keeps drift's pairs and judge and drops the serving: the default model in plain HF +

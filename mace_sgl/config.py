@@ -100,7 +100,8 @@ class MaceConfig:
         default=0.0,
         metadata={
             "help": "Share of the adapter's change to the base weights taken away after "
-            "every optimizer step (LoRA B scaled by 1 - decay), so that a preference the "
+            "every optimizer step (LoRA B scaled by 1 - decay; per new pair instead with "
+            "--mace-adapter-decay-per pair), so that a preference the "
             "feedback no longer asks for fades (half-life ln 2 / -ln(1 - decay) steps: 1.9 "
             "at 0.3) while the current one is renewed by its own pairs; without feedback "
             "there are no steps and nothing fades. 0: off (a learned preference stays "
@@ -116,7 +117,9 @@ class MaceConfig:
             "as new feedback arrives, not as idle time replays the pairs it holds; replay "
             "(--mace-max-train-count) then renews the current preference several times "
             "per pair, which per step it cannot outgrow (the adapter's size under decay "
-            "is about lr x (1 - decay) / decay per weight per renewal).",
+            "is about lr x (1 - decay) / decay per weight per renewal). A pair is new "
+            "until the store counted a step of it: a step the guard refused is rolled "
+            "back with its decay, and the pair's retries count as replays.",
             "choices": DECAY_PER,
         },
     )

@@ -152,3 +152,17 @@ def test_one_seed_trains_every_phase_and_reports_each(tiny_model_dir: Path):
         assert f"last_win_rate.{p.name}" in row and f"degenerate.{p.name}" in row
     wins = [row[f"last_win_rate.{p.name}"] for p in phases]
     assert row["win_rate"] == pytest.approx(sum(wins) / len(wins))
+
+
+def test_guard_kl_takes_every_recipe_flag_it_has():
+    from benchmarks.guard_kl import parse_args, recipe
+
+    cfg = recipe(parse_args(["--out", "x", "--lr", "1e-3", "--adapter-decay", "0.3",
+                             "--adapter-decay-per", "pair", "--dpo-span", "whole"]))  # fmt: skip
+    assert (cfg.lr, cfg.adapter_decay, cfg.adapter_decay_per, cfg.dpo_span) == (
+        1e-3,
+        0.3,
+        "pair",
+        "whole",
+    )
+    assert recipe(parse_args(["--out", "x"])).max_train_count == MaceConfig().max_train_count

@@ -23,7 +23,7 @@ class Sample(msgspec.Struct, frozen=True):
     weight: float
     loss: float | None = None  # its last DPO loss, if it trained before (priorities)
     adapter: str = "live"  # the tenant whose feedback it is (its LoRA trains on it)
-    trained: int = 0  # steps it was in so far (its store train_count)
+    trained: int = 0  # its store train_count: steps reported for it, kept or rolled back
 
 
 class Hello(msgspec.Struct, tag=True, frozen=True):

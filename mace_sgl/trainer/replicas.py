@@ -284,11 +284,19 @@ class ReplicaSync:
         self._moved = threading.Condition()  # generation and pg change together under it
         self._failed = threading.Event()
         generation = self._first_generation(rejoin_wait_s) if rejoin else 0
+        deadline = time.monotonic() + RENDEZVOUS_TIMEOUT_S
         while True:
             try:
                 self.pg, self.members = self._form(generation)
                 break
             except NotAMember:
+                generation = self._move_on(generation)
+            except Exception as e:
+                # a regroup's member died while it formed (FORM_TIMEOUT_S): as
+                # _group_loop does, the next generation forms without it
+                if not rejoin or generation == 0 or time.monotonic() > deadline:
+                    raise
+                self._error(f"join: generation {generation}: {type(e).__name__}: {e}")
                 generation = self._move_on(generation)
         self.generation = generation
         self._start_receiving()
