@@ -2,6 +2,9 @@
 cost the request load? One server, one run, training off (paused) and on.
 
     python -m benchmarks.align [--pairs 200] [--load-s 90] [--out DIR] [--json]
+        [--lr X] [--adapter-decay X] [--adapter-decay-per step|pair] [--max-train-count N]
+
+The recipe flags are passed to the server as --mace-*; each defaults to the server's own.
 
 Preference: answers that open with "Certainly!". Pairs are built from the served base
 model's own greedy answers (chosen = "Certainly! " + answer, rejected = answer). Reports,
@@ -24,6 +27,7 @@ from typing import Any
 
 import requests
 
+from mace_sgl.config import DECAY_PER, MaceConfig
 from mace_sgl.launcher import Server
 
 TOPICS = [
@@ -215,8 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "--mace-measure-swap",
             "--mace-state-dir",
             str(state),
-            "--mace-lr",
-            str(args.lr),
+            *recipe_flags(args),
         ],
         work / "server.log",
         timeout_s=600,
@@ -262,6 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "pairs": len(pairs),
         "held_out": len(held_out),
         "lr": args.lr,
+        "recipe": {flag: getattr(args, flag.replace("-", "_")) for flag in RECIPE_FLAGS},
         "before": before,
         "after": after,
         "load_training_off": off,
@@ -285,6 +289,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# The training recipe's flags the benchmark passes to the server as --mace-FLAG.
+RECIPE_FLAGS = ("lr", "adapter-decay", "adapter-decay-per", "max-train-count")
+
+
+def recipe_flags(args: argparse.Namespace) -> list[str]:
+    """--mace-FLAG VALUE for each of RECIPE_FLAGS."""
+    out: list[str] = []
+    for flag in RECIPE_FLAGS:
+        out += [f"--mace-{flag}", str(getattr(args, flag.replace("-", "_")))]
+    return out
+
+
 def main() -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.align")
@@ -298,7 +314,17 @@ def main() -> None:
         default=600.0,
         help="longest wait, after the load, for every pair to train once",
     )
-    parser.add_argument("--lr", type=float, default=5e-5)
+    defaults = MaceConfig()
+    for flag in RECIPE_FLAGS:
+        name = flag.replace("-", "_")
+        kind = type(getattr(defaults, name))
+        parser.add_argument(
+            f"--{flag}",
+            type=kind,
+            default=getattr(defaults, name),
+            choices=DECAY_PER if name == "adapter_decay_per" else None,
+            help=f"--mace-{flag} (default: the server's)",
+        )
     parser.add_argument("--out", default=None, help="folder for results.json and the log")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

@@ -35,8 +35,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from benchmarks.align import prompts as shipped_prompts
 from benchmarks.phases import (
     DEFAULT_FILE,
@@ -49,27 +47,6 @@ from benchmarks.phases import (
 from benchmarks.recipe import DRIFT_HELD_OUT, Learner
 from benchmarks.serve_smoke import machine
 from mace_sgl.config import MaceConfig
-
-
-def sampled(learner: Learner, prompts: list[str], max_new: int, temperature: float,
-            seed: int) -> list[str]:  # fmt: skip
-    """The base model's answers, sampled (batched, adapter off)."""
-    tok = learner.tok
-    chats = [
-        tok.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-        )
-        for p in prompts
-    ]
-    enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False)
-    torch.manual_seed(seed)
-    with torch.no_grad(), learner.model.disable_adapter():
-        out = learner.model.generate(
-            **enc, max_new_tokens=max_new, do_sample=True, temperature=temperature,
-            top_p=0.95, pad_token_id=tok.pad_token_id,
-        )  # fmt: skip
-    n = enc["input_ids"].shape[1]
-    return [tok.decode(o[n:], skip_special_tokens=True).strip() for o in out]
 
 
 def kinds(answers: list[str], base: list[str], brief: bool) -> dict[str, float]:
@@ -109,7 +86,9 @@ def main() -> None:
     greedy = learner.answers(held_out, args.eval_max_tokens, adapter=False)
     answers: list[str] = []
     for seed in range(args.samples):
-        answers += sampled(learner, held_out, args.eval_max_tokens, args.temperature, seed)
+        answers += learner.answers(held_out, args.eval_max_tokens, adapter=False,
+                                   sample={"temperature": args.temperature, "top_p": 0.95,
+                                           "seed": seed})  # fmt: skip
     base = greedy * args.samples
     half = len(held_out) // 2
     other = (greedy[half:] + greedy[:half]) * args.samples  # another prompt's greedy answer

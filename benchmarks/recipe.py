@@ -39,6 +39,7 @@ a `ci95` entry of [low, high] per metric, and every seed's row.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -121,8 +122,10 @@ class Learner:
         if cfg.anchor_alpha:  # the server's anchors
             self.dpo.set_anchors(shipped_anchors(self.dpo, self.tok))
 
-    def answers(self, prompts: list[str], max_new: int, adapter: bool = True) -> list[str]:
-        """Greedy answers, batched."""
+    def answers(self, prompts: list[str], max_new: int, adapter: bool = True,
+                sample: dict[str, Any] | None = None) -> list[str]:  # fmt: skip
+        """Answers, batched: greedy, or sampled with `sample`'s generate() keywords
+        (e.g. temperature, top_p) plus `seed` for torch's generator."""
         chats = [
             self.tok.apply_chat_template(
                 [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
@@ -130,13 +133,17 @@ class Learner:
             for p in prompts
         ]
         enc = self.tok(chats, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            kw = dict(max_new_tokens=max_new, do_sample=False, pad_token_id=self.tok.pad_token_id)
-            if adapter:
-                out = self.model.generate(**enc, **kw)
-            else:
-                with self.model.disable_adapter():
-                    out = self.model.generate(**enc, **kw)
+        kw: dict[str, Any] = dict(max_new_tokens=max_new, pad_token_id=self.tok.pad_token_id)
+        if sample is None:
+            kw["do_sample"] = False
+        else:
+            sample = dict(sample)
+            torch.manual_seed(sample.pop("seed", 0))
+            kw.update(do_sample=True, **sample)
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            if not adapter:
+                stack.enter_context(self.model.disable_adapter())
+            out = self.model.generate(**enc, **kw)
         n = enc["input_ids"].shape[1]
         return [self.tok.decode(o[n:], skip_special_tokens=True).strip() for o in out]
 

@@ -101,6 +101,9 @@ JOIN_WAIT_S = 10.0
 FORM_TIMEOUT_S = 60.0
 # The receiving thread waits for the next header as long as its group lasts.
 RECV_WAIT = datetime.timedelta(days=365)
+# How long the first generation's gloo connections may take: every server's start, as
+# long as SGLang's own rendezvous waits (no bound).
+FIRST_FORM_TIMEOUT = datetime.timedelta(days=365)
 MEMBERS_KEY = "members"  # under a generation's prefix: its members' global ranks, sealed
 
 
@@ -360,7 +363,9 @@ class ReplicaSync:
         # not connect soon died while the group formed. Sends and receives pass their
         # own waits (send_timeout, RECV_WAIT).
         first = generation == 0 or not self.rejoin
-        opts._timeout = RECV_WAIT if first else datetime.timedelta(seconds=self.form_timeout_s)
+        opts._timeout = (
+            FIRST_FORM_TIMEOUT if first else datetime.timedelta(seconds=self.form_timeout_s)
+        )
         pg = ProcessGroupGloo(prefix, members.index(self.rank), len(members), opts)
         if self.rejoin:
             self.store.set(MEMBER_KEY.format(rank=self.rank), str(generation))
