@@ -74,3 +74,45 @@ def test_lease_values_round_trip_and_bad_ones_are_refused():
         assert LeaseValue.parse(v.text()) == v
     with pytest.raises(ValueError, match="not a lease value"):
         LeaseValue.parse(b"taken")
+
+
+class GoneStore:
+    """A store whose server died: every call fails."""
+
+    def __getattr__(self, name: str):
+        def fail(*args, **kwargs):
+            raise RuntimeError("Connection reset by peer")
+
+        return fail
+
+
+def test_steps_go_on_in_the_fresh_store_of_a_restarted_server_0():
+    """Server 0 died (its store with it): acquiring fails without waiting for a
+    connection; a thread connects again while server 0 is down (failing) and once it is
+    back, and the next try takes the key in the fresh store."""
+    import threading
+    import time
+
+    clock, fresh, up = Clock(), HashStore(), threading.Event()
+    tries = []
+
+    def connect():
+        tries.append(time.monotonic())
+        if not up.is_set():
+            raise RuntimeError("connection refused")  # server 0 not back yet
+        return fresh
+
+    lease = ClusterLease(GoneStore(), 1, clock, connect=connect)
+    assert not lease.try_acquire("live", 3)
+    assert lease.errors == 1
+    deadline = time.monotonic() + 10
+    while len(tries) < 2:  # tried again after the first refusal
+        assert time.monotonic() < deadline, "no second connection attempt"
+        time.sleep(0.01)
+    up.set()
+    while lease.store is not fresh:
+        assert time.monotonic() < deadline, "never connected to the fresh store"
+        time.sleep(0.01)
+    clock.now += RETRY_S
+    assert lease.try_acquire("live", 3)
+    assert LeaseValue.parse(fresh.get(ClusterLease.key("live"))).holder == 1

@@ -650,3 +650,93 @@ def test_an_update_for_a_tenant_sglang_unloaded_waits_then_is_dropped(monkeypatc
     MaceTrainer.follow_replicas(fake)
     assert installed == [("kept", 4)] and fake._updates == []  # dropped
     assert fake.replicas.stats.applied == 1
+
+
+STORE_RESTART = """
+import json, os, sys, time
+from pathlib import Path
+from types import SimpleNamespace
+import torch
+from mace_sgl.trainer.replicas import ReplicaSync, group_store, reconnector
+
+rank, addr, tmp = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+restarted = rank == 0 and (tmp / "killed").exists()
+cfg = SimpleNamespace(replicas=1, replica_store="", sync_world_size=2, sync_rank=rank,
+                      sync_addr=addr)
+store, grank, world = group_store(cfg, 0)
+sync = ReplicaSync(store, grank, world, timeout_s=60, rejoin=True, rejoin_wait_s=5,
+                   join_wait_s=3, form_timeout_s=5, connect=reconnector(cfg, 0))
+deadline = time.monotonic() + 240
+
+def delivered():
+    while not sync.delivered():
+        assert time.monotonic() < deadline, "not delivered: " + json.dumps(sync.status())
+        time.sleep(0.05)
+
+def status():
+    print(json.dumps({**sync.status(), "epoch": sync.epoch}), flush=True)
+
+if rank == 0 and not restarted:  # serves the store; the test kills it
+    sync.send("live", 7, torch.arange(10, dtype=torch.float32), lambda: None)
+    delivered()
+    time.sleep(600)
+elif rank == 0:  # server 0 again, with a fresh store: hears the survivor's version
+    while True:
+        for u in sync.received():
+            print(json.dumps({"version": u.version, "src": u.src, "payload": u.payload.tolist(),
+                              "generation": sync.generation, "epoch": sync.epoch}), flush=True)
+            os._exit(0)  # not sys.exit: see the end of REPLICA
+        assert time.monotonic() < deadline, "nothing received: " + json.dumps(sync.status())
+        time.sleep(0.01)
+else:  # the survivor: never restarted
+    while not sync.received():
+        assert time.monotonic() < deadline, "v7 never came"
+        time.sleep(0.01)
+    status()
+    while sync.stats.store_restarts < 1:  # it follows server 0 into its fresh store
+        assert time.monotonic() < deadline, "no fresh store joined: " + json.dumps(sync.status())
+        time.sleep(0.05)
+    # what its trainer does after a new generation (runtime._announce_versions)
+    sync.send("live", 8, torch.full((10,), 8.0), lambda: None)
+    delivered()
+    status()
+    time.sleep(2)  # server 0 reads before this member goes
+    os._exit(0)
+"""
+
+
+def test_the_group_follows_server_0_into_its_fresh_store_after_a_restart(tmp_path: Path):
+    """Two one-replica servers: server 0 (whose first scheduler serves the group's
+    TCPStore) is SIGKILLed and restarted with a fresh store; the other server, never
+    restarted, connects again, sees the store's new epoch, forms generation 0 there with
+    server 0, and its version reaches the restarted server 0."""
+    addr = f"127.0.0.1:{free_port()}"
+
+    def start(rank: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-c", STORE_RESTART, str(rank), addr, str(tmp_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    server0, survivor = start(0), start(1)
+    procs = [server0, survivor]
+    try:
+        before = _line(survivor, 120)  # v7 arrived over the first store's group
+        assert before["generation"] == 0 and before["store_restarts"] == 0, before
+        server0.kill()
+        server0.wait(timeout=30)
+        (tmp_path / "killed").touch()
+        time.sleep(3)  # the survivor's store calls fail meanwhile
+        again = start(0)
+        procs.append(again)
+        got = _line(again, 180)
+        assert (got["version"], got["src"], got["payload"]) == (8, 1, [8.0] * 10), got
+        assert got["generation"] == 0 and got["epoch"] not in ("", before["epoch"]), got
+        after = _line(survivor, 60)
+        assert after["store_restarts"] == 1 and after["members"] == [0, 1], after
+        assert after["epoch"] == got["epoch"] and after["generation"] == 0, after
+        assert survivor.wait(timeout=30) == 0 and again.wait(timeout=30) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()

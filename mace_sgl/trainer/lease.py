@@ -18,12 +18,19 @@ holder stopped renewing (a holder that died: after TTL_S). A holder that steps a
 before its last version was delivered holds the key twice and frees it on the last
 release. Store calls are synchronous but rare: one per step start (refusals back off
 RETRY_S) and one renewal every RENEW_S.
+
+When the store's server (server 0) dies, calls fail and no step starts; a thread
+connects again (`connect`, tried every RETRY_S; the scheduler thread never waits for a
+connection), so steps go on once server 0 is back with a fresh store, where every key
+starts free. A key held across that restart is not in the
+fresh store: its renewals report errors until the step's release.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,8 +70,12 @@ class LeaseValue:
 class ClusterLease:
     """This scheduler's end of the per-tenant leases (`store`: a torch.distributed Store)."""
 
-    def __init__(self, store: Any, rank: int, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: Any, rank: int, clock: Callable[[], float] = time.time,
+                 connect: Callable[[], Any] | None = None) -> None:  # fmt: skip
+        """`connect`: a new connection to the store, tried after a call failed."""
         self.store, self.rank, self.clock = store, rank, clock
+        self.connect = connect
+        self._connecting = threading.Lock()  # held while a thread connects again
         self.held: dict[str, tuple[str, int]] = {}  # name -> (value text, holds)
         self.gave_back: dict[str, int] = {}  # name -> newest version released meanwhile
         self.retry_at: dict[str, float] = {}
@@ -96,6 +107,7 @@ class ClusterLease:
                     self.held[name] = (mine, 1)
                     return True
         except Exception as e:  # the store is gone (its server died): no steps
+            self._reconnect()
             self._error(f"acquire {name}: {type(e).__name__}: {e}")
         self.refusals += 1
         self.retry_at[name] = now + RETRY_S
@@ -115,6 +127,7 @@ class ClusterLease:
         try:
             self.store.compare_set(self.key(name), value, free)
         except Exception as e:
+            self._reconnect()
             self._error(f"release {name}: {type(e).__name__}: {e}")
 
     def renew(self) -> None:
@@ -132,10 +145,29 @@ class ClusterLease:
                 else:
                     self._error(f"renew {name}: the key was taken after it expired")
             except Exception as e:
+                self._reconnect()
                 self._error(f"renew {name}: {type(e).__name__}: {e}")
 
     def status(self) -> dict[str, Any]:
         return {"held": sorted(self.held), "refusals": self.refusals, "errors": self.errors}
+
+    def _reconnect(self) -> None:
+        """After a failed call: a thread connects again, unless one is at it already."""
+        if self.connect is None or not self._connecting.acquire(blocking=False):
+            return
+
+        def connect() -> None:
+            try:
+                while True:
+                    try:
+                        self.store = self.connect()
+                        return
+                    except Exception:  # the store's server is not back yet
+                        time.sleep(RETRY_S)
+            finally:
+                self._connecting.release()
+
+        threading.Thread(target=connect, name="mace-lease-connect", daemon=True).start()
 
     def _error(self, msg: str) -> None:
         self.errors += 1

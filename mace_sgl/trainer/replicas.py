@@ -58,8 +58,19 @@ before gloo connects is given up after FORM_TIMEOUT_S: a regroup's gloo connecti
 that timeout (the first generation's wait as long as the servers take to start; the
 receiving thread passes its own long wait), and a formation that fails moves the
 counter on, so the next attempt meets under a fresh prefix without the dead member (it
-is not marked in there). The store lives in server 0:
-if server 0 dies, every server has to restart.
+is not marked in there).
+
+The store lives in server 0 (its first scheduler). When server 0 dies, the other
+servers' store calls fail; their group threads try a new connection every POLL_S
+(`connect`, a client of --mace-sync-addr). The restarted server 0 serves a fresh store,
+marked with a new epoch (EPOCH_KEY, a random id its first scheduler writes at once): a
+member that connects and finds another epoch than the one it joined forms that store's
+current generation whatever its own number (the fresh store starts from generation 0,
+which waits for every server, as at start), and its trainer announces its versions there
+(runtime._announce_versions), so the restarted server 0 installs what the group
+published. The survivors keep serving meanwhile, but without the store they cannot form
+a generation without server 0: a step they make is kept unsent (not counted done) until
+the new generation forms, and goes then.
 """
 
 from __future__ import annotations
@@ -71,6 +82,7 @@ import queue
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +102,9 @@ STORE_FILE = "replicas.store"
 RENDEZVOUS_TIMEOUT_S = 900.0
 GEN_KEY = "mace/sync/gen"  # the group's current generation (several servers)
 MEMBER_KEY = "mace/sync/member/{rank}"  # the generation a rank last joined
+EPOCH_KEY = "mace/sync/epoch"  # which store this is: a new id each time server 0 starts
+# A new connection to a restarted server 0's store waits at most this long.
+RECONNECT_TIMEOUT_S = 5.0
 POLL_S = 2.0  # how often a member reads the generation counter
 REJOIN_WAIT_S = 30.0  # a restarted member waits this long for the survivors to move on
 # How long a regroup waits for every member to join before the group goes on without the
@@ -130,6 +145,7 @@ def group_store(cfg: Any, dp_rank: int) -> tuple[Any, int, int]:
         # detach(): the store owns the bound socket from here (Python must not close it).
         store = TCPStore(host, port, world, True, timeout, wait_for_workers=False,
                          master_listen_fd=listener.detach())  # fmt: skip
+        store.set(EPOCH_KEY, uuid.uuid4().hex)
     else:
         store = client_store(cfg)
     if dp_rank == 0:
@@ -155,6 +171,14 @@ def client_store(cfg: Any, timeout_s: float = RENDEZVOUS_TIMEOUT_S) -> Any:
     host, port = split_addr(cfg.sync_addr)
     timeout = datetime.timedelta(seconds=timeout_s)
     return TCPStore(host, port, cfg.sync_world_size * cfg.replicas, False, timeout)
+
+
+def reconnector(cfg: Any, dp_rank: int) -> Callable[[], Any] | None:
+    """For ReplicaSync's `connect`: a new client of the group's store, for after server 0
+    restarted (several servers; None for the store's own server and on one server)."""
+    if cfg.sync_world_size <= 1 or cfg.sync_rank * cfg.replicas + dp_rank == 0:
+        return None
+    return lambda: client_store(cfg, RECONNECT_TIMEOUT_S)
 
 
 def store_text(raw: bytes | str) -> str:
@@ -244,6 +268,7 @@ class SyncStats:
     applied: int = 0
     send_failures: int = 0
     regroups: int = 0  # generations formed after the first
+    store_restarts: int = 0  # fresh stores joined (server 0 restarted)
     last_send_ms: float | None = None
     errors: list[str] = field(default_factory=list)
 
@@ -264,6 +289,7 @@ class ReplicaSync:
         rejoin_wait_s: float = REJOIN_WAIT_S,
         join_wait_s: float = JOIN_WAIT_S,
         form_timeout_s: float = FORM_TIMEOUT_S,
+        connect: Callable[[], Any] | None = None,
     ) -> None:
         """`store`, `rank`, `world`: group_store()'s. every_s > 0 (--mace-sync-every-s):
         send at most that often, the newest state of each tenant only (versions queued
@@ -271,7 +297,8 @@ class ReplicaSync:
         form the group again when a member dies and comes back, without the members
         that are not back within `join_wait_s` (module docstring); a regroup whose
         sealed members do not all connect within `form_timeout_s` is given up for the
-        next generation."""
+        next generation. `connect` (with `rejoin`; reconnector()): a new connection to
+        the store once its server (server 0) is gone, to follow it when it restarts."""
         self.rank, self.world = rank, world
         self.every_s = every_s
         self.join_wait_s = join_wait_s
@@ -280,6 +307,8 @@ class ReplicaSync:
         self.stats = SyncStats()
         self.store = store
         self.rejoin = rejoin
+        self._connect = connect if rejoin else None
+        self.epoch = self._epoch()  # the store this member joined in ("": unmarked)
         self.send_timeout = datetime.timedelta(seconds=timeout_s)
         self._inbox: queue.Queue[Update] = queue.Queue()
         self._outbox: queue.Queue[tuple[int, int, torch.Tensor, Callable[[], None]]] = queue.Queue()
@@ -335,6 +364,7 @@ class ReplicaSync:
             "generation": self.generation,
             "members": list(self.members),
             "regroups": s.regroups,
+            "store_restarts": s.store_restarts,
             "sent": s.sent,
             "received": s.received,
             "applied": s.applied,
@@ -402,6 +432,18 @@ class ReplicaSync:
     def _counter(self) -> int:
         return int(self.store.add(GEN_KEY, 0))  # creates it at 0 on first use
 
+    def _epoch(self) -> str:
+        """The store's epoch ("" on one server: its FileStore has none). Waits for it: a
+        restarted server 0 writes it as soon as its store listens (group_store)."""
+        if not self.rejoin:
+            return ""
+        return store_text(self.store.get(EPOCH_KEY))
+
+    def _reconnect(self) -> None:
+        """After a store call failed: a new connection (raises while server 0 is down)."""
+        if self._connect is not None:
+            self.store = self._connect()
+
     def _first_generation(self, wait_s: float) -> int:
         """The generation to join at start: the current one, unless this rank was a
         member before (a restart): then the first one after the generation it left."""
@@ -435,11 +477,14 @@ class ReplicaSync:
         last_error = ""
         while True:
             failed = self._failed.wait(POLL_S)
+            current = self.generation
             try:
+                epoch = self._epoch()
                 current = self._counter()
-                if failed and current == self.generation:
+                fresh = epoch != self.epoch  # server 0 restarted: a new store, new numbers
+                if failed and current == self.generation and not fresh:
                     current = self._move_on(current)
-                if current <= self.generation:
+                if current <= self.generation and not fresh:
                     continue
                 logger.warning("replica sync: rank %d forms generation %d", self.rank, current)
                 pg, members = self._form(current)
@@ -454,10 +499,18 @@ class ReplicaSync:
                 try:  # not this generation's prefix again (a dead member's keys are there)
                     self._move_on(current)
                 except Exception:
-                    pass  # the store itself: tried again after POLL_S
+                    try:  # the store itself: connect again (server 0 restarted?)
+                        self._reconnect()
+                    except Exception:
+                        pass  # tried again after POLL_S
                 continue
             last_error = ""
+            if fresh:
+                logger.warning("replica sync: rank %d joined a restarted store (server 0)",
+                               self.rank)  # fmt: skip
+                self.stats.store_restarts += 1
             with self._moved:
+                self.epoch = epoch
                 self.pg, self.members, self.generation = pg, members, current
                 self._failed.clear()
                 self.stats.regroups += 1

@@ -45,11 +45,13 @@ from mace_sgl.trainer.lease import ClusterLease
 from mace_sgl.trainer.link import SidecarLink
 from mace_sgl.trainer.publish import lora_config_dict
 from mace_sgl.trainer.replicas import (
+    RECONNECT_TIMEOUT_S,
     ReplicaSync,
     Update,
     client_store,
     group_store,
     pack_state,
+    reconnector,
     tenant_key,
 )
 from mace_sgl.trainer.shared import (
@@ -179,10 +181,13 @@ class MaceTrainer:
             store, rank, world = group_store(cfg, host.dp_rank)
             several = cfg.sync_world_size > 1
             self.replicas = ReplicaSync(
-                store, rank, world, every_s=cfg.sync_every_s, host=cfg.sync_host, rejoin=several
-            )
+                store, rank, world, every_s=cfg.sync_every_s, host=cfg.sync_host,
+                rejoin=several, connect=reconnector(cfg, host.dp_rank),
+            )  # fmt: skip
             if several:
-                self.lease = ClusterLease(client_store(cfg), rank)
+                self.lease = ClusterLease(
+                    client_store(cfg), rank, connect=lambda: client_store(cfg, RECONNECT_TIMEOUT_S)
+                )
         # The group generation whose members heard this replica's versions (several
         # servers: announced at start and after a member came back).
         self._announced = -1
