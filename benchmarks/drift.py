@@ -317,6 +317,8 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
              "--mace-adapter-decay", str(args.adapter_decay),
              "--mace-dpo-span", args.dpo_span,
              "--mace-adapter-decay-per", args.adapter_decay_per,
+             "--mace-publish-every", str(args.publish_every),
+             "--mace-max-train-count", str(args.max_train_count),
              "--mace-slo-ttft-ms", str(args.slo_ttft_ms),
              "--mace-slo-tbt-ms", str(args.slo_tbt_ms),
              "--mace-slo-tbt-basis", "request"]  # fmt: skip
@@ -565,6 +567,13 @@ def main() -> None:
         parser.add_argument(
             flag,
             type=float,
+            default=getattr(defaults, flag[2:].replace("-", "_")),
+            help=f"--mace-{flag[2:]} for every adapting baseline (default: the server's)",
+        )
+    for flag in ("--publish-every", "--max-train-count"):
+        parser.add_argument(
+            flag,
+            type=int,
             default=getattr(defaults, flag[2:].replace("-", "_")),
             help=f"--mace-{flag[2:]} for every adapting baseline (default: the server's)",
         )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from torch.distributed import HashStore
 
-from mace_sgl.trainer.lease import RETRY_S, TTL_S, ClusterLease, LeaseValue
+from mace_sgl.trainer.lease import RENEW_S, RETRY_S, TTL_S, ClusterLease, LeaseValue
 
 
 class Clock:
@@ -87,9 +87,10 @@ class GoneStore:
 
 
 def test_steps_go_on_in_the_fresh_store_of_a_restarted_server_0():
-    """Server 0 died (its store with it): acquiring fails without waiting for a
-    connection; a thread connects again while server 0 is down (failing) and once it is
-    back, and the next try takes the key in the fresh store."""
+    """Server 0 died (its store with it) while this scheduler held a key: its calls
+    fail without waiting for a connection; a thread connects again while server 0 is
+    down (failing) and once it is back, writes the held key into the fresh store (so
+    another server cannot take it mid-step), and new keys wait RENEW_S."""
     import threading
     import time
 
@@ -102,8 +103,10 @@ def test_steps_go_on_in_the_fresh_store_of_a_restarted_server_0():
             raise RuntimeError("connection refused")  # server 0 not back yet
         return fresh
 
-    lease = ClusterLease(GoneStore(), 1, clock, connect=connect)
-    assert not lease.try_acquire("live", 3)
+    lease = ClusterLease(HashStore(), 1, clock, connect=connect)
+    assert lease.try_acquire("live", 3)  # a step of live is in flight
+    lease.store = GoneStore()  # server 0 dies
+    assert not lease.try_acquire("other", 3)
     assert lease.errors == 1
     deadline = time.monotonic() + 10
     while len(tries) < 2:  # tried again after the first refusal
@@ -113,6 +116,13 @@ def test_steps_go_on_in_the_fresh_store_of_a_restarted_server_0():
     while lease.store is not fresh:
         assert time.monotonic() < deadline, "never connected to the fresh store"
         time.sleep(0.01)
-    clock.now += RETRY_S
-    assert lease.try_acquire("live", 3)
+    other_server = ClusterLease(fresh, 2, clock)
+    assert not other_server.try_acquire("live", 3)  # still held, in the fresh store
     assert LeaseValue.parse(fresh.get(ClusterLease.key("live"))).holder == 1
+    clock.now += RETRY_S
+    assert not lease.try_acquire("other", 3)  # new keys wait for the others' holders
+    clock.now += RENEW_S
+    assert lease.try_acquire("other", 3)
+    lease.release("live", 4)
+    clock.now += RETRY_S
+    assert other_server.try_acquire("live", 4)

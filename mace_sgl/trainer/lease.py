@@ -20,10 +20,16 @@ release. Store calls are synchronous but rare: one per step start (refusals back
 RETRY_S) and one renewal every RENEW_S.
 
 When the store's server (server 0) dies, calls fail and no step starts; a thread
-connects again (`connect`, tried every RETRY_S; the scheduler thread never waits for a
-connection), so steps go on once server 0 is back with a fresh store, where every key
-starts free. A key held across that restart is not in the
-fresh store: its renewals report errors until the step's release.
+connects again (`connect`, tried every RETRY_S plus its connection timeout; the
+scheduler thread never waits for a connection), so steps go on once server 0 is back
+with a fresh store, where no key exists. A key held across that restart would be lost:
+the thread writes each key this scheduler holds into the fresh store (compare-and-set
+from absent) as soon as it connects, and after any new connection this scheduler takes
+no new key for RENEW_S, so that the other servers' holders, connecting as it did, write
+theirs first. What a fresh store cannot keep is each key's version floor: it starts
+from 0, and until the group's announcements (runtime._announce_versions) bring every
+server to the newest version, a server that resumed an older checkpoint could step
+from it (README, Known gaps).
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ class ClusterLease:
         self.store, self.rank, self.clock = store, rank, clock
         self.connect = connect
         self._connecting = threading.Lock()  # held while a thread connects again
+        self.quiet_until = 0.0  # after a new connection: no new key before this time
         self.held: dict[str, tuple[str, int]] = {}  # name -> (value text, holds)
         self.gave_back: dict[str, int] = {}  # name -> newest version released meanwhile
         self.retry_at: dict[str, float] = {}
@@ -94,7 +101,7 @@ class ClusterLease:
             self.held[name] = (value, holds + 1)
             return True
         now = self.clock()
-        if now < self.retry_at.get(name, 0.0):
+        if now < max(self.retry_at.get(name, 0.0), self.quiet_until):
             return False
         try:
             key = self.key(name)
@@ -160,10 +167,14 @@ class ClusterLease:
             try:
                 while True:
                     try:
-                        self.store = self.connect()
-                        return
+                        store = self.connect()
+                        for name, (value, _) in list(self.held.items()):
+                            store.compare_set(self.key(name), "", value)  # a fresh store
+                        break
                     except Exception:  # the store's server is not back yet
                         time.sleep(RETRY_S)
+                self.quiet_until = self.clock() + RENEW_S
+                self.store = store
             finally:
                 self._connecting.release()
 

@@ -61,16 +61,18 @@ counter on, so the next attempt meets under a fresh prefix without the dead memb
 is not marked in there).
 
 The store lives in server 0 (its first scheduler). When server 0 dies, the other
-servers' store calls fail; their group threads try a new connection every POLL_S
-(`connect`, a client of --mace-sync-addr). The restarted server 0 serves a fresh store,
+servers' store calls fail; their group threads try a new connection every POLL_S plus
+RECONNECT_TIMEOUT_S (`connect`, a client of --mace-sync-addr). The restarted server 0 serves a fresh store,
 marked with a new epoch (EPOCH_KEY, a random id its first scheduler writes at once): a
 member that connects and finds another epoch than the one it joined forms that store's
 current generation whatever its own number (the fresh store starts from generation 0,
-which waits for every server, as at start), and its trainer announces its versions there
+which waits for every server, as at start: a server that is down too holds the whole
+group until it is back), and its trainer announces its versions there
 (runtime._announce_versions), so the restarted server 0 installs what the group
 published. The survivors keep serving meanwhile, but without the store they cannot form
 a generation without server 0: a step they make is kept unsent (not counted done) until
-the new generation forms, and goes then.
+the new generation forms, and goes then. Failures and waits name the group by `formed`
+(how many this member formed), not by generation, whose numbers start again at 0.
 """
 
 from __future__ import annotations
@@ -175,7 +177,8 @@ def client_store(cfg: Any, timeout_s: float = RENDEZVOUS_TIMEOUT_S) -> Any:
 
 def reconnector(cfg: Any, dp_rank: int) -> Callable[[], Any] | None:
     """For ReplicaSync's `connect`: a new client of the group's store, for after server 0
-    restarted (several servers; None for the store's own server and on one server)."""
+    restarted (several servers; None on one server and for global rank 0, whose process
+    serves the store and restarts with it)."""
     if cfg.sync_world_size <= 1 or cfg.sync_rank * cfg.replicas + dp_rank == 0:
         return None
     return lambda: client_store(cfg, RECONNECT_TIMEOUT_S)
@@ -331,6 +334,10 @@ class ReplicaSync:
                 self._error(f"join: generation {generation}: {type(e).__name__}: {e}")
                 generation = self._move_on(generation)
         self.generation = generation
+        # Groups this member formed, counting from 0 (here): unlike the generation,
+        # which starts from 0 again in a restarted server 0's fresh store, it only grows,
+        # so a failure or a wait names the one group it means.
+        self.formed = 0
         self._start_receiving()
         threading.Thread(target=self._send_loop, name="mace-replicas-send", daemon=True).start()
         if rejoin:
@@ -362,6 +369,7 @@ class ReplicaSync:
             "rank": self.rank,
             "world": self.world,
             "generation": self.generation,
+            "formed": self.formed,
             "members": list(self.members),
             "regroups": s.regroups,
             "store_restarts": s.store_restarts,
@@ -461,27 +469,49 @@ class ReplicaSync:
                     self.rank, generation, left)  # fmt: skip
         return generation
 
-    def _fail(self, generation: int, what: str, e: Exception) -> None:
-        self._error(f"{what} (generation {generation}): {type(e).__name__}: {e}")
+    def _fail(self, formed: int, what: str, e: Exception) -> None:
+        """A send or receive in the group this member formed `formed`-th failed."""
+        self._error(f"{what} (group {formed}): {type(e).__name__}: {e}")
         with self._moved:
-            if generation == self.generation:
+            if formed == self.formed:
                 self._failed.set()
 
-    def _after(self, generation: int) -> None:
-        """Block until a generation newer than `generation` is formed."""
+    def _after(self, formed: int) -> None:
+        """Block until this member formed a group after its `formed`-th."""
         with self._moved:
-            self._moved.wait_for(lambda: self.generation > generation)
+            self._moved.wait_for(lambda: self.formed > formed)
+
+    def _store_failed(self, e: Exception, last_error: str) -> str:
+        """The store did not answer: connect again (server 0 restarted?), log once."""
+        msg = f"store: {type(e).__name__}: {e}"
+        if msg != last_error:  # every POLL_S for as long as it lasts: log it once
+            self._error(msg)
+        try:
+            self._reconnect()
+        except Exception:
+            time.sleep(POLL_S)  # not back yet: tried again later
+        return msg
+
+    def _give_up(self, generation: int) -> None:
+        """Move the counter past `generation`, unless the store is gone (the next poll
+        finds out and connects again)."""
+        try:
+            self._move_on(generation)
+        except Exception:
+            pass
 
     def _group_loop(self) -> None:
         """Form the next generation when this member's group failed or the counter moved."""
         last_error = ""
         while True:
             failed = self._failed.wait(POLL_S)
-            current = self.generation
             try:
-                epoch = self._epoch()
-                current = self._counter()
-                fresh = epoch != self.epoch  # server 0 restarted: a new store, new numbers
+                epoch, current = self._epoch(), self._counter()
+            except Exception as e:  # the store is gone (server 0 died)
+                last_error = self._store_failed(e, last_error)
+                continue
+            fresh = epoch != self.epoch  # server 0 restarted: a new store, new numbers
+            try:
                 if failed and current == self.generation and not fresh:
                     current = self._move_on(current)
                 if current <= self.generation and not fresh:
@@ -489,38 +519,35 @@ class ReplicaSync:
                 logger.warning("replica sync: rank %d forms generation %d", self.rank, current)
                 pg, members = self._form(current)
             except NotAMember:  # sealed without this rank: the next one takes it in
-                self._move_on(current)
+                self._give_up(current)
                 continue
-            except Exception as e:  # the store is gone (server 0 died) or a member died again
+            except Exception as e:  # a member died again (or the store did)
                 msg = f"regroup: {type(e).__name__}: {e}"
                 if msg != last_error:  # every POLL_S for as long as it lasts: log it once
                     self._error(msg)
                 last_error = msg
-                try:  # not this generation's prefix again (a dead member's keys are there)
-                    self._move_on(current)
-                except Exception:
-                    try:  # the store itself: connect again (server 0 restarted?)
-                        self._reconnect()
-                    except Exception:
-                        pass  # tried again after POLL_S
+                # not this generation's prefix again (a dead member's keys are there)
+                self._give_up(current)
                 continue
             last_error = ""
-            if fresh:
-                logger.warning("replica sync: rank %d joined a restarted store (server 0)",
-                               self.rank)  # fmt: skip
-                self.stats.store_restarts += 1
             with self._moved:
                 self.epoch = epoch
                 self.pg, self.members, self.generation = pg, members, current
+                self.formed += 1
                 self._failed.clear()
                 self.stats.regroups += 1
+                if fresh:
+                    self.stats.store_restarts += 1
                 self._moved.notify_all()
+            if fresh:
+                logger.warning("replica sync: rank %d joined a restarted store (server 0)",
+                               self.rank)  # fmt: skip
             self._start_receiving()
 
     # -- threads ---------------------------------------------------------------------------
 
     def _start_receiving(self) -> None:
-        args = (self.generation, self.pg, self.members)
+        args = (self.formed, self.pg, self.members)
         threading.Thread(target=self._receive_loop, args=args, name="mace-replicas-recv",
                          daemon=True).start()  # fmt: skip
 
@@ -550,7 +577,7 @@ class ReplicaSync:
         already keeps the version it has); without, it gives up (returns False)."""
         while True:
             with self._moved:
-                generation, pg, members = self.generation, self.pg, self.members
+                formed, pg, members = self.formed, self.pg, self.members
             try:
                 for key, (version, payload) in newest.items():
                     header = torch.tensor([MAGIC, key, version, payload.numel()], dtype=torch.int64)
@@ -563,13 +590,13 @@ class ReplicaSync:
                 return True
             except Exception as e:  # a peer is gone
                 self.stats.send_failures += 1
-                self._fail(generation, "send", e)
+                self._fail(formed, "send", e)
                 if not self.rejoin:
                     return False
-                self._after(generation)
+                self._after(formed)
 
-    def _receive_loop(self, generation: int, pg: Any, members: tuple[int, ...]) -> None:
-        """Receive in one generation's group; ends when that group fails."""
+    def _receive_loop(self, formed: int, pg: Any, members: tuple[int, ...]) -> None:
+        """Receive in the group this member formed `formed`-th; ends when it fails."""
         while True:
             header = torch.zeros(HEADER, dtype=torch.int64)
             try:
@@ -583,7 +610,7 @@ class ReplicaSync:
                 payload = torch.empty(numel, dtype=torch.float32)
                 pg.recv([payload], src, TAG_PAYLOAD).wait(self.send_timeout)
             except Exception as e:  # a member died (or this server is shutting down)
-                self._fail(generation, "receive", e)
+                self._fail(formed, "receive", e)
                 return
             self.stats.received += 1
             self._inbox.put(Update(key, version, payload, members[src]))

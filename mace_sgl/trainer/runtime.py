@@ -185,11 +185,13 @@ class MaceTrainer:
                 rejoin=several, connect=reconnector(cfg, host.dp_rank),
             )  # fmt: skip
             if several:
-                self.lease = ClusterLease(
-                    client_store(cfg), rank, connect=lambda: client_store(cfg, RECONNECT_TIMEOUT_S)
-                )
-        # The group generation whose members heard this replica's versions (several
-        # servers: announced at start and after a member came back).
+                # its calls never wait for a key: a short timeout, so that a server 0
+                # that vanished without closing connections holds no call for long
+                connect = lambda: client_store(cfg, RECONNECT_TIMEOUT_S)  # noqa: E731
+                self.lease = ClusterLease(connect(), rank, connect=connect)
+        # The group (ReplicaSync.formed) whose members heard this replica's versions
+        # (several servers: announced at start and after a member came back, or after
+        # server 0 restarted with a fresh store, where generations count from 0 again).
         self._announced = -1
         # Received and waiting: for this replica's step of that tenant to end, or for a
         # tenant created at run time to reach this replica's registry (when it arrived).
@@ -594,8 +596,8 @@ class MaceTrainer:
             self.lease.renew()
             # Not in the middle of a step: its weights may be ahead of its version.
             busy = self.board.step_job is not None or self.unpublished
-            if sync.generation != self._announced and not busy:
-                self._announced = sync.generation
+            if sync.formed != self._announced and not busy:
+                self._announced = sync.formed
                 self._announce_versions()
         for done in sync.delivered():
             done()
