@@ -87,10 +87,12 @@ class GoneStore:
 
 
 def test_steps_go_on_in_the_fresh_store_of_a_restarted_server_0():
-    """Server 0 died (its store with it) while this scheduler held a key: its calls
-    fail without waiting for a connection; a thread connects again while server 0 is
-    down (failing) and once it is back, writes the held key into the fresh store (so
-    another server cannot take it mid-step), and new keys wait RENEW_S."""
+    """Server 0 died (its store with it) while this scheduler held a key, and took
+    longer than the key's TTL to come back: the scheduler's calls fail, and while a
+    thread connects again (failing while server 0 is down) none goes to the dead store;
+    the scheduler adopts the new connection at its next call and writes the held key into
+    the fresh store with a new expiry (so another server cannot take it mid-step), and
+    takes no new key for RENEW_S."""
     import threading
     import time
 
@@ -104,6 +106,8 @@ def test_steps_go_on_in_the_fresh_store_of_a_restarted_server_0():
         return fresh
 
     lease = ClusterLease(HashStore(), 1, clock, connect=connect)
+    assert not lease.try_acquire("live", 3)  # started with `connect`: quiet for RENEW_S
+    clock.now += RENEW_S
     assert lease.try_acquire("live", 3)  # a step of live is in flight
     lease.store = GoneStore()  # server 0 dies
     assert not lease.try_acquire("other", 3)
@@ -112,13 +116,19 @@ def test_steps_go_on_in_the_fresh_store_of_a_restarted_server_0():
     while len(tries) < 2:  # tried again after the first refusal
         assert time.monotonic() < deadline, "no second connection attempt"
         time.sleep(0.01)
+    clock.now += RETRY_S
+    assert not lease.try_acquire("other", 3)
+    assert lease.errors == 1  # refused without a call to the dead store
+    clock.now += TTL_S  # server 0's restart takes longer than the key's TTL
     up.set()
-    while lease.store is not fresh:
+    while lease.store is not fresh:  # the scheduler adopts it at a call
         assert time.monotonic() < deadline, "never connected to the fresh store"
+        lease.renew()
         time.sleep(0.01)
     other_server = ClusterLease(fresh, 2, clock)
-    assert not other_server.try_acquire("live", 3)  # still held, in the fresh store
-    assert LeaseValue.parse(fresh.get(ClusterLease.key("live"))).holder == 1
+    assert not other_server.try_acquire("live", 3)  # held, unexpired, in the fresh store
+    held = LeaseValue.parse(fresh.get(ClusterLease.key("live")))
+    assert held.holder == 1 and held.expires == clock.now + TTL_S
     clock.now += RETRY_S
     assert not lease.try_acquire("other", 3)  # new keys wait for the others' holders
     clock.now += RENEW_S

@@ -372,8 +372,9 @@ if rank == 0:  # the store's server: lives through the peer's death
     sync.send("live", 8, v8, lambda: None)
     delivered()
     print(json.dumps(sync.status()), flush=True)
-    # As the trainer does (runtime._announce_versions): each new generation with the
-    # peer in it hears the newest version, until the peer says it has it.
+    # As the trainer does (runtime._announce_versions, keyed on `formed`; within one store
+    # the generation does as well): each new generation with the peer in it hears the
+    # newest version, until the peer says it has it.
     announced = sync.generation if 1 in sync.members else -1
     while not got8.exists():
         assert time.monotonic() < deadline, "v8 never reached the peer: " + json.dumps(sync.status())

@@ -369,7 +369,7 @@ class ReplicaSync:
             "rank": self.rank,
             "world": self.world,
             "generation": self.generation,
-            "formed": self.formed,
+            "formed": self.formed,  # = regroups + 1
             "members": list(self.members),
             "regroups": s.regroups,
             "store_restarts": s.store_restarts,
@@ -447,10 +447,13 @@ class ReplicaSync:
             return ""
         return store_text(self.store.get(EPOCH_KEY))
 
-    def _reconnect(self) -> None:
-        """After a store call failed: a new connection (raises while server 0 is down)."""
-        if self._connect is not None:
-            self.store = self._connect()
+    def _reconnect(self) -> bool:
+        """After a store call failed: a new connection (raises while server 0 is down;
+        False without `connect`)."""
+        if self._connect is None:
+            return False
+        self.store = self._connect()
+        return True
 
     def _first_generation(self, wait_s: float) -> int:
         """The generation to join at start: the current one, unless this rank was a
@@ -487,9 +490,11 @@ class ReplicaSync:
         if msg != last_error:  # every POLL_S for as long as it lasts: log it once
             self._error(msg)
         try:
-            self._reconnect()
+            connected = self._reconnect()
         except Exception:
-            time.sleep(POLL_S)  # not back yet: tried again later
+            connected = False
+        if not connected:  # not back yet (or nothing to connect to): not a busy loop
+            time.sleep(POLL_S)
         return msg
 
     def _give_up(self, generation: int) -> None:
@@ -526,8 +531,11 @@ class ReplicaSync:
                 if msg != last_error:  # every POLL_S for as long as it lasts: log it once
                     self._error(msg)
                 last_error = msg
-                # not this generation's prefix again (a dead member's keys are there)
-                self._give_up(current)
+                # Not this generation's prefix again (a dead member's keys are there);
+                # but a fresh store's first generation is never given up: the restarted
+                # server 0 waits in it (its constructor) and would not follow.
+                if not fresh:
+                    self._give_up(current)
                 continue
             last_error = ""
             with self._moved:
