@@ -1,6 +1,6 @@
 """The per-tenant lease across servers (trainer/lease.py), on torch's own in-memory store
-with a hand-driven clock: one step at a time, never from an old version, and a dead
-holder's key taken over once it stops renewing."""
+with a hand-driven clock: one step at a time, never from an old version (not in a fresh
+store either), and a dead holder's key taken over once it stops renewing."""
 
 from __future__ import annotations
 
@@ -18,10 +18,18 @@ class Clock:
         return self.now
 
 
+def lease_of(store, rank: int, clock, world: int = 2, **served: int) -> ClusterLease:
+    """Global rank `rank` of `world`, serving `served` (tenant -> version)."""
+    return ClusterLease(store, rank, world, lambda: dict(served), clock)
+
+
 @pytest.fixture
 def pair():
     store, clock = HashStore(), Clock()
-    return ClusterLease(store, 0, clock), ClusterLease(store, 1, clock), clock
+    a, b = lease_of(store, 0, clock), lease_of(store, 1, clock)
+    a.renew()
+    b.renew()  # both announced (they serve nothing yet)
+    return a, b, clock
 
 
 def test_one_holder_at_a_time_and_never_from_an_older_version(pair):
@@ -105,7 +113,9 @@ def test_steps_go_on_in_the_fresh_store_of_a_restarted_server_0():
             raise RuntimeError("connection refused")  # server 0 not back yet
         return fresh
 
-    lease = ClusterLease(HashStore(), 1, clock, connect=connect)
+    first = HashStore()
+    lease_of(first, 0, clock).renew()  # server 0's scheduler announced
+    lease = ClusterLease(first, 1, 2, lambda: {"live": 3}, clock, connect=connect)
     assert not lease.try_acquire("live", 3)  # started with `connect`: quiet for RENEW_S
     clock.now += RENEW_S
     assert lease.try_acquire("live", 3)  # a step of live is in flight
@@ -125,7 +135,8 @@ def test_steps_go_on_in_the_fresh_store_of_a_restarted_server_0():
         assert time.monotonic() < deadline, "never connected to the fresh store"
         lease.renew()
         time.sleep(0.01)
-    other_server = ClusterLease(fresh, 2, clock)
+    other_server = lease_of(fresh, 0, clock, live=3)  # restarted server 0
+    other_server.renew()  # announced
     assert not other_server.try_acquire("live", 3)  # held, unexpired, in the fresh store
     held = LeaseValue.parse(fresh.get(ClusterLease.key("live")))
     assert held.holder == 1 and held.expires == clock.now + TTL_S
@@ -136,3 +147,62 @@ def test_steps_go_on_in_the_fresh_store_of_a_restarted_server_0():
     lease.release("live", 4)
     clock.now += RETRY_S
     assert other_server.try_acquire("live", 4)
+
+
+def test_no_key_is_taken_before_every_member_announced_and_never_below_the_newest():
+    """A fresh store (the first start, or server 0 restarted) has no floors: a server
+    that resumed an older checkpoint (v5) must not step before the one that serves v8
+    announced it, nor after."""
+    store, clock = HashStore(), Clock()
+    old, new = lease_of(store, 0, clock, live=5), lease_of(store, 1, clock, live=8)
+    assert not old.try_acquire("live", 5)  # rank 1 has not announced yet
+    assert not old.ready
+    new.renew()
+    clock.now += RETRY_S
+    assert not old.try_acquire("live", 5)  # the floor is v8 now
+    assert old.ready and LeaseValue.parse(store.get(ClusterLease.key("live"))).version == 8
+    assert new.try_acquire("live", 8)
+    new.release("live", 9)
+    clock.now += RETRY_S
+    assert old.try_acquire("live", 9)  # once it installed v9
+
+
+def test_a_release_after_the_key_was_taken_still_raises_its_floor(pair):
+    a, b, clock = pair
+    assert a.try_acquire("live", 2)
+    clock.now += TTL_S + 1  # a stalled past its TTL; b takes the key over
+    assert b.try_acquire("live", 2)
+    a.renew()  # a's scheduler is back (the runtime renews before it reports the step)
+    assert a.status()["held"] == [] and a.errors == 1
+    a.release("live", 3)  # a's step delivered v3 after all
+    assert LeaseValue.parse(b.store.get(ClusterLease.key("live"))).version == 3
+    b.release("live", 2)
+    clock.now += RETRY_S
+    assert not b.try_acquire("live", 2)  # the floor stays at v3
+
+
+def test_an_idle_member_follows_server_0_into_its_fresh_store_and_announces_there():
+    """A member that holds no key and has nothing to train still notices that server 0
+    died (it looks at the store every RENEW_S) and announces in the fresh store: else
+    the others would wait for its ready key for ever."""
+    import time
+
+    clock, first, fresh = Clock(), HashStore(), HashStore()
+    idle = ClusterLease(first, 1, 2, lambda: {"live": 4}, clock, connect=lambda: fresh)
+    lease_of(first, 0, clock).renew()
+    idle.renew()
+    assert idle.announced
+    idle.store = GoneStore()  # server 0 dies; restarted, it serves `fresh`
+    server_0 = lease_of(fresh, 0, clock, live=2)  # resumed an older checkpoint
+    server_0.renew()
+    clock.now += RENEW_S
+    deadline = time.monotonic() + 10
+    while idle.store is not fresh or not idle.announced:
+        assert time.monotonic() < deadline, "the idle member never reached the fresh store"
+        idle.renew()
+        time.sleep(0.01)
+    clock.now += RETRY_S
+    assert not server_0.try_acquire("live", 2)  # ready, but the floor is the idle one's v4
+    assert server_0.ready
+    clock.now += RETRY_S
+    assert server_0.try_acquire("live", 4)

@@ -8,28 +8,35 @@ before a step, a trainer takes its tenant's key in the torch.distributed store e
 scheduler of every server already shares (trainer/replicas.py), and gives it back once
 the step's version reached every peer (or the step rolled back).
 
-The key's value is plain text, set only by compare-and-set:
-    "free:V"            nobody steps; V is the newest version a holder gave back
+The key's value is plain text, changed only by compare-and-set:
+    "free:V"            nobody steps; V is the version floor
     "held:R:T:V"        global rank R steps, until unix time T unless it renews; V as above
 
-A trainer takes a free key only when it already serves version V or newer (a version
-sent before the release may still be on its way to it), and a held key only once its
-holder stopped renewing (a holder that died: after TTL_S). A holder that steps again
-before its last version was delivered holds the key twice and frees it on the last
-release. Store calls are synchronous but rare: one per step start (refusals back off
-RETRY_S) and one renewal every RENEW_S.
+The floor V is the newest version any member gave back or announced. A trainer takes a
+free key only when it already serves version V or newer (a version sent before the
+release may still be on its way to it), and a held key only once its holder stopped
+renewing (a holder that died: after TTL_S). A holder that steps again before its last
+version was delivered holds the key twice and frees it on the last release. Store calls
+are synchronous but rare: one or two per step start (refusals back off RETRY_S, and the
+trainer passes that tenant over meanwhile), and every RENEW_S a look at the store plus
+one renewal per held key; an announcement makes one or two per tenant.
+
+Every member announces the versions it serves (`versions`) at its first call and after
+each new connection: it raises each key's floor to them, then writes its ready key. No
+key is taken until every member of the group (`world`) is ready, so in a store where
+the keys start from nothing (the first start, or a restarted server 0's fresh store) a
+server that resumed an older checkpoint cannot step from it: the floor names the
+newest version a member serves, and the group's announcements (runtime
+`_announce_versions`) bring it there first. The price: steps wait for every member,
+as the group's first generation does (trainer/replicas.py).
 
 When the store's server (server 0) dies, calls fail and no step starts; a thread
 connects again (`connect`, tried every RETRY_S plus its connection timeout), and while
 it does no call goes to the dead store, so the scheduler thread waits for neither. Steps
-go on once server 0 is back with a fresh store, where no key exists. A key held across
-that restart would be lost: at its next call the scheduler thread writes each key it
-holds into the new store with a new expiry (compare-and-set from absent), and after a
-new connection (or a start with `connect`) it takes no new key for RENEW_S, so that the
-other servers' holders, connecting as it did, write theirs first. What a fresh store cannot keep is each key's version floor: it starts
-from 0, and until the group's announcements (runtime._announce_versions) bring every
-server to the newest version, a server that resumed an older checkpoint could step
-from it (README, Known gaps).
+go on once server 0 is back with a fresh store. A key held across that restart would be
+lost: at its next call the scheduler thread writes each key it holds into the new store
+with a new expiry, announces its versions again, and takes no new key for RENEW_S, so
+that the other servers' holders, connecting as it did, write theirs first.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mace_sgl.trainer.replicas import store_text
@@ -49,13 +56,18 @@ logger = logging.getLogger("mace_sgl.trainer")
 TTL_S = 60.0  # a holder that stops renewing loses the key after this long
 RENEW_S = 10.0
 RETRY_S = 0.5  # after a refusal, the next try for that tenant
+CAS_TRIES = 8  # compare-and-set rounds before a change is given up as contended
+
+
+class Contended(Exception):
+    """A key changed under every one of CAS_TRIES compare-and-set rounds."""
 
 
 @dataclass(frozen=True)
 class LeaseValue:
     holder: int | None  # global rank, None when free
     expires: float  # unix time (0 when free)
-    version: int  # the newest version a holder gave back
+    version: int  # the floor: the newest version given back or announced
 
     @classmethod
     def parse(cls, raw: bytes | str) -> LeaseValue:
@@ -74,21 +86,34 @@ class LeaseValue:
 
 
 class ClusterLease:
-    """This scheduler's end of the per-tenant leases (`store`: a torch.distributed Store)."""
+    """This scheduler's end of the per-tenant leases (`store`: a torch.distributed Store
+    shared by the `world` members of the group, this one global rank `rank`; `versions`:
+    the version this scheduler serves, by tenant)."""
 
-    def __init__(self, store: Any, rank: int, clock: Callable[[], float] = time.time,
+    def __init__(self, store: Any, rank: int, world: int,
+                 versions: Callable[[], dict[str, int]],
+                 clock: Callable[[], float] = time.time,
                  connect: Callable[[], Any] | None = None) -> None:  # fmt: skip
         """`connect`: a new connection to the store, made by a thread after a call
         failed. With it, no key is taken for RENEW_S after this start either (a restarted
         server 0: the others' holders write theirs into its fresh store first)."""
-        self.store, self.rank, self.clock = store, rank, clock
-        self.connect = connect
+        self.store, self.rank, self.world, self.clock = store, rank, world, clock
+        self.versions, self.connect = versions, connect
         self._connecting = threading.Lock()  # held while a thread connects again
         self._new_store: Any = None  # its connection, for the scheduler thread to adopt
         # after a start or a new connection: no new key before this time
         self.quiet_until = clock() + RENEW_S if connect is not None else 0.0
-        self.held: dict[str, tuple[str, int]] = {}  # name -> (value text, holds)
+        self.announced = False  # this member's versions and ready key are in the store
+        self.announced_at = 0.0
+        self.announce_at = 0.0  # after a contended announcement: not before this time
+        self.ready = False  # every member's are
+        self._told_missing = False
+        self.held: dict[str, int] = {}  # name -> steps in flight under this key
+        # Keys another member took while this scheduler's steps ran on (it stalled past
+        # TTL_S): name -> those steps; their last release still raises the floor.
+        self.lost: dict[str, int] = {}
         self.gave_back: dict[str, int] = {}  # name -> newest version released meanwhile
+        self.unwritten: dict[str, int] = {}  # name -> a floor released while the store was gone
         self.retry_at: dict[str, float] = {}
         self.renewed_at = 0.0
         self.refusals = 0
@@ -98,31 +123,37 @@ class ClusterLease:
     def key(name: str) -> str:
         return "mace/lease/" + hashlib.sha256(name.encode()).hexdigest()[:16]
 
+    @staticmethod
+    def ready_key(rank: int) -> str:
+        return f"mace/lease/ready/{rank}"
+
     def try_acquire(self, name: str, version: int) -> bool:
         """Whether this scheduler may start a step of `name`, which it serves at `version`."""
         self._adopt()
         if name in self.held:
-            value, holds = self.held[name]
-            self.held[name] = (value, holds + 1)
+            self.held[name] += 1
             return True
         now = self.clock()
         if now < max(self.retry_at.get(name, 0.0), self.quiet_until):
             return False
+        if not self.announced and not self._connecting.locked():
+            self._announce()
         if self._connecting.locked():  # the store is gone: no call waits on it
             self.refusals += 1
             self.retry_at[name] = now + RETRY_S
             return False
+
+        def take(current: LeaseValue) -> LeaseValue | None:
+            free = current.holder is None or current.expires < now
+            if free and version >= current.version:
+                return LeaseValue(self.rank, now + TTL_S, current.version)
+            return None
+
         try:
-            key = self.key(name)
-            raw = self.store.compare_set(key, "", "free:0")  # the current value, made once
-            current = LeaseValue.parse(raw)
-            taken = current.holder is None or current.expires < now
-            if taken and version >= current.version:
-                mine = LeaseValue(self.rank, now + TTL_S, current.version).text()
-                if store_text(self.store.compare_set(key, store_text(raw), mine)) == mine:
-                    self.held[name] = (mine, 1)
-                    return True
-        except ValueError as e:  # a value that is not a lease's: the store answered
+            if self._ready() and self._update(name, take) is not None:
+                self.held[name] = 1
+                return True
+        except (ValueError, Contended) as e:  # the store answered
             self._error(f"acquire {name}: {e}")
         except Exception as e:  # the store is gone (its server died): no steps
             self._store_failed(f"acquire {name}", e)
@@ -130,52 +161,171 @@ class ClusterLease:
         self.retry_at[name] = now + RETRY_S
         return False
 
+    def refused_lately(self, name: str) -> bool:
+        """Whether `name` was refused within RETRY_S: the trainer passes it over
+        meanwhile, so that a tenant another server steps holds up no other tenant."""
+        return self.clock() < self.retry_at.get(name, 0.0)
+
     def release(self, name: str, version: int) -> None:
         """A step of `name` ended (delivered at `version`, or rolled back)."""
         self._adopt()
-        if name not in self.held:
+        steps = self.lost if name in self.lost else self.held
+        if name not in steps:
             return
-        value, holds = self.held[name]
         self.gave_back[name] = max(version, self.gave_back.get(name, -1))
-        if holds > 1:
-            self.held[name] = (value, holds - 1)
+        steps[name] -= 1
+        if steps[name] > 0:
             return
-        del self.held[name]
-        free = LeaseValue(None, 0.0, self.gave_back.pop(name)).text()
-        if self._connecting.locked():  # not written into the next store: free there
+        del steps[name]
+        if name in self.held or name in self.lost:  # a step under the other entry runs
             return
-        try:
-            self.store.compare_set(self.key(name), value, free)
-        except Exception as e:
-            self._store_failed(f"release {name}", e)
+        self._free(name, self.gave_back.pop(name))
 
     def renew(self) -> None:
-        """Extend every held key (called from each poll; acts every RENEW_S)."""
+        """Every RENEW_S (called from each poll): look that the store still answers
+        (an idle member, too, follows a restarted server 0 into its fresh store), write
+        what was released while it was gone, and extend every held key; and announce
+        this member's versions whenever they are not in the store."""
         self._adopt()
-        now = self.clock()
-        if not self.held or now - self.renewed_at < RENEW_S or self._connecting.locked():
+        if self._connecting.locked():
             return
-        self.renewed_at = now
-        for name, (value, holds) in list(self.held.items()):
+        now = self.clock()
+        if now - self.renewed_at >= RENEW_S:
+            self.renewed_at = now
             try:
-                self._extend(name, value, holds, now)
+                if self.announced and not self.store.check([self.ready_key(self.rank)]):
+                    self._new_store = self.store  # a store that forgot us: as a new one
+                    self._adopt()
+                    return
+                if self.announced and not self.ready:
+                    self._ready()
             except Exception as e:
-                self._store_failed(f"renew {name}", e)
+                self._store_failed("look at the store", e)
+                return
+            for name, floor in list(self.unwritten.items()):
+                del self.unwritten[name]
+                if not self._free(name, floor):
+                    return
+            for name in list(self.held):
+                if not self._extend(name, now):
+                    return
+        if not self.announced:
+            self._announce()
 
     def status(self) -> dict[str, Any]:
-        return {"held": sorted(self.held), "refusals": self.refusals, "errors": self.errors}
+        return {"held": sorted(self.held), "refusals": self.refusals, "errors": self.errors,
+                "ready": self.ready}  # fmt: skip
 
-    def _extend(self, name: str, value: str, holds: int, now: float, fresh: bool = False) -> None:
-        """Hold `name`'s key until now + TTL_S (`fresh`: it may be missing, in a new
-        store; then it is written anew)."""
-        new = LeaseValue(self.rank, now + TTL_S, LeaseValue.parse(value).version).text()
+    def _update(
+        self, name: str, change: Callable[[LeaseValue], LeaseValue | None]
+    ) -> LeaseValue | None:
+        """Set `name`'s key from its current value (made "free:0" where missing) to
+        change(current) by compare-and-set, again while other members change it
+        meanwhile; returns what was written, or None where `change` left it (raises
+        Contended after CAS_TRIES rounds)."""
         key = self.key(name)
-        if fresh and store_text(self.store.compare_set(key, "", new)) == new:
-            self.held[name] = (new, holds)
-        elif store_text(self.store.compare_set(key, value, new)) == new:
-            self.held[name] = (new, holds)
-        else:
-            self._error(f"renew {name}: the key was taken after it expired")
+        raw = store_text(self.store.compare_set(key, "", "free:0"))
+        for _ in range(CAS_TRIES):
+            new = change(LeaseValue.parse(raw))
+            if new is None:
+                return None
+            got = store_text(self.store.compare_set(key, raw, new.text()))
+            if got == new.text():
+                return new
+            raw = got
+        raise Contended(f"{name}: the key changed under {CAS_TRIES} tries")
+
+    def _free(self, name: str, floor: int) -> bool:
+        """Give `name`'s key back at `floor` (where another member took it meanwhile,
+        only raise its floor); kept for the next renewal while the store is gone.
+        Returns whether the store answered."""
+        if self._connecting.locked():
+            self.unwritten[name] = max(floor, self.unwritten.get(name, -1))
+            return False
+
+        def free(current: LeaseValue) -> LeaseValue | None:
+            if current.holder == self.rank and name not in self.held:  # not taken again
+                return LeaseValue(None, 0.0, max(floor, current.version))
+            if current.version < floor:
+                return replace(current, version=floor)
+            return None
+
+        try:
+            self._update(name, free)
+        except ValueError as e:  # not a lease's value: nothing to give back
+            self._error(f"release {name}: {e}")
+        except Contended as e:  # written at the next renewal
+            self.unwritten[name] = max(floor, self.unwritten.get(name, -1))
+            self._error(f"release {name}: {e}")
+        except Exception as e:
+            self.unwritten[name] = max(floor, self.unwritten.get(name, -1))
+            self._store_failed(f"release {name}", e)
+            return False
+        return True
+
+    def _extend(self, name: str, now: float, fresh: bool = False) -> bool:
+        """Hold `name`'s key until now + TTL_S (`fresh`: in a new store, where it is
+        missing, it is written anew). Returns whether the store answered."""
+
+        def extend(current: LeaseValue) -> LeaseValue | None:
+            if current.holder == self.rank or (fresh and current.holder is None):
+                return LeaseValue(self.rank, now + TTL_S, current.version)
+            return None  # taken by another member after it expired
+
+        try:
+            if self._update(name, extend) is None:  # its steps run on, the key is gone
+                self.lost[name] = self.lost.get(name, 0) + self.held.pop(name)
+                self._error(f"renew {name}: the key was taken after it expired")
+        except (ValueError, Contended) as e:  # kept: tried again at the next renewal
+            self._error(f"renew {name}: {e}")
+        except Exception as e:
+            self._store_failed(f"renew {name}", e)
+            return False
+        return True
+
+    def _announce(self) -> None:
+        """Raise each tenant's floor to the version this member serves, then write its
+        ready key; look whether every member's is there (no key is taken before)."""
+
+        def raise_to(version: int) -> Callable[[LeaseValue], LeaseValue | None]:
+            return lambda current: (
+                replace(current, version=version) if current.version < version else None
+            )
+
+        now = self.clock()
+        if now < self.announce_at:
+            return
+        try:
+            for name, version in self.versions().items():
+                try:
+                    self._update(name, raise_to(version))
+                except ValueError as e:  # not a lease's value: that key serves nobody
+                    self._error(f"announce {name}: {e}")
+            self.store.set(self.ready_key(self.rank), "1")
+            self.announced, self.announced_at = True, now
+            self._told_missing = False
+            self._ready()
+        except Contended as e:  # the store answered: again after RETRY_S
+            self.announce_at = now + RETRY_S
+            self._error(f"announce: {e}")
+        except Exception as e:
+            self._store_failed("announce", e)
+
+    def _ready(self) -> bool:
+        """Whether every member announced (one store call until they have); names the
+        missing ones once when they are TTL_S late (a server that is down)."""
+        if not self.ready and self.announced:
+            keys = [self.ready_key(r) for r in range(self.world)]
+            self.ready = bool(self.store.check(keys))
+            if (
+                not self.ready
+                and not self._told_missing
+                and self.clock() > self.announced_at + TTL_S
+            ):
+                self._told_missing = True
+                missing = [r for r, k in enumerate(keys) if not self.store.check([k])]
+                logger.warning("cluster lease: no step before rank(s) %s announce", missing)
+        return self.ready
 
     def _store_failed(self, what: str, e: Exception) -> None:
         """A store call failed: a thread connects again, unless one is at it already;
@@ -200,7 +350,8 @@ class ClusterLease:
     def _adopt(self) -> None:
         """On the scheduler thread: take a new connection up, write every key this
         scheduler holds into it with a new expiry (in a restarted server 0's fresh
-        store they are missing), and take no new key for RENEW_S."""
+        store they are missing) and what it released meanwhile, announce this member's
+        versions there, and take no new key for RENEW_S."""
         store, self._new_store = self._new_store, None
         if store is None:
             return
@@ -208,12 +359,15 @@ class ClusterLease:
         now = self.clock()
         self.quiet_until = now + RENEW_S
         self.renewed_at = now
-        for name, (value, holds) in list(self.held.items()):
-            try:
-                self._extend(name, value, holds, now, fresh=True)
-            except Exception as e:
-                self._store_failed(f"rewrite {name}", e)
+        self.announced = self.ready = False
+        for name in list(self.held):
+            if not self._extend(name, now, fresh=True):
                 return
+        for name, floor in list(self.unwritten.items()):
+            del self.unwritten[name]
+            if not self._free(name, floor):
+                return
+        self._announce()
 
     def _error(self, msg: str) -> None:
         self.errors += 1
