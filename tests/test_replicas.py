@@ -505,22 +505,22 @@ def test_the_stepping_replica_serves_its_version_once_every_peer_took_it():
 
     tenant = tenant_at(4)
     fake = trainer_with(tenant)
-    MaceTrainer._publish_delivered(fake, tenant, [], {1: 0.5}, 5)
+    MaceTrainer._publish_delivered(fake, tenant, [([], {1: 0.5})], 5)
     assert (published, reported, tenant.version, fake.unpublished) == ([4], [(5, 1)], 5, {})
     # Retired meanwhile (SGLang no longer holds it): nothing published; the pairs go
     # back untrained at the version before (no checkpoint holds v5 here).
     gone = tenant_at(4, loaded=False)
     fake = trainer_with(gone)
-    MaceTrainer._publish_delivered(fake, gone, [], {1: 0.5}, 5)
+    MaceTrainer._publish_delivered(fake, gone, [([], {1: 0.5})], 5)
     assert (published, reported[-1], gone.version, fake.unpublished) == ([4], (4, 0), 4, {})
     # Retired and created again under the same name: the new tenant is not published.
     old, new = tenant_at(4), tenant_at(0)
     fake = trainer_with(new)
-    MaceTrainer._publish_delivered(fake, old, [], {1: 0.5}, 5)
+    MaceTrainer._publish_delivered(fake, old, [([], {1: 0.5})], 5)
     assert (published, reported[-1], old.version, new.version) == ([4], (4, 0), 4, 0)
     # Already at v6 (another server's announcement): trained, nothing published.
     moved = tenant_at(6)
-    MaceTrainer._publish_delivered(trainer_with(moved), moved, [], {1: 0.5}, 5)
+    MaceTrainer._publish_delivered(trainer_with(moved), moved, [([], {1: 0.5})], 5)
     assert (published, reported[-1], moved.version) == ([4], (5, 1), 6)
     # A publish that fails rolls back and reports the pairs untrained; serving goes on.
     broken = tenant_at(4)
@@ -532,7 +532,7 @@ def test_the_stepping_replica_serves_its_version_once_every_peer_took_it():
 
     fake.tenants.publish = fail
     fake.tenants.rollback = lambda t, why: rolled.append(why)
-    MaceTrainer._publish_delivered(fake, broken, [], {1: 0.5}, 5)
+    MaceTrainer._publish_delivered(fake, broken, [([], {1: 0.5})], 5)
     assert rolled and "v5" in rolled[0] and reported[-1] == (4, 0) and fake.unpublished == {}
 
 
@@ -589,6 +589,56 @@ def test_no_step_of_a_tenant_starts_while_its_last_version_reaches_the_peers():
     # behind a version another replica published (link.required): no step either
     MaceTrainer._start_step(fake_with([queued("live", 1.0)], {}, {"live": 7}))
     assert started == ["other", "live"]
+
+
+def test_a_tenant_another_server_steps_holds_up_no_other_tenant():
+    """runtime._start_step with the lease across servers: the first in line ("live") is
+    held by another server, so its try is refused; the next poll passes it over and
+    steps "other" instead of trying "live" again at every poll."""
+    from types import SimpleNamespace
+
+    from torch.distributed import HashStore
+
+    from mace_sgl.policy.fairshare import FairShare
+    from mace_sgl.trainer.jobs import QueuedPair
+    from mace_sgl.trainer.lease import ClusterLease
+    from mace_sgl.trainer.runtime import MaceTrainer
+
+    store, now = HashStore(), [1000.0]  # a hand-driven clock: the two polls are
+    versions = {"live": 5, "other": 2}  # within RETRY_S of each other however slow
+    other_server = ClusterLease(store, 1, 2, lambda: dict(versions), lambda: now[0])
+    lease = ClusterLease(store, 0, 2, lambda: dict(versions), lambda: now[0])
+    lease.renew()
+    assert other_server.try_acquire("live", 5)  # the other server steps live
+    started: list[str] = []
+    queue = [
+        QueuedPair(pair=None, arrival=1.0, loss=None, tenant="live"),
+        QueuedPair(pair=None, arrival=2.0, loss=None, tenant="other"),
+    ]
+    fake = SimpleNamespace(
+        board=SimpleNamespace(
+            queue=queue,
+            take=lambda picked: ([queue[i] for i in picked], {}),
+            start_step=lambda gen, pairs: started.append(gen),
+        ),
+        tenants=SimpleNamespace(
+            tenants={n: SimpleNamespace(name=n, version=v) for n, v in versions.items()}
+        ),
+        link=SimpleNamespace(required={}),
+        unpublished={},
+        policy=SimpleNamespace(rank=lambda units, now: sorted(units, key=lambda u: u.arrival)),
+        fair=FairShare(),
+        lease=lease,
+        cfg=SimpleNamespace(pairs_per_step=1),
+        _step=lambda tenant, pairs, refs: tenant.name,
+    )
+    MaceTrainer._start_step(fake)
+    assert started == [] and lease.refusals == 1  # live first: refused
+    MaceTrainer._start_step(fake)
+    assert started == ["other"] and lease.refusals == 1
+    now[0] += 0.5  # RETRY_S later: live is tried again (still held: refused)
+    MaceTrainer._start_step(fake)
+    assert lease.refusals == 2
 
 
 def test_an_update_for_a_tenant_sglang_unloaded_waits_then_is_dropped(monkeypatch):

@@ -198,6 +198,13 @@ def tenant_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") >> 2
 
 
+def packable(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether pack_state can pack this optimizer (it has state for every parameter: a
+    tenant resumed without optimizer state has none until its next step)."""
+    sd = optimizer.state_dict()
+    return all(sd["state"].get(i) is not None for i in _param_ids(sd))
+
+
 def pack_state(weights: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> torch.Tensor:
     """One fp32 host tensor: every LoRA tensor (in `weights` order), then per parameter of
     the optimizer its step count, first and second moments. Same model and flags on every
@@ -334,10 +341,6 @@ class ReplicaSync:
                 self._error(f"join: generation {generation}: {type(e).__name__}: {e}")
                 generation = self._move_on(generation)
         self.generation = generation
-        # Groups this member formed, counting from 0 (here): unlike the generation,
-        # which starts from 0 again in a restarted server 0's fresh store, it only grows,
-        # so a failure or a wait names the one group it means.
-        self.formed = 0
         self._start_receiving()
         threading.Thread(target=self._send_loop, name="mace-replicas-send", daemon=True).start()
         if rejoin:
@@ -363,13 +366,20 @@ class ReplicaSync:
         """The `done` callbacks of sends every peer took."""
         return _drain(self._done)
 
+    @property
+    def formed(self) -> int:
+        """Groups this member formed after its first (0 here, at its start): unlike the
+        generation, which starts from 0 again in a restarted server 0's fresh store, it
+        only grows, so a failure or a wait names the one group it means."""
+        return self.stats.regroups
+
     def status(self) -> dict[str, Any]:
         s = self.stats
         return {
             "rank": self.rank,
             "world": self.world,
             "generation": self.generation,
-            "formed": self.formed,  # = regroups + 1
+            "formed": self.formed,
             "members": list(self.members),
             "regroups": s.regroups,
             "store_restarts": s.store_restarts,
@@ -541,9 +551,8 @@ class ReplicaSync:
             with self._moved:
                 self.epoch = epoch
                 self.pg, self.members, self.generation = pg, members, current
-                self.formed += 1
                 self._failed.clear()
-                self.stats.regroups += 1
+                self.stats.regroups += 1  # self.formed
                 if fresh:
                     self.stats.store_restarts += 1
                 self._moved.notify_all()

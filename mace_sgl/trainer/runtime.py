@@ -51,6 +51,7 @@ from mace_sgl.trainer.replicas import (
     client_store,
     group_store,
     pack_state,
+    packable,
     reconnector,
     tenant_key,
 )
@@ -188,7 +189,7 @@ class MaceTrainer:
                 # its calls never wait for a key: a short timeout, so that a server 0
                 # that vanished without closing connections holds no call for long
                 connect = lambda: client_store(cfg, RECONNECT_TIMEOUT_S)  # noqa: E731
-                self.lease = ClusterLease(connect(), rank, connect=connect)
+                self.lease = ClusterLease(connect(), rank, world, self._served, connect=connect)
         # The group (ReplicaSync.formed) whose members heard this replica's versions
         # (several servers: announced at start and after a member came back, or after
         # server 0 restarted with a fresh store, where generations count from 0 again).
@@ -359,9 +360,13 @@ class MaceTrainer:
         backlog: dict[str, float] = {}
         for rank, i in enumerate(order):
             backlog.setdefault(queue[i].tenant, -float(rank))
+        if self.lease is not None:  # another server steps these (trainer/lease.py)
+            backlog = {t: b for t, b in backlog.items() if not self.lease.refused_lately(t)}
+            if not backlog:
+                return
         name = self.fair.pick(backlog)
         if self.lease is not None and not self.lease.try_acquire(name, known[name].version):
-            return  # another server steps this tenant (trainer/lease.py)
+            return  # passed over for RETRY_S: the next poll picks among the others
         picked = [i for i in order if queue[i].tenant == name][: self.cfg.pairs_per_step]
         self.fair.charge(name)
         pairs, refs = self.board.take(picked)
@@ -378,6 +383,7 @@ class MaceTrainer:
             if tenant is not None:
                 with self.streams.training_work():
                     self.tenants.rollback(tenant, f"{type(ran.error).__name__}: {ran.error}")
+                self._drop_held_back(tenant)
                 self._report(tenant, [q.pair for q in ran.job.pairs], {})
         if not ran.on_device:
             self._observe_slice(ran.spec, ran.seconds, ran.mem_bytes)
@@ -474,6 +480,7 @@ class MaceTrainer:
         stats = tenant.stats
         if not result.ok:
             self.tenants.rollback(tenant, result.error)
+            self._drop_held_back(tenant)
             self._report(tenant, pairs, result.losses)
             return
         stats.train_steps += 1
@@ -492,20 +499,33 @@ class MaceTrainer:
         self.totals["trained_tokens"] += tokens
         self.sec_per_token += 0.3 * (self.step_seconds / tokens - self.sec_per_token)
         self.step_seconds = 0.0
-        if stats.train_steps % self.cfg.publish_every == 0:
-            reading = yield from self.guard.check(tenant.version + 1, tenant.guard)
-            if not reading.published:
-                stats.rejected_versions += 1
-                self.tenants.rollback(tenant, f"guard refused v{tenant.version + 1}: {reading.why}")
-            else:
-                yield SliceSpec("publish", 0)
-                if self.replicas is not None:
-                    self._send_step(tenant, pairs, dict(result.losses))
-                    return
-                self.tenants.publish(tenant)
-        self._report(tenant, pairs, result.losses)
+        if stats.train_steps % self.cfg.publish_every != 0:  # reported with its version
+            tenant.held_back.append((pairs, dict(result.losses)))
+            return
+        steps, tenant.held_back = [*tenant.held_back, (pairs, dict(result.losses))], []
+        reading = yield from self.guard.check(tenant.version + 1, tenant.guard)
+        if not reading.published:
+            # Trained and refused: reported with their losses, so pairs that drive the
+            # model where the guard refuses do not train again and again.
+            stats.rejected_versions += 1
+            self.tenants.rollback(tenant, f"guard refused v{tenant.version + 1}: {reading.why}")
+        else:
+            yield SliceSpec("publish", 0)
+            if self.replicas is not None:
+                self._send_step(tenant, steps)
+                return
+            self.tenants.publish(tenant)
+        for step_pairs, losses in steps:
+            self._report(tenant, step_pairs, losses)
 
-    def _send_step(self, tenant: Tenant, pairs: list[Pair], losses: dict[int, float]) -> None:
+    def _drop_held_back(self, tenant: Tenant) -> None:
+        """The steps held back since the last publish lost their training (a rollback,
+        or another replica's version installed over them): their pairs train again."""
+        for pairs, _ in tenant.held_back:
+            self._report(tenant, pairs, {})
+        tenant.held_back = []
+
+    def _send_step(self, tenant: Tenant, steps: list[tuple[list[Pair], dict[int, float]]]) -> None:
         """The step's version to every other replica; the sidecar hears of the step only
         once they all have it (trainer/replicas.py). Every replica switches to it within
         an iteration of the others: the peers install it as it arrives, this replica
@@ -518,40 +538,42 @@ class MaceTrainer:
         if self.replicas.every_s <= 0:
             payload = pack_state(tenant.weights, tenant.optimizer)  # may raise: mark after
             self.unpublished[tenant.name] = version
-            done = lambda: self._publish_delivered(tenant, pairs, losses, version)  # noqa: E731
+            done = lambda: self._publish_delivered(tenant, steps, version)  # noqa: E731
         else:
             self.tenants.publish(tenant)
             payload = pack_state(tenant.weights, tenant.optimizer)
-            done = lambda: self._report(tenant, pairs, losses, version)  # noqa: E731
+
+            def done() -> None:
+                for pairs, losses in steps:
+                    self._report(tenant, pairs, losses, version)
+
         self.replicas.send(tenant.name, version, payload, done)
 
     def _publish_delivered(
-        self, tenant: Tenant, pairs: list[Pair], losses: dict[int, float], version: int
+        self, tenant: Tenant, steps: list[tuple[list[Pair], dict[int, float]]], version: int
     ) -> None:
         """Every peer took `version` of `tenant`: serve it here too (which checkpoints
-        it), then report the step. A tenant retired (or retired and created again)
+        it), then report its steps. A tenant retired (or retired and created again)
         meanwhile, whose SGLang slot is gone, or a failed publish: the pairs are reported
         untrained at the version before, so nothing names a version no checkpoint here
         holds, and they train again. Already at `version` or past it (another server's
         announcement installed it): reported as trained, nothing to publish."""
         self.unpublished.pop(tenant.name, None)
         live = self.tenants.tenants.get(tenant.name) is tenant and tenant.publisher.loaded()
+        trained, at = True, version
         if not live:
-            self._report(tenant, pairs, {}, version - 1)
-            return
-        if tenant.version >= version:
-            self._report(tenant, pairs, losses, version)
-            return
-        try:
-            with torch.inference_mode(False), self.streams.training_work():
-                self.tenants.publish(tenant)
-        except Exception as e:  # serving goes on at the version before
-            logger.exception("%s: publishing v%d failed", tenant.name, version)
-            with torch.inference_mode(False), self.streams.training_work():
-                self.tenants.rollback(tenant, f"publish of v{version} failed: {e}")
-            self._report(tenant, pairs, {}, tenant.version)
-            return
-        self._report(tenant, pairs, losses, version)
+            trained, at = False, version - 1
+        elif tenant.version < version:
+            try:
+                with torch.inference_mode(False), self.streams.training_work():
+                    self.tenants.publish(tenant)
+            except Exception as e:  # serving goes on at the version before
+                logger.exception("%s: publishing v%d failed", tenant.name, version)
+                with torch.inference_mode(False), self.streams.training_work():
+                    self.tenants.rollback(tenant, f"publish of v{version} failed: {e}")
+                trained, at = False, tenant.version
+        for pairs, losses in steps:
+            self._report(tenant, pairs, losses if trained else {}, at)
 
     def _report(
         self,
@@ -637,12 +659,23 @@ class MaceTrainer:
                 # From another server: this server's first replica checkpoints it into
                 # this server's own state directory, so a restart resumes it here too.
                 foreign = update.src // self.cfg.replicas != self.cfg.sync_rank
+                self._drop_held_back(tenant)  # its weights are overwritten
                 with torch.inference_mode(False), self.streams.training_work():
                     self.tenants.install(
                         tenant, update.version, update.payload, foreign and self.dp_rank == 0
                     )
                 sync.stats.applied += 1
         self._updates = keep
+
+    def _served(self) -> dict[str, int]:
+        """The version this replica serves, by tenant (the lease's floors): not that of a
+        tenant it cannot send (resumed without optimizer state, `_announce_versions`),
+        which no other server could reach."""
+        return {
+            name: tenant.version
+            for name, tenant in self.tenants.tenants.items()
+            if tenant.version == 0 or packable(tenant.optimizer)
+        }
 
     def _announce_versions(self) -> None:
         """Several servers: after a restart each may have resumed a different version

@@ -1,0 +1,73 @@
+"""--mace-publish-every N (runtime._step, on a stand-in trainer): the steps between two
+guard checks are reported once the version that holds them is decided: with that
+version when it is published, with their losses at the old version when the guard
+refuses it (trained, rolled back), and untrained when their training is dropped (a
+rollback after an error, or another replica's version installed over them)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from mace_sgl.trainer.runtime import MaceTrainer
+from mace_sgl.trainer.sliced import StepResult
+
+
+def stand_in(verdicts: list[bool]):
+    reported: list[tuple[int, float, int]] = []  # (sample id, loss, version)
+    rolled: list[str] = []
+
+    def step_slices(pairs, refs):
+        return StepResult(losses={p: 0.1 * p for p in pairs})
+        yield  # a generator, as the real one
+
+    def check(version, log):
+        published = verdicts.pop(0)
+        return SimpleNamespace(published=published, why="" if published else "loops")
+        yield
+
+    def publish(t):
+        t.version += 1
+
+    def rollback(t, why):
+        rolled.append(why)
+
+    tenant = SimpleNamespace(
+        name="live", version=0, held_back=[], guard=None,
+        stats=SimpleNamespace(train_steps=0, trained_tokens=0, last_loss=None, rejected_versions=0),
+    )  # fmt: skip
+    fake = SimpleNamespace(
+        tenants=SimpleNamespace(activate=lambda t: None, snapshot=lambda t: None,
+                                rollback=rollback, publish=publish),
+        dpo=SimpleNamespace(step_slices=step_slices, step_tokens=lambda p: 10),
+        guard=SimpleNamespace(check=check),
+        cfg=SimpleNamespace(publish_every=2),
+        totals={"train_steps": 0, "trained_tokens": 0},
+        sec_per_token=5e-3, step_seconds=0.0, replicas=None,
+        _report=lambda t, pairs, losses, version=None: reported.extend(
+            (p, losses.get(p, float("nan")), t.version if version is None else version)
+            for p in pairs
+        ),
+    )  # fmt: skip
+    fake._drop_held_back = lambda t: MaceTrainer._drop_held_back(fake, t)
+
+    def step(*sample_ids: int) -> None:
+        for _ in MaceTrainer._step(fake, tenant, [SimpleNamespace(pair=i) for i in sample_ids], {}):
+            pass
+
+    return fake, tenant, step, reported, rolled
+
+
+def test_held_back_steps_are_reported_with_the_version_that_holds_them():
+    fake, tenant, step, reported, rolled = stand_in([False, True])
+    step(1)
+    assert reported == [] and len(tenant.held_back) == 1  # no check yet: not reported
+    step(2)  # checked: refused
+    assert [(p, v) for p, _, v in reported] == [(1, 0), (2, 0)] and len(rolled) == 1
+    assert all(loss == loss for _, loss, _ in reported)  # trained (losses), not NaN
+    step(3)
+    step(4)  # checked: published as v1
+    assert [(p, v) for p, _, v in reported[2:]] == [(3, 1), (4, 1)] and tenant.version == 1
+    step(5)
+    MaceTrainer._drop_held_back(fake, tenant)  # e.g. another replica's v2 installed
+    p, loss, v = reported[-1]
+    assert (p, v) == (5, 1) and loss != loss and tenant.held_back == []  # NaN: untrained
