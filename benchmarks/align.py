@@ -27,7 +27,7 @@ from typing import Any
 
 import requests
 
-from mace_sgl.config import DECAY_PER, MaceConfig
+from benchmarks.server_flags import add_flags, server_flags, values
 from mace_sgl.launcher import Server
 
 TOPICS = [
@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "--mace-measure-swap",
             "--mace-state-dir",
             str(state),
-            *recipe_flags(args),
+            *server_flags(args, RECIPE_FLAGS),
         ],
         work / "server.log",
         timeout_s=600,
@@ -265,7 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "pairs": len(pairs),
         "held_out": len(held_out),
         "lr": args.lr,
-        "recipe": {flag: getattr(args, flag.replace("-", "_")) for flag in RECIPE_FLAGS},
+        "recipe": values(args, RECIPE_FLAGS),
         "before": before,
         "after": after,
         "load_training_off": off,
@@ -293,14 +293,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 RECIPE_FLAGS = ("lr", "adapter-decay", "adapter-decay-per", "max-train-count")
 
 
-def recipe_flags(args: argparse.Namespace) -> list[str]:
-    """--mace-FLAG VALUE for each of RECIPE_FLAGS."""
-    out: list[str] = []
-    for flag in RECIPE_FLAGS:
-        out += [f"--mace-{flag}", str(getattr(args, flag.replace("-", "_")))]
-    return out
-
-
 def main() -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.align")
@@ -314,17 +306,7 @@ def main() -> None:
         default=600.0,
         help="longest wait, after the load, for every pair to train once",
     )
-    defaults = MaceConfig()
-    for flag in RECIPE_FLAGS:
-        name = flag.replace("-", "_")
-        kind = type(getattr(defaults, name))
-        parser.add_argument(
-            f"--{flag}",
-            type=kind,
-            default=getattr(defaults, name),
-            choices=DECAY_PER if name == "adapter_decay_per" else None,
-            help=f"--mace-{flag} (default: the server's)",
-        )
+    add_flags(parser, RECIPE_FLAGS)
     parser.add_argument("--out", default=None, help="folder for results.json and the log")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()

@@ -91,8 +91,9 @@ from benchmarks.align import prompts as shipped_prompts
 from benchmarks.loadgen import RequestResult, poisson_load, summarize, tail_targets
 from benchmarks.phases import DEFAULT_FILE, Phase, judged, load_phases
 from benchmarks.serve_smoke import machine
+from benchmarks.server_flags import add_flags, server_flags
 from benchmarks.stats import aggregate
-from mace_sgl.config import DECAY_PER, DPO_SPANS, MaceConfig
+from mace_sgl.config import MaceConfig
 from mace_sgl.launcher import Server
 
 BASELINES = ("inference-only", "periodic", "synchronous", "continuous", "mace")
@@ -300,6 +301,13 @@ def evaluate(client: Client, phase: Phase, held_out: list[str], base: dict[str, 
     }
 
 
+# The training recipe's flags every adapting baseline gets as --mace-FLAG (--lr apart:
+# drift has a default of its own).
+RECIPE_FLAGS = ("guard-max-kl", "guard-min-keep", "guard-open-keep", "rpo-alpha",
+                "anchor-alpha", "adapter-decay", "dpo-span", "adapter-decay-per",
+                "publish-every", "max-train-count")  # fmt: skip
+
+
 def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
                  base_answers: dict[str, str] | None, seed: int = 1
                  ) -> tuple[dict[str, Any], dict]:  # fmt: skip
@@ -309,19 +317,9 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
     train_prompts = [p for p in all_prompts if p not in held_out]
     flags = ["--log-level", "warning", "--mace-train", "--mace-policy", POLICY[name],
              "--mace-state-dir", str(out / f"state-{name}"), "--mace-lr", str(args.lr),
-             "--mace-guard-max-kl", str(args.guard_max_kl),
-             "--mace-guard-min-keep", str(args.guard_min_keep),
-             "--mace-guard-open-keep", str(args.guard_open_keep),
-             "--mace-rpo-alpha", str(args.rpo_alpha),
-             "--mace-anchor-alpha", str(args.anchor_alpha),
-             "--mace-adapter-decay", str(args.adapter_decay),
-             "--mace-dpo-span", args.dpo_span,
-             "--mace-adapter-decay-per", args.adapter_decay_per,
-             "--mace-publish-every", str(args.publish_every),
-             "--mace-max-train-count", str(args.max_train_count),
              "--mace-slo-ttft-ms", str(args.slo_ttft_ms),
              "--mace-slo-tbt-ms", str(args.slo_tbt_ms),
-             "--mace-slo-tbt-basis", "request"]  # fmt: skip
+             "--mace-slo-tbt-basis", "request", *server_flags(args, RECIPE_FLAGS)]  # fmt: skip
     if args.model_path:
         flags += ["--model-path", args.model_path]
     if args.profile:
@@ -561,34 +559,7 @@ def main() -> None:
     parser.add_argument("--feedback-every", type=int, default=1)
     parser.add_argument("--period-s", type=float, default=None)
     parser.add_argument("--lr", type=float, default=2e-4)
-    defaults = MaceConfig()
-    for flag in ("--guard-max-kl", "--guard-min-keep", "--guard-open-keep", "--rpo-alpha",
-                 "--anchor-alpha", "--adapter-decay"):  # fmt: skip
-        parser.add_argument(
-            flag,
-            type=float,
-            default=getattr(defaults, flag[2:].replace("-", "_")),
-            help=f"--mace-{flag[2:]} for every adapting baseline (default: the server's)",
-        )
-    for flag in ("--publish-every", "--max-train-count"):
-        parser.add_argument(
-            flag,
-            type=int,
-            default=getattr(defaults, flag[2:].replace("-", "_")),
-            help=f"--mace-{flag[2:]} for every adapting baseline (default: the server's)",
-        )
-    parser.add_argument(
-        "--dpo-span",
-        choices=DPO_SPANS,
-        default=defaults.dpo_span,
-        help="--mace-dpo-span for every adapting baseline (default: the server's)",
-    )
-    parser.add_argument(
-        "--adapter-decay-per",
-        choices=DECAY_PER,
-        default=defaults.adapter_decay_per,
-        help="--mace-adapter-decay-per for every adapting baseline (default: the server's)",
-    )
+    add_flags(parser, RECIPE_FLAGS, " for every adapting baseline")
     parser.add_argument("--recover-at", type=float, default=0.75)
     parser.add_argument(
         "--slo-ttft-ms",
