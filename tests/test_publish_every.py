@@ -2,7 +2,7 @@
 guard checks are reported once the version that holds them is decided: with that
 version when it is published, with their losses at the old version when the guard
 refuses it (trained, rolled back), and untrained when their training is dropped (a
-rollback after an error, or another replica's version installed over them)."""
+rollback after an error)."""
 
 from __future__ import annotations
 
@@ -68,6 +68,6 @@ def test_held_back_steps_are_reported_with_the_version_that_holds_them():
     step(4)  # checked: published as v1
     assert [(p, v) for p, _, v in reported[2:]] == [(3, 1), (4, 1)] and tenant.version == 1
     step(5)
-    MaceTrainer._drop_held_back(fake, tenant)  # e.g. another replica's v2 installed
+    MaceTrainer._drop_held_back(fake, tenant)  # as after a failed step's rollback
     p, loss, v = reported[-1]
     assert (p, v) == (5, 1) and loss != loss and tenant.held_back == []  # NaN: untrained

@@ -341,3 +341,48 @@ def test_a_killed_server_rejoins_the_group_and_both_train_on(tiny_model_dir: Pat
     finally:
         for s in servers:
             s.stop()
+
+
+@pytest.mark.slow
+def test_server_0_killed_and_restarted_the_group_trains_on_in_its_fresh_store(
+    tiny_model_dir: Path, tmp_path: Path
+):
+    """Server 0 (it serves the group's store) SIGKILLed: server 1 serves on and keeps
+    the feedback it is given, but no step starts without the store; server 0 restarted
+    with the same flags serves a fresh store, server 1 follows it there (a new epoch),
+    both announce, and server 1's feedback trains the adapter both serve."""
+    import os
+    import signal
+
+    a, b = start_group(tiny_model_dir, tmp_path, "first")
+    servers = [a, b]
+    try:
+        assert a.post("/mace/feedback", PAIRS[:2]).ok
+        ss = wait_for_value(
+            lambda: both(servers),
+            lambda ss: one_adapter(ss) and ss[0]["adapter_version"] >= 1,
+            300, "a first version on both", a.tail,
+        )  # fmt: skip
+        before = ss[0]["adapter_version"]
+        os.killpg(a.proc.pid, signal.SIGKILL)
+        a.proc.wait(timeout=30)
+        a.log.close()
+        body = {"model": "default", "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4}  # fmt: skip
+        assert b.post("/v1/chat/completions", body).status_code == 200
+        assert b.post("/mace/feedback", PAIRS[2:]).ok
+        a = servers[0] = start_rank(tiny_model_dir, tmp_path, b.addr, 0, "again")
+        ss = wait_for_value(
+            lambda: both(servers),
+            lambda ss: one_adapter(ss)
+            and ss[0]["adapter_version"] > before
+            and all(s["training"]["cluster_lease"]["ready"] for s in ss),
+            300, "both servers at a newer version after server 0's restart", b.tail,
+        )  # fmt: skip
+        sync = ss[1]["replicas"][0]["sync"]
+        assert sync["store_restarts"] >= 1 and sync["members"] == [0, 1], sync
+        assert [s["replicas"][0]["sync"]["pending_sends"] for s in ss] == [0, 0]
+        assert ss[1]["training"]["cluster_lease"]["held"] == []
+    finally:
+        for s in servers:
+            s.stop()

@@ -519,8 +519,9 @@ class MaceTrainer:
             self._report(tenant, step_pairs, losses)
 
     def _drop_held_back(self, tenant: Tenant) -> None:
-        """The steps held back since the last publish lost their training (a rollback,
-        or another replica's version installed over them): their pairs train again."""
+        """The steps held back since the last publish lost their training (a rollback):
+        their pairs train again. (No version is installed over them: replicas and
+        several servers refuse --mace-publish-every > 1 at start.)"""
         for pairs, _ in tenant.held_back:
             self._report(tenant, pairs, {})
         tenant.held_back = []
@@ -659,7 +660,6 @@ class MaceTrainer:
                 # From another server: this server's first replica checkpoints it into
                 # this server's own state directory, so a restart resumes it here too.
                 foreign = update.src // self.cfg.replicas != self.cfg.sync_rank
-                self._drop_held_back(tenant)  # its weights are overwritten
                 with torch.inference_mode(False), self.streams.training_work():
                     self.tenants.install(
                         tenant, update.version, update.payload, foreign and self.dp_rank == 0

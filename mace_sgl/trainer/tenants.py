@@ -73,7 +73,7 @@ class Tenant:
     good_state: dict[str, Any] | None = None
     # Steps trained since the last publish and not yet reported (--mace-publish-every >
     # 1): (pairs, losses) each, reported with the version that holds them, or untrained
-    # when a rollback or an installed version drops their training (runtime._step).
+    # when a rollback drops their training (runtime._step).
     held_back: list[tuple[list[Any], dict[int, float]]] = field(default_factory=list)
     # With data-parallel replicas: digest() of the weights its version was published
     # with (what it serves; training goes on changing the tensors until the next one).
