@@ -279,6 +279,28 @@ def one_adapter(ss: list[dict]) -> bool:
     )
 
 
+def kill_after_a_first_version(servers: list[Server], victim: int) -> int:
+    """Both servers at a first version trained from server 0's feedback; then server
+    `victim` SIGKILLed, and the other one answers a request. Returns that version."""
+    import os
+    import signal
+
+    assert servers[0].post("/mace/feedback", PAIRS[:2]).ok
+    ss = wait_for_value(
+        lambda: both(servers),
+        lambda ss: one_adapter(ss) and ss[0]["adapter_version"] >= 1,
+        300, "a first version on both", servers[0].tail,
+    )  # fmt: skip
+    dead, alive = servers[victim], servers[1 - victim]
+    os.killpg(dead.proc.pid, signal.SIGKILL)
+    dead.proc.wait(timeout=30)
+    dead.log.close()
+    body = {"model": "default", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4}  # fmt: skip
+    assert alive.post("/v1/chat/completions", body).status_code == 200
+    return ss[0]["adapter_version"]
+
+
 @pytest.mark.slow
 def test_a_killed_server_rejoins_the_group_and_both_train_on(tiny_model_dir: Path, tmp_path: Path):
     """Server 1 SIGKILLed: server 0 serves on, takes feedback and trains on (a step is
@@ -286,26 +308,11 @@ def test_a_killed_server_rejoins_the_group_and_both_train_on(tiny_model_dir: Pat
     next step may start); restarted with the same flags, server 1 joins a later
     generation and installs what server 0 published meanwhile; feedback given to the
     restarted server trains both."""
-    import os
-    import signal
-
     a, b = start_group(tiny_model_dir, tmp_path, "first")
     servers = [a, b]
     try:
-        assert a.post("/mace/feedback", PAIRS[:2]).ok
-        ss = wait_for_value(
-            lambda: both(servers),
-            lambda ss: one_adapter(ss) and ss[0]["adapter_version"] >= 1,
-            300, "a first version on both", a.tail,
-        )  # fmt: skip
-        before = ss[0]["adapter_version"]
-        os.killpg(b.proc.pid, signal.SIGKILL)
-        b.proc.wait(timeout=30)
-        b.log.close()
-        # Server 0 serves and takes feedback while its peer is down.
-        body = {"model": "default", "messages": [{"role": "user", "content": "hi"}],
-                "max_tokens": 4}  # fmt: skip
-        assert a.post("/v1/chat/completions", body).status_code == 200
+        before = kill_after_a_first_version(servers, 1)
+        # Server 0 serves (above) and takes feedback while its peer is down.
         assert a.post("/mace/feedback", PAIRS[2:]).ok
         # Its steps are delivered to a generation without the dead server, and their
         # lease given back: training does not wait for the peer to come back.
@@ -351,25 +358,10 @@ def test_server_0_killed_and_restarted_the_group_trains_on_in_its_fresh_store(
     the feedback it is given, but no step starts without the store; server 0 restarted
     with the same flags serves a fresh store, server 1 follows it there (a new epoch),
     both announce, and server 1's feedback trains the adapter both serve."""
-    import os
-    import signal
-
     a, b = start_group(tiny_model_dir, tmp_path, "first")
     servers = [a, b]
     try:
-        assert a.post("/mace/feedback", PAIRS[:2]).ok
-        ss = wait_for_value(
-            lambda: both(servers),
-            lambda ss: one_adapter(ss) and ss[0]["adapter_version"] >= 1,
-            300, "a first version on both", a.tail,
-        )  # fmt: skip
-        before = ss[0]["adapter_version"]
-        os.killpg(a.proc.pid, signal.SIGKILL)
-        a.proc.wait(timeout=30)
-        a.log.close()
-        body = {"model": "default", "messages": [{"role": "user", "content": "hi"}],
-                "max_tokens": 4}  # fmt: skip
-        assert b.post("/v1/chat/completions", body).status_code == 200
+        before = kill_after_a_first_version(servers, 0)
         assert b.post("/mace/feedback", PAIRS[2:]).ok
         a = servers[0] = start_rank(tiny_model_dir, tmp_path, b.addr, 0, "again")
         ss = wait_for_value(
