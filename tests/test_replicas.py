@@ -18,7 +18,12 @@ import torch
 
 from mace_sgl.launcher import free_port
 from mace_sgl.policy.placement import DecodeMoments, LemixPlacement, ReplicaLoad, TrainingLoad
-from mace_sgl.trainer.replicas import pack_state, state_numel, unpack_state
+from mace_sgl.trainer.replicas import (
+    STORE_CALL_TIMEOUT_S,
+    pack_state,
+    state_numel,
+    unpack_state,
+)
 
 
 def moments(points: list[tuple[int, float]]) -> DecodeMoments:
@@ -725,7 +730,8 @@ def delivered():
         time.sleep(0.05)
 
 def status():
-    print(json.dumps({**sync.status(), "epoch": sync.epoch}), flush=True)
+    print(json.dumps({**sync.status(), "epoch": sync.epoch,
+                      "store_timeout_s": sync.store.timeout.total_seconds()}), flush=True)
 
 if rank == 0 and not restarted:  # serves the store; the test kills it
     sync.send("live", 7, torch.arange(10, dtype=torch.float32), lambda: None)
@@ -776,6 +782,8 @@ def test_the_group_follows_server_0_into_its_fresh_store_after_a_restart(tmp_pat
     try:
         before = _line(survivor, 120)  # v7 arrived over the first store's group
         assert before["generation"] == 0 and before["store_restarts"] == 0, before
+        # formed: its calls wait at most STORE_CALL_TIMEOUT_S (a vanished host is noticed)
+        assert before["store_timeout_s"] == STORE_CALL_TIMEOUT_S, before
         server0.kill()
         server0.wait(timeout=30)
         (tmp_path / "killed").touch()
