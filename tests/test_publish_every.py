@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from mace_sgl.trainer.runtime import MaceTrainer
 from mace_sgl.trainer.sliced import StepResult
 
@@ -36,6 +38,7 @@ def stand_in(verdicts: list[bool]):
         stats=SimpleNamespace(train_steps=0, trained_tokens=0, last_loss=None, rejected_versions=0),
     )  # fmt: skip
     fake = SimpleNamespace(
+        board=SimpleNamespace(queue=[SimpleNamespace(tenant="live")]),  # more to come
         tenants=SimpleNamespace(activate=lambda t: None, snapshot=lambda t: None,
                                 rollback=rollback, publish=publish),
         dpo=SimpleNamespace(step_slices=step_slices, step_tokens=lambda p: 10),
@@ -71,3 +74,29 @@ def test_held_back_steps_are_reported_with_the_version_that_holds_them():
     MaceTrainer._drop_held_back(fake, tenant)  # as after a failed step's rollback
     p, loss, v = reported[-1]
     assert (p, v) == (5, 1) and loss != loss and tenant.held_back == []  # NaN: untrained
+
+
+def test_the_last_steps_are_checked_when_no_pair_of_the_tenant_waits():
+    """Held back, the pairs of a tenant's last steps would never be reported (nor their
+    training served) when no more feedback comes: with its queue empty, a step is
+    checked at once."""
+    fake, tenant, step, reported, _ = stand_in([True])
+    fake.board.queue = []
+    step(1)
+    assert [(p, v) for p, _, v in reported] == [(1, 1)] and tenant.held_back == []
+
+
+def test_a_check_that_raises_keeps_the_held_back_steps_for_the_rollback_report():
+    fake, tenant, step, reported, _ = stand_in([True])
+    step(1)
+
+    def broken(version, log):
+        raise RuntimeError("out of memory")
+        yield
+
+    fake.guard.check = broken
+    with pytest.raises(RuntimeError):  # reaches the job board (_run_unit rolls back)
+        step(2)
+    assert [p for p, _ in tenant.held_back] == [[1]]  # not lost: _run_unit reports it
+    MaceTrainer._drop_held_back(fake, tenant)
+    assert [p for p, loss, _ in reported if loss != loss] == [1]

@@ -107,10 +107,10 @@ MEMBER_KEY = "mace/sync/member/{rank}"  # the generation a rank last joined
 EPOCH_KEY = "mace/sync/epoch"  # which store this is: a new id each time server 0 starts
 # A new connection to a restarted server 0's store waits at most this long.
 RECONNECT_TIMEOUT_S = 5.0
-# The longest a call on the first connection waits once the group formed (a member
-# whose store is served by another process): a server 0 whose host vanished without
-# closing its connections is noticed then (POLL_S later), not after the rendezvous's
-# 900 s; long enough for a regroup's rendezvous among live members on a busy host.
+# The longest a call on the first connection waits for a key once the group formed (a
+# member whose store is served by another process; the rendezvous's is 900 s). It does
+# not bound a reply that never comes: a server 0 whose host vanished without closing
+# its connections is noticed only when TCP gives up (README, Known gaps).
 STORE_CALL_TIMEOUT_S = 60.0
 POLL_S = 2.0  # how often a member reads the generation counter
 REJOIN_WAIT_S = 30.0  # a restarted member waits this long for the survivors to move on

@@ -499,22 +499,29 @@ class MaceTrainer:
         self.totals["trained_tokens"] += tokens
         self.sec_per_token += 0.3 * (self.step_seconds / tokens - self.sec_per_token)
         self.step_seconds = 0.0
-        if stats.train_steps % self.cfg.publish_every != 0:  # reported with its version
+        # Held back until the check (reported with its version), unless none of this
+        # tenant's pairs waits: then it is checked now, or its pairs would wait for ever.
+        more = any(q.tenant == tenant.name for q in self.board.queue)
+        if stats.train_steps % self.cfg.publish_every != 0 and more:
             tenant.held_back.append((pairs, dict(result.losses)))
             return
         steps, tenant.held_back = [*tenant.held_back, (pairs, dict(result.losses))], []
-        reading = yield from self.guard.check(tenant.version + 1, tenant.guard)
-        if not reading.published:
-            # Trained and refused: reported with their losses, so pairs that drive the
-            # model where the guard refuses do not train again and again.
-            stats.rejected_versions += 1
-            self.tenants.rollback(tenant, f"guard refused v{tenant.version + 1}: {reading.why}")
-        else:
-            yield SliceSpec("publish", 0)
-            if self.replicas is not None:
-                self._send_step(tenant, steps)
-                return
-            self.tenants.publish(tenant)
+        try:
+            reading = yield from self.guard.check(tenant.version + 1, tenant.guard)
+            if not reading.published:
+                # Trained and refused: reported with their losses, so pairs that drive
+                # the model where the guard refuses do not train again and again.
+                stats.rejected_versions += 1
+                self.tenants.rollback(tenant, f"guard refused v{tenant.version + 1}: {reading.why}")
+            else:
+                yield SliceSpec("publish", 0)
+                if self.replicas is not None:
+                    self._send_step(tenant, steps)
+                    return
+                self.tenants.publish(tenant)
+        except BaseException:  # a failed check or publish: _run_unit reports them all
+            tenant.held_back = steps[:-1]
+            raise
         for step_pairs, losses in steps:
             self._report(tenant, step_pairs, losses)
 
