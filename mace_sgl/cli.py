@@ -105,7 +105,10 @@ def resolve_serve_args(argv: list[str]) -> tuple[argparse.Namespace, Any]:
     profile = load_profile(profile_name, sglang_dests) if profile_name else None
     target = profile.target_device if profile is not None else None
     cpu = target == "cpu" if target else on_cpu()
-    mace_cfg = build_mace_config(args, profile)
+    try:
+        mace_cfg = build_mace_config(args, profile)
+    except ValueError as e:  # a flag's value or a combination: the message says which
+        raise SystemExit(f"mace-sgl: {e}") from None
 
     layered: dict[str, Any] = {}
     if cpu:
@@ -298,7 +301,10 @@ def _data_parallel(
         from mace_sgl.plugin import loopback
 
         store = loopback.private_store_dir()  # the replicas' FileStore, 0700
-    return dataclasses.replace(cfg, replicas=n, replica_store=store)
+    try:
+        return dataclasses.replace(cfg, replicas=n, replica_store=store)
+    except ValueError as e:  # checked now that --dp-size is known (--mace-train-ranks)
+        raise SystemExit(f"mace-sgl: {e}") from None
 
 
 def _split_cpu_cores(n: int) -> None:

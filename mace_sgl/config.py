@@ -468,6 +468,15 @@ class MaceConfig:
             raise ValueError(
                 "pairs_per_step, publish_every, lora_rank and max_train_count must be >= 1"
             )
+        if self.train and self.synced and self.publish_every != 1:
+            # Replicas and servers share a step's result when it is published: one held
+            # back would be lost to the next step that runs elsewhere (the CLI says so too).
+            raise ValueError(
+                "--mace-train with --dp-size > 1 or --mace-sync-world-size > 1 needs "
+                "--mace-publish-every 1: replicas share each step's result when it is "
+                "published, and an unpublished step would be lost to the next step that "
+                "runs on another replica"
+            )
         if self.adapter_decay_per not in DECAY_PER:
             raise ValueError(
                 f"adapter_decay_per must be step or pair, got {self.adapter_decay_per!r}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import logging
+import math
 import os
 import signal
 import sys
@@ -96,8 +97,10 @@ class Sidecar:
             self.ctx, state_dir / "run", replicas
         )
         self.sessions: dict[int, Session] = {}  # dp rank -> its trainer's session
-        # The newest version of each tenant any Result reported (Work.versions).
-        self.versions: dict[str, int] = {}
+        # The newest version of each tenant any trained Result reported (Work.versions),
+        # with the creation time of the tenant it belongs to (store.created_at): a tenant
+        # retired and created again (purged: from v0) must not wait for the old one's.
+        self.versions: dict[str, tuple[float, int]] = {}
         self.running = True
 
     def handle(self, msg: Hello | Ready | Result) -> None:
@@ -117,8 +120,17 @@ class Sidecar:
         elif isinstance(msg, Result):
             if not store.record_result(self.conn, msg.sample_id, msg.loss, msg.session):
                 logger.warning("result for sample %d from a stale session", msg.sample_id)
-            if msg.adapter and msg.version > self.versions.get(msg.adapter, -1):
-                self.versions[msg.adapter] = msg.version
+            if msg.adapter and not math.isnan(msg.loss):  # NaN: not trained, no version
+                self._reported(msg.adapter, msg.version)
+
+    def _reported(self, name: str, version: int) -> None:
+        """A step of tenant `name` reached `version` (its tenant as it exists now)."""
+        created = store.created_at(self.conn, name)
+        if created is None:  # retired meanwhile: nothing for a tenant created again
+            return
+        was = self.versions.get(name)
+        if was is None or was[0] != created or version > was[1]:
+            self.versions[name] = (created, version)
 
     def _ready(self, msg: Ready) -> None:
         if not 0 <= msg.dp_rank < self.replicas:
@@ -177,7 +189,11 @@ class Sidecar:
                 for r in rows
             ]
             weights = {t.name: t.weight for t in tenants}
-            work = Work(msg.session, samples, self.id, weights, dict(self.versions))
+            # Only the versions of the tenants as they exist now (a retired one's go).
+            created = {t.name: t.created_at for t in tenants}
+            self.versions = {n: cv for n, cv in self.versions.items() if created.get(n) == cv[0]}
+            versions = {n: v for n, (_, v) in self.versions.items()}
+            work = Work(msg.session, samples, self.id, weights, versions)
             if not self._send(msg.dp_rank, work):
                 store.release(self.conn, msg.session, [r.id for r in rows])
 

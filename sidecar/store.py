@@ -334,6 +334,15 @@ def tenants(conn: sqlite3.Connection) -> list[Tenant]:
     return [Tenant(*r) for r in rows]
 
 
+def created_at(conn: sqlite3.Connection, name: str) -> float | None:
+    """When tenant `name` was created (or brought back): which incarnation of the name
+    exists now (None: none, it is retired or was never created)."""
+    row = conn.execute(
+        "SELECT created_at FROM tenants WHERE name = ? AND retired_at IS NULL", (name,)
+    ).fetchone()
+    return row[0] if row is not None else None
+
+
 def has_tenant(conn: sqlite3.Connection, name: str) -> bool:
     """True if tenant `name` exists (not retired)."""
     row = conn.execute(

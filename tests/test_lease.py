@@ -206,3 +206,232 @@ def test_an_idle_member_follows_server_0_into_its_fresh_store_and_announces_ther
     assert server_0.ready
     clock.now += RETRY_S
     assert server_0.try_acquire("live", 4)
+
+
+def test_a_purged_tenant_created_again_steps_from_version_0_on_a_key_of_its_own(pair):
+    """A purge (DELETE ...?purge=true, through the group's tenant log) deletes the
+    tenant's checkpoints: created again it starts at v0, below the old key's floor. The
+    purge moves tenants created after it to a new generation of keys; a tenant created
+    before it (on a server that has not retired it yet) keeps the old one. A retire
+    without purge keeps the key (created again, the tenant resumes its checkpoint)."""
+    from mace_sgl.plugin import tenant_log
+
+    a, b, clock = pair
+    store = a.store
+    for lease in (a, b):
+        lease.created("t")
+    assert a.try_acquire("t", 5)
+    a.release("t", 6)
+    a.retire("t", 6)  # retired without purge and created again: it resumed v6
+    a.created("t")
+    b.retire("t", 6)
+    b.created("t")
+    clock.now += RETRY_S
+    assert not b.try_acquire("t", 0)  # a v0 (no checkpoint) stays below the floor
+    tenant_log.append(store, tenant_log.TenantOp("retire", "t", purge=True, origin=0))
+    clock.now += RETRY_S
+    assert b.try_acquire("t", 6)  # b has not retired it yet: the old key, as before
+    b.release("t", 7)
+    for lease, served in ((a, 6), (b, 7)):  # the purge reaches both; t created again
+        lease.retire("t", served)
+        lease.created("t")
+    clock.now += RETRY_S
+    assert b.try_acquire("t", 0)  # v0 steps, on the new generation's key
+    old = LeaseValue.parse(store.get(ClusterLease.key("t")))
+    assert old.holder is None and old.version == 7  # the old key, untouched since
+    assert LeaseValue.parse(store.get(ClusterLease.key("t", 1))).holder == 1
+    b.release("t", 1)
+    clock.now += RETRY_S
+    assert not a.try_acquire("t", 0)  # the new key's floor holds as any other
+    clock.now += RETRY_S
+    assert a.try_acquire("t", 1)
+
+
+def test_a_tenant_retired_mid_step_gives_its_key_back_and_its_late_report_none():
+    """runtime._sync_tenants and _report on a stand-in trainer: a tenant retired while
+    its step runs (the step is dropped, never reported) gives its key back at once,
+    instead of renewing it for ever; the step's late report (a version delivered to
+    the peers after the retire) releases nothing of the tenant created again since."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    from mace_sgl.policy.fairshare import FairShare
+    from mace_sgl.trainer.runtime import MaceTrainer
+
+    store, clock = HashStore(), Clock()
+    lease, other = lease_of(store, 0, clock, t=3), lease_of(store, 1, clock, t=3)
+    lease.renew()
+    other.renew()
+    assert lease.try_acquire("t", 3)  # a step of t runs here
+    retired = SimpleNamespace(name="t", version=3)
+    registry: dict = {"t": retired}
+
+    def sync():
+        registry.pop("t")
+        return [], ["t"]
+
+    fake = SimpleNamespace(
+        synced_at=float("-inf"),
+        tenants=SimpleNamespace(tenants=registry, sync=sync, active=retired),
+        streams=SimpleNamespace(training_work=nullcontext),
+        fair=FairShare(),
+        board=SimpleNamespace(drop=lambda keep: []),
+        lease=lease,
+        link=SimpleNamespace(report=lambda *args: None, required={"t": 3}),
+        unpublished={},
+    )
+    MaceTrainer._sync_tenants(fake)
+    assert lease.status()["held"] == [] and fake.link.required == {}
+    clock.now += RETRY_S
+    assert other.try_acquire("t", 3)  # given back, not held until the TTL ran out
+    other.release("t", 3)
+    registry["t"] = SimpleNamespace(name="t", version=3)  # created again (resumed v3)
+    clock.now += RETRY_S
+    assert lease.try_acquire("t", 3)  # a step of the new tenant
+    reported = []
+    fake.link.report = lambda *args: reported.append(args)
+    pair = SimpleNamespace(sample_id=7)
+    MaceTrainer._report(fake, retired, [pair], {7: 0.5}, 4)  # the old step's late report
+    assert reported == [(7, 0.5, 4, "")]  # no version for the sidecar to take as t's
+    assert lease.status()["held"] == ["t"]
+    assert LeaseValue.parse(store.get(ClusterLease.key("t"))).holder == 0
+
+
+class BlackHole:
+    """A TCP proxy on loopback to `port` that forwards both ways until `silence()`; from
+    then on it reads and drops everything and closes nothing: a host that vanished."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+        import threading
+
+        self.upstream, self.silent = port, threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.conns: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def silence(self) -> None:
+        self.silent.set()
+
+    def close(self) -> None:
+        for c in [self.listener, *self.conns]:
+            c.close()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                down, _ = self.listener.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.upstream))
+            self.conns += [down, up]
+            for src, dst in ((down, up), (up, down)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src, dst) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+                if not data:
+                    return
+                if not self.silent.is_set():
+                    dst.sendall(data)
+            except OSError:
+                return
+
+
+def test_a_store_that_stops_answering_holds_the_scheduler_thread_at_most_call_s():
+    """Server 0's host vanishes without closing connections (the store's connection
+    answers nothing; TCP would give up after many minutes): a lease call, on the
+    scheduler thread, gives up after its deadline and counts as a dead store; a thread
+    connects again, and steps go on once the store is reachable."""
+    import datetime
+    import time
+
+    from torch.distributed import TCPStore
+
+    from tests.waits import wait_until
+
+    master = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    proxy = BlackHole(master.port)
+    try:
+        client = TCPStore("127.0.0.1", proxy.port, is_master=False,
+                          timeout=datetime.timedelta(seconds=120))  # fmt: skip
+        direct = lambda: TCPStore("127.0.0.1", master.port, is_master=False,  # noqa: E731
+                                  timeout=datetime.timedelta(seconds=5))  # fmt: skip
+        clock = Clock()
+        lease = ClusterLease(client, 0, 1, lambda: {"t": 1}, clock, connect=direct)
+        clock.now += RENEW_S  # quiet after its start (it may connect again)
+        assert lease.try_acquire("t", 1)
+        lease.release("t", 2)
+        lease._store.seconds = 1.0  # the deadline of the calls from here on
+        proxy.silence()
+        started = time.monotonic()
+        assert not lease.try_acquire("t", 2)
+        waited = time.monotonic() - started
+        assert waited < 1.0 + 5.0, f"the scheduler thread waited {waited:.1f} s"
+        assert lease.errors == 1
+        wait_until(lambda: lease.renew() or lease.store is not client, 30,
+                   "the lease adopted a new connection")  # fmt: skip
+        clock.now += RENEW_S
+        assert lease.try_acquire("t", 2)  # the floor the release wrote stands
+    finally:
+        proxy.close()
+
+
+def test_a_tenant_resumed_after_a_restart_keeps_the_generation_it_was_created_under(pair):
+    """A server restarted while a purge of its tenant went on elsewhere resumes its old
+    tenant before it applies the purge: it steps (and announces) it under the
+    generation kept at its creation, not the store's new one, where the tenant created
+    again elsewhere steps from v0. A generation kept in another store (server 0 restarted
+    since) is 0 there."""
+    from mace_sgl.plugin import tenant_log
+
+    a, b, clock = pair
+    store = a.store
+    kept = a.created("t")
+    assert kept == (a.epoch, 0) and b.created("t") == kept
+    tenant_log.append(store, tenant_log.TenantOp("retire", "t", purge=True, origin=1))
+    b.retire("t", 0)
+    assert b.created("t") == (a.epoch, 1)  # created again after the purge
+    restarted = lease_of(store, 0, clock, t=5)  # a, restarted: its old t resumed v5
+    assert restarted.created("t", kept) == kept
+    restarted.renew()  # announces v5 on the old key
+    clock.now += RETRY_S
+    assert b.try_acquire("t", 0)
+    assert LeaseValue.parse(store.get(ClusterLease.key("t"))).version == 5
+    other_store = lease_of(HashStore(), 0, clock)
+    assert other_store.created("t", ("an-earlier-store", 3)) == (other_store.epoch, 0)
+
+
+def test_a_key_this_rank_holds_without_knowing_it_is_free_to_it(pair):
+    """A take whose answer came after its deadline (or a step of this rank's process
+    before it restarted) left the key held by this rank: it takes it again at once,
+    instead of blocking the tenant everywhere for TTL_S."""
+    a, b, clock = pair
+    a.store.set(ClusterLease.key("u"), LeaseValue(0, clock.now + TTL_S, 0).text())
+    assert not b.try_acquire("u", 0)
+    assert a.try_acquire("u", 0)
+
+
+def test_releases_kept_while_the_store_was_gone_are_written_when_the_same_store_is_back():
+    """A connection lost and made again to the same store (the same epoch): the release
+    made meanwhile is written there (else the key stayed held until its TTL)."""
+    import time
+
+    store, clock = HashStore(), Clock()
+    lease = ClusterLease(store, 0, 1, lambda: {}, clock, connect=lambda: store)
+    clock.now += RENEW_S
+    assert lease.try_acquire("t", 0)
+    lease.store = GoneStore()
+    lease.release("t", 1)  # kept: the store is gone
+    deadline = time.monotonic() + 10
+    while lease.store is not store:
+        assert time.monotonic() < deadline, "never connected again"
+        lease.renew()
+        time.sleep(0.01)
+    assert LeaseValue.parse(store.get(ClusterLease.key("t"))) == LeaseValue(None, 0.0, 1)

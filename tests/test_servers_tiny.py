@@ -209,7 +209,8 @@ def test_a_tenant_created_on_one_server_trains_on_both_and_retires_everywhere(
 ):
     """POST /mace/adapters on server 0 creates the tenant on server 1 too (the group's
     tenant log); its feedback given to server 1 trains one adapter both serve; DELETE
-    on server 1 retires it on server 0."""
+    on server 1 retires it on server 0. Purged and created again, it starts at v0 and
+    trains again (its lease key is a new generation's, not below the old floor)."""
     a, b = servers
     r = a.post("/mace/adapters", {"name": "team-a"})
     assert r.status_code == 201 and r.json() == {"name": "team-a", "created": True}, r.text
@@ -231,11 +232,20 @@ def test_a_tenant_created_on_one_server_trains_on_both_and_retires_everywhere(
 
     ss = wait_for_value(lambda: both(servers), trained, 300, "team-a trained on both", b.tail)
     assert all(s["tenant_log"]["errors"] == 0 for s in ss), [s["tenant_log"] for s in ss]
-    assert requests.delete(b.url + "/mace/adapters/team-a", timeout=60).status_code == 200
+    r = requests.delete(b.url + "/mace/adapters/team-a?purge=true", timeout=60)
+    assert r.status_code == 200, r.text
     wait_for_value(lambda: adapter_names(a), lambda ns: "team-a" not in ns, 60,
                    "team-a retired on server 0", a.tail)  # fmt: skip
     # gone everywhere
     assert requests.delete(a.url + "/mace/adapters/team-a", timeout=60).status_code == 404
+    r = a.post("/mace/adapters", {"name": "team-a"})
+    assert r.status_code == 201, r.text
+    wait_for_value(lambda: adapter_names(b), lambda ns: "team-a" in ns, 60,
+                   "team-a created again on server 1", b.tail)  # fmt: skip
+    # Its new pairs train only once the tenant created again steps (from v0, purged).
+    items = [{**p, "prompt": p["prompt"] + " (a, again)", "adapter": "team-a"} for p in PAIRS]
+    assert b.post("/mace/feedback", items).status_code == 200
+    wait_for_value(lambda: both(servers), trained, 300, "team-a trained again", b.tail)
 
 
 @pytest.mark.slow

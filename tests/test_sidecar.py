@@ -367,6 +367,44 @@ def test_replicas_train_one_at_a_time_from_the_newest_version(tmp_path: Path, co
         assert [inflight(conn, i) for i in ids] == [None, None, "r1b", "r1b"]
 
 
+def test_a_tenant_created_again_waits_for_no_version_of_the_retired_one(tmp_path: Path, conn):
+    """Work names the versions steps reported of each tenant as it exists now: a tenant
+    purged and created again starts at v0, and a step of it must not wait for the old
+    tenant's v3 (it would wait for ever). A late untrained report (NaN loss, e.g. the old
+    tenant's step dropped at its retirement) names no version. In process, no sockets."""
+    from sidecar.main import Sidecar
+
+    sc = Sidecar(tmp_path, "live")
+    sent: list[Work] = []
+    sc._send = lambda rank, msg: isinstance(msg, Work) and sent.append(msg) or True
+    try:
+        sc.handle(Hello("r0", "live", 0))
+        store.add_tenant(conn, "t")
+        ids = store.add_feedback(conn, [{**pair(i), "adapter": "t"} for i in range(3)])
+
+        def work() -> Work:
+            sc.handle(Ready("r0", 1, [], sc.id, 0, 0.0))
+            return sent[-1]
+
+        assert work().versions == {}
+        sc.handle(Result("r0", ids[0], 0.5, 3, "t"))
+        assert work().versions == {"t": 3}
+        sc.handle(Result("r0", ids[1], 0.5, 4, "t"))
+        assert store.retire_tenant(conn, "t")
+        created = store.created_at(conn, "t")
+        assert store.add_tenant(conn, "t")  # created again (purged: it starts at v0)
+        assert store.created_at(conn, "t") != created
+        sc.handle(Result("r0", ids[1], float("nan"), 3, "t"))  # the old step, untrained
+        got = work()
+        assert got.versions == {}
+        sc.handle(Result("r0", got.samples[0].id, 0.5, 1, "t"))  # the new tenant's step
+        store.add_feedback(conn, [{**pair(9), "adapter": "t"}])
+        assert work().versions == {"t": 1}
+    finally:
+        sc.ctx.destroy(linger=0)
+        sc.conn.close()
+
+
 def test_only_the_training_ranks_get_work(tmp_path: Path, conn):
     """--train-ranks 1 (`--mace-train-ranks`): rank 0 only serves; its Ready gets no Work."""
     (a,) = store.add_feedback(conn, [pair(0)])

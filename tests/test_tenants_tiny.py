@@ -247,7 +247,8 @@ def test_tenants_are_created_at_run_time_and_retired(server: Server, tok):
 
 def test_a_purged_tenant_stays_purged_and_comes_back_fresh(server: Server, state_dir: Path):
     """DELETE ?purge=true while the tenant trains: its directory is gone at the answer
-    and still gone once the trainer has let it go; created again, it starts from v0.
+    and still gone once the trainer has let it go; created again, it starts from v0 and
+    trains.
     (Whether a write was queued at that moment is up to timing here: the writer's
     races are driven in tests/test_checkpoints.py.)"""
     assert server.post("/mace/adapters", {"name": "purged"}).status_code == 201
@@ -278,6 +279,11 @@ def test_a_purged_tenant_stays_purged_and_comes_back_fresh(server: Server, state
         assert sorted(p.name for p in tenant_dir.glob("*v*")) == ["v0"]
     finally:
         set_paused(server, False)
+    # It trains again from v0: its steps wait for no version of the purged tenant (the
+    # sidecar named the old one's v1 or later to them, and they waited for ever).
+    body = [{**p, "adapter": "purged"} for p in pairs("b", 2, start=650)]
+    assert server.post("/mace/feedback", body).status_code == 200
+    wait_for(server, lambda g: g["purged"]["version"] >= 1, "purged trained again", 300)
 
 
 def test_restart_resumes_every_tenant(

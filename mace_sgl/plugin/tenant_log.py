@@ -49,6 +49,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from mace_sgl.trainer.lease import ClusterLease
 from mace_sgl.trainer.replicas import client_store, store_text
 
 logger = logging.getLogger(__name__)
@@ -113,12 +114,21 @@ def epoch(store: Any) -> str:
 
 def append(store: Any, op: TenantOp) -> int:
     """Add `op` at the end of the log; returns its index (from 1). LogError if a reader
-    gave the index up as lost before this wrote it."""
+    gave the index up as lost before this wrote it. A purge then moves the tenant's
+    training lease to a new generation (trainer/lease.py), for the tenant created again
+    after it, which starts at version 0, below the old key's floor. (After the entry, so
+    that a purge that never reached the log leaves the live tenant's key as it was.)"""
     epoch(store)
     i = int(store.add(LOG_COUNT, 1))
     text = op.to_json()
     if store_text(store.compare_set(LOG_ENTRY.format(i=i), "", text)) != text:
         raise LogError(f"tenant log entry {i} was given up as lost before it was written")
+    if op.op == "retire" and op.purge:
+        try:
+            store.add(ClusterLease.generation_key(op.name), 1)
+        except Exception:  # appended all the same: the retirement goes on everywhere
+            logger.exception("tenant %s purged, but its lease generation was not raised: "
+                             "created again, it trains once server 0 restarted", op.name)  # fmt: skip
     return i
 
 

@@ -200,6 +200,34 @@ def owner_id(adapter_dir: Path) -> str | None:
     return read_owner(adapter_dir)
 
 
+LEASE_FILE = ".lease-generation"  # "EPOCH GENERATION": trainer/lease.py's key generation
+
+
+def read_lease_generation(adapter_dir: Path) -> tuple[str, int] | None:
+    """The (store epoch, generation) this adapter directory's tenant steps under across
+    servers (trainer/lease.py), kept at its creation; None where none was kept."""
+    try:
+        epoch, generation = (adapter_dir / LEASE_FILE).read_text().split()
+        return epoch, int(generation)
+    except (OSError, ValueError):
+        return None
+
+
+def keep_lease_generation(adapter_dir: Path, epoch: str, generation: int) -> None:
+    """Keep (epoch, generation) in the directory, once: the first writer's stays (every
+    replica reads the same); nothing where the directory is gone (purged)."""
+    tmp = adapter_dir / f".lease.{uuid.uuid4().hex}"
+    try:
+        tmp.write_text(f"{epoch} {generation}")
+        os.link(tmp, adapter_dir / LEASE_FILE)
+    except (FileExistsError, FileNotFoundError):
+        pass
+    except OSError:
+        logger.exception("could not keep %s's lease generation", adapter_dir)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def purge_dir(adapter_dir: Path) -> None:
     """Delete a retired adapter's checkpoints (DELETE /mace/adapters/NAME?purge=true).
     The directory is first renamed away in one step, so a checkpoint writer that still

@@ -17,9 +17,10 @@ free key only when it already serves version V or newer (a version sent before t
 release may still be on its way to it), and a held key only once its holder stopped
 renewing (a holder that died: after TTL_S). A holder that steps again before its last
 version was delivered holds the key twice and frees it on the last release. Store calls
-are synchronous but rare: one or two per step start (refusals back off RETRY_S, and the
-trainer passes that tenant over meanwhile), and every RENEW_S a look at the store plus
-one renewal per held key; an announcement makes one or two per tenant.
+are synchronous but rare: two or three per step start (refusals back off RETRY_S, and
+the trainer passes that tenant over meanwhile), and every RENEW_S a look at the store
+plus one renewal per held key; an announcement makes two or three per tenant, and a
+tenant's creation one (its generation, below).
 
 Every member announces the versions it serves (`versions`) at its first call and after
 each new connection: it raises each key's floor to them, then writes its ready key. No
@@ -36,15 +37,37 @@ it does no call goes to the dead store, so the scheduler thread waits for neithe
 go on once server 0 is back with a fresh store. A key held across that restart would be
 lost: at its next call the scheduler thread writes each key it holds into the new store
 with a new expiry, announces its versions again, and takes no new key for RENEW_S, so
-that the other servers' holders, connecting as it did, write theirs first.
+that the other servers' holders, connecting as it did, write theirs first. Which store
+it reached tells EPOCH_KEY, a new id in each: in the same store (a connection lost and
+made again) the releases kept meanwhile are written; in a fresh one the announcement
+writes the floors, and every tenant living here steps under generation 0 there.
+
+The calls run on the scheduler thread, so each has a deadline (DeadlineStore, CALL_S): a
+server 0 whose host vanished without closing its connections (power, network) answers
+nothing, and TCP would notice only after many minutes. A call past its deadline counts as
+a dead store: the thread connects again, and no call waits on the silent connection. (A
+call that did reach the store late may have taken a key: a key held by this rank that
+it does not know it holds counts as free to it.)
+
+A tenant purged (DELETE /mace/adapters/NAME?purge=true) and created again starts from
+version 0, below its old floor. Each purge raises the tenant's generation in the store
+(`generation_key`; the server whose route appended the purge to the tenant log raises
+it right after the entry), and each generation has a key of its own. A member reads the
+generation when it creates the tenant (`created`; the trainer keeps it in the tenant's
+adapter directory, so a restart resumes the tenant under the same one) and keeps it
+until it retires it (`retire`, which also gives the key back at once: the step in
+flight, if any, is dropped), so a server that has not applied the purge yet steps its
+old tenant under the old key, and the tenant created again under the new one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -57,6 +80,62 @@ TTL_S = 60.0  # a holder that stops renewing loses the key after this long
 RENEW_S = 10.0
 RETRY_S = 0.5  # after a refusal, the next try for that tenant
 CAS_TRIES = 8  # compare-and-set rounds before a change is given up as contended
+CALL_S = 3.0  # one store call holds the scheduler thread at most this long
+EPOCH_KEY = "mace/lease/epoch"  # a new id in each store: a restarted server 0's is fresh
+
+
+def new_epoch() -> str:
+    return uuid.uuid4().hex
+
+
+class DeadlineStore:
+    """`store`'s calls, each run on a thread of this object's own and given up (TimeoutError)
+    after `seconds`; after one has been given up, every later call fails at once (that
+    thread still waits on the silent connection, and ends with that call)."""
+
+    def __init__(self, store: Any, seconds: float) -> None:
+        self.store, self.seconds = store, seconds
+        self.stuck = False
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def close(self) -> None:
+        """Let the thread end (this object is not called again)."""
+        self._calls.put(None)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.store, name)
+
+        def call(*args: Any) -> Any:
+            if self.stuck:
+                raise TimeoutError(f"an earlier store call got no answer within {self.seconds:g} s")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mace-lease-store",
+                                                daemon=True)  # fmt: skip
+                self._thread.start()
+            done, box = threading.Event(), []
+            self._calls.put((method, args, box, done))
+            if not done.wait(self.seconds):
+                self.stuck = True
+                raise TimeoutError(f"store {name}: no answer within {self.seconds:g} s")
+            ok, value = box[0]
+            if not ok:
+                raise value
+            return value
+
+        return call
+
+    def _run(self) -> None:
+        while not self.stuck:
+            job = self._calls.get()
+            if job is None:
+                return
+            method, args, box, done = job
+            try:
+                box.append((True, method(*args)))
+            except Exception as e:
+                box.append((False, e))
+            done.set()
 
 
 class Contended(Exception):
@@ -99,13 +178,15 @@ class ClusterLease:
         server 0: the others' holders write theirs into its fresh store first)."""
         self.store, self.rank, self.world, self.clock = store, rank, world, clock
         self.versions, self.connect = versions, connect
+        self.call_s = CALL_S
+        self._calls: DeadlineStore | None = None  # self.store's calls, with a deadline
         self._connecting = threading.Lock()  # held while a thread connects again
         self._new_store: Any = None  # its connection, for the scheduler thread to adopt
         # after a start or a new connection: no new key before this time
         self.quiet_until = clock() + RENEW_S if connect is not None else 0.0
         self.announced = False  # this member's versions and ready key are in the store
         self.announced_at = 0.0
-        self.announce_at = 0.0  # after a contended announcement: not before this time
+        self.announce_retry_at = 0.0  # after a contended announcement: not before this time
         self.ready = False  # every member's are
         self._told_missing = False
         self.held: dict[str, int] = {}  # name -> steps in flight under this key
@@ -113,15 +194,79 @@ class ClusterLease:
         # TTL_S): name -> those steps; their last release still raises the floor.
         self.lost: dict[str, int] = {}
         self.gave_back: dict[str, int] = {}  # name -> newest version released meanwhile
-        self.unwritten: dict[str, int] = {}  # name -> a floor released while the store was gone
+        # name -> the generation of keys this member's tenant of that name steps under:
+        # read when it was created here (`created`), kept until it is retired (a purge
+        # meanwhile moves only tenants created after it to the next generation)
+        self.generations: dict[str, int] = {}
+        self.epoch: str | None = None  # which store (EPOCH_KEY): a fresh one has another
+        # (name, generation; None: unread) -> a floor released while the store was gone
+        self.unwritten: dict[tuple[str, int | None], int] = {}
         self.retry_at: dict[str, float] = {}
         self.renewed_at = 0.0
         self.refusals = 0
         self.errors = 0
 
     @staticmethod
-    def key(name: str) -> str:
-        return "mace/lease/" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    def key(name: str, generation: int = 0) -> str:
+        """The key of `name`'s lease in `generation` (raised by each purge)."""
+        key = "mace/lease/" + hashlib.sha256(name.encode()).hexdigest()[:16]
+        return key if generation == 0 else f"{key}/{generation}"
+
+    @staticmethod
+    def generation_key(name: str) -> str:
+        """A counter: how many times `name` was purged (plugin/tenant_log.py raises it)."""
+        return "mace/lease/generation/" + hashlib.sha256(name.encode()).hexdigest()[:16]
+
+    @property
+    def _store(self) -> Any:
+        """self.store, each call with a deadline (a new connection gets a new thread);
+        without `connect` (nothing to fall back on), the store itself."""
+        if self.connect is None:
+            return self.store
+        if self._calls is None or self._calls.store is not self.store:
+            if self._calls is not None:
+                self._calls.close()
+            self._calls = DeadlineStore(self.store, self.call_s)
+        return self._calls
+
+    def _generation(self, name: str) -> int:
+        """The generation this member's tenant `name` steps under (read from the store
+        the first time: at its creation, or at its first call if the store was gone)."""
+        if name not in self.generations:
+            self.generations[name] = int(self._store.add(self.generation_key(name), 0))
+        return self.generations[name]
+
+    def _key(self, name: str) -> str:
+        return self.key(name, self._generation(name))
+
+    def _store_gone(self) -> bool:
+        """A call failed and no new connection is in use yet: no call waits on the old."""
+        return self._connecting.locked() or self._new_store is not None
+
+    def created(self, name: str, kept: tuple[str, int] | None = None) -> tuple[str, int] | None:
+        """Tenant `name` was created here (or resumed): fix the generation it steps
+        under, so that a purge of it later (raised before every server retired it)
+        cannot move it to the next generation's key. `kept`: the (epoch, generation)
+        this tenant was created under, kept in its adapter directory (a tenant resumed
+        after a restart: the store may have counted a purge of its name meanwhile, which
+        another server's tenant created after it steps under); from another epoch (a
+        store started since) it is 0, as every tenant older than that store. Returns
+        the (epoch, generation) to keep (None while the store is gone: then the
+        generation is read at the tenant's first call)."""
+        self._adopt()
+        if self._store_gone():
+            return None
+        try:
+            if self.epoch is None:
+                self.epoch = store_text(self._store.compare_set(EPOCH_KEY, "", new_epoch()))
+            if kept is not None:
+                self.generations[name] = kept[1] if kept[0] == self.epoch else 0
+            else:
+                self.generations.pop(name, None)  # read now
+            return self.epoch, self._generation(name)
+        except Exception as e:  # read at its first call instead
+            self._store_failed(f"generation of {name}", e)
+            return None
 
     @staticmethod
     def ready_key(rank: int) -> str:
@@ -136,21 +281,24 @@ class ClusterLease:
         now = self.clock()
         if now < max(self.retry_at.get(name, 0.0), self.quiet_until):
             return False
-        if not self.announced and not self._connecting.locked():
+        if not self.announced and not self._store_gone():
             self._announce()
-        if self._connecting.locked():  # the store is gone: no call waits on it
+        if self._store_gone():  # no call waits on a dead store
             self.refusals += 1
             self.retry_at[name] = now + RETRY_S
             return False
 
         def take(current: LeaseValue) -> LeaseValue | None:
-            free = current.holder is None or current.expires < now
+            # Held by this rank but not in `held`: a take whose answer came after its
+            # deadline, or a step of this rank's process before it restarted; free.
+            mine = current.holder == self.rank and name not in self.lost
+            free = current.holder is None or current.expires < now or mine
             if free and version >= current.version:
                 return LeaseValue(self.rank, now + TTL_S, current.version)
             return None
 
         try:
-            if self._ready() and self._update(name, take) is not None:
+            if self._ready() and self._update(self._key(name), take) is not None:
                 self.held[name] = 1
                 return True
         except (ValueError, Contended) as e:  # the store answered
@@ -179,7 +327,20 @@ class ClusterLease:
         del steps[name]
         if name in self.held or name in self.lost:  # a step under the other entry runs
             return
-        self._free(name, self.gave_back.pop(name))
+        self._free(name, self.gave_back.pop(name), self.generations.get(name))
+
+    def retire(self, name: str, version: int) -> None:
+        """`name` was retired here (it may be created again, purged or not): its key is
+        given back at `version` (what this member served) at once, and the steps still
+        in flight under it end without a release (the trainer reports them untrained).
+        Its next step, of a tenant created again, takes the key of that generation."""
+        self._adopt()
+        holding = self.held.pop(name, 0) + self.lost.pop(name, 0)
+        floor = max(version, self.gave_back.pop(name, -1))
+        self.retry_at.pop(name, None)
+        if holding:
+            self._free(name, floor, self.generations.get(name))
+        self.generations.pop(name, None)
 
     def renew(self) -> None:
         """Every RENEW_S (called from each poll): look that the store still answers
@@ -187,13 +348,13 @@ class ClusterLease:
         what was released while it was gone, and extend every held key; and announce
         this member's versions whenever they are not in the store."""
         self._adopt()
-        if self._connecting.locked():
+        if self._store_gone():
             return
         now = self.clock()
         if now - self.renewed_at >= RENEW_S:
             self.renewed_at = now
             try:
-                if self.announced and not self.store.check([self.ready_key(self.rank)]):
+                if self.announced and not self._store.check([self.ready_key(self.rank)]):
                     self._new_store = self.store  # a store that forgot us: as a new one
                     self._adopt()
                     return
@@ -202,10 +363,8 @@ class ClusterLease:
             except Exception as e:
                 self._store_failed("look at the store", e)
                 return
-            for name, floor in list(self.unwritten.items()):
-                del self.unwritten[name]
-                if not self._free(name, floor):
-                    return
+            if not self._write_unwritten():
+                return
             for name in list(self.held):
                 if not self._extend(name, now):
                     return
@@ -217,30 +376,42 @@ class ClusterLease:
                 "ready": self.ready}  # fmt: skip
 
     def _update(
-        self, name: str, change: Callable[[LeaseValue], LeaseValue | None]
+        self, key: str, change: Callable[[LeaseValue], LeaseValue | None]
     ) -> LeaseValue | None:
-        """Set `name`'s key from its current value (made "free:0" where missing) to
+        """Set `key` from its current value (made "free:0" where missing) to
         change(current) by compare-and-set, again while other members change it
         meanwhile; returns what was written, or None where `change` left it (raises
         Contended after CAS_TRIES rounds)."""
-        key = self.key(name)
-        raw = store_text(self.store.compare_set(key, "", "free:0"))
+        raw = store_text(self._store.compare_set(key, "", "free:0"))
         for _ in range(CAS_TRIES):
             new = change(LeaseValue.parse(raw))
             if new is None:
                 return None
-            got = store_text(self.store.compare_set(key, raw, new.text()))
+            got = store_text(self._store.compare_set(key, raw, new.text()))
             if got == new.text():
                 return new
             raw = got
-        raise Contended(f"{name}: the key changed under {CAS_TRIES} tries")
+        raise Contended(f"{key}: the key changed under {CAS_TRIES} tries")
 
-    def _free(self, name: str, floor: int) -> bool:
-        """Give `name`'s key back at `floor` (where another member took it meanwhile,
-        only raise its floor); kept for the next renewal while the store is gone.
-        Returns whether the store answered."""
-        if self._connecting.locked():
-            self.unwritten[name] = max(floor, self.unwritten.get(name, -1))
+    def _write_unwritten(self) -> bool:
+        """Write the releases kept while the store was gone; whether it answered."""
+        for (name, generation), floor in list(self.unwritten.items()):
+            del self.unwritten[name, generation]
+            if not self._free(name, floor, generation):
+                return False
+        return True
+
+    def _free(self, name: str, floor: int, generation: int | None) -> bool:
+        """Give `name`'s key of `generation` (None: read it) back at `floor` (where
+        another member took it meanwhile, only raise its floor); kept for the next
+        renewal while the store is gone. Returns whether the store answered."""
+
+        def keep() -> None:
+            was = self.unwritten.get((name, generation), -1)
+            self.unwritten[name, generation] = max(floor, was)
+
+        if self._store_gone():
+            keep()
             return False
 
         def free(current: LeaseValue) -> LeaseValue | None:
@@ -251,14 +422,16 @@ class ClusterLease:
             return None
 
         try:
-            self._update(name, free)
+            if generation is None:
+                generation = self._generation(name)
+            self._update(self.key(name, generation), free)
         except ValueError as e:  # not a lease's value: nothing to give back
             self._error(f"release {name}: {e}")
         except Contended as e:  # written at the next renewal
-            self.unwritten[name] = max(floor, self.unwritten.get(name, -1))
+            keep()
             self._error(f"release {name}: {e}")
         except Exception as e:
-            self.unwritten[name] = max(floor, self.unwritten.get(name, -1))
+            keep()
             self._store_failed(f"release {name}", e)
             return False
         return True
@@ -273,7 +446,7 @@ class ClusterLease:
             return None  # taken by another member after it expired
 
         try:
-            if self._update(name, extend) is None:  # its steps run on, the key is gone
+            if self._update(self._key(name), extend) is None:  # its steps run on, key gone
                 self.lost[name] = self.lost.get(name, 0) + self.held.pop(name)
                 self._error(f"renew {name}: the key was taken after it expired")
         except (ValueError, Contended) as e:  # kept: tried again at the next renewal
@@ -293,20 +466,22 @@ class ClusterLease:
             )
 
         now = self.clock()
-        if now < self.announce_at:
+        if now < self.announce_retry_at:
             return
         try:
+            if self.epoch is None:
+                self.epoch = store_text(self._store.compare_set(EPOCH_KEY, "", new_epoch()))
             for name, version in self.versions().items():
                 try:
-                    self._update(name, raise_to(version))
+                    self._update(self._key(name), raise_to(version))
                 except ValueError as e:  # not a lease's value: that key serves nobody
                     self._error(f"announce {name}: {e}")
-            self.store.set(self.ready_key(self.rank), "1")
+            self._store.set(self.ready_key(self.rank), "1")
             self.announced, self.announced_at = True, now
             self._told_missing = False
             self._ready()
         except Contended as e:  # the store answered: again after RETRY_S
-            self.announce_at = now + RETRY_S
+            self.announce_retry_at = now + RETRY_S
             self._error(f"announce: {e}")
         except Exception as e:
             self._store_failed("announce", e)
@@ -316,14 +491,14 @@ class ClusterLease:
         missing ones once when they are TTL_S late (a server that is down)."""
         if not self.ready and self.announced:
             keys = [self.ready_key(r) for r in range(self.world)]
-            self.ready = bool(self.store.check(keys))
+            self.ready = bool(self._store.check(keys))
             if (
                 not self.ready
                 and not self._told_missing
                 and self.clock() > self.announced_at + TTL_S
             ):
                 self._told_missing = True
-                missing = [r for r, k in enumerate(keys) if not self.store.check([k])]
+                missing = [r for r, k in enumerate(keys) if not self._store.check([k])]
                 logger.warning("cluster lease: no step before rank(s) %s announce", missing)
         return self.ready
 
@@ -360,14 +535,24 @@ class ClusterLease:
         self.quiet_until = now + RENEW_S
         self.renewed_at = now
         self.announced = self.ready = False
+        try:
+            epoch = store_text(self._store.compare_set(EPOCH_KEY, "", new_epoch()))
+        except Exception as e:
+            self._store_failed("read the store's epoch", e)
+            return
+        if epoch != self.epoch:
+            # A fresh store (server 0 restarted): no purge happened there to a tenant
+            # that lives here, so each steps under generation 0; the floors released
+            # meanwhile the announcement writes (it names what this member serves).
+            known = self.epoch is not None
+            self.epoch = epoch
+            self.unwritten = {}
+            self.generations = dict.fromkeys(self.generations, 0) if known else {}
         for name in list(self.held):
             if not self._extend(name, now, fresh=True):
                 return
-        for name, floor in list(self.unwritten.items()):
-            del self.unwritten[name]
-            if not self._free(name, floor):
-                return
-        self._announce()
+        if self._write_unwritten():
+            self._announce()
 
     def _error(self, msg: str) -> None:
         self.errors += 1

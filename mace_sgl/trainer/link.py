@@ -42,8 +42,9 @@ class SidecarLink:
         self.paused = False
         self.asked_at = 0.0
         self.weights: dict[str, float] = {}  # tenant weights of the latest Work
-        # The newest version of each tenant any replica reported (Work.versions): a step
-        # of that tenant waits until this replica's copy is at least that version.
+        # The newest version of each tenant any replica reported (Work.versions, as of
+        # the latest Work: of the tenants that exist now): a step of that tenant waits
+        # until this replica's copy is at least that version.
         self.required: dict[str, int] = {}
         # The sidecar process whose Work we take (messages.py), set by its Control.
         self.sidecar_id = ""
@@ -68,8 +69,9 @@ class SidecarLink:
                 self.asked_at = 0.0
                 samples.extend(msg.samples)
                 self.weights = dict(msg.weights)  # every tenant's, as the store has them
-                for name, version in msg.versions.items():
-                    self.required[name] = max(version, self.required.get(name, -1))
+                # The sidecar's whole map: a tenant retired and created again (from v0)
+                # is in it no more with the old one's version.
+                self.required = dict(msg.versions)
             elif isinstance(msg, Control) and msg.session in ("", self.session):
                 self.paused = msg.paused
                 sidecar = self.sidecar_id = msg.sidecar

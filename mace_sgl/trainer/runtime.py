@@ -38,6 +38,7 @@ from mace_sgl.policy.slo import SloTargets
 from mace_sgl.templating import encode_pair
 from mace_sgl.trainer import learned_cost
 from mace_sgl.trainer.anchor import shipped_anchors
+from mace_sgl.trainer.checkpoints import keep_lease_generation, read_lease_generation
 from mace_sgl.trainer.guard import Guard
 from mace_sgl.trainer.host import TrainerHost
 from mace_sgl.trainer.jobs import JobBoard, QueuedPair, Ran
@@ -62,7 +63,7 @@ from mace_sgl.trainer.shared import (
     trainer_dtype,
 )
 from mace_sgl.trainer.sliced import Pair, SlicedDPO, SliceSpec
-from mace_sgl.trainer.tenants import Tenant, TenantRegistry
+from mace_sgl.trainer.tenants import Tenant, TenantRegistry, TrainedStep
 
 logger = logging.getLogger("mace_sgl.trainer")
 
@@ -186,10 +187,12 @@ class MaceTrainer:
                 rejoin=several, connect=reconnector(cfg, host.dp_rank),
             )  # fmt: skip
             if several:
-                # its calls never wait for a key: a short timeout, so that a server 0
-                # that vanished without closing connections holds no call for long
+                # its calls never wait for a key, and each has a deadline (lease.CALL_S):
+                # a server 0 that vanished without closing connections stalls no poll
                 connect = lambda: client_store(cfg, RECONNECT_TIMEOUT_S)  # noqa: E731
                 self.lease = ClusterLease(connect(), rank, world, self._served, connect=connect)
+                for tenant in self.tenants.tenants.values():
+                    self._lease_created(tenant)
         # The group (ReplicaSync.formed) whose members heard this replica's versions
         # (several servers: announced at start and after a member came back, or after
         # server 0 restarted with a fresh store, where generations count from 0 again).
@@ -227,14 +230,32 @@ class MaceTrainer:
         if now - self.synced_at < SYNC_EVERY_S:
             return
         self.synced_at = now
+        before = dict(self.tenants.tenants)
         with torch.inference_mode(False), self.streams.training_work():
-            _, removed = self.tenants.sync()
+            added, removed = self.tenants.sync()
         for name in removed:
             self.fair.forget(name)
+            self.link.required.pop(name, None)  # the old tenant's (the sidecar's go too)
+            if self.lease is not None:  # its step in flight, if any, is dropped next
+                # (a version sent to the peers may be installed there all the same)
+                sent = self.unpublished.get(name, -1)
+                self.lease.retire(name, max(before[name].version, sent))
+        for name in added:
+            self.link.required.pop(name, None)
+            if self.lease is not None:
+                self._lease_created(self.tenants.tenants[name])
         if removed:
             self.board.drop(lambda q: q.tenant not in removed)  # not reported: retired
         if self.tenants.active is None:
             self.tenants.activate(self.default)
+
+    def _lease_created(self, tenant: Tenant) -> None:
+        """Fix the lease key generation `tenant` steps under (trainer/lease.py), kept in
+        its adapter directory across restarts."""
+        kept = read_lease_generation(tenant.adapter_dir)
+        got = self.lease.created(tenant.name, kept)
+        if got is not None and kept is None:
+            keep_lease_generation(tenant.adapter_dir, *got)
 
     def _return_orphans(self) -> None:
         """Pairs of tenants the trainer does not have, waiting too long, go back to the
@@ -533,7 +554,7 @@ class MaceTrainer:
             self._report(tenant, pairs, {})
         tenant.held_back = []
 
-    def _send_step(self, tenant: Tenant, steps: list[tuple[list[Pair], dict[int, float]]]) -> None:
+    def _send_step(self, tenant: Tenant, steps: list[TrainedStep]) -> None:
         """The step's version to every other replica; the sidecar hears of the step only
         once they all have it (trainer/replicas.py). Every replica switches to it within
         an iteration of the others: the peers install it as it arrives, this replica
@@ -557,9 +578,7 @@ class MaceTrainer:
 
         self.replicas.send(tenant.name, version, payload, done)
 
-    def _publish_delivered(
-        self, tenant: Tenant, steps: list[tuple[list[Pair], dict[int, float]]], version: int
-    ) -> None:
+    def _publish_delivered(self, tenant: Tenant, steps: list[TrainedStep], version: int) -> None:
         """Every peer took `version` of `tenant`: serve it here too (which checkpoints
         it), then report its steps. A tenant retired (or retired and created again)
         meanwhile, whose SGLang slot is gone, or a failed publish: the pairs are reported
@@ -593,10 +612,15 @@ class MaceTrainer:
         """Results to the sidecar: each pair's loss (NaN: not trained) and the version of
         `tenant` after the step (default: its version now)."""
         version = tenant.version if version is None else version
+        # A tenant retired meanwhile names no version: the sidecar would take it for that
+        # of a tenant created again under the name since.
+        live = self.tenants.tenants.get(tenant.name) is tenant
         for p in pairs:
             loss = losses.get(p.sample_id, float("nan"))
-            self.link.report(p.sample_id, loss, version, tenant.name)
-        if self.lease is not None:  # the step ended: every peer has `version` (or none)
+            self.link.report(p.sample_id, loss, version, tenant.name if live else "")
+        # The step ended: every peer has `version` (or none). A tenant retired meanwhile
+        # gave its key back then (`_sync_tenants`): not one created again since.
+        if self.lease is not None and live:
             self.lease.release(tenant.name, version)
 
     # -- replicas ------------------------------------------------------------------------
@@ -696,12 +720,11 @@ class MaceTrainer:
         for tenant in self.tenants.tenants.values():
             if tenant.version == 0:
                 continue
-            try:
-                payload = pack_state(tenant.weights, tenant.optimizer)
-            except ValueError:  # resumed without optimizer state: nothing to share
+            if not packable(tenant.optimizer):  # resumed without optimizer state
                 logger.warning("tenant %s v%d: no optimizer state to announce", tenant.name,
                                tenant.version)  # fmt: skip
                 continue
+            payload = pack_state(tenant.weights, tenant.optimizer)
             self.replicas.send(tenant.name, tenant.version, payload, lambda: None)
 
     # -- status --------------------------------------------------------------------------

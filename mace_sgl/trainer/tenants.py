@@ -34,8 +34,13 @@ from mace_sgl.trainer.checkpoints import CheckpointWriter, Resumed, check_compat
 from mace_sgl.trainer.guard import GuardLog
 from mace_sgl.trainer.host import TrainerHost
 from mace_sgl.trainer.publish import PoolPublisher
+from mace_sgl.trainer.sliced import Pair
 
 logger = logging.getLogger("mace_sgl.trainer")
+
+# One optimizer step's pairs and their losses (by sample id), reported once the version
+# that holds the step is decided (published, refused or rolled back).
+TrainedStep = tuple[list[Pair], dict[int, float]]
 
 
 @dataclass
@@ -74,7 +79,7 @@ class Tenant:
     # Steps trained since the last publish and not yet reported (--mace-publish-every >
     # 1): (pairs, losses) each, reported with the version that holds them, or untrained
     # when a rollback drops their training (runtime._step).
-    held_back: list[tuple[list[Any], dict[int, float]]] = field(default_factory=list)
+    held_back: list[TrainedStep] = field(default_factory=list)
     # With data-parallel replicas: digest() of the weights its version was published
     # with (what it serves; training goes on changing the tensors until the next one).
     served_digest: str | None = None
