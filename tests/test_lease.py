@@ -263,7 +263,14 @@ def test_a_tenant_retired_mid_step_gives_its_key_back_and_its_late_report_none()
     lease.renew()
     other.renew()
     assert lease.try_acquire("t", 3)  # a step of t runs here
-    retired = SimpleNamespace(name="t", version=3)
+    loaded = {"t"}  # the names SGLang holds an adapter of
+
+    def tenant_at(version):
+        return SimpleNamespace(
+            name="t", version=version, publisher=SimpleNamespace(loaded=lambda: "t" in loaded)
+        )
+
+    retired = tenant_at(3)
     registry: dict = {"t": retired}
 
     def sync():
@@ -280,12 +287,13 @@ def test_a_tenant_retired_mid_step_gives_its_key_back_and_its_late_report_none()
         link=SimpleNamespace(report=lambda *args: None, required={"t": 3}),
         unpublished={},
     )
+    fake._live = lambda t: MaceTrainer._live(fake, t)
     MaceTrainer._sync_tenants(fake)
     assert lease.status()["held"] == [] and fake.link.required == {}
     clock.now += RETRY_S
     assert other.try_acquire("t", 3)  # given back, not held until the TTL ran out
     other.release("t", 3)
-    registry["t"] = SimpleNamespace(name="t", version=3)  # created again (resumed v3)
+    new = registry["t"] = tenant_at(3)  # created again (resumed v3)
     clock.now += RETRY_S
     assert lease.try_acquire("t", 3)  # a step of the new tenant
     reported = []
@@ -295,53 +303,12 @@ def test_a_tenant_retired_mid_step_gives_its_key_back_and_its_late_report_none()
     assert reported == [(7, 0.5, 4, "")]  # no version for the sidecar to take as t's
     assert lease.status()["held"] == ["t"]
     assert LeaseValue.parse(store.get(ClusterLease.key("t"))).holder == 0
-
-
-class BlackHole:
-    """A TCP proxy on loopback to `port` that forwards both ways until `silence()`; from
-    then on it reads and drops everything and closes nothing: a host that vanished."""
-
-    def __init__(self, port: int) -> None:
-        import socket
-        import threading
-
-        self.upstream, self.silent = port, threading.Event()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.conns: list = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def silence(self) -> None:
-        self.silent.set()
-
-    def close(self) -> None:
-        for c in [self.listener, *self.conns]:
-            c.close()
-
-    def _accept(self) -> None:
-        import socket
-        import threading
-
-        while True:
-            try:
-                down, _ = self.listener.accept()
-            except OSError:
-                return
-            up = socket.create_connection(("127.0.0.1", self.upstream))
-            self.conns += [down, up]
-            for src, dst in ((down, up), (up, down)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src, dst) -> None:
-        while True:
-            try:
-                data = src.recv(65536)
-                if not data:
-                    return
-                if not self.silent.is_set():
-                    dst.sendall(data)
-            except OSError:
-                return
+    # Retired again: SGLang unloaded it, the registry still has it (its sync runs every
+    # SYNC_EVERY_S). The step's report names no version and releases nothing; the
+    # retire that follows gives the key back.
+    loaded.clear()
+    MaceTrainer._report(fake, new, [pair], {7: 0.25}, 4)
+    assert reported[-1] == (7, 0.25, 4, "") and lease.status()["held"] == ["t"]
 
 
 def test_a_store_that_stops_answering_holds_the_scheduler_thread_at_most_call_s():
@@ -354,6 +321,7 @@ def test_a_store_that_stops_answering_holds_the_scheduler_thread_at_most_call_s(
 
     from torch.distributed import TCPStore
 
+    from tests.blackhole import BlackHole
     from tests.waits import wait_until
 
     master = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
@@ -383,6 +351,14 @@ def test_a_store_that_stops_answering_holds_the_scheduler_thread_at_most_call_s(
         proxy.close()
 
 
+def created(lease: ClusterLease, name: str, kept=None) -> tuple[str, int]:
+    """lease.created, and the (epoch, generation) the tenant steps under."""
+    told = []
+    lease.created(name, kept, lambda *got: told.append(got))
+    assert len(told) == (kept is None)  # told only what it did not know
+    return lease.epoch, lease.generations[name]
+
+
 def test_a_tenant_resumed_after_a_restart_keeps_the_generation_it_was_created_under(pair):
     """A server restarted while a purge of its tenant went on elsewhere resumes its old
     tenant before it applies the purge: it steps (and announces) it under the
@@ -393,19 +369,89 @@ def test_a_tenant_resumed_after_a_restart_keeps_the_generation_it_was_created_un
 
     a, b, clock = pair
     store = a.store
-    kept = a.created("t")
-    assert kept == (a.epoch, 0) and b.created("t") == kept
+    kept = created(a, "t")
+    assert kept == (a.epoch, 0) and created(b, "t") == kept
     tenant_log.append(store, tenant_log.TenantOp("retire", "t", purge=True, origin=1))
     b.retire("t", 0)
-    assert b.created("t") == (a.epoch, 1)  # created again after the purge
+    assert created(b, "t") == (a.epoch, 1)  # created again after the purge
     restarted = lease_of(store, 0, clock, t=5)  # a, restarted: its old t resumed v5
-    assert restarted.created("t", kept) == kept
+    assert created(restarted, "t", kept) == kept
     restarted.renew()  # announces v5 on the old key
     clock.now += RETRY_S
     assert b.try_acquire("t", 0)
     assert LeaseValue.parse(store.get(ClusterLease.key("t"))).version == 5
     other_store = lease_of(HashStore(), 0, clock)
-    assert other_store.created("t", ("an-earlier-store", 3)) == (other_store.epoch, 0)
+    assert created(other_store, "t", ("an-earlier-store", 3)) == (other_store.epoch, 0)
+
+
+def test_a_tenant_created_while_the_store_is_gone_fixes_its_generation_when_it_is_back():
+    """A server that starts (or creates a tenant) while server 0's store does not
+    answer: a resumed tenant steps under the generation kept in its directory, not the
+    one a purge raised meanwhile (the tenant created again elsewhere steps under that);
+    a new tenant reads the store's when it is back, and is told it for its directory."""
+    import threading
+    import time
+
+    from mace_sgl.plugin import tenant_log
+
+    store, clock, up = HashStore(), Clock(), threading.Event()
+    first = lease_of(store, 0, clock)
+    first.renew()  # the store's epoch; server 0 announced
+    kept = created(first, "old")  # "old" was created under generation 0 ...
+    for name in ("old", "new"):  # ... and both purged since
+        tenant_log.append(store, tenant_log.TenantOp("retire", name, purge=True, origin=0))
+
+    def connect():
+        if not up.is_set():
+            raise RuntimeError("connection refused")
+        return store
+
+    lease = ClusterLease(GoneStore(), 1, 2, lambda: {}, clock, connect=connect)
+    told = []
+    lease.created("old", kept, lambda *got: told.append(("old", got)))
+    lease.created("new", None, lambda *got: told.append(("new", got)))
+    assert lease.generations == {} and lease.errors == 1  # nothing read yet
+    up.set()
+    clock.now += RENEW_S
+    deadline = time.monotonic() + 10
+    while not lease.try_acquire("old", 0):
+        assert time.monotonic() < deadline, "never stepped in the store once it was back"
+        clock.now += RENEW_S
+        time.sleep(0.01)
+    assert lease.generations == {"old": 0}
+    assert LeaseValue.parse(store.get(ClusterLease.key("old"))).holder == 1
+    assert lease.try_acquire("new", 0)
+    assert lease.generations["new"] == 1 and told == [("new", (first.epoch, 1))]
+    assert LeaseValue.parse(store.get(ClusterLease.key("new", 1))).holder == 1
+
+
+def test_a_release_kept_for_an_old_generation_frees_its_key_while_the_new_one_is_held(
+    pair, monkeypatch
+):
+    """A release that could not be written (contended) is written at the next renewal.
+    If a purge and the tenant's creation came meanwhile, and the new tenant holds its
+    own generation's key, the old key is freed all the same (not held until TTL_S, which
+    would stop a server that still steps the old tenant)."""
+    from mace_sgl.plugin import tenant_log
+    from mace_sgl.trainer import lease as lease_module
+
+    a, _, clock = pair
+    store = a.store
+    created(a, "t")
+    assert a.try_acquire("t", 0)
+    monkeypatch.setattr(lease_module, "CAS_TRIES", 0)  # every compare-and-set contended
+    a.release("t", 1)
+    monkeypatch.undo()
+    assert a.unwritten == {("t", 0): 1}
+    tenant_log.append(store, tenant_log.TenantOp("retire", "t", purge=True, origin=0))
+    a.retire("t", 1)
+    assert created(a, "t") == (a.epoch, 1)
+    clock.now += RETRY_S
+    assert a.try_acquire("t", 0)  # the new tenant's step, on its own key
+    clock.now += RENEW_S
+    a.renew()
+    assert LeaseValue.parse(store.get(ClusterLease.key("t"))) == LeaseValue(None, 0.0, 1)
+    assert LeaseValue.parse(store.get(ClusterLease.key("t", 1))).holder == 0
 
 
 def test_a_key_this_rank_holds_without_knowing_it_is_free_to_it(pair):

@@ -19,6 +19,7 @@ import torch
 from mace_sgl.launcher import free_port
 from mace_sgl.policy.placement import DecodeMoments, LemixPlacement, ReplicaLoad, TrainingLoad
 from mace_sgl.trainer.replicas import (
+    POLL_S,
     STORE_CALL_TIMEOUT_S,
     pack_state,
     state_numel,
@@ -495,13 +496,15 @@ def test_the_stepping_replica_serves_its_version_once_every_peer_took_it():
             published.append(t.version)
             t.version += 1
 
-        return SimpleNamespace(
+        fake = SimpleNamespace(
             unpublished={"live": tenant.version + 1},
             tenants=SimpleNamespace(tenants={"live": tenant}, publish=publish),
             streams=SimpleNamespace(training_work=nullcontext),
             # (version, pairs trained): the losses name the trained pairs
             _report=lambda t, pairs, losses, version: reported.append((version, len(losses))),
         )
+        fake._live = lambda t: MaceTrainer._live(fake, t)
+        return fake
 
     def tenant_at(version: int, loaded: bool = True) -> SimpleNamespace:
         return SimpleNamespace(
@@ -804,3 +807,58 @@ def test_the_group_follows_server_0_into_its_fresh_store_after_a_restart(tmp_pat
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+
+VANISHED = """
+import datetime, json, os, sys, time
+from torch.distributed import TCPStore
+from mace_sgl.trainer.replicas import EPOCH_KEY, GEN_KEY, ReplicaSync
+from tests.blackhole import BlackHole
+
+master = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # server 0's
+master.set(EPOCH_KEY, "first")
+proxy = BlackHole(master.port)
+client = TCPStore("127.0.0.1", proxy.port, is_master=False,
+                  timeout=datetime.timedelta(seconds=120))
+direct = lambda: TCPStore("127.0.0.1", master.port, is_master=False,
+                          timeout=datetime.timedelta(seconds=5))
+sync = ReplicaSync(client, 0, 1, rejoin=True, rejoin_wait_s=1, join_wait_s=1,
+                   form_timeout_s=5, connect=direct)
+sync.poll_call_s = 1.0
+proxy.silence()  # the host vanished: the connection answers nothing, closes nothing
+started = time.monotonic()
+
+def wait(cond, what):
+    while not cond():
+        if time.monotonic() - started > 30:
+            print(json.dumps({"timeout": what, **sync.status()}), flush=True)
+            os._exit(1)
+        time.sleep(0.05)
+
+wait(lambda: sync.store is not client, "a new connection")
+connected = time.monotonic() - started
+master.add(GEN_KEY, 1)  # the group moved on meanwhile (another member failed)
+wait(lambda: sync.generation == 1, "the next generation")
+print(json.dumps({"connected_s": connected, **sync.status()}), flush=True)
+os._exit(0)  # not sys.exit: see the end of REPLICA
+"""
+
+
+def test_the_group_thread_follows_a_store_whose_host_vanished():
+    """Server 0's host vanishes without closing connections: the group thread's poll
+    of the store gives up after its deadline (POLL_CALL_S) and connects again, so it
+    follows the group (here: forms the generation the counter moved to) within seconds,
+    not when TCP gives up on the silent connection (many minutes)."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-c", VANISHED], cwd=root, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        got = _line(proc, 90)
+        assert "timeout" not in got, got
+        assert got["connected_s"] < 1.0 + POLL_S + 5.0, got
+        assert got["generation"] == 1 and got["formed"] == 1, got
+        assert any("no answer within 1 s" in e for e in got["errors"]), got
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -176,6 +176,27 @@ def read_owner(adapter_dir: Path) -> str | None:
         return None
 
 
+def write_once(path: Path, text: str) -> bool:
+    """Create `path` holding `text` atomically, unless it exists: the first writer's
+    stays (a temporary file linked into place). Returns False for an error other than
+    the file existing or its directory missing (logged), else True."""
+    tmp = path.parent / f"{path.name}.{uuid.uuid4().hex}"
+    try:
+        tmp.write_text(text)
+        os.link(tmp, path)  # fails if another writer was first
+    except (FileExistsError, FileNotFoundError):
+        pass  # theirs stays (or the directory is gone)
+    except OSError:
+        logger.exception("could not write %s", path)
+        return False
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a leftover temporary file harms nothing
+            pass
+    return True
+
+
 def owner_id(adapter_dir: Path) -> str | None:
     """The random id of this adapter directory, made by the first writer that asks
     (atomically: every replica's writer gets the same); None without the directory. A
@@ -186,17 +207,8 @@ def owner_id(adapter_dir: Path) -> str | None:
         got = read_owner(adapter_dir)
         if got is not None or not adapter_dir.is_dir():
             return got
-        tmp = adapter_dir / f".owner.{uuid.uuid4().hex}"
-        try:
-            tmp.write_text(uuid.uuid4().hex)
-            os.link(tmp, adapter_dir / OWNER_FILE)  # fails if another writer was first
-        except (FileExistsError, FileNotFoundError):
-            pass  # read theirs (or find the directory gone) on the next turn
-        except OSError:
-            logger.exception("could not write %s's owner id", adapter_dir)
+        if not write_once(adapter_dir / OWNER_FILE, uuid.uuid4().hex):
             return None
-        finally:
-            tmp.unlink(missing_ok=True)
     return read_owner(adapter_dir)
 
 
@@ -216,16 +228,7 @@ def read_lease_generation(adapter_dir: Path) -> tuple[str, int] | None:
 def keep_lease_generation(adapter_dir: Path, epoch: str, generation: int) -> None:
     """Keep (epoch, generation) in the directory, once: the first writer's stays (every
     replica reads the same); nothing where the directory is gone (purged)."""
-    tmp = adapter_dir / f".lease.{uuid.uuid4().hex}"
-    try:
-        tmp.write_text(f"{epoch} {generation}")
-        os.link(tmp, adapter_dir / LEASE_FILE)
-    except (FileExistsError, FileNotFoundError):
-        pass
-    except OSError:
-        logger.exception("could not keep %s's lease generation", adapter_dir)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_once(adapter_dir / LEASE_FILE, f"{epoch} {generation}")
 
 
 def purge_dir(adapter_dir: Path) -> None:

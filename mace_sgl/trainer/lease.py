@@ -57,14 +57,17 @@ generation when it creates the tenant (`created`; the trainer keeps it in the te
 adapter directory, so a restart resumes the tenant under the same one) and keeps it
 until it retires it (`retire`, which also gives the key back at once: the step in
 flight, if any, is dropped), so a server that has not applied the purge yet steps its
-old tenant under the old key, and the tenant created again under the new one.
+old tenant under the old key, and the tenant created again under the new one. A tenant
+created while the store is gone fixes its generation at its first call that reaches
+the store (a resumed one from its directory; a new one reads the store's then, so a
+purge of its name in between would move it to the new key: a new tenant has no
+checkpoint, so it steps from v0 either way).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -72,7 +75,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from mace_sgl.trainer.replicas import store_text
+from mace_sgl.trainer.replicas import DeadlineStore, store_text
 
 logger = logging.getLogger("mace_sgl.trainer")
 
@@ -86,56 +89,6 @@ EPOCH_KEY = "mace/lease/epoch"  # a new id in each store: a restarted server 0's
 
 def new_epoch() -> str:
     return uuid.uuid4().hex
-
-
-class DeadlineStore:
-    """`store`'s calls, each run on a thread of this object's own and given up (TimeoutError)
-    after `seconds`; after one has been given up, every later call fails at once (that
-    thread still waits on the silent connection, and ends with that call)."""
-
-    def __init__(self, store: Any, seconds: float) -> None:
-        self.store, self.seconds = store, seconds
-        self.stuck = False
-        self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    def close(self) -> None:
-        """Let the thread end (this object is not called again)."""
-        self._calls.put(None)
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        method = getattr(self.store, name)
-
-        def call(*args: Any) -> Any:
-            if self.stuck:
-                raise TimeoutError(f"an earlier store call got no answer within {self.seconds:g} s")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="mace-lease-store",
-                                                daemon=True)  # fmt: skip
-                self._thread.start()
-            done, box = threading.Event(), []
-            self._calls.put((method, args, box, done))
-            if not done.wait(self.seconds):
-                self.stuck = True
-                raise TimeoutError(f"store {name}: no answer within {self.seconds:g} s")
-            ok, value = box[0]
-            if not ok:
-                raise value
-            return value
-
-        return call
-
-    def _run(self) -> None:
-        while not self.stuck:
-            job = self._calls.get()
-            if job is None:
-                return
-            method, args, box, done = job
-            try:
-                box.append((True, method(*args)))
-            except Exception as e:
-                box.append((False, e))
-            done.set()
 
 
 class Contended(Exception):
@@ -198,6 +151,10 @@ class ClusterLease:
         # read when it was created here (`created`), kept until it is retired (a purge
         # meanwhile moves only tenants created after it to the next generation)
         self.generations: dict[str, int] = {}
+        # Tenants created while the store was gone, their generation not read yet: the
+        # (epoch, generation) kept in their directory, or what to tell once it is read.
+        self.kept: dict[str, tuple[str, int]] = {}
+        self.tell: dict[str, Callable[[str, int], None]] = {}
         self.epoch: str | None = None  # which store (EPOCH_KEY): a fresh one has another
         # (name, generation; None: unread) -> a floor released while the store was gone
         self.unwritten: dict[tuple[str, int | None], int] = {}
@@ -230,10 +187,19 @@ class ClusterLease:
         return self._calls
 
     def _generation(self, name: str) -> int:
-        """The generation this member's tenant `name` steps under (read from the store
-        the first time: at its creation, or at its first call if the store was gone)."""
+        """The generation this member's tenant `name` steps under: fixed at its creation
+        (`created`), or at its first call if the store was gone then."""
         if name not in self.generations:
-            self.generations[name] = int(self._store.add(self.generation_key(name), 0))
+            if self.epoch is None:
+                self.epoch = store_text(self._store.compare_set(EPOCH_KEY, "", new_epoch()))
+            kept = self.kept.pop(name, None)
+            if kept is not None:  # from an earlier store: 0, as every tenant older than it
+                self.generations[name] = kept[1] if kept[0] == self.epoch else 0
+            else:
+                self.generations[name] = int(self._store.add(self.generation_key(name), 0))
+                tell = self.tell.pop(name, None)
+                if tell is not None:
+                    tell(self.epoch, self.generations[name])
         return self.generations[name]
 
     def _key(self, name: str) -> str:
@@ -243,30 +209,32 @@ class ClusterLease:
         """A call failed and no new connection is in use yet: no call waits on the old."""
         return self._connecting.locked() or self._new_store is not None
 
-    def created(self, name: str, kept: tuple[str, int] | None = None) -> tuple[str, int] | None:
+    def created(self, name: str, kept: tuple[str, int] | None = None,
+                keep: Callable[[str, int], None] | None = None) -> None:  # fmt: skip
         """Tenant `name` was created here (or resumed): fix the generation it steps
         under, so that a purge of it later (raised before every server retired it)
         cannot move it to the next generation's key. `kept`: the (epoch, generation)
         this tenant was created under, kept in its adapter directory (a tenant resumed
         after a restart: the store may have counted a purge of its name meanwhile, which
         another server's tenant created after it steps under); from another epoch (a
-        store started since) it is 0, as every tenant older than that store. Returns
-        the (epoch, generation) to keep (None while the store is gone: then the
-        generation is read at the tenant's first call)."""
+        store started since) it is 0, as every tenant older than that store. Without
+        `kept` the generation is read from the store and `keep(epoch, generation)` is
+        called with it, for the directory. While the store is gone, both wait for the
+        tenant's first call that reaches it."""
+        self.generations.pop(name, None)
+        self.kept.pop(name, None)
+        self.tell.pop(name, None)
+        if kept is not None:
+            self.kept[name] = kept
+        elif keep is not None:
+            self.tell[name] = keep
         self._adopt()
         if self._store_gone():
-            return None
+            return
         try:
-            if self.epoch is None:
-                self.epoch = store_text(self._store.compare_set(EPOCH_KEY, "", new_epoch()))
-            if kept is not None:
-                self.generations[name] = kept[1] if kept[0] == self.epoch else 0
-            else:
-                self.generations.pop(name, None)  # read now
-            return self.epoch, self._generation(name)
-        except Exception as e:  # read at its first call instead
+            self._generation(name)
+        except Exception as e:  # fixed at its first call instead
             self._store_failed(f"generation of {name}", e)
-            return None
 
     @staticmethod
     def ready_key(rank: int) -> str:
@@ -341,6 +309,8 @@ class ClusterLease:
         if holding:
             self._free(name, floor, self.generations.get(name))
         self.generations.pop(name, None)
+        self.kept.pop(name, None)
+        self.tell.pop(name, None)
 
     def renew(self) -> None:
         """Every RENEW_S (called from each poll): look that the store still answers
@@ -415,7 +385,10 @@ class ClusterLease:
             return False
 
         def free(current: LeaseValue) -> LeaseValue | None:
-            if current.holder == self.rank and name not in self.held:  # not taken again
+            # Not taken again since: by a step of this tenant under this generation (a
+            # release kept for an older generation frees that key all the same).
+            again = name in self.held and self.generations.get(name) == generation
+            if current.holder == self.rank and not again:
                 return LeaseValue(None, 0.0, max(floor, current.version))
             if current.version < floor:
                 return replace(current, version=floor)

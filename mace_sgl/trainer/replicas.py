@@ -69,7 +69,11 @@ current generation whatever its own number (the fresh store starts from generati
 which waits for every server, as at start: a server that is down too holds the whole
 group until it is back), and its trainer announces its versions there
 (runtime._announce_versions), so the restarted server 0 installs what the group
-published. The survivors keep serving meanwhile, but without the store they cannot form
+published. The group thread's polls of the store have a deadline (POLL_CALL_S,
+DeadlineStore): a server 0 whose host vanished without closing its connections counts
+as dead after it, not when TCP gives up many minutes later (its regroup's rendezvous
+calls, which gloo makes, have none; they follow a poll that just got an answer). The
+survivors keep serving meanwhile, but without the store they cannot form
 a generation without server 0: a step they make is kept unsent (not counted done) until
 the new generation forms, and goes then. Failures and waits name the group by `formed`
 (how many this member formed), not by generation, whose numbers start again at 0.
@@ -109,9 +113,12 @@ EPOCH_KEY = "mace/sync/epoch"  # which store this is: a new id each time server 
 RECONNECT_TIMEOUT_S = 5.0
 # The longest a call on the first connection waits for a key once the group formed (a
 # member whose store is served by another process; the rendezvous's is 900 s). It does
-# not bound a reply that never comes: a server 0 whose host vanished without closing
-# its connections is noticed only when TCP gives up (README, Known gaps).
+# not bound a reply that never comes (a server 0 whose host vanished without closing
+# its connections): the group thread's polls have POLL_CALL_S for that.
 STORE_CALL_TIMEOUT_S = 60.0
+# The group thread's poll of the store (epoch, counter) waits at most this long for an
+# answer, then counts as a dead store and connects again (several servers).
+POLL_CALL_S = 10.0
 POLL_S = 2.0  # how often a member reads the generation counter
 REJOIN_WAIT_S = 30.0  # a restarted member waits this long for the survivors to move on
 # How long a regroup waits for every member to join before the group goes on without the
@@ -192,6 +199,58 @@ def reconnector(cfg: Any, dp_rank: int) -> Callable[[], Any] | None:
 def store_text(raw: bytes | str) -> str:
     """A store value as text (get and compare_set answer bytes)."""
     return raw.decode() if isinstance(raw, bytes) else raw
+
+
+class DeadlineStore:
+    """`store`'s calls, each run on a thread of this object's own and given up (TimeoutError)
+    after `seconds`; after one has been given up, every later call fails at once (that
+    thread still waits on the silent connection, and ends with that call). For the
+    calls of the lease (trainer/lease.py) and the group thread's polls, over a TCPStore
+    whose server may vanish without closing the connection."""
+
+    def __init__(self, store: Any, seconds: float) -> None:
+        self.store, self.seconds = store, seconds
+        self.stuck = False
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def close(self) -> None:
+        """Let the thread end (this object is not called again)."""
+        self._calls.put(None)
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.store, name)
+
+        def call(*args: Any) -> Any:
+            if self.stuck:
+                raise TimeoutError(f"an earlier store call got no answer within {self.seconds:g} s")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mace-lease-store",
+                                                daemon=True)  # fmt: skip
+                self._thread.start()
+            done, box = threading.Event(), []
+            self._calls.put((method, args, box, done))
+            if not done.wait(self.seconds):
+                self.stuck = True
+                raise TimeoutError(f"store {name}: no answer within {self.seconds:g} s")
+            ok, value = box[0]
+            if not ok:
+                raise value
+            return value
+
+        return call
+
+    def _run(self) -> None:
+        while not self.stuck:
+            job = self._calls.get()
+            if job is None:
+                return
+            method, args, box, done = job
+            try:
+                box.append((True, method(*args)))
+            except Exception as e:
+                box.append((False, e))
+            done.set()
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -323,6 +382,8 @@ class ReplicaSync:
         self.store = store
         self.rejoin = rejoin
         self._connect = connect if rejoin else None
+        self.poll_call_s = POLL_CALL_S
+        self._polls: DeadlineStore | None = None  # the group thread's, over self.store
         self.epoch = self._epoch()  # the store this member joined in ("": unmarked)
         self.send_timeout = datetime.timedelta(seconds=timeout_s)
         self._inbox: queue.Queue[Update] = queue.Queue()
@@ -454,15 +515,30 @@ class ReplicaSync:
         self.store.compare_set(GEN_KEY, str(generation), str(generation + 1))
         return self._counter()
 
-    def _counter(self) -> int:
-        return int(self.store.add(GEN_KEY, 0))  # creates it at 0 on first use
+    def _counter(self, store: Any = None) -> int:
+        return int(
+            (self.store if store is None else store).add(GEN_KEY, 0)
+        )  # creates it at 0 on first use
 
-    def _epoch(self) -> str:
+    def _epoch(self, store: Any = None) -> str:
         """The store's epoch ("" on one server: its FileStore has none). Waits for it: a
         restarted server 0 writes it as soon as its store listens (group_store)."""
         if not self.rejoin:
             return ""
-        return store_text(self.store.get(EPOCH_KEY))
+        return store_text((self.store if store is None else store).get(EPOCH_KEY))
+
+    def _poll_store(self) -> Any:
+        """self.store, each call with a deadline (POLL_CALL_S), for the group thread's
+        polls: a server 0 whose host vanished answers nothing, and without it the thread
+        would notice only when TCP gives up (many minutes), and follow a restarted
+        server 0 no sooner. Without `connect` (nothing to fall back on), the store."""
+        if self._connect is None:
+            return self.store
+        if self._polls is None or self._polls.store is not self.store:
+            if self._polls is not None:
+                self._polls.close()
+            self._polls = DeadlineStore(self.store, self.poll_call_s)
+        return self._polls
 
     def _reconnect(self) -> bool:
         """After a store call failed: a new connection (raises while server 0 is down;
@@ -528,8 +604,9 @@ class ReplicaSync:
         while True:
             failed = self._failed.wait(POLL_S)
             try:
-                epoch, current = self._epoch(), self._counter()
-            except Exception as e:  # the store is gone (server 0 died)
+                polls = self._poll_store()
+                epoch, current = self._epoch(polls), self._counter(polls)
+            except Exception as e:  # the store is gone (server 0 died, or its host)
                 last_error = self._store_failed(e, last_error)
                 continue
             fresh = epoch != self.epoch  # server 0 restarted: a new store, new numbers

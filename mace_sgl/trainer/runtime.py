@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Generator
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import psutil
@@ -253,9 +254,7 @@ class MaceTrainer:
         """Fix the lease key generation `tenant` steps under (trainer/lease.py), kept in
         its adapter directory across restarts."""
         kept = read_lease_generation(tenant.adapter_dir)
-        got = self.lease.created(tenant.name, kept)
-        if got is not None and kept is None:
-            keep_lease_generation(tenant.adapter_dir, *got)
+        self.lease.created(tenant.name, kept, partial(keep_lease_generation, tenant.adapter_dir))
 
     def _return_orphans(self) -> None:
         """Pairs of tenants the trainer does not have, waiting too long, go back to the
@@ -586,9 +585,8 @@ class MaceTrainer:
         holds, and they train again. Already at `version` or past it (another server's
         announcement installed it): reported as trained, nothing to publish."""
         self.unpublished.pop(tenant.name, None)
-        live = self.tenants.tenants.get(tenant.name) is tenant and tenant.publisher.loaded()
         trained, at = True, version
-        if not live:
+        if not self._live(tenant):
             trained, at = False, version - 1
         elif tenant.version < version:
             try:
@@ -602,6 +600,11 @@ class MaceTrainer:
         for pairs, losses in steps:
             self._report(tenant, pairs, losses if trained else {}, at)
 
+    def _live(self, tenant: Tenant) -> bool:
+        """Whether `tenant` is still the one of its name: in the registry and loaded in
+        SGLang (a retire unloads it there up to SYNC_EVERY_S before the registry sees it)."""
+        return self.tenants.tenants.get(tenant.name) is tenant and tenant.publisher.loaded()
+
     def _report(
         self,
         tenant: Tenant,
@@ -614,7 +617,7 @@ class MaceTrainer:
         version = tenant.version if version is None else version
         # A tenant retired meanwhile names no version: the sidecar would take it for that
         # of a tenant created again under the name since.
-        live = self.tenants.tenants.get(tenant.name) is tenant
+        live = self._live(tenant)
         for p in pairs:
             loss = losses.get(p.sample_id, float("nan"))
             self.link.report(p.sample_id, loss, version, tenant.name if live else "")
