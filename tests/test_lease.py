@@ -309,6 +309,10 @@ def test_a_tenant_retired_mid_step_gives_its_key_back_and_its_late_report_none()
     loaded.clear()
     MaceTrainer._report(fake, new, [pair], {7: 0.25}, 4)
     assert reported[-1] == (7, 0.25, 4, "") and lease.status()["held"] == ["t"]
+    assert fake.synced_at == float("-inf")  # the registry looks at SGLang at the next poll
+    MaceTrainer._sync_tenants(fake)
+    assert lease.status()["held"] == []
+    assert LeaseValue.parse(store.get(ClusterLease.key("t"))).holder is None
 
 
 def test_a_store_that_stops_answering_holds_the_scheduler_thread_at_most_call_s():
@@ -481,3 +485,44 @@ def test_releases_kept_while_the_store_was_gone_are_written_when_the_same_store_
         lease.renew()
         time.sleep(0.01)
     assert LeaseValue.parse(store.get(ClusterLease.key("t"))) == LeaseValue(None, 0.0, 1)
+
+
+def test_tenants_created_in_a_row_while_the_store_comes_back_keep_their_generations():
+    """The trainer creates its tenants one after another (at start, or a sync that
+    retires and creates several): the first meets a dead connection, a new one is made
+    at once, and the rest are created before the lease adopts it. The announcement that
+    follows raises each tenant's floor on the key of the generation it steps under (a
+    resumed tenant's kept one), never on a newer generation's key, where the tenant
+    created again after a purge on another server steps from v0."""
+    import time
+
+    from mace_sgl.plugin import tenant_log
+
+    store, clock = HashStore(), Clock()
+    first = lease_of(store, 0, clock)
+    first.renew()
+    kept = created(first, "c")  # c, created under generation 0, resumes v5 below ...
+    tenant_log.append(store, tenant_log.TenantOp("retire", "c", purge=True, origin=0))
+    lease = ClusterLease(GoneStore(), 1, 2, lambda: {"a": 1, "b": 1, "c": 5}, clock,
+                         connect=lambda: store)  # fmt: skip
+    lease.created("a")  # fails: a new connection is made at once
+    deadline = time.monotonic() + 10
+    while lease._new_store is None:
+        assert time.monotonic() < deadline, "never connected again"
+        time.sleep(0.01)
+    lease.created("b")
+    lease.created("c", kept)
+    lease.renew()  # adopts the connection and announces
+    assert lease.announced and lease.generations == {"a": 0, "b": 0, "c": 0}
+    assert not store.check([ClusterLease.key("c", 1)])  # the new c's key: untouched
+    assert store.check([ClusterLease.key("c")])  # (a missing key's get would wait)
+    assert LeaseValue.parse(store.get(ClusterLease.key("c"))).version == 5
+
+
+def test_replicas_of_one_server_step_under_the_generation_its_directory_kept(pair):
+    """Two replicas of one server read a new tenant's generation on their own, and a
+    purge may come between the reads: the directory keeps the first writer's, and
+    every replica steps under that one."""
+    a, _, _ = pair
+    a.created("t", None, lambda epoch, generation: (epoch, 3))  # another replica's
+    assert a.generations["t"] == 3

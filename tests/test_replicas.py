@@ -812,8 +812,11 @@ def test_the_group_follows_server_0_into_its_fresh_store_after_a_restart(tmp_pat
 VANISHED = """
 import datetime, json, os, sys, time
 from torch.distributed import TCPStore
+from mace_sgl.trainer import replicas
 from mace_sgl.trainer.replicas import EPOCH_KEY, GEN_KEY, ReplicaSync
 from tests.blackhole import BlackHole
+
+replicas.POLL_CALL_S = 1.0  # the deadline of the group thread's polls
 
 master = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # server 0's
 master.set(EPOCH_KEY, "first")
@@ -824,7 +827,6 @@ direct = lambda: TCPStore("127.0.0.1", master.port, is_master=False,
                           timeout=datetime.timedelta(seconds=5))
 sync = ReplicaSync(client, 0, 1, rejoin=True, rejoin_wait_s=1, join_wait_s=1,
                    form_timeout_s=5, connect=direct)
-sync.poll_call_s = 1.0
 proxy.silence()  # the host vanished: the connection answers nothing, closes nothing
 started = time.monotonic()
 

@@ -225,10 +225,12 @@ def read_lease_generation(adapter_dir: Path) -> tuple[str, int] | None:
         return None
 
 
-def keep_lease_generation(adapter_dir: Path, epoch: str, generation: int) -> None:
+def keep_lease_generation(adapter_dir: Path, epoch: str, generation: int) -> tuple[str, int] | None:
     """Keep (epoch, generation) in the directory, once: the first writer's stays (every
-    replica reads the same); nothing where the directory is gone (purged)."""
+    replica reads the same); nothing where the directory is gone (purged). Returns what
+    the directory holds afterwards (None: nothing)."""
     write_once(adapter_dir / LEASE_FILE, f"{epoch} {generation}")
+    return read_lease_generation(adapter_dir)
 
 
 def purge_dir(adapter_dir: Path) -> None:

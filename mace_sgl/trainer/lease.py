@@ -196,10 +196,19 @@ class ClusterLease:
             if kept is not None:  # from an earlier store: 0, as every tenant older than it
                 self.generations[name] = kept[1] if kept[0] == self.epoch else 0
             else:
-                self.generations[name] = int(self._store.add(self.generation_key(name), 0))
+                generation = int(self._store.add(self.generation_key(name), 0))
                 tell = self.tell.pop(name, None)
                 if tell is not None:
-                    tell(self.epoch, self.generations[name])
+                    # Another replica of this server may have read and kept its own
+                    # (a purge between the two reads): every replica takes the kept one.
+                    try:
+                        got = tell(self.epoch, generation)
+                    except Exception:  # not the store's failure: the store answered
+                        logger.exception("cluster lease: keeping %s's generation", name)
+                        got = None
+                    if got is not None and got[0] == self.epoch:
+                        generation = got[1]
+                self.generations[name] = generation
         return self.generations[name]
 
     def _key(self, name: str) -> str:
@@ -210,7 +219,8 @@ class ClusterLease:
         return self._connecting.locked() or self._new_store is not None
 
     def created(self, name: str, kept: tuple[str, int] | None = None,
-                keep: Callable[[str, int], None] | None = None) -> None:  # fmt: skip
+                keep: Callable[[str, int], tuple[str, int] | None] | None = None,
+                ) -> None:  # fmt: skip
         """Tenant `name` was created here (or resumed): fix the generation it steps
         under, so that a purge of it later (raised before every server retired it)
         cannot move it to the next generation's key. `kept`: the (epoch, generation)
@@ -219,8 +229,14 @@ class ClusterLease:
         another server's tenant created after it steps under); from another epoch (a
         store started since) it is 0, as every tenant older than that store. Without
         `kept` the generation is read from the store and `keep(epoch, generation)` is
-        called with it, for the directory. While the store is gone, both wait for the
-        tenant's first call that reaches it."""
+        called with it, for the directory; it returns what the directory holds then (the
+        first writer's: every replica of a server steps under that one). While the
+        store is gone, both wait for the tenant's first call that reaches it.
+
+        Neither this nor `retire` adopts a new connection (which announces every
+        tenant's version): the trainer creates and retires several tenants in a row,
+        and an announcement between two of them would read the store's generation for
+        a resumed tenant not created here yet, instead of its kept one."""
         self.generations.pop(name, None)
         self.kept.pop(name, None)
         self.tell.pop(name, None)
@@ -228,7 +244,6 @@ class ClusterLease:
             self.kept[name] = kept
         elif keep is not None:
             self.tell[name] = keep
-        self._adopt()
         if self._store_gone():
             return
         try:
@@ -302,7 +317,6 @@ class ClusterLease:
         given back at `version` (what this member served) at once, and the steps still
         in flight under it end without a release (the trainer reports them untrained).
         Its next step, of a tenant created again, takes the key of that generation."""
-        self._adopt()
         holding = self.held.pop(name, 0) + self.lost.pop(name, 0)
         floor = max(version, self.gave_back.pop(name, -1))
         self.retry_at.pop(name, None)

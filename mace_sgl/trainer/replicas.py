@@ -69,11 +69,14 @@ current generation whatever its own number (the fresh store starts from generati
 which waits for every server, as at start: a server that is down too holds the whole
 group until it is back), and its trainer announces its versions there
 (runtime._announce_versions), so the restarted server 0 installs what the group
-published. The group thread's polls of the store have a deadline (POLL_CALL_S,
-DeadlineStore): a server 0 whose host vanished without closing its connections counts
-as dead after it, not when TCP gives up many minutes later (its regroup's rendezvous
-calls, which gloo makes, have none; they follow a poll that just got an answer). The
-survivors keep serving meanwhile, but without the store they cannot form
+published. The group thread's polls of the store and its moves of the counter have a
+deadline (POLL_CALL_S, DeadlineStore): a server 0 whose host vanished without closing
+its connections counts as dead after it, not when TCP gives up many minutes later. A
+regroup's own calls (the members' marks and seal in `_members`, the member key, and
+gloo's rendezvous) have none; they follow a poll that just got an answer. (A server 0
+process that hangs while its host still accepts connections leaves one stuck call
+thread per reconnection, until TCP gives up on each.) The survivors keep serving
+meanwhile, but without the store they cannot form
 a generation without server 0: a step they make is kept unsent (not counted done) until
 the new generation forms, and goes then. Failures and waits name the group by `formed`
 (how many this member formed), not by generation, whose numbers start again at 0.
@@ -225,7 +228,7 @@ class DeadlineStore:
             if self.stuck:
                 raise TimeoutError(f"an earlier store call got no answer within {self.seconds:g} s")
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="mace-lease-store",
+                self._thread = threading.Thread(target=self._run, name="mace-store-call",
                                                 daemon=True)  # fmt: skip
                 self._thread.start()
             done, box = threading.Event(), []
@@ -512,8 +515,9 @@ class ReplicaSync:
 
     def _move_on(self, generation: int) -> int:
         """Move the counter past `generation` (once, whoever does it) and return it."""
-        self.store.compare_set(GEN_KEY, str(generation), str(generation + 1))
-        return self._counter()
+        store = self._poll_store()
+        store.compare_set(GEN_KEY, str(generation), str(generation + 1))
+        return self._counter(store)
 
     def _counter(self, store: Any = None) -> int:
         return int(

@@ -618,11 +618,13 @@ class MaceTrainer:
         # A tenant retired meanwhile names no version: the sidecar would take it for that
         # of a tenant created again under the name since.
         live = self._live(tenant)
+        if not live and self.tenants.tenants.get(tenant.name) is tenant:
+            self.synced_at = float("-inf")  # SGLang unloaded it: retired at the next poll
         for p in pairs:
             loss = losses.get(p.sample_id, float("nan"))
             self.link.report(p.sample_id, loss, version, tenant.name if live else "")
         # The step ended: every peer has `version` (or none). A tenant retired meanwhile
-        # gave its key back then (`_sync_tenants`): not one created again since.
+        # gives its key back at its retire (`_sync_tenants`), not one created again since.
         if self.lease is not None and live:
             self.lease.release(tenant.name, version)
 
