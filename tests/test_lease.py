@@ -511,6 +511,7 @@ def test_tenants_created_in_a_row_while_the_store_comes_back_keep_their_generati
         assert time.monotonic() < deadline, "never connected again"
         time.sleep(0.01)
     lease.created("b")
+    lease.retire("x", 0)  # a sync retires and creates in one go
     lease.created("c", kept)
     lease.renew()  # adopts the connection and announces
     assert lease.announced and lease.generations == {"a": 0, "b": 0, "c": 0}
@@ -519,10 +520,27 @@ def test_tenants_created_in_a_row_while_the_store_comes_back_keep_their_generati
     assert LeaseValue.parse(store.get(ClusterLease.key("c"))).version == 5
 
 
-def test_replicas_of_one_server_step_under_the_generation_its_directory_kept(pair):
+def test_replicas_of_one_server_step_under_the_generation_its_directory_kept(pair, tmp_path):
     """Two replicas of one server read a new tenant's generation on their own, and a
     purge may come between the reads: the directory keeps the first writer's, and
-    every replica steps under that one."""
-    a, _, _ = pair
-    a.created("t", None, lambda epoch, generation: (epoch, 3))  # another replica's
-    assert a.generations["t"] == 3
+    every replica steps under that one; one kept in an earlier store counts as 0 (as a
+    resumed tenant's does), and without the directory the store's read stands."""
+    from functools import partial
+
+    from mace_sgl.trainer.checkpoints import keep_lease_generation, read_lease_generation
+
+    a, b, _ = pair
+    assert keep_lease_generation(tmp_path, a.epoch, 3) == (a.epoch, 3)  # the sibling's
+    a.created("t", None, partial(keep_lease_generation, tmp_path))
+    assert a.generations["t"] == 3 and read_lease_generation(tmp_path) == (a.epoch, 3)
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    keep_lease_generation(earlier, "an-earlier-store", 2)
+    a.store.add(ClusterLease.generation_key("u"), 1)  # u was purged once here
+    b.created("u", None, partial(keep_lease_generation, earlier))
+    assert b.generations["u"] == 0
+    b.created("v", None, partial(keep_lease_generation, tmp_path / "purged"))
+    assert b.generations["v"] == 0 and not (tmp_path / "purged").exists()
+    a.store.add(ClusterLease.generation_key("w"), 2)
+    b.created("w", None, partial(keep_lease_generation, tmp_path / "purged"))
+    assert b.generations["w"] == 2  # nothing kept: the store's read stands

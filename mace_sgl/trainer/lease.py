@@ -206,8 +206,8 @@ class ClusterLease:
                     except Exception:  # not the store's failure: the store answered
                         logger.exception("cluster lease: keeping %s's generation", name)
                         got = None
-                    if got is not None and got[0] == self.epoch:
-                        generation = got[1]
+                    if got is not None:  # one kept in an earlier store: 0, as `kept`
+                        generation = got[1] if got[0] == self.epoch else 0
                 self.generations[name] = generation
         return self.generations[name]
 

@@ -400,15 +400,15 @@ class ReplicaSync:
             try:
                 self.pg, self.members = self._form(generation)
                 break
-            except NotAMember:
-                generation = self._move_on(generation)
+            except NotAMember:  # (no deadline here: nothing to reconnect to yet)
+                generation = self._move_on(generation, self.store)
             except Exception as e:
                 # a regroup's member died while it formed (FORM_TIMEOUT_S): as
                 # _group_loop does, the next generation forms without it
                 if not rejoin or generation == 0 or time.monotonic() > deadline:
                     raise
                 self._error(f"join: generation {generation}: {type(e).__name__}: {e}")
-                generation = self._move_on(generation)
+                generation = self._move_on(generation, self.store)
         self.generation = generation
         if self._connect is not None:  # later connections wait RECONNECT_TIMEOUT_S
             self.store.set_timeout(datetime.timedelta(seconds=STORE_CALL_TIMEOUT_S))
@@ -513,9 +513,10 @@ class ReplicaSync:
             self._error(f"generation {generation} goes on without rank(s) {gone}")
         return members
 
-    def _move_on(self, generation: int) -> int:
-        """Move the counter past `generation` (once, whoever does it) and return it."""
-        store = self._poll_store()
+    def _move_on(self, generation: int, store: Any = None) -> int:
+        """Move the counter past `generation` (once, whoever does it) and return it
+        (`store`: the connection to use; default the group thread's, with a deadline)."""
+        store = self._poll_store() if store is None else store
         store.compare_set(GEN_KEY, str(generation), str(generation + 1))
         return self._counter(store)
 
