@@ -180,10 +180,7 @@ class ClusterLease:
         without `connect` (nothing to fall back on), the store itself."""
         if self.connect is None:
             return self.store
-        if self._calls is None or self._calls.store is not self.store:
-            if self._calls is not None:
-                self._calls.close()
-            self._calls = DeadlineStore(self.store, self.call_s)
+        self._calls = DeadlineStore.over(self._calls, self.store, self.call_s)
         return self._calls
 
     def _generation(self, name: str) -> int:

@@ -221,6 +221,16 @@ class DeadlineStore:
         """Let the thread end (this object is not called again)."""
         self._calls.put(None)
 
+    @classmethod
+    def over(cls, current: DeadlineStore | None, store: Any, seconds: float) -> DeadlineStore:
+        """`current` while it wraps `store`; else (a new connection) a new one over it,
+        `current` closed."""
+        if current is not None and current.store is store:
+            return current
+        if current is not None:
+            current.close()
+        return cls(store, seconds)
+
     def __getattr__(self, name: str) -> Callable[..., Any]:
         method = getattr(self.store, name)
 
@@ -539,10 +549,7 @@ class ReplicaSync:
         server 0 no sooner. Without `connect` (nothing to fall back on), the store."""
         if self._connect is None:
             return self.store
-        if self._polls is None or self._polls.store is not self.store:
-            if self._polls is not None:
-                self._polls.close()
-            self._polls = DeadlineStore(self.store, self.poll_call_s)
+        self._polls = DeadlineStore.over(self._polls, self.store, self.poll_call_s)
         return self._polls
 
     def _reconnect(self) -> bool:
