@@ -63,7 +63,8 @@ pairs of the current phase (edit of the base answer vs the base answer); recover
 mean time after a drift until the win rate reaches --recover-at (the phase length when it
 never does); TTFT/TBT p99, SLO attainment, throughput from the load; training tokens/s.
 
---seeds N repeats the whole run N times (load seeds 1..N; DIR/seed-K/): every metric in
+--seeds N repeats the whole run N times (load seeds 1..N, or K..K+N-1 with --first-seed K,
+to finish a run in pieces; DIR/seed-K/): every metric in
 results.json is the mean over seeds, `ci95` per baseline gives [low, high] (Student t,
 N - 1 degrees of freedom; [x, x] for one seed) and `seeds` keeps each seed's figures.
 results.json is written after every seed (`seeds_done`), so a run stopped early keeps
@@ -551,6 +552,8 @@ def main() -> None:
     parser.add_argument("--eval-max-tokens", type=int, default=128)
     parser.add_argument("--phases", default=str(DEFAULT_FILE), help="phase file, YAML or JSON")
     parser.add_argument("--seeds", type=int, default=1, help="repeat the run N times")
+    parser.add_argument("--first-seed", type=int, default=1,
+                        help="load seeds K..K+N-1 (finish a --seeds run in pieces)")  # fmt: skip
     # ~20% of what SmolLM2 serves on 2 CPU cores (0.84 requests/s of 64 tokens): a decode
     # iteration costs about the same at any batch size there, so the device is idle only
     # while no request is in flight (about half the time at this rate).
@@ -576,8 +579,8 @@ def main() -> None:
     parser.add_argument("--slo-headroom", type=float, default=1.1,
                         help="derived targets: inference-only's p99s times this")  # fmt: skip
     args = parser.parse_args()
-    if args.seeds < 1:
-        parser.error("--seeds must be >= 1")
+    if args.seeds < 1 or args.first_seed < 1:
+        parser.error("--seeds and --first-seed must be >= 1")
     names = args.baselines.split(",")
     derive = args.slo_ttft_ms is None or args.slo_tbt_ms is None
     if derive and (args.slo_ttft_ms is not None or args.slo_tbt_ms is not None):
@@ -603,8 +606,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model_path or str(ensure_default_model()))
     runs: dict[str, list[dict[str, Any]]] = {}
     slo_targets: list[dict[str, Any]] = []  # per seed
-    for seed in range(1, args.seeds + 1):
-        seed_out = out / f"seed-{seed}" if args.seeds > 1 else out
+    for done, seed in enumerate(range(args.first_seed, args.first_seed + args.seeds), 1):
+        seed_out = out / f"seed-{seed}" if args.seeds > 1 or args.first_seed > 1 else out
         seed_out.mkdir(parents=True, exist_ok=True)
         baselines: dict[str, dict[str, Any]] = {}
         base_answers = None
@@ -633,7 +636,7 @@ def main() -> None:
             )
         # After every seed: a run stopped later keeps the seeds it finished.
         table = {name: aggregate(rows) for name, rows in runs.items()}
-        write_results(out, args, table, seed, slo_targets)
+        write_results(out, args, table, done, slo_targets)
     keys = ("win_rate", "degenerate_share", "clpd", "recover_s", "ttft_p99_ms", "tbt_p99_ms",
             "slo_attainment", "throughput_tok_s", "train_tokens_per_s", "guard_refusals")  # fmt: skip
     print(json.dumps({n: {k: r.get(k) for k in keys} for n, r in table.items()}, indent=2))
