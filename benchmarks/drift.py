@@ -64,7 +64,8 @@ mean time after a drift until the win rate reaches --recover-at (the phase lengt
 never does); TTFT/TBT p99, SLO attainment, throughput from the load; training tokens/s.
 
 --seeds N repeats the whole run N times (load seeds 1..N, or K..K+N-1 with --first-seed K,
-to finish a run in pieces; DIR/seed-K/): every metric in
+to finish a run in pieces, which `--merge A/results.json B/results.json --out DIR` joins
+into one results.json; DIR/seed-K/): every metric in
 results.json is the mean over seeds, `ci95` per baseline gives [low, high] (Student t,
 N - 1 degrees of freedom; [x, x] for one seed) and `seeds` keeps each seed's figures.
 results.json is written after every seed (`seeds_done`), so a run stopped early keeps
@@ -526,6 +527,49 @@ def write_results(out: Path, args: argparse.Namespace, table: dict[str, Any], se
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
+# Settings that may differ between the pieces of one run (--merge).
+PIECE_SETTINGS = ("out", "seeds", "first_seed", "merge", "phases")
+
+
+def merge(pieces: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results.json over the seeds of several (pieces of one run, e.g. --first-seed 1
+    --seeds 1 and --first-seed 2 --seeds 2): every baseline's seeds joined in the order
+    given and aggregated again, the SLO targets per seed joined. ValueError where their
+    settings (other than PIECE_SETTINGS), phases or baselines differ."""
+
+    def same(piece: dict[str, Any]) -> dict[str, Any]:
+        settings = {k: v for k, v in piece["settings"].items() if k not in PIECE_SETTINGS}
+        return {"settings": settings, "phases": piece["phases"],
+                "baselines": sorted(piece["baselines"])}  # fmt: skip
+
+    first = pieces[0]
+    for piece in pieces[1:]:
+        a, b = same(first), same(piece)
+        if a != b:
+            diff = sorted(k for k in a["settings"].keys() | b["settings"].keys()
+                          if a["settings"].get(k) != b["settings"].get(k))  # fmt: skip
+            raise ValueError(f"not pieces of one run: settings {diff}, or phases or "
+                             "baselines differ")  # fmt: skip
+    table = {
+        name: aggregate([row for p in pieces for row in p["baselines"][name]["seeds"]])
+        for name in first["baselines"]
+    }
+    return {
+        **first,
+        "baselines": table,
+        "slo_targets": [t for p in pieces for t in p["slo_targets"]],
+        "seeds_done": len(next(iter(table.values()))["seeds"]),
+        "merged_from": [
+            {
+                "first_seed": p["settings"].get("first_seed", 1),
+                "seeds": len(next(iter(p["baselines"].values()))["seeds"]),
+                "date": p.get("date"),
+            }
+            for p in pieces
+        ],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 CPU cores, < 20 minutes")
@@ -554,6 +598,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="repeat the run N times")
     parser.add_argument("--first-seed", type=int, default=1,
                         help="load seeds K..K+N-1 (finish a --seeds run in pieces)")  # fmt: skip
+    parser.add_argument("--merge", nargs="+", default=None, metavar="RESULTS",
+                        help="write --out's results.json over the seeds of these results "
+                             "files (runs of the same settings) and run nothing")  # fmt: skip
     # ~20% of what SmolLM2 serves on 2 CPU cores (0.84 requests/s of 64 tokens): a decode
     # iteration costs about the same at any batch size there, so the device is idle only
     # while no request is in flight (about half the time at this rate).
@@ -579,6 +626,15 @@ def main() -> None:
     parser.add_argument("--slo-headroom", type=float, default=1.1,
                         help="derived targets: inference-only's p99s times this")  # fmt: skip
     args = parser.parse_args()
+    if args.merge:
+        if not args.out:
+            parser.error("--merge writes DIR/results.json: give --out DIR")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        merged = merge([json.loads(Path(p).read_text()) for p in args.merge])
+        (out / "results.json").write_text(json.dumps(merged, indent=2) + "\n")
+        print(f"{out / 'results.json'}: {merged['seeds_done']} seeds")
+        return
     if args.seeds < 1 or args.first_seed < 1:
         parser.error("--seeds and --first-seed must be >= 1")
     names = args.baselines.split(",")
@@ -606,7 +662,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model_path or str(ensure_default_model()))
     runs: dict[str, list[dict[str, Any]]] = {}
     slo_targets: list[dict[str, Any]] = []  # per seed
-    for done, seed in enumerate(range(args.first_seed, args.first_seed + args.seeds), 1):
+    for finished, seed in enumerate(range(args.first_seed, args.first_seed + args.seeds), 1):
         seed_out = out / f"seed-{seed}" if args.seeds > 1 or args.first_seed > 1 else out
         seed_out.mkdir(parents=True, exist_ok=True)
         baselines: dict[str, dict[str, Any]] = {}
@@ -636,7 +692,7 @@ def main() -> None:
             )
         # After every seed: a run stopped later keeps the seeds it finished.
         table = {name: aggregate(rows) for name, rows in runs.items()}
-        write_results(out, args, table, done, slo_targets)
+        write_results(out, args, table, finished, slo_targets)
     keys = ("win_rate", "degenerate_share", "clpd", "recover_s", "ttft_p99_ms", "tbt_p99_ms",
             "slo_attainment", "throughput_tok_s", "train_tokens_per_s", "guard_refusals")  # fmt: skip
     print(json.dumps({n: {k: r.get(k) for k in keys} for n, r in table.items()}, indent=2))

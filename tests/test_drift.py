@@ -248,3 +248,57 @@ def test_main_derives_each_seeds_targets_from_inference_only_and_counts_every_ba
     base, mace = result["baselines"]["inference-only"], result["baselines"]["mace"]
     assert base["slo_attainment"] == pytest.approx(1.0)  # its own p99 x 1.1: every request
     assert mace["slo_attainment"] == pytest.approx(0.5)  # TTFT 0.2..1.0 s of 0.2..2.0 met
+
+
+def test_a_run_finished_in_pieces_and_merged_equals_the_run_in_one_go(
+    tmp_path, monkeypatch, tiny_model_dir
+):
+    """--first-seed K runs load seeds K..K+N-1, and --merge joins the pieces' results into
+    the results.json of one --seeds run (means, ci95, per-seed targets); pieces of other
+    settings are refused."""
+    import json
+    import sys
+
+    from benchmarks import drift
+    from benchmarks.loadgen import RequestResult
+
+    ran: list[int] = []
+
+    def run_baseline(name, args, tokenizer, out, base_answers, seed=1):
+        ran.append(seed)
+        results = [RequestResult(sent=0.0, ttft=0.1 * (i + 1), e2e=0.2 * (i + 1) * seed,
+                                 tokens=10) for i in range(10)]  # fmt: skip
+        row = {"win_rate": 0.4 + 0.1 * seed, "slo_attainment": -1.0, "timeline": [],
+               "gaps": [], "ttfts": [], "_results": results, "_wall": 10.0}  # fmt: skip
+        return row, {}
+
+    monkeypatch.setattr(drift, "run_baseline", run_baseline)
+    monkeypatch.setattr(drift, "plot", lambda *a: None)
+
+    def main(*flags: str) -> None:
+        monkeypatch.setattr(sys, "argv", ["drift", "--quick", "--baselines", "inference-only",
+                                          "--model-path", str(tiny_model_dir), *flags])  # fmt: skip
+        drift.main()
+
+    main("--seeds", "3", "--out", str(tmp_path / "whole"))
+    main("--seeds", "1", "--out", str(tmp_path / "a"))
+    main("--seeds", "2", "--first-seed", "2", "--out", str(tmp_path / "b"))
+    assert ran == [1, 2, 3, 1, 2, 3]
+    assert (tmp_path / "b" / "seed-3").is_dir()  # each seed's files under its own number
+    main("--merge", str(tmp_path / "a" / "results.json"), str(tmp_path / "b" / "results.json"),
+         "--out", str(tmp_path / "merged"))  # fmt: skip
+    assert ran == [1, 2, 3, 1, 2, 3]  # merging runs nothing
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged["seeds_done"] == whole["seeds_done"] == 3
+    assert merged["slo_targets"] == whole["slo_targets"]
+    ours, theirs = merged["baselines"]["inference-only"], whole["baselines"]["inference-only"]
+    for key in ("win_rate", "slo_attainment"):
+        assert ours[key] == pytest.approx(theirs[key]), key
+        assert ours["ci95"][key] == pytest.approx(theirs["ci95"][key]), key
+    assert merged["baselines"]["inference-only"]["win_rate"] == pytest.approx(0.6)
+    other = json.loads((tmp_path / "b" / "results.json").read_text())
+    other["settings"]["lr"] = 1.0
+    (tmp_path / "c.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="lr"):
+        drift.merge([merged, json.loads((tmp_path / "c.json").read_text())])

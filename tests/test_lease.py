@@ -487,6 +487,50 @@ def test_releases_kept_while_the_store_was_gone_are_written_when_the_same_store_
     assert LeaseValue.parse(store.get(ClusterLease.key("t"))) == LeaseValue(None, 0.0, 1)
 
 
+class LateRelease:
+    """The connect thread's lock, let go of `late_s` after it is released: the scheduler
+    thread may adopt the new connection in between (a window of microseconds otherwise)."""
+
+    def __init__(self, late_s: float) -> None:
+        import threading
+
+        self.lock, self.late_s = threading.Lock(), late_s
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self.lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        import time
+
+        time.sleep(self.late_s)
+        self.lock.release()
+
+    def locked(self) -> bool:
+        return self.lock.locked()
+
+
+def test_a_release_kept_while_the_store_was_gone_is_written_at_once_when_adopted():
+    """The scheduler thread adopts the new connection before the connect thread let go
+    of its lock: the release kept meanwhile is written then all the same, not kept
+    again until the next renewal (RENEW_S later; the key stayed held meanwhile)."""
+    import time
+
+    store, clock = HashStore(), Clock()
+    lease = ClusterLease(store, 0, 1, lambda: {}, clock, connect=lambda: store)
+    lease._connecting = LateRelease(0.3)
+    clock.now += RENEW_S
+    assert lease.try_acquire("t", 0)
+    lease.store = GoneStore()
+    lease.release("t", 1)  # kept: the store is gone; a thread connects again
+    deadline = time.monotonic() + 10
+    while lease._new_store is None:  # connected; its lock is let go of 0.3 s later
+        assert time.monotonic() < deadline, "never connected again"
+        time.sleep(0.01)
+    lease.renew()  # adopts it, and writes the release
+    assert lease.store is store
+    assert LeaseValue.parse(store.get(ClusterLease.key("t"))) == LeaseValue(None, 0.0, 1)
+
+
 def test_tenants_created_in_a_row_while_the_store_comes_back_keep_their_generations():
     """The trainer creates its tenants one after another (at start, or a sync that
     retires and creates several): the first meets a dead connection, a new one is made

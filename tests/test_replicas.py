@@ -864,3 +864,68 @@ def test_the_group_thread_follows_a_store_whose_host_vanished():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+VANISHED_REGROUP = """
+import datetime, json, os, sys, time
+from torch.distributed import PrefixStore, TCPStore
+from mace_sgl.trainer import replicas
+from mace_sgl.trainer.replicas import EPOCH_KEY, GEN_KEY, ReplicaSync
+from tests.blackhole import BlackHole
+
+replicas.POLL_CALL_S = 1.0  # the deadline of the group thread's polls
+
+master = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # server 0's
+master.set(EPOCH_KEY, "first")
+master.add(GEN_KEY, 1)  # past the first generation: rank 1 of 2 is down
+proxy = BlackHole(master.port)
+client = TCPStore("127.0.0.1", proxy.port, is_master=False,
+                  timeout=datetime.timedelta(seconds=120))
+direct = lambda: TCPStore("127.0.0.1", master.port, is_master=False,
+                          timeout=datetime.timedelta(seconds=5))
+sync = ReplicaSync(client, 0, 2, rejoin=True, rejoin_wait_s=1, join_wait_s=3,
+                   form_timeout_s=5, connect=direct)
+assert sync.generation == 1 and sync.members == (0,), sync.status()
+started = time.monotonic()
+
+def wait(cond, what):
+    while not cond():
+        if time.monotonic() - started > 60:
+            print(json.dumps({"timeout": what, **sync.status()}), flush=True)
+            os._exit(1)
+        time.sleep(0.05)
+
+master.add(GEN_KEY, 1)  # the group moved on: rank 0 forms generation 2
+marks = PrefixStore("mace/sync/2/", master)
+wait(lambda: marks.check(["in/0"]), "rank 0 marked in")
+proxy.silence()  # the host vanished while rank 0 waits for rank 1 to mark in
+silenced, sealed = time.monotonic(), marks.check(["members"])
+wait(lambda: sync.store is not client, "a new connection")
+connected = time.monotonic() - silenced
+wait(lambda: sync.generation == 3, "the generation after the one given up")
+print(json.dumps({"sealed_at_silence": sealed, "connected_s": connected,
+                  "limit_s": sync.form_limit_s(), **sync.status()}), flush=True)
+os._exit(0)  # not sys.exit: see the end of REPLICA
+"""
+
+
+def test_a_regroup_whose_store_host_vanished_is_given_up_and_formed_again():
+    """Server 0's host vanishes in the middle of a regroup (rank 0 marked itself in and
+    waits for its peer): the regroup is given up after the longest it takes with a store
+    that answers (form_limit_s), the group thread connects again, moves past the
+    generation it gave up (its prefix holds marks of then) and forms the next one,
+    instead of waiting in the regroup until TCP gives up on the silent connection."""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-c", VANISHED_REGROUP], cwd=root, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        got = _line(proc, 120)
+        assert "timeout" not in got, got
+        assert got["sealed_at_silence"] is False, got  # it came within the members' wait
+        assert got["connected_s"] < got["limit_s"] + POLL_S, got
+        assert got["generation"] == 3 and got["members"] == [0], got
+        assert any("did not form within" in e for e in got["errors"]), got
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -154,7 +154,7 @@ class ClusterLease:
         # Tenants created while the store was gone, their generation not read yet: the
         # (epoch, generation) kept in their directory, or what to tell once it is read.
         self.kept: dict[str, tuple[str, int]] = {}
-        self.tell: dict[str, Callable[[str, int], None]] = {}
+        self.tell: dict[str, Callable[[str, int], tuple[str, int] | None]] = {}
         self.epoch: str | None = None  # which store (EPOCH_KEY): a fresh one has another
         # (name, generation; None: unread) -> a floor released while the store was gone
         self.unwritten: dict[tuple[str, int | None], int] = {}
@@ -183,15 +183,24 @@ class ClusterLease:
         self._calls = DeadlineStore.over(self._calls, self.store, self.call_s)
         return self._calls
 
+    def _read_epoch(self) -> str:
+        """The store's epoch, written by the first member to ask (a fresh store has none)."""
+        return store_text(self._store.compare_set(EPOCH_KEY, "", new_epoch()))
+
+    def _in_this_store(self, kept: tuple[str, int]) -> int:
+        """A kept (epoch, generation) in the store this member uses: one from an earlier
+        store is 0, as every tenant older than that store (a fresh one counted no purge)."""
+        return kept[1] if kept[0] == self.epoch else 0
+
     def _generation(self, name: str) -> int:
         """The generation this member's tenant `name` steps under: fixed at its creation
         (`created`), or at its first call if the store was gone then."""
         if name not in self.generations:
             if self.epoch is None:
-                self.epoch = store_text(self._store.compare_set(EPOCH_KEY, "", new_epoch()))
+                self.epoch = self._read_epoch()
             kept = self.kept.pop(name, None)
-            if kept is not None:  # from an earlier store: 0, as every tenant older than it
-                self.generations[name] = kept[1] if kept[0] == self.epoch else 0
+            if kept is not None:
+                self.generations[name] = self._in_this_store(kept)
             else:
                 generation = int(self._store.add(self.generation_key(name), 0))
                 tell = self.tell.pop(name, None)
@@ -203,8 +212,8 @@ class ClusterLease:
                     except Exception:  # not the store's failure: the store answered
                         logger.exception("cluster lease: keeping %s's generation", name)
                         got = None
-                    if got is not None:  # one kept in an earlier store: 0, as `kept`
-                        generation = got[1] if got[0] == self.epoch else 0
+                    if got is not None:
+                        generation = self._in_this_store(got)
                 self.generations[name] = generation
         return self.generations[name]
 
@@ -454,7 +463,7 @@ class ClusterLease:
             return
         try:
             if self.epoch is None:
-                self.epoch = store_text(self._store.compare_set(EPOCH_KEY, "", new_epoch()))
+                self.epoch = self._read_epoch()
             for name, version in self.versions().items():
                 try:
                     self._update(self._key(name), raise_to(version))
@@ -514,13 +523,17 @@ class ClusterLease:
         store, self._new_store = self._new_store, None
         if store is None:
             return
+        # The connect thread set the connection and is about to let go of the lock:
+        # until it has, _store_gone() holds and the writes below would be kept again.
+        if self._connecting.acquire(timeout=1.0):
+            self._connecting.release()
         self.store = store
         now = self.clock()
         self.quiet_until = now + RENEW_S
         self.renewed_at = now
         self.announced = self.ready = False
         try:
-            epoch = store_text(self._store.compare_set(EPOCH_KEY, "", new_epoch()))
+            epoch = self._read_epoch()
         except Exception as e:
             self._store_failed("read the store's epoch", e)
             return

@@ -72,10 +72,14 @@ group until it is back), and its trainer announces its versions there
 published. The group thread's polls of the store and its moves of the counter have a
 deadline (POLL_CALL_S, DeadlineStore): a server 0 whose host vanished without closing
 its connections counts as dead after it, not when TCP gives up many minutes later. A
-regroup's own calls (the members' marks and seal in `_members`, the member key, and
-gloo's rendezvous) have none; they follow a poll that just got an answer. (A server 0
-process that hangs while its host still accepts connections leaves one stuck call
-thread per reconnection, until TCP gives up on each.) The survivors keep serving
+regroup (`_form_within`) runs on a thread of its own and is given up after the longest it
+takes with a store that answers (the members' wait, gloo's connections, and a poll's
+deadline for each of the store calls around them: `form_limit_s`), and the thread then
+connects again as after a failed poll. A fresh store's first generation has no such
+limit: it waits for every server, as at start, nor has a restarted member's regroup in
+its constructor. (A server 0 process that hangs while its host still accepts connections
+leaves one stuck thread per reconnection or regroup given up, until that process dies or
+answers again; a vanished host's, until TCP gives up.) The survivors keep serving
 meanwhile, but without the store they cannot form
 a generation without server 0: a step they make is kept unsent (not counted done) until
 the new generation forms, and goes then. Failures and waits name the group by `formed`
@@ -141,6 +145,10 @@ MEMBERS_KEY = "members"  # under a generation's prefix: its members' global rank
 
 class NotAMember(Exception):
     """This rank came after its generation's members were sealed: it joins the next."""
+
+
+class FormTimeout(TimeoutError):
+    """A regroup took longer than it can with a store that answers (form_limit_s)."""
 
 
 def group_store(cfg: Any, dp_rank: int) -> tuple[Any, int, int]:
@@ -409,6 +417,7 @@ class ReplicaSync:
         while True:
             try:
                 self.pg, self.members = self._form(generation)
+                self._joined(generation, self.store)
                 break
             except NotAMember:  # (no deadline here: nothing to reconnect to yet)
                 generation = self._move_on(generation, self.store)
@@ -480,7 +489,8 @@ class ReplicaSync:
         every member joined it); NotAMember when it was sealed without this rank."""
         from torch.distributed import PrefixStore, ProcessGroupGloo
 
-        prefix = PrefixStore(f"mace/sync/{generation}/", self.store)
+        store = self.store  # one connection throughout (the group thread may move on)
+        prefix = PrefixStore(f"mace/sync/{generation}/", store)
         members = self._members(prefix, generation)
         if self.rank not in members:
             raise NotAMember(generation)
@@ -495,10 +505,46 @@ class ReplicaSync:
         opts._timeout = (
             FIRST_FORM_TIMEOUT if first else datetime.timedelta(seconds=self.form_timeout_s)
         )
-        pg = ProcessGroupGloo(prefix, members.index(self.rank), len(members), opts)
+        return ProcessGroupGloo(prefix, members.index(self.rank), len(members), opts), members
+
+    def _joined(self, generation: int, store: Any) -> None:
+        """Record `generation` as the one this rank last joined (several servers), once
+        its group formed; not in `_form`, whose thread, given up, may finish much later
+        (a store that answers again) and would write an older generation over it."""
         if self.rejoin:
-            self.store.set(MEMBER_KEY.format(rank=self.rank), str(generation))
-        return pg, members
+            store.set(MEMBER_KEY.format(rank=self.rank), str(generation))
+
+    def form_limit_s(self) -> float:
+        """The longest a regroup takes with a store that answers: the members' wait
+        (`join_wait_s`), gloo's connections (`form_timeout_s`) and a poll's deadline for
+        each of the store calls around them."""
+        return self.join_wait_s + self.form_timeout_s + 2 * self.poll_call_s
+
+    def _form_within(self, generation: int) -> tuple[Any, tuple[int, ...]]:
+        """`_form` for the group thread: on a thread of its own, given up (FormTimeout)
+        after form_limit_s() (a server 0 whose host vanished answers none of its store
+        calls: the thread left waiting ends when TCP gives up). Without `connect`
+        (nothing to fall back on), or for the first generation (a fresh store's waits
+        for every server), `_form` itself."""
+        if self._connect is None or generation == 0:
+            return self._form(generation)
+        done, box = threading.Event(), []
+
+        def form() -> None:
+            try:
+                box.append((True, self._form(generation)))
+            except Exception as e:
+                box.append((False, e))
+            done.set()
+
+        threading.Thread(target=form, name="mace-replicas-form", daemon=True).start()
+        limit = self.form_limit_s()
+        if not done.wait(limit):
+            raise FormTimeout(f"generation {generation} did not form within {limit:g} s")
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
 
     def _members(self, prefix: Any, generation: int) -> tuple[int, ...]:
         """Who is in `generation`: everyone in the first one (or on one server); after a
@@ -531,9 +577,9 @@ class ReplicaSync:
         return self._counter(store)
 
     def _counter(self, store: Any = None) -> int:
-        return int(
-            (self.store if store is None else store).add(GEN_KEY, 0)
-        )  # creates it at 0 on first use
+        """The current generation (`store`: the connection to use; default self.store);
+        the add creates the counter at 0 on first use."""
+        return int((self.store if store is None else store).add(GEN_KEY, 0))
 
     def _epoch(self, store: Any = None) -> str:
         """The store's epoch ("" on one server: its FileStore has none). Waits for it: a
@@ -613,6 +659,7 @@ class ReplicaSync:
     def _group_loop(self) -> None:
         """Form the next generation when this member's group failed or the counter moved."""
         last_error = ""
+        abandoned = ("", -1)  # (epoch, generation) of a regroup given up (FormTimeout)
         while True:
             failed = self._failed.wait(POLL_S)
             try:
@@ -623,14 +670,22 @@ class ReplicaSync:
                 continue
             fresh = epoch != self.epoch  # server 0 restarted: a new store, new numbers
             try:
-                if failed and current == self.generation and not fresh:
+                # Past a generation that failed, or whose forming was given up (in this
+                # very store: its prefix holds this member's marks and gloo keys of then)
+                past = failed and current == self.generation and not fresh
+                if past or (epoch, current) == abandoned:
                     current = self._move_on(current)
                 if current <= self.generation and not fresh:
                     continue
                 logger.warning("replica sync: rank %d forms generation %d", self.rank, current)
-                pg, members = self._form(current)
+                pg, members = self._form_within(current)
+                self._joined(current, self._poll_store())
             except NotAMember:  # sealed without this rank: the next one takes it in
                 self._give_up(current)
+                continue
+            except FormTimeout as e:  # the store answers nothing: as a failed poll
+                abandoned = (epoch, current)
+                last_error = self._store_failed(e, last_error)
                 continue
             except Exception as e:  # a member died again (or the store did)
                 msg = f"regroup: {type(e).__name__}: {e}"
