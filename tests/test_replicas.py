@@ -4,6 +4,7 @@ training slots the controller reads, and two ReplicaSync ends in two processes."
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -809,64 +810,23 @@ def test_the_group_follows_server_0_into_its_fresh_store_after_a_restart(tmp_pat
                 p.kill()
 
 
-VANISHED = """
-import datetime, json, os, sys, time
-from torch.distributed import TCPStore
-from mace_sgl.trainer import replicas
-from mace_sgl.trainer.replicas import EPOCH_KEY, GEN_KEY, ReplicaSync
-from tests.blackhole import BlackHole
-
-replicas.POLL_CALL_S = 1.0  # the deadline of the group thread's polls
-
-master = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # server 0's
-master.set(EPOCH_KEY, "first")
-proxy = BlackHole(master.port)
-client = TCPStore("127.0.0.1", proxy.port, is_master=False,
-                  timeout=datetime.timedelta(seconds=120))
-direct = lambda: TCPStore("127.0.0.1", master.port, is_master=False,
-                          timeout=datetime.timedelta(seconds=5))
-sync = ReplicaSync(client, 0, 1, rejoin=True, rejoin_wait_s=1, join_wait_s=1,
-                   form_timeout_s=5, connect=direct)
-proxy.silence()  # the host vanished: the connection answers nothing, closes nothing
-started = time.monotonic()
-
-def wait(cond, what):
-    while not cond():
-        if time.monotonic() - started > 30:
-            print(json.dumps({"timeout": what, **sync.status()}), flush=True)
-            os._exit(1)
-        time.sleep(0.05)
-
-wait(lambda: sync.store is not client, "a new connection")
-connected = time.monotonic() - started
-master.add(GEN_KEY, 1)  # the group moved on meanwhile (another member failed)
-wait(lambda: sync.generation == 1, "the next generation")
-print(json.dumps({"connected_s": connected, **sync.status()}), flush=True)
-os._exit(0)  # not sys.exit: see the end of REPLICA
-"""
-
-
-def test_the_group_thread_follows_a_store_whose_host_vanished():
-    """Server 0's host vanishes without closing connections: the group thread's poll
-    of the store gives up after its deadline (POLL_CALL_S) and connects again, so it
-    follows the group (here: forms the generation the counter moved to) within seconds,
-    not when TCP gives up on the silent connection (many minutes)."""
+@contextlib.contextmanager
+def _script(text: str):
+    """A Python process running `text` from the checkout root (killed on the way out)."""
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.Popen([sys.executable, "-c", VANISHED], cwd=root, text=True,
+    proc = subprocess.Popen([sys.executable, "-c", text], cwd=root, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     try:
-        got = _line(proc, 90)
-        assert "timeout" not in got, got
-        assert got["connected_s"] < 1.0 + POLL_S + 5.0, got
-        assert got["generation"] == 1 and got["formed"] == 1, got
-        assert any("no answer within 1 s" in e for e in got["errors"]), got
-        assert proc.wait(timeout=30) == 0
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
 
 
-VANISHED_REGROUP = """
+# Server 0's store, and a member's connection to it through a proxy that can stop
+# answering (its host vanished); `direct`: a new connection, once the old one is given up;
+# wait(cond, what): until cond(), or the member's status and exit 1 after LIMIT_S.
+BEHIND_A_PROXY = """
 import datetime, json, os, sys, time
 from torch.distributed import PrefixStore, TCPStore
 from mace_sgl.trainer import replicas
@@ -877,23 +837,61 @@ replicas.POLL_CALL_S = 1.0  # the deadline of the group thread's polls
 
 master = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # server 0's
 master.set(EPOCH_KEY, "first")
-master.add(GEN_KEY, 1)  # past the first generation: rank 1 of 2 is down
 proxy = BlackHole(master.port)
 client = TCPStore("127.0.0.1", proxy.port, is_master=False,
                   timeout=datetime.timedelta(seconds=120))
 direct = lambda: TCPStore("127.0.0.1", master.port, is_master=False,
                           timeout=datetime.timedelta(seconds=5))
+
+def wait(cond, what):
+    while not cond():
+        if time.monotonic() - started > LIMIT_S:
+            print(json.dumps({"timeout": what, **sync.status()}), flush=True)
+            os._exit(1)
+        time.sleep(0.05)
+"""
+
+VANISHED = (
+    BEHIND_A_PROXY
+    + """
+LIMIT_S = 30
+sync = ReplicaSync(client, 0, 1, rejoin=True, rejoin_wait_s=1, join_wait_s=1,
+                   form_timeout_s=5, connect=direct)
+proxy.silence()  # the host vanished: the connection answers nothing, closes nothing
+started = time.monotonic()
+wait(lambda: sync.store is not client, "a new connection")
+connected = time.monotonic() - started
+master.add(GEN_KEY, 1)  # the group moved on meanwhile (another member failed)
+wait(lambda: sync.generation == 1, "the next generation")
+print(json.dumps({"connected_s": connected, **sync.status()}), flush=True)
+os._exit(0)  # not sys.exit: see the end of REPLICA
+"""
+)
+
+
+def test_the_group_thread_follows_a_store_whose_host_vanished():
+    """Server 0's host vanishes without closing connections: the group thread's poll
+    of the store gives up after its deadline (POLL_CALL_S) and connects again, so it
+    follows the group (here: forms the generation the counter moved to) within seconds,
+    not when TCP gives up on the silent connection (many minutes)."""
+    with _script(VANISHED) as proc:
+        got = _line(proc, 90)
+        assert "timeout" not in got, got
+        assert got["connected_s"] < 1.0 + POLL_S + 5.0, got
+        assert got["generation"] == 1 and got["formed"] == 1, got
+        assert any("no answer within 1 s" in e for e in got["errors"]), got
+        assert proc.wait(timeout=30) == 0
+
+
+VANISHED_REGROUP = (
+    BEHIND_A_PROXY
+    + """
+LIMIT_S = 60
+master.add(GEN_KEY, 1)  # past the first generation: rank 1 of 2 is down
 sync = ReplicaSync(client, 0, 2, rejoin=True, rejoin_wait_s=1, join_wait_s=3,
                    form_timeout_s=5, connect=direct)
 assert sync.generation == 1 and sync.members == (0,), sync.status()
 started = time.monotonic()
-
-def wait(cond, what):
-    while not cond():
-        if time.monotonic() - started > 60:
-            print(json.dumps({"timeout": what, **sync.status()}), flush=True)
-            os._exit(1)
-        time.sleep(0.05)
 
 master.add(GEN_KEY, 1)  # the group moved on: rank 0 forms generation 2
 marks = PrefixStore("mace/sync/2/", master)
@@ -907,6 +905,7 @@ print(json.dumps({"sealed_at_silence": sealed, "connected_s": connected,
                   "limit_s": sync.form_limit_s(), **sync.status()}), flush=True)
 os._exit(0)  # not sys.exit: see the end of REPLICA
 """
+)
 
 
 def test_a_regroup_whose_store_host_vanished_is_given_up_and_formed_again():
@@ -915,10 +914,7 @@ def test_a_regroup_whose_store_host_vanished_is_given_up_and_formed_again():
     that answers (form_limit_s), the group thread connects again, moves past the
     generation it gave up (its prefix holds marks of then) and forms the next one,
     instead of waiting in the regroup until TCP gives up on the silent connection."""
-    root = Path(__file__).resolve().parent.parent
-    proc = subprocess.Popen([sys.executable, "-c", VANISHED_REGROUP], cwd=root, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-    try:
+    with _script(VANISHED_REGROUP) as proc:
         got = _line(proc, 120)
         assert "timeout" not in got, got
         assert got["sealed_at_silence"] is False, got  # it came within the members' wait
@@ -926,6 +922,3 @@ def test_a_regroup_whose_store_host_vanished_is_given_up_and_formed_again():
         assert got["generation"] == 3 and got["members"] == [0], got
         assert any("did not form within" in e for e in got["errors"]), got
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
