@@ -537,6 +537,9 @@ def merge(pieces: list[dict[str, Any]]) -> dict[str, Any]:
     given and aggregated again, the SLO targets per seed joined. ValueError where their
     settings (other than PIECE_SETTINGS), phases or baselines differ."""
 
+    def seeds(baselines: dict[str, Any]) -> int:  # every baseline has a row per seed
+        return len(next(iter(baselines.values()))["seeds"])
+
     def same(piece: dict[str, Any]) -> dict[str, Any]:
         settings = {k: v for k, v in piece["settings"].items() if k not in PIECE_SETTINGS}
         return {"settings": settings, "phases": piece["phases"],
@@ -558,11 +561,11 @@ def merge(pieces: list[dict[str, Any]]) -> dict[str, Any]:
         **first,
         "baselines": table,
         "slo_targets": [t for p in pieces for t in p["slo_targets"]],
-        "seeds_done": len(next(iter(table.values()))["seeds"]),
+        "seeds_done": seeds(table),
         "merged_from": [
             {
                 "first_seed": p["settings"].get("first_seed", 1),
-                "seeds": len(next(iter(p["baselines"].values()))["seeds"]),
+                "seeds": seeds(p["baselines"]),
                 "date": p.get("date"),
             }
             for p in pieces

@@ -212,6 +212,29 @@ def store_text(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
+class Outcome:
+    """One call's result or exception, handed from the thread that runs it (`run`) to the
+    one that waits for it (`done`, then `value`): DeadlineStore's calls, _form_within."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self._box: list[tuple[bool, Any]] = []
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self._box.append((True, fn(*args)))
+        except Exception as e:
+            self._box.append((False, e))
+        self.done.set()
+
+    def value(self) -> Any:
+        """The call's return value, or its exception raised here (after `done`)."""
+        ok, value = self._box[0]
+        if not ok:
+            raise value
+        return value
+
+
 class DeadlineStore:
     """`store`'s calls, each run on a thread of this object's own and given up (TimeoutError)
     after `seconds`; after one has been given up, every later call fails at once (that
@@ -249,15 +272,12 @@ class DeadlineStore:
                 self._thread = threading.Thread(target=self._run, name="mace-store-call",
                                                 daemon=True)  # fmt: skip
                 self._thread.start()
-            done, box = threading.Event(), []
-            self._calls.put((method, args, box, done))
-            if not done.wait(self.seconds):
+            result = Outcome()
+            self._calls.put((method, args, result))
+            if not result.done.wait(self.seconds):
                 self.stuck = True
                 raise TimeoutError(f"store {name}: no answer within {self.seconds:g} s")
-            ok, value = box[0]
-            if not ok:
-                raise value
-            return value
+            return result.value()
 
         return call
 
@@ -266,12 +286,8 @@ class DeadlineStore:
             job = self._calls.get()
             if job is None:
                 return
-            method, args, box, done = job
-            try:
-                box.append((True, method(*args)))
-            except Exception as e:
-                box.append((False, e))
-            done.set()
+            method, args, result = job
+            result.run(method, *args)
 
 
 def _family(host: str) -> socket.AddressFamily:
@@ -528,23 +544,13 @@ class ReplicaSync:
         for every server), `_form` itself."""
         if self._connect is None or generation == 0:
             return self._form(generation)
-        done, box = threading.Event(), []
-
-        def form() -> None:
-            try:
-                box.append((True, self._form(generation)))
-            except Exception as e:
-                box.append((False, e))
-            done.set()
-
-        threading.Thread(target=form, name="mace-replicas-form", daemon=True).start()
+        result = Outcome()
+        threading.Thread(target=result.run, args=(self._form, generation),
+                         name="mace-replicas-form", daemon=True).start()  # fmt: skip
         limit = self.form_limit_s()
-        if not done.wait(limit):
+        if not result.done.wait(limit):
             raise FormTimeout(f"generation {generation} did not form within {limit:g} s")
-        ok, value = box[0]
-        if not ok:
-            raise value
-        return value
+        return result.value()
 
     def _members(self, prefix: Any, generation: int) -> tuple[int, ...]:
         """Who is in `generation`: everyone in the first one (or on one server); after a
