@@ -82,6 +82,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,7 @@ from tqdm import tqdm
 from benchmarks.align import completion_logprob
 from benchmarks.align import prompts as shipped_prompts
 from benchmarks.loadgen import RequestResult, poisson_load, summarize, tail_targets
-from benchmarks.phases import DEFAULT_FILE, Phase, judged, load_phases
+from benchmarks.phases import DEFAULT_FILE, Phase, degenerate_kind, judged, load_phases
 from benchmarks.serve_smoke import machine
 from benchmarks.server_flags import add_flags, server_flags
 from benchmarks.stats import aggregate
@@ -292,6 +293,8 @@ def evaluate(client: Client, phase: Phase, held_out: list[str], base: dict[str, 
         with ThreadPoolExecutor(max(1, len(scored))) as pool:
             memo["margins", served, phase.name] = list(pool.map(margin, scored))
     margins = memo["margins", served, phase.name]
+    pairs = zip(answers, held_out, bad, strict=True)
+    kinds = Counter(degenerate_kind(a, base[p], phase.brief) for a, p, b in pairs if b)
     return {
         "win_rate": statistics.mean(wins),
         "degenerate_share": sum(bad) / len(bad),
@@ -300,6 +303,7 @@ def evaluate(client: Client, phase: Phase, held_out: list[str], base: dict[str, 
         "reused": reused,
         "example": answers[0][:120],
         "degenerate_examples": [a[:120] for a, b in zip(answers, bad, strict=True) if b][:3],
+        "degenerate_kinds": dict(kinds),
     }
 
 

@@ -179,6 +179,44 @@ def test_an_evaluation_asks_each_served_version_once_and_judges_it_under_every_p
     assert sum(a[0] == "answer" for a in asked[m:]) == 2  # a new version is asked
 
 
+def test_an_evaluation_says_why_its_degenerate_answers_are_degenerate():
+    """degenerate_kinds counts the evaluation's degenerate answers by kind: a short
+    answer carried from a brevity phase into one that asks for an opener keeps too
+    little of the base answer's content; a loop is a loop."""
+    from benchmarks import drift
+    from benchmarks.phases import load_phases
+
+    base = {
+        "Tell me about the sea.": "The sea covers most of the planet, holds salt water, "
+        "moves with tides and currents, shapes coastal weather and feeds countless fish.",
+        "Tell me about sand.": "Sand forms when rocks break down into small grains over "
+        "thousands of years, carried by rivers, wind and waves onto beaches and deserts.",
+        "Tell me about rain.": "Rain falls when droplets in clouds grow heavy.",
+    }
+    answers = {
+        "Tell me about the sea.": "Certainly! The sea is salty.",
+        "Tell me about sand.": "Certainly! " + "sand sand grains " * 12,
+        "Tell me about rain.": "Certainly! Rain falls when droplets in clouds grow heavy.",
+    }
+
+    class Client:
+        adapter = "live"
+
+        def answer(self, prompt, adapter, max_tokens):
+            return answers[prompt]
+
+        def logprob(self, prompt, completion, adapter):
+            return -1.0
+
+    concise, opener, _ = load_phases()
+    ev = drift.evaluate(Client(), opener, list(base), base, 16, ("live", 1), {})
+    assert ev["degenerate_kinds"] == {"content": 1, "loop": 1}
+    assert ev["degenerate_share"] == 2 / 3
+    # Under the brevity phase, the short answer keeps enough: only the loop is degenerate.
+    ev = drift.evaluate(Client(), concise, list(base), base, 16, ("live", 1), {})
+    assert ev["degenerate_kinds"] == {"loop": 1}
+
+
 def test_derived_slo_targets_are_inference_onlys_own_tails_with_headroom():
     """drift's targets: inference-only's p99 TTFT and p99 time per output token (what
     attainment counts), x headroom."""

@@ -135,3 +135,156 @@ def test_a_gap_is_given_up_after_gap_s_and_the_log_goes_on(loop):
     assert seen == [] and f.position.applied == 0
     f.poll(store, loop)
     assert seen == ["after"] and f.position.applied == 2
+
+
+def follower_of(cfg: SimpleNamespace, rank: int, loop, book: dict[int, Position],
+                seen: list[tuple[int, str, str]]) -> TenantLogFollower:  # fmt: skip
+    """Server `rank`'s follower, its position saved in `book[rank]` (its feedback store)
+    and what it applies recorded in `seen` as (rank, op, name)."""
+
+    async def apply(op: TenantOp) -> None:
+        seen.append((rank, op.op, op.name))
+
+    def save(p: Position) -> None:  # as the feedback store keeps it: a copy
+        book[rank] = Position.from_settings(lambda k, d: p.settings().get(k, d))
+
+    return TenantLogFollower(SimpleNamespace(**{**vars(cfg), "sync_rank": rank}), apply,
+                             lambda: loop, lambda: book.get(rank, Position()), save)  # fmt: skip
+
+
+def test_an_entry_no_other_server_applied_outlives_a_restart_of_server_0(loop):
+    """Server 1 creates a tenant; before server 0's follower reads it, server 0 restarts
+    with a fresh store (a new log). Server 1 appends its entry again, and server 0,
+    restarted from its saved position, creates the tenant. Once both applied it, the
+    entry leaves server 1's outbox and a further restart appends nothing again."""
+    store, cfg = master()
+    book: dict[int, Position] = {}
+    seen: list[tuple[int, str, str]] = []
+    one = follower_of(cfg, 1, loop, book, seen)
+    assert one.send(tenant_log.connect(cfg), TenantOp("create", "team-a", weight=2.0)) == 1
+    assert [s.op.name for s in book[1].outbox] == ["team-a"]
+    assert book[1].outbox[0].op.id and book[1].outbox[0].op.stamp > 0
+    book[0] = Position(tenant_log.epoch(store), 0)  # server 0 had not read it yet
+    one.poll(store, loop)
+    assert [s.op.name for s in book[1].outbox] == ["team-a"]  # server 0 has not applied it
+    # Server 0 restarts: a fresh store, its follower from the saved position.
+    fresh, _ = master()
+    zero = follower_of(cfg, 0, loop, book, seen)
+    zero.poll(fresh, loop)
+    assert seen == []  # nothing in the new log yet
+    one.poll(fresh, loop)  # server 1 appends its entry again, as it was
+    assert one.resent == 1 and book[1].outbox[0].epoch == tenant_log.epoch(fresh)
+    entries, _ = tenant_log.read(fresh, 0)
+    assert [(i, op.op, op.name, op.weight) for i, op in entries] == [(1, "create", "team-a", 2.0)]
+    assert entries[0][1].id == book[1].outbox[0].op.id
+    zero.poll(fresh, loop)
+    assert seen == [(0, "create", "team-a")]
+    one.poll(fresh, loop)  # both marks at 1: the entry leaves the outbox
+    assert book[1].outbox == [] and one.status()["outbox"] == 0
+    again, _ = master()
+    for f in (one, zero):
+        f.poll(again, loop)
+    assert tenant_log.read(again, 0) == ([], None) and seen == [(0, "create", "team-a")]
+
+
+def test_a_tenant_ends_as_its_newest_change_says_whatever_order_its_entries_come_in(loop):
+    """A retire appended again after a restart of server 0 is older than a create of
+    the same name appended since: a server that missed both applies the create and not
+    the retire that comes after it in the new log; an entry it applied in the old log,
+    appended again, is not applied twice."""
+    store, cfg = master()
+    cfg.sync_world_size = 3
+    book: dict[int, Position] = {}
+    seen: list[tuple[int, str, str]] = []
+    one, two = follower_of(cfg, 1, loop, book, seen), follower_of(cfg, 2, loop, book, seen)
+    one.send(store, TenantOp("create", "a"))
+    one.send(store, TenantOp("retire", "b"))
+    two.poll(store, loop)  # server 2 applies both; server 0 applies neither
+    assert seen == [(2, "create", "a"), (2, "retire", "b")]
+    fresh, _ = master()
+    two.send(fresh, TenantOp("create", "b"))  # server 2, after server 0's restart
+    one.poll(fresh, loop)  # server 1 appends its two entries again, after it
+    ops = [(op.op, op.name) for _, op in tenant_log.read(fresh, 0)[0]]
+    assert ops == [("create", "b"), ("create", "a"), ("retire", "b")]
+    assert seen[2:] == [(1, "create", "b")]  # newer than its own retire of "b"
+    zero = follower_of(cfg, 0, loop, book, seen)
+    zero.poll(fresh, loop)
+    assert seen[3:] == [(0, "create", "b"), (0, "create", "a")]  # the older retire: not
+    two.poll(fresh, loop)
+    assert seen[5:] == []  # "a" it had applied already; "b" it created since
+    newest = book[2].stamps["b"]
+    assert newest > book[1].outbox[-1].op.stamp  # the create is newer than the retire
+    assert [book[r].stamps["b"] for r in (0, 1)] == [newest, newest]
+
+
+def test_the_position_outbox_and_stamps_come_back_from_the_feedback_store_settings():
+    op = TenantOp("retire", "x", purge=True, origin=1, id="abc", stamp=12.5)
+    p = Position("e", 3, [tenant_log.Sent("e", 2, op)], {"x": 12.5})
+    assert Position.from_settings(lambda k, d: p.settings().get(k, d)) == p
+    assert Position.from_settings(lambda k, d: d) == Position()
+    assert TenantOp.from_json(op.to_json()) == op
+
+
+class Watched(asyncio.Lock):
+    """A lock that tells when somebody tries to take it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tried = threading.Event()
+
+    async def acquire(self) -> bool:
+        self.tried.set()
+        return await super().acquire()
+
+
+def test_an_older_entry_waiting_while_this_server_changes_the_tenant_is_not_applied(loop):
+    """Server 1 changes tenant `x` (inside `changing`, as the routes do) while its
+    follower holds server 0's older retirement of `x`: the follower waits for the lock,
+    then finds its own newer change and leaves `x` as it is."""
+    store, cfg = master()
+    book: dict[int, Position] = {}
+    seen: list[tuple[int, str, str]] = []
+    zero, one = follower_of(cfg, 0, loop, book, seen), follower_of(cfg, 1, loop, book, seen)
+    zero.send(store, TenantOp("retire", "x"))
+    entered, release = threading.Event(), threading.Event()
+    one.changing = Watched()
+
+    async def local_change() -> None:  # the route: the lock, a change here, its entry
+        async with one.changing:
+            entered.set()
+            await asyncio.to_thread(release.wait, 10)
+            await asyncio.to_thread(one.send, store, TenantOp("create", "x"))
+
+    change = asyncio.run_coroutine_threadsafe(local_change(), loop)
+    assert entered.wait(10)
+    one.changing.tried.clear()
+    polled = threading.Thread(target=one.poll, args=(store, loop))
+    polled.start()  # reads the retirement (no newer change yet), then waits for the lock
+    assert one.changing.tried.wait(10)
+    release.set()
+    change.result(10)
+    polled.join(10)
+    assert not polled.is_alive() and seen == []  # the older retirement: not applied
+    assert book[1].applied == 1  # handled all the same: the log goes on
+
+
+def test_an_entry_in_the_log_is_not_reported_lost_when_its_outbox_save_fails(loop):
+    """send raises nothing once the entry is in the log: the route must not undo a
+    change that every other server applies."""
+    store, cfg = master()
+    saves: list[Position] = []
+
+    def save(p: Position) -> None:
+        if not saves:
+            saves.append(p)
+            raise OSError("database is locked")
+        saves.append(p)
+
+    async def apply(op: TenantOp) -> None:
+        pass
+
+    one = TenantLogFollower(cfg, apply, lambda: loop, Position, save)
+    assert one.send(store, TenantOp("create", "y")) == 1
+    assert "not saved" in one.last_error and [s.op.name for s in one.position.outbox] == ["y"]
+    one.poll(store, loop)  # the next save writes the outbox
+    assert [s.op.name for s in saves[-1].outbox] == ["y"]

@@ -10,6 +10,7 @@ load-aware policies; SGLang 0.5.23 itself serves only /v1/loads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -288,7 +289,7 @@ async def mace_feedback(request: Request) -> JSONResponse:
         )
     for name in unknown:
         try:
-            await create_tenant(cfg, name)
+            await create_tenant(st, name)
         except TenantError as e:
             return _error(e.status, f"{e.reason}; nothing was stored")
     ids = await asyncio.to_thread(_with_store, cfg, store.add_feedback, items)
@@ -384,32 +385,44 @@ def _several_servers(cfg: MaceConfig) -> bool:
     return cfg.train and cfg.sync_world_size > 1
 
 
-async def _log(cfg: MaceConfig, op: tenant_log.TenantOp) -> None:
-    """Append `op` to the group's tenant log (several servers)."""
+async def _log(st: RouteState, op: tenant_log.TenantOp) -> None:
+    """Append `op` to the group's tenant log (several servers), through this server's
+    follower, which keeps it until every server applied it."""
+    follower = st.tenant_log
+    if follower is None:
+        raise RuntimeError("this server does not follow the group's tenant log")
 
     def append() -> None:
-        s = tenant_log.connect(cfg)
-        tenant_log.append(s, op)
+        follower.send(tenant_log.connect(st.cfg), op)
 
     await asyncio.to_thread(append)
 
 
-async def create_tenant(cfg: MaceConfig, name: str, weight: float = 1.0) -> bool:
+async def create_tenant(st: RouteState, name: str, weight: float = 1.0) -> bool:
     """Create tenant `name`: its store row and, with --mace-train, its adapter in SGLang
     (whose scheduler-side trainer then picks it up). False if it existed already. With
     several servers, then every other server too, through the group's tenant log; if
     the log cannot be written, the creation here is undone (503)."""
+    cfg = st.cfg
     if not ADAPTER_NAME.match(name):
         raise TenantError(400, f"adapter name {name!r}: {ADAPTER_NAME_RULE}")
-    created = await _create_local(cfg, name, weight)
-    if created and _several_servers(cfg):
-        op = tenant_log.TenantOp("create", name, weight=weight, origin=cfg.sync_rank)
-        try:
-            await _log(cfg, op)
-        except Exception as e:
-            await _retire_local(cfg, name, purge=False)
-            raise TenantError(503, f"{GROUP_STORE_DOWN} ({e}); nothing was created") from None
+    async with _changing(st):
+        created = await _create_local(cfg, name, weight)
+        if created and _several_servers(cfg):
+            op = tenant_log.TenantOp("create", name, weight=weight, origin=cfg.sync_rank)
+            try:
+                await _log(st, op)
+            except Exception as e:
+                await _retire_local(cfg, name, purge=False)
+                raise TenantError(503, f"{GROUP_STORE_DOWN} ({e}); nothing was created") from None
     return created
+
+
+def _changing(st: RouteState) -> contextlib.AbstractAsyncContextManager:
+    """Held around a tenant change made here and its log entry (several servers): the
+    follower applies the other servers' entries under the same lock, each checked then
+    against the newest change of its tenant (tenant_log.TenantLogFollower.changing)."""
+    return st.tenant_log.changing if st.tenant_log is not None else contextlib.nullcontext()
 
 
 async def _create_local(cfg: MaceConfig, name: str, weight: float) -> bool:
@@ -495,7 +508,7 @@ async def mace_adapters(request: Request) -> JSONResponse:
 async def mace_adapters_create(request: Request) -> JSONResponse:
     """POST /mace/adapters {"name": ..., "weight": 1.0}: create a tenant (201), or 200 if
     it exists."""
-    cfg = _state(request.app).cfg
+    st = _state(request.app)
     try:
         body = json.loads(await request.body())
     except ValueError as e:
@@ -510,7 +523,7 @@ async def mace_adapters_create(request: Request) -> JSONResponse:
         return _error(400, "`weight` must be a number > 0 (the tenant's share of steps)")
     name = body["name"]
     try:
-        created = await create_tenant(cfg, name, float(weight))
+        created = await create_tenant(st, name, float(weight))
     except TenantError as e:
         return _error(e.status, e.reason)
     return JSONResponse({"name": name, "created": created}, status_code=201 if created else 200)
@@ -520,7 +533,8 @@ async def mace_adapters_create(request: Request) -> JSONResponse:
 async def mace_adapters_delete(request: Request) -> JSONResponse:
     """DELETE /mace/adapters/NAME[?purge=true]: retire a tenant (its checkpoints are kept
     unless purge is asked; its feedback rows stay in the store)."""
-    cfg = _state(request.app).cfg
+    st = _state(request.app)
+    cfg = st.cfg
     name = request.path_params["name"]
     purge = request.query_params.get("purge", "false").lower() in ("1", "true", "yes")
     if not ADAPTER_NAME.match(name):
@@ -534,12 +548,12 @@ async def mace_adapters_delete(request: Request) -> JSONResponse:
     try:
         if _several_servers(cfg):  # told first: a retirement must not stay on one server
             op = tenant_log.TenantOp("retire", name, purge=purge, origin=cfg.sync_rank)
-            try:
-                await _log(cfg, op)
-            except Exception as e:
-                return _error(503, f"{GROUP_STORE_DOWN} ({e}); nothing was retired")
-            # This server's follower may apply the entry first: retired either way.
-            await _retire_local(cfg, name, purge)
+            async with _changing(st):
+                try:
+                    await _log(st, op)
+                except Exception as e:
+                    return _error(503, f"{GROUP_STORE_DOWN} ({e}); nothing was retired")
+                await _retire_local(cfg, name, purge)
         elif not await _retire_local(cfg, name, purge):
             return _error(404, f"no adapter named {name!r}")
     except TenantError as e:  # retired, but its checkpoints could not be deleted
@@ -570,18 +584,19 @@ def _log_position(cfg: MaceConfig) -> tenant_log.Position:
     """Where this server is in the group's tenant log (its feedback store's settings)."""
 
     def get(conn: sqlite3.Connection) -> tenant_log.Position:
-        epoch = store.get_setting(conn, "tenant_log_epoch", "")
-        return tenant_log.Position(epoch, int(store.get_setting(conn, "tenant_log_applied", "0")))
+        return tenant_log.Position.from_settings(
+            lambda key, default: store.get_setting(conn, key, default)
+        )
 
     return _with_store(cfg, get)
 
 
 def _save_log_position(cfg: MaceConfig, position: tenant_log.Position) -> None:
     def put(conn: sqlite3.Connection) -> None:
-        with conn:  # both or neither
+        with conn:  # all or none
             conn.execute("BEGIN IMMEDIATE")
-            store.set_setting(conn, "tenant_log_epoch", position.epoch)
-            store.set_setting(conn, "tenant_log_applied", str(position.applied))
+            for key, value in position.settings().items():
+                store.set_setting(conn, key, value)
 
     _with_store(cfg, put)
 
