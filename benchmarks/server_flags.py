@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from mace_sgl.config import DECAY_PER, DPO_SPANS, MaceConfig
+from mace_sgl.config import DECAY_PER, DPO_SPANS, PICK_ORDERS, MaceConfig
 
-CHOICES = {"adapter_decay_per": DECAY_PER, "dpo_span": DPO_SPANS}
+CHOICES = {"adapter_decay_per": DECAY_PER, "dpo_span": DPO_SPANS, "pick_order": PICK_ORDERS}
 
 
 def attr(flag: str) -> str:

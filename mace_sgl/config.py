@@ -24,6 +24,7 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 DPO_SPANS = ("whole", "edit")  # --mace-dpo-span: trainer/sliced.py SlicedDPO(span=)
 DECAY_PER = ("step", "pair")  # --mace-adapter-decay-per: trainer/sliced.py SlicedDPO(decay_per=)
+PICK_ORDERS = ("newest", "oldest")  # --mace-pick-order: sidecar/store.py pick_next(order=)
 
 
 @dataclass(frozen=True)
@@ -292,6 +293,15 @@ class MaceConfig:
     max_train_count: int = field(
         default=3, metadata={"help": "Times one feedback pair may train (replay bound)."}
     )
+    pick_order: str = field(
+        default="newest",
+        metadata={
+            "help": "Which never-trained feedback pairs train first: `newest` (the "
+            "preference users state now; older pairs follow when no newer one waits) or "
+            "`oldest` (arrival order). Trained pairs replay by last DPO loss either way.",
+            "choices": PICK_ORDERS,
+        },
+    )
     keep_versions: int = field(
         default=20,
         metadata={"help": "Adapter checkpoints kept on disk (newest); older ones are deleted."},
@@ -476,6 +486,10 @@ class MaceConfig:
                 "--mace-publish-every 1: replicas share each step's result when it is "
                 "published, and an unpublished step would be lost to the next step that "
                 "runs on another replica"
+            )
+        if self.pick_order not in PICK_ORDERS:
+            raise ValueError(
+                f"--mace-pick-order {self.pick_order!r}: one of {', '.join(PICK_ORDERS)}"
             )
         if self.adapter_decay_per not in DECAY_PER:
             raise ValueError(

@@ -46,6 +46,8 @@ def sidecar_command(cfg: MaceConfig, parent_pid: int) -> list[str]:
         cfg.adapter_name,
         "--max-train-count",
         str(cfg.max_train_count),
+        "--pick-order",
+        cfg.pick_order,
         "--parent-pid",
         str(parent_pid),
         "--replicas",

@@ -27,6 +27,7 @@ from pathlib import Path
 import msgspec
 import zmq
 
+from mace_sgl.config import PICK_ORDERS
 from mace_sgl.ipc import channels
 from mace_sgl.ipc.messages import (
     Control,
@@ -81,9 +82,11 @@ class Sidecar:
         parent_pid: int | None = None,
         replicas: int = 1,
         train_ranks: list[int] | None = None,
+        pick_order: str = "newest",
     ) -> None:
         self.id = uuid.uuid4().hex
         self.max_train_count = max_train_count
+        self.pick_order = pick_order  # --mace-pick-order: which untrained pairs go first
         self.parent_pid = parent_pid
         self.conn = store.connect(state_dir / "feedback.sqlite3")
         self.adapter = adapter  # the default tenant, which always exists
@@ -172,7 +175,13 @@ class Sidecar:
             self.share.forget(gone)
         adapters = [t.name for t in tenants]
         rows = store.pick_next(
-            self.conn, adapters, msg.want, msg.session, self.max_train_count, self.share
+            self.conn,
+            adapters,
+            msg.want,
+            msg.session,
+            self.max_train_count,
+            self.share,
+            self.pick_order,
         )
         if rows:
             samples = [
@@ -281,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", required=True, type=Path)
     parser.add_argument("--adapter", default="live")
     parser.add_argument("--max-train-count", type=int, default=3)
+    parser.add_argument("--pick-order", choices=PICK_ORDERS, default="newest")
     parser.add_argument(
         "--replicas", type=int, default=1, help="data-parallel replicas, one trainer each"
     )
@@ -299,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         args.parent_pid,
         args.replicas,
         [int(r) for r in args.train_ranks.split(",") if r.strip()] or None,
+        args.pick_order,
     )
     signal.signal(signal.SIGTERM, sidecar.stop)
     signal.signal(signal.SIGINT, sidecar.stop)

@@ -123,10 +123,13 @@ def get(conn: sqlite3.Connection, ids: Iterable[int]) -> list[FeedbackRow]:
     return [_row(r) for r in rows]
 
 
+# Never-trained rows first (by arrival: `{sign}id`, newest first with "-"), then the
+# trained ones by last DPO loss times weight.
 _PICK_ORDER = (
-    " ORDER BY train_count > 0, CASE WHEN train_count = 0 THEN id END,"
+    " ORDER BY train_count > 0, CASE WHEN train_count = 0 THEN {sign}id END,"
     " COALESCE(last_loss, 0) * weight DESC, id LIMIT ?"
 )
+_ARRIVAL = {"newest": "-", "oldest": ""}  # pick_next's `order`: --mace-pick-order
 
 
 def pick_next(
@@ -136,10 +139,13 @@ def pick_next(
     session: str,
     max_train_count: int = 3,
     share: FairShare | None = None,
+    order: str = "newest",
 ) -> list[FeedbackRow]:
     """Choose up to n samples to train next and mark them in flight for `session`.
 
-    Never-trained samples first (oldest first); then trained ones by last DPO loss times
+    Never-trained samples first, the newest first (`order` "oldest": in arrival order):
+    after a shift of preference, the pairs that state the new one train before a
+    backlog of pairs that state the old; then trained ones by last DPO loss times
     weight, highest first, so the pairs the adapter still gets most wrong train again.
     A sample trains at most `max_train_count` times: endless replay of a few pairs
     overfits them. With several adapters (a list), each one's order is kept and `share`
@@ -150,6 +156,8 @@ def pick_next(
     gives its turn away instead of handing it to its neighbour in the list. Without
     `share`, the adapters take plain turns in the list's order.
     """
+    if order not in _ARRIVAL:
+        raise ValueError(f"pick order {order!r}: one of {', '.join(_ARRIVAL)}")
     adapters = [adapter] if isinstance(adapter, str) else list(adapter)
     share = share if share is not None else FairShare()
     rank = {a: -float(i) for i, a in enumerate(adapters)}  # earlier in the list first
@@ -158,7 +166,7 @@ def pick_next(
         left = {
             a: conn.execute(
                 f"SELECT {_COLUMNS} FROM feedback WHERE adapter = ? AND inflight_session IS NULL"
-                " AND train_count < ?" + _PICK_ORDER,
+                " AND train_count < ?" + _PICK_ORDER.format(sign=_ARRIVAL[order]),
                 (a, max_train_count, n),
             ).fetchall()[::-1]  # pop() takes the first
             for a in adapters

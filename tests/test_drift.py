@@ -112,7 +112,7 @@ def test_run_baseline_counts_serving_windows_and_pauses_training_to_evaluate(tmp
         phase_list=phases, eval_prompts=4, max_tokens=8, lr=1e-4, guard_max_kl=1.0,
         guard_min_keep=0.5, guard_open_keep=0.3, rpo_alpha=0.0, anchor_alpha=1.0,
         adapter_decay=0.0, dpo_span="whole", adapter_decay_per="step",
-        publish_every=1, max_train_count=3, slo_ttft_ms=2000.0,
+        publish_every=1, max_train_count=3, pick_order="newest", slo_ttft_ms=2000.0,
         slo_tbt_ms=200.0,
         model_path=None,
         profile=None,

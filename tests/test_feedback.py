@@ -98,10 +98,10 @@ def test_a_list_is_stored_whole_or_not_at_all(tmp_path: Path):
 def test_selection_untrained_first_then_by_weighted_loss(tmp_path: Path):
     conn = store.connect(tmp_path / "s.db")
     ids = store.add_feedback(conn, parse([GOOD] * 4))
-    first = store.pick_next(conn, "live", 2, "s1")
+    first = store.pick_next(conn, "live", 2, "s1", order="oldest")
     assert [r.id for r in first] == ids[:2]
     # In flight rows are not handed out twice.
-    assert [r.id for r in store.pick_next(conn, "live", 10, "s1")] == ids[2:]
+    assert [r.id for r in store.pick_next(conn, "live", 10, "s1", order="oldest")] == ids[2:]
     for sample_id, loss in zip(ids, [0.1, 0.9, 0.5, 0.3], strict=True):
         assert store.record_result(conn, sample_id, loss, "s1")
     assert not store.record_result(conn, ids[0], 0.2, "s1")  # no longer in flight
@@ -112,6 +112,20 @@ def test_selection_untrained_first_then_by_weighted_loss(tmp_path: Path):
     assert store.counts(conn).inflight == 5
     assert store.release_stale(conn, "s3") == 5
     assert store.counts(conn) == store.Counts(feedback=5, untrained=1, inflight=0)
+
+
+def test_the_newest_untrained_pairs_train_first_by_default(tmp_path: Path):
+    """After a shift of preference, the pairs that state the new one go before the
+    backlog that states the old; the backlog still trains before any replay."""
+    conn = store.connect(tmp_path / "s.db")
+    old = store.add_feedback(conn, parse([GOOD] * 3))
+    assert [r.id for r in store.pick_next(conn, "live", 1, "s1")] == [old[2]]
+    assert store.record_result(conn, old[2], 0.9, "s1")
+    new = store.add_feedback(conn, parse([GOOD] * 2))
+    order = [r.id for r in store.pick_next(conn, "live", 10, "s2")]
+    assert order == [new[1], new[0], old[1], old[0], old[2]]
+    with pytest.raises(ValueError, match="one of newest, oldest"):
+        store.pick_next(conn, "live", 1, "s3", order="random")
 
 
 WRITER = """

@@ -19,7 +19,8 @@ def test_each_flag_reaches_the_server_with_its_value(flags):
     defaults = bench.parse_args([])
     given = []
     for flag, default in values(defaults, flags).items():  # something other than the default
-        other = {"step": "pair", "edit": "whole", "pair": "step", "whole": "edit"}.get(default)
+        other = {"step": "pair", "edit": "whole", "pair": "step", "whole": "edit",
+                 "newest": "oldest", "oldest": "newest"}.get(default)  # fmt: skip
         if isinstance(default, int):
             other = default + 1
         elif isinstance(default, float):

@@ -128,8 +128,8 @@ def trainer(tmp_path: Path):
 
 def test_release_unheld_frees_only_what_the_session_does_not_hold(conn):
     ids = store.add_feedback(conn, [pair(i) for i in range(4)])
-    assert [r.id for r in store.pick_next(conn, "live", 3, "s1")] == ids[:3]
-    assert [r.id for r in store.pick_next(conn, "live", 1, "s2")] == ids[3:]
+    assert [r.id for r in store.pick_next(conn, "live", 3, "s1", order="oldest")] == ids[:3]
+    assert [r.id for r in store.pick_next(conn, "live", 1, "s2", order="oldest")] == ids[3:]
     assert store.release_unheld(conn, "s1", [ids[1], 999]) == 2
     assert [inflight(conn, i) for i in ids] == [None, "s1", None, "s2"]
     assert store.release(conn, "s1", [ids[1], ids[3]]) == 1  # ids[3] is not s1's
@@ -184,7 +184,7 @@ def test_malformed_messages_are_dropped_and_the_sidecar_goes_on(
 def test_rows_a_dead_sidecar_picked_are_requeued_and_work_in_transit_is_kept(
     tmp_path: Path, conn, trainer: FakeTrainer
 ):
-    ids = store.add_feedback(conn, [pair(i) for i in range(6)])
+    ids = store.add_feedback(conn, [pair(i) for i in range(6)])[::-1]  # the newest first
     first = SidecarProcess(tmp_path)
     try:
         trainer.send(Hello("s1", "live"))
@@ -345,7 +345,7 @@ def two_replicas(tmp_path: Path, *args: str):
 def test_replicas_train_one_at_a_time_from_the_newest_version(tmp_path: Path, conn):
     """--replicas 2: Work goes to one replica's trainer while another holds samples, and
     names the versions the steps reported; a rank's new session frees only its own."""
-    ids = store.add_feedback(conn, [pair(i) for i in range(4)])
+    ids = store.add_feedback(conn, [pair(i) for i in range(4)])[::-1]  # the newest first
     with two_replicas(tmp_path) as (t0, t1):
         first = t0.work(2)
         assert [s.id for s in first.samples] == ids[:2] and first.versions == {}
@@ -441,7 +441,7 @@ def test_the_lease_goes_to_the_asking_replica_with_the_most_room(tmp_path: Path,
             return [rank for rank, msg in sent if isinstance(msg, Work)]
 
         ask(1, 0.9)  # nothing stored yet: no Work, but rank 1 is asking with room 0.9
-        ids = store.add_feedback(conn, [pair(i) for i in range(4)])
+        ids = store.add_feedback(conn, [pair(i) for i in range(4)])[::-1]  # the newest first
         ask(0, 0.1)
         assert work() == []  # rank 1 asked just now with more room
         ask(0, 0.88)  # within the margin of rank 1's room: first come, first served

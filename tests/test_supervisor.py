@@ -104,10 +104,14 @@ def test_stop_during_the_restart_delay_starts_no_orphan(tmp_path: Path):
             p.kill()
 
 
-def test_passes_max_train_count_to_the_sidecar(tmp_path: Path):
-    sup = SidecarSupervisor(MaceConfig(state_dir=str(tmp_path), max_train_count=7))
+def test_passes_max_train_count_and_pick_order_to_the_sidecar(tmp_path: Path):
+    cfg = MaceConfig(state_dir=str(tmp_path), max_train_count=7, pick_order="oldest")
+    sup = SidecarSupervisor(cfg)
     i = sup.cmd.index("--max-train-count")
     assert sup.cmd[i + 1] == "7"
+    assert sup.cmd[sup.cmd.index("--pick-order") + 1] == "oldest"
+    with pytest.raises(ValueError, match="--mace-pick-order 'lifo': one of newest, oldest"):
+        MaceConfig(pick_order="lifo")
     # The sidecar itself accepts the command line (it serves, and stops on SIGTERM).
     sup.start()
     try:
