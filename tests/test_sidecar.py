@@ -231,6 +231,7 @@ def trainer_shell(tmp_path: Path, lookahead: int = 2):
     t.fair = FairShare()
     t.tenants = SimpleNamespace(tenants={"live": None})
     t.orphans_returned = 0
+    t.step_wall_s = None  # no step finished yet
     t.room = 0.0  # its replica's idle fraction (set by the scheduler hooks)
     t.replicas = None  # one replica: nothing to follow
     t._sync_tenants = lambda: None  # no SGLang here: the tenant set does not change
@@ -270,6 +271,39 @@ def test_resume_reaches_a_paused_trainer_after_a_sidecar_restart(tmp_path: Path,
         sidecar.stop()
         t.push.close(linger=0)
         t.pull.close(linger=0)
+
+
+def test_the_trainer_holds_fewer_pairs_ahead_when_its_steps_are_slow(tmp_path: Path):
+    """--mace-lookahead pairs ahead while steps are quick (or none finished yet); at 45 s
+    a step (drift's on 2 cores) one: a pair the trainer takes waits about one step,
+    not five, so the feedback of a new preference reaches training that much sooner."""
+    from mace_sgl.trainer.runtime import HOLD_AHEAD_S, pairs_ahead
+
+    assert pairs_ahead(4, None) == 4
+    assert pairs_ahead(4, 0.5) == 4
+    assert pairs_ahead(4, HOLD_AHEAD_S / 2) == 2
+    assert pairs_ahead(4, 45.0) == 1 and pairs_ahead(4, 1e9) == 1
+    ctx = zmq.Context()
+    push, pull = channels.bind_sidecar(ctx, tmp_path / "run")  # a hand-driven sidecar
+    t = trainer_shell(tmp_path, lookahead=4)
+    try:
+        wants = []
+        for step_wall_s in (None, 45.0):
+            t.step_wall_s = step_wall_s
+            t.link.asked_at = 0.0
+            t.poll()
+            assert pull.poll(10_000)
+            sent = [decode_to_sidecar(pull.recv())]
+            while pull.poll(0):
+                sent.append(decode_to_sidecar(pull.recv()))
+            wants.append([m.want for m in sent if isinstance(m, Ready)][-1])
+        assert wants == [5, 2]  # the pairs ahead, plus the step's one
+    finally:
+        t.push.close(linger=0)
+        t.pull.close(linger=0)
+        push.close(linger=0)
+        pull.close(linger=0)
+        ctx.term()
 
 
 def test_trainer_drops_malformed_messages_and_work_of_a_dead_sidecar(tmp_path: Path):

@@ -71,6 +71,22 @@ logger = logging.getLogger("mace_sgl.trainer")
 # Seconds a pair may wait for a tenant the trainer does not have (its adapter not loaded
 # in SGLang yet, or retired) before it is handed back as not trained.
 ORPHAN_AFTER_S = 30.0
+# Pairs held behind the running step cover at most about this many seconds of steps
+# (pairs_ahead): a pair waits in the trainer no longer than that before its step, so a
+# shift of preference in the feedback reaches training within it.
+HOLD_AHEAD_S = 30.0
+
+
+def pairs_ahead(lookahead: int, step_wall_s: float | None) -> int:
+    """Pairs to hold behind the running step: --mace-lookahead, but no more than the
+    steps expected within HOLD_AHEAD_S at the recent wall time per step (serving
+    included), and at least one (its reference pass fills spare room before its step).
+    Before the first step: --mace-lookahead."""
+    if step_wall_s is None or step_wall_s <= 0:
+        return lookahead
+    return max(1, min(lookahead, math.ceil(HOLD_AHEAD_S / step_wall_s)))
+
+
 # Seconds between two looks at SGLang's loaded adapters (new or retired tenants).
 SYNC_EVERY_S = 0.5
 
@@ -162,6 +178,10 @@ class MaceTrainer:
         # fcfs-reserve (--mace-train-tokens-per-iter) to time.
         self.sec_per_token = 5e-3
         self.step_seconds = 0.0
+        # Wall seconds from a step's start to its end (serving between its slices
+        # included), recently: how many pairs are worth holding ahead (pairs_ahead).
+        self.step_wall_s: float | None = None
+        self.step_started = 0.0
         self.unit_s = 0.0
         # This replica's recent idle fraction, set by the scheduler hooks from the
         # iteration monitor; sent with every Ready (the sidecar's lease goes by it).
@@ -334,7 +354,8 @@ class MaceTrainer:
         self._return_orphans()
         self.cost_saver.maybe_save()
         # The sidecar answers only when it has samples; ask again now and then.
-        want = self.cfg.lookahead + self.cfg.pairs_per_step - self.board.pairs_held()
+        ahead = pairs_ahead(self.cfg.lookahead, self.step_wall_s)
+        want = ahead + self.cfg.pairs_per_step - self.board.pairs_held()
         asking = want > 0 and policy_trains(self.cfg.policy) and not self.paused
         self.link.maybe_ready(want, asking, self.board.held(), self.room)
 
@@ -390,6 +411,7 @@ class MaceTrainer:
         picked = [i for i in order if queue[i].tenant == name][: self.cfg.pairs_per_step]
         self.fair.charge(name)
         pairs, refs = self.board.take(picked)
+        self.step_started = time.monotonic()
         self.board.start_step(self._step(known[name], pairs, refs), pairs)
 
     def _run_unit(self, key: int) -> float:
@@ -398,6 +420,10 @@ class MaceTrainer:
         the predicted time (its device span corrects the cost model once it completed)."""
         storage = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
         ran: Ran = self.board.run(key, storage)
+        if ran.job.kind == "step" and ran.error is None and self.board.step_job is not ran.job:
+            wall = time.monotonic() - self.step_started
+            last = self.step_wall_s
+            self.step_wall_s = wall if last is None else last + 0.3 * (wall - last)
         if ran.error is not None and ran.job.kind == "step":
             tenant = self.tenants.get(ran.job.tenant)
             if tenant is not None:
@@ -790,6 +816,8 @@ class MaceTrainer:
             "tenant_failures": dict(self.tenants.create_failures),
             "fair_share": self.fair.status(),
             "orphans_returned": self.orphans_returned,
+            "step_wall_s": self.step_wall_s,
+            "pairs_ahead": pairs_ahead(self.cfg.lookahead, self.step_wall_s),
             "dp_rank": self.dp_rank,
             "adapters": {name: t.version for name, t in self.tenants.tenants.items()},
             "adapter_digest": self.default.served_digest,
