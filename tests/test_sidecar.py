@@ -274,21 +274,24 @@ def test_resume_reaches_a_paused_trainer_after_a_sidecar_restart(tmp_path: Path,
 
 
 def test_the_trainer_holds_fewer_pairs_ahead_when_its_steps_are_slow(tmp_path: Path):
-    """--mace-lookahead pairs ahead while steps are quick (or none finished yet); at 45 s
-    a step (drift's on 2 cores) one: a pair the trainer takes waits about one step,
-    not five, so the feedback of a new preference reaches training that much sooner."""
+    """--mace-lookahead pairs ahead while steps are quick; at 45 s a step (drift's on 2
+    cores) one step's: a pair the trainer takes waits about one step, not five, so the
+    feedback of a new preference reaches training that much sooner. Before any step was
+    measured, one step's pairs."""
     from mace_sgl.trainer.runtime import HOLD_AHEAD_S, pairs_ahead
 
-    assert pairs_ahead(4, None) == 4
-    assert pairs_ahead(4, 0.5) == 4
-    assert pairs_ahead(4, HOLD_AHEAD_S / 2) == 2
-    assert pairs_ahead(4, 45.0) == 1 and pairs_ahead(4, 1e9) == 1
+    assert pairs_ahead(4, 1, None) == 1
+    assert pairs_ahead(4, 1, 0.5) == 4
+    assert pairs_ahead(4, 1, HOLD_AHEAD_S / 2) == 2
+    assert pairs_ahead(4, 1, 45.0) == 1 and pairs_ahead(4, 1, 1e9) == 1
+    assert pairs_ahead(4, 4, 45.0) == 4  # a whole step's pairs wait behind the running one
+    assert pairs_ahead(8, 2, 10.0) == 6
     ctx = zmq.Context()
     push, pull = channels.bind_sidecar(ctx, tmp_path / "run")  # a hand-driven sidecar
     t = trainer_shell(tmp_path, lookahead=4)
     try:
         wants = []
-        for step_wall_s in (None, 45.0):
+        for step_wall_s in (None, 1.0, 45.0):
             t.step_wall_s = step_wall_s
             t.link.asked_at = 0.0
             t.poll()
@@ -297,13 +300,54 @@ def test_the_trainer_holds_fewer_pairs_ahead_when_its_steps_are_slow(tmp_path: P
             while pull.poll(0):
                 sent.append(decode_to_sidecar(pull.recv()))
             wants.append([m.want for m in sent if isinstance(m, Ready)][-1])
-        assert wants == [5, 2]  # the pairs ahead, plus the step's one
+        assert wants == [2, 5, 2]  # the pairs ahead, plus the step's one
     finally:
         t.push.close(linger=0)
         t.pull.close(linger=0)
         push.close(linger=0)
         pull.close(linger=0)
         ctx.term()
+
+
+def test_a_step_that_ends_sets_the_wall_time_per_step_unless_a_pause_came(tmp_path: Path):
+    """MaceTrainer._run_unit measures a step from its start to its last slice; a step
+    that a pause interrupted (drift pauses training for every evaluation) is not
+    measured, nor one that failed."""
+    import torch
+
+    from mace_sgl.trainer.jobs import QueuedPair
+    from mace_sgl.trainer.sliced import Pair, SliceSpec
+
+    t = trainer_shell(tmp_path, lookahead=4)
+    t.model = torch.nn.Linear(1, 1)
+    t._observe_slice = lambda *a: None
+    q = QueuedPair(Pair(1, [1], [2], [3], 1.0), time.monotonic(), None, "live")
+
+    def step(fail: bool = False):
+        yield SliceSpec("fwd", 3)
+        if fail:
+            raise RuntimeError("out of memory")
+
+    def run_step(started_ago: float, paused: bool = False, fail: bool = False) -> None:
+        job = t.board.start_step(step(fail), [q])
+        t.step_started, t.step_paused = time.monotonic() - started_ago, paused
+        t._report = lambda *a: None  # a failed step's pairs (nothing to report to)
+        t.tenants = SimpleNamespace(tenants={"live": None}, get=lambda name: None)
+        t._run_unit(job.key)
+        assert t.board.step_job is None  # it ended
+
+    run_step(40.0)
+    assert 40.0 <= t.step_wall_s < 41.0
+    run_step(10.0, paused=True)  # not measured
+    run_step(10.0, fail=True)  # not measured
+    assert 40.0 <= t.step_wall_s < 41.0
+    run_step(20.0)
+    assert 34.0 <= t.step_wall_s < 35.0  # 40 + 0.3 x (20 - 40)
+    t.link.paused = True  # a pause while a step runs marks it
+    t.board.start_step(step(), [q])
+    t.link.asked_at = 0.0
+    t.poll()
+    assert t.step_paused
 
 
 def test_trainer_drops_malformed_messages_and_work_of_a_dead_sidecar(tmp_path: Path):

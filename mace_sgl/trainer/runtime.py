@@ -72,19 +72,22 @@ logger = logging.getLogger("mace_sgl.trainer")
 # in SGLang yet, or retired) before it is handed back as not trained.
 ORPHAN_AFTER_S = 30.0
 # Pairs held behind the running step cover at most about this many seconds of steps
-# (pairs_ahead): a pair waits in the trainer no longer than that before its step, so a
-# shift of preference in the feedback reaches training within it.
+# (pairs_ahead): a pair waits in the trainer not much longer than that before its step,
+# so a shift of preference in the feedback reaches training within it.
 HOLD_AHEAD_S = 30.0
 
 
-def pairs_ahead(lookahead: int, step_wall_s: float | None) -> int:
+def pairs_ahead(lookahead: int, pairs_per_step: int, step_wall_s: float | None) -> int:
     """Pairs to hold behind the running step: --mace-lookahead, but no more than the
-    steps expected within HOLD_AHEAD_S at the recent wall time per step (serving
-    included), and at least one (its reference pass fills spare room before its step).
-    Before the first step: --mace-lookahead."""
+    steps expected within HOLD_AHEAD_S at the wall time per step (serving included),
+    and at least one step's pairs (their reference passes fill spare room before their
+    step). Without a measured step yet: one step's pairs (a fast device grows to
+    --mace-lookahead after its first step; a slow one takes no more than it can use)."""
+    one_step = max(1, min(lookahead, pairs_per_step))
     if step_wall_s is None or step_wall_s <= 0:
-        return lookahead
-    return max(1, min(lookahead, math.ceil(HOLD_AHEAD_S / step_wall_s)))
+        return one_step
+    steps = math.ceil(HOLD_AHEAD_S / step_wall_s)
+    return max(one_step, min(lookahead, steps * pairs_per_step))
 
 
 # Seconds between two looks at SGLang's loaded adapters (new or retired tenants).
@@ -182,6 +185,7 @@ class MaceTrainer:
         # included), recently: how many pairs are worth holding ahead (pairs_ahead).
         self.step_wall_s: float | None = None
         self.step_started = 0.0
+        self.step_paused = False  # a pause came while the running step ran: not measured
         self.unit_s = 0.0
         # This replica's recent idle fraction, set by the scheduler hooks from the
         # iteration monitor; sent with every Ready (the sidecar's lease goes by it).
@@ -354,10 +358,19 @@ class MaceTrainer:
         self._return_orphans()
         self.cost_saver.maybe_save()
         # The sidecar answers only when it has samples; ask again now and then.
-        ahead = pairs_ahead(self.cfg.lookahead, self.step_wall_s)
-        want = ahead + self.cfg.pairs_per_step - self.board.pairs_held()
+        if self.paused and self.board.step_job is not None:
+            self.step_paused = True
+        want = self._ahead() + self.cfg.pairs_per_step - self.board.pairs_held()
         asking = want > 0 and policy_trains(self.cfg.policy) and not self.paused
         self.link.maybe_ready(want, asking, self.board.held(), self.room)
+
+    def _ahead(self) -> int:
+        """pairs_ahead with the wall time per step so far: the recent steps', or the
+        running step's age where that is longer (before any step was measured, too)."""
+        wall = self.step_wall_s
+        if self.board.step_job is not None:
+            wall = max(wall or 0.0, time.monotonic() - self.step_started)
+        return pairs_ahead(self.cfg.lookahead, self.cfg.pairs_per_step, wall or None)
 
     def _pair(self, s: Any) -> Pair:
         prompt, chosen = encode_pair(self.tokenizer, s.prompt, s.chosen)
@@ -411,7 +424,7 @@ class MaceTrainer:
         picked = [i for i in order if queue[i].tenant == name][: self.cfg.pairs_per_step]
         self.fair.charge(name)
         pairs, refs = self.board.take(picked)
-        self.step_started = time.monotonic()
+        self.step_started, self.step_paused = time.monotonic(), False
         self.board.start_step(self._step(known[name], pairs, refs), pairs)
 
     def _run_unit(self, key: int) -> float:
@@ -420,7 +433,8 @@ class MaceTrainer:
         the predicted time (its device span corrects the cost model once it completed)."""
         storage = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
         ran: Ran = self.board.run(key, storage)
-        if ran.job.kind == "step" and ran.error is None and self.board.step_job is not ran.job:
+        ended = ran.job.kind == "step" and self.board.step_job is not ran.job
+        if ended and ran.error is None and not self.step_paused:
             wall = time.monotonic() - self.step_started
             last = self.step_wall_s
             self.step_wall_s = wall if last is None else last + 0.3 * (wall - last)
@@ -817,7 +831,7 @@ class MaceTrainer:
             "fair_share": self.fair.status(),
             "orphans_returned": self.orphans_returned,
             "step_wall_s": self.step_wall_s,
-            "pairs_ahead": pairs_ahead(self.cfg.lookahead, self.step_wall_s),
+            "pairs_ahead": self._ahead(),
             "dp_rank": self.dp_rank,
             "adapters": {name: t.version for name, t in self.tenants.tenants.items()},
             "adapter_digest": self.default.served_digest,
