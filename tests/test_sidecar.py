@@ -345,9 +345,14 @@ def test_a_step_that_ends_sets_the_wall_time_per_step_unless_a_pause_came(tmp_pa
     assert 34.0 <= t.step_wall_s < 35.0  # 40 + 0.3 x (20 - 40)
     t.link.paused = True  # a pause while a step runs marks it
     t.board.start_step(step(), [q])
+    t.step_started = time.monotonic() - 120.0
     t.link.asked_at = 0.0
     t.poll()
     assert t.step_paused
+    assert t._ahead() == 1  # a step running for 2 minutes: no more pairs than one
+    t.step_wall_s = None
+    t.step_started = time.monotonic()
+    assert t._ahead() == 1  # a young step with nothing measured: one step's pairs
 
 
 def test_trainer_drops_malformed_messages_and_work_of_a_dead_sidecar(tmp_path: Path):

@@ -366,11 +366,12 @@ class MaceTrainer:
 
     def _ahead(self) -> int:
         """pairs_ahead with the wall time per step so far: the recent steps', or the
-        running step's age where that is longer (before any step was measured, too)."""
+        running step's age where that is longer. (Not the age alone: a young step says
+        nothing of how long steps take, and before one was measured, one step's pairs.)"""
         wall = self.step_wall_s
-        if self.board.step_job is not None:
-            wall = max(wall or 0.0, time.monotonic() - self.step_started)
-        return pairs_ahead(self.cfg.lookahead, self.cfg.pairs_per_step, wall or None)
+        if wall is not None and self.board.step_job is not None:
+            wall = max(wall, time.monotonic() - self.step_started)
+        return pairs_ahead(self.cfg.lookahead, self.cfg.pairs_per_step, wall)
 
     def _pair(self, s: Any) -> Pair:
         prompt, chosen = encode_pair(self.tokenizer, s.prompt, s.chosen)
