@@ -244,6 +244,31 @@ def trainer_shell(tmp_path: Path, lookahead: int = 2):
     return t
 
 
+@contextlib.contextmanager
+def hand_driven(tmp_path: Path, lookahead: int = 2):
+    """A trainer shell and the sidecar's sockets, driven by hand: (trainer, push, pull)."""
+    ctx = zmq.Context()
+    push, pull = channels.bind_sidecar(ctx, tmp_path / "run")
+    t = trainer_shell(tmp_path, lookahead)
+    try:
+        yield t, push, pull
+    finally:
+        for sock in (t.push, t.pull, push, pull):
+            sock.close(linger=0)
+        ctx.term()
+
+
+def last_ready(t, pull) -> Ready:
+    """The trainer's newest Ready after a poll that asks (asked_at reset)."""
+    t.link.asked_at = 0.0
+    t.poll()
+    assert pull.poll(10_000)
+    sent = [decode_to_sidecar(pull.recv())]
+    while pull.poll(0):
+        sent.append(decode_to_sidecar(pull.recv()))
+    return [m for m in sent if isinstance(m, Ready)][-1]
+
+
 def poll_until(t, cond, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not cond():
@@ -286,27 +311,12 @@ def test_the_trainer_holds_fewer_pairs_ahead_when_its_steps_are_slow(tmp_path: P
     assert pairs_ahead(4, 1, 45.0) == 1 and pairs_ahead(4, 1, 1e9) == 1
     assert pairs_ahead(4, 4, 45.0) == 4  # a whole step's pairs wait behind the running one
     assert pairs_ahead(8, 2, 10.0) == 6
-    ctx = zmq.Context()
-    push, pull = channels.bind_sidecar(ctx, tmp_path / "run")  # a hand-driven sidecar
-    t = trainer_shell(tmp_path, lookahead=4)
-    try:
+    with hand_driven(tmp_path, lookahead=4) as (t, _, pull):
         wants = []
         for step_wall_s in (None, 1.0, 45.0):
             t.step_wall_s = step_wall_s
-            t.link.asked_at = 0.0
-            t.poll()
-            assert pull.poll(10_000)
-            sent = [decode_to_sidecar(pull.recv())]
-            while pull.poll(0):
-                sent.append(decode_to_sidecar(pull.recv()))
-            wants.append([m.want for m in sent if isinstance(m, Ready)][-1])
+            wants.append(last_ready(t, pull).want)
         assert wants == [2, 5, 2]  # the pairs ahead, plus the step's one
-    finally:
-        t.push.close(linger=0)
-        t.pull.close(linger=0)
-        push.close(linger=0)
-        pull.close(linger=0)
-        ctx.term()
 
 
 def test_a_step_that_ends_sets_the_wall_time_per_step_unless_a_pause_came(tmp_path: Path):
@@ -356,10 +366,7 @@ def test_a_step_that_ends_sets_the_wall_time_per_step_unless_a_pause_came(tmp_pa
 
 
 def test_trainer_drops_malformed_messages_and_work_of_a_dead_sidecar(tmp_path: Path):
-    ctx = zmq.Context()
-    push, pull = channels.bind_sidecar(ctx, tmp_path / "run")  # a hand-driven sidecar
-    t = trainer_shell(tmp_path)
-    try:
+    with hand_driven(tmp_path) as (t, push, pull):
         push.send(b"\xc1 garbage")
         push.send(encode(Ready("s1", 1)))  # a sidecar-bound message: ValidationError
         push.send(encode(Control(False, "s1", "new")))
@@ -368,19 +375,8 @@ def test_trainer_drops_malformed_messages_and_work_of_a_dead_sidecar(tmp_path: P
         poll_until(t, lambda: len(t.board.queue) > 0, 30, "work of the new sidecar")
         assert [q.pair.sample_id for q in t.board.queue] == [2]
         # Every Ready from now on names the new sidecar and what the trainer holds.
-        t.link.asked_at = 0.0
-        t.poll()
-        assert pull.poll(10_000)
-        ready = decode_to_sidecar(pull.recv())
-        while pull.poll(0):
-            ready = decode_to_sidecar(pull.recv())
-        assert isinstance(ready, Ready) and ready.sidecar == "new" and ready.held == [2]
-    finally:
-        t.push.close(linger=0)
-        t.pull.close(linger=0)
-        push.close(linger=0)
-        pull.close(linger=0)
-        ctx.term()
+        ready = last_ready(t, pull)
+        assert ready.sidecar == "new" and ready.held == [2]
 
 
 def test_the_trainer_shares_steps_by_the_store_weights_the_sidecar_sends(tmp_path: Path, conn):
