@@ -5,7 +5,8 @@
 
 It binds the two ipc:// sockets in DIR/run, answers the trainer's Ready with Work picked
 from the store (every existing tenant by its fair share; --adapter names the default one, which
-always exists), records each Result, returns in-flight samples of a dead trainer session
+always exists), records each Result, queues again what a Release gives back untrained,
+returns in-flight samples of a dead trainer session
 (or of Work a dead sidecar never delivered) to the queue, and forwards pause/resume (a
 `paused` setting in the store) as Control. It exits with its parent (--parent-pid).
 """
@@ -33,6 +34,7 @@ from mace_sgl.ipc.messages import (
     Control,
     Hello,
     Ready,
+    Release,
     Result,
     Sample,
     Work,
@@ -106,7 +108,7 @@ class Sidecar:
         self.versions: dict[str, tuple[float, int]] = {}
         self.running = True
 
-    def handle(self, msg: Hello | Ready | Result) -> None:
+    def handle(self, msg: Hello | Ready | Result | Release) -> None:
         """React to one trainer message."""
         if isinstance(msg, Hello):
             if not 0 <= msg.dp_rank < self.replicas:
@@ -125,6 +127,8 @@ class Sidecar:
                 logger.warning("result for sample %d from a stale session", msg.sample_id)
             if msg.adapter and not math.isnan(msg.loss):  # NaN: not trained, no version
                 self._reported(msg.adapter, msg.version)
+        elif isinstance(msg, Release):  # given back untrained: queued again, uncounted
+            store.release(self.conn, msg.session, msg.sample_ids)
 
     def _reported(self, name: str, version: int) -> None:
         """A step of tenant `name` reached `version` (its tenant as it exists now)."""

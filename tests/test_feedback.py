@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mace_sgl.config import PICK_ORDERS
 from mace_sgl.feedback import FeedbackError, parse_feedback
 from sidecar import store
 
@@ -126,6 +127,8 @@ def test_the_newest_untrained_pairs_train_first_by_default(tmp_path: Path):
     assert order == [new[1], new[0], old[1], old[0], old[2]]
     with pytest.raises(ValueError, match="one of newest, oldest"):
         store.pick_next(conn, "live", 1, "s3", order="random")
+    for order in PICK_ORDERS:  # every --mace-pick-order choice is one pick_next knows
+        assert store.pick_next(conn, "live", 1, f"s-{order}", order=order) == []
 
 
 WRITER = """

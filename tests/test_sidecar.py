@@ -217,6 +217,8 @@ def test_rows_a_dead_sidecar_picked_are_requeued_and_work_in_transit_is_kept(
 def trainer_shell(tmp_path: Path, lookahead: int = 2):
     from mace_sgl.policy.cost import CostModel
     from mace_sgl.policy.fairshare import FairShare
+    from mace_sgl.policy.policies import make_policy
+    from mace_sgl.policy.profile import Profile
     from mace_sgl.trainer import learned_cost
     from mace_sgl.trainer.jobs import JobBoard
     from mace_sgl.trainer.link import SidecarLink
@@ -231,6 +233,8 @@ def trainer_shell(tmp_path: Path, lookahead: int = 2):
     t.fair = FairShare()
     t.tenants = SimpleNamespace(tenants={"live": None})
     t.orphans_returned = 0
+    t.handed_back = 0
+    t.policy = make_policy("mace", Profile())
     t.step_wall_s = None  # no step finished yet
     t.room = 0.0  # its replica's idle fraction (set by the scheduler hooks)
     t.replicas = None  # one replica: nothing to follow
@@ -317,6 +321,45 @@ def test_the_trainer_holds_fewer_pairs_ahead_when_its_steps_are_slow(tmp_path: P
             t.step_wall_s = step_wall_s
             wants.append(last_ready(t, pull).want)
         assert wants == [2, 5, 2]  # the pairs ahead, plus the step's one
+
+
+def train_count(conn, sample_id: int) -> int:
+    return conn.execute("SELECT train_count FROM feedback WHERE id = ?", (sample_id,)).fetchone()[0]
+
+
+def test_pairs_beyond_a_shrunk_hold_go_back_to_the_store_untrained(tmp_path: Path, conn):
+    """A trainer that took --mace-lookahead pairs while its steps were quick holds one
+    step's once its steps are measured slow: the pairs beyond go back to the store
+    untrained (in flight for nobody, train count unchanged), those the policy would train
+    last first, none whose reference pass is done. The sidecar hands them out again."""
+    ids = store.add_feedback(conn, [pair(i) for i in range(5)])
+    t = trainer_shell(tmp_path, lookahead=4)
+    sidecar = SidecarProcess(tmp_path)
+    try:
+        t.step_wall_s = 1.0  # quick steps: 4 pairs ahead plus the step's one
+        poll_until(t, lambda: len(t.board.queue) == 5, 30, "five pairs held")
+        queue = list(t.board.queue)
+        for k, q in enumerate(queue):  # the first arrived first: the policy trains it first
+            q.arrival -= 10 - k
+        t.board.refs[queue[-1].pair.sample_id] = (-1.0, -2.0)  # its reference pass ran
+        t.step_wall_s = 45.0  # now one pair ahead plus the step's: three go back
+        t.poll()
+        kept = [q.pair.sample_id for q in t.board.queue]
+        assert kept == [queue[0].pair.sample_id, queue[-1].pair.sample_id]
+        back = [q.pair.sample_id for q in queue[1:4]]
+        wait_until(
+            lambda: [inflight(conn, i) for i in back] == [None] * 3, 15, "the three given back"
+        )
+        assert [inflight(conn, i) for i in kept] == ["s1", "s1"]
+        assert [train_count(conn, i) for i in ids] == [0] * 5
+        assert t.handed_back == 3
+        t.step_wall_s = 1.0
+        poll_until(t, lambda: len(t.board.queue) == 5, 30, "the three handed out again")
+        assert sorted(q.pair.sample_id for q in t.board.queue) == sorted(ids)
+    finally:
+        sidecar.stop()
+        t.push.close(linger=0)
+        t.pull.close(linger=0)
 
 
 def test_a_step_that_ends_sets_the_wall_time_per_step_unless_a_pause_came(tmp_path: Path):

@@ -61,6 +61,15 @@ class Result(msgspec.Struct, tag=True, frozen=True):
     adapter: str = ""  # the tenant it trained (whose version `version` is)
 
 
+class Release(msgspec.Struct, tag=True, frozen=True):
+    """Trainer -> sidecar: samples the trainer held and gives back untrained (it holds
+    fewer pairs ahead now that its steps are slower): the store queues them again with
+    their train count unchanged."""
+
+    session: str
+    sample_ids: list[int]
+
+
 class Work(msgspec.Struct, tag=True, frozen=True):
     """Sidecar -> trainer: samples to train, in priority order."""
 
@@ -86,7 +95,7 @@ class Control(msgspec.Struct, tag=True, frozen=True):
     sidecar: str = ""
 
 
-ToSidecar = Hello | Ready | Result
+ToSidecar = Hello | Ready | Result | Release
 ToTrainer = Work | Control
 
 _encoder = msgspec.msgpack.Encoder()
@@ -99,7 +108,7 @@ def encode(msg: msgspec.Struct) -> bytes:
     return _encoder.encode(msg)
 
 
-def decode_to_sidecar(data: bytes) -> Hello | Ready | Result:
+def decode_to_sidecar(data: bytes) -> ToSidecar:
     """A trainer->sidecar message; raises msgspec.DecodeError on bytes that are not msgpack
     and msgspec.ValidationError (a subclass) on any other message."""
     return _to_sidecar.decode(data)

@@ -137,14 +137,15 @@ def epoch(store: Any) -> str:
     return store_text(store.compare_set(LOG_EPOCH, "", uuid.uuid4().hex))
 
 
-def append(store: Any, op: TenantOp, lease: bool = True) -> int:
-    """Add `op` at the end of the log; returns its index (from 1). LogError if a reader
+def append(store: Any, op: TenantOp, lease: bool = True) -> Sent:
+    """Add `op` at the end of the log; returns where: the log's epoch and the entry's
+    index (from 1), read from the same store as the entry was written to. LogError if a reader
     gave the index up as lost before this wrote it. A purge then moves the tenant's
     training lease to a new generation (trainer/lease.py), for the tenant created again
     after it, which starts at version 0, below the old key's floor. (After the entry, so
     that a purge that never reached the log leaves the live tenant's key as it was.)
     `lease` False: not that (an entry appended again, to a fresh store)."""
-    epoch(store)
+    now = epoch(store)
     i = int(store.add(LOG_COUNT, 1))
     text = op.to_json()
     if store_text(store.compare_set(LOG_ENTRY.format(i=i), "", text)) != text:
@@ -155,7 +156,7 @@ def append(store: Any, op: TenantOp, lease: bool = True) -> int:
         except Exception:  # appended all the same: the retirement goes on everywhere
             logger.exception("tenant %s purged, but its lease generation was not raised: "
                              "created again, it trains once server 0 restarted", op.name)  # fmt: skip
-    return i
+    return Sent(now, i, op)
 
 
 def read(store: Any, after: int) -> tuple[list[tuple[int, TenantOp]], int | None]:
@@ -313,8 +314,7 @@ class TenantLogFollower:
             op = replace(op, origin=self.rank, id=uuid.uuid4().hex, stamp=stamp)
             book.handled(op)  # from now on an older entry for this name loses here
         try:
-            now = epoch(store)
-            i = append(store, op)
+            sent = append(store, op)
         except BaseException:
             with self._lock:
                 if book.stamps.get(op.name) == stamp:  # nothing newer came meanwhile
@@ -324,14 +324,14 @@ class TenantLogFollower:
                         book.stamps[op.name] = before
             raise
         with self._lock:
-            book.outbox.append(Sent(now, i, op))
+            book.outbox.append(sent)
             if len(book.outbox) > MAX_OUTBOX:
                 lost = book.outbox.pop(0)
                 self.dropped += 1
                 self._error(f"tenant log outbox full: {lost.op.op} {lost.op.name!r} dropped, "
                             "a server away since then misses it if server 0 restarts")  # fmt: skip
             self._save(book)
-        return i
+        return sent.index
 
     def _save(self, book: Position) -> None:
         """save(book), a failure reported instead of raised (the next save writes it)."""
@@ -427,10 +427,10 @@ class TenantLogFollower:
                 if sent.epoch == now:
                     continue
                 try:
-                    sent.index = append(store, sent.op, lease=False)
+                    fresh = append(store, sent.op, lease=False)
                 except LogError:
                     continue  # its index was given up meanwhile: again at the next poll
-                sent.epoch = now
+                sent.epoch, sent.index = fresh.epoch, fresh.index
                 self.resent += 1
         finally:
             if self.resent > resent:

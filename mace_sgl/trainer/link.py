@@ -21,6 +21,7 @@ from mace_sgl.ipc.messages import (
     Control,
     Hello,
     Ready,
+    Release,
     Result,
     Sample,
     Work,
@@ -92,6 +93,14 @@ class SidecarLink:
             except zmq.Again:
                 pass
             self.asked_at = now
+
+    def release(self, sample_ids: list[int]) -> None:
+        """Give these held samples back untrained. Dropped while the sidecar is down so
+        long that the queue filled: its successor requeues what no Ready lists as held."""
+        try:
+            self.push.send(encode(Release(self.session, sample_ids)), zmq.NOBLOCK)
+        except zmq.Again:
+            logger.warning("sidecar not reading: %d samples given back later", len(sample_ids))
 
     def report(self, sample_id: int, loss: float, version: int, adapter: str = "") -> None:
         """One sample took part in a finished step of `adapter` (loss NaN: rolled back)."""

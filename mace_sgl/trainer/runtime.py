@@ -192,6 +192,7 @@ class MaceTrainer:
         self.room = 0.0
         self.idle_refused = 0
         self.orphans_returned = 0
+        self.handed_back = 0  # pairs given back untrained when the hold shrank
         self.totals = {"train_steps": 0, "trained_tokens": 0, "train_seconds": 0.0}
         with torch.inference_mode(False):
             self.guard = Guard.for_config(self.dpo, self.tokenizer, cfg)
@@ -356,6 +357,7 @@ class MaceTrainer:
             if name in self.tenants.tenants:
                 self.fair.set_weight(name, weight)
         self._return_orphans()
+        self._hand_back_excess()
         self.cost_saver.maybe_save()
         # The sidecar answers only when it has samples; ask again now and then.
         if self.paused and self.board.step_job is not None:
@@ -363,6 +365,26 @@ class MaceTrainer:
         want = self._ahead() + self.cfg.pairs_per_step - self.board.pairs_held()
         asking = want > 0 and policy_trains(self.cfg.policy) and not self.paused
         self.link.maybe_ready(want, asking, self.board.held(), self.room)
+
+    def _hand_back_excess(self) -> None:
+        """Queued pairs beyond the hold go back to the store untrained (Release; their
+        train count unchanged): once steps are measured slower than when they were asked
+        for, pairs_ahead shrinks, and a pair would wait here past HOLD_AHEAD_S while the
+        store may have newer ones. Goes by the measured wall time per step only (the
+        running step's age only stops asking: a long step would otherwise hand pairs
+        back and ask for them again after it). Those the policy would train last go
+        first; pairs whose reference pass is done stay."""
+        keep = pairs_ahead(self.cfg.lookahead, self.cfg.pairs_per_step, self.step_wall_s)
+        excess = self.board.pairs_held() - keep - self.cfg.pairs_per_step
+        if excess <= 0:
+            return
+        queue = self.board.queue
+        waiting = [Unit(i, "fwd", 0, q.arrival, q.loss) for i, q in enumerate(queue)]
+        ranked = [u.job for u in self.policy.rank(waiting, time.monotonic())]
+        gone = self.board.hand_back(ranked, excess)
+        if gone:
+            self.link.release([q.pair.sample_id for q in gone])
+            self.handed_back += len(gone)
 
     def _ahead(self) -> int:
         """pairs_ahead with the wall time per step so far: the recent steps', or the
@@ -831,6 +853,7 @@ class MaceTrainer:
             "tenant_failures": dict(self.tenants.create_failures),
             "fair_share": self.fair.status(),
             "orphans_returned": self.orphans_returned,
+            "pairs_handed_back": self.handed_back,
             "step_wall_s": self.step_wall_s,
             "pairs_ahead": self._ahead(),
             "dp_rank": self.dp_rank,
