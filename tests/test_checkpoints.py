@@ -15,6 +15,7 @@ from mace_sgl.trainer.checkpoints import (
     CheckpointMismatch,
     CheckpointWriter,
     check_compatible,
+    owner_id,
     purge_dir,
     resume,
     write_checkpoint,
@@ -302,3 +303,37 @@ def test_serve_refuses_a_state_dir_of_another_adapter_shape(tiny_model_dir: Path
     cli.resolve_serve_args(flags)  # writes v0 at rank 16
     with pytest.raises(SystemExit, match="rank 16.*--mace-lora-rank 16"):
         cli.resolve_serve_args([*flags, "--mace-lora-rank", "8"])
+
+
+def test_a_lease_generation_goes_only_into_the_directory_of_its_tenant(tmp_path: Path, monkeypatch):
+    """A generation read for a tenant answered after a purge and a re-creation of its
+    directory (the name created again) is not kept in the new directory: not when the new
+    owner is there before the write, nor when the purge comes between the owner check
+    and the write (the file lands in the directory the purge renamed away)."""
+    from mace_sgl.trainer import checkpoints
+
+    d = tmp_path / "t"
+    d.mkdir()
+    old = owner_id(d)
+    assert checkpoints.keep_lease_generation(d, "e", 1, owner="someone-else") is None
+    assert checkpoints.read_lease_generation(d) is None
+    assert checkpoints.keep_lease_generation(d, "e", 1, owner=old) == ("e", 1)
+    assert checkpoints.keep_lease_generation(d, "e", 2, owner=old) == ("e", 1)  # first stays
+
+    d2 = tmp_path / "u"
+    d2.mkdir()
+    owner = owner_id(d2)
+    read_at = checkpoints._read_at
+
+    def purged_meanwhile(dir_fd: int, name: str) -> str | None:
+        got = read_at(dir_fd, name)
+        if name == checkpoints.OWNER_FILE:  # the purge and the new tenant's directory
+            d2.rename(tmp_path / ".u.purged")
+            d2.mkdir()
+            owner_id(d2)
+        return got
+
+    monkeypatch.setattr(checkpoints, "_read_at", purged_meanwhile)
+    assert checkpoints.keep_lease_generation(d2, "e", 4, owner=owner) == ("e", 4)
+    assert checkpoints.read_lease_generation(d2) is None  # the new directory: nothing
+    assert checkpoints.read_lease_generation(tmp_path / ".u.purged") == ("e", 4)

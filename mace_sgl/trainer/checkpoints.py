@@ -176,14 +176,18 @@ def read_owner(adapter_dir: Path) -> str | None:
         return None
 
 
-def write_once(path: Path, text: str) -> bool:
+def write_once(path: Path, text: str, dir_fd: int | None = None) -> bool:
     """Create `path` holding `text` atomically, unless it exists: the first writer's
     stays (a temporary file linked into place). Returns False for an error other than
-    the file existing or its directory missing (logged), else True."""
+    the file existing or its directory missing (logged), else True. With `dir_fd`,
+    `path` is a name in that open directory (whatever is renamed meanwhile)."""
     tmp = path.parent / f"{path.name}.{uuid.uuid4().hex}"
     try:
-        tmp.write_text(text)
-        os.link(tmp, path)  # fails if another writer was first
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666, dir_fd=dir_fd)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        # fails if another writer was first
+        os.link(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except (FileExistsError, FileNotFoundError):
         pass  # theirs stays (or the directory is gone)
     except OSError:
@@ -191,10 +195,20 @@ def write_once(path: Path, text: str) -> bool:
         return False
     finally:
         try:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # a leftover temporary file harms nothing
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:  # gone already, or a leftover that harms nothing
             pass
     return True
+
+
+def _read_at(dir_fd: int, name: str) -> str | None:
+    """The text of file `name` in the open directory `dir_fd`; None where it is not."""
+    try:
+        fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd) as f:
+        return f.read()
 
 
 def owner_id(adapter_dir: Path) -> str | None:
@@ -219,18 +233,41 @@ def read_lease_generation(adapter_dir: Path) -> tuple[str, int] | None:
     """The (store epoch, generation) this adapter directory's tenant steps under across
     servers (trainer/lease.py), kept at its creation; None where none was kept."""
     try:
-        epoch, generation = (adapter_dir / LEASE_FILE).read_text().split()
-        return epoch, int(generation)
-    except (OSError, ValueError):
+        return _lease_generation((adapter_dir / LEASE_FILE).read_text())
+    except OSError:
         return None
 
 
-def keep_lease_generation(adapter_dir: Path, epoch: str, generation: int) -> tuple[str, int] | None:
+def _lease_generation(text: str | None) -> tuple[str, int] | None:
+    try:
+        epoch, generation = (text or "").split()
+        return epoch, int(generation)
+    except ValueError:
+        return None
+
+
+def keep_lease_generation(
+    adapter_dir: Path, epoch: str, generation: int, owner: str | None = None
+) -> tuple[str, int] | None:
     """Keep (epoch, generation) in the directory, once: the first writer's stays (every
-    replica reads the same); nothing where the directory is gone (purged). Returns what
-    the directory holds afterwards (None: nothing)."""
-    write_once(adapter_dir / LEASE_FILE, f"{epoch} {generation}")
-    return read_lease_generation(adapter_dir)
+    replica reads the same); nothing where the directory is gone (purged). With `owner`
+    (the directory's `owner_id` when its tenant was created), nothing either where the
+    directory is another one now (purged, made again for a tenant created again under
+    the name: a slow store answer for the old tenant must not fix the new one's): the
+    owner is read and the file written through one handle on the directory, so a purge
+    in between leaves it in the directory it renamed away. Returns what the directory
+    holds afterwards (None: nothing)."""
+    try:
+        fd = os.open(adapter_dir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:  # gone (purged)
+        return None
+    try:
+        if owner is not None and _read_at(fd, OWNER_FILE) != owner:
+            return None
+        write_once(Path(LEASE_FILE), f"{epoch} {generation}", dir_fd=fd)
+        return _lease_generation(_read_at(fd, LEASE_FILE))
+    finally:
+        os.close(fd)
 
 
 def purge_dir(adapter_dir: Path) -> None:

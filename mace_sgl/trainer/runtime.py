@@ -277,9 +277,11 @@ class MaceTrainer:
 
     def _lease_created(self, tenant: Tenant) -> None:
         """Fix the lease key generation `tenant` steps under (trainer/lease.py), kept in
-        its adapter directory across restarts."""
+        its adapter directory across restarts (that directory only: the owner id its
+        checkpoint writer read, so not one made again after a purge)."""
         kept = read_lease_generation(tenant.adapter_dir)
-        self.lease.created(tenant.name, kept, partial(keep_lease_generation, tenant.adapter_dir))
+        keep = partial(keep_lease_generation, tenant.adapter_dir, owner=tenant.writer.owner)
+        self.lease.created(tenant.name, kept, keep)
 
     def _return_orphans(self) -> None:
         """Pairs of tenants the trainer does not have, waiting too long, go back to the
