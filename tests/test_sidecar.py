@@ -234,6 +234,7 @@ def trainer_shell(tmp_path: Path, lookahead: int = 2):
     t.tenants = SimpleNamespace(tenants={"live": None})
     t.orphans_returned = 0
     t.handed_back = 0
+    t.unreported = {}
     t.policy = make_policy("mace", Profile())
     t.step_wall_s = None  # no step finished yet
     t.room = 0.0  # its replica's idle fraction (set by the scheduler hooks)
@@ -356,6 +357,69 @@ def test_pairs_beyond_a_shrunk_hold_go_back_to_the_store_untrained(tmp_path: Pat
         t.step_wall_s = 1.0
         poll_until(t, lambda: len(t.board.queue) == 5, 30, "the three handed out again")
         assert sorted(q.pair.sample_id for q in t.board.queue) == sorted(ids)
+    finally:
+        sidecar.stop()
+        t.push.close(linger=0)
+        t.pull.close(linger=0)
+
+
+def test_a_restarted_sidecar_keeps_the_pairs_of_steps_not_reported_yet(tmp_path: Path, conn):
+    """Pairs of a finished step held back for a publish (--mace-publish-every > 1), or
+    whose version is still reaching the peers, are not reported yet: the trainer lists
+    them as held, so a restarted sidecar requeues only what it really lost (Work never
+    delivered), not them: they would train twice."""
+    kept, lost = store.add_feedback(conn, [pair(0), pair(1)])
+    t = trainer_shell(tmp_path)
+    sidecar = SidecarProcess(tmp_path)
+    try:
+        poll_until(t, lambda: len(t.board.queue) == 2, 30, "both pairs held")
+        # `kept` trained in a step held back; `lost` was never delivered (dropped here).
+        t.board.drop(lambda q: False)
+        t.unreported = {kept: "live"}
+        sidecar.kill()
+        sidecar = SidecarProcess(tmp_path)
+        # The new sidecar requeues `lost` and, as the trainer asks, hands it out again.
+        queued = lambda: [q.pair.sample_id for q in t.board.queue]  # noqa: E731
+        poll_until(t, lambda: lost in queued(), 30, "`lost` delivered again")
+        assert queued() == [lost] and inflight(conn, kept) == "s1"
+    finally:
+        sidecar.stop()
+        t.push.close(linger=0)
+        t.pull.close(linger=0)
+
+
+def test_a_retired_tenants_pairs_go_back_to_the_store_untrained(tmp_path: Path, conn):
+    """A tenant retired while the trainer holds its pairs (queued, in the running step,
+    or in steps held back for a publish): they go back to the store untrained, for a
+    tenant created again under the name, instead of staying in flight until a restart.
+    Another tenant's pairs stay."""
+    from mace_sgl.trainer.sliced import SliceSpec
+
+    store.add_tenant(conn, "t")
+    ids = store.add_feedback(conn, [{**pair(i), "adapter": "t"} for i in range(3)])
+    (other,) = store.add_feedback(conn, [pair(9)])
+    t = trainer_shell(tmp_path, lookahead=4)
+    t.tenants = SimpleNamespace(tenants={"live": None, "t": None})
+    t.step_wall_s = 1.0  # quick steps: it holds up to --mace-lookahead pairs
+    sidecar = SidecarProcess(tmp_path)
+    try:
+        poll_until(t, lambda: len(t.board.queue) == 4, 30, "four pairs held")
+        by_id = {q.pair.sample_id: q for q in t.board.queue}
+        queued, stepping, held_back = ids
+        t.board.drop(lambda q: q.pair.sample_id not in (stepping, held_back))
+
+        def step():
+            yield SliceSpec("fwd", 3)
+
+        t.board.start_step(step(), [by_id[stepping]])
+        gone = SimpleNamespace(held_back=[([by_id[held_back].pair], {held_back: 0.5})])
+        t.unreported = {held_back: "t"}
+        t._release_retired(["t"], {"t": gone})
+        assert t.board.step_job is None and gone.held_back == [] and t.unreported == {}
+        assert [q.pair.sample_id for q in t.board.queue] == [other]
+        wait_until(lambda: [inflight(conn, i) for i in ids] == [None] * 3, 15, "released")
+        assert [train_count(conn, i) for i in ids] == [0, 0, 0]
+        assert inflight(conn, other) == "s1"
     finally:
         sidecar.stop()
         t.push.close(linger=0)

@@ -229,6 +229,10 @@ class MaceTrainer:
         # Versions stepped here and sent to every peer, served here once they all have
         # them (`_send_step`), by tenant; no step of that tenant starts meanwhile.
         self.unpublished: dict[str, int] = {}
+        # Pairs of finished steps not reported yet (held back until a publish, or their
+        # version still reaching the peers), by sample id -> tenant: the trainer still
+        # holds them (Ready.held), so a restarted sidecar does not hand them out again.
+        self.unreported: dict[int, str] = {}
         logger.info(
             "trainer ready: %d tenant(s), default %s v%d",
             len(self.tenants.tenants),
@@ -271,9 +275,29 @@ class MaceTrainer:
             if self.lease is not None:
                 self._lease_created(self.tenants.tenants[name])
         if removed:
-            self.board.drop(lambda q: q.tenant not in removed)  # not reported: retired
+            self._release_retired(removed, before)
         if self.tenants.active is None:
             self.tenants.activate(self.default)
+
+    def _release_retired(self, removed: set[str] | list[str], before: dict[str, Tenant]) -> None:
+        """The pairs of retired tenants go back to the store untrained (Release): those
+        queued, those of the step in flight (dropped) and those of steps held back for
+        a publish that will not come. Trained by
+        a tenant created again under the name (the store hands out only existing
+        tenants' pairs); unreleased, they stayed in flight until the next restart.
+        (A step whose version is still reaching the peers reports its own, untrained.)"""
+        step = self.board.step_job
+        gone = [q.pair.sample_id for q in self.board.drop(lambda q: q.tenant not in removed)]
+        if step is not None and self.board.step_job is None:  # its step, dropped too
+            gone += [q.pair.sample_id for q in step.pairs]
+        for name in removed:
+            for pairs, _ in before[name].held_back:
+                gone += [p.sample_id for p in pairs]
+            before[name].held_back = []
+        for sample_id in gone:
+            self.unreported.pop(sample_id, None)
+        if gone:
+            self.link.release(gone)
 
     def _lease_created(self, tenant: Tenant) -> None:
         """Fix the lease key generation `tenant` steps under (trainer/lease.py), kept in
@@ -366,7 +390,8 @@ class MaceTrainer:
             self.step_paused = True
         want = self._ahead() + self.cfg.pairs_per_step - self.board.pairs_held()
         asking = want > 0 and policy_trains(self.cfg.policy) and not self.paused
-        self.link.maybe_ready(want, asking, self.board.held(), self.room)
+        held = [*self.board.held(), *self.unreported]
+        self.link.maybe_ready(want, asking, held, self.room)
 
     def _hand_back_excess(self) -> None:
         """Queued pairs beyond the hold go back to the store untrained (Release; their
@@ -579,6 +604,7 @@ class MaceTrainer:
             result.margins,
             result.grad_norm,
         )
+        self.unreported.update((p.sample_id, tenant.name) for p in pairs)
         tokens = sum(self.dpo.step_tokens(p) for p in pairs)
         stats.trained_tokens += tokens
         self.totals["trained_tokens"] += tokens
@@ -688,6 +714,7 @@ class MaceTrainer:
         for p in pairs:
             loss = losses.get(p.sample_id, float("nan"))
             self.link.report(p.sample_id, loss, version, tenant.name if live else "")
+            self.unreported.pop(p.sample_id, None)
         # The step ended: every peer has `version` (or none). A tenant retired meanwhile
         # gives its key back at its retire (`_sync_tenants`), not one created again since.
         if self.lease is not None and live:
