@@ -94,12 +94,12 @@ def pair(i: int) -> dict[str, Any]:
 class FeedbackStream:
     """A backlog of pairs at start, then one pair per `interval_s`, in a thread."""
 
-    def __init__(self, server: Server, backlog: int, interval_s: float) -> None:
+    def __init__(self, server: Server, backlog: int, interval_s: float, start: int = 0) -> None:
         self.server, self.interval_s = server, interval_s
         self.stop_event = threading.Event()
-        self.sent = 0
-        server.post("/mace/feedback", [pair(i) for i in range(backlog)]).raise_for_status()
-        self.sent = backlog
+        self.sent = start  # the index of the next pair (its topic)
+        server.post("/mace/feedback", [pair(start + i) for i in range(backlog)]).raise_for_status()
+        self.sent = start + backlog
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 

@@ -19,6 +19,13 @@ controller, detokenizer and sidecar processes and this load generator float over
 - `separate`: replica 0 only serves (every request carries `X-Data-Parallel-Rank: 0`),
   replica 1 only trains (`--mace-train-ranks 1`), and the adapter reaches replica 0 at
   most every --sync-every-s seconds (`--mace-sync-every-s`);
+- `servers` (only when named in --methods): two `mace-sgl serve --dp-size 1` servers of
+  one adapter group (`--mace-sync-addr` on loopback, `--mace-sync-world-size 2`), each
+  scheduler on its half of the cores as with `--dp-size 2`, behind `mace-sgl router
+  --policy power_of_two` (SGLang's router, which reads each server's /get_load, training
+  work included); the load goes to the router, the feedback half to each server. The
+  same two replicas as `lemix`, but as servers that sync over the group's store (its
+  lease per tenant, trainer/lease.py) instead of one server's controller and sidecar.
 - `lemix-floor` (only when named in --methods): `lemix` with `--mace-train-floor F`
   (--train-floor, default 0.1): a share of busy time that trains even when the SLO
   controller allows none. On 2 cores, at a load one replica cannot hold, the controller
@@ -74,11 +81,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +95,11 @@ from benchmarks.colocate import FeedbackStream, request_body
 from benchmarks.loadgen import closed_loop, percentile_ms, poisson_load, summarize
 from benchmarks.serve_smoke import machine
 from benchmarks.stats import aggregate, mean_ci95
-from mace_sgl.launcher import Server
+from mace_sgl.cli import split_evenly
+from mace_sgl.launcher import MACE_SGL, Server, free_port
 
 METHODS = ("lemix", "round-robin", "total-tokens", "separate")
-OPTIONAL = ("lemix-floor",)  # run only when named in --methods
+OPTIONAL = ("lemix-floor", "servers")  # run only when named in --methods
 PAIRED = ("slo_attainment", "throughput_tok_s", "train_tokens_per_s", "tbt_p99_ms")
 PIN = {"X-Data-Parallel-Rank": "0"}  # `separate`: requests go to the serving replica
 
@@ -107,6 +117,7 @@ def method_flags(
         "lemix-floor": ["--mace-placement", "lemix", "--mace-train-floor", str(train_floor)],
         "round-robin": ["--mace-placement", "sglang", "--load-balance-method", "round_robin"],
         "total-tokens": ["--mace-placement", "sglang", "--load-balance-method", "total_tokens"],
+        "servers": [],  # one replica each: start_servers adds the group's flags
         "separate": [
             "--mace-placement",
             "sglang",
@@ -119,14 +130,21 @@ def method_flags(
 
 
 def start_server(
-    args: argparse.Namespace, method: str, out: Path, slo: dict[str, float] | None, name: str
+    args: argparse.Namespace,
+    method: str,
+    out: Path,
+    slo: dict[str, float] | None,
+    name: str,
+    dp_size: int = 2,
+    extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Server:
     """`slo`: the targets every method is judged by, handed to the server's MACE policy
     (`--mace-slo-*`) so its training reserve answers to the same targets, on the same
     basis: requests' mean time per output token (`--mace-slo-tbt-basis request`), as
     summarize() judges. Held to single-gap p99, the controller refused all training while
     every request met its SLO (README, 2026-12-03)."""
-    flags = ["--log-level", "warning", "--dp-size", "2", "--mace-train",
+    flags = ["--log-level", "warning", "--dp-size", str(dp_size), "--mace-train", *(extra or []),
              "--mace-default-adapter", "live", "--mace-state-dir", str(out / f"state-{name}"),
              *method_flags(method, args.sync_every_s, args.train_floor,
                            args.floor_all)]  # fmt: skip
@@ -136,7 +154,58 @@ def start_server(
                   "--mace-slo-tbt-basis", "request"]  # fmt: skip
     if args.model_path:
         flags += ["--model-path", args.model_path]
-    return Server(flags, out / f"server-{name}.log", timeout_s=900)
+    return Server(flags, out / f"server-{name}.log", env=env, timeout_s=900)
+
+
+def start_servers(
+    args: argparse.Namespace, out: Path, slo: dict[str, float] | None, name: str
+) -> tuple[list[Server], Server]:
+    """`servers`: two one-replica servers of one adapter group, each scheduler bound to
+    its half of the cores (the split `--dp-size 2` makes), started together (each waits
+    in the group's rendezvous for the other), and the router in front of them."""
+    addr = f"127.0.0.1:{free_port()}"
+    halves = split_evenly(sorted(os.sched_getaffinity(0)), 2)
+
+    def one(rank: int) -> Server:
+        sync = ["--mace-sync-addr", addr, "--mace-sync-world-size", "2",
+                "--mace-sync-rank", str(rank)]  # fmt: skip
+        cores = {"SGLANG_CPU_OMP_THREADS_BIND": ",".join(map(str, halves[rank]))}
+        return start_server(args, "servers", out, slo, f"{name}-{rank}", 1, sync, cores)
+
+    with ThreadPoolExecutor(2) as ex:
+        futures = [ex.submit(one, rank) for rank in (0, 1)]
+    servers = [f.result() for f in futures if f.exception() is None]
+    failed = [f.exception() for f in futures if f.exception() is not None]
+    router = None
+    try:
+        if failed:
+            raise failed[0]
+        router = start_router([s.url for s in servers], out / f"router-{name}.log")
+    finally:
+        if router is None:
+            for s in servers:
+                s.stop()
+    return servers, router
+
+
+def start_router(urls: list[str], log: Path, timeout_s: float = 120.0) -> Server:
+    """`mace-sgl router --policy power_of_two` over `urls`, once every one is registered
+    and healthy (the router registers its workers in the background after it is up)."""
+    args = ["--policy", "power_of_two", "--prometheus-port", str(free_port()),
+            "--worker-urls", *urls]  # fmt: skip
+    router = Server(args, log, cmd=[MACE_SGL, "router"], timeout_s=timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            workers = router.get("/workers").json()["workers"]
+            if sorted(w["url"] for w in workers if w["is_healthy"]) == sorted(urls):
+                return router
+        except Exception:  # not answering yet: the same bounded wait
+            pass
+        if time.monotonic() > deadline:
+            router.stop()
+            raise RuntimeError(f"the router did not register {urls} in {timeout_s} s")
+        time.sleep(1.0)
 
 
 def measure_capacity(
@@ -209,8 +278,8 @@ class Poller:
     """/mace/status every `every_s` in a thread: per-replica trained tokens, serving
     seconds and adapter versions, for training throughput, idle and staleness."""
 
-    def __init__(self, server: Server, every_s: float = 0.5) -> None:
-        self.server, self.every_s = server, every_s
+    def __init__(self, servers: list[Server], every_s: float = 0.5) -> None:
+        self.servers, self.every_s = servers, every_s
         self.samples: list[tuple[float, list[dict[str, Any]]]] = []
         self.stop_event = threading.Event()
         self.first_seen: dict[int, float] = {}  # version -> when a replica first served it
@@ -222,24 +291,30 @@ class Poller:
         self.thread.start()
 
     def _prefill_tokens(self) -> list[int]:
-        """Each replica's prefilled (uncached) tokens so far, from SGLang's /v1/loads."""
-        try:
-            loads = self.server.get("/v1/loads").json()["loads"]
-        except Exception:
-            return []
-        ordered = sorted(loads, key=lambda x: x["dp_rank"])
-        return [int(x.get("total_prefill_uncached_tokens") or 0) for x in ordered]
+        """Each replica's prefilled (uncached) tokens so far, from SGLang's /v1/loads
+        (the servers' replicas in server order)."""
+        tokens: list[int] = []
+        for server in self.servers:
+            try:
+                loads = server.get("/v1/loads").json()["loads"]
+            except Exception:
+                return []
+            ordered = sorted(loads, key=lambda x: x["dp_rank"])
+            tokens += [int(x.get("total_prefill_uncached_tokens") or 0) for x in ordered]
+        return tokens
 
     def _poll(self) -> None:
-        try:
-            s = self.server.get("/mace/status").json()
-        except Exception:  # a missed poll is a gap, not a failed benchmark
-            return
+        ordered = []
+        for server in self.servers:
+            try:
+                s = server.get("/mace/status").json()
+            except Exception:  # a missed poll is a gap, not a failed benchmark
+                return
+            # By dp_rank: the list comes in the order the schedulers answered (servers
+            # before 2026-12-05 did not sort it), and deltas between polls pair replicas.
+            ordered += sorted(s["schedulers"], key=lambda x: (x or {}).get("dp_rank") or 0)
         now = time.monotonic()
         reps = []
-        # By dp_rank: the list comes in the order the schedulers answered (servers
-        # before 2026-12-05 did not sort it), and deltas between polls pair replicas.
-        ordered = sorted(s["schedulers"], key=lambda x: (x or {}).get("dp_rank") or 0)
         for sched in ordered:
             t = (sched or {}).get("trainer") or {}
             reps.append(
@@ -388,20 +463,31 @@ def run_method(
 ) -> dict[str, Any]:
     """One method's run on a fresh server: Poisson load (seed 7 + k) plus feedback."""
     name = method if k == 0 else f"{method}-r{k}"
-    server = start_server(args, method, out, slo, name)
+    if method == "servers":
+        servers, front = start_servers(args, out, slo, name)
+    else:
+        servers = [start_server(args, method, out, slo, name)]
+        front = servers[0]
     try:
         headers = PIN if method == "separate" else None
-        closed_loop(server.url, 2, 5.0, body, headers)  # warm-up
-        feedback = FeedbackStream(server, backlog=args.backlog, interval_s=1.0)
-        poller = Poller(server)
-        results = poisson_load(server.url, rate, args.load_s, body, seed=7 + k,
+        closed_loop(front.url, 2, 5.0, body, headers)  # warm-up
+        # The same pairs per second in all: `servers` gets its share on each server.
+        n = len(servers)
+        feedback = [FeedbackStream(s, backlog=args.backlog // n, interval_s=1.0 * n,
+                                   start=r) for r, s in enumerate(servers)]  # fmt: skip
+        poller = Poller(servers)
+        results = poisson_load(front.url, rate, args.load_s, body, seed=7 + k,
                                headers=headers, drain_s=args.drain_s)  # fmt: skip
         stats = poller.done()
-        feedback.stop()
+        for f in feedback:
+            f.stop()
         summary = summarize(results, slo["ttft_ms"], slo["tbt_ms"], stats["wall_s"])
         return {**summary, **stats, "rate_rps": rate, "round": k}
     finally:
-        server.stop()
+        if front is not servers[0]:
+            front.stop()  # the router, before its servers
+        for s in servers:
+            s.stop()
 
 
 def combine(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -171,3 +171,45 @@ def test_run_interleaves_the_methods_and_writes_means_and_paired_differences(tmp
     # Neither reference ran: no pairs, and no reference named.
     got = lemix.run(_args(out=str(tmp_path), methods="round-robin", repeats=1))
     assert got["paired"] == {} and got["paired_ref"] is None
+
+
+class _StatusServer:
+    """A server whose /mace/status and /v1/loads are canned, one scheduler per entry."""
+
+    def __init__(self, schedulers: list[dict], prefill: list[int]) -> None:
+        self.schedulers, self.prefill = schedulers, prefill
+
+    def get(self, path: str):
+        from types import SimpleNamespace
+
+        if path == "/v1/loads":
+            loads = [{"dp_rank": r, "total_prefill_uncached_tokens": p}
+                     for r, p in enumerate(self.prefill)]  # fmt: skip
+            return SimpleNamespace(json=lambda: {"loads": loads})
+        return SimpleNamespace(json=lambda: {"schedulers": self.schedulers})
+
+
+def _sched(rank: int, version: int, tokens: int, switched_at: float | None) -> dict:
+    trainer = {"adapter_version": version, "trained_tokens": tokens, "serving_seconds": 0.0,
+               "train_seconds": 0.0, "train_steps": version, "adapter_switched_at": switched_at}  # fmt: skip
+    return {"dp_rank": rank, "trainer": trainer}
+
+
+def test_the_poller_joins_the_replicas_of_several_servers():
+    """`servers`: each server has one replica; the poller counts both servers' trained
+    tokens and prefill, and how far apart the two servers began serving a version."""
+    from benchmarks.lemix import Poller
+
+    a = _StatusServer([_sched(0, 0, 0, None)], [100])
+    b = _StatusServer([_sched(0, 0, 0, None)], [50])
+    poller = Poller([a, b], every_s=3600.0)
+    a.schedulers = [_sched(0, 1, 300, 10.000)]
+    b.schedulers = [_sched(0, 1, 200, 10.250)]
+    a.prefill, b.prefill = [400], [150]
+    got = poller.done()
+    assert got["versions"] == [1, 1]
+    assert got["version_switch_skew_ms"]["versions"] == 1
+    assert got["version_switch_skew_ms"]["max"] == pytest.approx(250.0)
+    assert got["train_tokens_per_s"] == pytest.approx(500 / got["wall_s"])
+    assert got["prefill_share"] == [0.75, 0.25]
+    assert got["train_steps"] == 2
