@@ -94,8 +94,12 @@ def pair(i: int) -> dict[str, Any]:
 class FeedbackStream:
     """A backlog of pairs at start, then one pair per `interval_s`, in a thread."""
 
-    def __init__(self, server: Server, backlog: int, interval_s: float, start: int = 0) -> None:
-        self.server, self.interval_s = server, interval_s
+    def __init__(
+        self, server: Server, backlog: int, interval_s: float, start: int = 0, offset_s: float = 0.0
+    ) -> None:
+        """`start`: the index of its first pair; `offset_s`: the one-a-time pairs come that
+        much later in each interval (streams to several servers take turns)."""
+        self.server, self.interval_s, self.offset_s = server, interval_s, offset_s
         self.stop_event = threading.Event()
         self.sent = start  # the index of the next pair (its topic)
         server.post("/mace/feedback", [pair(start + i) for i in range(backlog)]).raise_for_status()
@@ -104,6 +108,8 @@ class FeedbackStream:
         self.thread.start()
 
     def _run(self) -> None:
+        if self.stop_event.wait(self.offset_s):
+            return
         while not self.stop_event.wait(self.interval_s):
             self.server.post("/mace/feedback", pair(self.sent)).raise_for_status()
             self.sent += 1

@@ -468,22 +468,26 @@ def run_method(
     else:
         servers = [start_server(args, method, out, slo, name)]
         front = servers[0]
+    feedback: list[FeedbackStream] = []
     try:
         headers = PIN if method == "separate" else None
         closed_loop(front.url, 2, 5.0, body, headers)  # warm-up
-        # The same pairs per second in all: `servers` gets its share on each server.
+        # The same pairs per second in all: with `servers`, each server gets its share
+        # of the backlog, and the one-a-second pairs go to the servers in turn.
         n = len(servers)
-        feedback = [FeedbackStream(s, backlog=args.backlog // n, interval_s=1.0 * n,
-                                   start=r) for r, s in enumerate(servers)]  # fmt: skip
+        for r, s in enumerate(servers):
+            feedback.append(FeedbackStream(s, backlog=args.backlog // n + (r < args.backlog % n),
+                                           interval_s=1.0 * n, start=r * args.backlog,
+                                           offset_s=1.0 * r))  # fmt: skip
         poller = Poller(servers)
         results = poisson_load(front.url, rate, args.load_s, body, seed=7 + k,
                                headers=headers, drain_s=args.drain_s)  # fmt: skip
         stats = poller.done()
-        for f in feedback:
-            f.stop()
         summary = summarize(results, slo["ttft_ms"], slo["tbt_ms"], stats["wall_s"])
         return {**summary, **stats, "rate_rps": rate, "round": k}
     finally:
+        for f in feedback:
+            f.stop()
         if front is not servers[0]:
             front.stop()  # the router, before its servers
         for s in servers:

@@ -267,8 +267,9 @@ def test_a_tenant_retired_mid_step_gives_its_key_back_and_its_late_report_none()
 
     def tenant_at(version):
         return SimpleNamespace(
-            name="t", version=version, publisher=SimpleNamespace(loaded=lambda: "t" in loaded)
-        )
+            name="t", version=version, held_back=[],
+            publisher=SimpleNamespace(loaded=lambda: "t" in loaded),
+        )  # fmt: skip
 
     retired = tenant_at(3)
     registry: dict = {"t": retired}
@@ -282,12 +283,15 @@ def test_a_tenant_retired_mid_step_gives_its_key_back_and_its_late_report_none()
         tenants=SimpleNamespace(tenants=registry, sync=sync, active=retired),
         streams=SimpleNamespace(training_work=nullcontext),
         fair=FairShare(),
-        board=SimpleNamespace(drop=lambda keep: []),
+        board=SimpleNamespace(drop=lambda keep: [], step_job=None),
         lease=lease,
-        link=SimpleNamespace(report=lambda *args: None, required={"t": 3}),
+        link=SimpleNamespace(report=lambda *args: None, release=lambda ids: None,
+                             required={"t": 3}),
         unpublished={},
-    )
+        unreported={},
+    )  # fmt: skip
     fake._live = lambda t: MaceTrainer._live(fake, t)
+    fake._release_retired = lambda *a: MaceTrainer._release_retired(fake, *a)
     MaceTrainer._sync_tenants(fake)
     assert lease.status()["held"] == [] and fake.link.required == {}
     clock.now += RETRY_S

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from benchmarks.lemix import (
@@ -180,8 +182,6 @@ class _StatusServer:
         self.schedulers, self.prefill = schedulers, prefill
 
     def get(self, path: str):
-        from types import SimpleNamespace
-
         if path == "/v1/loads":
             loads = [{"dp_rank": r, "total_prefill_uncached_tokens": p}
                      for r, p in enumerate(self.prefill)]  # fmt: skip
@@ -213,3 +213,49 @@ def test_the_poller_joins_the_replicas_of_several_servers():
     assert got["train_tokens_per_s"] == pytest.approx(500 / got["wall_s"])
     assert got["prefill_share"] == [0.75, 0.25]
     assert got["train_steps"] == 2
+
+
+def test_the_servers_method_loads_the_router_and_feeds_each_server_its_share(monkeypatch):
+    """`servers`: the load goes to the router; each server gets half of the backlog and
+    every other one-a-second pair (offset by a second); the router stops before its
+    servers, also when the run fails."""
+    from benchmarks import lemix
+
+    stopped: list[str] = []
+
+    class Named:
+        def __init__(self, name: str) -> None:
+            self.name, self.url = name, f"http://{name}"
+
+        def stop(self) -> None:
+            stopped.append(self.name)
+
+    a, b, router = Named("a"), Named("b"), Named("router")
+    streams: list[tuple] = []
+
+    class Stream:
+        def __init__(self, server, backlog, interval_s, start=0, offset_s=0.0):
+            streams.append((server.name, backlog, interval_s, offset_s))
+
+        def stop(self) -> None:
+            stopped.append("feedback")
+
+    loaded: list[str] = []
+    monkeypatch.setattr(lemix, "start_servers", lambda *a_, **k: ([a, b], router))
+    monkeypatch.setattr(lemix, "closed_loop", lambda *a_, **k: ([], 1.0))
+    monkeypatch.setattr(lemix, "FeedbackStream", Stream)
+    monkeypatch.setattr(lemix, "Poller", lambda servers: SimpleNamespace(
+        done=lambda: {"wall_s": 1.0, "replicas": [s.name for s in servers]}))  # fmt: skip
+    monkeypatch.setattr(lemix, "poisson_load", lambda url, *a_, **k: loaded.append(url) or [])
+    monkeypatch.setattr(lemix, "summarize", lambda *a_, **k: {"slo_attainment": 1.0})
+    slo = {"ttft_ms": 1.0, "tbt_ms": 1.0}
+    got = lemix.run_method(_args(backlog=41), "servers", None, slo, 1.0, None, 0)
+    assert loaded == ["http://router"] and got["replicas"] == ["a", "b"]
+    assert streams == [("a", 21, 2.0, 0.0), ("b", 20, 2.0, 1.0)]
+    assert stopped == ["feedback", "feedback", "router", "a", "b"]
+
+    stopped.clear()
+    monkeypatch.setattr(lemix, "poisson_load", lambda *a_, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        lemix.run_method(_args(), "servers", None, slo, 1.0, None, 1)
+    assert stopped == ["feedback", "feedback", "router", "a", "b"]

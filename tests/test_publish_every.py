@@ -19,7 +19,7 @@ def stand_in(verdicts: list[bool]):
     rolled: list[str] = []
 
     def step_slices(pairs, refs):
-        return StepResult(losses={p: 0.1 * p for p in pairs})
+        return StepResult(losses={p.sample_id: 0.1 * p.sample_id for p in pairs})
         yield  # a generator, as the real one
 
     def check(version, log):
@@ -45,16 +45,21 @@ def stand_in(verdicts: list[bool]):
         guard=SimpleNamespace(check=check),
         cfg=SimpleNamespace(publish_every=2),
         totals={"train_steps": 0, "trained_tokens": 0},
-        sec_per_token=5e-3, step_seconds=0.0, replicas=None,
-        _report=lambda t, pairs, losses, version=None: reported.extend(
-            (p, losses.get(p, float("nan")), t.version if version is None else version)
-            for p in pairs
-        ),
+        sec_per_token=5e-3, step_seconds=0.0, replicas=None, unreported={},
     )  # fmt: skip
+
+    def report(t, pairs, losses, version=None):  # as MaceTrainer._report, to a list
+        for p in pairs:
+            version_now = t.version if version is None else version
+            reported.append((p.sample_id, losses.get(p.sample_id, float("nan")), version_now))
+            fake.unreported.pop(p.sample_id, None)
+
+    fake._report = report
     fake._drop_held_back = lambda t: MaceTrainer._drop_held_back(fake, t)
 
     def step(*sample_ids: int) -> None:
-        for _ in MaceTrainer._step(fake, tenant, [SimpleNamespace(pair=i) for i in sample_ids], {}):
+        queued = [SimpleNamespace(pair=SimpleNamespace(sample_id=i)) for i in sample_ids]
+        for _ in MaceTrainer._step(fake, tenant, queued, {}):
             pass
 
     return fake, tenant, step, reported, rolled
@@ -64,6 +69,7 @@ def test_held_back_steps_are_reported_with_the_version_that_holds_them():
     fake, tenant, step, reported, rolled = stand_in([False, True])
     step(1)
     assert reported == [] and len(tenant.held_back) == 1  # no check yet: not reported
+    assert fake.unreported == {1: "live"}  # still the trainer's: listed in its Ready.held
     step(2)  # checked: refused
     assert [(p, v) for p, _, v in reported] == [(1, 0), (2, 0)] and len(rolled) == 1
     assert all(loss == loss for _, loss, _ in reported)  # trained (losses), not NaN
@@ -97,6 +103,36 @@ def test_a_check_that_raises_keeps_the_held_back_steps_for_the_rollback_report()
     fake.guard.check = broken
     with pytest.raises(RuntimeError):  # reaches the job board (_run_unit rolls back)
         step(2)
-    assert [p for p, _ in tenant.held_back] == [[1]]  # not lost: _run_unit reports it
+    assert [[p.sample_id for p in pairs] for pairs, _ in tenant.held_back] == [[1]]  # not lost
     MaceTrainer._drop_held_back(fake, tenant)
     assert [p for p, loss, _ in reported if loss != loss] == [1]
+
+
+def test_a_tenant_retired_in_its_guard_check_gives_back_the_steps_held_back_before():
+    """Retired while a step runs its guard check (the steps held back before it are in
+    that check's hands, not on the tenant): every one of their pairs goes back to the
+    store, not only the running step's (they stayed in flight until a restart)."""
+    fake, tenant, step, reported, _ = stand_in([])
+    step(1)  # held back
+
+    def slow_check(version, log):
+        yield "a guard slice"
+        return SimpleNamespace(published=True, why="")
+
+    fake.guard.check = slow_check
+    running = [SimpleNamespace(pair=SimpleNamespace(sample_id=2))]
+    gen = MaceTrainer._step(fake, tenant, running, {})
+    assert next(gen) == "a guard slice"  # in the check of steps 1 and 2
+    assert tenant.held_back == [] and fake.unreported == {1: "live", 2: "live"}
+    job = SimpleNamespace(gen=gen, pairs=running)
+
+    def drop(keep):  # the retired tenant's job goes, nothing of it was queued
+        fake.board.step_job = None
+        return []
+
+    released: list[int] = []
+    fake.board = SimpleNamespace(step_job=job, drop=drop)
+    fake.link = SimpleNamespace(release=released.extend)
+    MaceTrainer._release_retired(fake, ["live"], {"live": tenant})
+    assert sorted(released) == [1, 2] and fake.unreported == {} and reported == []
+    assert tenant.held_back == []

@@ -340,9 +340,9 @@ def test_pairs_beyond_a_shrunk_hold_go_back_to_the_store_untrained(tmp_path: Pat
         t.step_wall_s = 1.0  # quick steps: 4 pairs ahead plus the step's one
         poll_until(t, lambda: len(t.board.queue) == 5, 30, "five pairs held")
         queue = list(t.board.queue)
-        for k, q in enumerate(queue):  # the first arrived first: the policy trains it first
-            q.arrival -= 10 - k
-        t.board.refs[queue[-1].pair.sample_id] = (-1.0, -2.0)  # its reference pass ran
+        for k, q in enumerate(queue):  # the last in the queue waited longest: the policy
+            q.arrival -= k  # trains it first, and the first in the queue last
+        t.board.refs[queue[0].pair.sample_id] = (-1.0, -2.0)  # its reference pass ran
         t.step_wall_s = 45.0  # now one pair ahead plus the step's: three go back
         t.poll()
         kept = [q.pair.sample_id for q in t.board.queue]
@@ -382,6 +382,15 @@ def test_a_restarted_sidecar_keeps_the_pairs_of_steps_not_reported_yet(tmp_path:
         queued = lambda: [q.pair.sample_id for q in t.board.queue]  # noqa: E731
         poll_until(t, lambda: lost in queued(), 30, "`lost` delivered again")
         assert queued() == [lost] and inflight(conn, kept) == "s1"
+        # Its step reported (MaceTrainer._report): no longer the trainer's, and trained.
+        tenant = SimpleNamespace(
+            name="live", version=1, publisher=SimpleNamespace(loaded=lambda: True)
+        )
+        t.tenants, t.lease = SimpleNamespace(tenants={"live": tenant}), None
+        t._report(tenant, [SimpleNamespace(sample_id=kept)], {kept: 0.5})
+        assert t.unreported == {}
+        wait_until(lambda: inflight(conn, kept) is None, 15, "the result recorded")
+        assert train_count(conn, kept) == 1
     finally:
         sidecar.stop()
         t.push.close(linger=0)

@@ -40,7 +40,8 @@ class Ready(msgspec.Struct, tag=True, frozen=True):
 
     session: str
     want: int
-    # Ids of the samples the trainer holds (queued, or in the step in progress).
+    # Ids of the samples the trainer holds (queued, in the step in progress, or in
+    # finished steps not reported yet: held back for a publish, or reaching the peers).
     held: list[int] = msgspec.field(default_factory=list)
     # The sidecar whose Work the trainer accepts ("" before any Control reached it).
     sidecar: str = ""

@@ -289,6 +289,9 @@ class MaceTrainer:
         step = self.board.step_job
         gone = [q.pair.sample_id for q in self.board.drop(lambda q: q.tenant not in removed)]
         if step is not None and self.board.step_job is None:  # its step, dropped too
+            # Closed now, not when collected: a step in its guard check holds the steps
+            # held back before it, and puts them back on its tenant as it closes.
+            step.gen.close()
             gone += [q.pair.sample_id for q in step.pairs]
         for name in removed:
             for pairs, _ in before[name].held_back:
