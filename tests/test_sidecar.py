@@ -397,6 +397,52 @@ def test_a_restarted_sidecar_keeps_the_pairs_of_steps_not_reported_yet(tmp_path:
         t.pull.close(linger=0)
 
 
+def test_results_and_releases_wait_while_the_sidecar_is_not_reading(tmp_path: Path, conn):
+    """With the sidecar stopped (SIGSTOP) until the trainer's queue to it is full, a
+    Result neither blocks the scheduler nor is dropped, nor is a Release: both wait in
+    the link's outbox, no Ready goes out before them (it would list fewer samples than
+    the sidecar has in flight for this session), and once the sidecar reads again the
+    trained pair is recorded once and the given-back one is queued again, untrained."""
+    import signal
+    import threading
+
+    trained, given_back = store.add_feedback(conn, [pair(0), pair(1)])
+    t = trainer_shell(tmp_path)
+    sidecar = SidecarProcess(tmp_path)
+    try:
+        poll_until(t, lambda: len(t.board.queue) == 2, 30, "both pairs held")
+        t.board.drop(lambda q: False)  # one trained (reported below), one given back
+        sidecar.proc.send_signal(signal.SIGSTOP)
+        filler = encode(Ready("s1", 0, [trained, given_back], t.link.sidecar_id, 0, 0.0))
+        sent = 0
+        while True:  # the kernel's buffers and both ZeroMQ queues, full
+            try:
+                t.link.push.send(filler, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            sent += 1
+        assert sent > 100
+        reporter = threading.Thread(target=t.link.report, args=(trained, 0.5, 1, "live"))
+        reporter.start()
+        reporter.join(5)
+        assert not reporter.is_alive(), "a Result blocked the scheduler"
+        t.link.release([given_back])
+        assert len(t.link.outbox) == 2
+        t.link.asked_at = 0.0
+        t.link.maybe_ready(1, True, [], 0.0)
+        assert t.link.asked_at == 0.0  # no Ready: it would come before the two
+        sidecar.proc.send_signal(signal.SIGCONT)
+        wait_until(t.link.flush, 60, "the outbox sent")  # (no poll: it would ask again)
+        wait_until(lambda: train_count(conn, trained) == 1, 30, "the result recorded")
+        wait_until(lambda: inflight(conn, given_back) is None, 30, "the pair given back")
+        assert inflight(conn, trained) is None and train_count(conn, given_back) == 0
+    finally:
+        sidecar.proc.send_signal(signal.SIGCONT)
+        sidecar.stop()
+        t.push.close(linger=0)
+        t.pull.close(linger=0)
+
+
 def test_a_retired_tenants_pairs_go_back_to_the_store_untrained(tmp_path: Path, conn):
     """A tenant retired while the trainer holds its pairs (queued, in the running step,
     or in steps held back for a publish): they go back to the store untrained, for a

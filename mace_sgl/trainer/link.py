@@ -1,9 +1,14 @@
 """The trainer's end of the sidecar conversation (messages in ipc/messages.py).
 
 Samples arrive as Work, pause and the sidecar's id as Control; the trainer says Ready
-(how many samples it wants, which it holds) and sends a Result per trained sample. The
-link never blocks the scheduler: with the sidecar down, Ready and Result are dropped
-(the sidecar requeues what a dead session held) rather than waited on.
+(how many samples it wants, which it holds), sends a Result per trained sample and a
+Release for samples it gives back untrained. The link never blocks the scheduler: with
+the sidecar not reading (down, or its queue full), a Ready is dropped (the next one says
+the same, newer), while Results and Releases wait in the link's outbox, in order, and go
+out before the next Ready. Dropped, they would be lost for good: the Ready after them no
+longer lists those samples as held, and a sidecar that reconciles (a restarted one)
+would queue a trained sample again, or leave a given-back one in flight. The outbox
+holds at most one message per sample the trainer held: no Work comes while it waits.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import deque
 from pathlib import Path
 
 import msgspec
@@ -49,6 +55,8 @@ class SidecarLink:
         self.required: dict[str, int] = {}
         # The sidecar process whose Work we take (messages.py), set by its Control.
         self.sidecar_id = ""
+        # Results and Releases not sent yet (the sidecar not reading), oldest first.
+        self.outbox: deque[bytes] = deque()
         self.push.send(encode(Hello(self.session, adapter_name, dp_rank)))
 
     def receive(self) -> list[Sample]:
@@ -82,7 +90,11 @@ class SidecarLink:
     def maybe_ready(self, want: int, asking: bool, held: list[int], room: float = 0.0) -> None:
         """Ask for `want` samples (every 0.5 s while `asking`), and say Ready every 2 s even
         when not (paused, full), so a restarted sidecar learns of this session, sends it
-        the pause state and requeues what it will never get."""
+        the pause state and requeues what it will never get. Not before the outbox is
+        out: a Ready that lists fewer samples than the sidecar has in flight for us must
+        come after the Results and Releases that account for the difference."""
+        if not self.flush():
+            return
         now = time.monotonic()
         if (asking and now - self.asked_at > 0.5) or now - self.asked_at > 2.0:
             ready = Ready(self.session, want if asking else 0, held, self.sidecar_id,
@@ -95,13 +107,24 @@ class SidecarLink:
             self.asked_at = now
 
     def release(self, sample_ids: list[int]) -> None:
-        """Give these held samples back untrained. Dropped while the sidecar is down so
-        long that the queue filled: its successor requeues what no Ready lists as held."""
-        try:
-            self.push.send(encode(Release(self.session, sample_ids)), zmq.NOBLOCK)
-        except zmq.Again:
-            logger.warning("sidecar not reading: %d samples given back later", len(sample_ids))
+        """Give these held samples back untrained (queued again, train count unchanged)."""
+        self._post(encode(Release(self.session, sample_ids)))
 
     def report(self, sample_id: int, loss: float, version: int, adapter: str = "") -> None:
         """One sample took part in a finished step of `adapter` (loss NaN: rolled back)."""
-        self.push.send(encode(Result(self.session, sample_id, loss, version, adapter)))
+        self._post(encode(Result(self.session, sample_id, loss, version, adapter)))
+
+    def _post(self, data: bytes) -> None:
+        self.outbox.append(data)
+        if not self.flush() and len(self.outbox) == 1:
+            logger.warning("sidecar not reading: results and releases wait in the outbox")
+
+    def flush(self) -> bool:
+        """Send what the outbox holds, in order, without blocking; True once it is empty."""
+        while self.outbox:
+            try:
+                self.push.send(self.outbox[0], zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+            self.outbox.popleft()
+        return True
