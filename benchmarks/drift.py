@@ -62,6 +62,11 @@ refused (`rejected_versions`; none for periodic, which has no guard); clpd, the 
 pairs of the current phase (edit of the base answer vs the base answer); recover_s, the
 mean time after a drift until the win rate reaches --recover-at (the phase length when it
 never does); TTFT/TBT p99, SLO attainment, throughput from the load; training tokens/s.
+What trained: `pairs_posted.PHASE` and `pairs_trained.PHASE` (of the pairs posted in
+that phase, those trained at least once: read from the server's store after it stops;
+periodic: its own rounds), `train_steps` and `pairs_handed_back` (pairs the trainer gave
+back untrained when its hold shrank; from /mace/status, none for periodic), and both of
+these so far in each timeline entry.
 
 --seeds N repeats the whole run N times (load seeds 1..N, or K..K+N-1 with --first-seed K,
 to finish a run in pieces, which `--merge A/results.json B/results.json --out DIR` joins
@@ -177,7 +182,7 @@ class PeriodicTrainer:
             tok = AutoTokenizer.from_pretrained(model_path)
             self.dpo.set_anchors(shipped_anchors(self.dpo, tok))
         self.client, self.out, self.period_s = client, out, period_s
-        self.window: list[dict[str, Any]] = []
+        self.window: list[tuple[dict[str, Any], str]] = []  # (pair, its phase)
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
         # cleared while an evaluation runs: the period counts running time only, and a
@@ -188,13 +193,14 @@ class PeriodicTrainer:
         self.swap_lock = threading.Lock()  # held while client.adapter changes
         self.rounds = 0
         self.trained_tokens = 0
+        self.trained_by_phase: Counter[str] = Counter()  # pairs trained, by their phase
         self.train_seconds = 0.0
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def feedback(self, pair: dict[str, Any]) -> None:
+    def feedback(self, pair: dict[str, Any], phase: str) -> None:
         with self.lock:
-            self.window.append(pair)
+            self.window.append((pair, phase))
 
     def _run(self) -> None:
         tick, waited = 0.5, 0.0
@@ -217,13 +223,13 @@ class PeriodicTrainer:
                 return False
         return not self.stop_event.is_set()
 
-    def _round(self, window: list[dict[str, Any]]) -> None:
+    def _round(self, window: list[tuple[dict[str, Any], str]]) -> None:
         from mace_sgl.templating import encode_pair
         from mace_sgl.trainer.sliced import Pair, run_to_end
 
         tok = self.client.tokenizer
         start = time.monotonic()
-        for i, p in enumerate(window):
+        for i, (p, phase) in enumerate(window):
             if not self._wait_running():
                 return
             msgs = [{"role": "user", "content": p["prompt"]}]
@@ -232,6 +238,7 @@ class PeriodicTrainer:
             pair = Pair(i, prompt, chosen, rejected)
             run_to_end(self.dpo.step_slices([pair]))
             self.trained_tokens += self.dpo.step_tokens(pair)  # as the server counts them
+            self.trained_by_phase[phase] += 1
         self.rounds += 1
         path = self.out / f"periodic-{self.rounds}"
         self.model.save_pretrained(str(path))
@@ -314,6 +321,24 @@ RECIPE_FLAGS = ("guard-max-kl", "guard-min-keep", "guard-open-keep", "rpo-alpha"
                 "publish-every", "max-train-count", "pick-order")  # fmt: skip
 
 
+def progress(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
+    """Steps completed and pairs handed back between two /mace/status `training` reads."""
+    return {k: after.get(k, 0) - before.get(k, 0) for k in ("train_steps", "pairs_handed_back")}
+
+
+def trained_pairs(store_path: Path, posted_ids: dict[str, list[int]]) -> dict[str, int]:
+    """Of the pairs posted in each phase (their store ids), how many trained at least once,
+    read from the server's feedback store after it stopped."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{store_path}?mode=ro", uri=True)
+    try:
+        trained = {row[0] for row in conn.execute("SELECT id FROM feedback WHERE train_count > 0")}
+    finally:
+        conn.close()
+    return {phase: sum(i in trained for i in ids) for phase, ids in posted_ids.items()}
+
+
 def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
                  base_answers: dict[str, str] | None, seed: int = 1
                  ) -> tuple[dict[str, Any], dict]:  # fmt: skip
@@ -345,6 +370,7 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
                                        training_recipe(args))  # fmt: skip
         phase_box = {"phase": phases[0]}
         posted = [0]
+        posted_ids: dict[str, list[int]] = {p.name: [] for p in phases}  # the store's ids
         sent = [0]  # requests sent in earlier windows: prompts go on round the list
 
         def make_body(i: int) -> dict[str, Any]:
@@ -361,8 +387,10 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
             pair = {"prompt": body["messages"][0]["content"], "chosen": chosen,
                     "rejected": text}  # fmt: skip
             if periodic is not None:
-                periodic.feedback(pair)
-            server.post("/mace/feedback", {**pair, "prompt": body["messages"]})
+                periodic.feedback(pair, phase.name)
+            r = server.post("/mace/feedback", {**pair, "prompt": body["messages"]})
+            if r.ok:
+                posted_ids[phase.name].extend(r.json()["ids"])
             posted[0] += 1
 
         def training(on: bool) -> None:
@@ -407,7 +435,9 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
                               served, memo)  # fmt: skip
                 training(True)
                 timeline.append({"t": round(wall, 1), "phase": phase.name,
-                                 "since_drift": round(phase_wall, 1), **ev})  # fmt: skip
+                                 "since_drift": round(phase_wall, 1), **ev,
+                                 # so far: when steps completed, and pairs given back
+                                 **progress(status0, after)})  # fmt: skip
                 bar.update(1)
                 bar.set_postfix(phase=phase.name, win=f"{ev['win_rate']:.2f}")
         bar.close()
@@ -418,8 +448,10 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
         server.stop()
     if periodic is not None:
         trained = periodic.trained_tokens
+        trained_by_phase = dict(periodic.trained_by_phase)
     else:
         trained = status1["trained_tokens"] - status0["trained_tokens"]
+        trained_by_phase = trained_pairs(out / f"state-{name}" / "feedback.sqlite3", posted_ids)
     recover = []
     for phase in phases:
         hits = [e["since_drift"] for e in timeline
@@ -461,6 +493,15 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
         "error_samples": summary["error_samples"],
         "empty": summary["empty"],
         "feedback_posted": posted[0],
+        # per phase: pairs posted, and how many of them trained at least once (the
+        # server's store; periodic: its own rounds, each pair once)
+        **{f"pairs_posted.{p.name}": len(posted_ids[p.name]) for p in phases},
+        **{f"pairs_trained.{p.name}": trained_by_phase.get(p.name, 0) for p in phases},
+        "train_steps": None if periodic is not None else progress(status0, status1)["train_steps"],
+        # pairs the trainer gave back untrained when its hold shrank (none for periodic)
+        "pairs_handed_back": (
+            None if periodic is not None else progress(status0, status1)["pairs_handed_back"]
+        ),
         "timeline": timeline,
         "gaps": [g for r in results for g in r.gaps],
         "ttfts": [r.ttft for r in results if r.ttft is not None],

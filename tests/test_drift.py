@@ -36,7 +36,7 @@ ANSWER = "The sea is big. It is deep and old, and it covers most of the planet, 
 
 class _Response:
     def __init__(self, body: dict) -> None:
-        self.body, self.status_code = body, 200
+        self.body, self.status_code, self.ok = body, 200, True
 
     def json(self) -> dict:
         return self.body
@@ -48,14 +48,18 @@ class _Response:
 def test_run_baseline_counts_serving_windows_and_pauses_training_to_evaluate(tmp_path, monkeypatch):
     """run_baseline without a server: evaluations run between windows of load with
     training paused, every phase gets its own windows and feedback, and the clock counts
-    the windows only (an evaluation on 2 cores outlasted the whole load before)."""
+    the windows only (an evaluation on 2 cores outlasted the whole load before). Each
+    phase's pairs are counted as posted and, from the server's store, as trained; steps
+    and pairs handed back come from /mace/status."""
     import argparse
     import time
+    from pathlib import Path
 
     from benchmarks import drift
     from benchmarks.align import prompts
     from benchmarks.loadgen import RequestResult
     from benchmarks.phases import load_phases
+    from sidecar import store
 
     events: list[tuple] = []
 
@@ -64,11 +68,17 @@ def test_run_baseline_counts_serving_windows_and_pauses_training_to_evaluate(tmp
 
         def __init__(self, flags, log, timeout_s) -> None:
             self.paused, self.busy = False, 0.0
+            state = Path(flags[flags.index("--mace-state-dir") + 1])
+            state.mkdir(parents=True)
+            self.store = store.connect(state / "feedback.sqlite3")
+            self.steps = self.handed_back = 0
 
         def get(self, path: str) -> _Response:
             training = {"paused": self.paused, "serving_seconds": self.busy,
                         "train_seconds": 0.0, "trained_tokens": 0,
-                        "rejected_versions": 0, "adapter_version": 0}  # fmt: skip
+                        "rejected_versions": 0, "adapter_version": 0,
+                        "train_steps": self.steps,
+                        "pairs_handed_back": self.handed_back}  # fmt: skip
             return _Response({"model_path": "m", "training": training})
 
         def post(self, path: str, body: dict) -> _Response:
@@ -76,6 +86,16 @@ def test_run_baseline_counts_serving_windows_and_pauses_training_to_evaluate(tmp
                 self.paused = path.endswith("pause")
             elif path == "/mace/feedback":
                 events.append(("feedback", body["chosen"]))
+                pair = {"prompt": body["prompt"][0]["content"], "chosen": body["chosen"],
+                        "rejected": body["rejected"], "adapter": "default", "weight": 1.0}  # fmt: skip
+                ids = store.add_feedback(self.store, [pair])
+                # every third pair trains (a step each), the one after it is handed back
+                if ids[0] % 3 == 0:
+                    self.store.execute("UPDATE feedback SET train_count = 1 WHERE id = ?", ids)
+                    self.steps += 1
+                elif ids[0] % 3 == 1:
+                    self.handed_back += 1
+                return _Response({"ids": ids, "count": 1})
             return _Response({})
 
         def stop(self) -> None:
@@ -138,6 +158,12 @@ def test_run_baseline_counts_serving_windows_and_pauses_training_to_evaluate(tmp
     assert row["timeline"][-1]["t"] < 5.0  # the windows' seconds, not the evaluations'
     assert row["device_utilisation"] > 1.0  # 9 busy seconds in well under 9 s of windows
     assert row["feedback_posted"] == 18 and row["requests"] == 18
+    # ids 1-6 concise, 7-12 opener, 13-18 bullets: 3, 6 | 9, 12 | 15, 18 trained
+    assert [row[f"pairs_posted.{p.name}"] for p in phases] == [6, 6, 6]
+    assert [row[f"pairs_trained.{p.name}"] for p in phases] == [2, 2, 2]
+    assert row["train_steps"] == 6 and row["pairs_handed_back"] == 6
+    assert [e["train_steps"] for e in row["timeline"]][:3] == [0, 1, 2]  # after ids 2, 4, 6
+    server[0].store.close()
 
 
 def test_an_evaluation_asks_each_served_version_once_and_judges_it_under_every_phase():
