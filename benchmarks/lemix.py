@@ -96,7 +96,7 @@ from benchmarks.loadgen import closed_loop, percentile_ms, poisson_load, summari
 from benchmarks.serve_smoke import machine
 from benchmarks.stats import aggregate, mean_ci95
 from mace_sgl.cli import split_evenly
-from mace_sgl.launcher import MACE_SGL, Server, free_port
+from mace_sgl.launcher import MACE_SGL, Server, StartAborted, free_port
 
 METHODS = ("lemix", "round-robin", "total-tokens", "separate")
 OPTIONAL = ("lemix-floor", "servers")  # run only when named in --methods
@@ -138,6 +138,7 @@ def start_server(
     dp_size: int = 2,
     extra: list[str] | None = None,
     env: dict[str, str] | None = None,
+    abort: threading.Event | None = None,
 ) -> Server:
     """`slo`: the targets every method is judged by, handed to the server's MACE policy
     (`--mace-slo-*`) so its training reserve answers to the same targets, on the same
@@ -154,7 +155,7 @@ def start_server(
                   "--mace-slo-tbt-basis", "request"]  # fmt: skip
     if args.model_path:
         flags += ["--model-path", args.model_path]
-    return Server(flags, out / f"server-{name}.log", env=env, timeout_s=900)
+    return Server(flags, out / f"server-{name}.log", env=env, timeout_s=900, abort=abort)
 
 
 def start_servers(
@@ -162,20 +163,29 @@ def start_servers(
 ) -> tuple[list[Server], Server]:
     """`servers`: two one-replica servers of one adapter group, each scheduler bound to
     its half of the cores (the split `--dp-size 2` makes), started together (each waits
-    in the group's rendezvous for the other), and the router in front of them."""
+    in the group's rendezvous for the other), and the router in front of them. One that
+    fails stops the other's start at once: it would wait in the rendezvous for its
+    peer up to its whole start timeout."""
     addr = f"127.0.0.1:{free_port()}"
     halves = split_evenly(sorted(os.sched_getaffinity(0)), 2)
+    abort = threading.Event()
 
     def one(rank: int) -> Server:
         sync = ["--mace-sync-addr", addr, "--mace-sync-world-size", "2",
                 "--mace-sync-rank", str(rank)]  # fmt: skip
         cores = {"SGLANG_CPU_OMP_THREADS_BIND": ",".join(map(str, halves[rank]))}
-        return start_server(args, "servers", out, slo, f"{name}-{rank}", 1, sync, cores)
+        try:
+            return start_server(args, "servers", out, slo, f"{name}-{rank}", 1, sync, cores,
+                                abort)  # fmt: skip
+        except BaseException:
+            abort.set()
+            raise
 
     with ThreadPoolExecutor(2) as ex:
         futures = [ex.submit(one, rank) for rank in (0, 1)]
     servers = [f.result() for f in futures if f.exception() is None]
     failed = [f.exception() for f in futures if f.exception() is not None]
+    failed = [e for e in failed if not isinstance(e, StartAborted)] or failed  # the cause
     router = None
     try:
         if failed:

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,10 @@ class PortTaken(RuntimeError):
     """The server exited because its port was taken before it could bind it."""
 
 
+class StartAborted(RuntimeError):
+    """Server's start stopped by its `abort` event."""
+
+
 class Server:
     """A running `mace-sgl serve` (or any command line given as `cmd`).
 
@@ -68,7 +73,12 @@ class Server:
         timeout_s: float = 300.0,
         cmd: list[str] | None = None,
         attempts: int = 3,
+        abort: threading.Event | None = None,
     ) -> None:
+        """Waits until /health answers, up to `timeout_s`; stops the server and raises
+        when it exits, or at once when `abort` is set (a server started beside it failed:
+        e.g. one of a sync group, which waits for its peers up to its timeout)."""
+        self.abort = abort
         self.api_key = api_key
         self.log_path = log_path
         self.log = log_path.open("w")
@@ -109,6 +119,8 @@ class Server:
         deadline = time.monotonic() + timeout_s
         taken = f"address ('127.0.0.1', {self.port}): address already in use"
         while time.monotonic() < deadline:
+            if self.abort is not None and self.abort.is_set():
+                raise StartAborted("start aborted: a server started beside it failed")
             exited = self.proc.poll() is not None
             tail = self.tail()
             if taken in tail:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -259,3 +260,31 @@ def test_the_servers_method_loads_the_router_and_feeds_each_server_its_share(mon
     with pytest.raises(ZeroDivisionError):
         lemix.run_method(_args(), "servers", None, slo, 1.0, None, 1)
     assert stopped == ["feedback", "feedback", "router", "a", "b"]
+
+
+def test_a_server_that_fails_to_start_stops_its_peers_start_at_once(tmp_path, monkeypatch):
+    """`servers`: a server of the sync group that fails stops the other's start (a real
+    process, never healthy), which would wait for it in the group's rendezvous up to its
+    900 s timeout; the cause is what the caller sees, and no process is left running."""
+    from benchmarks import lemix
+    from mace_sgl.launcher import Server
+
+    started: list[Server] = []
+
+    def start_server(args, method, out, slo, name, dp_size, extra, env, abort):
+        if name.endswith("-1"):
+            time.sleep(1.0)  # the peer is already waiting
+            raise RuntimeError("rank 1 failed")
+        server = object.__new__(Server)
+        started.append(server)  # its process, to check it is gone afterwards
+        Server.__init__(server, [], tmp_path / f"{name}.log", cmd=["sh", "-c", "sleep 600"],
+                        timeout_s=300, abort=abort)  # fmt: skip
+        return server
+
+    monkeypatch.setattr(lemix, "start_server", start_server)
+    t = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 1 failed"):
+        lemix.start_servers(_args(), tmp_path, None, "servers")
+    assert time.monotonic() - t < 30
+    (peer,) = started
+    assert peer.proc.poll() is not None  # killed, not left waiting
