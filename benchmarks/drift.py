@@ -331,7 +331,7 @@ def trained_pairs(store_path: Path, posted_ids: dict[str, list[int]]) -> dict[st
     read from the server's feedback store after it stopped."""
     import sqlite3
 
-    conn = sqlite3.connect(f"file:{store_path}?mode=ro", uri=True)
+    conn = sqlite3.connect(str(store_path))  # (read-only: WAL wants its -shm writable)
     try:
         trained = {row[0] for row in conn.execute("SELECT id FROM feedback WHERE train_count > 0")}
     finally:
