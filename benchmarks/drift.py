@@ -63,8 +63,9 @@ pairs of the current phase (edit of the base answer vs the base answer); recover
 mean time after a drift until the win rate reaches --recover-at (the phase length when it
 never does); TTFT/TBT p99, SLO attainment, throughput from the load; training tokens/s.
 What trained: `pairs_posted.PHASE` and `pairs_trained.PHASE` (of the pairs posted in
-that phase, those trained at least once: read from the server's store after it stops;
-periodic: its own rounds), `train_steps` and `pairs_handed_back` (pairs the trainer gave
+that phase, those trained at least once: read from the server's store after it stops,
+so the pairs of a step still in its guard check at the end are not among them; periodic:
+its own rounds), `train_steps` (optimizer steps, the unchecked last one included) and `pairs_handed_back` (pairs the trainer gave
 back untrained when its hold shrank; from /mace/status, none for periodic), and both of
 these so far in each timeline entry.
 

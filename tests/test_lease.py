@@ -288,7 +288,7 @@ def test_a_tenant_retired_mid_step_gives_its_key_back_and_its_late_report_none()
         link=SimpleNamespace(report=lambda *args: None, release=lambda ids: None,
                              required={"t": 3}),
         unpublished={},
-        unreported={},
+        unreported=set(),
     )  # fmt: skip
     fake._live = lambda t: MaceTrainer._live(fake, t)
     fake._release_retired = lambda *a: MaceTrainer._release_retired(fake, *a)

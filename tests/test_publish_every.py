@@ -45,14 +45,14 @@ def stand_in(verdicts: list[bool]):
         guard=SimpleNamespace(check=check),
         cfg=SimpleNamespace(publish_every=2),
         totals={"train_steps": 0, "trained_tokens": 0},
-        sec_per_token=5e-3, step_seconds=0.0, replicas=None, unreported={},
+        sec_per_token=5e-3, step_seconds=0.0, replicas=None, unreported=set(),
     )  # fmt: skip
 
     def report(t, pairs, losses, version=None):  # as MaceTrainer._report, to a list
         for p in pairs:
             version_now = t.version if version is None else version
             reported.append((p.sample_id, losses.get(p.sample_id, float("nan")), version_now))
-            fake.unreported.pop(p.sample_id, None)
+            fake.unreported.discard(p.sample_id)
 
     fake._report = report
     fake._drop_held_back = lambda t: MaceTrainer._drop_held_back(fake, t)
@@ -69,7 +69,7 @@ def test_held_back_steps_are_reported_with_the_version_that_holds_them():
     fake, tenant, step, reported, rolled = stand_in([False, True])
     step(1)
     assert reported == [] and len(tenant.held_back) == 1  # no check yet: not reported
-    assert fake.unreported == {1: "live"}  # still the trainer's: listed in its Ready.held
+    assert fake.unreported == {1}  # still the trainer's: listed in its Ready.held
     step(2)  # checked: refused
     assert [(p, v) for p, _, v in reported] == [(1, 0), (2, 0)] and len(rolled) == 1
     assert all(loss == loss for _, loss, _ in reported)  # trained (losses), not NaN
@@ -123,7 +123,7 @@ def test_a_tenant_retired_in_its_guard_check_gives_back_the_steps_held_back_befo
     running = [SimpleNamespace(pair=SimpleNamespace(sample_id=2))]
     gen = MaceTrainer._step(fake, tenant, running, {})
     assert next(gen) == "a guard slice"  # in the check of steps 1 and 2
-    assert tenant.held_back == [] and fake.unreported == {1: "live", 2: "live"}
+    assert tenant.held_back == [] and fake.unreported == {1, 2}
     job = SimpleNamespace(gen=gen, pairs=running)
 
     def drop(keep):  # the retired tenant's job goes, nothing of it was queued
@@ -134,5 +134,5 @@ def test_a_tenant_retired_in_its_guard_check_gives_back_the_steps_held_back_befo
     fake.board = SimpleNamespace(step_job=job, drop=drop)
     fake.link = SimpleNamespace(release=released.extend)
     MaceTrainer._release_retired(fake, ["live"], {"live": tenant})
-    assert sorted(released) == [1, 2] and fake.unreported == {} and reported == []
+    assert sorted(released) == [1, 2] and fake.unreported == set() and reported == []
     assert tenant.held_back == []

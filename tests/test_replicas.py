@@ -565,7 +565,7 @@ def test_no_step_of_a_tenant_starts_while_its_last_version_reaches_the_peers():
             taken.extend(picked)
             return [queue[i] for i in picked], {}
 
-        return SimpleNamespace(
+        fake = SimpleNamespace(
             board=SimpleNamespace(
                 queue=queue, take=take, start_step=lambda gen, pairs: started.append(gen)
             ),
@@ -583,6 +583,8 @@ def test_no_step_of_a_tenant_starts_while_its_last_version_reaches_the_peers():
             cfg=SimpleNamespace(pairs_per_step=1),
             _step=lambda tenant, pairs, refs: tenant.name,
         )
+        fake._ranked = lambda keep: MaceTrainer._ranked(fake, keep)
+        return fake
 
     def queued(tenant: str, arrival: float) -> QueuedPair:
         return QueuedPair(pair=None, arrival=arrival, loss=None, tenant=tenant)
@@ -641,6 +643,7 @@ def test_a_tenant_another_server_steps_holds_up_no_other_tenant():
         cfg=SimpleNamespace(pairs_per_step=1),
         _step=lambda tenant, pairs, refs: tenant.name,
     )
+    fake._ranked = lambda keep: MaceTrainer._ranked(fake, keep)
     MaceTrainer._start_step(fake)
     assert started == [] and lease.refusals == 1  # live first: refused
     MaceTrainer._start_step(fake)

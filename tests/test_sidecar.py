@@ -234,7 +234,7 @@ def trainer_shell(tmp_path: Path, lookahead: int = 2):
     t.tenants = SimpleNamespace(tenants={"live": None})
     t.orphans_returned = 0
     t.handed_back = 0
-    t.unreported = {}
+    t.unreported = set()
     t.policy = make_policy("mace", Profile())
     t.step_wall_s = None  # no step finished yet
     t.room = 0.0  # its replica's idle fraction (set by the scheduler hooks)
@@ -375,7 +375,7 @@ def test_a_restarted_sidecar_keeps_the_pairs_of_steps_not_reported_yet(tmp_path:
         poll_until(t, lambda: len(t.board.queue) == 2, 30, "both pairs held")
         # `kept` trained in a step held back; `lost` was never delivered (dropped here).
         t.board.drop(lambda q: False)
-        t.unreported = {kept: "live"}
+        t.unreported = {kept}
         sidecar.kill()
         sidecar = SidecarProcess(tmp_path)
         # The new sidecar requeues `lost` and, as the trainer asks, hands it out again.
@@ -388,7 +388,7 @@ def test_a_restarted_sidecar_keeps_the_pairs_of_steps_not_reported_yet(tmp_path:
         )
         t.tenants, t.lease = SimpleNamespace(tenants={"live": tenant}), None
         t._report(tenant, [SimpleNamespace(sample_id=kept)], {kept: 0.5})
-        assert t.unreported == {}
+        assert t.unreported == set()
         wait_until(lambda: inflight(conn, kept) is None, 15, "the result recorded")
         assert train_count(conn, kept) == 1
     finally:
@@ -468,9 +468,9 @@ def test_a_retired_tenants_pairs_go_back_to_the_store_untrained(tmp_path: Path, 
 
         t.board.start_step(step(), [by_id[stepping]])
         gone = SimpleNamespace(held_back=[([by_id[held_back].pair], {held_back: 0.5})])
-        t.unreported = {held_back: "t"}
+        t.unreported = {held_back}
         t._release_retired(["t"], {"t": gone})
-        assert t.board.step_job is None and gone.held_back == [] and t.unreported == {}
+        assert t.board.step_job is None and gone.held_back == [] and t.unreported == set()
         assert [q.pair.sample_id for q in t.board.queue] == [other]
         wait_until(lambda: [inflight(conn, i) for i in ids] == [None] * 3, 15, "released")
         assert [train_count(conn, i) for i in ids] == [0, 0, 0]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -230,9 +230,9 @@ class MaceTrainer:
         # them (`_send_step`), by tenant; no step of that tenant starts meanwhile.
         self.unpublished: dict[str, int] = {}
         # Pairs of finished steps not reported yet (held back until a publish, or their
-        # version still reaching the peers), by sample id -> tenant: the trainer still
-        # holds them (Ready.held), so a restarted sidecar does not hand them out again.
-        self.unreported: dict[int, str] = {}
+        # version still reaching the peers), by sample id: the trainer still holds them
+        # (Ready.held), so a restarted sidecar does not hand them out again.
+        self.unreported: set[int] = set()
         logger.info(
             "trainer ready: %d tenant(s), default %s v%d",
             len(self.tenants.tenants),
@@ -298,7 +298,7 @@ class MaceTrainer:
                 gone += [p.sample_id for p in pairs]
             before[name].held_back = []
         for sample_id in gone:
-            self.unreported.pop(sample_id, None)
+            self.unreported.discard(sample_id)
         if gone:
             self.link.release(gone)
 
@@ -408,10 +408,7 @@ class MaceTrainer:
         excess = self.board.pairs_held() - keep - self.cfg.pairs_per_step
         if excess <= 0:
             return
-        queue = self.board.queue
-        waiting = [Unit(i, "fwd", 0, q.arrival, q.loss) for i, q in enumerate(queue)]
-        ranked = [u.job for u in self.policy.rank(waiting, time.monotonic())]
-        gone = self.board.hand_back(ranked, excess)
+        gone = self.board.hand_back(self._ranked(lambda q: True), excess)
         if gone:
             self.link.release([q.pair.sample_id for q in gone])
             self.handed_back += len(gone)
@@ -448,22 +445,29 @@ class MaceTrainer:
         self.board.start_refs(self.dpo.ref_slices)
         return self.board.units()
 
+    def _ranked(self, keep: Callable[[QueuedPair], bool]) -> list[int]:
+        """Indices into the queue of the pairs `keep` accepts, in the policy's order
+        (DPO-loss priority, waiting time) for a step's pairs."""
+        waiting = [
+            Unit(i, "fwd", 0, q.arrival, q.loss) for i, q in enumerate(self.board.queue) if keep(q)
+        ]
+        return [u.job for u in self.policy.rank(waiting, time.monotonic())]
+
     def _start_step(self) -> None:
         """The next step: the tenant by priority within the fair share, then that tenant's
         highest-priority pairs."""
         queue = self.board.queue
         known = self.tenants.tenants
         required = self.link.required  # versions other replicas published (replicas.py)
-        waiting = [
-            Unit(i, "fwd", 0, q.arrival, q.loss)
-            for i, q in enumerate(queue)
-            if q.tenant in known
-            and q.tenant not in self.unpublished  # its last step still reaching the peers
-            and known[q.tenant].version >= required.get(q.tenant, -1)
-        ]
-        if not waiting:
+        order = self._ranked(
+            lambda q: (
+                q.tenant in known
+                and q.tenant not in self.unpublished  # its last step still reaching the peers
+                and known[q.tenant].version >= required.get(q.tenant, -1)
+            )
+        )
+        if not order:
             return
-        order = [u.job for u in self.policy.rank(waiting, time.monotonic())]
         backlog: dict[str, float] = {}
         for rank, i in enumerate(order):
             backlog.setdefault(queue[i].tenant, -float(rank))
@@ -607,7 +611,7 @@ class MaceTrainer:
             result.margins,
             result.grad_norm,
         )
-        self.unreported.update((p.sample_id, tenant.name) for p in pairs)
+        self.unreported.update(p.sample_id for p in pairs)
         tokens = sum(self.dpo.step_tokens(p) for p in pairs)
         stats.trained_tokens += tokens
         self.totals["trained_tokens"] += tokens
@@ -717,7 +721,7 @@ class MaceTrainer:
         for p in pairs:
             loss = losses.get(p.sample_id, float("nan"))
             self.link.report(p.sample_id, loss, version, tenant.name if live else "")
-            self.unreported.pop(p.sample_id, None)
+            self.unreported.discard(p.sample_id)
         # The step ended: every peer has `version` (or none). A tenant retired meanwhile
         # gives its key back at its retire (`_sync_tenants`), not one created again since.
         if self.lease is not None and live:
