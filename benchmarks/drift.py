@@ -329,12 +329,15 @@ def progress(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
 
 def trained_pairs(store_path: Path, posted_ids: dict[str, list[int]]) -> dict[str, int]:
     """Of the pairs posted in each phase (their store ids), how many trained at least once,
-    read from the server's feedback store after it stopped."""
+    read from the server's feedback store after it stopped: a loss recorded (a step the
+    guard refused counts; a rolled-back one, whose Result carries no loss, does not,
+    nor does a pair whose last Result was such a one)."""
     import sqlite3
 
     conn = sqlite3.connect(str(store_path))  # (read-only: WAL wants its -shm writable)
     try:
-        trained = {row[0] for row in conn.execute("SELECT id FROM feedback WHERE train_count > 0")}
+        query = "SELECT id FROM feedback WHERE train_count > 0 AND last_loss IS NOT NULL"
+        trained = {row[0] for row in conn.execute(query)}
     finally:
         conn.close()
     return {phase: sum(i in trained for i in ids) for phase, ids in posted_ids.items()}
@@ -387,11 +390,12 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
                 return
             pair = {"prompt": body["messages"][0]["content"], "chosen": chosen,
                     "rejected": text}  # fmt: skip
+            stored = server.post("/mace/feedback", {**pair, "prompt": body["messages"]})
+            if not stored.ok:
+                return
+            posted_ids[phase.name].extend(stored.json()["ids"])
             if periodic is not None:
                 periodic.feedback(pair, phase.name)
-            r = server.post("/mace/feedback", {**pair, "prompt": body["messages"]})
-            if r.ok:
-                posted_ids[phase.name].extend(r.json()["ids"])
             posted[0] += 1
 
         def training(on: bool) -> None:
@@ -438,7 +442,7 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
                 timeline.append({"t": round(wall, 1), "phase": phase.name,
                                  "since_drift": round(phase_wall, 1), **ev,
                                  # so far: when steps completed, and pairs given back
-                                 **progress(status0, after)})  # fmt: skip
+                                 **({} if periodic else progress(status0, after))})  # fmt: skip
                 bar.update(1)
                 bar.set_postfix(phase=phase.name, win=f"{ev['win_rate']:.2f}")
         bar.close()

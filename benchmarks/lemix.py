@@ -96,7 +96,7 @@ from benchmarks.loadgen import closed_loop, percentile_ms, poisson_load, summari
 from benchmarks.serve_smoke import machine
 from benchmarks.stats import aggregate, mean_ci95
 from mace_sgl.cli import split_evenly
-from mace_sgl.launcher import MACE_SGL, Server, StartAborted, free_port
+from mace_sgl.launcher import MACE_SGL, Server, free_port
 
 METHODS = ("lemix", "round-robin", "total-tokens", "separate")
 OPTIONAL = ("lemix-floor", "servers")  # run only when named in --methods
@@ -169,6 +169,7 @@ def start_servers(
     addr = f"127.0.0.1:{free_port()}"
     halves = split_evenly(sorted(os.sched_getaffinity(0)), 2)
     abort = threading.Event()
+    first: list[BaseException] = []  # the failure that set `abort`: the cause
 
     def one(rank: int) -> Server:
         sync = ["--mace-sync-addr", addr, "--mace-sync-world-size", "2",
@@ -177,15 +178,20 @@ def start_servers(
         try:
             return start_server(args, "servers", out, slo, f"{name}-{rank}", 1, sync, cores,
                                 abort)  # fmt: skip
-        except BaseException:
+        except BaseException as e:
+            if not abort.is_set():
+                first.append(e)
             abort.set()
             raise
 
-    with ThreadPoolExecutor(2) as ex:
-        futures = [ex.submit(one, rank) for rank in (0, 1)]
+    try:
+        with ThreadPoolExecutor(2) as ex:
+            futures = [ex.submit(one, rank) for rank in (0, 1)]
+    except BaseException:  # e.g. Ctrl-C while they start: stop both starts
+        abort.set()
+        raise
     servers = [f.result() for f in futures if f.exception() is None]
-    failed = [f.exception() for f in futures if f.exception() is not None]
-    failed = [e for e in failed if not isinstance(e, StartAborted)] or failed  # the cause
+    failed = first or [f.exception() for f in futures if f.exception() is not None]
     router = None
     try:
         if failed:

@@ -91,8 +91,12 @@ def test_run_baseline_counts_serving_windows_and_pauses_training_to_evaluate(tmp
                 ids = store.add_feedback(self.store, [pair])
                 # every third pair trains (a step each), the one after it is handed back
                 if ids[0] % 3 == 0:
-                    self.store.execute("UPDATE feedback SET train_count = 1 WHERE id = ?", ids)
+                    self.store.execute(
+                        "UPDATE feedback SET train_count = 1, last_loss = 0.5 WHERE id = ?", ids
+                    )
                     self.steps += 1
+                elif ids[0] == 2:  # its step rolled back: a Result without a loss
+                    self.store.execute("UPDATE feedback SET train_count = 1 WHERE id = ?", ids)
                 elif ids[0] % 3 == 1:
                     self.handed_back += 1
                 return _Response({"ids": ids, "count": 1})
@@ -158,7 +162,7 @@ def test_run_baseline_counts_serving_windows_and_pauses_training_to_evaluate(tmp
     assert row["timeline"][-1]["t"] < 5.0  # the windows' seconds, not the evaluations'
     assert row["device_utilisation"] > 1.0  # 9 busy seconds in well under 9 s of windows
     assert row["feedback_posted"] == 18 and row["requests"] == 18
-    # ids 1-6 concise, 7-12 opener, 13-18 bullets: 3, 6 | 9, 12 | 15, 18 trained
+    # ids 1-6 concise, 7-12 opener, 13-18 bullets: 3, 6 | 9, 12 | 15, 18 trained (not 2)
     assert [row[f"pairs_posted.{p.name}"] for p in phases] == [6, 6, 6]
     assert [row[f"pairs_trained.{p.name}"] for p in phases] == [2, 2, 2]
     assert row["train_steps"] == 6 and row["pairs_handed_back"] == 6

@@ -3,12 +3,14 @@
 Samples arrive as Work, pause and the sidecar's id as Control; the trainer says Ready
 (how many samples it wants, which it holds), sends a Result per trained sample and a
 Release for samples it gives back untrained. The link never blocks the scheduler: with
-the sidecar not reading (down, or its queue full), a Ready is dropped (the next one says
-the same, newer), while Results and Releases wait in the link's outbox, in order, and go
-out before the next Ready. Dropped, they would be lost for good: the Ready after them no
-longer lists those samples as held, and a sidecar that reconciles (a restarted one)
-would queue a trained sample again, or leave a given-back one in flight. The outbox
+the sidecar not reading (stopped, or its queue full), a Ready is dropped (the next one
+says the same, newer), while Results and Releases wait in the link's outbox, in order,
+and go out before the next Ready. Dropped, they would be lost for good: the Ready after
+them no longer lists those samples as held, and a sidecar that reconciles (a restarted
+one) would queue a trained sample again, or leave a given-back one in flight. The outbox
 holds at most one message per sample the trainer held: no Work comes while it waits.
+What ZeroMQ already took (its queue, the kernel's socket buffer) is lost when the
+sidecar dies with it unread; then a trained sample can train once more.
 """
 
 from __future__ import annotations
