@@ -136,6 +136,24 @@ def test_release_unheld_frees_only_what_the_session_does_not_hold(conn):
     assert store.counts(conn).inflight == 1
 
 
+def test_rows_in_flight_are_found_without_scanning_the_store(conn):
+    """The queries that look for rows in flight (every asking Ready of a replica, every
+    Hello) search an index of those few rows, not every pair ever stored."""
+    store.add_feedback(conn, [pair(i) for i in range(3)])
+    store.pick_next(conn, "live", 1, "s1")
+    for sql in (
+        "SELECT COUNT(*) FROM feedback WHERE inflight_session IS NOT NULL"
+        " AND inflight_session != 's2'",  # held_elsewhere
+        "SELECT id FROM feedback WHERE inflight_session = 's1'",  # release_unheld
+    ):
+        plan = " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
+        assert (
+            "USING INDEX feedback_inflight" in plan
+            or "USING COVERING INDEX feedback_inflight" in plan
+        ), plan
+    assert store.held_elsewhere(conn, "s2") == 1 and store.held_elsewhere(conn, "s1") == 0
+
+
 def test_the_supervisor_passes_max_train_count(tmp_path: Path, conn, trainer: FakeTrainer):
     (a,) = store.add_feedback(conn, [pair(0)])
     sup = SidecarSupervisor(MaceConfig(state_dir=str(tmp_path), max_train_count=1))
@@ -414,13 +432,14 @@ def test_results_and_releases_wait_while_the_sidecar_is_not_reading(tmp_path: Pa
         t.board.drop(lambda q: False)  # one trained (reported below), one given back
         sidecar.proc.send_signal(signal.SIGSTOP)
         filler = encode(Ready("s1", 0, [trained, given_back], t.link.sidecar_id, 0, 0.0))
-        sent = 0
-        while True:  # the kernel's buffers and both ZeroMQ queues, full
-            try:
+        sent, full_for = 0, 0
+        while full_for < 3:  # the kernel's buffers and both ZeroMQ queues, full: no room
+            try:  # comes back within 0.3 s (ZeroMQ's I/O thread may still be moving them)
                 t.link.push.send(filler, zmq.NOBLOCK)
+                sent, full_for = sent + 1, 0
             except zmq.Again:
-                break
-            sent += 1
+                full_for += 1
+                time.sleep(0.1)
         assert sent > 100
         reporter = threading.Thread(target=t.link.report, args=(trained, 0.5, 1, "live"))
         reporter.start()
