@@ -143,6 +143,11 @@ def test_best_fit_respects_priority_memory_and_budget():
     assert chosen == []  # does not fit in memory
     chosen, _, _ = best_fit([heavy], 0.006, 1e9, cost, Priorities(), 0.0, PackingParams())
     assert chosen == []  # does not fit in time
+    # no memory room at all (a GPU reserve filled by tenants created since): units of no
+    # memory still go (it divided 0 by 0 and raised in the scheduler's hook before)
+    step_end = unit(6, "opt", 0)
+    chosen, _, _ = best_fit([heavy, step_end], 1.0, 0.0, cost, Priorities(), 0.0, PackingParams())
+    assert [u.job for u in chosen] == [6]
     # aging: an old unit outranks a fresh one with a higher loss
     old, fresh = unit(4, "fwd", 10, arrival=-5.0, loss=0.1), unit(5, "fwd", 10, loss=2.0)
     chosen, _, _ = best_fit([fresh, old], 0.004, 1e9, cost, Priorities(), 0.0, PackingParams())

@@ -66,7 +66,9 @@ def best_fit(
         rows.append((p, a + b * u.tokens, mem * u.tokens, u))
     rows.sort(key=itemgetter(0), reverse=True)
     ranked = rows
-    bounded = mem_free != float("inf")
+    # Room to share out: none (0, e.g. a GPU reserve that tenants created since filled)
+    # leaves no fit to weigh, and units of no memory (opt, publish) still go.
+    bounded = 0.0 < mem_free < float("inf")
     chosen: list[Unit] = []
     scores: dict[int, float] = {}
     time_left, mem_left = budget_s, mem_free
