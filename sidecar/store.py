@@ -32,6 +32,10 @@ CREATE TABLE IF NOT EXISTS feedback (
     inflight_session TEXT           -- trainer session holding it, NULL when not in flight
 );
 CREATE INDEX IF NOT EXISTS feedback_pick ON feedback (adapter, train_count, last_loss);
+-- The few rows in flight, found without a scan of every pair ever stored (held_elsewhere
+-- runs on every Ready of a replica that asks, release_stale on every Hello).
+CREATE INDEX IF NOT EXISTS feedback_inflight ON feedback (inflight_session)
+    WHERE inflight_session IS NOT NULL;
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tenants (
     name TEXT PRIMARY KEY,          -- the adapter name (a directory under STATE/adapters)
