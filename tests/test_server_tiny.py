@@ -266,7 +266,12 @@ def test_tenants_are_created_counted_and_retired(server: Server):
     assert r.status_code == 201 and r.json() == {"name": "team-a", "created": True}, r.text
     r = requests.post(server.url + "/mace/adapters", json={"name": "team-a"}, headers=admin)
     assert r.status_code == 200 and r.json()["created"] is False
-    for body in ({"name": "../x"}, {"nom": "x"}, {"name": "x", "weight": 0}):
+    bad_weights = (0, float("inf"), float("nan"), 1e-320, 1e4)  # json: Infinity, NaN
+    for body in (
+        {"name": "../x"},
+        {"nom": "x"},
+        *({"name": "x", "weight": w} for w in bad_weights),
+    ):
         r = requests.post(server.url + "/mace/adapters", json=body, headers=admin)
         assert r.status_code == 400, (body, r.text)
     before = server.get("/mace/status").json()

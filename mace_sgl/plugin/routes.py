@@ -398,6 +398,9 @@ async def _log(st: RouteState, op: tenant_log.TenantOp) -> None:
     await asyncio.to_thread(append)
 
 
+TENANT_WEIGHTS = (1e-3, 1e3)  # a tenant's weight: its share of samples and steps
+
+
 async def create_tenant(st: RouteState, name: str, weight: float = 1.0) -> bool:
     """Create tenant `name`: its store row and, with --mace-train, its adapter in SGLang
     (whose scheduler-side trainer then picks it up). False if it existed already. With
@@ -519,8 +522,13 @@ async def mace_adapters_create(request: Request) -> JSONResponse:
     if extra:
         return _error(400, f"unknown field(s) {sorted(extra)}; allowed: name, weight")
     weight = body.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight > 0:
-        return _error(400, "`weight` must be a number > 0 (the tenant's share of steps)")
+    low, high = TENANT_WEIGHTS
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not low <= weight <= high:
+        # (not finite, or tiny: the fair share's virtual time, steps / weight, would reach
+        # infinity and stay there for every tenant that joins after)
+        return _error(
+            400, f"`weight` must be a number from {low:g} to {high:g} (the tenant's share of steps)"
+        )
     name = body["name"]
     try:
         created = await create_tenant(st, name, float(weight))
