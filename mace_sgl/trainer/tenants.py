@@ -126,7 +126,11 @@ class TenantRegistry:
         self.tenants: dict[str, Tenant] = {}
         self.active: Tenant | None = None
         self.retired = 0
+        # Tenants SGLang serves that could not be created here, by name: why (status), and
+        # the load (SGLang's uid) that failed, not tried again while SGLang serves it; a
+        # retire or a new load of the name forgets it (and tries the new load).
         self.create_failures: dict[str, str] = {}
+        self._failed_uid: dict[str, str] = {}
         # One checkpoint-writer thread for every tenant (checkpoints.py says why).
         self.writer_pool = ThreadPoolExecutor(1, thread_name_prefix="mace-ckpt")
 
@@ -139,9 +143,12 @@ class TenantRegistry:
         removed = [n for n, t in self.tenants.items() if served.get(n) != t.uid]
         for name in removed:
             self._drop(name)
+        for name, uid in list(self._failed_uid.items()):
+            if served.get(name) != uid:
+                del self._failed_uid[name], self.create_failures[name]
         added = []
         for name, uid in served.items():
-            if name in self.tenants or name in self.create_failures:
+            if name in self.tenants or name in self._failed_uid:
                 continue
             try:
                 self._create(name, uid)
@@ -149,6 +156,7 @@ class TenantRegistry:
             except Exception as e:  # one broken tenant must not stop the others
                 logger.exception("tenant %s could not be created", name)
                 self.create_failures[name] = f"{type(e).__name__}: {e}"
+                self._failed_uid[name] = uid
         return added, removed
 
     def _fresh_weights(self) -> dict[str, torch.Tensor]:
