@@ -925,3 +925,48 @@ def test_a_regroup_whose_store_host_vanished_is_given_up_and_formed_again():
         assert got["generation"] == 3 and got["members"] == [0], got
         assert any("did not form within" in e for e in got["errors"]), got
         assert proc.wait(timeout=30) == 0
+
+
+def test_sends_waiting_for_the_sender_hold_each_tenants_newest_state_only():
+    """While the sending thread is held up (a send that waits for the group to form
+    again), a step's state per tenant waits, not one per step: a long wait must not hold
+    every version's weights and optimizer moments. Every send's `done` is still
+    delivered, by the newest state, once it reaches the peers."""
+    import queue
+    import threading
+
+    import torch
+    from waits import wait_until
+
+    from mace_sgl.trainer.replicas import ReplicaSync, SyncStats, tenant_key
+
+    sync = object.__new__(ReplicaSync)
+    sync._pending, sync._pending_done = {}, []
+    sync._pending_cv = threading.Condition()
+    sync._done, sync.stats, sync.every_s = queue.Queue(), SyncStats(), 0.0
+    held_up, sent = threading.Event(), []
+
+    def send_all(newest):
+        held_up.wait(30)
+        sent.append({k: v for k, (v, _) in newest.items()})
+        return True
+
+    sync._send_all = send_all
+    threading.Thread(target=sync._send_loop, daemon=True).start()
+    done = []
+    sync.send("live", 1, torch.zeros(4), lambda: done.append(1))
+    wait_until(lambda: not sync._pending_done, 10, "the sender took v1 (and is held up)")
+    for v in range(2, 7):  # five more steps while it waits
+        sync.send("live", v, torch.full((4,), float(v)), lambda v=v: done.append(v))
+    sync.send("other", 3, torch.zeros(2), lambda: done.append("other"))
+    assert {k: v for k, (v, _) in sync._pending.items()} == {
+        tenant_key("live"): 6,
+        tenant_key("other"): 3,
+    }
+    assert len(sync._pending_done) == 6
+    held_up.set()
+    wait_until(lambda: sync._done.qsize() == 7, 10, "every send delivered")
+    for callback in [sync._done.get() for _ in range(7)]:
+        callback()
+    assert sorted(done, key=str) == [1, 2, 3, 4, 5, 6, "other"]
+    assert sent == [{tenant_key("live"): 1}, {tenant_key("live"): 6, tenant_key("other"): 3}]

@@ -424,7 +424,12 @@ class ReplicaSync:
         self.epoch = self._epoch()  # the store this member joined in ("": unmarked)
         self.send_timeout = datetime.timedelta(seconds=timeout_s)
         self._inbox: queue.Queue[Update] = queue.Queue()
-        self._outbox: queue.Queue[tuple[int, int, torch.Tensor, Callable[[], None]]] = queue.Queue()
+        # Sends not taken by the sending thread yet: each tenant's newest state only (a
+        # send that waits for a regroup must not hold one state per step meanwhile), and
+        # every send's `done`, delivered by the newest.
+        self._pending: dict[int, tuple[int, torch.Tensor]] = {}
+        self._pending_done: list[Callable[[], None]] = []
+        self._pending_cv = threading.Condition()
         self._done: queue.Queue[Callable[[], None]] = queue.Queue()
         self._moved = threading.Condition()  # generation and pg change together under it
         self._failed = threading.Event()
@@ -460,9 +465,15 @@ class ReplicaSync:
     def send(
         self, name: str, version: int, payload: torch.Tensor, done: Callable[[], None]
     ) -> None:
-        """Queue `name`'s state at `version` for every peer; `done` is returned by
-        delivered() once all of them took it."""
-        self._outbox.put((tenant_key(name), version, payload, done))
+        """Queue `name`'s state at `version` for every peer (replacing an older one still
+        waiting); `done` is returned by delivered() once all of them took it."""
+        key = tenant_key(name)
+        with self._pending_cv:
+            waiting = self._pending.get(key)
+            if waiting is None or version > waiting[0]:
+                self._pending[key] = (version, payload)
+            self._pending_done.append(done)
+            self._pending_cv.notify()
 
     def received(self) -> list[Update]:
         """Updates from other replicas, oldest first."""
@@ -494,7 +505,7 @@ class ReplicaSync:
             "applied": s.applied,
             "send_failures": s.send_failures,
             "last_send_ms": s.last_send_ms,
-            "pending_sends": self._outbox.qsize(),
+            "pending_sends": len(self._pending_done),
             "errors": s.errors[-3:],
         }
 
@@ -728,21 +739,20 @@ class ReplicaSync:
     def _send_loop(self) -> None:
         last = float("-inf")
         while True:
-            batch = [self._outbox.get()]
+            with self._pending_cv:
+                self._pending_cv.wait_for(lambda: bool(self._pending_done))
             wait = last + self.every_s - time.monotonic()
             if wait > 0:
                 time.sleep(wait)
-            batch += _drain(self._outbox)
-            newest: dict[int, tuple[int, torch.Tensor]] = {}
-            for key, version, payload, _ in batch:
-                if key not in newest or version > newest[key][0]:
-                    newest[key] = (version, payload)
+            with self._pending_cv:
+                newest, self._pending = self._pending, {}
+                dones, self._pending_done = self._pending_done, []
             start = time.perf_counter()
             if not self._send_all(newest):
                 continue  # one server: it is going down with its replica
             last = time.monotonic()
             self.stats.last_send_ms = (time.perf_counter() - start) * 1000
-            for _, _, _, done in batch:  # superseded versions are delivered by the newest
+            for done in dones:  # superseded versions are delivered by the newest
                 self._done.put(done)
 
     def _send_all(self, newest: dict[int, tuple[int, torch.Tensor]]) -> bool:
