@@ -272,7 +272,9 @@ def test_tenants_are_created_counted_and_retired(server: Server):
         {"nom": "x"},
         *({"name": "x", "weight": w} for w in bad_weights),
     ):
-        r = requests.post(server.url + "/mace/adapters", json=body, headers=admin)
+        data = json.dumps(body)  # Python's json writes Infinity and NaN; requests' refuses
+        headers = {**admin, "Content-Type": "application/json"}
+        r = requests.post(server.url + "/mace/adapters", data=data, headers=headers)
         assert r.status_code == 400, (body, r.text)
     before = server.get("/mace/status").json()
     assert server.post("/mace/feedback", [{**PAIR, "adapter": "team-a"}] * 2).status_code == 200
