@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mace_sgl.policy.fairshare import FairShare
+from mace_sgl.policy.fairshare import FairShare, tenant_weight
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS feedback (
@@ -338,12 +338,13 @@ def retire_tenant(conn: sqlite3.Connection, name: str) -> bool:
 
 
 def tenants(conn: sqlite3.Connection) -> list[Tenant]:
-    """The existing tenants, oldest first."""
+    """The existing tenants, oldest first (weights clamped into the range the route takes
+    now: a store written before it may hold Infinity)."""
     rows = conn.execute(
         "SELECT name, created_at, weight FROM tenants WHERE retired_at IS NULL"
         " ORDER BY created_at, name"
     )
-    return [Tenant(*r) for r in rows]
+    return [Tenant(name, created, tenant_weight(weight)) for name, created, weight in rows]
 
 
 def created_at(conn: sqlite3.Connection, name: str) -> float | None:

@@ -3,11 +3,12 @@ the sidecar's turn-taking between tenants' feedback (sidecar/store.py pick_next)
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 
-from mace_sgl.policy.fairshare import FairShare
+from mace_sgl.policy.fairshare import TENANT_WEIGHTS, FairShare
 from sidecar import store
 
 
@@ -107,3 +108,20 @@ def test_tenants_are_created_retired_and_brought_back(tmp_path: Path):
     assert store.add_tenant(conn, "a", weight=2.0) is True
     (t,) = store.tenants(conn)
     assert (t.name, t.weight) == ("a", 2.0)
+
+
+def test_weights_from_outside_the_range_are_clamped_into_it(tmp_path):
+    """A weight the route refuses now (Infinity, a denormal) may still come from a store
+    written before the range or from a peer: the fair share and the store's tenants clamp
+    it, so virtual times stay finite and one tenant cannot take every step."""
+    fair = FairShare()
+    fair.set_weight("huge", float("inf"))
+    fair.set_weight("tiny", 1e-320)
+    assert fair.weights == {"huge": TENANT_WEIGHTS[1], "tiny": TENANT_WEIGHTS[0]}
+    for _ in range(3):
+        fair.charge(fair.pick({"huge": 1.0, "tiny": 1.0}))
+    assert all(math.isfinite(v) for v in fair.vtime.values())
+    conn = store.connect(tmp_path / "feedback.sqlite3")
+    store.add_tenant(conn, "old", float("inf"))  # as the route took it before the range
+    assert [t.weight for t in store.tenants(conn) if t.name == "old"] == [TENANT_WEIGHTS[1]]
+    conn.close()

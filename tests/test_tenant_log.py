@@ -288,3 +288,17 @@ def test_an_entry_in_the_log_is_not_reported_lost_when_its_outbox_save_fails(loo
     assert "not saved" in one.last_error and [s.op.name for s in one.position.outbox] == ["y"]
     one.poll(store, loop)  # the next save writes the outbox
     assert [s.op.name for s in saves[-1].outbox] == ["y"]
+
+
+def test_a_peers_create_with_a_weight_out_of_range_is_refused():
+    """A peer from before the weight range may log a create with an infinite weight: this
+    server refuses the entry (as a bad name) instead of storing it."""
+    import asyncio
+
+    from mace_sgl.config import MaceConfig
+    from mace_sgl.plugin.routes import apply_tenant_op
+
+    for weight in (float("inf"), 1e-320, 1e4):
+        op = tenant_log.TenantOp("create", "team-a", weight=weight)
+        with pytest.raises(ValueError, match="tenant weight"):
+            asyncio.run(apply_tenant_op(MaceConfig(), op))

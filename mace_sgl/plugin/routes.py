@@ -28,6 +28,7 @@ from mace_sgl.config import MaceConfig
 from mace_sgl.feedback import ADAPTER_NAME, ADAPTER_NAME_RULE, FeedbackError, parse_feedback
 from mace_sgl.metrics import FeedbackMetrics
 from mace_sgl.plugin import tenant_log
+from mace_sgl.policy.fairshare import TENANT_WEIGHTS
 from mace_sgl.templating import encode_pair
 from mace_sgl.trainer.checkpoints import purge_dir
 from mace_sgl.trainer.publish import checkpoints
@@ -398,9 +399,6 @@ async def _log(st: RouteState, op: tenant_log.TenantOp) -> None:
     await asyncio.to_thread(append)
 
 
-TENANT_WEIGHTS = (1e-3, 1e3)  # a tenant's weight: its share of samples and steps
-
-
 async def create_tenant(st: RouteState, name: str, weight: float = 1.0) -> bool:
     """Create tenant `name`: its store row and, with --mace-train, its adapter in SGLang
     (whose scheduler-side trainer then picks it up). False if it existed already. With
@@ -615,6 +613,9 @@ async def apply_tenant_op(cfg: MaceConfig, op: tenant_log.TenantOp) -> None:
     if op.op == "create":
         if not ADAPTER_NAME.match(op.name):
             raise ValueError(f"adapter name {op.name!r}: {ADAPTER_NAME_RULE}")
+        low, high = TENANT_WEIGHTS
+        if not low <= op.weight <= high:  # e.g. a peer from before the range
+            raise ValueError(f"tenant weight {op.weight!r}: from {low:g} to {high:g}")
         try:
             await _create_local(cfg, op.name, op.weight)
         except TenantError as e:

@@ -16,7 +16,22 @@ that it could later spend starving the others.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+
+# A tenant's weight, its share of samples and steps: the route refuses one outside this
+# range, and what comes from elsewhere (a store written before the range, a peer's tenant
+# log) is clamped into it (tenant_weight). An infinite or tiny weight made a virtual time
+# infinite, and `pick` copies the start time to every tenant that joins after it.
+TENANT_WEIGHTS = (1e-3, 1e3)
+
+
+def tenant_weight(weight: float) -> float:
+    """`weight` clamped into TENANT_WEIGHTS (NaN: the default, 1)."""
+    if math.isnan(weight):
+        return 1.0
+    low, high = TENANT_WEIGHTS
+    return min(max(float(weight), low), high)
 
 
 class FairShare:
@@ -32,10 +47,10 @@ class FairShare:
         self._waiting: set[str] = set()  # the backlog `pick` saw last
 
     def set_weight(self, tenant: str, weight: float) -> None:
-        """A tenant's share relative to the others (default 1)."""
+        """A tenant's share relative to the others (default 1), within TENANT_WEIGHTS."""
         if not weight > 0:
             raise ValueError(f"weight of {tenant!r} must be > 0, got {weight}")
-        self.weights[tenant] = float(weight)
+        self.weights[tenant] = tenant_weight(weight)
 
     def forget(self, tenant: str) -> None:
         """A retired tenant: its history no longer counts."""
