@@ -141,12 +141,20 @@ def test_rows_in_flight_are_found_without_scanning_the_store(conn):
     Hello) search an index of those few rows, not every pair ever stored."""
     store.add_feedback(conn, [pair(i) for i in range(3)])
     store.pick_next(conn, "live", 1, "s1")
-    for sql in (
-        "SELECT COUNT(*) FROM feedback WHERE inflight_session IS NOT NULL"
-        " AND inflight_session != 's2'",  # held_elsewhere
-        "SELECT id FROM feedback WHERE inflight_session = 's1'",  # release_unheld
+    for sql, args in (
+        (
+            "SELECT COUNT(*) FROM feedback WHERE inflight_session IS NOT NULL"
+            " AND inflight_session != ?",
+            ("s2",),
+        ),  # held_elsewhere
+        ("SELECT id FROM feedback WHERE inflight_session = ?", ("s1",)),  # release_unheld
+        (
+            "UPDATE feedback SET inflight_session = NULL WHERE inflight_session IS NOT NULL"
+            " AND inflight_session NOT IN (?)",
+            ("s1",),
+        ),  # release_stale
     ):
-        plan = " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
+        plan = " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, args))
         assert (
             "USING INDEX feedback_inflight" in plan
             or "USING COVERING INDEX feedback_inflight" in plan
