@@ -65,9 +65,11 @@ never does); TTFT/TBT p99, SLO attainment, throughput from the load; training to
 What trained: `pairs_posted.PHASE` and `pairs_trained.PHASE` (of the pairs posted in
 that phase, those trained at least once: read from the server's store after it stops,
 so the pairs of a step still in its guard check at the end are not among them; periodic:
-its own rounds), `train_steps` (optimizer steps, the unchecked last one included) and `pairs_handed_back` (pairs the trainer gave
-back untrained when its hold shrank; from /mace/status, none for periodic), and both of
-these so far in each timeline entry.
+its own rounds), `train_steps` (optimizer steps, the unchecked last one included),
+`pairs_handed_back` (pairs the trainer gave back untrained when its hold shrank) and
+`pairs_superseded` (never-trained pairs it gave back for newer ones waiting in the
+store, pick order newest): from /mace/status, none for periodic; and these three so far
+in each timeline entry.
 
 --seeds N repeats the whole run N times (load seeds 1..N, or K..K+N-1 with --first-seed K,
 to finish a run in pieces, which `--merge A/results.json B/results.json --out DIR` joins
@@ -322,9 +324,13 @@ RECIPE_FLAGS = ("guard-max-kl", "guard-min-keep", "guard-open-keep", "rpo-alpha"
                 "publish-every", "max-train-count", "pick-order")  # fmt: skip
 
 
+PROGRESS = ("train_steps", "pairs_handed_back", "pairs_superseded")
+
+
 def progress(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
-    """Steps completed and pairs handed back between two /mace/status `training` reads."""
-    return {k: after.get(k, 0) - before.get(k, 0) for k in ("train_steps", "pairs_handed_back")}
+    """Steps completed, pairs handed back and pairs superseded between two /mace/status
+    `training` reads."""
+    return {k: after.get(k, 0) - before.get(k, 0) for k in PROGRESS}
 
 
 def trained_pairs(store_path: Path, posted_ids: dict[str, list[int]]) -> dict[str, int]:
@@ -502,11 +508,9 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
         # server's store; periodic: its own rounds, each pair once)
         **{f"pairs_posted.{p.name}": len(posted_ids[p.name]) for p in phases},
         **{f"pairs_trained.{p.name}": trained_by_phase.get(p.name, 0) for p in phases},
-        "train_steps": None if periodic is not None else progress(status0, status1)["train_steps"],
-        # pairs the trainer gave back untrained when its hold shrank (none for periodic)
-        "pairs_handed_back": (
-            None if periodic is not None else progress(status0, status1)["pairs_handed_back"]
-        ),
+        # optimizer steps; pairs the trainer gave back untrained when its hold shrank, and
+        # for newer pairs (none of these for periodic: its own rounds)
+        **{k: None if periodic is not None else v for k, v in progress(status0, status1).items()},
         "timeline": timeline,
         "gaps": [g for r in results for g in r.gaps],
         "ttfts": [r.ttft for r in results if r.ttft is not None],

@@ -297,8 +297,10 @@ class MaceConfig:
         default="newest",
         metadata={
             "help": "Which never-trained feedback pairs train first: `newest` (the "
-            "preference users state now; older pairs follow when no newer one waits) or "
-            "`oldest` (arrival order). Trained pairs replay by last DPO loss either way.",
+            "preference users state now; older pairs follow when no newer one waits; "
+            "the trainer keeps that order for the pairs it holds and gives held ones back "
+            "when newer ones wait) or `oldest` (arrival order). Trained pairs replay by "
+            "last DPO loss either way.",
             "choices": PICK_ORDERS,
         },
     )

@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
@@ -33,6 +33,7 @@ from mace_sgl.ipc import channels
 from mace_sgl.ipc.messages import (
     Control,
     Hello,
+    Newer,
     Ready,
     Release,
     Result,
@@ -65,6 +66,7 @@ class Session:
     reconciled: bool = False
     room: float = 0.0  # its replica's idle fraction, from its last asking Ready
     asked_at: float = float("-inf")  # when it last asked for samples
+    newer_sent: dict[str, list[int]] = field(default_factory=dict)  # its last Newer's ids
 
 
 class Sidecar:
@@ -159,16 +161,31 @@ class Sidecar:
             freed = store.release_unheld(self.conn, msg.session, msg.held)
             if freed:
                 logger.warning("requeued %d samples picked but never delivered", freed)
-        if msg.want <= 0:
-            return
+        sent = self._work(msg, session) if msg.want > 0 else []
+        if self.pick_order == "newest":
+            self._tell_newer(msg, session, [*msg.held, *sent])
+
+    def _tell_newer(self, msg: Ready, session: Session, held: list[int]) -> None:
+        """Newer: the never-trained pairs waiting in the store that should train before
+        never-trained ones the trainer holds (`held`: its Ready's and the Work just sent),
+        unless it was told exactly these already."""
+        newer = store.newer_untrained(self.conn, held)
+        if newer and newer != session.newer_sent:
+            if self._send(msg.dp_rank, Newer(msg.session, self.id, newer)):
+                session.newer_sent = newer
+        elif not newer:
+            session.newer_sent = {}
+
+    def _work(self, msg: Ready, session: Session) -> list[int]:
+        """Pick and send the samples an asking Ready wants; the ids sent."""
         if self.train_ranks is not None and msg.dp_rank not in self.train_ranks:
-            return  # a serving-only replica (--mace-train-ranks)
+            return []  # a serving-only replica (--mace-train-ranks)
         session.room, session.asked_at = msg.room, time.monotonic()
         if self.replicas > 1:
             if store.held_elsewhere(self.conn, msg.session):
-                return  # another replica is training: one step at a time
+                return []  # another replica is training: one step at a time
             if self._roomier_elsewhere(session):
-                return  # it goes to the replica with the most idle capacity
+                return []  # it goes to the replica with the most idle capacity
         # Every tenant with feedback to train gets its fair share of the samples sent
         # (store.pick_next), the default one included, by weight, whether the trainer
         # asks for one sample at a time or many.
@@ -209,6 +226,8 @@ class Sidecar:
             work = Work(msg.session, samples, self.id, weights, versions)
             if not self._send(msg.dp_rank, work):
                 store.release(self.conn, msg.session, [r.id for r in rows])
+                return []
+        return [r.id for r in rows]
 
     def _roomier_elsewhere(self, session: Session) -> bool:
         """Whether another replica asked lately (its trainer asks every 0.5 s while it
@@ -221,7 +240,7 @@ class Sidecar:
             for other in self.sessions.values()
         )
 
-    def _send(self, dp_rank: int, msg: Work | Control) -> bool:
+    def _send(self, dp_rank: int, msg: Work | Control | Newer) -> bool:
         # Never block: with no trainer connected a bound PUSH would wait forever, deaf to
         # SIGTERM; the caller undoes what an unsent message promised.
         try:

@@ -194,6 +194,35 @@ def pick_next(
     return [_row(r) for r in rows]
 
 
+def newer_untrained(conn: sqlite3.Connection, held: Iterable[int]) -> dict[str, list[int]]:
+    """Never-trained pairs waiting (in flight for nobody) that are newer than the oldest
+    never-trained pair of their adapter among `held`: per adapter, their ids newest
+    first, at most as many as `held` has never-trained pairs of it (no more can replace
+    them). With pick order newest, these should train before the held ones."""
+    held = list(held)
+    if not held:
+        return {}
+    marks = ",".join("?" * len(held))
+    oldest = conn.execute(
+        f"SELECT adapter, MIN(id), COUNT(*) FROM feedback WHERE id IN ({marks})"
+        " AND train_count = 0 GROUP BY adapter",
+        held,
+    ).fetchall()
+    newer = {}
+    for adapter, first, n in oldest:
+        ids = [
+            r[0]
+            for r in conn.execute(
+                "SELECT id FROM feedback WHERE adapter = ? AND train_count = 0"
+                " AND inflight_session IS NULL AND id > ? ORDER BY id DESC LIMIT ?",
+                (adapter, first, n),
+            )
+        ]
+        if ids:
+            newer[adapter] = ids
+    return newer
+
+
 def record_result(conn: sqlite3.Connection, sample_id: int, loss: float, session: str) -> bool:
     """Record one trained sample; False (nothing changed) if `session` no longer holds it."""
     cur = conn.execute(

@@ -78,7 +78,8 @@ def test_run_baseline_counts_serving_windows_and_pauses_training_to_evaluate(tmp
                         "train_seconds": 0.0, "trained_tokens": 0,
                         "rejected_versions": 0, "adapter_version": 0,
                         "train_steps": self.steps,
-                        "pairs_handed_back": self.handed_back}  # fmt: skip
+                        "pairs_handed_back": self.handed_back,
+                        "pairs_superseded": 2 * self.handed_back}  # fmt: skip
             return _Response({"model_path": "m", "training": training})
 
         def post(self, path: str, body: dict) -> _Response:
@@ -166,6 +167,7 @@ def test_run_baseline_counts_serving_windows_and_pauses_training_to_evaluate(tmp
     assert [row[f"pairs_posted.{p.name}"] for p in phases] == [6, 6, 6]
     assert [row[f"pairs_trained.{p.name}"] for p in phases] == [2, 2, 2]
     assert row["train_steps"] == 6 and row["pairs_handed_back"] == 6
+    assert row["pairs_superseded"] == 12
     assert [e["train_steps"] for e in row["timeline"]][:3] == [0, 1, 2]  # after ids 2, 4, 6
     server[0].store.close()
 

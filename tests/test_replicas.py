@@ -580,7 +580,7 @@ def test_no_step_of_a_tenant_starts_while_its_last_version_reaches_the_peers():
             policy=SimpleNamespace(rank=lambda units, now: sorted(units, key=lambda u: u.arrival)),
             fair=FairShare(),
             lease=None,
-            cfg=SimpleNamespace(pairs_per_step=1),
+            cfg=SimpleNamespace(pairs_per_step=1, pick_order="oldest"),  # by arrival
             _step=lambda tenant, pairs, refs: tenant.name,
         )
         fake._ranked = lambda keep: MaceTrainer._ranked(fake, keep)
@@ -640,7 +640,7 @@ def test_a_tenant_another_server_steps_holds_up_no_other_tenant():
         policy=SimpleNamespace(rank=lambda units, now: sorted(units, key=lambda u: u.arrival)),
         fair=FairShare(),
         lease=lease,
-        cfg=SimpleNamespace(pairs_per_step=1),
+        cfg=SimpleNamespace(pairs_per_step=1, pick_order="oldest"),  # by arrival
         _step=lambda tenant, pairs, refs: tenant.name,
     )
     fake._ranked = lambda keep: MaceTrainer._ranked(fake, keep)

@@ -240,7 +240,7 @@ def test_rows_a_dead_sidecar_picked_are_requeued_and_work_in_transit_is_kept(
 # -- the trainer's end: MaceTrainer.poll on a shell with only what poll() touches ---------
 
 
-def trainer_shell(tmp_path: Path, lookahead: int = 2):
+def trainer_shell(tmp_path: Path, lookahead: int = 2, **cfg):
     from mace_sgl.policy.cost import CostModel
     from mace_sgl.policy.fairshare import FairShare
     from mace_sgl.policy.policies import make_policy
@@ -252,7 +252,7 @@ def trainer_shell(tmp_path: Path, lookahead: int = 2):
     from mace_sgl.trainer.sliced import Pair
 
     t = object.__new__(MaceTrainer)
-    t.cfg = MaceConfig(state_dir=str(tmp_path), train=True, lookahead=lookahead)
+    t.cfg = MaceConfig(state_dir=str(tmp_path), train=True, lookahead=lookahead, **cfg)
     t.link = SidecarLink(tmp_path, "live")
     t.link.session = "s1"
     t.board = JobBoard()
@@ -260,6 +260,7 @@ def trainer_shell(tmp_path: Path, lookahead: int = 2):
     t.tenants = SimpleNamespace(tenants={"live": None})
     t.orphans_returned = 0
     t.handed_back = 0
+    t.superseded = 0
     t.unreported = set()
     t.policy = make_policy("mace", Profile())
     t.step_wall_s = None  # no step finished yet
@@ -354,14 +355,19 @@ def train_count(conn, sample_id: int) -> int:
     return conn.execute("SELECT train_count FROM feedback WHERE id = ?", (sample_id,)).fetchone()[0]
 
 
-def test_pairs_beyond_a_shrunk_hold_go_back_to_the_store_untrained(tmp_path: Path, conn):
+@pytest.mark.parametrize("order", ["oldest", "newest"])
+def test_pairs_beyond_a_shrunk_hold_go_back_to_the_store_untrained(
+    tmp_path: Path, conn, order: str
+):
     """A trainer that took --mace-lookahead pairs while its steps were quick holds one
     step's once its steps are measured slow: the pairs beyond go back to the store
-    untrained (in flight for nobody, train count unchanged), those the policy would train
-    last first, none whose reference pass is done. The sidecar hands them out again."""
+    untrained (in flight for nobody, train count unchanged), those a step would take
+    last first, none whose reference pass is done. The sidecar hands them out again.
+    A step's order: the policy's with --mace-pick-order oldest; newest, the newest
+    never-trained pairs first, as the store hands them out."""
     ids = store.add_feedback(conn, [pair(i) for i in range(5)])
-    t = trainer_shell(tmp_path, lookahead=4)
-    sidecar = SidecarProcess(tmp_path)
+    t = trainer_shell(tmp_path, lookahead=4, pick_order=order)
+    sidecar = SidecarProcess(tmp_path, "--pick-order", order)
     try:
         t.step_wall_s = 1.0  # quick steps: 4 pairs ahead plus the step's one
         poll_until(t, lambda: len(t.board.queue) == 5, 30, "five pairs held")
@@ -372,14 +378,18 @@ def test_pairs_beyond_a_shrunk_hold_go_back_to_the_store_untrained(tmp_path: Pat
         t.step_wall_s = 45.0  # now one pair ahead plus the step's: three go back
         t.poll()
         kept = [q.pair.sample_id for q in t.board.queue]
-        assert kept == [queue[0].pair.sample_id, queue[-1].pair.sample_id]
-        back = [q.pair.sample_id for q in queue[1:4]]
+        if order == "oldest":  # handed out 1..5; the policy: 5 (waited longest) first
+            stay, back = [queue[0], queue[-1]], queue[1:4]
+        else:  # handed out 5..1, and a step takes them in that order
+            stay, back = queue[:2], queue[2:]
+        assert kept == [q.pair.sample_id for q in stay]
+        back = [q.pair.sample_id for q in back]
         wait_until(
             lambda: [inflight(conn, i) for i in back] == [None] * 3, 15, "the three given back"
         )
         assert [inflight(conn, i) for i in kept] == ["s1", "s1"]
         assert [train_count(conn, i) for i in ids] == [0] * 5
-        assert t.handed_back == 3
+        assert t.handed_back == 3 and t.superseded == 0
         t.step_wall_s = 1.0
         poll_until(t, lambda: len(t.board.queue) == 5, 30, "the three handed out again")
         assert sorted(q.pair.sample_id for q in t.board.queue) == sorted(ids)
@@ -726,3 +736,91 @@ def test_the_lease_goes_to_the_asking_replica_with_the_most_room(tmp_path: Path,
     finally:
         sc.ctx.destroy(linger=0)
         sc.conn.close()
+
+
+def test_newer_untrained_lists_waiting_pairs_newer_than_held_never_trained_ones(conn):
+    """Per adapter: never-trained pairs in flight for nobody, newer than the oldest
+    never-trained held one, newest first, no more than the held never-trained pairs of
+    that adapter. Trained held pairs (replays) and other adapters' do not count."""
+    a1, a2, a3, a4, a5 = store.add_feedback(conn, [pair(i) for i in range(5)])
+    (b1,) = store.add_feedback(conn, [{**pair(9), "adapter": "other"}])
+    assert store.newer_untrained(conn, []) == {}
+    assert store.newer_untrained(conn, [a5]) == {}  # nothing newer waits
+    assert store.newer_untrained(conn, [a1]) == {"live": [a5]}  # one held: one newer
+    assert store.newer_untrained(conn, [a2, a1]) == {"live": [a5, a4]}
+    conn.execute("UPDATE feedback SET inflight_session = 's9' WHERE id = ?", (a5,))
+    assert store.newer_untrained(conn, [a2, a1]) == {"live": [a4, a3]}  # a5: in flight
+    conn.execute("UPDATE feedback SET train_count = 1 WHERE id = ?", (a1,))
+    assert store.newer_untrained(conn, [a1]) == {}  # a replay: no newer pair replaces it
+    assert store.newer_untrained(conn, [a3, b1]) == {"live": [a4]}  # "other": nothing newer
+
+
+def test_the_sidecar_says_once_which_newer_pairs_wait(tmp_path: Path, conn):
+    """With pick order newest a Ready that holds never-trained pairs older than waiting
+    ones is answered by a Newer naming them (after any Work it asked for: what that
+    Work hands out is not named), not again while the same pairs wait; with pick order
+    oldest, never. In process, no sockets read."""
+    from mace_sgl.ipc.messages import Newer
+    from sidecar.main import Sidecar
+
+    for order in ("newest", "oldest"):
+        d = tmp_path / order
+        d.mkdir()
+        c = store.connect(d / "feedback.sqlite3")
+        sc = Sidecar(d, "live", pick_order=order)
+        sent: list = []
+        sc._send = lambda rank, msg, sent=sent: sent.append(msg) or True
+        try:
+            sc.handle(Hello("s1", "live", 0))
+            ids = store.add_feedback(c, [pair(i) for i in range(2)])
+            sc.handle(Ready("s1", 2, [], sc.id, 0))
+            (work,) = sent
+            assert sorted(s.id for s in work.samples) == ids
+            new = store.add_feedback(c, [pair(i) for i in range(2, 5)])
+            sc.handle(Ready("s1", 1, ids, sc.id, 0))  # asks for one more
+            if order == "oldest":
+                assert [s.id for s in sent[1].samples] == [new[0]]
+                assert len(sent) == 2 and not [m for m in sent if isinstance(m, Newer)]
+                continue
+            assert [s.id for s in sent[1].samples] == [new[-1]]  # the newest
+            assert sent[2] == Newer("s1", sc.id, {"live": [new[1], new[0]]})
+            sc.handle(Ready("s1", 0, [*ids, new[-1]], sc.id, 0))
+            assert len(sent) == 3  # the same pairs wait: said once
+            store.release(c, "s1", ids)  # the trainer gave back both
+            sc.handle(Ready("s1", 0, [new[-1]], sc.id, 0))
+            assert len(sent) == 3  # nothing newer than what it holds waits now
+        finally:
+            sc.ctx.destroy(linger=0)
+            sc.conn.close()
+            c.close()
+
+
+def test_held_pairs_go_back_for_newer_ones_posted_since(tmp_path: Path, conn):
+    """Pick order newest: pairs the trainer took before newer ones were posted go back
+    untrained (their reference pass too), replaced by the newer ones, and a step takes
+    the newest first. Real sidecar process; the trainer's hold is full, so it does not
+    ask: only the sidecar's Newer tells it."""
+    old = store.add_feedback(conn, [pair(i) for i in range(3)])
+    t = trainer_shell(tmp_path, lookahead=2)
+    sidecar = SidecarProcess(tmp_path)
+    try:
+        t.step_wall_s = 1.0  # two pairs ahead plus the step's one
+        poll_until(t, lambda: len(t.board.queue) == 3, 30, "three pairs held")
+        t.board.refs[old[0]] = (-1.0, -2.0)  # the oldest one's reference pass ran
+        new = store.add_feedback(conn, [pair(i) for i in range(3, 5)])
+        want = {old[2], *new}
+        poll_until(t, lambda: {q.pair.sample_id for q in t.board.queue} == want, 30, "swapped")
+        assert t.superseded == 2 and t.handed_back == 0
+        assert old[0] not in t.board.refs
+        wait_until(
+            lambda: [inflight(conn, i) for i in old[:2]] == [None, None], 15, "the two given back"
+        )
+        assert [train_count(conn, i) for i in (*old, *new)] == [0] * 5
+        queue = t.board.queue
+        assert [queue[i].pair.sample_id for i in t._ranked(lambda q: True)] == [
+            new[1], new[0], old[2]
+        ]  # fmt: skip
+    finally:
+        sidecar.stop()
+        t.push.close(linger=0)
+        t.pull.close(linger=0)

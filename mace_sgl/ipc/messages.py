@@ -64,8 +64,8 @@ class Result(msgspec.Struct, tag=True, frozen=True):
 
 class Release(msgspec.Struct, tag=True, frozen=True):
     """Trainer -> sidecar: samples the trainer held and gives back untrained (it holds
-    fewer pairs ahead now that its steps are slower): the store queues them again with
-    their train count unchanged."""
+    fewer pairs ahead now that its steps are slower, or newer ones supersede them: Newer):
+    the store queues them again with their train count unchanged."""
 
     session: str
     sample_ids: list[int]
@@ -96,8 +96,21 @@ class Control(msgspec.Struct, tag=True, frozen=True):
     sidecar: str = ""
 
 
+class Newer(msgspec.Struct, tag=True, frozen=True):
+    """Sidecar -> trainer, with --mace-pick-order newest only: never-trained pairs that
+    wait in the store (in flight for nobody) and are newer than never-trained pairs the
+    trainer's Ready listed as held. Per tenant their ids, newest first, at most as many
+    as it held of that tenant. The trainer gives back the queued pairs they supersede
+    (runtime.py _give_back_superseded) and asks for samples again: the store hands out
+    the newest first."""
+
+    session: str
+    sidecar: str
+    ids: dict[str, list[int]]
+
+
 ToSidecar = Hello | Ready | Result | Release
-ToTrainer = Work | Control
+ToTrainer = Work | Control | Newer
 
 _encoder = msgspec.msgpack.Encoder()
 _to_sidecar = msgspec.msgpack.Decoder(ToSidecar)
@@ -115,7 +128,7 @@ def decode_to_sidecar(data: bytes) -> ToSidecar:
     return _to_sidecar.decode(data)
 
 
-def decode_to_trainer(data: bytes) -> Work | Control:
+def decode_to_trainer(data: bytes) -> ToTrainer:
     """A sidecar->trainer message; raises msgspec.DecodeError on bytes that are not msgpack
     and msgspec.ValidationError (a subclass) on any other message."""
     return _to_trainer.decode(data)

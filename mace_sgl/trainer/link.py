@@ -1,6 +1,7 @@
 """The trainer's end of the sidecar conversation (messages in ipc/messages.py).
 
-Samples arrive as Work, pause and the sidecar's id as Control; the trainer says Ready
+Samples arrive as Work, pause and the sidecar's id as Control, news of newer pairs
+waiting in the store as Newer (pick order newest); the trainer says Ready
 (how many samples it wants, which it holds), sends a Result per trained sample and a
 Release for samples it gives back untrained. The link never blocks the scheduler: with
 the sidecar not reading (stopped, or its queue full), a Ready is dropped (the next one
@@ -28,6 +29,7 @@ from mace_sgl.ipc import channels
 from mace_sgl.ipc.messages import (
     Control,
     Hello,
+    Newer,
     Ready,
     Release,
     Result,
@@ -55,6 +57,9 @@ class SidecarLink:
         # the latest Work: of the tenants that exist now): a step of that tenant waits
         # until this replica's copy is at least that version.
         self.required: dict[str, int] = {}
+        # Never-trained pairs waiting in the store newer than ones we hold, per tenant
+        # (the latest Newer, until the trainer took it: take_newer).
+        self.newer: dict[str, list[int]] = {}
         # The sidecar process whose Work we take (messages.py), set by its Control.
         self.sidecar_id = ""
         # Results and Releases not sent yet (the sidecar not reading), oldest first.
@@ -83,11 +88,18 @@ class SidecarLink:
                 # The sidecar's whole map: a tenant retired and created again (from v0)
                 # is in it no more with the old one's version.
                 self.required = dict(msg.versions)
+            elif isinstance(msg, Newer) and msg.session == self.session and msg.sidecar == sidecar:
+                self.newer = dict(msg.ids)
             elif isinstance(msg, Control) and msg.session in ("", self.session):
                 self.paused = msg.paused
                 sidecar = self.sidecar_id = msg.sidecar
                 self.asked_at = 0.0  # name it in a Ready at once: it sends no Work before
         return samples
+
+    def take_newer(self) -> dict[str, list[int]]:
+        """The latest Newer's ids by tenant, once (empty when none came since)."""
+        newer, self.newer = self.newer, {}
+        return newer
 
     def maybe_ready(self, want: int, asking: bool, held: list[int], room: float = 0.0) -> None:
         """Ask for `want` samples (every 0.5 s while `asking`), and say Ready every 2 s even

@@ -193,6 +193,7 @@ class MaceTrainer:
         self.idle_refused = 0
         self.orphans_returned = 0
         self.handed_back = 0  # pairs given back untrained when the hold shrank
+        self.superseded = 0  # never-trained pairs given back for newer ones (Newer)
         self.totals = {"train_steps": 0, "trained_tokens": 0, "train_seconds": 0.0}
         with torch.inference_mode(False):
             self.guard = Guard.for_config(self.dpo, self.tokenizer, cfg)
@@ -386,6 +387,7 @@ class MaceTrainer:
             if name in self.tenants.tenants:
                 self.fair.set_weight(name, weight)
         self._return_orphans()
+        self._give_back_superseded()
         self._hand_back_excess()
         self.cost_saver.maybe_save()
         # The sidecar answers only when it has samples; ask again now and then.
@@ -402,7 +404,7 @@ class MaceTrainer:
         for, pairs_ahead shrinks, and a pair would wait here past HOLD_AHEAD_S while the
         store may have newer ones. Goes by the measured wall time per step only (the
         running step's age only stops asking: a long step would otherwise hand pairs
-        back and ask for them again after it). Those the policy would train last go
+        back and ask for them again after it). Those a step would take last (_ranked) go
         first; pairs whose reference pass is done stay."""
         keep = pairs_ahead(self.cfg.lookahead, self.cfg.pairs_per_step, self.step_wall_s)
         excess = self.board.pairs_held() - keep - self.cfg.pairs_per_step
@@ -412,6 +414,29 @@ class MaceTrainer:
         if gone:
             self.link.release([q.pair.sample_id for q in gone])
             self.handed_back += len(gone)
+
+    def _give_back_superseded(self) -> None:
+        """--mace-pick-order newest: queued pairs that never trained go back to the store
+        untrained (Release) where the sidecar says newer never-trained pairs of their
+        tenant wait there (Newer): of each tenant's, the newest of the queued and the
+        waiting together stay, as many as were queued. The trainer then asks again and
+        the store hands out the newest first. So a pair taken before a shift of
+        preference does not train after the shift while the new preference's pairs wait
+        (drift on 2026-12-07: pairs held since the first phase trained in the third).
+        Their reference passes, if done, are lost: at most one per newer pair posted."""
+        newer = self.link.take_newer()
+        if not newer or self.cfg.pick_order != "newest":
+            return
+        gone: set[int] = set()
+        for tenant, waiting in newer.items():
+            queued = [q.pair.sample_id for q in self.board.queue
+                      if q.tenant == tenant and q.pair.new]  # fmt: skip
+            stay = set(sorted([*queued, *waiting], reverse=True)[: len(queued)])
+            gone.update(i for i in queued if i not in stay)
+        if gone:
+            self.board.drop(lambda q: q.pair.sample_id not in gone)
+            self.link.release(sorted(gone))
+            self.superseded += len(gone)
 
     def _ahead(self) -> int:
         """pairs_ahead with the wall time per step so far: the recent steps', or the
@@ -446,12 +471,20 @@ class MaceTrainer:
         return self.board.units()
 
     def _ranked(self, keep: Callable[[QueuedPair], bool]) -> list[int]:
-        """Indices into the queue of the pairs `keep` accepts, in the policy's order
-        (DPO-loss priority, waiting time) for a step's pairs."""
-        waiting = [
-            Unit(i, "fwd", 0, q.arrival, q.loss) for i, q in enumerate(self.board.queue) if keep(q)
-        ]
-        return [u.job for u in self.policy.rank(waiting, time.monotonic())]
+        """Indices into the queue of the pairs `keep` accepts, in the order a step takes
+        them: the policy's (DPO-loss priority, waiting time); with --mace-pick-order
+        newest, never-trained pairs first, the newest first, as the store hands them
+        out (waiting time would train the oldest held first: the preference before a
+        shift), then the others in the policy's order."""
+        queue = self.board.queue
+        waiting = [Unit(i, "fwd", 0, q.arrival, q.loss) for i, q in enumerate(queue) if keep(q)]
+        order = [u.job for u in self.policy.rank(waiting, time.monotonic())]
+        if self.cfg.pick_order != "newest":
+            return order
+        new = sorted(
+            (i for i in order if queue[i].pair.new), key=lambda i: -queue[i].pair.sample_id
+        )
+        return new + [i for i in order if not queue[i].pair.new]
 
     def _start_step(self) -> None:
         """The next step: the tenant by priority within the fair share, then that tenant's
@@ -890,6 +923,7 @@ class MaceTrainer:
             "fair_share": self.fair.status(),
             "orphans_returned": self.orphans_returned,
             "pairs_handed_back": self.handed_back,
+            "pairs_superseded": self.superseded,
             "step_wall_s": self.step_wall_s,
             "pairs_ahead": self._ahead(),
             "dp_rank": self.dp_rank,
