@@ -64,6 +64,21 @@ class MaceConfig:
         default=1 << 20,
         metadata={"help": "Largest POST /mace/feedback body accepted; larger ones get 413."},
     )
+    feedback_backlog: int = field(
+        default=10_000,
+        metadata={
+            "help": "Never-trained feedback pairs one adapter may have waiting; a POST "
+            "/mace/feedback that would pass it gets 429 and stores nothing (0: no bound)."
+        },
+    )
+    feedback_retain: int = field(
+        default=100_000,
+        metadata={
+            "help": "Feedback pairs kept once they can train no more (train count at "
+            "--mace-max-train-count); the sidecar deletes the oldest beyond it every "
+            "minute (-1: keep every pair)."
+        },
+    )
     train: bool = field(
         default=False,
         metadata={"help": "Serve a live LoRA adapter and train it with DPO on feedback."},
@@ -530,6 +545,11 @@ class MaceConfig:
             raise ValueError(f"lookahead must be >= 1, got {self.lookahead}")
         if self.train_tokens_per_iter < 0:
             raise ValueError("train_tokens_per_iter must be >= 0")
+        if self.feedback_backlog < 0 or self.feedback_retain < -1:
+            raise ValueError(
+                "feedback_backlog must be >= 0 (0: no bound) and feedback_retain >= -1 "
+                f"(-1: keep all), got {self.feedback_backlog} and {self.feedback_retain}"
+            )
         if self.feedback_max_bytes <= 0:
             raise ValueError(f"feedback_max_bytes must be positive, got {self.feedback_max_bytes}")
         if not 0 < self.kv_tokens_min <= self.kv_tokens_max:

@@ -48,6 +48,8 @@ def sidecar_command(cfg: MaceConfig, parent_pid: int) -> list[str]:
         str(cfg.max_train_count),
         "--pick-order",
         cfg.pick_order,
+        "--retain",
+        str(cfg.feedback_retain),
         "--parent-pid",
         str(parent_pid),
         "--replicas",

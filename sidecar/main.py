@@ -1,14 +1,15 @@
 """The training sidecar process: owns sample selection and the trainer conversation.
 
     python -m sidecar.main --state-dir DIR --adapter live [--max-train-count N]
-                           [--parent-pid PID] [--replicas N]
+                           [--parent-pid PID] [--replicas N] [--retain N]
 
 It binds the two ipc:// sockets in DIR/run, answers the trainer's Ready with Work picked
 from the store (every existing tenant by its fair share; --adapter names the default one, which
 always exists), records each Result, queues again what a Release gives back untrained,
 returns in-flight samples of a dead trainer session
-(or of Work a dead sidecar never delivered) to the queue, and forwards pause/resume (a
-`paused` setting in the store) as Control. It exits with its parent (--parent-pid).
+(or of Work a dead sidecar never delivered) to the queue, forwards pause/resume (a
+`paused` setting in the store) as Control, and every minute deletes the oldest pairs that
+can train no more beyond --retain. It exits with its parent (--parent-pid).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ ANNOUNCE_EVERY_S = 1.0
 # and a replica needs this much more idle fraction to win over the one asking now.
 ASK_FRESH_S = 1.5
 ROOM_MARGIN = 0.05
+# How often the oldest pairs that can train no more are deleted beyond --retain.
+TRIM_EVERY_S = 60.0
 
 
 @dataclass
@@ -87,9 +90,12 @@ class Sidecar:
         replicas: int = 1,
         train_ranks: list[int] | None = None,
         pick_order: str = "newest",
+        retain: int = -1,
     ) -> None:
         self.id = uuid.uuid4().hex
         self.max_train_count = max_train_count
+        self.retain = retain  # pairs kept once they can train no more (-1: all)
+        self.trimmed_at = float("-inf")
         self.pick_order = pick_order  # --mace-pick-order: which untrained pairs go first
         self.parent_pid = parent_pid
         self.conn = store.connect(state_dir / "feedback.sqlite3")
@@ -283,6 +289,18 @@ class Sidecar:
                 else:
                     self.handle(msg)
             self.sync_pause()
+            self.maybe_trim()
+
+    def maybe_trim(self) -> None:
+        """Every TRIM_EVERY_S: delete the oldest pairs that can train no more beyond
+        --retain (store.trim_done; a batch at a time, the rest at the next turn)."""
+        now = time.monotonic()
+        if self.retain < 0 or now - self.trimmed_at < TRIM_EVERY_S:
+            return
+        gone = store.trim_done(self.conn, self.max_train_count, self.retain)
+        self.trimmed_at = now if gone < store.TRIM_BATCH else now - TRIM_EVERY_S
+        if gone:
+            logger.info("deleted %d pairs that can train no more (--retain %d)", gone, self.retain)
 
     def stop(self, *_: object) -> None:
         """Signal handler: leave the loop."""
@@ -315,6 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-train-count", type=int, default=3)
     parser.add_argument("--pick-order", choices=PICK_ORDERS, default="newest")
     parser.add_argument(
+        "--retain",
+        type=int,
+        default=-1,
+        help="pairs kept once they can train no more; the oldest beyond go (-1: keep all)",
+    )
+    parser.add_argument(
         "--replicas", type=int, default=1, help="data-parallel replicas, one trainer each"
     )
     parser.add_argument(
@@ -333,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         args.replicas,
         [int(r) for r in args.train_ranks.split(",") if r.strip()] or None,
         args.pick_order,
+        args.retain,
     )
     signal.signal(signal.SIGTERM, sidecar.stop)
     signal.signal(signal.SIGINT, sidecar.stop)

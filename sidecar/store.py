@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,12 +72,33 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def add_feedback(conn: sqlite3.Connection, items: Iterable[dict]) -> list[int]:
-    """Insert validated items in one transaction: all are stored, or none."""
+class BacklogFull(Exception):
+    """Feedback refused: a tenant's never-trained pairs would exceed the bound."""
+
+    def __init__(self, adapter: str, waiting: int, adding: int, limit: int) -> None:
+        super().__init__(
+            f"adapter {adapter!r} has {waiting} feedback pairs waiting to train; {adding} "
+            f"more would pass the bound of {limit} (--mace-feedback-backlog): retry once "
+            "training has caught up; nothing was stored"
+        )
+
+
+def add_feedback(conn: sqlite3.Connection, items: Iterable[dict], backlog: int = 0) -> list[int]:
+    """Insert validated items in one transaction: all are stored, or none. With `backlog`
+    > 0, none are (BacklogFull) when an adapter's never-trained pairs would exceed it."""
     now = time.time()
+    items = list(items)
     ids: list[int] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
+        if backlog > 0:
+            for adapter, adding in Counter(item["adapter"] for item in items).items():
+                (waiting,) = conn.execute(
+                    "SELECT COUNT(*) FROM feedback WHERE adapter = ? AND train_count = 0",
+                    (adapter,),
+                ).fetchone()
+                if waiting + adding > backlog:
+                    raise BacklogFull(adapter, waiting, adding, backlog)
         for item in items:
             prompt = item["prompt"]
             is_chat = not isinstance(prompt, str)
@@ -221,6 +243,31 @@ def newer_untrained(conn: sqlite3.Connection, held: Iterable[int]) -> dict[str, 
         if ids:
             newer[adapter] = ids
     return newer
+
+
+# Rows one trim_done call deletes at most (each call holds the write lock meanwhile).
+TRIM_BATCH = 10_000
+
+
+def trim_done(conn: sqlite3.Connection, max_train_count: int, keep: int) -> int:
+    """Delete pairs that can train no more (train count at `max_train_count`, in flight
+    for nobody) beyond the newest `keep` of them, at most TRIM_BATCH a call; returns how
+    many went, also added to the `feedback_trimmed` setting."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        gone = conn.execute(
+            "DELETE FROM feedback WHERE id IN (SELECT id FROM feedback WHERE train_count >= ?"
+            " AND inflight_session IS NULL ORDER BY id DESC LIMIT ? OFFSET ?)",
+            (max_train_count, TRIM_BATCH, keep),
+        ).rowcount
+        if gone:
+            total = int(get_setting(conn, "feedback_trimmed", "0")) + gone
+            set_setting(conn, "feedback_trimmed", str(total))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return gone
 
 
 def record_result(conn: sqlite3.Connection, sample_id: int, loss: float, session: str) -> bool:

@@ -15,6 +15,7 @@ from mace_sgl.launcher import Server
 
 API_KEY = "test-key-123"
 ADMIN_KEY = "admin-key-456"
+BACKLOG = 40  # --mace-feedback-backlog: never-trained pairs per adapter
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,8 @@ def start(model_dir: Path, state_dir: Path, log: Path) -> Server:
             str(state_dir),
             "--mace-feedback-max-bytes",
             "8192",
+            "--mace-feedback-backlog",
+            str(BACKLOG),
             "--admin-api-key",
             ADMIN_KEY,
         ],
@@ -295,6 +298,29 @@ def test_tenants_are_created_counted_and_retired(server: Server):
     assert gone["queue_depth"] == before["queue_depth"]
     assert gone["feedback_other_adapters"] == before["feedback_other_adapters"] + 2
     assert server.post("/mace/feedback", {**PAIR, "adapter": "team-a"}).status_code == 404
+
+
+def test_feedback_beyond_an_adapters_backlog_is_refused_whole(server: Server):
+    """--mace-feedback-backlog: a POST that would leave an adapter more never-trained
+    pairs than the bound is a 429 that says so and stores nothing of its body; another
+    adapter's feedback is not held back by it."""
+    admin = bearer(ADMIN_KEY)
+    for name in ("team-b", "team-c"):
+        r = requests.post(server.url + "/mace/adapters", json={"name": name}, headers=admin)
+        assert r.status_code == 201, r.text
+    b = {**PAIR, "adapter": "team-b"}
+    assert server.post("/mace/feedback", [b] * (BACKLOG - 1)).status_code == 200
+    before = server.get("/mace/status").json()
+    r = server.post("/mace/feedback", [b, b, {**PAIR, "adapter": "team-c"}])
+    assert r.status_code == 429, r.text
+    assert "'team-b'" in r.json()["error"] and "nothing was stored" in r.json()["error"]
+    after = server.get("/mace/status").json()
+    assert after["feedback_count"] == before["feedback_count"]
+    assert after["tenants"]["queue_depth"]["team-b"] == BACKLOG - 1
+    assert server.post("/mace/feedback", {**PAIR, "adapter": "team-c"}).status_code == 200
+    assert server.post("/mace/feedback", b).status_code == 200  # exactly at the bound
+    assert server.post("/mace/feedback", b).status_code == 429
+    assert after["feedback_trimmed"] == 0  # nothing here can train: nothing to trim
 
 
 def test_feedback_survives_kill_9_of_the_whole_server(

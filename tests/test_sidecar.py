@@ -824,3 +824,46 @@ def test_held_pairs_go_back_for_newer_ones_posted_since(tmp_path: Path, conn):
         sidecar.stop()
         t.push.close(linger=0)
         t.pull.close(linger=0)
+
+
+def test_a_full_backlog_refuses_the_whole_batch(conn):
+    """store.add_feedback with a bound: a batch that would pass an adapter's
+    never-trained pairs over it stores nothing; trained pairs do not count."""
+    ids = store.add_feedback(conn, [pair(i) for i in range(3)], backlog=3)
+    with pytest.raises(store.BacklogFull, match="'live' has 3 feedback pairs waiting"):
+        store.add_feedback(conn, [{**pair(7), "adapter": "other"}, pair(8)], backlog=3)
+    assert store.counts(conn).feedback == 3
+    store.add_feedback(conn, [{**pair(7), "adapter": "other"}], backlog=3)
+    conn.execute("UPDATE feedback SET train_count = 1 WHERE id = ?", (ids[0],))
+    store.add_feedback(conn, [pair(9)], backlog=3)  # two never-trained left: room for one
+    assert store.counts(conn, "live").feedback == 4
+    store.add_feedback(conn, [pair(10)] * 5)  # no bound
+
+
+def test_pairs_that_can_train_no_more_are_trimmed_beyond_the_retained(tmp_path: Path, conn):
+    """The sidecar deletes the oldest pairs at the max train count (not in flight) beyond
+    --retain, counted in the `feedback_trimmed` setting; pairs that may still train stay."""
+    from sidecar.main import Sidecar
+
+    ids = store.add_feedback(conn, [pair(i) for i in range(6)])
+    done = ids[:4]
+    conn.execute(f"UPDATE feedback SET train_count = 3 WHERE id IN ({','.join('?' * 4)})", done)
+    conn.execute("UPDATE feedback SET inflight_session = 's1' WHERE id = ?", (done[0],))
+    conn.execute("UPDATE feedback SET train_count = 2 WHERE id = ?", (ids[4],))
+    sc = Sidecar(tmp_path, "live", max_train_count=3, retain=1)
+    try:
+        sc.maybe_trim()
+        left = [r[0] for r in conn.execute("SELECT id FROM feedback ORDER BY id")]
+        # done[0] is in flight, done[3] the newest retained; ids[4:] may still train
+        assert left == [done[0], done[3], *ids[4:]]
+        assert store.get_setting(conn, "feedback_trimmed", "0") == "2"
+        sc.maybe_trim()  # within TRIM_EVERY_S of the last: nothing runs
+        conn.execute("UPDATE feedback SET inflight_session = NULL")
+        sc.trimmed_at -= 61
+        sc.maybe_trim()
+        left = [r[0] for r in conn.execute("SELECT id FROM feedback ORDER BY id")]
+        assert left == [done[3], *ids[4:]]
+        assert store.get_setting(conn, "feedback_trimmed", "0") == "3"
+    finally:
+        sc.ctx.destroy(linger=0)
+        sc.conn.close()

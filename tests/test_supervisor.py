@@ -105,11 +105,17 @@ def test_stop_during_the_restart_delay_starts_no_orphan(tmp_path: Path):
 
 
 def test_passes_max_train_count_and_pick_order_to_the_sidecar(tmp_path: Path):
-    cfg = MaceConfig(state_dir=str(tmp_path), max_train_count=7, pick_order="oldest")
+    cfg = MaceConfig(
+        state_dir=str(tmp_path), max_train_count=7, pick_order="oldest", feedback_retain=12
+    )
     sup = SidecarSupervisor(cfg)
     i = sup.cmd.index("--max-train-count")
     assert sup.cmd[i + 1] == "7"
     assert sup.cmd[sup.cmd.index("--pick-order") + 1] == "oldest"
+    assert sup.cmd[sup.cmd.index("--retain") + 1] == "12"
+    for bad in ({"feedback_retain": -2}, {"feedback_backlog": -1}):
+        with pytest.raises(ValueError, match="feedback_backlog must be >= 0"):
+            MaceConfig(**bad)
     with pytest.raises(ValueError, match="--mace-pick-order 'lifo': one of newest, oldest"):
         MaceConfig(pick_order="lifo")
     # The sidecar itself accepts the command line (it serves, and stops on SIGTERM).

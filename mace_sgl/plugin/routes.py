@@ -83,8 +83,9 @@ def _with_store(cfg: MaceConfig, fn: Callable[..., Any], *args: Any) -> Any:
 
 def _tenant_counts(
     conn: sqlite3.Connection,
-) -> tuple[store.Counts, list[store.Tenant], dict[str, store.Counts]]:
-    return store.counts(conn), store.tenants(conn), store.counts_by_adapter(conn)
+) -> tuple[store.Counts, list[store.Tenant], dict[str, store.Counts], int]:
+    trimmed = int(store.get_setting(conn, "feedback_trimmed", "0"))
+    return store.counts(conn), store.tenants(conn), store.counts_by_adapter(conn), trimmed
 
 
 def _queue_depth(conn: sqlite3.Connection) -> int:
@@ -132,7 +133,7 @@ async def mace_status(request: Request) -> JSONResponse:
     internal: list[dict[str, Any]] = await tm.get_internal_state()
     # queue_depth counts the rows of existing tenants only: rows naming a retired
     # adapter never train, so counting them would keep the queue from ever draining.
-    counts, tenants, by_adapter = await asyncio.to_thread(_with_store, cfg, _tenant_counts)
+    counts, tenants, by_adapter, trimmed = await asyncio.to_thread(_with_store, cfg, _tenant_counts)
     none = store.Counts(0, 0, 0)
     mine = [by_adapter.get(t.name, none) for t in tenants]
     queue_depth = sum(c.untrained for c in mine)
@@ -166,6 +167,8 @@ async def mace_status(request: Request) -> JSONResponse:
         "reserve_ms": trainer["reserve_ms"] if trainer else 0.0,
         "slo": trainer["slo"] if trainer else None,
         "feedback_count": counts.feedback,
+        # pairs deleted once they could train no more (--mace-feedback-retain)
+        "feedback_trimmed": trimmed,
         "feedback_other_adapters": counts.feedback - sum(c.feedback for c in mine),
         "queue_depth": queue_depth,
         "tenants": {
@@ -293,7 +296,12 @@ async def mace_feedback(request: Request) -> JSONResponse:
             await create_tenant(st, name)
         except TenantError as e:
             return _error(e.status, f"{e.reason}; nothing was stored")
-    ids = await asyncio.to_thread(_with_store, cfg, store.add_feedback, items)
+    try:
+        ids = await asyncio.to_thread(
+            _with_store, cfg, store.add_feedback, items, cfg.feedback_backlog
+        )
+    except store.BacklogFull as e:
+        return _error(429, str(e))
     metrics = st.metrics()
     if metrics is not None:
         metrics.rows_stored(item["adapter"] for item in items)
