@@ -136,7 +136,15 @@ class Sidecar:
             if msg.adapter and not math.isnan(msg.loss):  # NaN: not trained, no version
                 self._reported(msg.adapter, msg.version)
         elif isinstance(msg, Release):  # given back untrained: queued again, uncounted
-            store.release(self.conn, msg.session, msg.sample_ids)
+            self._give_back(msg.session, msg.sample_ids)
+
+    def _give_back(self, session: str, ids: list[int]) -> None:
+        """Queue these samples again untrained, and take back their tenants' fair-share
+        charges: handed out again, they are charged again (a tenant whose pairs are often
+        given back for newer ones would otherwise get fewer than its weight)."""
+        for adapter, n in store.release(self.conn, session, ids).items():
+            if adapter in self.share.weights:
+                self.share.charge(adapter, -n)
 
     def _reported(self, name: str, version: int) -> None:
         """A step of tenant `name` reached `version` (its tenant as it exists now)."""
@@ -231,7 +239,7 @@ class Sidecar:
             versions = {n: v for n, (_, v) in self.versions.items()}
             work = Work(msg.session, samples, self.id, weights, versions)
             if not self._send(msg.dp_rank, work):
-                store.release(self.conn, msg.session, [r.id for r in rows])
+                self._give_back(msg.session, [r.id for r in rows])
                 return []
         return [r.id for r in rows]
 

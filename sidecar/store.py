@@ -37,6 +37,10 @@ CREATE INDEX IF NOT EXISTS feedback_pick ON feedback (adapter, train_count, last
 -- runs on every Ready of a replica that asks, release_stale on every Hello).
 CREATE INDEX IF NOT EXISTS feedback_inflight ON feedback (inflight_session)
     WHERE inflight_session IS NOT NULL;
+-- Never-trained rows waiting, by adapter and arrival: newer_untrained on every Ready,
+-- without a scan of an adapter's whole backlog.
+CREATE INDEX IF NOT EXISTS feedback_waiting ON feedback (adapter, id)
+    WHERE train_count = 0 AND inflight_session IS NULL;
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tenants (
     name TEXT PRIMARY KEY,          -- the adapter name (a directory under STATE/adapters)
@@ -216,6 +220,13 @@ def pick_next(
     return [_row(r) for r in rows]
 
 
+# An adapter's never-trained rows waiting, newer than an id (index feedback_waiting).
+_WAITING_NEWER = (
+    "SELECT id FROM feedback WHERE adapter = ? AND train_count = 0"
+    " AND inflight_session IS NULL AND id > ? ORDER BY id DESC LIMIT ?"
+)
+
+
 def newer_untrained(conn: sqlite3.Connection, held: Iterable[int]) -> dict[str, list[int]]:
     """Never-trained pairs waiting (in flight for nobody) that are newer than the oldest
     never-trained pair of their adapter among `held`: per adapter, their ids newest
@@ -232,14 +243,7 @@ def newer_untrained(conn: sqlite3.Connection, held: Iterable[int]) -> dict[str, 
     ).fetchall()
     newer = {}
     for adapter, first, n in oldest:
-        ids = [
-            r[0]
-            for r in conn.execute(
-                "SELECT id FROM feedback WHERE adapter = ? AND train_count = 0"
-                " AND inflight_session IS NULL AND id > ? ORDER BY id DESC LIMIT ?",
-                (adapter, first, n),
-            )
-        ]
+        ids = [r[0] for r in conn.execute(_WAITING_NEWER, (adapter, first, n))]
         if ids:
             newer[adapter] = ids
     return newer
@@ -322,18 +326,28 @@ def release_unheld(conn: sqlite3.Connection, session: str, held: Iterable[int]) 
     return len(free)
 
 
-def release(conn: sqlite3.Connection, session: str, ids: Iterable[int]) -> int:
-    """Return these samples, in flight for `session`, to the queue (Work never sent)."""
+def release(conn: sqlite3.Connection, session: str, ids: Iterable[int]) -> dict[str, int]:
+    """Return these samples, in flight for `session`, to the queue (Work never sent, or
+    given back untrained); how many went back, per adapter."""
     ids = list(ids)
     if not ids:
-        return 0
+        return {}
     marks = ",".join("?" * len(ids))
-    cur = conn.execute(
-        "UPDATE feedback SET inflight_session = NULL"
-        f" WHERE inflight_session = ? AND id IN ({marks})",
-        [session, *ids],
-    )
-    return cur.rowcount
+    where = f" WHERE inflight_session = ? AND id IN ({marks})"
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        back = dict(
+            conn.execute(
+                "SELECT adapter, COUNT(*) FROM feedback" + where + " GROUP BY adapter",
+                [session, *ids],
+            ).fetchall()
+        )
+        conn.execute("UPDATE feedback SET inflight_session = NULL" + where, [session, *ids])
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return back
 
 
 @dataclass(frozen=True)

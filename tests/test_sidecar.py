@@ -132,7 +132,7 @@ def test_release_unheld_frees_only_what_the_session_does_not_hold(conn):
     assert [r.id for r in store.pick_next(conn, "live", 1, "s2", order="oldest")] == ids[3:]
     assert store.release_unheld(conn, "s1", [ids[1], 999]) == 2
     assert [inflight(conn, i) for i in ids] == [None, "s1", None, "s2"]
-    assert store.release(conn, "s1", [ids[1], ids[3]]) == 1  # ids[3] is not s1's
+    assert store.release(conn, "s1", [ids[1], ids[3]]) == {"live": 1}  # ids[3] is not s1's
     assert store.counts(conn).inflight == 1
 
 
@@ -374,7 +374,11 @@ def test_pairs_beyond_a_shrunk_hold_go_back_to_the_store_untrained(
         queue = list(t.board.queue)
         for k, q in enumerate(queue):  # the last in the queue waited longest: the policy
             q.arrival -= k  # trains it first, and the first in the queue last
-        t.board.refs[queue[0].pair.sample_id] = (-1.0, -2.0)  # its reference pass ran
+        # Oldest: the pair the policy trains last has its reference pass done, and stays.
+        # Newest: the oldest has, and goes all the same (a newer one would go instead,
+        # and the sidecar's Newer would swap them back).
+        with_ref = queue[0] if order == "oldest" else queue[-1]
+        t.board.refs[with_ref.pair.sample_id] = (-1.0, -2.0)
         t.step_wall_s = 45.0  # now one pair ahead plus the step's: three go back
         t.poll()
         kept = [q.pair.sample_id for q in t.board.queue]
@@ -390,6 +394,11 @@ def test_pairs_beyond_a_shrunk_hold_go_back_to_the_store_untrained(
         assert [inflight(conn, i) for i in kept] == ["s1", "s1"]
         assert [train_count(conn, i) for i in ids] == [0] * 5
         assert t.handed_back == 3 and t.superseded == 0
+        for _ in range(5):  # the sidecar names no newer pair: nothing else goes back
+            t.link.asked_at = 0.0
+            t.poll()
+            time.sleep(0.1)
+        assert [q.pair.sample_id for q in t.board.queue] == kept
         t.step_wall_s = 1.0
         poll_until(t, lambda: len(t.board.queue) == 5, 30, "the three handed out again")
         assert sorted(q.pair.sample_id for q in t.board.queue) == sorted(ids)
@@ -753,6 +762,37 @@ def test_newer_untrained_lists_waiting_pairs_newer_than_held_never_trained_ones(
     conn.execute("UPDATE feedback SET train_count = 1 WHERE id = ?", (a1,))
     assert store.newer_untrained(conn, [a1]) == {}  # a replay: no newer pair replaces it
     assert store.newer_untrained(conn, [a3, b1]) == {"live": [a4]}  # "other": nothing newer
+    # It runs on every Ready: a search of the waiting rows' index, no scan and no sort of
+    # an adapter's whole backlog.
+    plan = " ".join(
+        row[-1]
+        for row in conn.execute("EXPLAIN QUERY PLAN " + store._WAITING_NEWER, ("live", 1, 2))
+    )
+    assert "USING INDEX feedback_waiting" in plan and "TEMP B-TREE" not in plan, plan
+
+
+def test_a_newer_older_than_work_since_gives_back_only_what_it_supersedes(tmp_path: Path):
+    """A Newer answers an earlier Ready: pairs it names may have come in Work since (held
+    now, so not waiting). Of the queued never-trained pairs and those still waiting, the
+    newest stay, as many as were queued; replays are not given back for them."""
+    from mace_sgl.ipc.messages import Release
+    from mace_sgl.trainer.jobs import QueuedPair
+    from mace_sgl.trainer.sliced import Pair
+
+    with hand_driven(tmp_path, lookahead=4) as (t, _, pull):
+        for sid, new in ((1, True), (2, True), (4, True), (9, False)):
+            t.board.queue.append(QueuedPair(Pair(sid, [1], [2], [3], new=new), 0.0, None, "live"))
+        t.link.newer = {"live": [4, 3]}  # 4 came in Work meanwhile
+        t._give_back_superseded()
+        assert [q.pair.sample_id for q in t.board.queue] == [2, 4, 9]
+        assert t.superseded == 1
+        sent = []  # the Hello first
+        while not sent or not isinstance(sent[-1], Release):
+            assert pull.poll(10_000), sent
+            sent.append(decode_to_sidecar(pull.recv()))
+        assert sent[-1] == Release(t.link.session, [1])
+        t._give_back_superseded()  # taken once
+        assert t.superseded == 1
 
 
 def test_the_sidecar_says_once_which_newer_pairs_wait(tmp_path: Path, conn):
@@ -864,6 +904,31 @@ def test_pairs_that_can_train_no_more_are_trimmed_beyond_the_retained(tmp_path: 
         left = [r[0] for r in conn.execute("SELECT id FROM feedback ORDER BY id")]
         assert left == [done[3], *ids[4:]]
         assert store.get_setting(conn, "feedback_trimmed", "0") == "3"
+    finally:
+        sc.ctx.destroy(linger=0)
+        sc.conn.close()
+
+
+def test_pairs_given_back_are_not_charged_to_their_tenants_fair_share(tmp_path: Path, conn):
+    """A pair handed out is charged to its tenant's fair share; given back untrained
+    (Release, or Work that could not be sent), the charge is taken back, so a tenant
+    whose pairs often go back for newer ones is not served less than its weight."""
+    from mace_sgl.ipc.messages import Release
+    from sidecar.main import Sidecar
+
+    sc = Sidecar(tmp_path, "live")
+    sent: list = []
+    sc._send = lambda rank, msg: sent.append(msg) or True
+    try:
+        sc.handle(Hello("s1", "live", 0))
+        ids = store.add_feedback(conn, [pair(i) for i in range(2)])
+        sc.handle(Ready("s1", 2, [], sc.id, 0))
+        assert sc.share.vtime["live"] == 2.0
+        sc.handle(Release("s1", ids[:1]))
+        assert sc.share.vtime["live"] == 1.0 and inflight(conn, ids[0]) is None
+        sc._send = lambda rank, msg: False  # no trainer to take this Work
+        sc.handle(Ready("s1", 1, ids[1:], sc.id, 0))
+        assert sc.share.vtime["live"] == 1.0 and inflight(conn, ids[0]) is None
     finally:
         sc.ctx.destroy(linger=0)
         sc.conn.close()

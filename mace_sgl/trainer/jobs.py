@@ -130,12 +130,12 @@ class JobBoard:
     def units(self) -> tuple[Unit, ...]:
         return tuple(job.unit() for job in self.jobs.values())
 
-    def hand_back(self, ranked: list[int], n: int) -> list[QueuedPair]:
+    def hand_back(self, ranked: list[int], n: int, keep_refs: bool = True) -> list[QueuedPair]:
         """Remove up to `n` queued pairs for the store to take back, the last of `ranked`
-        (queue indices in the order the policy would train them) first, but none whose
-        reference log-probs are computed (that work would be lost); returns them."""
+        (queue indices in the order a step would take them) first; with `keep_refs`, none
+        whose reference log-probs are computed (that work would be lost); returns them."""
         ids = [self.queue[i].pair.sample_id for i in reversed(ranked)]
-        gone = set([i for i in ids if i not in self.refs][:n])
+        gone = set([i for i in ids if not keep_refs or i not in self.refs][:n])
         return self.drop(lambda q: q.pair.sample_id not in gone)
 
     def drop(self, keep: Callable[[QueuedPair], bool]) -> list[QueuedPair]:

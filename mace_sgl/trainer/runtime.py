@@ -405,12 +405,15 @@ class MaceTrainer:
         store may have newer ones. Goes by the measured wall time per step only (the
         running step's age only stops asking: a long step would otherwise hand pairs
         back and ask for them again after it). Those a step would take last (_ranked) go
-        first; pairs whose reference pass is done stay."""
+        first; with --mace-pick-order oldest, none whose reference pass is done."""
         keep = pairs_ahead(self.cfg.lookahead, self.cfg.pairs_per_step, self.step_wall_s)
         excess = self.board.pairs_held() - keep - self.cfg.pairs_per_step
         if excess <= 0:
             return
-        gone = self.board.hand_back(self._ranked(lambda q: True), excess)
+        # Newest first: the oldest never-trained go even with their reference pass done
+        # (kept, a newer one would go instead, and a Newer would swap them back).
+        newest = self.cfg.pick_order == "newest"
+        gone = self.board.hand_back(self._ranked(lambda q: True), excess, keep_refs=not newest)
         if gone:
             self.link.release([q.pair.sample_id for q in gone])
             self.handed_back += len(gone)
@@ -427,8 +430,11 @@ class MaceTrainer:
         newer = self.link.take_newer()
         if not newer or self.cfg.pick_order != "newest":
             return
+        # A Newer older than Work that came since may name pairs held now: not waiting.
+        held = {*self.board.held(), *self.unreported}
         gone: set[int] = set()
-        for tenant, waiting in newer.items():
+        for tenant, ids in newer.items():
+            waiting = [i for i in ids if i not in held]
             queued = [q.pair.sample_id for q in self.board.queue
                       if q.tenant == tenant and q.pair.new]  # fmt: skip
             stay = set(sorted([*queued, *waiting], reverse=True)[: len(queued)])
