@@ -58,8 +58,9 @@ Metrics per baseline (means over the evaluations; phase boundaries in the plot):
 win_rate of the served adapter against the frozen base under the current judge (win 1,
 tie 0.5, a degenerate answer loses) on held-out prompts; degenerate_share, the share of
 evaluated answers that are degenerate; guard_refusals, versions the trainer's guard
-refused (`rejected_versions`; none for periodic, which has no guard); clpd, the mean log-prob of chosen minus rejected on held-out
-pairs of the current phase (edit of the base answer vs the base answer); recover_s, the
+refused (`rejected_versions`; none for periodic, which has no guard); clpd, the mean
+log-prob of chosen minus rejected on held-out pairs of the current phase (edit of the
+base answer vs the base answer); recover_s, the
 mean time after a drift until the win rate reaches --recover-at (the phase length when it
 never does); TTFT/TBT p99, SLO attainment, throughput from the load; training tokens/s.
 What trained: `pairs_posted.PHASE` and `pairs_trained.PHASE` (of the pairs posted in
@@ -340,7 +341,8 @@ def trained_pairs(store_path: Path, posted_ids: dict[str, list[int]]) -> dict[st
     nor does a pair whose last Result was such a one)."""
     import sqlite3
 
-    conn = sqlite3.connect(str(store_path))  # (read-only: WAL wants its -shm writable)
+    # Opened read-write, though only read: a WAL store needs its -shm file writable.
+    conn = sqlite3.connect(str(store_path))
     try:
         query = "SELECT id FROM feedback WHERE train_count > 0 AND last_loss IS NOT NULL"
         trained = {row[0] for row in conn.execute(query)}

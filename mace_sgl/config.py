@@ -67,16 +67,17 @@ class MaceConfig:
     feedback_backlog: int = field(
         default=10_000,
         metadata={
-            "help": "Never-trained feedback pairs one adapter may have waiting; a POST "
-            "/mace/feedback that would pass it gets 429 and stores nothing (0: no bound)."
+            "help": "Never-trained feedback pairs one adapter may have waiting on a "
+            "server that trains; a POST /mace/feedback that would pass it gets 429 and "
+            "stores nothing (0: no bound; a server that does not train has none)."
         },
     )
     feedback_retain: int = field(
         default=100_000,
         metadata={
-            "help": "Feedback pairs kept once they can train no more (train count at "
-            "--mace-max-train-count); the sidecar deletes the oldest beyond it every "
-            "minute (-1: keep every pair)."
+            "help": "Feedback pairs kept once they trained (or were tried: a rolled-back "
+            "step counts); the sidecar deletes the oldest beyond it every minute, "
+            "whether or not --mace-max-train-count would replay them (-1: keep all)."
         },
     )
     train: bool = field(
@@ -462,6 +463,15 @@ class MaceConfig:
         default=131072,
         metadata={"help": "CPU only: upper bound on the KV pool sized from RAM, in tokens."},
     )
+
+    @property
+    def backlog_bound(self) -> int:
+        """The never-trained pairs per adapter POST /mace/feedback accepts up to:
+        --mace-feedback-backlog on a server that trains; 0 (no bound) on one that only
+        stores feedback (no --mace-train, or the inference-only policy), where nothing
+        would ever drain it."""
+        trains = self.train and self.policy != "inference-only"
+        return self.feedback_backlog if trains else 0
 
     @property
     def synced(self) -> bool:

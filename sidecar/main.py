@@ -9,7 +9,7 @@ always exists), records each Result, queues again what a Release gives back untr
 returns in-flight samples of a dead trainer session
 (or of Work a dead sidecar never delivered) to the queue, forwards pause/resume (a
 `paused` setting in the store) as Control, and every minute deletes the oldest pairs that
-can train no more beyond --retain. It exits with its parent (--parent-pid).
+trained beyond --retain. It exits with its parent (--parent-pid).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ ANNOUNCE_EVERY_S = 1.0
 # and a replica needs this much more idle fraction to win over the one asking now.
 ASK_FRESH_S = 1.5
 ROOM_MARGIN = 0.05
-# How often the oldest pairs that can train no more are deleted beyond --retain.
+# How often the oldest trained pairs are deleted beyond --retain.
 TRIM_EVERY_S = 60.0
 
 
@@ -94,7 +94,7 @@ class Sidecar:
     ) -> None:
         self.id = uuid.uuid4().hex
         self.max_train_count = max_train_count
-        self.retain = retain  # pairs kept once they can train no more (-1: all)
+        self.retain = retain  # pairs kept once they trained (-1: all)
         self.trimmed_at = float("-inf")
         self.pick_order = pick_order  # --mace-pick-order: which untrained pairs go first
         self.parent_pid = parent_pid
@@ -300,15 +300,15 @@ class Sidecar:
             self.maybe_trim()
 
     def maybe_trim(self) -> None:
-        """Every TRIM_EVERY_S: delete the oldest pairs that can train no more beyond
-        --retain (store.trim_done; a batch at a time, the rest at the next turn)."""
+        """Every TRIM_EVERY_S: delete the oldest pairs that trained beyond --retain
+        (store.trim_trained; a batch at a time, the next at the next loop turn)."""
         now = time.monotonic()
         if self.retain < 0 or now - self.trimmed_at < TRIM_EVERY_S:
             return
-        gone = store.trim_done(self.conn, self.max_train_count, self.retain)
+        gone = store.trim_trained(self.conn, self.retain)
         self.trimmed_at = now if gone < store.TRIM_BATCH else now - TRIM_EVERY_S
         if gone:
-            logger.info("deleted %d pairs that can train no more (--retain %d)", gone, self.retain)
+            logger.info("deleted %d trained pairs beyond --retain %d", gone, self.retain)
 
     def stop(self, *_: object) -> None:
         """Signal handler: leave the loop."""
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         "--retain",
         type=int,
         default=-1,
-        help="pairs kept once they can train no more; the oldest beyond go (-1: keep all)",
+        help="pairs kept once they trained; the oldest beyond go (-1: keep all)",
     )
     parser.add_argument(
         "--replicas", type=int, default=1, help="data-parallel replicas, one trainer each"

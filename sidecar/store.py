@@ -41,6 +41,9 @@ CREATE INDEX IF NOT EXISTS feedback_inflight ON feedback (inflight_session)
 -- without a scan of an adapter's whole backlog.
 CREATE INDEX IF NOT EXISTS feedback_waiting ON feedback (adapter, id)
     WHERE train_count = 0 AND inflight_session IS NULL;
+-- Trained rows not in flight, by arrival: what trim_trained deletes beyond --retain.
+CREATE INDEX IF NOT EXISTS feedback_trained ON feedback (id)
+    WHERE train_count > 0 AND inflight_session IS NULL;
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tenants (
     name TEXT PRIMARY KEY,          -- the adapter name (a directory under STATE/adapters)
@@ -228,42 +231,46 @@ _WAITING_NEWER = (
 
 
 def newer_untrained(conn: sqlite3.Connection, held: Iterable[int]) -> dict[str, list[int]]:
-    """Never-trained pairs waiting (in flight for nobody) that are newer than the oldest
-    never-trained pair of their adapter among `held`: per adapter, their ids newest
-    first, at most as many as `held` has never-trained pairs of it (no more can replace
-    them). With pick order newest, these should train before the held ones."""
+    """Never-trained pairs waiting (in flight for nobody) that should train before pairs
+    of their adapter among `held` (pick order newest: never-trained before replays, the
+    newest first): per adapter, their ids newest first, at most as many as `held` has of
+    it (no more can replace them). Newer than the oldest held never-trained pair; any,
+    where `held` has a replay (a pair that trained before) of that adapter."""
     held = list(held)
     if not held:
         return {}
     marks = ",".join("?" * len(held))
-    oldest = conn.execute(
-        f"SELECT adapter, MIN(id), COUNT(*) FROM feedback WHERE id IN ({marks})"
-        " AND train_count = 0 GROUP BY adapter",
+    rows = conn.execute(
+        "SELECT adapter, MIN(CASE WHEN train_count = 0 THEN id END), SUM(train_count > 0),"
+        f" COUNT(*) FROM feedback WHERE id IN ({marks}) GROUP BY adapter",
         held,
     ).fetchall()
     newer = {}
-    for adapter, first, n in oldest:
-        ids = [r[0] for r in conn.execute(_WAITING_NEWER, (adapter, first, n))]
+    for adapter, first_new, replays, n in rows:
+        after = 0 if replays else first_new
+        ids = [r[0] for r in conn.execute(_WAITING_NEWER, (adapter, after, n))]
         if ids:
             newer[adapter] = ids
     return newer
 
 
-# Rows one trim_done call deletes at most (each call holds the write lock meanwhile).
+# Rows one trim_trained call deletes at most (each call holds the write lock meanwhile).
 TRIM_BATCH = 10_000
+# Beyond the newest `keep` trained rows (index feedback_trained: no scan of the table).
+_TRIM = (
+    "DELETE FROM feedback WHERE id IN (SELECT id FROM feedback WHERE train_count > 0"
+    " AND inflight_session IS NULL ORDER BY id DESC LIMIT ? OFFSET ?)"
+)
 
 
-def trim_done(conn: sqlite3.Connection, max_train_count: int, keep: int) -> int:
-    """Delete pairs that can train no more (train count at `max_train_count`, in flight
-    for nobody) beyond the newest `keep` of them, at most TRIM_BATCH a call; returns how
-    many went, also added to the `feedback_trimmed` setting."""
+def trim_trained(conn: sqlite3.Connection, keep: int) -> int:
+    """Delete pairs that trained (train count above 0: a rolled-back step and an orphan's
+    hand-back count too), in flight for nobody, beyond the newest `keep` of them, at most
+    TRIM_BATCH a call; returns how many went, also added to the `feedback_trimmed`
+    setting. Never-trained pairs are bounded by add_feedback's backlog instead."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        gone = conn.execute(
-            "DELETE FROM feedback WHERE id IN (SELECT id FROM feedback WHERE train_count >= ?"
-            " AND inflight_session IS NULL ORDER BY id DESC LIMIT ? OFFSET ?)",
-            (max_train_count, TRIM_BATCH, keep),
-        ).rowcount
+        gone = conn.execute(_TRIM, (TRIM_BATCH, keep)).rowcount
         if gone:
             total = int(get_setting(conn, "feedback_trimmed", "0")) + gone
             set_setting(conn, "feedback_trimmed", str(total))

@@ -749,8 +749,8 @@ def test_the_lease_goes_to_the_asking_replica_with_the_most_room(tmp_path: Path,
 
 def test_newer_untrained_lists_waiting_pairs_newer_than_held_never_trained_ones(conn):
     """Per adapter: never-trained pairs in flight for nobody, newer than the oldest
-    never-trained held one, newest first, no more than the held never-trained pairs of
-    that adapter. Trained held pairs (replays) and other adapters' do not count."""
+    never-trained held one (any, where a replay is held), newest first, no more than
+    the held pairs of that adapter; other adapters' do not count."""
     a1, a2, a3, a4, a5 = store.add_feedback(conn, [pair(i) for i in range(5)])
     (b1,) = store.add_feedback(conn, [{**pair(9), "adapter": "other"}])
     assert store.newer_untrained(conn, []) == {}
@@ -760,8 +760,11 @@ def test_newer_untrained_lists_waiting_pairs_newer_than_held_never_trained_ones(
     conn.execute("UPDATE feedback SET inflight_session = 's9' WHERE id = ?", (a5,))
     assert store.newer_untrained(conn, [a2, a1]) == {"live": [a4, a3]}  # a5: in flight
     conn.execute("UPDATE feedback SET train_count = 1 WHERE id = ?", (a1,))
-    assert store.newer_untrained(conn, [a1]) == {}  # a replay: no newer pair replaces it
+    # a replay: any never-trained pair waiting goes first (a5 is in flight)
+    assert store.newer_untrained(conn, [a1]) == {"live": [a4]}
     assert store.newer_untrained(conn, [a3, b1]) == {"live": [a4]}  # "other": nothing newer
+    conn.execute("UPDATE feedback SET inflight_session = 's9' WHERE id = ?", (a4,))
+    assert store.newer_untrained(conn, [a4, a1]) == {"live": [a3, a2]}  # a4: held
     # It runs on every Ready: a search of the waiting rows' index, no scan and no sort of
     # an adapter's whole backlog.
     plan = " ".join(
@@ -773,8 +776,9 @@ def test_newer_untrained_lists_waiting_pairs_newer_than_held_never_trained_ones(
 
 def test_a_newer_older_than_work_since_gives_back_only_what_it_supersedes(tmp_path: Path):
     """A Newer answers an earlier Ready: pairs it names may have come in Work since (held
-    now, so not waiting). Of the queued never-trained pairs and those still waiting, the
-    newest stay, as many as were queued; replays are not given back for them."""
+    now, so not waiting). Of the queued pairs and those still waiting, those a step
+    takes first stay (never-trained before replays, the newest first), as many as were
+    queued: a held replay goes back before any never-trained pair."""
     from mace_sgl.ipc.messages import Release
     from mace_sgl.trainer.jobs import QueuedPair
     from mace_sgl.trainer.sliced import Pair
@@ -784,15 +788,18 @@ def test_a_newer_older_than_work_since_gives_back_only_what_it_supersedes(tmp_pa
             t.board.queue.append(QueuedPair(Pair(sid, [1], [2], [3], new=new), 0.0, None, "live"))
         t.link.newer = {"live": [4, 3]}  # 4 came in Work meanwhile
         t._give_back_superseded()
-        assert [q.pair.sample_id for q in t.board.queue] == [2, 4, 9]
+        assert [q.pair.sample_id for q in t.board.queue] == [1, 2, 4]  # the replay 9 went
         assert t.superseded == 1
         sent = []  # the Hello first
         while not sent or not isinstance(sent[-1], Release):
             assert pull.poll(10_000), sent
             sent.append(decode_to_sidecar(pull.recv()))
-        assert sent[-1] == Release(t.link.session, [1])
+        assert sent[-1] == Release(t.link.session, [9])
         t._give_back_superseded()  # taken once
         assert t.superseded == 1
+        t.link.newer = {"live": [5, 3]}  # 3 and 5 wait: they replace 1 and 2
+        t._give_back_superseded()
+        assert [q.pair.sample_id for q in t.board.queue] == [4] and t.superseded == 3
 
 
 def test_the_sidecar_says_once_which_newer_pairs_wait(tmp_path: Path, conn):
@@ -875,35 +882,42 @@ def test_a_full_backlog_refuses_the_whole_batch(conn):
     assert store.counts(conn).feedback == 3
     store.add_feedback(conn, [{**pair(7), "adapter": "other"}], backlog=3)
     conn.execute("UPDATE feedback SET train_count = 1 WHERE id = ?", (ids[0],))
+    conn.execute("UPDATE feedback SET inflight_session = 's1' WHERE id = ?", (ids[1],))
     store.add_feedback(conn, [pair(9)], backlog=3)  # two never-trained left: room for one
+    with pytest.raises(store.BacklogFull):  # in flight but never trained: it counts
+        store.add_feedback(conn, [pair(10)], backlog=3)
     assert store.counts(conn, "live").feedback == 4
     store.add_feedback(conn, [pair(10)] * 5)  # no bound
 
 
-def test_pairs_that_can_train_no_more_are_trimmed_beyond_the_retained(tmp_path: Path, conn):
-    """The sidecar deletes the oldest pairs at the max train count (not in flight) beyond
-    --retain, counted in the `feedback_trimmed` setting; pairs that may still train stay."""
+def test_trained_pairs_are_trimmed_beyond_the_retained(tmp_path: Path, conn):
+    """The sidecar deletes the oldest pairs that trained (train count above 0, not in
+    flight) beyond --retain, by an index of those rows, counted in the `feedback_trimmed`
+    setting; never-trained pairs and pairs in flight stay."""
     from sidecar.main import Sidecar
 
     ids = store.add_feedback(conn, [pair(i) for i in range(6)])
-    done = ids[:4]
-    conn.execute(f"UPDATE feedback SET train_count = 3 WHERE id IN ({','.join('?' * 4)})", done)
-    conn.execute("UPDATE feedback SET inflight_session = 's1' WHERE id = ?", (done[0],))
-    conn.execute("UPDATE feedback SET train_count = 2 WHERE id = ?", (ids[4],))
-    sc = Sidecar(tmp_path, "live", max_train_count=3, retain=1)
+    trained = ids[:4]
+    marks = ",".join("?" * 4)
+    conn.execute(f"UPDATE feedback SET train_count = 1 WHERE id IN ({marks})", trained)
+    conn.execute("UPDATE feedback SET train_count = 3 WHERE id = ?", (trained[1],))
+    conn.execute("UPDATE feedback SET inflight_session = 's1' WHERE id = ?", (trained[0],))
+    sc = Sidecar(tmp_path, "live", retain=1)
     try:
         sc.maybe_trim()
         left = [r[0] for r in conn.execute("SELECT id FROM feedback ORDER BY id")]
-        # done[0] is in flight, done[3] the newest retained; ids[4:] may still train
-        assert left == [done[0], done[3], *ids[4:]]
+        # trained[0] is in flight, trained[3] the newest retained; ids[4:] never trained
+        assert left == [trained[0], trained[3], *ids[4:]]
         assert store.get_setting(conn, "feedback_trimmed", "0") == "2"
         sc.maybe_trim()  # within TRIM_EVERY_S of the last: nothing runs
         conn.execute("UPDATE feedback SET inflight_session = NULL")
         sc.trimmed_at -= 61
         sc.maybe_trim()
         left = [r[0] for r in conn.execute("SELECT id FROM feedback ORDER BY id")]
-        assert left == [done[3], *ids[4:]]
+        assert left == [trained[3], *ids[4:]]
         assert store.get_setting(conn, "feedback_trimmed", "0") == "3"
+        plan = " ".join(r[-1] for r in conn.execute("EXPLAIN QUERY PLAN " + store._TRIM, (1, 1)))
+        assert "feedback_trained" in plan and "SCAN feedback\n" not in plan + "\n", plan
     finally:
         sc.ctx.destroy(linger=0)
         sc.conn.close()
@@ -932,3 +946,50 @@ def test_pairs_given_back_are_not_charged_to_their_tenants_fair_share(tmp_path: 
     finally:
         sc.ctx.destroy(linger=0)
         sc.conn.close()
+
+
+def test_a_step_takes_the_newest_never_trained_pair_of_the_tenant_whose_turn_it_is():
+    """--mace-pick-order newest in the trainer: the fair share picks the tenant, and its
+    step takes that tenant's newest never-trained pair, before an older one and before a
+    replay with a high loss (the store's order). Stand-in trainer, no step run."""
+    from mace_sgl.policy.fairshare import FairShare
+    from mace_sgl.policy.policies import make_policy
+    from mace_sgl.policy.profile import Profile
+    from mace_sgl.trainer.jobs import QueuedPair
+    from mace_sgl.trainer.runtime import MaceTrainer
+    from mace_sgl.trainer.sliced import Pair
+
+    def queued(sid: int, tenant: str, loss: float | None = None) -> QueuedPair:
+        return QueuedPair(Pair(sid, [1], [2], [3], new=loss is None), float(sid), loss, tenant)
+
+    queue = [queued(1, "live"), queued(3, "live", loss=2.0), queued(4, "other"), queued(5, "live")]
+    started: list[list[int]] = []
+
+    def take(picked):
+        pairs = [queue[i] for i in picked]
+        for i in sorted(picked, reverse=True):
+            del queue[i]
+        return pairs, {}
+
+    tenant = SimpleNamespace(version=0)
+    fake = SimpleNamespace(
+        board=SimpleNamespace(
+            queue=queue,
+            take=take,
+            start_step=lambda gen, pairs: started.append([q.pair.sample_id for q in pairs]),
+        ),
+        tenants=SimpleNamespace(tenants={"live": tenant, "other": tenant}),
+        link=SimpleNamespace(required={}),
+        unpublished={},
+        policy=make_policy("mace", Profile()),
+        fair=FairShare(),
+        lease=None,
+        cfg=MaceConfig(pick_order="newest"),
+        _step=lambda tenant, pairs, refs: None,
+    )
+    fake._ranked = lambda keep: MaceTrainer._ranked(fake, keep)
+    for _ in range(4):
+        MaceTrainer._start_step(fake)
+    # live (its newest pair 5 first in line), then other's turn, then live's older pair,
+    # then the replay
+    assert started == [[5], [4], [1], [3]]

@@ -23,6 +23,7 @@ PAIRS = [
     }
     for i in range(6)
 ]
+BACKLOG = 64  # --mace-feedback-backlog: never-trained pairs per adapter
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,8 @@ def server(tiny_model_dir: Path, state_dir: Path, tmp_path_factory: pytest.TempP
             "1000",
             "--mace-keep-versions",
             "5",
+            "--mace-feedback-backlog",
+            str(BACKLOG),
         ),
         tmp_path_factory.mktemp("logs") / "train-server.log",
     )
@@ -198,3 +201,29 @@ def test_sidecar_killed_is_restarted_and_training_goes_on(server: Server):
     before = mace_status(server)["feedback_count"]
     assert server.post("/mace/feedback", PAIRS[:2]).status_code == 200
     wait_for(server, lambda s: s["adapter_version"] > v and s["feedback_count"] == before + 2)
+
+
+def test_feedback_beyond_an_adapters_backlog_is_refused_whole(server: Server):
+    """--mace-feedback-backlog on a training server (paused here, so that nothing trains
+    meanwhile): a body that would leave an adapter more never-trained pairs than the
+    bound is a 429 that names it and stores nothing of the body, another adapter's pairs
+    in it included; a body with more pairs for one adapter than the bound is a 413."""
+    import requests
+
+    set_paused(server, True)
+    try:
+        r = requests.post(server.url + "/mace/adapters", json={"name": "team-b"}, timeout=60)
+        assert r.status_code == 201, r.text
+        b = {**PAIRS[0], "adapter": "team-b"}
+        assert server.post("/mace/feedback", [b] * (BACKLOG - 1)).status_code == 200
+        before = mace_status(server)["feedback_count"]
+        r = server.post("/mace/feedback", [PAIRS[1], b, b])
+        assert r.status_code == 429 and "'team-b'" in r.json()["error"], r.text
+        assert "nothing was stored" in r.json()["error"]
+        assert mace_status(server)["feedback_count"] == before
+        assert server.post("/mace/feedback", b).status_code == 200  # exactly at the bound
+        assert server.post("/mace/feedback", b).status_code == 429
+        r = server.post("/mace/feedback", [PAIRS[1]] * (BACKLOG + 1))
+        assert r.status_code == 413 and "send fewer" in r.json()["error"], r.text
+    finally:
+        set_paused(server, False)

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sqlite3
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from mace_sgl.config import MaceConfig
 from mace_sgl.feedback import ADAPTER_NAME, ADAPTER_NAME_RULE, FeedbackError, parse_feedback
 from mace_sgl.metrics import FeedbackMetrics
 from mace_sgl.plugin import tenant_log
-from mace_sgl.policy.fairshare import TENANT_WEIGHTS
+from mace_sgl.policy.fairshare import weight_problem
 from mace_sgl.templating import encode_pair
 from mace_sgl.trainer.checkpoints import purge_dir
 from mace_sgl.trainer.publish import checkpoints
@@ -281,7 +282,16 @@ async def mace_feedback(request: Request) -> JSONResponse:
         )
     except FeedbackError as e:
         return _error(e.status, e.reason)
-    named = sorted({item["adapter"] for item in items})
+    bound = cfg.backlog_bound
+    batch = Counter(item["adapter"] for item in items)
+    too_many = [f"{n} for {a!r}" for a, n in sorted(batch.items()) if bound and n > bound]
+    if too_many:
+        return _error(
+            413,
+            f"this body has {', '.join(too_many)}: more pairs than one adapter may have "
+            f"waiting to train (--mace-feedback-backlog {bound}); send fewer at a time",
+        )
+    named = sorted(batch)
     known = await asyncio.to_thread(_with_store, cfg, _existing, named)
     unknown = [n for n in named if n not in known]
     if unknown and not cfg.auto_adapters:
@@ -297,9 +307,7 @@ async def mace_feedback(request: Request) -> JSONResponse:
         except TenantError as e:
             return _error(e.status, f"{e.reason}; nothing was stored")
     try:
-        ids = await asyncio.to_thread(
-            _with_store, cfg, store.add_feedback, items, cfg.feedback_backlog
-        )
+        ids = await asyncio.to_thread(_with_store, cfg, store.add_feedback, items, bound)
     except store.BacklogFull as e:
         return _error(429, str(e))
     metrics = st.metrics()
@@ -528,13 +536,9 @@ async def mace_adapters_create(request: Request) -> JSONResponse:
     if extra:
         return _error(400, f"unknown field(s) {sorted(extra)}; allowed: name, weight")
     weight = body.get("weight", 1.0)
-    low, high = TENANT_WEIGHTS
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not low <= weight <= high:
-        # (not finite, or tiny: the fair share's virtual time, steps / weight, would reach
-        # infinity and stay there for every tenant that joins after)
-        return _error(
-            400, f"`weight` must be a number from {low:g} to {high:g} (the tenant's share of steps)"
-        )
+    problem = weight_problem(weight)
+    if problem:
+        return _error(400, f"`weight` {weight!r}: {problem}")
     name = body["name"]
     try:
         created = await create_tenant(st, name, float(weight))
@@ -621,9 +625,9 @@ async def apply_tenant_op(cfg: MaceConfig, op: tenant_log.TenantOp) -> None:
     if op.op == "create":
         if not ADAPTER_NAME.match(op.name):
             raise ValueError(f"adapter name {op.name!r}: {ADAPTER_NAME_RULE}")
-        low, high = TENANT_WEIGHTS
-        if not low <= op.weight <= high:  # e.g. a peer from before the range
-            raise ValueError(f"tenant weight {op.weight!r}: from {low:g} to {high:g}")
+        problem = weight_problem(op.weight)  # e.g. a peer from before the range
+        if problem:
+            raise ValueError(f"tenant weight {op.weight!r}: {problem}")
         try:
             await _create_local(cfg, op.name, op.weight)
         except TenantError as e:

@@ -26,6 +26,17 @@ from collections.abc import Mapping
 TENANT_WEIGHTS = (1e-3, 1e3)
 
 
+def weight_problem(weight: object) -> str | None:
+    """Why `weight` is no tenant weight (not a number within TENANT_WEIGHTS), or None: a
+    route and a peer's tenant log refuse it (not finite, or tiny: the fair share's
+    virtual time, steps / weight, would reach infinity and stay there for every tenant
+    that joins after)."""
+    low, high = TENANT_WEIGHTS
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not low <= weight <= high:
+        return f"a tenant weight is a number from {low:g} to {high:g} (its share of steps)"
+    return None
+
+
 def tenant_weight(weight: float) -> float:
     """`weight` clamped into TENANT_WEIGHTS (NaN: the default, 1)."""
     if math.isnan(weight):

@@ -419,14 +419,17 @@ class MaceTrainer:
             self.handed_back += len(gone)
 
     def _give_back_superseded(self) -> None:
-        """--mace-pick-order newest: queued pairs that never trained go back to the store
-        untrained (Release) where the sidecar says newer never-trained pairs of their
-        tenant wait there (Newer): of each tenant's, the newest of the queued and the
-        waiting together stay, as many as were queued. The trainer then asks again and
+        """--mace-pick-order newest: queued pairs go back to the store untrained (Release)
+        where the sidecar says never-trained pairs of their tenant wait there that a step
+        would take first (Newer): of each tenant's queued pairs and the waiting ones
+        together, those first in a step's order stay (never-trained before replays, the
+        newest first: _ranked), as many as were queued. The trainer then asks again and
         the store hands out the newest first. So a pair taken before a shift of
-        preference does not train after the shift while the new preference's pairs wait
-        (drift on 2026-12-07: pairs held since the first phase trained in the third).
-        Their reference passes, if done, are lost: at most one per newer pair posted."""
+        preference, or a replay taken while nothing new waited, does not train after the
+        shift while the new preference's pairs wait (drift on 2026-12-07: pairs held
+        since the first phase trained in the third; then a held replay trained three
+        times while the second phase's pairs waited). Their reference passes, if done,
+        are lost: at most one per newer pair posted."""
         newer = self.link.take_newer()
         if not newer or self.cfg.pick_order != "newest":
             return
@@ -434,11 +437,11 @@ class MaceTrainer:
         held = {*self.board.held(), *self.unreported}
         gone: set[int] = set()
         for tenant, ids in newer.items():
-            waiting = [i for i in ids if i not in held]
-            queued = [q.pair.sample_id for q in self.board.queue
-                      if q.tenant == tenant and q.pair.new]  # fmt: skip
+            queued = [(q.pair.new, q.pair.sample_id) for q in self.board.queue
+                      if q.tenant == tenant]  # fmt: skip
+            waiting = [(True, i) for i in ids if i not in held]
             stay = set(sorted([*queued, *waiting], reverse=True)[: len(queued)])
-            gone.update(i for i in queued if i not in stay)
+            gone.update(sid for new, sid in queued if (new, sid) not in stay)
         if gone:
             self.board.drop(lambda q: q.pair.sample_id not in gone)
             self.link.release(sorted(gone))
