@@ -98,11 +98,12 @@ class Control(msgspec.Struct, tag=True, frozen=True):
 
 class Newer(msgspec.Struct, tag=True, frozen=True):
     """Sidecar -> trainer, with --mace-pick-order newest only: never-trained pairs that
-    wait in the store (in flight for nobody) and are newer than never-trained pairs the
-    trainer's Ready listed as held. Per tenant their ids, newest first, at most as many
-    as it held of that tenant. The trainer gives back the queued pairs they supersede
-    (runtime.py _give_back_superseded) and asks for samples again: the store hands out
-    the newest first."""
+    wait in the store (in flight for nobody) and that a step should take before pairs
+    the trainer's Ready listed as held: newer than its never-trained ones, or any where
+    it holds a replay (store.newer_untrained). Per tenant their ids, newest first, at
+    most as many as it held of that tenant. The trainer gives back the queued pairs
+    they supersede (runtime.py _give_back_superseded) and asks for samples again: the
+    store hands out the newest first."""
 
     session: str
     sidecar: str
