@@ -68,8 +68,8 @@ that phase, those trained at least once: read from the server's store after it s
 so the pairs of a step still in its guard check at the end are not among them; periodic:
 its own rounds), `train_steps` (optimizer steps, the unchecked last one included),
 `pairs_handed_back` (pairs the trainer gave back untrained when its hold shrank) and
-`pairs_superseded` (never-trained pairs it gave back for newer ones waiting in the
-store, pick order newest): from /mace/status, none for periodic; and these three so far
+`pairs_superseded` (pairs it gave back for never-trained ones waiting in the store
+that a step takes first, pick order newest): from /mace/status, none for periodic; and these three so far
 in each timeline entry.
 
 --seeds N repeats the whole run N times (load seeds 1..N, or K..K+N-1 with --first-seed K,

@@ -181,8 +181,9 @@ class Sidecar:
 
     def _tell_newer(self, msg: Ready, session: Session, held: list[int]) -> None:
         """Newer: the never-trained pairs waiting in the store that should train before
-        never-trained ones the trainer holds (`held`: its Ready's and the Work just sent),
-        unless it was told exactly these already."""
+        pairs the trainer holds (`held`: its Ready's and the Work just sent; newer than
+        its never-trained ones, or any where it holds a replay), unless it was told
+        exactly these already."""
         newer = store.newer_untrained(self.conn, held)
         if newer and newer != session.newer_sent:
             if self._send(msg.dp_rank, Newer(msg.session, self.id, newer)):

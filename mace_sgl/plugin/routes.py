@@ -168,7 +168,7 @@ async def mace_status(request: Request) -> JSONResponse:
         "reserve_ms": trainer["reserve_ms"] if trainer else 0.0,
         "slo": trainer["slo"] if trainer else None,
         "feedback_count": counts.feedback,
-        # pairs deleted once they could train no more (--mace-feedback-retain)
+        # trained pairs deleted beyond --mace-feedback-retain (the sidecar's trim)
         "feedback_trimmed": trimmed,
         "feedback_other_adapters": counts.feedback - sum(c.feedback for c in mine),
         "queue_depth": queue_depth,

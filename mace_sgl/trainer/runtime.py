@@ -193,7 +193,7 @@ class MaceTrainer:
         self.idle_refused = 0
         self.orphans_returned = 0
         self.handed_back = 0  # pairs given back untrained when the hold shrank
-        self.superseded = 0  # never-trained pairs given back for newer ones (Newer)
+        self.superseded = 0  # pairs given back for never-trained ones waiting (Newer)
         self.totals = {"train_steps": 0, "trained_tokens": 0, "train_seconds": 0.0}
         with torch.inference_mode(False):
             self.guard = Guard.for_config(self.dpo, self.tokenizer, cfg)
