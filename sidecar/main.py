@@ -70,6 +70,9 @@ class Session:
     room: float = 0.0  # its replica's idle fraction, from its last asking Ready
     asked_at: float = float("-inf")  # when it last asked for samples
     newer_sent: dict[str, list[int]] = field(default_factory=dict)  # its last Newer's ids
+    # What the last settled newer_untrained answer went by (held, store state): while it
+    # is the same, so is the answer, and no query runs (a heartbeat Ready every 0.5 s).
+    newer_key: tuple | None = None
 
 
 class Sidecar:
@@ -183,13 +186,19 @@ class Sidecar:
         """Newer: the never-trained pairs waiting in the store that should train before
         pairs the trainer holds (`held`: its Ready's and the Work just sent; newer than
         its never-trained ones, or any where it holds a replay), unless it was told
-        exactly these already."""
+        exactly these already. No query while neither `held` nor the store changed since
+        the last answer that was settled (told, or nothing to tell): store.version."""
+        key = (tuple(sorted(held)), store.version(self.conn))
+        if key == session.newer_key:
+            return
         newer = store.newer_untrained(self.conn, held)
         if newer and newer != session.newer_sent:
-            if self._send(msg.dp_rank, Newer(msg.session, self.id, newer)):
-                session.newer_sent = newer
+            if not self._send(msg.dp_rank, Newer(msg.session, self.id, newer)):
+                return  # asked again at the next Ready
+            session.newer_sent = newer
         elif not newer:
             session.newer_sent = {}
+        session.newer_key = key
 
     def _work(self, msg: Ready, session: Session) -> list[int]:
         """Pick and send the samples an asking Ready wants; the ids sent."""

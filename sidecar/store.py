@@ -11,7 +11,8 @@ import json
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,29 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def version(conn: sqlite3.Connection) -> tuple[int, int]:
+    """A value that differs after any change to the store, by any process: SQLite's
+    data_version (moved by another connection's commit) with the rows `conn` itself
+    changed (total_changes; its own commits leave data_version as it is)."""
+    (other,) = conn.execute("PRAGMA data_version").fetchone()
+    return int(other), conn.total_changes
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction (the connection is in autocommit mode): BEGIN IMMEDIATE takes
+    the write lock at once, so no other process's write comes between this one's read and
+    its write; COMMIT on leaving the block, ROLLBACK (and the exception goes on) on any
+    error in it."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 class BacklogFull(Exception):
     """Feedback refused: a tenant's never-trained pairs would exceed the bound."""
 
@@ -96,8 +120,7 @@ def add_feedback(conn: sqlite3.Connection, items: Iterable[dict], backlog: int =
     now = time.time()
     items = list(items)
     ids: list[int] = []
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(conn):
         if backlog > 0:
             for adapter, adding in Counter(item["adapter"] for item in items).items():
                 (waiting,) = conn.execute(
@@ -123,10 +146,6 @@ def add_feedback(conn: sqlite3.Connection, items: Iterable[dict], backlog: int =
                 ),
             )
             ids.append(int(cur.lastrowid))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return ids
 
 
@@ -194,8 +213,7 @@ def pick_next(
     adapters = [adapter] if isinstance(adapter, str) else list(adapter)
     share = share if share is not None else FairShare()
     rank = {a: -float(i) for i, a in enumerate(adapters)}  # earlier in the list first
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(conn):
         left = {
             a: conn.execute(
                 f"SELECT {_COLUMNS} FROM feedback WHERE adapter = ? AND inflight_session IS NULL"
@@ -216,10 +234,6 @@ def pick_next(
             "UPDATE feedback SET inflight_session = ? WHERE id = ?",
             [(session, r[0]) for r in rows],
         )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return [_row(r) for r in rows]
 
 
@@ -268,16 +282,11 @@ def trim_trained(conn: sqlite3.Connection, keep: int) -> int:
     hand-back count too), in flight for nobody, beyond the newest `keep` of them, at most
     TRIM_BATCH a call; returns how many went, also added to the `feedback_trimmed`
     setting. Never-trained pairs are bounded by add_feedback's backlog instead."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(conn):
         gone = conn.execute(_TRIM, (TRIM_BATCH, keep)).rowcount
         if gone:
             total = int(get_setting(conn, "feedback_trimmed", "0")) + gone
             set_setting(conn, "feedback_trimmed", str(total))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return gone
 
 
@@ -316,8 +325,7 @@ def held_elsewhere(conn: sqlite3.Connection, session: str) -> int:
 def release_unheld(conn: sqlite3.Connection, session: str, held: Iterable[int]) -> int:
     """Return to the queue the samples in flight for `session` that it does not hold."""
     keep = set(held)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(conn):
         rows = conn.execute(
             "SELECT id FROM feedback WHERE inflight_session = ?", (session,)
         ).fetchall()
@@ -326,10 +334,6 @@ def release_unheld(conn: sqlite3.Connection, session: str, held: Iterable[int]) 
             "UPDATE feedback SET inflight_session = NULL WHERE id = ? AND inflight_session = ?",
             free,
         )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return len(free)
 
 
@@ -341,8 +345,7 @@ def release(conn: sqlite3.Connection, session: str, ids: Iterable[int]) -> dict[
         return {}
     marks = ",".join("?" * len(ids))
     where = f" WHERE inflight_session = ? AND id IN ({marks})"
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(conn):
         back = dict(
             conn.execute(
                 "SELECT adapter, COUNT(*) FROM feedback" + where + " GROUP BY adapter",
@@ -350,10 +353,6 @@ def release(conn: sqlite3.Connection, session: str, ids: Iterable[int]) -> dict[
             ).fetchall()
         )
         conn.execute("UPDATE feedback SET inflight_session = NULL" + where, [session, *ids])
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return back
 
 
@@ -406,11 +405,9 @@ class Tenant:
 
 def add_tenant(conn: sqlite3.Connection, name: str, weight: float = 1.0) -> bool:
     """Create tenant `name` (or bring a retired one back); True if it did not exist."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(conn):
         row = conn.execute("SELECT retired_at FROM tenants WHERE name = ?", (name,)).fetchone()
         if row is not None and row[0] is None:
-            conn.execute("COMMIT")
             return False
         conn.execute(
             "INSERT INTO tenants (name, created_at, retired_at, weight) VALUES (?, ?, NULL, ?)"
@@ -418,10 +415,6 @@ def add_tenant(conn: sqlite3.Connection, name: str, weight: float = 1.0) -> bool
             " created_at = excluded.created_at",
             (name, time.time(), float(weight)),
         )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     return True
 
 

@@ -842,6 +842,57 @@ def test_the_sidecar_says_once_which_newer_pairs_wait(tmp_path: Path, conn):
             c.close()
 
 
+def test_the_newer_query_runs_only_when_held_pairs_or_the_store_changed(
+    tmp_path: Path, monkeypatch
+):
+    """A trainer's Ready comes every 0.5 s even when nothing changes (a heartbeat): the
+    sidecar asks the store for newer pairs again only once what the trainer holds or
+    the store changed (another process's commit, or its own), and again after a Newer
+    it could not send. In process, no sockets read."""
+    from mace_sgl.ipc.messages import Newer
+    from sidecar.main import Sidecar
+
+    queries = []
+    real = store.newer_untrained
+    monkeypatch.setattr(
+        store, "newer_untrained", lambda conn, held: queries.append(list(held)) or real(conn, held)
+    )
+    c = store.connect(tmp_path / "feedback.sqlite3")
+    sc = Sidecar(tmp_path, "live", pick_order="newest")
+    sent: list = []
+    delivered = [True]
+    sc._send = lambda rank, msg: (sent.append(msg) or True) if delivered[0] else False
+    try:
+        sc.handle(Hello("s1", "live", 0))
+        ids = store.add_feedback(c, [pair(i) for i in range(2)])
+        sc.handle(Ready("s1", 2, [], sc.id, 0))
+        assert len(queries) == 1 and sorted(queries[0]) == ids  # after the Work it sent
+        for _ in range(3):  # heartbeats: the same held pairs, the same store
+            sc.handle(Ready("s1", 0, ids, sc.id, 0))
+        assert len(queries) == 1
+        new = store.add_feedback(c, [pair(2)])  # another connection's commit
+        sc.handle(Ready("s1", 0, ids, sc.id, 0))
+        assert len(queries) == 2 and sent[-1] == Newer("s1", sc.id, {"live": new})
+        sc.handle(Ready("s1", 0, ids, sc.id, 0))
+        assert len(queries) == 2 and len(sent) == 2  # Work, then one Newer
+        sc.handle(Ready("s1", 0, ids[:1], sc.id, 0))  # it holds fewer now
+        assert len(queries) == 3
+        store.release(sc.conn, "s1", ids[1:])  # the sidecar's own write
+        sc.handle(Ready("s1", 0, ids[:1], sc.id, 0))
+        assert len(queries) == 4
+        delivered[0] = False
+        newest = store.add_feedback(c, [pair(3)])
+        sc.handle(Ready("s1", 0, ids[:1], sc.id, 0))  # its Newer is not sent...
+        delivered[0] = True
+        sc.handle(Ready("s1", 0, ids[:1], sc.id, 0))  # ...so the next Ready asks again
+        assert len(queries) == 6
+        assert sent[-1] == Newer("s1", sc.id, {"live": newest})  # as many as it holds
+    finally:
+        sc.ctx.destroy(linger=0)
+        sc.conn.close()
+        c.close()
+
+
 def test_held_pairs_go_back_for_newer_ones_posted_since(tmp_path: Path, conn):
     """Pick order newest: pairs the trainer took before newer ones were posted go back
     untrained (their reference pass too), replaced by the newer ones, and a step takes

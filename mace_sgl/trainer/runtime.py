@@ -423,7 +423,8 @@ class MaceTrainer:
         where the sidecar says never-trained pairs of their tenant wait there that a step
         would take first (Newer): of each tenant's queued pairs and the waiting ones
         together, those first in a step's order stay (never-trained before replays, the
-        newest first: _ranked), as many as were queued. The trainer then asks again and
+        newest first, then the replays in the policy's order: _ranked), as many as were
+        queued. The trainer then asks again and
         the store hands out the newest first. So a pair taken before a shift of
         preference, or a replay taken while nothing new waited, does not train after the
         shift while the new preference's pairs wait (drift on 2026-12-07: pairs held
@@ -435,13 +436,17 @@ class MaceTrainer:
             return
         # A Newer older than Work that came since may name pairs held now: not waiting.
         held = {*self.board.held(), *self.unreported}
+        queue = self.board.queue
         gone: set[int] = set()
         for tenant, ids in newer.items():
-            queued = [(q.pair.new, q.pair.sample_id) for q in self.board.queue
-                      if q.tenant == tenant]  # fmt: skip
-            waiting = [(True, i) for i in ids if i not in held]
-            stay = set(sorted([*queued, *waiting], reverse=True)[: len(queued)])
-            gone.update(sid for new, sid in queued if (new, sid) not in stay)
+            # the tenant's queued pairs in a step's order, the waiting ones merged in
+            # among the never-trained (all of them are), where the newest-first order
+            # puts them; the replays keep the policy's order after them
+            queued = [queue[i].pair for i in self._ranked(lambda q, t=tenant: q.tenant == t)]
+            fresh = [p.sample_id for p in queued if p.new] + [i for i in ids if i not in held]
+            order = sorted(fresh, reverse=True) + [p.sample_id for p in queued if not p.new]
+            stay = set(order[: len(queued)])
+            gone.update(p.sample_id for p in queued if p.sample_id not in stay)
         if gone:
             self.board.drop(lambda q: q.pair.sample_id not in gone)
             self.link.release(sorted(gone))
