@@ -290,6 +290,24 @@ def trim_trained(conn: sqlite3.Connection, keep: int) -> int:
     return gone
 
 
+def delete_adapter(conn: sqlite3.Connection, adapter: str) -> int:
+    """Delete every feedback row of `adapter` (a purged tenant's: DELETE
+    /mace/adapters/NAME?purge=true), TRIM_BATCH rows a transaction so that no write waits
+    long for the lock; returns how many went. Rows a trainer holds go too: their results
+    then change nothing (record_result)."""
+    gone = 0
+    while True:
+        with _transaction(conn):
+            n = conn.execute(
+                "DELETE FROM feedback WHERE id IN (SELECT id FROM feedback WHERE adapter = ?"
+                " LIMIT ?)",
+                (adapter, TRIM_BATCH),
+            ).rowcount
+        gone += n
+        if n < TRIM_BATCH:
+            return gone
+
+
 def record_result(conn: sqlite3.Connection, sample_id: int, loss: float, session: str) -> bool:
     """Record one trained sample; False (nothing changed) if `session` no longer holds it."""
     cur = conn.execute(

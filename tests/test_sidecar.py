@@ -974,6 +974,24 @@ def test_trained_pairs_are_trimmed_beyond_the_retained(tmp_path: Path, conn):
         sc.conn.close()
 
 
+def test_a_purged_adapters_rows_are_deleted_in_batches(conn, monkeypatch):
+    """delete_adapter (DELETE /mace/adapters/NAME?purge=true) deletes every row of that
+    adapter, trained or not, in flight or not, TRIM_BATCH a transaction; other
+    adapters' rows stay."""
+    monkeypatch.setattr(store, "TRIM_BATCH", 2)
+    gone = store.add_feedback(conn, [{**pair(i), "adapter": "gone"} for i in range(5)])
+    kept = store.add_feedback(conn, [pair(i) for i in range(3)])
+    conn.execute("UPDATE feedback SET train_count = 2 WHERE id = ?", (gone[0],))
+    conn.execute("UPDATE feedback SET inflight_session = 's1' WHERE id = ?", (gone[1],))
+    transactions = []
+    real = store._transaction
+    monkeypatch.setattr(store, "_transaction", lambda c: transactions.append(1) or real(c))
+    assert store.delete_adapter(conn, "gone") == 5
+    assert len(transactions) == 3  # 2 + 2 + 1 rows
+    assert [r[0] for r in conn.execute("SELECT id FROM feedback ORDER BY id")] == kept
+    assert store.delete_adapter(conn, "gone") == 0
+
+
 def test_pairs_given_back_are_not_charged_to_their_tenants_fair_share(tmp_path: Path, conn):
     """A pair handed out is charged to its tenant's fair share; given back untrained
     (Release, or Work that could not be sent), the charge is taken back, so a tenant

@@ -5,6 +5,8 @@ resumes after a restart."""
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -247,8 +249,8 @@ def test_tenants_are_created_at_run_time_and_retired(server: Server, tok):
 
 def test_a_purged_tenant_stays_purged_and_comes_back_fresh(server: Server, state_dir: Path):
     """DELETE ?purge=true while the tenant trains: its directory is gone at the answer
-    and still gone once the trainer has let it go; created again, it starts from v0 and
-    trains.
+    and still gone once the trainer has let it go, and its feedback rows are deleted;
+    created again, it starts from v0 and trains.
     (Whether a write was queued at that moment is up to timing here: the writer's
     races are driven in tests/test_checkpoints.py.)"""
     assert server.post("/mace/adapters", {"name": "purged"}).status_code == 201
@@ -257,8 +259,12 @@ def test_a_purged_tenant_stays_purged_and_comes_back_fresh(server: Server, state
     wait_for(server, lambda g: g["purged"]["version"] >= 1, "purged trained once", 300)
     r = requests.delete(server.url + "/mace/adapters/purged?purge=true", timeout=30)
     assert r.status_code == 200 and not r.json()["checkpoints_kept"], r.text
+    assert r.json()["feedback_deleted"] == 3, r.text  # its rows go with it
     tenant_dir = state_dir / "adapters" / "purged"
     assert not tenant_dir.exists()
+    with contextlib.closing(sqlite3.connect(state_dir / "feedback.sqlite3")) as conn:
+        rows = conn.execute("SELECT COUNT(*) FROM feedback WHERE adapter = 'purged'")
+        assert rows.fetchone()[0] == 0
 
     def trainer_tenants() -> list[str]:
         status = server.get("/mace/status").json()
@@ -268,8 +274,7 @@ def test_a_purged_tenant_stays_purged_and_comes_back_fresh(server: Server, state
                    "the trainer let the purged tenant go", server.tail)  # fmt: skip
     time.sleep(2)  # not a wait for a state: room for a late write to show itself
     assert not tenant_dir.exists()
-    # Its feedback rows stay in the store and would train the new tenant: paused, the
-    # new one shows the state it starts from.
+    # Paused, the new one shows the state it starts from.
     set_paused(server, True)
     try:
         r = server.post("/mace/adapters", {"name": "purged"})

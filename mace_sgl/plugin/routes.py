@@ -549,8 +549,9 @@ async def mace_adapters_create(request: Request) -> JSONResponse:
 
 @auth_level(AuthLevel.ADMIN_OPTIONAL)
 async def mace_adapters_delete(request: Request) -> JSONResponse:
-    """DELETE /mace/adapters/NAME[?purge=true]: retire a tenant (its checkpoints are kept
-    unless purge is asked; its feedback rows stay in the store)."""
+    """DELETE /mace/adapters/NAME[?purge=true]: retire a tenant. Its checkpoints and its
+    feedback rows are kept (created again, it resumes from them) unless purge is asked:
+    then both are deleted, and the name created again starts afresh."""
     st = _state(request.app)
     cfg = st.cfg
     name = request.path_params["name"]
@@ -571,31 +572,43 @@ async def mace_adapters_delete(request: Request) -> JSONResponse:
                     await _log(st, op)
                 except Exception as e:
                     return _error(503, f"{GROUP_STORE_DOWN} ({e}); nothing was retired")
-                await _retire_local(cfg, name, purge)
-        elif not await _retire_local(cfg, name, purge):
-            return _error(404, f"no adapter named {name!r}")
+                deleted = await _retire_local(cfg, name, purge)
+        else:
+            deleted = await _retire_local(cfg, name, purge)
+            if deleted is None:
+                return _error(404, f"no adapter named {name!r}")
     except TenantError as e:  # retired, but its checkpoints could not be deleted
         return _error(e.status, e.reason)
-    return JSONResponse({"name": name, "retired": True, "checkpoints_kept": not purge})
+    return JSONResponse(
+        {
+            "name": name,
+            "retired": True,
+            "checkpoints_kept": not purge,
+            "feedback_deleted": deleted or 0,
+        }
+    )
 
 
-async def _retire_local(cfg: MaceConfig, name: str, purge: bool) -> bool:
+async def _retire_local(cfg: MaceConfig, name: str, purge: bool) -> int | None:
     """Retire `name` on this server: its store row, SGLang's adapter, with `purge` its
-    checkpoints. False if it was not there."""
+    feedback rows (this server's store) and its checkpoints. How many feedback rows
+    went; None if it was not there."""
     retired = await asyncio.to_thread(_with_store, cfg, store.retire_tenant, name)
     if not retired:
-        return False
+        return None
     tm = _tokenizer_manager()
     if cfg.train and tm is not None:
         unloaded, error = await unload_adapter(tm, cfg, name)
         if not unloaded:
             logger.warning("mace: SGLang did not unload %s: %s", name, error)
-    if purge:
-        try:
-            await asyncio.to_thread(purge_dir, cfg.tenant_dir(name))
-        except OSError as e:
-            raise TenantError(500, f"{name!r} is retired, but its checkpoints stay: {e}") from e
-    return True
+    if not purge:
+        return 0
+    deleted = await asyncio.to_thread(_with_store, cfg, store.delete_adapter, name)
+    try:
+        await asyncio.to_thread(purge_dir, cfg.tenant_dir(name))
+    except OSError as e:
+        raise TenantError(500, f"{name!r} is retired, but its checkpoints stay: {e}") from e
+    return deleted
 
 
 def _log_position(cfg: MaceConfig) -> tenant_log.Position:
