@@ -114,6 +114,27 @@ def test_request_tables_forget_aborted_requests():
     assert monitor.status()["swept_requests"] == 1000
 
 
+def test_a_scheduler_that_refuses_every_request_still_forgets_them():
+    """Requests SGLang refuses on arrival never run, so no batch's results sweep their
+    marks: the arrival hook sweeps too (when due), and keeps those the scheduler holds,
+    the last prefill batch's (not yet in the running batch) and the overlap queue's
+    included."""
+    monitor = IterationMonitor(make_policy("mace", Profile()))
+    sched = scheduler_with(monitor=monitor)
+    sched.last_batch = SimpleNamespace(reqs=[req("prefilled")])
+    sched.result_queue = [(SimpleNamespace(reqs=[req("in-flight")]), None)]
+    hooks = TrainHooks(MaceConfig(train=True))
+    for rid in ("prefilled", "in-flight"):
+        hooks.on_generate_request(sched, SimpleNamespace(rid=rid))
+    for i in range(1000):  # each refused: never in a queue or a batch
+        hooks.on_generate_request(sched, SimpleNamespace(rid=f"refused-{i}"))
+    assert len(monitor.arrivals) == 1002  # no sweep due yet
+    monitor.swept_at = -1e9  # due now
+    hooks.on_generate_request(sched, SimpleNamespace(rid="next"))
+    assert set(monitor.arrivals) == {"prefilled", "in-flight", "next"}
+    assert monitor.status()["swept_requests"] == 1000
+
+
 def test_status_is_json_safe():
     report = state.json_safe(
         {"err": float("nan"), "p": [float("inf"), 1.0], "nested": {"x": -float("inf")}}

@@ -25,7 +25,9 @@ class IterationMonitor:
 
     Per-request entries leave when the request finishes; a sweep every `sweep_every_s`
     drops those of requests the scheduler no longer holds (aborted before or while
-    running), so the maps stay bounded by the requests in flight over days.
+    running, or refused by SGLang on arrival), so the maps stay bounded by the requests
+    in flight over days. Sweeps run after a batch and on an arrival, so a scheduler that
+    gets only requests it refuses (no batch ever runs) sweeps too.
     """
 
     sweep_every_s = 10.0
@@ -55,8 +57,12 @@ class IterationMonitor:
 
     # -- requests --------------------------------------------------------------------------
 
-    def arrived(self, rid: str) -> None:
-        self.arrivals[rid] = time.monotonic()
+    def arrived(self, rid: str, scheduler: Any = None) -> None:
+        """A request reached `scheduler` (before SGLang handles it: it may refuse it)."""
+        now = time.monotonic()
+        if scheduler is not None and now - self.swept_at >= self.sweep_every_s:
+            self.sweep(_live_rids(scheduler, None), now)
+        self.arrivals[rid] = now
 
     def idle(self) -> None:
         """No batch ran: the next output gap is not a time between tokens."""
@@ -204,13 +210,18 @@ class IterationMonitor:
 
 
 def _live_rids(scheduler: Any, batch: Any) -> set[str]:
-    """Requests the scheduler holds: waiting, in the running and the last batch, chunked,
-    or in a grammar queue."""
+    """Requests the scheduler holds: waiting, in the running batch, in `batch` (the one
+    whose results are processed), in the last batch (a prefill's requests join the
+    running batch only when the next batch is chosen) and in batches whose results are
+    still to come (overlap scheduling), chunked, or in a grammar queue."""
     live: set[str] = set()
+    queued = [b for b, _ in getattr(scheduler, "result_queue", None) or ()]
     for group in (
         scheduler.waiting_queue,
         getattr(scheduler.running_batch, "reqs", None) or (),
         getattr(batch, "reqs", None) or (),
+        getattr(getattr(scheduler, "last_batch", None), "reqs", None) or (),
+        *(getattr(b, "reqs", None) or () for b in queued),
         getattr(scheduler, "grammar_queue", None) or (),
     ):
         live.update(r.rid for r in group)

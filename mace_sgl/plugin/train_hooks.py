@@ -106,7 +106,7 @@ class TrainHooks:
         """BEFORE Scheduler.handle_generate_request: note the arrival (TTFT)."""
         st = state.of(scheduler)
         if st is not None and st.monitor is not None:
-            st.monitor.arrived(recv_req.rid)
+            st.monitor.arrived(recv_req.rid, scheduler)
 
     def key_by_version(self, scheduler: Any, *args: Any, **kwargs: Any) -> None:
         """BEFORE the scheduler builds a prefill batch: every waiting request's radix key
