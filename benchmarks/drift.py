@@ -70,7 +70,10 @@ its own rounds), `train_steps` (optimizer steps, the unchecked last one included
 `pairs_handed_back` (pairs the trainer gave back untrained when its hold shrank) and
 `pairs_superseded` (pairs it gave back for never-trained ones waiting in the store
 that a step takes first, pick order newest): from /mace/status, none for periodic; and these three so far
-in each timeline entry.
+in each timeline entry. Where the server's time went in the serving windows
+(`time_spent`, and each timeline entry's `time` for its window): seconds of serving
+forwards, of training units by what they were for (`ref`, `step`, `guard`, `publish`),
+and of training starved (work waiting, no unit run; the policy's reason last seen).
 
 --seeds N repeats the whole run N times (load seeds 1..N, or K..K+N-1 with --first-seed K,
 to finish a run in pieces, which `--merge A/results.json B/results.json --out DIR` joins
@@ -334,6 +337,39 @@ def progress(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
     return {k: after.get(k, 0) - before.get(k, 0) for k in PROGRESS}
 
 
+def time_spent(before: dict[str, Any], after: dict[str, Any], wall: float) -> dict[str, Any]:
+    """Where a window's wall time went on the server, between two /mace/status `training`
+    reads: seconds of serving forwards, of training units by what they were for (the
+    reference passes, the DPO step, the guard check, the publish), of training starved
+    (work waiting, no unit run: the policy's reason at the end), and the rest idle."""
+    serve = after["serving_seconds"] - before["serving_seconds"]
+    by_work = {
+        k: round(v - before.get("train_seconds_by_work", {}).get(k, 0.0), 2)
+        for k, v in after.get("train_seconds_by_work", {}).items()
+    }
+    train = after["train_seconds"] - before["train_seconds"]
+    starve = after["starvation"]["total_s"] - before["starvation"]["total_s"]
+    return {
+        "wall_s": round(wall, 2),
+        "serve_s": round(serve, 2),
+        "train_s": round(train, 2),
+        "train_s_by_work": by_work,
+        "starved_s": round(starve, 2),
+        "starved_why": after["starvation"]["reason"],
+    }
+
+
+def time_spent_total(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """time_spent() of every window, summed (the policy's last reason dropped)."""
+    keys = ("wall_s", "serve_s", "train_s", "starved_s")
+    total: dict[str, Any] = {k: round(sum(w[k] for w in windows), 2) for k in keys}
+    works = sorted({k for w in windows for k in w["train_s_by_work"]})
+    total["train_s_by_work"] = {
+        k: round(sum(w["train_s_by_work"].get(k, 0.0) for w in windows), 2) for k in works
+    }
+    return total
+
+
 def trained_pairs(store_path: Path, posted_ids: dict[str, list[int]]) -> dict[str, int]:
     """Of the pairs posted in each phase (their store ids), how many trained at least once,
     read from the server's feedback store after it stopped: a loss recorded (a step the
@@ -450,7 +486,9 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
                 timeline.append({"t": round(wall, 1), "phase": phase.name,
                                  "since_drift": round(phase_wall, 1), **ev,
                                  # so far: when steps completed, and pairs given back
-                                 **({} if periodic else progress(status0, after))})  # fmt: skip
+                                 **({} if periodic else progress(status0, after)),
+                                 # this window: where the server's time went
+                                 "time": time_spent(before, after, dt)})  # fmt: skip
                 bar.update(1)
                 bar.set_postfix(phase=phase.name, win=f"{ev['win_rate']:.2f}")
         bar.close()
@@ -513,6 +551,8 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
         # optimizer steps; pairs the trainer gave back untrained when its hold shrank, and
         # for newer pairs (none of these for periodic: its own rounds)
         **{k: None if periodic is not None else v for k, v in progress(status0, status1).items()},
+        # the serving windows' time, summed: serving, training by work, starved
+        "time_spent": time_spent_total([e["time"] for e in timeline]),
         "timeline": timeline,
         "gaps": [g for r in results for g in r.gaps],
         "ttfts": [r.ttft for r in results if r.ttft is not None],

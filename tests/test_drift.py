@@ -79,7 +79,9 @@ def test_run_baseline_counts_serving_windows_and_pauses_training_to_evaluate(tmp
                         "rejected_versions": 0, "adapter_version": 0,
                         "train_steps": self.steps,
                         "pairs_handed_back": self.handed_back,
-                        "pairs_superseded": 2 * self.handed_back}  # fmt: skip
+                        "pairs_superseded": 2 * self.handed_back,
+                        "train_seconds_by_work": {"step": 0.0},
+                        "starvation": {"total_s": 0.0, "reason": None}}  # fmt: skip
             return _Response({"model_path": "m", "training": training})
 
         def post(self, path: str, body: dict) -> _Response:
@@ -372,3 +374,25 @@ def test_a_run_finished_in_pieces_and_merged_equals_the_run_in_one_go(
     (tmp_path / "c.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="lr"):
         drift.merge([merged, json.loads((tmp_path / "c.json").read_text())])
+
+
+def test_time_spent_splits_a_windows_time_and_sums_windows():
+    """Where a window's time went, from two /mace/status `training` reads (training by
+    work, starvation and its reason), and the windows summed for the run."""
+    from benchmarks.drift import time_spent, time_spent_total
+
+    def status(serve, train, by_work, starved, why):
+        return {"serving_seconds": serve, "train_seconds": train,
+                "train_seconds_by_work": by_work,
+                "starvation": {"total_s": starved, "reason": why}}  # fmt: skip
+
+    before = status(10.0, 4.0, {"ref": 1.0, "step": 2.0, "guard": 1.0, "publish": 0.0}, 3.0, None)
+    after = status(18.0, 9.0, {"ref": 1.5, "step": 4.0, "guard": 3.5, "publish": 0.0}, 5.0, "SLO")
+    w = time_spent(before, after, 20.0)
+    assert w == {"wall_s": 20.0, "serve_s": 8.0, "train_s": 5.0,
+                 "train_s_by_work": {"ref": 0.5, "step": 2.0, "guard": 2.5, "publish": 0.0},
+                 "starved_s": 2.0, "starved_why": "SLO"}  # fmt: skip
+    total = time_spent_total([w, w])
+    assert total == {"wall_s": 40.0, "serve_s": 16.0, "train_s": 10.0, "starved_s": 4.0,
+                     "train_s_by_work": {"guard": 5.0, "publish": 0.0, "ref": 1.0,
+                                         "step": 4.0}}  # fmt: skip

@@ -96,6 +96,11 @@ def test_feedback_raises_version_and_chosen_logprob(
         assert after > before + 0.1, (before, after)
         assert s["train_steps"] >= 3 and s["last_loss"] is not None
         assert s["queue_depth"] == 0  # every pair trained at least once
+        # Where the training time went: steps, their guard checks and publishes (the
+        # reference passes may all have run inside the steps), adding up to the total.
+        by_work = s["training"]["train_seconds_by_work"]
+        assert min(by_work["step"], by_work["guard"], by_work["publish"]) > 0, by_work
+        assert sum(by_work.values()) == pytest.approx(s["training"]["train_seconds"], rel=1e-6)
         # What is served is exactly the checkpoint of the current version (peft format).
         (live,) = [a for a in server.get("/mace/adapters").json()["adapters"] if a["default"]]
         assert live["name"] == "live" and live["version"] == s["adapter_version"]

@@ -195,6 +195,9 @@ class MaceTrainer:
         self.handed_back = 0  # pairs given back untrained when the hold shrank
         self.superseded = 0  # pairs given back for never-trained ones waiting (Newer)
         self.totals = {"train_steps": 0, "trained_tokens": 0, "train_seconds": 0.0}
+        # Seconds charged to training units, by what they were for (WORK_OF_SLICE):
+        # where a version's time goes under load (`train_seconds_by_work` in the status).
+        self.seconds_by_work = dict.fromkeys(("ref", "step", "guard", "publish"), 0.0)
         with torch.inference_mode(False):
             self.guard = Guard.for_config(self.dpo, self.tokenizer, cfg)
             if cfg.anchor_alpha:  # answered with the adapter off: the base model's own
@@ -551,10 +554,14 @@ class MaceTrainer:
                 self._report(tenant, [q.pair for q in ran.job.pairs], {})
         if not ran.on_device:
             self._observe_slice(ran.spec, ran.seconds, ran.mem_bytes)
-            return ran.seconds
-        self._observe_device_slices()
-        predicted = self.policy.cost.predict(ran.spec.kind, ran.spec.tokens)
-        return predicted if math.isfinite(predicted) else ran.seconds
+            charged = ran.seconds
+        else:
+            self._observe_device_slices()
+            predicted = self.policy.cost.predict(ran.spec.kind, ran.spec.tokens)
+            charged = predicted if math.isfinite(predicted) else ran.seconds
+        work = "ref" if ran.job.kind == "ref" else WORK_OF_SLICE.get(ran.spec.kind, "step")
+        self.seconds_by_work[work] += charged
+        return charged
 
     def _observe_slice(self, spec: SliceSpec, seconds: float, mem_bytes: float | None) -> None:
         self.policy.observe(
@@ -906,6 +913,7 @@ class MaceTrainer:
             "refs_ahead": len(self.board.refs),
             "idle_units_refused": self.idle_refused,
             "train_tokens_per_s": self.totals["trained_tokens"] / secs if secs else 0.0,
+            "train_seconds_by_work": dict(self.seconds_by_work),
             "reserve_tokens_per_iter": self.cfg.train_tokens_per_iter,
             **self.policy.status(),
             # What LeMix placement counts per serving iteration of this replica (the
@@ -966,6 +974,12 @@ class MaceTrainer:
         if step is None:
             return 0
         return sum(self.dpo.step_tokens(q.pair) for q in step.pairs)
+
+
+# What a slice of a step's job is for, by its kind (a ref job's slices are all "ref"):
+# the guard check and the publish; every other kind (forwards, backwards, the LM head's
+# chunks, the optimizer step) is the DPO step itself.
+WORK_OF_SLICE = {"guard": "guard", "publish": "publish"}
 
 
 class Starvation:
