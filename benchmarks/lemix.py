@@ -74,7 +74,9 @@ version_switch_skew_ms: for every version all replicas served, how far apart the
 serving it (each replica reports its time.monotonic() of the switch), median and max;
 adapter_staleness_s is, averaged over the polls, how long the replica furthest behind
 has been serving an older version than the newest one any replica published (0 when
-all serve the newest).
+all serve the newest). `threads`: each replica's cores and torch threads as its
+scheduler reports them (/mace/status), and `cores_shared`: whether two replicas (with
+`servers`, the two servers' schedulers) may run on one core.
 """
 
 from __future__ import annotations
@@ -302,6 +304,8 @@ class Poller:
         # version -> {replica: its time.monotonic() when it began serving that version}
         self.switches: dict[int, dict[int, float]] = {}
         self.thread = threading.Thread(target=self._run, daemon=True)
+        # each replica's cores and torch threads, from the first poll (in replica order)
+        self.threads: list[dict[str, Any] | None] | None = None
         self.prefill_at_start = self._prefill_tokens()
         self._poll()
         self.thread.start()
@@ -330,6 +334,8 @@ class Poller:
             # before 2026-12-05 did not sort it), and deltas between polls pair replicas.
             ordered += sorted(s["schedulers"], key=lambda x: (x or {}).get("dp_rank") or 0)
         now = time.monotonic()
+        if self.threads is None:
+            self.threads = [(sched or {}).get("threads") for sched in ordered]
         reps = []
         for sched in ordered:
             t = (sched or {}).get("trainer") or {}
@@ -388,7 +394,19 @@ class Poller:
             "prefill_share": prefill_share(self.prefill_at_start, self._prefill_tokens()),
             "idle_by_replica": idle,
             "train_share_by_replica": trained,
+            # where each replica's scheduler ran (servers: each server's own), and
+            # whether two replicas shared a core (they should not: plugin/cpu.py)
+            "threads": self.threads,
+            "cores_shared": cores_shared(self.threads or []),
         }
+
+
+def cores_shared(threads: list[dict[str, Any] | None]) -> bool | None:
+    """Whether any two replicas' schedulers may run on one core (None: not reported)."""
+    cores = [set(t["cores"]) for t in threads if t and t.get("cores")]
+    if len(cores) < 2 or len(cores) != len(threads):
+        return None
+    return any(a & b for i, a in enumerate(cores) for b in cores[i + 1 :])
 
 
 def prefill_share(start: list[int], end: list[int]) -> list[float] | None:

@@ -214,6 +214,19 @@ def test_the_poller_joins_the_replicas_of_several_servers():
     assert got["train_tokens_per_s"] == pytest.approx(500 / got["wall_s"])
     assert got["prefill_share"] == [0.75, 0.25]
     assert got["train_steps"] == 2
+    assert got["threads"] == [None, None] and got["cores_shared"] is None  # not reported
+
+
+def test_cores_shared_says_whether_two_replicas_may_run_on_one_core():
+    from benchmarks.lemix import cores_shared
+
+    def t(*cores):
+        return {"cores": list(cores), "torch_threads": len(cores)}
+
+    assert cores_shared([t(0), t(1)]) is False
+    assert cores_shared([t(0, 1), t(1)]) is True
+    assert cores_shared([t(0, 1), t(2, 3), t(3)]) is True
+    assert cores_shared([t(0), None]) is None and cores_shared([t(0)]) is None
 
 
 def test_the_servers_method_loads_the_router_and_feeds_each_server_its_share(monkeypatch):

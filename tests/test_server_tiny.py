@@ -126,6 +126,7 @@ def test_plugin_ran_inside_scheduler_process(server: Server):
     )
     assert "sglang.srt.managers.scheduler.Scheduler.get_internal_state" in sched["hooks_applied"]
     assert "vllm_rotary_stub" in sched["cpu_shims"]
+    assert sched["threads"]["cores"] and sched["threads"]["torch_threads"] >= 1
     assert "file_store_rendezvous" in sched["network"]
 
 

@@ -19,6 +19,9 @@ def scheduler_state(scheduler: Any) -> dict[str, Any]:
         "load": queued_and_running_tokens(scheduler),
         "plugin_version": __version__,
         "cpu_shims": list(cpu.INSTALLED),
+        # where this scheduler's threads run: on CPU each replica (or each server of a
+        # group on one machine) should have cores of its own (cpu.bind_threads)
+        "threads": thread_binding(),
         "network": list(loopback.APPLIED),
         # Hooks that HookRegistry really applied in this process (not just registered).
         "hooks_applied": sorted(HookRegistry._patched),
@@ -32,6 +35,14 @@ def scheduler_state(scheduler: Any) -> dict[str, Any]:
     if st is not None and st.pruner is not None:
         report["kv"] = st.pruner.status()
     return state.json_safe(report)
+
+
+def thread_binding() -> dict[str, Any]:
+    """The cores this scheduler's main thread may run on and torch's intra-op threads."""
+    import torch
+
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {"cores": cores, "torch_threads": torch.get_num_threads()}
 
 
 def queued_and_running_tokens(scheduler: Any) -> int | None:
