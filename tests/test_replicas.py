@@ -36,6 +36,35 @@ def moments(points: list[tuple[int, float]]) -> DecodeMoments:
     return DecodeMoments(n, sb, st, sum(b * b for b, _ in points), sum(b * t for b, t in points))
 
 
+def test_decaying_moments_follow_a_device_that_slowed_and_stay_finite():
+    """SGLang's sums run from the replica's start: after an hour at 10 ms a step, ten
+    minutes at 20 ms barely move their fit; the decaying sums follow the new time within
+    a few half-lives, keep at least min_weight steps through hours without decodes,
+    and start over when the sums go backwards (the replica restarted)."""
+    from mace_sgl.policy.placement import DecayingMoments
+
+    points: list[tuple[int, float]] = []
+    decayed = DecayingMoments(half_life_s=120.0, min_weight=32.0)
+    now = 0.0
+    for _ in range(3600):  # an hour, a step a second at 10 ms
+        points.append((2, 10_000.0))
+        now += 1.0
+        if len(points) % 10 == 0:
+            decayed.update(moments(points), now)
+    for _ in range(600):  # ten minutes at 20 ms
+        points.append((2, 20_000.0))
+        now += 1.0
+        if len(points) % 10 == 0:
+            got = decayed.update(moments(points), now)
+    assert moments(points).step_ms(2) == pytest.approx(11.4, abs=0.1)  # the whole run's fit
+    assert got.step_ms(2) == pytest.approx(20.0, abs=0.5)
+    idle = decayed.update(moments(points), now + 30 * 86400.0)  # a month without decodes
+    assert idle.n == pytest.approx(32.0) and idle.step_ms(2) == pytest.approx(got.step_ms(2))
+    fresh = moments([(1, 5_000.0)] * 10)  # restarted: fewer steps than before
+    assert decayed.update(fresh, now + 30 * 86400.0 + 1) == fresh
+    assert decayed.update(None, now) == fresh  # no decode yet in a snapshot: as before
+
+
 def test_decode_moments_fit_the_step_time_line():
     m = moments([(b, 10_000 + 2_000 * b) for b in (1, 2, 4, 8)])  # 10 ms + 2 ms per request
     assert m.step_ms(1) == pytest.approx(12.0)
@@ -238,6 +267,40 @@ def test_training_slots_carry_each_replicas_state(tmp_path: Path):
     written = writer0.written_at
     assert not writer0.due(written + WRITE_EVERY_S / 2)
     assert writer0.due(written + WRITE_EVERY_S)
+
+
+def test_lemix_dispatch_weighs_each_new_snapshots_decode_steps_once(tmp_path: Path):
+    """The controller's dispatch folds each new snapshot's decode sums (by timestamp)
+    into the replica's DecayingMoments, and a ReplicaLoad carries those, not the sums
+    from the start."""
+    from types import SimpleNamespace
+
+    from sglang.srt.managers.load_snapshot import LoadSnapshot
+
+    from mace_sgl.config import MaceConfig
+    from mace_sgl.plugin.placement import LemixDispatch
+
+    def snap(ts: float, points: list[tuple[int, float]]) -> LoadSnapshot:
+        m = moments(points)
+        return LoadSnapshot(timestamp=ts, dp_rank=0,
+                            decode_moments=[m.n, m.sb, m.st, m.sbb, m.sbt, 0.0])  # fmt: skip
+
+    reader = SimpleNamespace(snaps=[])
+    controller = SimpleNamespace(
+        load_snapshot_reader=SimpleNamespace(read_all=lambda: reader.snaps)
+    )
+    dispatch = LemixDispatch(controller, MaceConfig(replicas=1, replica_store=str(tmp_path)))
+    slow = [(2, 10_000.0)] * 1000
+    reader.snaps = [snap(1.0, slow)]
+    first = dispatch.loads([0])[0].decode
+    assert first == moments(slow)
+    dispatch.decode[0].at -= 10 * dispatch.decode[0].half_life_s  # as if long ago
+    reader.snaps = [snap(2.0, slow + [(2, 20_000.0)] * 100)]
+    for _ in range(3):  # read again and again: the same snapshot counts once
+        dispatch.read_at = float("-inf")
+        got = dispatch.loads([0])[0].decode
+    assert got.n == pytest.approx(132.0)  # 1000 steps decayed to the floor of 32, + 100
+    assert got.step_ms(2) == pytest.approx((32 * 10 + 100 * 20) / 132, rel=1e-6)
 
 
 def test_a_replica_load_joins_sglangs_snapshot_and_the_training_slot():

@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from mace_sgl.config import MaceConfig
-from mace_sgl.policy.placement import DecodeMoments, LemixPlacement, ReplicaLoad, TrainingLoad
+from mace_sgl.policy.placement import (
+    DecayingMoments,
+    DecodeMoments,
+    LemixPlacement,
+    ReplicaLoad,
+    TrainingLoad,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +85,15 @@ class TrainingSlots:
         return TrainingLoad(bool(training), unit_ms, reserve_ms, ttft_ms, tbt_ms)
 
 
-def replica_load(dp_rank: int, snapshot: Any | None, training: TrainingLoad) -> ReplicaLoad:
+def replica_load(
+    dp_rank: int,
+    snapshot: Any | None,
+    training: TrainingLoad,
+    decode: DecodeMoments | None = None,
+) -> ReplicaLoad:
     """A ReplicaLoad from SGLang's LoadSnapshot of one replica (None before its first
-    snapshot: an empty replica) and its training state."""
+    snapshot: an empty replica) and its training state; `decode`: its decode moments as
+    placement should weigh them (DecayingMoments), else the snapshot's own sums."""
     train = {"training": training.training, "unit_ms": training.unit_ms,
              "reserve_ms": training.reserve_ms, "ttft_ms": training.ttft_ms,
              "tbt_ms": training.tbt_ms}  # fmt: skip
@@ -98,7 +110,7 @@ def replica_load(dp_rank: int, snapshot: Any | None, training: TrainingLoad) -> 
         prefill_ms_per_token=busy_us / uncached / 1000.0 if uncached > 0 else None,
         prefill_busy_us=float(busy_us),
         max_running_reqs=snapshot.max_running_requests or 0,
-        decode=DecodeMoments.from_list(snapshot.decode_moments),
+        decode=decode or DecodeMoments.from_list(snapshot.decode_moments),
         timestamp=snapshot.timestamp,
         **train,
     )
@@ -112,6 +124,8 @@ class LemixDispatch:
         self.placement = LemixPlacement()
         self.slots = TrainingSlots(cfg.replica_store, cfg.replicas) if cfg.replica_store else None
         self.snapshots: dict[int, Any] = {}
+        # per replica: its decode moments, older steps weighing less
+        self.decode: dict[int, DecayingMoments] = {}
         self.read_at = 0.0
 
     def _refresh(self) -> None:
@@ -121,7 +135,11 @@ class LemixDispatch:
         self.read_at = now
         try:
             for snap in self.controller.load_snapshot_reader.read_all():
+                seen = self.snapshots.get(snap.dp_rank)
                 self.snapshots[snap.dp_rank] = snap
+                if seen is None or snap.timestamp != seen.timestamp:  # a new snapshot
+                    moments = DecodeMoments.from_list(snap.decode_moments)
+                    self.decode.setdefault(snap.dp_rank, DecayingMoments()).update(moments, now)
         except Exception as e:  # placement degrades to the last view, never fails a request
             logger.warning("load snapshot read failed: %s", e)
 
@@ -132,6 +150,7 @@ class LemixDispatch:
                 r,
                 self.snapshots.get(r),
                 self.slots.read(r) if self.slots is not None else TrainingLoad(),
+                self.decode[r].sums if r in self.decode else None,
             )
             for r in ranks
         ]

@@ -86,6 +86,11 @@ TBT_HEADROOM = 0.7
 UTIL_WINDOW_S = 5.0
 # The decode share never counted below this (a replica always prefilling still decodes).
 MIN_DECODE_SHARE = 0.1
+# A decode step's weight in the fit halves every this many seconds (DecayingMoments).
+DECODE_HALF_LIFE_S = 600.0
+# Decay stops while the fit holds fewer steps' weight than this (a replica long without
+# decodes keeps its last fit, finite, instead of decaying it to nothing).
+DECODE_MIN_WEIGHT = 32.0
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,7 @@ class DecodeMoments:
 
     def step_ms(self, batch: int) -> float:
         """Predicted decode step time at `batch` requests, in ms: the least-squares line
-        through every step so far, never below the mean step of the smallest batches
+        through the steps these sums hold (placement's: DecayingMoments), never below the mean step of the smallest batches
         (a flat or noisy fit falls back to the mean)."""
         mean_t = self.st / self.n
         den = self.n * self.sbb - self.sb * self.sb
@@ -119,6 +124,41 @@ class DecodeMoments:
         if not math.isfinite(t) or t <= 0:
             t = mean_t
         return t / 1000.0
+
+
+@dataclass
+class DecayingMoments:
+    """One replica's decode moments with older steps weighing less: SGLang's sums run
+    from the replica's start, so over days a fit through them follows a device whose
+    step time changed (a neighbour's load, a longer context mix, a throttled clock) ever
+    more slowly. Each snapshot's new steps (the difference from the last cumulative
+    sums) are added to sums whose weight halves every `half_life_s`, never below
+    `min_weight` steps (no decodes for hours keep the fit they had). Sums that went
+    backwards (the replica restarted) start over."""
+
+    half_life_s: float = DECODE_HALF_LIFE_S
+    min_weight: float = DECODE_MIN_WEIGHT
+    last: DecodeMoments | None = None  # the cumulative sums at the last update
+    at: float = 0.0  # when (seconds, any clock the caller keeps to)
+    sums: DecodeMoments | None = None
+
+    def update(self, cumulative: DecodeMoments | None, now: float) -> DecodeMoments | None:
+        """The decayed sums after this snapshot's `cumulative` sums at `now`."""
+        if cumulative is None:
+            return self.sums
+        last = self.last
+        if last is None or self.sums is None or cumulative.n < last.n:
+            self.last, self.at, self.sums = cumulative, now, cumulative
+            return self.sums
+        keep = 0.5 ** (max(now - self.at, 0.0) / self.half_life_s)
+        if self.sums.n * keep < self.min_weight:
+            keep = min(1.0, self.min_weight / self.sums.n)
+        old, fields = self.sums, ("n", "sb", "st", "sbb", "sbt")
+        self.sums = DecodeMoments(
+            *(getattr(old, f) * keep + getattr(cumulative, f) - getattr(last, f) for f in fields)
+        )
+        self.last, self.at = cumulative, now
+        return self.sums
 
 
 @dataclass(frozen=True)
