@@ -264,6 +264,7 @@ def trainer_shell(tmp_path: Path, lookahead: int = 2, **cfg):
     t.unreported = set()
     t.policy = make_policy("mace", Profile())
     t.step_wall_s = None  # no step finished yet
+    t.seconds_by_work = dict.fromkeys(("ref", "step", "guard", "publish"), 0.0)
     t.room = 0.0  # its replica's idle fraction (set by the scheduler hooks)
     t.replicas = None  # one replica: nothing to follow
     t._sync_tenants = lambda: None  # no SGLang here: the tenant set does not change
@@ -972,6 +973,34 @@ def test_trained_pairs_are_trimmed_beyond_the_retained(tmp_path: Path, conn):
     finally:
         sc.ctx.destroy(linger=0)
         sc.conn.close()
+
+
+def test_status_counts_read_indexes_not_the_tables_rows(conn):
+    """counts() and counts_by_adapter() (every /mace/status, every feedback POST's queue
+    depth) read the covering index and the partial index of rows in flight: the rows
+    carry the texts, so a scan of them at the retain bound read ~100 MB per call."""
+    ids = store.add_feedback(conn, [pair(i) for i in range(4)])
+    store.add_feedback(conn, [{**pair(9), "adapter": "other"}])
+    conn.execute("UPDATE feedback SET train_count = 1 WHERE id = ?", (ids[0],))
+    conn.execute("UPDATE feedback SET inflight_session = 's' WHERE id IN (?, ?)", ids[1:3])
+    assert store.counts(conn) == store.Counts(feedback=5, untrained=4, inflight=2)
+    assert store.counts(conn, "live") == store.Counts(feedback=4, untrained=3, inflight=2)
+    assert store.counts(conn, "none") == store.Counts(feedback=0, untrained=0, inflight=0)
+    assert store.counts_by_adapter(conn) == {
+        "live": store.Counts(feedback=4, untrained=3, inflight=2),
+        "other": store.Counts(feedback=1, untrained=1, inflight=0),
+    }
+    for query, args in (
+        (store._COUNTS, ()),
+        (store._COUNTS + " WHERE adapter = ?", ("live",)),
+        (store._COUNTS + " GROUP BY adapter", ()),
+        (store._INFLIGHT, ()),
+        (store._INFLIGHT + " AND adapter = ?", ("live",)),
+        (store._INFLIGHT + " GROUP BY adapter", ()),
+    ):
+        plan = [r[-1] for r in conn.execute("EXPLAIN QUERY PLAN " + query, args)]
+        assert all("COVERING INDEX feedback_pick" in p or "feedback_inflight" in p
+                   or "TEMP B-TREE" in p for p in plan), (query, plan)  # fmt: skip
 
 
 def test_a_purged_adapters_rows_are_deleted_in_batches(conn, monkeypatch):
