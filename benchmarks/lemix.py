@@ -402,7 +402,8 @@ class Poller:
 
 
 def cores_shared(threads: list[dict[str, Any] | None]) -> bool | None:
-    """Whether any two replicas' schedulers may run on one core (None: not reported)."""
+    """Whether any two replicas' schedulers may run on one core (None: one replica, or
+    a replica that did not report its cores)."""
     cores = [set(t["cores"]) for t in threads if t and t.get("cores")]
     if len(cores) < 2 or len(cores) != len(threads):
         return None

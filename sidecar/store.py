@@ -97,10 +97,11 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
+        conn.execute("COMMIT")  # a failed commit (disk full, I/O error) rolls back too
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # SQLite may have rolled back by itself already
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
 
 
 class BacklogFull(Exception):
@@ -290,18 +291,20 @@ def trim_trained(conn: sqlite3.Connection, keep: int) -> int:
     return gone
 
 
-def delete_adapter(conn: sqlite3.Connection, adapter: str) -> int:
-    """Delete every feedback row of `adapter` (a purged tenant's: DELETE
-    /mace/adapters/NAME?purge=true), TRIM_BATCH rows a transaction so that no write waits
-    long for the lock; returns how many went. Rows a trainer holds go too: their results
-    then change nothing (record_result)."""
+def delete_adapter(conn: sqlite3.Connection, adapter: str, upto: int | None = None) -> int:
+    """Delete the feedback rows of `adapter` (a purged tenant's: DELETE
+    /mace/adapters/NAME?purge=true), those with ids up to `upto` (retire_marked: the
+    retired tenant's, not those of one created again since), TRIM_BATCH rows a
+    transaction so that no write waits long for the lock; returns how many went. Rows a
+    trainer holds go too: their results then change nothing (record_result)."""
+    limit = upto if upto is not None else -1
     gone = 0
     while True:
         with _transaction(conn):
             n = conn.execute(
                 "DELETE FROM feedback WHERE id IN (SELECT id FROM feedback WHERE adapter = ?"
-                " LIMIT ?)",
-                (adapter, TRIM_BATCH),
+                " AND (? < 0 OR id <= ?) LIMIT ?)",
+                (adapter, limit, limit, TRIM_BATCH),
             ).rowcount
         gone += n
         if n < TRIM_BATCH:
@@ -406,6 +409,14 @@ _INFLIGHT = (
 )
 
 
+def was_tenant(conn: sqlite3.Connection, name: str) -> bool:
+    """True if tenant `name` existed and is retired now."""
+    row = conn.execute(
+        "SELECT 1 FROM tenants WHERE name = ? AND retired_at IS NOT NULL", (name,)
+    ).fetchone()
+    return row is not None
+
+
 def counts_by_adapter(conn: sqlite3.Connection) -> dict[str, Counts]:
     """counts() of every adapter that has feedback rows."""
     rows = conn.execute(_COUNTS.replace("COUNT(*)", "adapter, COUNT(*)") + " GROUP BY adapter")
@@ -465,6 +476,18 @@ def retire_tenant(conn: sqlite3.Connection, name: str) -> bool:
         (time.time(), name),
     )
     return cur.rowcount == 1
+
+
+def retire_marked(conn: sqlite3.Connection, name: str) -> tuple[bool, int]:
+    """retire_tenant, and in the same transaction the newest feedback id of `name` (0:
+    none): the rows up to it are the retired tenant's (what its purge deletes), any
+    after it come from a tenant created again under the name since."""
+    with _transaction(conn):
+        retired = retire_tenant(conn, name)
+        (upto,) = conn.execute(
+            "SELECT COALESCE(MAX(id), 0) FROM feedback WHERE adapter = ?", (name,)
+        ).fetchone()
+    return retired, int(upto)
 
 
 def tenants(conn: sqlite3.Connection) -> list[Tenant]:

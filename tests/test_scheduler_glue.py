@@ -123,15 +123,17 @@ def test_a_scheduler_that_refuses_every_request_still_forgets_them():
     sched = scheduler_with(monitor=monitor)
     sched.last_batch = SimpleNamespace(reqs=[req("prefilled")])
     sched.result_queue = [(SimpleNamespace(reqs=[req("in-flight")]), None)]
+    sched.grammar_manager = SimpleNamespace(grammar_queue=[req("compiling")])  # SGLang's
     hooks = TrainHooks(MaceConfig(train=True))
-    for rid in ("prefilled", "in-flight"):
+    live = ("prefilled", "in-flight", "compiling")
+    for rid in live:
         hooks.on_generate_request(sched, SimpleNamespace(rid=rid))
     for i in range(1000):  # each refused: never in a queue or a batch
         hooks.on_generate_request(sched, SimpleNamespace(rid=f"refused-{i}"))
-    assert len(monitor.arrivals) == 1002  # no sweep due yet
+    assert len(monitor.arrivals) == 1003  # no sweep due yet
     monitor.swept_at = -1e9  # due now
     hooks.on_generate_request(sched, SimpleNamespace(rid="next"))
-    assert set(monitor.arrivals) == {"prefilled", "in-flight", "next"}
+    assert set(monitor.arrivals) == {*live, "next"}
     assert monitor.status()["swept_requests"] == 1000
 
 

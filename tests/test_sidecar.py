@@ -5,6 +5,7 @@ restart, Work of a dead sidecar, and malformed messages on either side."""
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import subprocess
 import sys
 import time
@@ -975,6 +976,32 @@ def test_trained_pairs_are_trimmed_beyond_the_retained(tmp_path: Path, conn):
         sc.conn.close()
 
 
+def test_a_transaction_whose_commit_fails_is_rolled_back(tmp_path: Path):
+    """A COMMIT that fails (disk full, an I/O error on the WAL's sync) must not leave the
+    connection inside its write transaction, holding the lock every other writer
+    waits for: it is rolled back and the error goes on."""
+
+    class FailingCommit:
+        def __init__(self, real):
+            self.real = real
+
+        def execute(self, sql, *args):
+            if sql == "COMMIT":
+                raise sqlite3.OperationalError("disk I/O error")
+            return self.real.execute(sql, *args)
+
+        @property
+        def in_transaction(self):
+            return self.real.in_transaction
+
+    real = store.connect(tmp_path / "f.sqlite3")
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        store.add_feedback(FailingCommit(real), [pair(0)])
+    assert not real.in_transaction
+    assert store.add_feedback(real, [pair(1)]) == [1]  # the insert above was undone
+    real.close()
+
+
 def test_status_counts_read_indexes_not_the_tables_rows(conn):
     """counts() and counts_by_adapter() (every /mace/status, every feedback POST's queue
     depth) read the covering index and the partial index of rows in flight: the rows
@@ -1019,6 +1046,21 @@ def test_a_purged_adapters_rows_are_deleted_in_batches(conn, monkeypatch):
     assert len(transactions) == 3  # 2 + 2 + 1 rows
     assert [r[0] for r in conn.execute("SELECT id FROM feedback ORDER BY id")] == kept
     assert store.delete_adapter(conn, "gone") == 0
+
+
+def test_a_purge_deletes_the_retired_tenants_rows_not_those_of_one_created_again(conn):
+    """retire_marked notes the newest row of the tenant it retires: a tenant created
+    again under the name before the purge's delete ran keeps the rows it got since."""
+    assert store.add_tenant(conn, "t")
+    old = store.add_feedback(conn, [{**pair(i), "adapter": "t"} for i in range(3)])
+    assert store.retire_marked(conn, "t") == (True, old[-1])
+    assert store.retire_marked(conn, "t") == (False, old[-1])  # retired already
+    assert store.was_tenant(conn, "t") and not store.has_tenant(conn, "t")
+    assert store.add_tenant(conn, "t")  # created again meanwhile...
+    new = store.add_feedback(conn, [{**pair(9), "adapter": "t"}])
+    assert store.delete_adapter(conn, "t", upto=old[-1]) == 3  # ...keeps its own row
+    assert [r[0] for r in conn.execute("SELECT id FROM feedback")] == new
+    assert store.retire_marked(conn, "never") == (False, 0) and not store.was_tenant(conn, "never")
 
 
 def test_pairs_given_back_are_not_charged_to_their_tenants_fair_share(tmp_path: Path, conn):

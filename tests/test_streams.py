@@ -238,8 +238,21 @@ def test_job_board_hands_device_spans_to_the_trainer_later(monkeypatch):
     for p in streams.slice_timer.pending:
         p.end.done = True
     spans = board.drain_device()
-    assert [(s.kind, m) for s, _, m in spans] == [("fwd", 123.0), ("bwd", 123.0)]
-    assert all(sec == pytest.approx(0.5) for _, sec, _ in spans)
+    assert [(s.kind, m, w) for s, _, m, w in spans] == [("fwd", 123.0, "step"),
+                                                         ("bwd", 123.0, "step")]  # fmt: skip
+    assert all(sec == pytest.approx(0.5) for _, sec, _, _ in spans)
+
+
+def test_each_slice_is_counted_as_the_work_it_does():
+    """/mace/status's train_seconds_by_work: a ref job's slices are reference passes; a
+    step's guard and publish slices are their own; the rest is the DPO step."""
+    from mace_sgl.trainer.jobs import WORKS, work_of
+
+    assert work_of("ref", "fwd") == work_of("ref", "head") == "ref"
+    assert work_of("step", "guard") == "guard" and work_of("step", "publish") == "publish"
+    kinds = ("fwd", "head", "bwd", "head_bwd", "opt")
+    assert {work_of("step", k) for k in kinds} == {"step"}
+    assert set(WORKS) == {"ref", "step", "guard", "publish"}
 
 
 def test_slice_room_keeps_training_inside_its_reserve():

@@ -265,6 +265,11 @@ def test_a_purged_tenant_stays_purged_and_comes_back_fresh(server: Server, state
     with contextlib.closing(sqlite3.connect(state_dir / "feedback.sqlite3")) as conn:
         rows = conn.execute("SELECT COUNT(*) FROM feedback WHERE adapter = 'purged'")
         assert rows.fetchone()[0] == 0
+    # A purge asked again (as after one that failed half-way) finishes; a plain retire
+    # of the retired tenant is a 404.
+    r = requests.delete(server.url + "/mace/adapters/purged?purge=true", timeout=30)
+    assert r.status_code == 200 and r.json()["feedback_deleted"] == 0, r.text
+    assert requests.delete(server.url + "/mace/adapters/purged", timeout=30).status_code == 404
 
     def trainer_tenants() -> list[str]:
         status = server.get("/mace/status").json()

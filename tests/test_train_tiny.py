@@ -97,7 +97,8 @@ def test_feedback_raises_version_and_chosen_logprob(
         assert s["train_steps"] >= 3 and s["last_loss"] is not None
         assert s["queue_depth"] == 0  # every pair trained at least once
         # Where the training time went: steps, their guard checks and publishes (the
-        # reference passes may all have run inside the steps), adding up to the total.
+        # reference passes may all have run inside the steps), adding up to the total
+        # (measured slices on CPU and GPU alike).
         by_work = s["training"]["train_seconds_by_work"]
         assert min(by_work["step"], by_work["guard"], by_work["publish"]) > 0, by_work
         assert sum(by_work.values()) == pytest.approx(s["training"]["train_seconds"], rel=1e-6)

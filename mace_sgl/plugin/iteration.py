@@ -213,16 +213,18 @@ def _live_rids(scheduler: Any, batch: Any) -> set[str]:
     """Requests the scheduler holds: waiting, in the running batch, in `batch` (the one
     whose results are processed), in the last batch (a prefill's requests join the
     running batch only when the next batch is chosen) and in batches whose results are
-    still to come (overlap scheduling), chunked, or in a grammar queue."""
+    still to come (overlap scheduling), chunked, or in the grammar manager's queue
+    (waiting for its grammar to compile)."""
     live: set[str] = set()
     queued = [b for b, _ in getattr(scheduler, "result_queue", None) or ()]
+    grammar = getattr(scheduler, "grammar_manager", None)  # structured output compiling
     for group in (
         scheduler.waiting_queue,
         getattr(scheduler.running_batch, "reqs", None) or (),
         getattr(batch, "reqs", None) or (),
         getattr(getattr(scheduler, "last_batch", None), "reqs", None) or (),
         *(getattr(b, "reqs", None) or () for b in queued),
-        getattr(scheduler, "grammar_queue", None) or (),
+        getattr(grammar, "grammar_queue", None) or (),
     ):
         live.update(r.rid for r in group)
     chunked = getattr(scheduler, "chunked_req", None)

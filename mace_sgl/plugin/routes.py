@@ -551,7 +551,8 @@ async def mace_adapters_create(request: Request) -> JSONResponse:
 async def mace_adapters_delete(request: Request) -> JSONResponse:
     """DELETE /mace/adapters/NAME[?purge=true]: retire a tenant. Its checkpoints and its
     feedback rows are kept (created again, it resumes from them) unless purge is asked:
-    then both are deleted, and the name created again starts afresh."""
+    then both are deleted, and the name created again starts afresh. A purge of a
+    tenant retired before (with or without a purge that did not finish) purges it."""
     st = _state(request.app)
     cfg = st.cfg
     name = request.path_params["name"]
@@ -562,7 +563,10 @@ async def mace_adapters_delete(request: Request) -> JSONResponse:
         return _error(
             409, f"{name!r} is the default adapter (--mace-adapter-name): it always exists"
         )
-    if not await asyncio.to_thread(_with_store, cfg, store.has_tenant, name):
+    exists = await asyncio.to_thread(_with_store, cfg, store.has_tenant, name)
+    if not exists and not (
+        purge and await asyncio.to_thread(_with_store, cfg, store.was_tenant, name)
+    ):
         return _error(404, f"no adapter named {name!r}")
     try:
         if _several_servers(cfg):  # told first: a retirement must not stay on one server
@@ -575,9 +579,9 @@ async def mace_adapters_delete(request: Request) -> JSONResponse:
                 deleted = await _retire_local(cfg, name, purge)
         else:
             deleted = await _retire_local(cfg, name, purge)
-            if deleted is None:
+            if deleted is None and not purge:
                 return _error(404, f"no adapter named {name!r}")
-    except TenantError as e:  # retired, but its checkpoints could not be deleted
+    except TenantError as e:  # retired, but its purge could not finish
         return _error(e.status, e.reason)
     return JSONResponse(
         {
@@ -591,19 +595,29 @@ async def mace_adapters_delete(request: Request) -> JSONResponse:
 
 async def _retire_local(cfg: MaceConfig, name: str, purge: bool) -> int | None:
     """Retire `name` on this server: its store row, SGLang's adapter, with `purge` its
-    feedback rows (this server's store) and its checkpoints. How many feedback rows
-    went; None if it was not there."""
-    retired = await asyncio.to_thread(_with_store, cfg, store.retire_tenant, name)
-    if not retired:
-        return None
-    tm = _tokenizer_manager()
-    if cfg.train and tm is not None:
-        unloaded, error = await unload_adapter(tm, cfg, name)
-        if not unloaded:
-            logger.warning("mace: SGLang did not unload %s: %s", name, error)
+    feedback rows (this server's store; those stored up to the retirement, not a tenant
+    created again since) and its checkpoints. How many feedback rows went; None if it
+    was not there and no purge was asked (a purge of a tenant retired before still
+    runs: one that failed half-way, asked again, or applied again from the tenant
+    log; not once the name exists again)."""
+    retired, upto = await asyncio.to_thread(_with_store, cfg, store.retire_marked, name)
+    if retired:
+        tm = _tokenizer_manager()
+        if cfg.train and tm is not None:
+            unloaded, error = await unload_adapter(tm, cfg, name)
+            if not unloaded:
+                logger.warning("mace: SGLang did not unload %s: %s", name, error)
     if not purge:
-        return 0
-    deleted = await asyncio.to_thread(_with_store, cfg, store.delete_adapter, name)
+        return 0 if retired else None
+    if not retired and await asyncio.to_thread(_with_store, cfg, store.has_tenant, name):
+        return 0  # created again since: its rows and checkpoints are the new one's
+    try:
+        deleted = await asyncio.to_thread(_with_store, cfg, store.delete_adapter, name, upto)
+    except sqlite3.Error as e:
+        raise TenantError(
+            500, f"{name!r} is retired, but its feedback rows could not all be deleted ({e}): "
+            "they no longer train unless the name is created again; retry the purge"
+        ) from e  # fmt: skip
     try:
         await asyncio.to_thread(purge_dir, cfg.tenant_dir(name))
     except OSError as e:

@@ -146,14 +146,18 @@ class DecayingMoments:
         """The decayed sums after this snapshot's `cumulative` sums at `now`."""
         if cumulative is None:
             return self.sums
-        last = self.last
-        if last is None or self.sums is None or cumulative.n < last.n:
+        last, fields = self.last, ("n", "sb", "st", "sbb", "sbt")
+        if (
+            last is None
+            or self.sums is None
+            or any(getattr(cumulative, f) < getattr(last, f) for f in fields)
+        ):  # the first sums, or a sum went backwards: the replica restarted
             self.last, self.at, self.sums = cumulative, now, cumulative
             return self.sums
         keep = 0.5 ** (max(now - self.at, 0.0) / self.half_life_s)
         if self.sums.n * keep < self.min_weight:
             keep = min(1.0, self.min_weight / self.sums.n)
-        old, fields = self.sums, ("n", "sb", "st", "sbb", "sbt")
+        old = self.sums
         self.sums = DecodeMoments(
             *(getattr(old, f) * keep + getattr(cumulative, f) - getattr(last, f) for f in fields)
         )

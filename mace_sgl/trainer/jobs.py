@@ -55,6 +55,19 @@ class Job:
                     step=self.kind == "step")  # fmt: skip
 
 
+# What a slice is for (`work_of`), as /mace/status counts training seconds: a ref job's
+# slices are all "ref"; of a step's, the guard check and the publish are their own, and
+# every other kind (forwards, backwards, the LM head's chunks, the optimizer step) is
+# the DPO step itself.
+WORK_OF_SLICE = {"guard": "guard", "publish": "publish"}
+WORKS = ("ref", "step", "guard", "publish")
+
+
+def work_of(job_kind: str, slice_kind: str) -> str:
+    """The work (one of WORKS) a slice of kind `slice_kind` in a `job_kind` job does."""
+    return "ref" if job_kind == "ref" else WORK_OF_SLICE.get(slice_kind, "step")
+
+
 @dataclass(frozen=True)
 class Ran:
     """What running one slice did."""
@@ -67,6 +80,7 @@ class Ran:
     on_device: bool = False  # its device span arrives later (JobBoard.drain_device)
     value: Any = None  # the job's return value when it finished
     error: BaseException | None = None
+    work: str = "step"  # what it was for (work_of)
 
 
 class JobBoard:
@@ -155,6 +169,7 @@ class JobBoard:
         """Run the head slice of job `key` (serving must go on whatever it raises)."""
         job = self.jobs[key]
         spec = job.pending
+        work = work_of(job.kind, spec.kind)
         mem = MemoryProbe(self.streams.on_device, param_storage)
 
         def run_slice() -> tuple[bool, Any, BaseException | None]:
@@ -169,7 +184,7 @@ class JobBoard:
             return False, None, None
 
         # On a GPU on the training stream, timed there (trainer/streams.py).
-        (finished, value, error), elapsed = self.streams.time_slice(run_slice, (spec, mem))
+        (finished, value, error), elapsed = self.streams.time_slice(run_slice, (spec, mem, work))
         if finished:
             self.jobs.pop(job.key, None)
             if job is self.step_job:
@@ -177,12 +192,13 @@ class JobBoard:
             elif job.kind == "ref" and value is not None:
                 self.refs[job.pairs[0].pair.sample_id] = value
         on_cuda = self.streams.on_device
-        return Ran(job, spec, elapsed, mem.bytes, finished, on_cuda, value=value, error=error)
+        return Ran(job, spec, elapsed, mem.bytes, finished, on_cuda, value=value, error=error,
+                   work=work)  # fmt: skip
 
-    def drain_device(self) -> list[tuple[SliceSpec, float, float | None]]:
-        """(spec, device seconds, peak bytes) of GPU slices that completed since the last
-        call; always empty on CPU, where run() measured them."""
-        return [(spec, s, mem.bytes) for (spec, mem), s in self.streams.drain_slices()]
+    def drain_device(self) -> list[tuple[SliceSpec, float, float | None, str]]:
+        """(spec, device seconds, peak bytes, work) of GPU slices that completed since the
+        last call; always empty on CPU, where run() measured them."""
+        return [(spec, s, mem.bytes, work) for (spec, mem, work), s in self.streams.drain_slices()]
 
 
 class MemoryProbe:

@@ -42,7 +42,7 @@ from mace_sgl.trainer.anchor import shipped_anchors
 from mace_sgl.trainer.checkpoints import keep_lease_generation, read_lease_generation
 from mace_sgl.trainer.guard import Guard
 from mace_sgl.trainer.host import TrainerHost
-from mace_sgl.trainer.jobs import JobBoard, QueuedPair, Ran
+from mace_sgl.trainer.jobs import WORKS, JobBoard, QueuedPair, Ran
 from mace_sgl.trainer.lease import ClusterLease
 from mace_sgl.trainer.link import SidecarLink
 from mace_sgl.trainer.publish import lora_config_dict
@@ -195,9 +195,9 @@ class MaceTrainer:
         self.handed_back = 0  # pairs given back untrained when the hold shrank
         self.superseded = 0  # pairs given back for never-trained ones waiting (Newer)
         self.totals = {"train_steps": 0, "trained_tokens": 0, "train_seconds": 0.0}
-        # Seconds charged to training units, by what they were for (WORK_OF_SLICE):
+        # Seconds of training slices (measured), by what they were for (jobs.work_of):
         # where a version's time goes under load (`train_seconds_by_work` in the status).
-        self.seconds_by_work = dict.fromkeys(("ref", "step", "guard", "publish"), 0.0)
+        self.seconds_by_work = dict.fromkeys(WORKS, 0.0)
         with torch.inference_mode(False):
             self.guard = Guard.for_config(self.dpo, self.tokenizer, cfg)
             if cfg.anchor_alpha:  # answered with the adapter off: the base model's own
@@ -553,28 +553,28 @@ class MaceTrainer:
                 self._drop_held_back(tenant)
                 self._report(tenant, [q.pair for q in ran.job.pairs], {})
         if not ran.on_device:
-            self._observe_slice(ran.spec, ran.seconds, ran.mem_bytes)
-            charged = ran.seconds
-        else:
-            self._observe_device_slices()
-            predicted = self.policy.cost.predict(ran.spec.kind, ran.spec.tokens)
-            charged = predicted if math.isfinite(predicted) else ran.seconds
-        work = "ref" if ran.job.kind == "ref" else WORK_OF_SLICE.get(ran.spec.kind, "step")
-        self.seconds_by_work[work] += charged
-        return charged
+            self._observe_slice(ran.spec, ran.seconds, ran.mem_bytes, ran.work)
+            return ran.seconds
+        self._observe_device_slices()
+        predicted = self.policy.cost.predict(ran.spec.kind, ran.spec.tokens)
+        return predicted if math.isfinite(predicted) else ran.seconds
 
-    def _observe_slice(self, spec: SliceSpec, seconds: float, mem_bytes: float | None) -> None:
+    def _observe_slice(
+        self, spec: SliceSpec, seconds: float, mem_bytes: float | None, work: str
+    ) -> None:
+        """One slice measured (`work`: what it was for, jobs.work_of)."""
         self.policy.observe(
             Observation(spec.kind, seconds, tokens=spec.tokens, mem_bytes=mem_bytes)
         )
         self.totals["train_seconds"] += seconds
+        self.seconds_by_work[work] += seconds
         self.step_seconds += seconds
         self.unit_s += 0.2 * (seconds - self.unit_s)  # a unit's length, recently
 
     def _observe_device_slices(self) -> None:
         """Fold in the device spans of GPU slices that completed (none on CPU)."""
-        for spec, seconds, mem_bytes in self.board.drain_device():
-            self._observe_slice(spec, seconds, mem_bytes)
+        for spec, seconds, mem_bytes, work in self.board.drain_device():
+            self._observe_slice(spec, seconds, mem_bytes, work)
 
     def iteration_done(self, view: IterationView) -> None:
         """After a serving iteration: the units the policy fits into what it leaves."""
@@ -974,12 +974,6 @@ class MaceTrainer:
         if step is None:
             return 0
         return sum(self.dpo.step_tokens(q.pair) for q in step.pairs)
-
-
-# What a slice of a step's job is for, by its kind (a ref job's slices are all "ref"):
-# the guard check and the publish; every other kind (forwards, backwards, the LM head's
-# chunks, the optimizer step) is the DPO step itself.
-WORK_OF_SLICE = {"guard": "guard", "publish": "publish"}
 
 
 class Starvation:
