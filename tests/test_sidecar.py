@@ -292,15 +292,20 @@ def hand_driven(tmp_path: Path, lookahead: int = 2):
         ctx.term()
 
 
-def last_ready(t, pull) -> Ready:
-    """The trainer's newest Ready after a poll that asks (asked_at reset)."""
+def last_ready(t, pull, until=lambda ready: True) -> Ready:
+    """The first Ready `until` accepts, received after a poll that asks (asked_at
+    reset), whatever came before it (the first poll's Hello, Readys of earlier polls),
+    within 10 s. (It took the last Ready of what had arrived by the time the first
+    message had: over ipc:// the Hello alone could be there, and no Ready.)"""
     t.link.asked_at = 0.0
     t.poll()
-    assert pull.poll(10_000)
-    sent = [decode_to_sidecar(pull.recv())]
-    while pull.poll(0):
-        sent.append(decode_to_sidecar(pull.recv()))
-    return [m for m in sent if isinstance(m, Ready)][-1]
+    deadline = time.monotonic() + 10.0
+    while True:
+        left_ms = max(0, int(1000 * (deadline - time.monotonic())))
+        assert pull.poll(left_ms), "no such Ready within 10 s"
+        msg = decode_to_sidecar(pull.recv())
+        if isinstance(msg, Ready) and until(msg):
+            return msg
 
 
 def poll_until(t, cond, timeout_s: float, what: str) -> None:
@@ -584,9 +589,13 @@ def test_trainer_drops_malformed_messages_and_work_of_a_dead_sidecar(tmp_path: P
         push.send(encode(Work("s1", [Sample(2, "p", "c", "r", 1.0)], "new")))
         poll_until(t, lambda: len(t.board.queue) > 0, 30, "work of the new sidecar")
         assert [q.pair.sample_id for q in t.board.queue] == [2]
-        # Every Ready from now on names the new sidecar and what the trainer holds.
-        ready = last_ready(t, pull)
-        assert ready.sidecar == "new" and ready.held == [2]
+        # A Ready names the new sidecar and what the trainer holds (those of earlier
+        # polls may still be on their way, one maybe sent between the Control and the
+        # Work: waited for), and so does every later one.
+        last_ready(t, pull, until=lambda r: r.sidecar == "new" and r.held == [2])
+        for _ in range(2):
+            ready = last_ready(t, pull)
+            assert ready.sidecar == "new" and ready.held == [2]
 
 
 def test_the_trainer_shares_steps_by_the_store_weights_the_sidecar_sends(tmp_path: Path, conn):
