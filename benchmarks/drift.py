@@ -325,7 +325,7 @@ def evaluate(client: Client, phase: Phase, held_out: list[str], base: dict[str, 
 # drift has a default of its own).
 RECIPE_FLAGS = ("guard-max-kl", "guard-min-keep", "guard-open-keep", "rpo-alpha",
                 "anchor-alpha", "adapter-decay", "dpo-span", "adapter-decay-per",
-                "publish-every", "max-train-count", "pick-order")  # fmt: skip
+                "publish-every", "max-train-count", "pick-order", "guard-merge")  # fmt: skip
 
 
 PROGRESS = ("train_steps", "pairs_handed_back", "pairs_superseded")

@@ -8,11 +8,13 @@ each becomes `--FLAG` with the server's own default, type and choices, and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
-from mace_sgl.config import DECAY_PER, DPO_SPANS, PICK_ORDERS, MaceConfig
+from mace_sgl.config import MaceConfig
 
-CHOICES = {"adapter_decay_per": DECAY_PER, "dpo_span": DPO_SPANS, "pick_order": PICK_ORDERS}
+# The server's own choices of each flag that has them (MaceConfig's field metadata).
+CHOICES = {f.name: f.metadata.get("choices") for f in dataclasses.fields(MaceConfig)}
 
 
 def attr(flag: str) -> str:

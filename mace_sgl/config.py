@@ -355,6 +355,17 @@ class MaceConfig:
         default=16,
         metadata={"help": "Tokens each canary answer of the publish guard may run to."},
     )
+    guard_merge: str = field(
+        default="auto",
+        metadata={
+            "help": "How the publish guard's candidate answers its canaries: on, with the "
+            "adapter merged into a copy of the weights it adapts (one more copy of them "
+            "in memory during a check; about 2x faster a check on a 2-core Xeon, "
+            "benchmarks.guard_cost); off, with peft's unmerged LoRA layers; auto "
+            "(default): on where the trainer runs on the CPU, off on a GPU.",
+            "choices": ("auto", "on", "off"),
+        },
+    )
     measure_swap: bool = field(
         default=False,
         metadata={

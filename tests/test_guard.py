@@ -275,6 +275,61 @@ def test_batched_answers_equal_one_prompt_at_a_time(tiny_model_dir: Path):
     assert got.kl_by_answer == pytest.approx(kls, rel=1e-3, abs=1e-5)
 
 
+def test_merged_decode_answers_as_the_unmerged_adapter(tiny_model_dir: Path, monkeypatch):
+    # --mace-guard-merge: the candidate answers with its adapter merged into a copy of the
+    # adapted weights. Same answers and KLs as peft's own LoRA layers, the base weights
+    # (SGLang's, shared) untouched, and every module back to its own forward after.
+    from mace_sgl.trainer.guard import common_prefix, guard_merges
+
+    tok, dpo, guard = setup(tiny_model_dir, lr=1e-2)
+    train(dpo, pairs(tok, "Sure, fine.", lambda i: f"No {i}."), steps=3)
+    assert dpo.mergeable() and guard_merges("auto", dpo)  # the tiny model runs on the CPU
+    assert not guard_merges("off", dpo) and guard_merges("on", dpo)
+    from peft.tuners.lora import Linear as LoraLinear
+
+    adapted = []  # peft's own LoRA forwards run with the adapter on
+    own = LoraLinear.forward
+
+    def counted(self, x, *args, **kwargs):
+        adapted.append(not self.disable_adapters)
+        return own(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(LoraLinear, "forward", counted)
+    before = {n: p.clone() for n, p in dpo.lm.named_parameters()}
+    base = guard.base_states
+    plain = run_to_end(guard.answer_slices(adapter=True, base=base, scale=1.5))
+    assert any(adapted)
+    adapted.clear()
+    guard.merge = True
+    gen = guard.answer_slices(adapter=True, base=base, scale=1.5)
+    n = len(guard.prompts)
+    assert common_prefix(guard.prompts) > 0  # n + 1 prefill slices, each merges a share
+    for _ in range(n + 2):  # up to the first decode slice: the prefill has run
+        next(gen)
+    # the prefill slices ran peft's layers only where their module was not merged yet
+    assert 0 < sum(adapted) < len(dpo.lora_all) * (n + 1)
+    adapted.clear()
+    merged = run_to_end(gen)
+    assert adapted and not any(adapted)  # decoding: only the base's teacher forcing ran peft's
+    assert max(plain.kl_by_answer) > 1e-4  # the adapter moved the model: a real comparison
+    assert merged.tokens == plain.tokens
+    assert merged.kl_by_answer == pytest.approx(plain.kl_by_answer, rel=1e-3, abs=1e-5)
+    for n, p in dpo.lm.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert all("forward" not in vars(m) for m in dpo.lora_all)
+    # the merged weights are the adapter's: with it switched off they equal the base's
+    for m, w in dpo.merged_weights().items():
+        assert not torch.equal(w, m.get_base_layer().weight)
+    with torch.no_grad():
+        for b in dpo.lora_b:
+            b.zero_()
+    for m, w in dpo.merged_weights().items():
+        assert torch.equal(w, m.get_base_layer().weight)
+    reading = run_to_end(guard.check(1))
+    assert reading.published and reading.kl_per_token == pytest.approx(0.0, abs=1e-5)
+    assert guard.status()["merged_decode"] is True
+
+
 def test_common_prefix_leaves_each_prompt_a_token_of_its_own():
     from mace_sgl.trainer.guard import common_prefix
 

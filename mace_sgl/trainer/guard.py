@@ -171,12 +171,18 @@ class Guard:
         min_keep: float = 0.5,
         open_prompts: list[tuple[list[int], str]] = (),
         open_keep: float = 0.0,
+        merge: bool = False,
     ) -> None:
         """prompts: the factual canary prompts as token ids (chat template applied);
         decode: token ids -> text; max_kl: the bound on kl_per_token (nats); min_keep: the
         least share of a base answer's content words each factual answer must keep;
         open_prompts: (token ids, text) of the open canaries, answered with OPEN_BUDGET x
-        max_new_tokens and judged by open_keep (module docstring; 0: none asked)."""
+        max_new_tokens and judged by open_keep (module docstring; 0: none asked);
+        merge: the candidate answers with its adapter merged into a copy of the weights
+        (`greedy_answers`; the peft model must be `SlicedDPO.mergeable`)."""
+        if merge and not dpo.mergeable():
+            raise ValueError("the guard's merged decode needs peft LoRA Linear layers only")
+        self.merge = merge
         self.dpo = dpo
         self.factual = len(prompts)
         self.prompts = list(prompts)
@@ -216,6 +222,7 @@ class Guard:
             cfg.guard_min_keep,
             [(encode_pair(tokenizer, m, "")[0], m[-1]["content"]) for m in OPEN_PROMPTS],
             cfg.guard_open_keep,
+            merge=guard_merges(cfg.guard_merge, dpo),
         )
 
     def _text(self, tokens: list[int]) -> str:
@@ -307,17 +314,29 @@ class Guard:
         budgets = [self.max_new_tokens] * self.factual
         budgets += [OPEN_BUDGET * self.max_new_tokens] * (len(self.prompts) - self.factual)
         limits = [int(b * scale) for b in budgets]
-        return greedy_answers(self.dpo, self.prompts, self.eos_id, adapter, base, limits)
+        return greedy_answers(
+            self.dpo, self.prompts, self.eos_id, adapter, base, limits, merge=self.merge
+        )
 
     def status(self, log: GuardLog | None = None) -> dict[str, Any]:
         log = log if log is not None else self.log
         return {
+            "merged_decode": self.merge,
             "max_kl": self.max_kl,
             "min_keep": self.min_keep,
             "open_keep": self.open_keep,
             **log.status(),
             "base_answers": self.base_answers,
         }
+
+
+def guard_merges(setting: str, dpo: SlicedDPO) -> bool:
+    """--mace-guard-merge: on, off, or auto (on where the trainer runs on the CPU, whose
+    memory holds the copy of the adapted weights easily, and its peft model allows it;
+    off on a GPU, whose memory the trainer shares with SGLang's KV cache)."""
+    if setting == "auto":
+        return dpo.device.type == "cpu" and dpo.mergeable()
+    return setting == "on"
 
 
 @dataclass
@@ -368,6 +387,7 @@ def greedy_answers(
     adapter: bool,
     base: PromptStates | None,
     max_new: int | list[int],
+    merge: bool = False,
 ) -> Generator[SliceSpec, None, Answers]:
     """Greedy answers of the model (adapter on or off), up to `max_new` tokens (one
     bound, or one per prompt), to `prompts` (token ids). The prefix the prompts share is
@@ -378,8 +398,22 @@ def greedy_answers(
     base model over the answer tokens after its cached prompt (teacher forcing) and the
     mean KL(model || base) per answer token comes back too.
     Answers end with `eos_id` unless they ran to `max_new` tokens; without `base`,
-    `states` holds the model's own PromptStates (the base's when `adapter` is False)."""
+    `states` holds the model's own PromptStates (the base's when `adapter` is False).
+    With `merge` (and `adapter`), the decode runs with the adapter merged into a copy of
+    the weights it adapts (`SlicedDPO.merged_weights`, dropped at the end): each prefill
+    slice merges its share of the LoRA modules, so no slice grows by the whole merge,
+    and a module runs merged from the slice that merged it on."""
     from transformers import DynamicCache
+
+    merged: dict[Any, torch.Tensor] = {}
+    unmerged = list(dpo.lora_all) if merge and adapter else []
+    share = math.ceil(len(unmerged) / (len(prompts) + 1))  # the prefill slices: at most n + 1
+
+    def mode() -> Any:  # the model's slices: the adapter as asked, merged as far as done
+        if unmerged:
+            merged.update(dpo.merged_weights(unmerged[:share]))
+            del unmerged[:share]
+        return dpo._mode(adapter, grad=False, merged=merged)
 
     lm, dev = dpo.lm, dpo.device
     n = len(prompts)
@@ -390,7 +424,7 @@ def greedy_answers(
     prefix: list[tuple[torch.Tensor, torch.Tensor]] = []
     if shared:
         yield SliceSpec("guard", shared)
-        with dpo._mode(adapter, grad=False):
+        with mode():
             out = lm(
                 input_ids=torch.tensor([prompts[0][:shared]], device=dev),
                 use_cache=True,
@@ -400,7 +434,7 @@ def greedy_answers(
     states = PromptStates([], [])
     for prompt in prompts:
         yield SliceSpec("guard", len(prompt) - shared)
-        with dpo._mode(adapter, grad=False):
+        with mode():
             out = lm(
                 input_ids=torch.tensor([prompt[shared:]], device=dev),
                 past_key_values=DynamicCache(prefix) if shared else None,
@@ -450,7 +484,7 @@ def greedy_answers(
             [[len(p) + len(a) - 1] for p, a in zip(prompts, answers, strict=True)], device=dev
         )
         mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
-        with dpo._mode(adapter, grad=False):
+        with mode():
             out = lm(
                 input_ids=tokens,
                 position_ids=pos,
@@ -462,6 +496,7 @@ def greedy_answers(
         cache = out.past_key_values
         logps = list(F.log_softmax(out.logits[:, -1].float(), dim=-1))
     del cache
+    merged.clear()
     by_answer: list[float] = []
     kl_total, tokens_total = 0.0, 0
     for i, (answer, own) in enumerate(zip(answers, mine, strict=True)) if base is not None else ():

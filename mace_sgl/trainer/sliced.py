@@ -325,17 +325,63 @@ class SlicedDPO:
         return logps
 
     @contextmanager
-    def _mode(self, adapter: bool, grad: bool, lora: Sequence[Any] | None = None) -> Iterator[None]:
+    def _mode(
+        self,
+        adapter: bool,
+        grad: bool,
+        lora: Sequence[Any] | None = None,
+        merged: dict[Any, torch.Tensor] | None = None,
+    ) -> Iterator[None]:
         """Grad mode and the adapter switch for one slice. Without the adapter, only the
         LoRA modules in `lora` (default: every one) are switched off and back on:
         peft's own `disable_adapter()` walks the whole model and costs 50-90 ms a call on
-        SmolLM2-135M (one core), more than the layer a reference slice runs."""
+        SmolLM2-135M (one core), more than the layer a reference slice runs. With
+        `merged` (`merged_weights`, adapter on, no grad), its modules run as plain linear
+        maps with their merged weights."""
         with ExitStack() as stack:
             stack.enter_context(torch.inference_mode(False))
             stack.enter_context(torch.enable_grad() if grad else torch.no_grad())
             if not adapter:
                 stack.enter_context(_adapters_off(self.lora_all if lora is None else lora))
+            elif merged:
+                stack.enter_context(_merged_in(merged))
             yield
+
+    def mergeable(self) -> bool:
+        """Whether `merged_weights` can stand in for every LoRA module: peft LoRA Linear
+        layers in (out, in) layout, not merged into their base already, without DoRA."""
+        from peft.tuners.lora import Linear as LoraLinear
+
+        return all(
+            isinstance(m, LoraLinear)
+            and not m.merged
+            and not m.fan_in_fan_out
+            and not any(m.use_dora.get(a, False) for a in m.active_adapters)
+            for m in self.lora_all
+        )
+
+    def merged_weights(self, modules: Sequence[Any] | None = None) -> dict[Any, torch.Tensor]:
+        """Each LoRA module's (of `modules`, default: every one) base weight plus its active adapters' delta (B A x scaling),
+        in one fused product-and-add into a new tensor of the base weight's dtype (A and
+        B cast to it, the sum accumulated in float32 and rounded once): one more copy of
+        the adapted weights, while it is held. The base weights (SGLang's, shared) are
+        not touched: peft's own merge adds the delta in place and its unmerge takes it
+        off again, which in bf16 leaves rounding behind in the weights that serve. For
+        inference only: gradients do not reach the LoRA parameters through it. Why:
+        the unmerged adapter runs two more small matrix products per adapted layer,
+        with dtype casts, at every position (`benchmarks.guard_cost`). Needs
+        `mergeable`."""
+        out: dict[Any, torch.Tensor] = {}
+        with torch.inference_mode(False), torch.no_grad():
+            for m in self.lora_all if modules is None else modules:
+                merged = m.get_base_layer().weight
+                for name in m.active_adapters:
+                    if name in m.lora_A:
+                        a = m.lora_A[name].weight.to(merged.dtype)
+                        b = m.lora_B[name].weight.to(merged.dtype)
+                        merged = torch.addmm(merged, b, a, alpha=m.scaling[name])
+                out[m] = merged
+        return out
 
     def backward_slices(
         self, ids: torch.Tensor, prompt_len: int, kept: list, coef: float | torch.Tensor
@@ -497,6 +543,24 @@ def _adapters_off(modules: Sequence[Any]) -> Iterator[None]:
     finally:
         for m in modules:
             m.enable_adapters(True)
+
+
+@contextmanager
+def _merged_in(weights: dict[Any, torch.Tensor]) -> Iterator[None]:
+    """Each module in `weights` runs as the plain linear map with its merged weight (an
+    instance `forward`, which nn.Module's call takes before the class's), restored on the
+    way out."""
+
+    def linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Any:
+        return lambda x, *args, **kwargs: F.linear(x, weight, bias)
+
+    for m, weight in weights.items():
+        m.forward = linear(weight, m.get_base_layer().bias)
+    try:
+        yield
+    finally:
+        for m in weights:
+            del m.forward
 
 
 HEAD_CHUNK_ROWS = 8192  # rows of the output matrix per head slice when head_chunks = 0
