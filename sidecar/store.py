@@ -407,21 +407,28 @@ _COUNTS = "SELECT COUNT(*), SUM(train_count = 0) FROM feedback INDEXED BY feedba
 _INFLIGHT = (
     "SELECT COUNT(*) FROM feedback INDEXED BY feedback_inflight WHERE inflight_session IS NOT NULL"
 )
+_COUNTS_BY_ADAPTER = (
+    "SELECT adapter, COUNT(*), SUM(train_count = 0) FROM feedback INDEXED BY feedback_pick"
+    " GROUP BY adapter"
+)
+_INFLIGHT_BY_ADAPTER = (
+    "SELECT adapter, COUNT(*) FROM feedback INDEXED BY feedback_inflight"
+    " WHERE inflight_session IS NOT NULL GROUP BY adapter"
+)
 
 
-def was_tenant(conn: sqlite3.Connection, name: str) -> bool:
-    """True if tenant `name` existed and is retired now."""
-    row = conn.execute(
-        "SELECT 1 FROM tenants WHERE name = ? AND retired_at IS NOT NULL", (name,)
-    ).fetchone()
-    return row is not None
+def tenant_state(conn: sqlite3.Connection, name: str) -> str | None:
+    """Tenant `name`'s state: "live" while it exists, "retired" once retired, None if
+    the store never had it."""
+    row = conn.execute("SELECT retired_at IS NULL FROM tenants WHERE name = ?", (name,))
+    found = row.fetchone()
+    return None if found is None else ("live" if found[0] else "retired")
 
 
 def counts_by_adapter(conn: sqlite3.Connection) -> dict[str, Counts]:
     """counts() of every adapter that has feedback rows."""
-    rows = conn.execute(_COUNTS.replace("COUNT(*)", "adapter, COUNT(*)") + " GROUP BY adapter")
-    inflight = dict(conn.execute(_INFLIGHT.replace("COUNT(*)", "adapter, COUNT(*)")
-                                 + " GROUP BY adapter"))  # fmt: skip
+    rows = conn.execute(_COUNTS_BY_ADAPTER)
+    inflight = dict(conn.execute(_INFLIGHT_BY_ADAPTER))
     return {
         a: Counts(feedback=n, untrained=u or 0, inflight=inflight.get(a, 0)) for a, n, u in rows
     }
@@ -511,7 +518,4 @@ def created_at(conn: sqlite3.Connection, name: str) -> float | None:
 
 def has_tenant(conn: sqlite3.Connection, name: str) -> bool:
     """True if tenant `name` exists (not retired)."""
-    row = conn.execute(
-        "SELECT 1 FROM tenants WHERE name = ? AND retired_at IS NULL", (name,)
-    ).fetchone()
-    return row is not None
+    return tenant_state(conn, name) == "live"

@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from benchmarks import align, drift
-from benchmarks.server_flags import add_flags, server_flags, values
+from benchmarks.server_flags import CHOICES, add_flags, server_flags, values
 from mace_sgl.config import add_mace_args, build_mace_config
 
 
@@ -19,9 +19,10 @@ def test_each_flag_reaches_the_server_with_its_value(flags):
     defaults = bench.parse_args([])
     given = []
     for flag, default in values(defaults, flags).items():  # something other than the default
-        other = {"step": "pair", "edit": "whole", "pair": "step", "whole": "edit",
-                 "newest": "oldest", "oldest": "newest"}.get(default)  # fmt: skip
-        if isinstance(default, int):
+        choices = CHOICES[flag.replace("-", "_")]
+        if choices:
+            other = next(c for c in choices if c != default)
+        elif isinstance(default, int):
             other = default + 1
         elif isinstance(default, float):
             other = default / 2 if default else 0.25

@@ -246,7 +246,7 @@ def trainer_shell(tmp_path: Path, lookahead: int = 2, **cfg):
     from mace_sgl.policy.fairshare import FairShare
     from mace_sgl.policy.policies import make_policy
     from mace_sgl.policy.profile import Profile
-    from mace_sgl.trainer import learned_cost
+    from mace_sgl.trainer import jobs, learned_cost
     from mace_sgl.trainer.jobs import JobBoard
     from mace_sgl.trainer.link import SidecarLink
     from mace_sgl.trainer.runtime import MaceTrainer
@@ -265,7 +265,7 @@ def trainer_shell(tmp_path: Path, lookahead: int = 2, **cfg):
     t.unreported = set()
     t.policy = make_policy("mace", Profile())
     t.step_wall_s = None  # no step finished yet
-    t.seconds_by_work = dict.fromkeys(("ref", "step", "guard", "publish"), 0.0)
+    t.seconds_by_work = dict.fromkeys(jobs.WORKS, 0.0)
     t.room = 0.0  # its replica's idle fraction (set by the scheduler hooks)
     t.replicas = None  # one replica: nothing to follow
     t._sync_tenants = lambda: None  # no SGLang here: the tenant set does not change
@@ -1029,10 +1029,10 @@ def test_status_counts_read_indexes_not_the_tables_rows(conn):
     for query, args in (
         (store._COUNTS, ()),
         (store._COUNTS + " WHERE adapter = ?", ("live",)),
-        (store._COUNTS + " GROUP BY adapter", ()),
+        (store._COUNTS_BY_ADAPTER, ()),
         (store._INFLIGHT, ()),
         (store._INFLIGHT + " AND adapter = ?", ("live",)),
-        (store._INFLIGHT + " GROUP BY adapter", ()),
+        (store._INFLIGHT_BY_ADAPTER, ()),
     ):
         plan = [r[-1] for r in conn.execute("EXPLAIN QUERY PLAN " + query, args)]
         assert all("COVERING INDEX feedback_pick" in p or "feedback_inflight" in p
@@ -1064,12 +1064,14 @@ def test_a_purge_deletes_the_retired_tenants_rows_not_those_of_one_created_again
     old = store.add_feedback(conn, [{**pair(i), "adapter": "t"} for i in range(3)])
     assert store.retire_marked(conn, "t") == (True, old[-1])
     assert store.retire_marked(conn, "t") == (False, old[-1])  # retired already
-    assert store.was_tenant(conn, "t") and not store.has_tenant(conn, "t")
+    assert store.tenant_state(conn, "t") == "retired" and not store.has_tenant(conn, "t")
     assert store.add_tenant(conn, "t")  # created again meanwhile...
+    assert store.tenant_state(conn, "t") == "live"
     new = store.add_feedback(conn, [{**pair(9), "adapter": "t"}])
     assert store.delete_adapter(conn, "t", upto=old[-1]) == 3  # ...keeps its own row
     assert [r[0] for r in conn.execute("SELECT id FROM feedback")] == new
-    assert store.retire_marked(conn, "never") == (False, 0) and not store.was_tenant(conn, "never")
+    assert store.retire_marked(conn, "never") == (False, 0)
+    assert store.tenant_state(conn, "never") is None
 
 
 def test_pairs_given_back_are_not_charged_to_their_tenants_fair_share(tmp_path: Path, conn):

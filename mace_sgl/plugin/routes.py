@@ -563,10 +563,8 @@ async def mace_adapters_delete(request: Request) -> JSONResponse:
         return _error(
             409, f"{name!r} is the default adapter (--mace-adapter-name): it always exists"
         )
-    exists = await asyncio.to_thread(_with_store, cfg, store.has_tenant, name)
-    if not exists and not (
-        purge and await asyncio.to_thread(_with_store, cfg, store.was_tenant, name)
-    ):
+    state = await asyncio.to_thread(_with_store, cfg, store.tenant_state, name)
+    if state != "live" and not (purge and state == "retired"):
         return _error(404, f"no adapter named {name!r}")
     try:
         if _several_servers(cfg):  # told first: a retirement must not stay on one server

@@ -68,6 +68,7 @@ reserve, lost every score. Without targets (no trainer writes its slot: no
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -112,8 +113,9 @@ class DecodeMoments:
 
     def step_ms(self, batch: int) -> float:
         """Predicted decode step time at `batch` requests, in ms: the least-squares line
-        through the steps these sums hold (placement's: DecayingMoments), never below the mean step of the smallest batches
-        (a flat or noisy fit falls back to the mean)."""
+        through the steps these sums hold (placement's: DecayingMoments), its slope
+        never negative; a fit without spread in batch sizes, or a prediction that is not
+        positive, falls back to the mean step."""
         mean_t = self.st / self.n
         den = self.n * self.sbb - self.sb * self.sb
         if den <= 1e-9:
@@ -146,7 +148,7 @@ class DecayingMoments:
         """The decayed sums after this snapshot's `cumulative` sums at `now`."""
         if cumulative is None:
             return self.sums
-        last, fields = self.last, ("n", "sb", "st", "sbb", "sbt")
+        last, fields = self.last, [f.name for f in dataclasses.fields(DecodeMoments)]
         if (
             last is None
             or self.sums is None
