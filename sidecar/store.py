@@ -104,6 +104,14 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
+class NotLive(Exception):
+    """Feedback refused: its adapters are not live tenants (never created, or retired)."""
+
+    def __init__(self, adapters: list[str]) -> None:
+        super().__init__(f"no live adapter named {', '.join(map(repr, adapters))}")
+        self.adapters = adapters
+
+
 class BacklogFull(Exception):
     """Feedback refused: a tenant's never-trained pairs would exceed the bound."""
 
@@ -115,13 +123,25 @@ class BacklogFull(Exception):
         )
 
 
-def add_feedback(conn: sqlite3.Connection, items: Iterable[dict], backlog: int = 0) -> list[int]:
+def add_feedback(
+    conn: sqlite3.Connection, items: Iterable[dict], backlog: int = 0, live_only: bool = False
+) -> list[int]:
     """Insert validated items in one transaction: all are stored, or none. With `backlog`
-    > 0, none are (BacklogFull) when an adapter's never-trained pairs would exceed it."""
+    > 0, none are (BacklogFull) when an adapter's never-trained pairs would exceed it.
+    With `live_only`, none are (NotLive) when an item's adapter is not a live tenant, as
+    of this transaction: a retirement (and a purge's delete, which deletes the rows
+    stored up to it) that committed after the caller looked cannot be followed by rows
+    of the retired name."""
     now = time.time()
     items = list(items)
     ids: list[int] = []
     with _transaction(conn):
+        if live_only:
+            gone = sorted(
+                {i["adapter"] for i in items if tenant_state(conn, i["adapter"]) != "live"}
+            )
+            if gone:
+                raise NotLive(gone)
         if backlog > 0:
             for adapter, adding in Counter(item["adapter"] for item in items).items():
                 (waiting,) = conn.execute(

@@ -1057,6 +1057,26 @@ def test_a_purged_adapters_rows_are_deleted_in_batches(conn, monkeypatch):
     assert store.delete_adapter(conn, "gone") == 0
 
 
+def test_feedback_for_a_tenant_retired_meanwhile_is_not_stored(conn):
+    """POST /mace/feedback looks the adapters up, then stores (live_only): a retirement
+    committed in between (a DELETE, maybe with a purge whose delete has run) refuses the
+    whole body in the storing transaction, so no row of the retired name comes after
+    the purge."""
+    assert store.add_tenant(conn, "t") and store.add_tenant(conn, "u")
+    assert len(store.add_feedback(conn, [{**pair(0), "adapter": "t"}], live_only=True)) == 1
+    retired, upto = store.retire_marked(conn, "t")
+    assert retired and store.delete_adapter(conn, "t", upto) == 1
+    with pytest.raises(store.NotLive) as refused:
+        store.add_feedback(
+            conn, [{**pair(1), "adapter": "u"}, {**pair(2), "adapter": "t"}], live_only=True
+        )
+    assert refused.value.adapters == ["t"]
+    with pytest.raises(store.NotLive):
+        store.add_feedback(conn, [{**pair(3), "adapter": "never"}], live_only=True)
+    assert conn.execute("SELECT COUNT(*) FROM feedback").fetchone() == (0,)  # all or none
+    assert not conn.in_transaction
+
+
 def test_a_purge_deletes_the_retired_tenants_rows_not_those_of_one_created_again(conn):
     """retire_marked notes the newest row of the tenant it retires: a tenant created
     again under the name before the purge's delete ran keeps the rows it got since."""

@@ -307,9 +307,15 @@ async def mace_feedback(request: Request) -> JSONResponse:
         except TenantError as e:
             return _error(e.status, f"{e.reason}; nothing was stored")
     try:
-        ids = await asyncio.to_thread(_with_store, cfg, store.add_feedback, items, bound)
+        ids = await asyncio.to_thread(_with_store, cfg, store.add_feedback, items, bound, True)
     except store.BacklogFull as e:
         return _error(429, str(e))
+    except store.NotLive as e:  # retired since we looked (a DELETE in between)
+        return _error(
+            409,
+            f"adapter {', '.join(map(repr, e.adapters))} was retired while this feedback was "
+            "being stored; nothing was stored (create it again, then resend)",
+        )
     metrics = st.metrics()
     if metrics is not None:
         metrics.rows_stored(item["adapter"] for item in items)
