@@ -1,7 +1,7 @@
 """What one publish-guard check costs, with the adapter merged and with peft's own LoRA layers.
 
 `python -m benchmarks.guard_cost [--steps 6] [--repeats 7] [--model-path P] [--dtype
-bfloat16|float32] [--out DIR]`
+bfloat16|float32] [--lr LR] [--out DIR]`
 
 Every candidate version is checked before it is published (trainer/guard.py): under
 `benchmarks.drift`'s load the checks took 65% of the trainer's time (README, 2026-12-07),
@@ -16,7 +16,7 @@ server's default LoRA and recipe, trained `--steps` DPO steps on a style prefere
 one run, `--repeats` checks each way, the two ways alternating (and which goes first
 alternating too). Reported per way: the check's seconds and its largest slice's
 (median, min, max; a slice must fit between serving iterations, and the merge runs in
-the first one), the ratio of the medians, the merge's own seconds, and whether the
+the prefill slices, a share of the layers in each), the ratio of the medians, the merge's own seconds, and whether the
 two ways agree (how many of the canary answers differ, the largest difference of their
 KLs: the merged weights are rounded to the model's dtype once, the unmerged path adds a
 float32 LoRA output to the base's).
@@ -67,11 +67,13 @@ def timed_check(guard: Guard, version: int) -> tuple[float, float, Any]:
         largest = max(largest, time.perf_counter() - t)
 
 
-def run(model_path: str, steps: int, repeats: int, dtype: str) -> dict[str, Any]:
+def run(
+    model_path: str, steps: int, repeats: int, dtype: str, lr: float | None = None
+) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    cfg = MaceConfig()
+    cfg = MaceConfig() if lr is None else MaceConfig(lr=lr)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
     lm.config._attn_implementation = "sdpa"
@@ -95,7 +97,8 @@ def run(model_path: str, steps: int, repeats: int, dtype: str) -> dict[str, Any]
     dpo.merged_weights()
     merge_s = time.perf_counter() - t
     ways: dict[str, dict[str, list]] = {
-        w: {"check_s": [], "largest_slice_s": [], "readings": []} for w in ("unmerged", "merged")
+        w: {"check_s": [], "largest_slice_s": [], "readings": [], "merged_decode": []}
+        for w in ("unmerged", "merged")
     }
     for r in range(repeats):
         order = ("unmerged", "merged") if r % 2 == 0 else ("merged", "unmerged")
@@ -105,6 +108,7 @@ def run(model_path: str, steps: int, repeats: int, dtype: str) -> dict[str, Any]
             ways[way]["check_s"].append(seconds)
             ways[way]["largest_slice_s"].append(largest)
             ways[way]["readings"].append(reading)
+            ways[way]["merged_decode"].append(guard.status()["merged_decode"])
     plain, merged = ways["unmerged"]["readings"][0], ways["merged"]["readings"][0]
     out: dict[str, Any] = {
         "machine": machine(),
@@ -112,6 +116,7 @@ def run(model_path: str, steps: int, repeats: int, dtype: str) -> dict[str, Any]
         "dtype": dtype,
         "torch_threads": torch.get_num_threads(),
         "steps": steps,
+        "lr": cfg.lr,
         "repeats": repeats,
         "merge_s": merge_s,
         "answers": len(plain.answers),
@@ -128,6 +133,9 @@ def run(model_path: str, steps: int, repeats: int, dtype: str) -> dict[str, Any]
         out[way] = {
             "check_s": spread(got["check_s"]),
             "largest_slice_s": spread(got["largest_slice_s"]),
+            "merged_decode": all(got["merged_decode"])
+            if way == "merged"
+            else any(got["merged_decode"]),
         }
     out["speedup"] = out["unmerged"]["check_s"]["median"] / out["merged"]["check_s"]["median"]
     return out
@@ -139,13 +147,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--model-path", default=None, help="default: the embedded model")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    parser.add_argument("--lr", type=float, default=None, help="default: the server's")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if args.model_path is None:
         from mace_sgl.models import ensure_default_model
 
         args.model_path = str(ensure_default_model(progress=False))
-    result = run(args.model_path, args.steps, args.repeats, args.dtype)
+    result = run(args.model_path, args.steps, args.repeats, args.dtype, args.lr)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out is not None:

@@ -349,38 +349,42 @@ class SlicedDPO:
 
     def mergeable(self) -> bool:
         """Whether `merged_weights` can stand in for every LoRA module: peft LoRA Linear
-        layers in (out, in) layout, not merged into their base already, without DoRA."""
+        layers in (out, in) layout, not merged into their base already, each active
+        adapter plain LoRA (no variant such as DoRA, no LoRA bias)."""
         from peft.tuners.lora import Linear as LoraLinear
 
         return all(
             isinstance(m, LoraLinear)
             and not m.merged
             and not m.fan_in_fan_out
-            and not any(m.use_dora.get(a, False) for a in m.active_adapters)
+            and not any(
+                a in getattr(m, "lora_variant", {}) or getattr(m, "lora_bias", {}).get(a)
+                for a in m.active_adapters
+            )
             for m in self.lora_all
         )
 
     def merged_weights(self, modules: Sequence[Any] | None = None) -> dict[Any, torch.Tensor]:
-        """Each LoRA module's (of `modules`, default: every one) base weight plus its active adapters' delta (B A x scaling),
-        in one fused product-and-add into a new tensor of the base weight's dtype (A and
-        B cast to it, the sum accumulated in float32 and rounded once): one more copy of
-        the adapted weights, while it is held. The base weights (SGLang's, shared) are
-        not touched: peft's own merge adds the delta in place and its unmerge takes it
-        off again, which in bf16 leaves rounding behind in the weights that serve. For
-        inference only: gradients do not reach the LoRA parameters through it. Why:
-        the unmerged adapter runs two more small matrix products per adapted layer,
-        with dtype casts, at every position (`benchmarks.guard_cost`). Needs
-        `mergeable`."""
+        """Each LoRA module's (of `modules`, default: every one) base weight plus its
+        active adapters' delta (B A x scaling), summed in float32 and rounded once into a
+        new tensor of the base weight's dtype (one module at a time: the float32
+        temporary is one layer's): one more copy of the adapted weights, while it is
+        held. The base weights (SGLang's, shared) are not touched: peft's own merge adds
+        the delta in place and its unmerge takes it off again, which in bf16 leaves
+        rounding behind in the weights that serve. For inference only: gradients do not
+        reach the LoRA parameters through it. Why: the unmerged adapter runs two more
+        small matrix products per adapted layer, with dtype casts, at every position
+        (`benchmarks.guard_cost`). Needs `mergeable`."""
         out: dict[Any, torch.Tensor] = {}
         with torch.inference_mode(False), torch.no_grad():
             for m in self.lora_all if modules is None else modules:
-                merged = m.get_base_layer().weight
+                weight = m.get_base_layer().weight
+                merged = weight.float()
                 for name in m.active_adapters:
                     if name in m.lora_A:
-                        a = m.lora_A[name].weight.to(merged.dtype)
-                        b = m.lora_B[name].weight.to(merged.dtype)
-                        merged = torch.addmm(merged, b, a, alpha=m.scaling[name])
-                out[m] = merged
+                        a, b = m.lora_A[name].weight, m.lora_B[name].weight
+                        merged = torch.addmm(merged, b.float(), a.float(), alpha=m.scaling[name])
+                out[m] = merged.to(weight.dtype)
         return out
 
     def backward_slices(
