@@ -26,7 +26,6 @@ DIR/results.json when --out is given.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 
 from benchmarks.serve_smoke import machine
+from benchmarks.stats import emit
 from mace_sgl.config import MaceConfig
 from mace_sgl.templating import encode_pair
 from mace_sgl.trainer.guard import Guard, greedy_answers
@@ -155,11 +155,7 @@ def main() -> None:
 
         args.model_path = str(ensure_default_model(progress=False))
     result = run(args.model_path, args.steps, args.repeats, args.dtype, args.lr)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""Means and 95% intervals over a few repeats (seeds of drift, repeats of colocate)."""
+"""Means and 95% intervals over a few repeats (seeds of drift, repeats of colocate), and
+how a benchmark without a server hands its result over (`emit`)."""
 
 from __future__ import annotations
 
+import json
 import statistics
+from pathlib import Path
 from typing import Any
 
 T95 = {
@@ -44,3 +47,12 @@ def aggregate(rows: list[dict[str, Any]], rows_key: str = "seeds") -> dict[str, 
     out["ci95"] = ci
     out[rows_key] = rows
     return out
+
+
+def emit(result: dict[str, Any], out: Path | None) -> None:
+    """Print `result` as JSON, and write it to out/results.json when `out` is given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(text + "\n")

@@ -20,7 +20,6 @@ same numbers. DIR/results.json when --out is given.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -28,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.stats import emit
 from sidecar import store
 
 # The counts as the store read them before 2026-12-07: from the rows (a table scan).
@@ -117,11 +117,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     result = run(args.rows, args.text_chars, args.repeats)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
