@@ -67,9 +67,10 @@ class MaceConfig:
     feedback_backlog: int = field(
         default=10_000,
         metadata={
-            "help": "Never-trained feedback pairs one adapter may have waiting on a "
-            "server that trains; a POST /mace/feedback that would pass it gets 429 and "
-            "stores nothing (0: no bound; a server that does not train has none)."
+            "help": "Never-trained feedback pairs one adapter may have stored; a POST "
+            "/mace/feedback that would pass it gets 429 and stores nothing (0: no bound). "
+            "On a server that does not train nothing drains them until it is started "
+            "with --mace-train."
         },
     )
     feedback_retain: int = field(
@@ -476,13 +477,10 @@ class MaceConfig:
     )
 
     @property
-    def backlog_bound(self) -> int:
-        """The never-trained pairs per adapter POST /mace/feedback accepts up to:
-        --mace-feedback-backlog on a server that trains; 0 (no bound) on one that only
-        stores feedback (no --mace-train, or the inference-only policy), where nothing
-        would ever drain it."""
-        trains = self.train and self.policy != "inference-only"
-        return self.feedback_backlog if trains else 0
+    def trains(self) -> bool:
+        """Whether this server trains what it stores (--mace-train, a policy that trains;
+        paused counts as training)."""
+        return self.train and self.policy != "inference-only"
 
     @property
     def synced(self) -> bool:

@@ -118,8 +118,8 @@ class BacklogFull(Exception):
     def __init__(self, adapter: str, waiting: int, adding: int, limit: int) -> None:
         super().__init__(
             f"adapter {adapter!r} has {waiting} feedback pairs waiting to train; {adding} "
-            f"more would pass the bound of {limit} (--mace-feedback-backlog): retry once "
-            "training has caught up; nothing was stored"
+            f"more would pass the bound of {limit} (--mace-feedback-backlog); nothing was "
+            "stored"
         )
 
 
@@ -137,9 +137,8 @@ def add_feedback(
     ids: list[int] = []
     with _transaction(conn):
         if live_only:
-            gone = sorted(
-                {i["adapter"] for i in items if tenant_state(conn, i["adapter"]) != "live"}
-            )
+            named = {item["adapter"] for item in items}
+            gone = sorted(a for a in named if tenant_state(conn, a) != "live")
             if gone:
                 raise NotLive(gone)
         if backlog > 0:

@@ -158,3 +158,55 @@ def test_acknowledged_rows_survive_kill_9_of_the_writer(tmp_path: Path):
     conn = store.connect(db)
     stored = {r[0] for r in conn.execute("SELECT id FROM feedback")}
     assert set(acked) <= stored
+
+
+def feedback_route(monkeypatch: pytest.MonkeyPatch, **flags):
+    """The POST /mace/feedback route on an app of its own (no SGLang: no tokenizer, no
+    metrics), over a real store in flags' state_dir; returns (client, store connection)."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from mace_sgl.config import MaceConfig
+    from mace_sgl.plugin import routes
+
+    monkeypatch.setattr(routes, "_tokenizer_manager", lambda: None)
+    cfg = MaceConfig(**flags)
+    app = FastAPI()
+    app.state.mace = routes.RouteState(cfg)
+    app.add_api_route("/mace/feedback", routes.mace_feedback, methods=["POST"])
+    conn = store.connect(cfg.store_path)
+    assert store.add_tenant(conn, "live")
+    return TestClient(app), conn
+
+
+def test_the_route_refuses_feedback_for_an_adapter_retired_after_its_lookup(tmp_path, monkeypatch):
+    """A DELETE that commits between the route's lookup and its store: 409, nothing
+    stored (the lookup is made to answer as before the retirement)."""
+    from mace_sgl.plugin import routes
+
+    client, conn = feedback_route(monkeypatch, state_dir=str(tmp_path))
+    assert store.add_tenant(conn, "t")
+    assert store.retire_marked(conn, "t")[0]
+    monkeypatch.setattr(routes, "_existing", lambda conn, names: set(names))
+    r = client.post("/mace/feedback", json=[GOOD, {**GOOD, "adapter": "t"}])
+    assert r.status_code == 409, r.text
+    assert "'t' was retired" in r.json()["error"]
+    assert store.counts(conn).feedback == 0
+    assert client.post("/mace/feedback", json=GOOD).status_code == 200
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_full_backlog_is_a_429_that_says_what_drains_it(tmp_path, monkeypatch, train):
+    """--mace-feedback-backlog holds on every server; the 429 of one that does not train
+    says that nothing drains the pairs there and how to train them."""
+    client, conn = feedback_route(
+        monkeypatch, state_dir=str(tmp_path), feedback_backlog=2, train=train
+    )
+    assert client.post("/mace/feedback", json=[GOOD, GOOD]).status_code == 200
+    r = client.post("/mace/feedback", json=GOOD)
+    assert r.status_code == 429, r.text
+    error = r.json()["error"]
+    assert "--mace-feedback-backlog" in error
+    assert ("does not train" in error and "--mace-train" in error) is not train
+    assert ("caught up" in error) is train
+    assert store.counts(conn).feedback == 2

@@ -38,7 +38,7 @@ def test_rotary_stub_imports_and_fails_loudly_if_called():
 
 
 def test_single_rank_rendezvous_moves_to_a_private_file_store():
-    args, kwargs = loopback.file_store_for_single_rank(
+    args, kwargs = loopback.rendezvous_on_loopback(
         world_size=1, rank=0, distributed_init_method="tcp://127.0.0.1:1234"
     )
     method = kwargs["distributed_init_method"]
@@ -62,17 +62,74 @@ def test_store_dirs_of_dead_schedulers_are_removed(tmp_path):
     assert not gone.exists() and live.exists() and other.exists()
 
 
-def test_multi_rank_rendezvous_is_left_alone():
-    assert (
-        loopback.file_store_for_single_rank(
-            world_size=2, rank=0, distributed_init_method="tcp://127.0.0.1:1234"
-        )
-        is None
-    )
-    assert (
-        loopback.file_store_for_single_rank(world_size=1, rank=0, distributed_init_method="env://")
-        is None
-    )
+def test_a_rendezvous_on_another_host_is_left_alone():
+    for method in ("tcp://10.1.2.3:1234", "tcp://0.0.0.0:1234", "env://"):
+        assert loopback.rendezvous_on_loopback(
+            world_size=2, rank=0, distributed_init_method=method
+        ) is None, method  # fmt: skip
+    assert loopback.rendezvous_on_loopback(
+        world_size=1, rank=0, distributed_init_method="env://"
+    ) is None  # fmt: skip
+
+
+RANKS = """
+import json, os, sys
+import psutil, torch
+import torch.distributed as dist
+from mace_sgl.plugin import loopback
+
+rank, port = int(sys.argv[1]), int(sys.argv[2])
+os.environ.pop("GLOO_SOCKET_IFNAME", None)
+hooked = loopback.rendezvous_on_loopback(
+    world_size=2, rank=rank, distributed_init_method=f"tcp://127.0.0.1:{port}")
+method = hooked[1]["distributed_init_method"]
+dist.init_process_group("gloo", init_method=method, world_size=2, rank=rank)
+t = torch.tensor([rank + 1.0])
+dist.all_reduce(t)
+listening = [c.laddr.ip for c in psutil.Process().net_connections(kind="inet")
+             if c.status == psutil.CONN_LISTEN]
+gloo = [c for c in psutil.Process().net_connections(kind="inet")
+        if c.status == psutil.CONN_ESTABLISHED]
+print(json.dumps({"method": method, "sum": t.item(), "listening": listening,
+                  "peers": [c.raddr.ip for c in gloo],
+                  "ifname": os.environ.get("GLOO_SOCKET_IFNAME")}), flush=True)
+dist.barrier()
+os._exit(0)  # not a teardown under gloo's threads
+"""
+
+
+def test_ranks_on_loopback_meet_and_listen_on_loopback_only():
+    """Two ranks rendezvous as SGLang's tp/pp ranks do (tcp://127.0.0.1:PORT, through
+    the hook): the store's server and gloo's connections stay on loopback, where
+    torch's own tcp:// store listens on every interface."""
+    import ipaddress
+    import json
+
+    from mace_sgl.launcher import free_port
+
+    port = free_port()
+    procs = [
+        subprocess.Popen([sys.executable, "-c", RANKS, str(r), str(port)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in range(2)
+    ]  # fmt: skip
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    got = [json.loads(out) for out, _ in outs]
+    assert all(g["method"] == f"mace-loopback://127.0.0.1:{port}" for g in got)
+    assert all(g["sum"] == 3.0 for g in got)
+    assert all(g["ifname"] == loopback.loopback_interface() for g in got)
+    assert got[0]["listening"], got  # rank 0 serves the store
+    for g in got:
+        for ip in g["listening"] + g["peers"]:
+            addr = ipaddress.ip_address(ip)
+            addr = getattr(addr, "ipv4_mapped", None) or addr  # ::ffff:127.0.0.1
+            assert addr.is_loopback, g
 
 
 def test_threads_are_bound_to_the_ranks_cores_when_sglang_binds_none():

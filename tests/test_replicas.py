@@ -452,6 +452,10 @@ if rank == 0:  # the store's server: lives through the peer's death
             announced = sync.generation
             sync.send("live", 8, v8, lambda: None)
         time.sleep(0.05)
+    if mode in ("long", "dies-forming"):  # generation 2 or later formed: 0's keys deleted
+        while sync.stats.pruned_keys == 0:
+            assert time.monotonic() < deadline, "nothing pruned: " + json.dumps(sync.status())
+            time.sleep(0.05)
     print(json.dumps(sync.status()), flush=True)
     time.sleep(2)  # the peer reads before the store goes away
     os._exit(0)  # not a teardown under gloo's threads: see the end of REPLICA
@@ -537,11 +541,49 @@ def test_a_server_killed_and_restarted_rejoins_the_group(tmp_path: Path, mode: s
         assert status["members"] == [0, 1] and status["regroups"] >= 1, status
         assert status["sent"] >= 2  # v7 once, v8 at least once (again after the regroup)
         assert (status["send_failures"] > 0) == (mode != "quiet")
+        if mode in ("long", "dies-forming"):  # generation 2 or later: 0's keys deleted
+            assert status["pruned_keys"] > 0, status
         assert first.wait(timeout=30) == 0 and again.wait(timeout=30) == 0
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+
+def test_a_regroup_deletes_the_keys_of_generations_every_member_left():
+    """Server 0's store holds each generation's keys (gloo addresses, marks, the sealed
+    members) under mace/sync/<g>/; the lowest member of a new generation g deletes those
+    of generations before g - 1 and nothing else, and a member that seals a deleted
+    generation late (a list of its own over the deleted keys) is told it is not in it."""
+    from torch.distributed import PrefixStore, TCPStore
+
+    from mace_sgl.trainer.replicas import GEN_KEY, MEMBER_KEY, NotAMember, ReplicaSync, SyncStats
+
+    server = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    store = TCPStore("127.0.0.1", server.port, is_master=False,
+                     timeout=datetime.timedelta(seconds=10))  # fmt: skip
+    for g in range(4):
+        gen = PrefixStore(f"mace/sync/{g}/", store)
+        for key in ("in/0", "in/1", "members", "rank_0", "rank_1"):
+            gen.set(key, "0,1" if key == "members" else "1")
+    others = [GEN_KEY, MEMBER_KEY.format(rank=0), "mace/tenants/n", "mace/tenants/3"]
+    for key in others:
+        store.set(key, "3")
+    keys = set(store.list_keys())
+    sync = object.__new__(ReplicaSync)  # the store side only: no gloo group, no threads
+    sync.store, sync._connect, sync.rejoin, sync.rank, sync.world = store, None, True, 0, 2
+    sync.join_wait_s, sync.stats, sync._error = 0.5, SyncStats(), pytest.fail
+    sync._prune(1)  # nothing before generation 0
+    assert set(store.list_keys()) == keys
+    sync._prune(3)
+    left = set(store.list_keys())
+    gone = {k for k in keys if k.startswith(("mace/sync/0/", "mace/sync/1/"))}
+    assert len(gone) == 10 and left == keys - gone
+    assert sync.stats.pruned_keys == 10
+    # A member that read the counter at 1 long ago (it is at 3 now) forms 1 now: out.
+    with pytest.raises(NotAMember):
+        sync._members(PrefixStore("mace/sync/1/", store), 1, store)
+    assert sync._members(PrefixStore("mace/sync/3/", store), 3, store) == (0, 1)
 
 
 def test_the_stepping_replica_serves_its_version_once_every_peer_took_it():

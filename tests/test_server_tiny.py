@@ -301,11 +301,25 @@ def test_tenants_are_created_counted_and_retired(server: Server):
     assert server.post("/mace/feedback", {**PAIR, "adapter": "team-a"}).status_code == 404
 
 
-def test_a_server_that_does_not_train_has_no_feedback_backlog(server: Server):
-    """Without --mace-train nothing would ever drain a backlog: --mace-feedback-backlog
-    (set here) is not in force, and feedback beyond it is stored."""
-    r = server.post("/mace/feedback", [PAIR] * (BACKLOG + 1))
-    assert r.status_code == 200 and r.json()["count"] == BACKLOG + 1, r.text
+def test_a_server_that_does_not_train_bounds_its_feedback_backlog(server: Server):
+    """Without --mace-train nothing drains stored feedback, yet it stays bounded:
+    --mace-feedback-backlog (set here) refuses the pair beyond it with a 429 that says
+    how to train them, and stores nothing."""
+    admin = bearer(ADMIN_KEY)
+    r = requests.post(server.url + "/mace/adapters", json={"name": "stored"}, headers=admin)
+    assert r.status_code == 201, r.text
+    pair = {**PAIR, "adapter": "stored"}
+    assert server.post("/mace/feedback", [pair] * (BACKLOG + 1)).status_code == 413
+    r = server.post("/mace/feedback", [pair] * BACKLOG)
+    assert r.status_code == 200 and r.json()["count"] == BACKLOG, r.text
+    count = feedback_count(server)
+    r = server.post("/mace/feedback", pair)
+    assert r.status_code == 429, r.text
+    assert "does not train" in r.json()["error"] and "--mace-train" in r.json()["error"]
+    assert feedback_count(server) == count
+    assert server.post("/mace/feedback", PAIR).status_code == 200  # another adapter's room
+    r = requests.delete(server.url + "/mace/adapters/stored?purge=true", headers=admin)
+    assert r.status_code == 200 and r.json()["feedback_deleted"] == BACKLOG, r.text
 
 
 def test_feedback_survives_kill_9_of_the_whole_server(

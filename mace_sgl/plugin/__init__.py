@@ -19,8 +19,10 @@ Hooks (target -> why -> how):
   machine -> pin the scheduler's threads to its cores and set torch's thread count
   (plugin/cpu.py bind_threads).
 - `sglang.srt.distributed.parallel_state.init_distributed_environment` BEFORE -> torch's
-  TCPStore listens on every interface although SGLang asks for 127.0.0.1 -> a
-  single-rank engine rendezvouses through a file store instead (plugin/loopback.py).
+  TCPStore listens on every interface although SGLang asks for 127.0.0.1, and gloo/NCCL
+  on the hostname's -> a single-rank engine rendezvouses through a file store instead;
+  several ranks on a loopback host through a TCPStore bound to that host, gloo and
+  NCCL on the loopback interface (plugin/loopback.py).
 - `sglang.srt.managers.scheduler.Scheduler.get_internal_state` AFTER -> /mace/status must
   show state that lives in the scheduler process (and prove the plugin runs there) ->
   add a `mace` entry to the dict SGLang already sends back over its own msgpack channel
@@ -117,7 +119,7 @@ def register() -> None:
 
     HookRegistry.register(
         "sglang.srt.distributed.parallel_state.init_distributed_environment",
-        loopback.file_store_for_single_rank,
+        loopback.rendezvous_on_loopback,
         HookType.BEFORE,
     )
     HookRegistry.register(

@@ -282,7 +282,7 @@ async def mace_feedback(request: Request) -> JSONResponse:
         )
     except FeedbackError as e:
         return _error(e.status, e.reason)
-    bound = cfg.backlog_bound
+    bound = cfg.feedback_backlog
     batch = Counter(item["adapter"] for item in items)
     too_many = [f"{n} for {a!r}" for a, n in sorted(batch.items()) if bound and n > bound]
     if too_many:
@@ -309,7 +309,14 @@ async def mace_feedback(request: Request) -> JSONResponse:
     try:
         ids = await asyncio.to_thread(_with_store, cfg, store.add_feedback, items, bound, True)
     except store.BacklogFull as e:
-        return _error(429, str(e))
+        if cfg.trains:
+            return _error(429, f"{e}: retry once training has caught up")
+        return _error(
+            429,
+            f"{e}: this server does not train (no --mace-train, or the inference-only "
+            "policy), so nothing drains them; restart it with --mace-train to train them, "
+            "or raise --mace-feedback-backlog (0: no bound)",
+        )
     except store.NotLive as e:  # retired since we looked (a DELETE in between)
         return _error(
             409,

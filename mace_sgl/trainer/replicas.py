@@ -58,7 +58,11 @@ before gloo connects is given up after FORM_TIMEOUT_S: a regroup's gloo connecti
 that timeout (the first generation's wait as long as the servers take to start; the
 receiving thread passes its own long wait), and a formation that fails moves the
 counter on, so the next attempt meets under a fresh prefix without the dead member (it
-is not marked in there).
+is not marked in there). The lowest member of each generation deletes the keys of the
+generations before the previous one (`_prune`), so the store holds about three
+generations' keys however often the group forms (the one forming, the current and the
+previous); a member that seals a deleted generation late finds the counter two past it
+and joins the current one instead.
 
 The store lives in server 0 (its first scheduler). When server 0 dies, the other
 servers' store calls fail; their group threads try a new connection every POLL_S plus
@@ -290,6 +294,14 @@ class DeadlineStore:
             result.run(method, *args)
 
 
+def _generation(key: str) -> float:
+    """The generation whose prefix holds `key` (mace/sync/<g>/...); inf for any other."""
+    parts = key.split("/", 3)
+    if len(parts) > 3 and parts[:2] == ["mace", "sync"] and parts[2].isdigit():
+        return int(parts[2])
+    return float("inf")
+
+
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
@@ -379,6 +391,7 @@ class SyncStats:
     applied: int = 0
     send_failures: int = 0
     regroups: int = 0  # generations formed after the first
+    pruned_keys: int = 0  # keys of old generations deleted from the store (by this rank)
     store_restarts: int = 0  # fresh stores joined (server 0 restarted)
     last_send_ms: float | None = None
     errors: list[str] = field(default_factory=list)
@@ -500,6 +513,7 @@ class ReplicaSync:
             "members": list(self.members),
             "regroups": s.regroups,
             "store_restarts": s.store_restarts,
+            "pruned_keys": s.pruned_keys,
             "sent": s.sent,
             "received": s.received,
             "applied": s.applied,
@@ -518,7 +532,7 @@ class ReplicaSync:
 
         store = self.store  # one connection throughout (the group thread may move on)
         prefix = PrefixStore(f"mace/sync/{generation}/", store)
-        members = self._members(prefix, generation)
+        members = self._members(prefix, generation, store)
         if self.rank not in members:
             raise NotAMember(generation)
         opts = ProcessGroupGloo._Options()
@@ -563,12 +577,18 @@ class ReplicaSync:
             raise FormTimeout(f"generation {generation} did not form within {limit:g} s")
         return result.value()
 
-    def _members(self, prefix: Any, generation: int) -> tuple[int, ...]:
+    def _members(self, prefix: Any, generation: int, store: Any) -> tuple[int, ...]:
         """Who is in `generation`: everyone in the first one (or on one server); after a
         regroup, the ranks that joined within `join_wait_s` (all of them: at once), as
-        the first to see the wait end sealed it (compare-and-set: one list for all)."""
+        the first to see the wait end sealed it (compare-and-set: one list for all).
+        NotAMember once the counter is two past `generation`, whose keys `_prune` may
+        have deleted then (a list sealed over them would be this rank's alone): checked
+        before marking in, and again after the seal, as `_prune` deletes only once the
+        counter got there (a seal before the deletes saw the generation's own list)."""
         if not self.rejoin or generation == 0:
             return tuple(range(self.world))
+        if self._counter(store) >= generation + 2:
+            raise NotAMember(generation)
         prefix.set(f"in/{self.rank}", "1")
         keys = [f"in/{r}" for r in range(self.world)]
         deadline = time.monotonic() + self.join_wait_s
@@ -581,10 +601,32 @@ class ReplicaSync:
         present = ",".join(str(r) for r in range(self.world) if prefix.check([keys[r]]))
         sealed = store_text(prefix.compare_set(MEMBERS_KEY, "", present))
         members = tuple(int(r) for r in sealed.split(","))
+        if self._counter(store) >= generation + 2:
+            raise NotAMember(generation)
         if len(members) < self.world:
             gone = sorted(set(range(self.world)) - set(members))
             self._error(f"generation {generation} goes on without rank(s) {gone}")
         return members
+
+    def _prune(self, generation: int) -> None:
+        """Delete the keys of the generations before `generation` - 1 (their gloo
+        addresses, marks and member lists), which every member has left: without it
+        server 0's store keeps every regroup's keys for as long as it runs. Run by the
+        lowest member of each generation formed after the first; the previous
+        generation's are kept for a member that forms it just as the others move on.
+        A member that seals one of them late finds itself out of it (`_members`: the
+        counter is past it by two). A failure is logged and left for the next regroup
+        (the keys stay meanwhile)."""
+        below = generation - 1
+        if below <= 0:
+            return
+        try:
+            polls = self._poll_store()
+            old = [k for k in map(store_text, polls.list_keys()) if _generation(k) < below]
+            for key in old:
+                self.stats.pruned_keys += bool(polls.delete_key(key))
+        except Exception as e:
+            self._error(f"prune below generation {below}: {type(e).__name__}: {e}")
 
     def _move_on(self, generation: int, store: Any = None) -> int:
         """Move the counter past `generation` (once, whoever does it) and return it
@@ -728,6 +770,8 @@ class ReplicaSync:
                 logger.warning("replica sync: rank %d joined a restarted store (server 0)",
                                self.rank)  # fmt: skip
             self._start_receiving()
+            if members[0] == self.rank:
+                self._prune(current)
 
     # -- threads ---------------------------------------------------------------------------
 
