@@ -16,7 +16,7 @@ from torch.distributed import TCPStore
 
 from mace_sgl.launcher import free_port
 from mace_sgl.plugin import tenant_log
-from mace_sgl.plugin.tenant_log import Position, TenantLogFollower, TenantOp
+from mace_sgl.plugin.tenant_log import Base, Position, TenantLogFollower, TenantOp
 
 
 def master() -> tuple[TCPStore, SimpleNamespace]:
@@ -138,7 +138,8 @@ def test_a_gap_is_given_up_after_gap_s_and_the_log_goes_on(loop):
 
 
 def follower_of(cfg: SimpleNamespace, rank: int, loop, book: dict[int, Position],
-                seen: list[tuple[int, str, str]]) -> TenantLogFollower:  # fmt: skip
+                seen: list[tuple[int, str, str]], keep: int = tenant_log.LOG_KEEP,
+                ) -> TenantLogFollower:  # fmt: skip
     """Server `rank`'s follower, its position saved in `book[rank]` (its feedback store)
     and what it applies recorded in `seen` as (rank, op, name)."""
 
@@ -149,7 +150,8 @@ def follower_of(cfg: SimpleNamespace, rank: int, loop, book: dict[int, Position]
         book[rank] = Position.from_settings(lambda k, d: p.settings().get(k, d))
 
     return TenantLogFollower(SimpleNamespace(**{**vars(cfg), "sync_rank": rank}), apply,
-                             lambda: loop, lambda: book.get(rank, Position()), save)  # fmt: skip
+                             lambda: loop, lambda: book.get(rank, Position()), save,
+                             keep=keep)  # fmt: skip
 
 
 def test_an_entry_no_other_server_applied_outlives_a_restart_of_server_0(loop):
@@ -302,3 +304,137 @@ def test_a_peers_create_with_a_weight_out_of_range_is_refused():
         op = tenant_log.TenantOp("create", "team-a", weight=weight)
         with pytest.raises(ValueError, match="tenant weight"):
             asyncio.run(apply_tenant_op(MaceConfig(), op))
+
+
+def entry_keys(store: TCPStore, n: int) -> list[int]:
+    """The indexes of the log's entries still in the store, of 1..n."""
+    return [i for i in range(1, n + 1) if store.check([tenant_log.LOG_ENTRY.format(i=i)])]
+
+
+def test_server_0_folds_old_entries_into_a_base_and_a_server_behind_it_catches_up(loop):
+    """The log is bounded: server 0 keeps the newest `keep` entries and folds the older
+    ones into the base, whether or not every server applied them. A server that was
+    away, or lost its position, applies the base and then the rest, and ends with the
+    tenants of a server that applied every entry."""
+    store, cfg = master()
+    cfg.sync_world_size = 3
+    book: dict[int, Position] = {}
+    seen: list[tuple[int, str, str]] = []
+    zero = follower_of(cfg, 0, loop, book, seen, keep=2)
+    one, two = follower_of(cfg, 1, loop, book, seen), follower_of(cfg, 2, loop, book, seen)
+    changes = [("create", "a"), ("create", "b"), ("retire", "a"), ("create", "c"),
+               ("create", "d"), ("retire", "d"), ("create", "e")]  # fmt: skip
+    for k, (op, name) in enumerate(changes):
+        one.send(store, TenantOp(op, name))
+        if k == 1:
+            two.poll(store, loop)  # server 2 applies the first two, then is away
+    zero.poll(store, loop)  # applies all seven, then keeps the newest two
+    assert [(op, name) for r, op, name in seen if r == 0] == changes
+    assert zero.trimmed == 5 and tenant_log.upto(store) == 5 and entry_keys(store, 7) == [6, 7]
+    folded = {name: op.op for name, op in tenant_log.base(store).ops.items()}
+    assert folded == {"a": "retire", "b": "create", "c": "create", "d": "create"}
+    zero.poll(store, loop)  # fewer than 2 x keep entries past the base: nothing more
+    assert zero.trimmed == 5 and entry_keys(store, 7) == [6, 7]
+    # Server 2 was at entry 2: the base (what it applied already loses to its stamp),
+    # then entries 6 and 7.
+    two.poll(store, loop)
+    assert two.from_base == 1 and book[2].applied == 7
+    assert [(op, name) for r, op, name in seen if r == 2] == changes
+    # Server 2 again, its position lost (a fresh feedback store): the base, then the
+    # rest: the tenants b, c and e, as on server 0.
+    del book[2]
+    seen.clear()
+    again = follower_of(cfg, 2, loop, book, seen)
+    again.poll(store, loop)
+    assert [(op, name) for _, op, name in seen] == [
+        ("create", "b"), ("retire", "a"), ("create", "c"), ("create", "d"), ("retire", "d"),
+        ("create", "e")]  # fmt: skip
+    assert book[2].applied == 7 and again.status()["from_base"] == 1
+    # Server 1 applied nothing of its own: its mark moves on all the same.
+    one.poll(store, loop)
+    assert book[1].applied == 7 and book[1].outbox == []
+
+
+def test_the_base_never_passes_an_entry_not_written_yet_nor_takes_a_skip_later():
+    store, _ = master()
+    for name in "ab":
+        tenant_log.append(store, TenantOp("create", name, origin=1))
+    store.add(tenant_log.LOG_COUNT, 1)  # entry 3: its writer is slow
+    for name in "cdef":
+        tenant_log.append(store, TenantOp("create", name, origin=1))
+    assert tenant_log.trim(store, keep=1) == 2  # it would fold up to 6, but 3 is unwritten
+    assert tenant_log.upto(store) == 2 and entry_keys(store, 7) == [4, 5, 6, 7]
+    tenant_log.fill_gap(store, 2)  # a reader that saw 2 missing: it was folded, not lost
+    assert entry_keys(store, 7) == [4, 5, 6, 7]
+    tenant_log.fill_gap(store, 3)  # a lost entry is given up as before
+    assert tenant_log.trim(store, keep=1) == 4 and entry_keys(store, 7) == [7]
+    assert set(tenant_log.base(store).ops) == {"a", "b", "c", "d", "e"}
+
+
+def test_the_base_folds_as_a_follower_applies_and_keeps_a_bounded_number_of_names():
+    b = Base()
+    changes = [("create", "a"), ("retire", "b"), ("create", "c"), ("retire", "d")]
+    for i, (op, name) in enumerate(changes, 1):
+        b.fold(i, TenantOp(op, name, origin=1, stamp=float(i)))
+    b.fold(5, TenantOp("retire", "a", origin=2, stamp=0.5))  # older than a's create
+    b.fold(6, TenantOp("skip"))
+    assert b.upto == 6 and {n: op.op for n, op in b.ops.items()} == {
+        "a": "create", "b": "retire", "c": "create", "d": "retire"}  # fmt: skip
+    assert Base.from_json(b.to_json()) == b
+    assert [op.name for op in b.in_order()] == ["a", "b", "c", "d"]
+    assert b.bound(3) == 1 and set(b.ops) == {"a", "c", "d"}  # the oldest retirement
+    assert b.bound(1) == 2 and set(b.ops) == {"c"}  # retirements, then the oldest
+
+
+def test_a_create_after_a_purge_purges_first_on_a_server_that_missed_the_purge(loop):
+    """A tenant purged and created again: a server that gets the creation before the
+    purge (appended again out of order after a restart of server 0), or only the
+    creation (the purge folded into the base), purges the old tenant's rows and
+    checkpoints before it creates the new one; a server that applied the purge does
+    not purge twice."""
+    store, cfg = master()
+    cfg.sync_world_size = 3
+    book: dict[int, Position] = {}
+    applied: list[tuple[int, TenantOp]] = []
+
+    def follower(rank: int, keep: int = tenant_log.LOG_KEEP) -> TenantLogFollower:
+        async def apply(op: TenantOp) -> None:
+            applied.append((rank, op))
+
+        def save(p: Position) -> None:
+            book[rank] = Position.from_settings(lambda k, d: p.settings().get(k, d))
+
+        return TenantLogFollower(SimpleNamespace(**{**vars(cfg), "sync_rank": rank}), apply,
+                                 lambda: loop, lambda: book.get(rank, Position()), save,
+                                 keep=keep)  # fmt: skip
+
+    def seen(rank: int) -> list[tuple[str, str, bool]]:
+        return [(op.op, op.name, op.purge) for r, op in applied if r == rank]
+
+    one = follower(1)
+    one.send(store, TenantOp("create", "x"))
+    one.send(store, TenantOp("retire", "x", purge=True))
+    one.send(store, TenantOp("create", "x"))
+    purge, create = (s.op for s in book[1].outbox[1:])
+    assert create.purged == purge.stamp > 0 and book[1].outbox[0].op.purged == 0
+    assert Position.from_settings(lambda k, d: book[1].settings().get(k, d)).purges == {
+        "x": purge.stamp}  # fmt: skip
+    one.send(store, TenantOp("create", "y"))
+    # In log order: the purge once, then the creation.
+    zero = follower(0, keep=1)
+    zero.poll(store, loop)
+    assert seen(0) == [("create", "x", False), ("retire", "x", True), ("create", "x", False),
+                       ("create", "y", False)]  # fmt: skip
+    # The creation before the purge (a new log, server 1's entries appended in another
+    # order): the purge first, then the creation; the purge's own entry is older.
+    fresh, _ = master()
+    tenant_log.append(fresh, create, lease=False)
+    tenant_log.append(fresh, purge, lease=False)
+    follower(2).poll(fresh, loop)
+    assert seen(2) == [("retire", "x", True), ("create", "x", False)]
+    # Only the creation, in the base (server 0 folded the purge away): the same.
+    assert zero.trimmed == 3 and tenant_log.base(store).ops["x"] == create
+    applied.clear()
+    del book[2]
+    follower(2).poll(store, loop)
+    assert seen(2) == [("retire", "x", True), ("create", "x", False), ("create", "y", False)]

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlparse
 
+from mace_sgl.bound_store import bound_tcp_store
+
 PREFIX = "mace-sgl-dist-"
 SCHEME = "mace-loopback"  # a tcp:// rendezvous whose store listens on its host only
 
@@ -84,11 +86,7 @@ def loopback_store(
     if port is None:
         raise ValueError(f"{SCHEME}:// rendezvous: port number missing in {url!r}")
     if rank == 0:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = socket.create_server((host, port), family=family, backlog=128)
-        # detach(): the store owns the bound socket from here (Python must not close it).
-        store = TCPStore(host, port, world, True, timeout, master_listen_fd=listener.detach(),
-                         use_libuv=libuv)  # fmt: skip
+        store = bound_tcp_store(host, port, world, timeout, use_libuv=libuv)
     else:
         store = TCPStore(host, port, world, False, timeout, use_libuv=libuv)
     yield store, rank, world

@@ -17,6 +17,10 @@ The log's keys:
     mace/tenants/n       entries counted so far (a writer takes index i = add(n, 1))
     mace/tenants/<i>     entry i as JSON (TenantOp), written by compare-and-set from ""
     mace/tenants/applied/<rank>  the last index that server's follower handled
+    mace/tenants/base    the entries up to some index, folded (Base): per tenant name,
+                         the entry a follower applying them all in order would have
+                         applied last
+    mace/tenants/upto    that index (0 or absent: nothing folded)
 A writer that dies between taking an index and writing it leaves a gap; a reader that
 finds the same gap for GAP_S writes a `skip` entry there (compare-and-set, so a late
 writer loses and reports the failure instead of being overwritten), and the log goes on.
@@ -44,12 +48,27 @@ this server had already applied is not applied twice. Per name, that is also wha
 two servers that change one tenant at once end the same (the newer stamp wins on both),
 as a server makes its own changes and applies the others' one at a time (`changing`).
 A name whose stamp was dropped (beyond MAX_STAMPS names) takes any entry for it again.
+A purge may lose to a newer creation of the name, in a log appended again out of order or
+folded into the base; the old tenant's rows and checkpoints must go all the same. So a
+creation carries `purged`, the stamp of the newest purge of its name its server knew of
+(each server keeps those stamps with its position), and a server that has not applied
+that purge applies it first.
 
 An entry whose apply fails is tried again at the next poll: without end while this server
 is starting (RetryLater), MAX_TRIES times for other errors, then skipped and counted (a
 bad entry must not stop the log). Until a server applied a creation, versions of that
 tenant that the others publish wait in its trainer (trainer/runtime.py, ORPHAN_AFTER_S),
 and feedback for it is refused with 404 there like any unknown adapter's.
+
+The log is bounded: server 0's follower folds all but the newest `keep` (LOG_KEEP)
+entries into the base and deletes them (`trim`), once 2 x keep entries are past the base,
+whether or not every server applied them (a server that never came up must not hold the
+log open). A follower whose position is below the base's index applies the base first
+(its entries by stamp, each as a log entry: what it handled already loses to its stamp),
+then the log after it: the same tenants as applying every entry, as a tenant's newest
+change wins. (The trimmer writes the base, then its index, then deletes the entries: a
+reader finds every entry it has not folded in one or the other.) The base keeps at most
+MAX_STAMPS names, dropping the retirements with the oldest stamps first.
 
 Entries are plain JSON; nothing is unpickled. While server 0 is down, routes that must
 append answer 503 and the followers retry.
@@ -76,6 +95,9 @@ LOG_EPOCH = "mace/tenants/epoch"
 LOG_COUNT = "mace/tenants/n"
 LOG_ENTRY = "mace/tenants/{i}"
 LOG_APPLIED = "mace/tenants/applied/{rank}"
+LOG_BASE = "mace/tenants/base"
+LOG_UPTO = "mace/tenants/upto"
+LOG_KEEP = 256  # entries server 0 keeps in the store; older ones are folded into the base
 POLL_S = 2.0
 GAP_S = 30.0  # a counted entry still unwritten after this long is given up as lost
 MAX_TRIES = 3  # an entry that keeps failing here (not RetryLater) is skipped after these
@@ -97,6 +119,9 @@ class TenantOp:
     origin: int = -1  # the server (--mace-sync-rank) that appended it
     id: str = ""  # given when first appended; the same when appended again
     stamp: float = 0.0  # when first appended (0: not stamped, applied in log order)
+    # create: the stamp of the newest purge of this name its origin knew of (0: none);
+    # a server that has not applied that purge applies it before it creates
+    purged: float = 0.0
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -116,7 +141,14 @@ class TenantOp:
             origin=int(data.get("origin", -1)),
             id=str(data.get("id", "")),
             stamp=float(data.get("stamp", 0.0)),
+            purged=float(data.get("purged", 0.0)),
         )
+
+    def missed_purge(self) -> TenantOp | None:
+        """The purge a create was made after (its origin's), as an entry of its own."""
+        if self.op != "create" or not self.purged:
+            return None
+        return TenantOp("retire", self.name, purge=True, origin=self.origin, stamp=self.purged)
 
 
 SKIP = TenantOp("skip").to_json()
@@ -159,12 +191,15 @@ def append(store: Any, op: TenantOp, lease: bool = True) -> Sent:
     return Sent(now, i, op)
 
 
-def read(store: Any, after: int) -> tuple[list[tuple[int, TenantOp]], int | None]:
-    """The entries after index `after`, in order, and the index of the first one counted
-    but not written yet (None: no gap), before which the list stops."""
+def read(
+    store: Any, after: int, last: int | None = None
+) -> tuple[list[tuple[int, TenantOp]], int | None]:
+    """The entries after index `after` (up to `last`, if given), in order, and the index
+    of the first one counted but not written yet (None: no gap), before which the list
+    stops. (An entry folded into the base reads as not written: see `upto`.)"""
     n = int(store.add(LOG_COUNT, 0))
     out = []
-    for i in range(after + 1, n + 1):
+    for i in range(after + 1, min(n, last if last is not None else n) + 1):
         key = LOG_ENTRY.format(i=i)
         if not store.check([key]):
             return out, i
@@ -173,8 +208,87 @@ def read(store: Any, after: int) -> tuple[list[tuple[int, TenantOp]], int | None
 
 
 def fill_gap(store: Any, i: int) -> None:
-    """Give entry i up as lost: a `skip` there, unless its writer got there first."""
-    store.compare_set(LOG_ENTRY.format(i=i), "", SKIP)
+    """Give entry i up as lost: a `skip` there, unless its writer got there first or it
+    was folded into the base meanwhile."""
+    if i > upto(store):
+        store.compare_set(LOG_ENTRY.format(i=i), "", SKIP)
+
+
+@dataclass
+class Base:
+    """Entries 1..upto folded: per tenant name, the one entry that a follower applying
+    them all in log order would have applied last (skips fold to nothing)."""
+
+    upto: int = 0
+    ops: dict[str, TenantOp] = field(default_factory=dict)
+
+    def fold(self, i: int, op: TenantOp) -> None:
+        """Entry i (the one after upto) into the base."""
+        if op.op != "skip":
+            last = self.ops.get(op.name)
+            # as a follower: an entry is applied unless its stamp is not newer
+            if last is None or not op.stamp or op.stamp > last.stamp:
+                self.ops.pop(op.name, None)
+                self.ops[op.name] = op
+        self.upto = i
+
+    def bound(self, names: int) -> int:
+        """Drop names beyond `names`, the retirements with the oldest stamps first, then
+        the oldest creations; returns how many went."""
+        over = len(self.ops) - names
+        if over <= 0:
+            return 0
+        order = sorted(self.ops.values(), key=lambda op: (op.op != "retire", op.stamp))
+        for op in order[:over]:
+            del self.ops[op.name]
+        return over
+
+    def in_order(self) -> list[TenantOp]:
+        """Its entries by stamp (unstamped ones first, in log order)."""
+        return sorted(self.ops.values(), key=lambda op: op.stamp)
+
+    def to_json(self) -> str:
+        return json.dumps({"upto": self.upto, "ops": [asdict(op) for op in self.ops.values()]})
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Base:
+        data = json.loads(raw)
+        ops = [TenantOp.from_json(json.dumps(op)) for op in data["ops"]]
+        return cls(int(data["upto"]), {op.name: op for op in ops})
+
+
+def upto(store: Any) -> int:
+    """The index of the last entry folded into the base (0: none)."""
+    return int(store_text(store.get(LOG_UPTO))) if store.check([LOG_UPTO]) else 0
+
+
+def base(store: Any) -> Base:
+    """The folded entries (empty where nothing was folded)."""
+    return Base.from_json(store.get(LOG_BASE)) if store.check([LOG_BASE]) else Base()
+
+
+def trim(store: Any, keep: int = LOG_KEEP) -> int:
+    """Fold the entries before the newest `keep` into the base and delete them, once
+    2 x keep entries are past it (never past an entry not written yet); returns how many
+    were deleted. Server 0's follower calls it: one trimmer per log."""
+    n, folded = int(store.add(LOG_COUNT, 0)), upto(store)
+    if n - folded < 2 * keep:
+        return 0
+    entries, _ = read(store, folded, last=n - keep)
+    if not entries:
+        return 0
+    b = base(store)
+    for i, op in entries:
+        b.fold(i, op)
+    dropped = b.bound(MAX_STAMPS)
+    if dropped:
+        logger.warning("mace: tenant log base holds %d names at most: %d dropped (a server "
+                       "that missed them does not learn them)", MAX_STAMPS, dropped)  # fmt: skip
+    store.set(LOG_BASE, b.to_json())  # first the base, then its index, then the deletes
+    store.set(LOG_UPTO, str(b.upto))
+    for i, _ in entries:
+        store.delete_key(LOG_ENTRY.format(i=i))
+    return len(entries)
 
 
 class RetryLater(Exception):
@@ -200,6 +314,7 @@ class Position:
     applied: int = 0
     outbox: list[Sent] = field(default_factory=list)
     stamps: dict[str, float] = field(default_factory=dict)
+    purges: dict[str, float] = field(default_factory=dict)  # the newest purge's stamp
 
     def settings(self) -> dict[str, str]:
         """As the feedback store's settings (all written in one transaction)."""
@@ -210,6 +325,7 @@ class Position:
                 [{"epoch": s.epoch, "index": s.index, "op": asdict(s.op)} for s in self.outbox]
             ),
             "tenant_log_stamps": json.dumps(self.stamps),
+            "tenant_log_purges": json.dumps(self.purges),
         }
 
     @classmethod
@@ -220,22 +336,31 @@ class Position:
             for s in json.loads(get("tenant_log_outbox", "[]"))
         ]
         stamps = {str(k): float(v) for k, v in json.loads(get("tenant_log_stamps", "{}")).items()}
+        purges = {str(k): float(v) for k, v in json.loads(get("tenant_log_purges", "{}")).items()}
         return cls(get("tenant_log_epoch", ""), int(get("tenant_log_applied", "0")), outbox,
-                   stamps)  # fmt: skip
+                   stamps, purges)  # fmt: skip
 
     def handled(self, op: TenantOp) -> None:
-        """Note `op`'s stamp as its name's newest (the oldest names beyond MAX_STAMPS go)."""
-        if not op.stamp or op.stamp <= self.stamps.get(op.name, 0.0):
-            return
-        self.stamps.pop(op.name, None)
-        self.stamps[op.name] = op.stamp
-        if len(self.stamps) > MAX_STAMPS:
-            del self.stamps[min(self.stamps, key=self.stamps.__getitem__)]
+        """Note `op`'s stamp as its name's newest, and a purge's as its newest purge
+        (the oldest names beyond MAX_STAMPS go)."""
+        if op.op == "retire" and op.purge:
+            _newest(self.purges, op)
+        _newest(self.stamps, op)
 
     def superseded(self, op: TenantOp) -> bool:
         """Handled here already, or older than what was: an entry appended again, or one
         that lost to a newer change of the same tenant."""
         return bool(op.stamp) and op.stamp <= self.stamps.get(op.name, 0.0)
+
+
+def _newest(stamps: dict[str, float], op: TenantOp) -> None:
+    """stamps[op.name] = op.stamp if newer, keeping MAX_STAMPS names (the oldest go)."""
+    if not op.stamp or op.stamp <= stamps.get(op.name, 0.0):
+        return
+    stamps.pop(op.name, None)
+    stamps[op.name] = op.stamp
+    if len(stamps) > MAX_STAMPS:
+        del stamps[min(stamps, key=stamps.__getitem__)]
 
 
 class TenantLogFollower:
@@ -254,10 +379,11 @@ class TenantLogFollower:
         save: Callable[[Position], None],
         poll_s: float = POLL_S,
         gap_s: float = GAP_S,
+        keep: int = LOG_KEEP,
     ) -> None:
         self.cfg, self.apply, self.loop = cfg, apply, loop
         self.load, self.save = load, save
-        self.poll_s, self.gap_s = poll_s, gap_s
+        self.poll_s, self.gap_s, self.keep = poll_s, gap_s, keep
         self.rank = cfg.sync_rank
         self.position: Position | None = None
         self.errors = 0
@@ -265,6 +391,8 @@ class TenantLogFollower:
         self.last_error = ""
         self.resent = 0  # own entries appended again to a new log
         self.dropped = 0  # own entries dropped from a full outbox
+        self.trimmed = 0  # entries folded into the base and deleted (server 0)
+        self.from_base = 0  # times this server was behind the base and applied it
         self._lock = threading.Lock()  # the position: this thread and the routes' appends
         # Held on the event loop by a local tenant change and its `send`, and by this
         # thread's applies: one tenant change at a time on this server, each checked
@@ -292,6 +420,8 @@ class TenantLogFollower:
             "outbox": len(p.outbox) if p else None,
             "resent": self.resent,
             "dropped": self.dropped,
+            "trimmed": self.trimmed,
+            "from_base": self.from_base,
             "last_error": self.last_error,
         }
 
@@ -311,7 +441,8 @@ class TenantLogFollower:
             book = self._book()
             before = book.stamps.get(op.name)
             stamp = max(time.time(), (before or 0.0) + 1e-6)
-            op = replace(op, origin=self.rank, id=uuid.uuid4().hex, stamp=stamp)
+            op = replace(op, origin=self.rank, id=uuid.uuid4().hex, stamp=stamp,
+                         purged=book.purges.get(op.name, 0.0) if op.op == "create" else 0.0)  # fmt: skip
             book.handled(op)  # from now on an older entry for this name loses here
         try:
             sent = append(store, op)
@@ -340,13 +471,16 @@ class TenantLogFollower:
         except Exception as e:
             self._error(f"tenant log position not saved: {type(e).__name__}: {e}")
 
-    async def _apply_newest(self, op: TenantOp) -> None:
-        """`apply(op)` inside `changing`, unless this server changed the tenant since
-        (its own newer entry, sent while the follower waited for the lock)."""
+    async def _apply_newest(self, op: TenantOp, missed: TenantOp | None = None) -> None:
+        """`apply(op)` inside `changing` (the `missed` purge first, if any), unless this
+        server changed the tenant since (its own newer entry, sent while the follower
+        waited for the lock)."""
         async with self.changing:
             with self._lock:
                 if self._book().superseded(op):
                     return
+            if missed is not None:
+                await self.apply(missed)
             await self.apply(op)
 
     def _run(self) -> None:
@@ -366,7 +500,7 @@ class TenantLogFollower:
         """One read of the log, applying what is new (the thread calls it every poll_s);
         before it, this server's own entries that a new log lacks are appended to it;
         after it, this server's mark, and its entries every server applied leave the
-        outbox."""
+        outbox; then server 0 trims the log. A server behind the base applies it first."""
         with self._lock:
             book = self._book()
             now = epoch(store)
@@ -376,23 +510,20 @@ class TenantLogFollower:
                 self.save(book)
             self._resend(store, book, now)
             start = book.applied
-        entries, gap = read(store, start)
-        stalled = False
+        stalled = start < upto(store) and not self._catch_up(store, loop, book)
+        entries, gap = read(store, book.applied) if not stalled else ([], None)
         for i, op in entries:
-            with self._lock:
-                superseded = book.superseded(op)
-            if superseded:
-                self._tries = 0
-            elif not self._handle(loop, op):
+            if not self._take(loop, book, op):
                 stalled = True  # this entry again at the next poll
                 break
             with self._lock:
                 book.applied = i
-                book.handled(op)
                 self.save(book)
         store.set(LOG_APPLIED.format(rank=self.rank), str(book.applied))
         with self._lock:
             self._acked(store, book, now)
+        if self.rank == 0:
+            self.trimmed += trim(store, self.keep)
         if gap is not None and not stalled:
             first = self._gap[1] if self._gap and self._gap[0] == gap else time.monotonic()
             self._gap = (gap, first)
@@ -400,12 +531,50 @@ class TenantLogFollower:
                 fill_gap(store, gap)
                 self._error(f"tenant log entry {gap} unwritten for {self.gap_s:g} s: skipped")
 
-    def _handle(self, loop: asyncio.AbstractEventLoop, op: TenantOp) -> bool:
-        """True when the entry is done with (applied, not ours to apply, or given up)."""
+    def _take(self, loop: asyncio.AbstractEventLoop, book: Position, op: TenantOp) -> bool:
+        """One entry, unless superseded here; True when done with (its stamp noted). A
+        create made after a purge this server has not handled (the purge comes later,
+        older, or was folded away) has the purge applied first."""
+        with self._lock:
+            superseded = book.superseded(op)
+            missed = op.missed_purge()
+            if missed is not None and book.purges.get(op.name, 0.0) >= missed.stamp:
+                missed = None  # handled here (or a newer purge)
+        if superseded:
+            self._tries = 0
+            return True
+        if not self._handle(loop, op, missed):
+            return False
+        with self._lock:
+            if missed is not None:
+                book.handled(missed)
+            book.handled(op)
+        return True
+
+    def _catch_up(self, store: Any, loop: asyncio.AbstractEventLoop, book: Position) -> bool:
+        """This server is behind the base (it was away while server 0 trimmed, or lost
+        its position): apply the base's entries, then go on after it. False when one
+        has to wait (the whole base again at the next poll; what was applied is
+        superseded by then)."""
+        b = base(store)
+        for op in b.in_order():
+            if not self._take(loop, book, op):
+                return False
+        with self._lock:
+            book.applied = b.upto
+            self.from_base += 1
+            self.save(book)
+        return True
+
+    def _handle(self, loop: asyncio.AbstractEventLoop, op: TenantOp,
+                missed: TenantOp | None = None) -> bool:  # fmt: skip
+        """True when the entry is done with (applied, not ours to apply, or given up);
+        `missed`: a purge to apply before it (both again if either fails)."""
         if op.op == "skip" or op.origin == self.rank:
             return True
         try:
-            asyncio.run_coroutine_threadsafe(self._apply_newest(op), loop).result(APPLY_TIMEOUT_S)
+            applied = self._apply_newest(op, missed)
+            asyncio.run_coroutine_threadsafe(applied, loop).result(APPLY_TIMEOUT_S)
         except RetryLater as e:
             self._error(f"tenant {op.op} {op.name!r} waits: {e}")
             return False

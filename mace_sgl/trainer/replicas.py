@@ -96,7 +96,6 @@ import datetime
 import hashlib
 import logging
 import queue
-import socket
 import threading
 import time
 import uuid
@@ -107,6 +106,7 @@ from typing import Any
 
 import torch
 
+from mace_sgl.bound_store import bound_tcp_store
 from mace_sgl.config import split_addr
 
 logger = logging.getLogger("mace_sgl.trainer")
@@ -161,7 +161,7 @@ def group_store(cfg: Any, dp_rank: int) -> tuple[Any, int, int]:
     One server: the launcher's FileStore of its N replicas. Several: the TCPStore on
     --mace-sync-addr, served by global rank 0 on a socket bound to that host only; every
     server checks that the others run the same --dp-size (the ranks would not add up)."""
-    from torch.distributed import FileStore, TCPStore
+    from torch.distributed import FileStore
 
     dp = cfg.replicas
     if cfg.sync_world_size <= 1:
@@ -170,10 +170,7 @@ def group_store(cfg: Any, dp_rank: int) -> tuple[Any, int, int]:
     host, port = split_addr(cfg.sync_addr)
     timeout = datetime.timedelta(seconds=RENDEZVOUS_TIMEOUT_S)
     if rank == 0:
-        listener = socket.create_server((host, port), family=_family(host), backlog=128)
-        # detach(): the store owns the bound socket from here (Python must not close it).
-        store = TCPStore(host, port, world, True, timeout, wait_for_workers=False,
-                         master_listen_fd=listener.detach())  # fmt: skip
+        store = bound_tcp_store(host, port, world, timeout, wait_for_workers=False)
         store.set(EPOCH_KEY, uuid.uuid4().hex)
     else:
         store = client_store(cfg)
@@ -300,10 +297,6 @@ def _generation(key: str) -> float:
     if len(parts) > 3 and parts[:2] == ["mace", "sync"] and parts[2].isdigit():
         return int(parts[2])
     return float("inf")
-
-
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def tenant_key(name: str) -> int:
