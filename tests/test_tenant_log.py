@@ -220,8 +220,8 @@ def test_a_tenant_ends_as_its_newest_change_says_whatever_order_its_entries_come
 
 
 def test_the_position_outbox_and_stamps_come_back_from_the_feedback_store_settings():
-    op = TenantOp("retire", "x", purge=True, origin=1, id="abc", stamp=12.5)
-    p = Position("e", 3, [tenant_log.Sent("e", 2, op)], {"x": 12.5})
+    op = TenantOp("retire", "x", purge=True, origin=1, id="abc", stamp=12.5, purged=3.0)
+    p = Position("e", 3, [tenant_log.Sent("e", 2, op)], {"x": 12.5}, {"x": 12.5})
     assert Position.from_settings(lambda k, d: p.settings().get(k, d)) == p
     assert Position.from_settings(lambda k, d: d) == Position()
     assert TenantOp.from_json(op.to_json()) == op
@@ -384,6 +384,17 @@ def test_the_base_folds_as_a_follower_applies_and_keeps_a_bounded_number_of_name
     assert [op.name for op in b.in_order()] == ["a", "b", "c", "d"]
     assert b.bound(3) == 1 and set(b.ops) == {"a", "c", "d"}  # the oldest retirement
     assert b.bound(1) == 2 and set(b.ops) == {"c"}  # retirements, then the oldest
+    # A purge replaced by entries whose servers did not know of it: carried on.
+    b.fold(7, TenantOp("retire", "x", purge=True, origin=1, stamp=7.0))
+    b.fold(8, TenantOp("create", "x", origin=2, stamp=8.0))
+    b.fold(9, TenantOp("retire", "x", origin=2, stamp=9.0))
+    assert (b.ops["x"].op, b.ops["x"].purge, b.ops["x"].purged) == ("retire", False, 7.0)
+    assert b.ops["x"].missed_purge() == TenantOp("retire", "x", purge=True, origin=2, stamp=7.0)
+    b.fold(10, TenantOp("retire", "x", purge=True, origin=1, stamp=10.0))  # a purge: its own
+    assert b.ops["x"].missed_purge() is None and b.ops["x"].newest_purge() == 10.0
+    b.fold(11, TenantOp("retire", "p", origin=1, stamp=11.0))
+    assert b.bound(2) == 1 and set(b.ops) == {"c", "x"}  # plain retirements before purges
+    assert b.bound(1) == 1 and set(b.ops) == {"c"}  # then purges, before creations
 
 
 def test_a_create_after_a_purge_purges_first_on_a_server_that_missed_the_purge(loop):
@@ -438,3 +449,96 @@ def test_a_create_after_a_purge_purges_first_on_a_server_that_missed_the_purge(l
     del book[2]
     follower(2).poll(store, loop)
     assert seen(2) == [("retire", "x", True), ("create", "x", False), ("create", "y", False)]
+
+
+def test_a_base_entry_that_keeps_failing_is_given_up_and_the_catch_up_goes_on(loop):
+    """Each poll applies the base again from its start: what it applied is skipped, and
+    the entry that fails counts its own tries (those before it do not reset them)."""
+    store, cfg = master()
+    cfg.sync_world_size = 3
+    book: dict[int, Position] = {}
+    seen: list[tuple[int, str, str]] = []
+    one = follower_of(cfg, 1, loop, book, seen)
+    for name in ("a", "bad", "c", "d"):
+        one.send(store, TenantOp("create", name))
+    assert tenant_log.trim(store, keep=1) == 3  # a, bad, c in the base; d in the log
+    tries: list[str] = []
+
+    async def apply(op: TenantOp) -> None:
+        tries.append(op.name)
+        if op.name == "bad":
+            raise RuntimeError("SGLang could not load it")
+
+    two = TenantLogFollower(SimpleNamespace(**{**vars(cfg), "sync_rank": 2}), apply,
+                            lambda: loop, Position, lambda p: None)  # fmt: skip
+    for _ in range(tenant_log.MAX_TRIES):
+        two.poll(store, loop)
+    assert tries == ["a"] + ["bad"] * tenant_log.MAX_TRIES + ["c", "d"]
+    assert two.skipped == 1 and two.position.applied == 4
+
+
+def test_a_purge_folded_under_a_later_plain_retirement_still_reaches_a_server_behind(loop):
+    """purge x, create x, retire x (no purge): the base keeps the retirement only, and
+    carries the purge on it; a server that held the old x purges it."""
+    store, cfg = master()
+    cfg.sync_world_size = 3
+    book: dict[int, Position] = {}
+    seen: list[tuple[int, str, str]] = []
+    one = follower_of(cfg, 1, loop, book, seen)
+    one.send(store, TenantOp("retire", "x", purge=True))
+    one.send(store, TenantOp("create", "x"))
+    one.send(store, TenantOp("retire", "x"))
+    one.send(store, TenantOp("create", "y"))
+    purge = book[1].outbox[0].op
+    assert tenant_log.trim(store, keep=1) == 3
+    folded = tenant_log.base(store).ops["x"]
+    assert (folded.op, folded.purge, folded.purged) == ("retire", False, purge.stamp)
+    applied: list[tuple[str, str, bool]] = []
+
+    async def apply(op: TenantOp) -> None:
+        applied.append((op.op, op.name, op.purge))
+
+    two = TenantLogFollower(SimpleNamespace(**{**vars(cfg), "sync_rank": 2}), apply,
+                            lambda: loop, Position, lambda p: None)  # fmt: skip
+    two.poll(store, loop)
+    assert applied == [("retire", "x", True), ("retire", "x", False), ("create", "y", False)]
+    assert two.position.purges == {"x": purge.stamp}
+
+
+def test_a_purge_that_never_reached_the_log_is_not_remembered_as_one(loop):
+    """A purge whose append failed (the route answered 503) must not tell the other
+    servers, through a later entry's `purged`, to purge what the user kept."""
+    store, cfg = master()
+    book: dict[int, Position] = {}
+    one = follower_of(cfg, 1, loop, book, [])
+    one.send(store, TenantOp("retire", "x", purge=True))
+    first = book[1].outbox[0].op.stamp
+
+    class Down:
+        def __getattr__(self, name: str):
+            raise ConnectionError("server 0 is down")
+
+    with pytest.raises(ConnectionError):
+        one.send(Down(), TenantOp("retire", "x", purge=True))
+    assert one.position.purges == {"x": first} and one.position.stamps == {"x": first}
+    one.send(store, TenantOp("create", "x"))
+    assert book[1].outbox[-1].op.purged == first
+
+
+def test_a_late_writer_whose_index_was_given_up_and_folded_is_refused():
+    store, _ = master()
+
+    class Late(Racing):
+        """Its index is given up, folded and deleted before it writes."""
+
+        def add(self, key: str, value: int) -> int:
+            i = self.store.add(key, value)
+            if key == tenant_log.LOG_COUNT and value == 1:
+                tenant_log.fill_gap(self.store, i)
+                tenant_log.append(self.store, TenantOp("create", "other", origin=0))
+                assert tenant_log.trim(self.store, keep=1) == 1
+            return i
+
+    with pytest.raises(tenant_log.LogError, match="given up"):
+        tenant_log.append(Late(store), TenantOp("create", "late"))
+    assert entry_keys(store, 2) == [2] and tenant_log.upto(store) == 1

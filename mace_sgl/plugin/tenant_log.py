@@ -23,7 +23,8 @@ The log's keys:
     mace/tenants/upto    that index (0 or absent: nothing folded)
 A writer that dies between taking an index and writing it leaves a gap; a reader that
 finds the same gap for GAP_S writes a `skip` entry there (compare-and-set, so a late
-writer loses and reports the failure instead of being overwritten), and the log goes on.
+writer loses and reports the failure instead of being overwritten; so does one that
+finds its index folded into the base meanwhile), and the log goes on.
 
 Each server keeps (epoch, last index applied) in its own feedback store, so a restart
 goes on where it stopped instead of replaying entries it applied (a replayed create and
@@ -48,11 +49,12 @@ this server had already applied is not applied twice. Per name, that is also wha
 two servers that change one tenant at once end the same (the newer stamp wins on both),
 as a server makes its own changes and applies the others' one at a time (`changing`).
 A name whose stamp was dropped (beyond MAX_STAMPS names) takes any entry for it again.
-A purge may lose to a newer creation of the name, in a log appended again out of order or
-folded into the base; the old tenant's rows and checkpoints must go all the same. So a
-creation carries `purged`, the stamp of the newest purge of its name its server knew of
-(each server keeps those stamps with its position), and a server that has not applied
-that purge applies it first.
+A purge may lose to a newer change of the name (a creation, or a plain retirement), in a
+log appended again out of order or folded into the base; the old tenant's rows and
+checkpoints must go all the same. So every entry carries `purged`, the stamp of the
+newest purge of its name its server knew of (each server keeps those stamps with its
+position; the base carries a replaced entry's purge on to the entry that replaces it),
+and a server that has not applied that purge applies it first.
 
 An entry whose apply fails is tried again at the next poll: without end while this server
 is starting (RetryLater), MAX_TRIES times for other errors, then skipped and counted (a
@@ -65,8 +67,8 @@ entries into the base and deletes them (`trim`), once 2 x keep entries are past 
 whether or not every server applied them (a server that never came up must not hold the
 log open). A follower whose position is below the base's index applies the base first
 (its entries by stamp, each as a log entry: what it handled already loses to its stamp),
-then the log after it: the same tenants as applying every entry, as a tenant's newest
-change wins. (The trimmer writes the base, then its index, then deletes the entries: a
+then the log after it: the same tenants as applying the other servers' entries one by
+one, as a tenant's newest change wins (its own entries a server skips, as in the log). (The trimmer writes the base, then its index, then deletes the entries: a
 reader finds every entry it has not folded in one or the other.) The base keeps at most
 MAX_STAMPS names, dropping the retirements with the oldest stamps first.
 
@@ -119,8 +121,8 @@ class TenantOp:
     origin: int = -1  # the server (--mace-sync-rank) that appended it
     id: str = ""  # given when first appended; the same when appended again
     stamp: float = 0.0  # when first appended (0: not stamped, applied in log order)
-    # create: the stamp of the newest purge of this name its origin knew of (0: none);
-    # a server that has not applied that purge applies it before it creates
+    # the stamp of the newest purge of this name its origin knew of (0: none): a server
+    # that has not applied that purge applies it first
     purged: float = 0.0
 
     def __post_init__(self) -> None:
@@ -145,10 +147,16 @@ class TenantOp:
         )
 
     def missed_purge(self) -> TenantOp | None:
-        """The purge a create was made after (its origin's), as an entry of its own."""
-        if self.op != "create" or not self.purged:
+        """The purge this entry was made after (as its origin knew), as an entry of its
+        own; None for none, and for a purge (it purges anyway)."""
+        if self.op == "skip" or not self.purged or (self.op == "retire" and self.purge):
             return None
         return TenantOp("retire", self.name, purge=True, origin=self.origin, stamp=self.purged)
+
+    def newest_purge(self) -> float:
+        """The stamp of the newest purge this entry is or was made after."""
+        own = self.stamp if self.op == "retire" and self.purge else 0.0
+        return max(own, self.purged)
 
 
 SKIP = TenantOp("skip").to_json()
@@ -180,7 +188,11 @@ def append(store: Any, op: TenantOp, lease: bool = True) -> Sent:
     now = epoch(store)
     i = int(store.add(LOG_COUNT, 1))
     text = op.to_json()
-    if store_text(store.compare_set(LOG_ENTRY.format(i=i), "", text)) != text:
+    key = LOG_ENTRY.format(i=i)
+    if store_text(store.compare_set(key, "", text)) != text:
+        raise LogError(f"tenant log entry {i} was given up as lost before it was written")
+    if i <= upto(store):  # given up, then folded and deleted before this wrote it
+        store.delete_key(key)
         raise LogError(f"tenant log entry {i} was given up as lost before it was written")
     if lease and op.op == "retire" and op.purge:
         try:
@@ -200,11 +212,23 @@ def read(
     n = int(store.add(LOG_COUNT, 0))
     out = []
     for i in range(after + 1, min(n, last if last is not None else n) + 1):
-        key = LOG_ENTRY.format(i=i)
-        if not store.check([key]):
+        raw = _get(store, LOG_ENTRY.format(i=i))
+        if raw is None:
             return out, i
-        out.append((i, TenantOp.from_json(store.get(key))))
+        out.append((i, TenantOp.from_json(raw)))
     return out, None
+
+
+ABSENT = "\x00absent"  # no entry's JSON
+
+
+def _get(store: Any, key: str) -> bytes | None:
+    """The key's value, None where there is none, in one call that neither writes nor
+    waits: compare-and-set from a value no key holds (TCPStore then answers the value,
+    or for a missing key the expected value, and sets nothing). A check, then a get,
+    would wait out the store's timeout for a key the trimmer deleted in between."""
+    raw = store.compare_set(key, ABSENT, ABSENT)
+    return None if store_text(raw) == ABSENT else raw
 
 
 def fill_gap(store: Any, i: int) -> None:
@@ -228,17 +252,20 @@ class Base:
             last = self.ops.get(op.name)
             # as a follower: an entry is applied unless its stamp is not newer
             if last is None or not op.stamp or op.stamp > last.stamp:
+                if last is not None and not (op.op == "retire" and op.purge):
+                    # the purge it replaces (or was made after) must not be lost with it
+                    op = replace(op, purged=max(op.purged, last.newest_purge()))
                 self.ops.pop(op.name, None)
                 self.ops[op.name] = op
         self.upto = i
 
     def bound(self, names: int) -> int:
-        """Drop names beyond `names`, the retirements with the oldest stamps first, then
-        the oldest creations; returns how many went."""
+        """Drop names beyond `names`, the retirements with the oldest stamps first (plain
+        ones before purges), then the oldest creations; returns how many went."""
         over = len(self.ops) - names
         if over <= 0:
             return 0
-        order = sorted(self.ops.values(), key=lambda op: (op.op != "retire", op.stamp))
+        order = sorted(self.ops.values(), key=lambda op: (op.op != "retire", op.purge, op.stamp))
         for op in order[:over]:
             del self.ops[op.name]
         return over
@@ -398,7 +425,8 @@ class TenantLogFollower:
         # thread's applies: one tenant change at a time on this server, each checked
         # against the newest stamp when it runs.
         self.changing = asyncio.Lock()
-        self._tries = 0  # failures of the entry after the position
+        self._tries = 0  # failures of the entry `_failing` (the one that failed last)
+        self._failing: tuple | None = None
         self._gap: tuple[int, float] | None = None  # (index, first seen)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="mace-tenant-log", daemon=True)
@@ -440,19 +468,21 @@ class TenantLogFollower:
         with self._lock:
             book = self._book()
             before = book.stamps.get(op.name)
+            purged = book.purges.get(op.name)
             stamp = max(time.time(), (before or 0.0) + 1e-6)
             op = replace(op, origin=self.rank, id=uuid.uuid4().hex, stamp=stamp,
-                         purged=book.purges.get(op.name, 0.0) if op.op == "create" else 0.0)  # fmt: skip
+                         purged=purged or 0.0)  # fmt: skip
             book.handled(op)  # from now on an older entry for this name loses here
         try:
             sent = append(store, op)
-        except BaseException:
+        except BaseException:  # not in the log: as if never sent
             with self._lock:
-                if book.stamps.get(op.name) == stamp:  # nothing newer came meanwhile
-                    if before is None:
-                        del book.stamps[op.name]
-                    else:
-                        book.stamps[op.name] = before
+                for stamps, was in ((book.stamps, before), (book.purges, purged)):
+                    if stamps.get(op.name) == stamp:  # nothing newer came meanwhile
+                        if was is None:
+                            del stamps[op.name]
+                        else:
+                            stamps[op.name] = was
             raise
         with self._lock:
             book.outbox.append(sent)
@@ -481,6 +511,8 @@ class TenantLogFollower:
                     return
             if missed is not None:
                 await self.apply(missed)
+                with self._lock:
+                    self._book().handled(missed)
             await self.apply(op)
 
     def _run(self) -> None:
@@ -506,7 +538,7 @@ class TenantLogFollower:
             now = epoch(store)
             if now != book.epoch:  # a new log (server 0 restarted): from its start
                 book.epoch, book.applied = now, 0
-                self._tries, self._gap = 0, None
+                self._tries, self._failing, self._gap = 0, None, None
                 self.save(book)
             self._resend(store, book, now)
             start = book.applied
@@ -541,13 +573,10 @@ class TenantLogFollower:
             if missed is not None and book.purges.get(op.name, 0.0) >= missed.stamp:
                 missed = None  # handled here (or a newer purge)
         if superseded:
-            self._tries = 0
             return True
         if not self._handle(loop, op, missed):
             return False
         with self._lock:
-            if missed is not None:
-                book.handled(missed)
             book.handled(op)
         return True
 
@@ -558,8 +587,14 @@ class TenantLogFollower:
         superseded by then)."""
         b = base(store)
         for op in b.in_order():
+            with self._lock:
+                superseded = book.superseded(op)
+            if superseded:
+                continue
             if not self._take(loop, book, op):
                 return False
+            with self._lock:  # what it applied, noted: not again after a restart
+                self._save(book)
         with self._lock:
             book.applied = b.upto
             self.from_base += 1
@@ -569,9 +604,11 @@ class TenantLogFollower:
     def _handle(self, loop: asyncio.AbstractEventLoop, op: TenantOp,
                 missed: TenantOp | None = None) -> bool:  # fmt: skip
         """True when the entry is done with (applied, not ours to apply, or given up);
-        `missed`: a purge to apply before it (both again if either fails)."""
+        `missed`: a purge to apply before it (noted once applied). Failures count per
+        entry, whatever was applied between its tries."""
         if op.op == "skip" or op.origin == self.rank:
             return True
+        entry = (op.id, op.op, op.name, op.stamp)
         try:
             applied = self._apply_newest(op, missed)
             asyncio.run_coroutine_threadsafe(applied, loop).result(APPLY_TIMEOUT_S)
@@ -579,13 +616,16 @@ class TenantLogFollower:
             self._error(f"tenant {op.op} {op.name!r} waits: {e}")
             return False
         except Exception as e:
+            if self._failing != entry:
+                self._failing, self._tries = entry, 0
             self._tries += 1
             if self._tries < MAX_TRIES:
                 self._error(f"tenant {op.op} {op.name!r} failed, tried again: {e!r}")
                 return False
             self.skipped += 1
             self._error(f"tenant {op.op} {op.name!r} skipped after {MAX_TRIES} tries: {e!r}")
-        self._tries = 0
+        if self._failing == entry:
+            self._failing, self._tries = None, 0
         return True
 
     def _resend(self, store: Any, book: Position, now: str) -> None:
