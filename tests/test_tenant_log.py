@@ -221,7 +221,7 @@ def test_a_tenant_ends_as_its_newest_change_says_whatever_order_its_entries_come
 
 def test_the_position_outbox_and_stamps_come_back_from_the_feedback_store_settings():
     op = TenantOp("retire", "x", purge=True, origin=1, id="abc", stamp=12.5, purged=3.0)
-    p = Position("e", 3, [tenant_log.Sent("e", 2, op)], {"x": 12.5}, {"x": 12.5})
+    p = Position("e", 3, [tenant_log.Sent("e", 2, op)], {"x": 12.5}, {"x": 12.5}, {"y": 2.0})
     assert Position.from_settings(lambda k, d: p.settings().get(k, d)) == p
     assert Position.from_settings(lambda k, d: d) == Position()
     assert TenantOp.from_json(op.to_json()) == op
@@ -367,7 +367,8 @@ def test_the_base_never_passes_an_entry_not_written_yet_nor_takes_a_skip_later()
     tenant_log.fill_gap(store, 2)  # a reader that saw 2 missing: it was folded, not lost
     assert entry_keys(store, 7) == [4, 5, 6, 7]
     tenant_log.fill_gap(store, 3)  # a lost entry is given up as before
-    assert tenant_log.trim(store, keep=1) == 4 and entry_keys(store, 7) == [7]
+    assert tenant_log.trim(store, keep=1) == 3  # its skip stays, for a late writer
+    assert entry_keys(store, 7) == [3, 7] and tenant_log.upto(store) == 6
     assert set(tenant_log.base(store).ops) == {"a", "b", "c", "d", "e"}
 
 
@@ -478,18 +479,20 @@ def test_a_base_entry_that_keeps_failing_is_given_up_and_the_catch_up_goes_on(lo
 
 
 def test_a_purge_folded_under_a_later_plain_retirement_still_reaches_a_server_behind(loop):
-    """purge x, create x, retire x (no purge): the base keeps the retirement only, and
-    carries the purge on it; a server that held the old x purges it."""
+    """Server 1 purges x; server 0, before it read the purge, creates x and retires it
+    (no purge): the base keeps the retirement only, and carries the purge on it; a
+    server that held the old x purges it, as it would have from the log."""
     store, cfg = master()
     cfg.sync_world_size = 3
     book: dict[int, Position] = {}
     seen: list[tuple[int, str, str]] = []
-    one = follower_of(cfg, 1, loop, book, seen)
+    one, zero = follower_of(cfg, 1, loop, book, seen), follower_of(cfg, 0, loop, book, seen)
     one.send(store, TenantOp("retire", "x", purge=True))
-    one.send(store, TenantOp("create", "x"))
-    one.send(store, TenantOp("retire", "x"))
+    zero.send(store, TenantOp("create", "x"))
+    zero.send(store, TenantOp("retire", "x"))
     one.send(store, TenantOp("create", "y"))
     purge = book[1].outbox[0].op
+    assert [s.op.purged for s in book[0].outbox] == [0.0, 0.0]  # server 0 knew of none
     assert tenant_log.trim(store, keep=1) == 3
     folded = tenant_log.base(store).ops["x"]
     assert (folded.op, folded.purge, folded.purged) == ("retire", False, purge.stamp)
@@ -536,9 +539,56 @@ def test_a_late_writer_whose_index_was_given_up_and_folded_is_refused():
             if key == tenant_log.LOG_COUNT and value == 1:
                 tenant_log.fill_gap(self.store, i)
                 tenant_log.append(self.store, TenantOp("create", "other", origin=0))
-                assert tenant_log.trim(self.store, keep=1) == 1
+                assert tenant_log.trim(self.store, keep=1) == 0  # the skip, folded, stays
             return i
 
     with pytest.raises(tenant_log.LogError, match="given up"):
         tenant_log.append(Late(store), TenantOp("create", "late"))
-    assert entry_keys(store, 2) == [2] and tenant_log.upto(store) == 1
+    assert entry_keys(store, 2) == [1, 2] and tenant_log.upto(store) == 1
+    assert tenant_log.read(store, 0)[0][0] == (1, TenantOp("skip"))
+
+
+def test_a_purge_is_not_owed_where_a_creation_since_came_first(loop):
+    """Server 2 created x again itself before server 1's purge of x reached it (the
+    purge loses to that newer creation there, as in the log); a later entry that
+    carries the purge does not make server 2 purge its newer tenant."""
+    store, cfg = master()
+    cfg.sync_world_size = 3
+    book: dict[int, Position] = {}
+    seen: list[tuple[int, str, str]] = []
+    one, two = follower_of(cfg, 1, loop, book, seen), follower_of(cfg, 2, loop, book, seen)
+    one.send(store, TenantOp("retire", "x", purge=True))
+    two.send(store, TenantOp("create", "x"))  # before it read the purge
+    one.poll(store, loop)  # server 1 applies server 2's newer creation
+    one.send(store, TenantOp("retire", "x"))  # and retires x, knowing of its purge
+    assert book[1].outbox[-1].op.purged == book[1].outbox[0].op.stamp
+    two.poll(store, loop)
+    assert [(op, name) for r, op, name in seen if r == 2] == [("retire", "x")]
+    assert book[2].purges == {}
+
+
+def test_a_missed_purge_that_keeps_failing_is_given_up_and_its_entry_applied_alone(loop):
+    store, cfg = master()
+    book: dict[int, Position] = {}
+    one = follower_of(cfg, 1, loop, book, [])
+    one.send(store, TenantOp("retire", "x", purge=True))
+    one.send(store, TenantOp("create", "x"))
+    purge, create = (s.op for s in book[1].outbox)
+    fresh, _ = master()  # the creation comes first (appended again out of order)
+    tenant_log.append(fresh, create, lease=False)
+    tenant_log.append(fresh, purge, lease=False)
+    calls: list[tuple[str, bool]] = []
+
+    async def apply(op: TenantOp) -> None:
+        calls.append((op.op, op.purge))
+        if op.purge:
+            raise OSError("checkpoints could not be removed")
+
+    zero = TenantLogFollower(SimpleNamespace(**{**vars(cfg), "sync_rank": 0}), apply,
+                             lambda: loop, Position, lambda p: None)  # fmt: skip
+    for _ in range(tenant_log.MAX_TRIES + 1):
+        zero.poll(fresh, loop)
+    # the purge, tried MAX_TRIES times and given up; then the creation alone; the
+    # purge's own entry loses to it
+    assert calls == [("retire", True)] * tenant_log.MAX_TRIES + [("create", False)]
+    assert zero.skipped == 1 and zero.position.applied == 2

@@ -23,8 +23,8 @@ The log's keys:
     mace/tenants/upto    that index (0 or absent: nothing folded)
 A writer that dies between taking an index and writing it leaves a gap; a reader that
 finds the same gap for GAP_S writes a `skip` entry there (compare-and-set, so a late
-writer loses and reports the failure instead of being overwritten; so does one that
-finds its index folded into the base meanwhile), and the log goes on.
+writer loses and reports the failure instead of being overwritten; the trimmer leaves
+skips in place for that), and the log goes on.
 
 Each server keeps (epoch, last index applied) in its own feedback store, so a restart
 goes on where it stopped instead of replaying entries it applied (a replayed create and
@@ -54,7 +54,10 @@ log appended again out of order or folded into the base; the old tenant's rows a
 checkpoints must go all the same. So every entry carries `purged`, the stamp of the
 newest purge of its name its server knew of (each server keeps those stamps with its
 position; the base carries a replaced entry's purge on to the entry that replaces it),
-and a server that has not applied that purge applies it first.
+and a server that has not applied that purge applies it first, unless it made or
+applied a creation of the name since (that creation came after the purge; in the log
+the purge loses to it there too). A missed purge that keeps failing is given up after
+MAX_TRIES of its own, and the entry that carried it is applied on its own.
 
 An entry whose apply fails is tried again at the next poll: without end while this server
 is starting (RetryLater), MAX_TRIES times for other errors, then skipped and counted (a
@@ -191,9 +194,6 @@ def append(store: Any, op: TenantOp, lease: bool = True) -> Sent:
     key = LOG_ENTRY.format(i=i)
     if store_text(store.compare_set(key, "", text)) != text:
         raise LogError(f"tenant log entry {i} was given up as lost before it was written")
-    if i <= upto(store):  # given up, then folded and deleted before this wrote it
-        store.delete_key(key)
-        raise LogError(f"tenant log entry {i} was given up as lost before it was written")
     if lease and op.op == "retire" and op.purge:
         try:
             store.add(ClusterLease.generation_key(op.name), 1)
@@ -265,7 +265,10 @@ class Base:
         over = len(self.ops) - names
         if over <= 0:
             return 0
-        order = sorted(self.ops.values(), key=lambda op: (op.op != "retire", op.purge, op.stamp))
+        order = sorted(
+            self.ops.values(),
+            key=lambda op: (op.op != "retire", bool(op.newest_purge()), op.stamp),
+        )
         for op in order[:over]:
             del self.ops[op.name]
         return over
@@ -295,9 +298,9 @@ def base(store: Any) -> Base:
 
 
 def trim(store: Any, keep: int = LOG_KEEP) -> int:
-    """Fold the entries before the newest `keep` into the base and delete them, once
-    2 x keep entries are past it (never past an entry not written yet); returns how many
-    were deleted. Server 0's follower calls it: one trimmer per log."""
+    """Fold the entries before the newest `keep` into the base and delete them (but
+    skips), once 2 x keep entries are past it (never past an entry not written yet);
+    returns how many were deleted. Server 0's follower calls it: one trimmer per log."""
     n, folded = int(store.add(LOG_COUNT, 0)), upto(store)
     if n - folded < 2 * keep:
         return 0
@@ -313,13 +316,20 @@ def trim(store: Any, keep: int = LOG_KEEP) -> int:
                        "that missed them does not learn them)", MAX_STAMPS, dropped)  # fmt: skip
     store.set(LOG_BASE, b.to_json())  # first the base, then its index, then the deletes
     store.set(LOG_UPTO, str(b.upto))
-    for i, _ in entries:
-        store.delete_key(LOG_ENTRY.format(i=i))
-    return len(entries)
+    deleted = 0
+    for i, op in entries:
+        if op.op != "skip":  # a skip stays: its late writer must find it (rare: a writer lost)
+            store.delete_key(LOG_ENTRY.format(i=i))
+            deleted += 1
+    return deleted
 
 
 class RetryLater(Exception):
     """This server cannot apply the entry yet (SGLang is starting)."""
+
+
+class MissedPurgeFailed(Exception):
+    """The purge an entry was made after failed here; it counts tries of its own."""
 
 
 @dataclass
@@ -342,6 +352,7 @@ class Position:
     outbox: list[Sent] = field(default_factory=list)
     stamps: dict[str, float] = field(default_factory=dict)
     purges: dict[str, float] = field(default_factory=dict)  # the newest purge's stamp
+    creates: dict[str, float] = field(default_factory=dict)  # the newest creation's stamp
 
     def settings(self) -> dict[str, str]:
         """As the feedback store's settings (all written in one transaction)."""
@@ -353,6 +364,7 @@ class Position:
             ),
             "tenant_log_stamps": json.dumps(self.stamps),
             "tenant_log_purges": json.dumps(self.purges),
+            "tenant_log_creates": json.dumps(self.creates),
         }
 
     @classmethod
@@ -363,21 +375,41 @@ class Position:
             for s in json.loads(get("tenant_log_outbox", "[]"))
         ]
         stamps = {str(k): float(v) for k, v in json.loads(get("tenant_log_stamps", "{}")).items()}
-        purges = {str(k): float(v) for k, v in json.loads(get("tenant_log_purges", "{}")).items()}
+        purges, creates = (
+            {str(k): float(v) for k, v in json.loads(get(f"tenant_log_{key}", "{}")).items()}
+            for key in ("purges", "creates")
+        )
         return cls(get("tenant_log_epoch", ""), int(get("tenant_log_applied", "0")), outbox,
-                   stamps, purges)  # fmt: skip
+                   stamps, purges, creates)  # fmt: skip
 
     def handled(self, op: TenantOp) -> None:
-        """Note `op`'s stamp as its name's newest, and a purge's as its newest purge
-        (the oldest names beyond MAX_STAMPS go)."""
+        """Note `op`'s stamp as its name's newest, a purge's as its newest purge and a
+        creation's as its newest creation (the oldest names beyond MAX_STAMPS go)."""
         if op.op == "retire" and op.purge:
             _newest(self.purges, op)
+        if op.op == "create":
+            _newest(self.creates, op)
         _newest(self.stamps, op)
+
+    def owes(self, missed: TenantOp | None) -> bool:
+        """Whether `missed` (an entry's missed_purge) is still to be applied here: not
+        if this server applied it (or a newer purge), nor if it made or applied a
+        creation of the name since, which the purge came before (as in the log, where
+        that creation's stamp makes the purge lose)."""
+        if missed is None:
+            return False
+        since = max(self.purges.get(missed.name, 0.0), self.creates.get(missed.name, 0.0))
+        return since < missed.stamp
 
     def superseded(self, op: TenantOp) -> bool:
         """Handled here already, or older than what was: an entry appended again, or one
         that lost to a newer change of the same tenant."""
         return bool(op.stamp) and op.stamp <= self.stamps.get(op.name, 0.0)
+
+
+def _entry_key(op: TenantOp) -> tuple:
+    """What tells one entry's tries from another's."""
+    return (op.id, op.op, op.name, op.purge, op.stamp)
 
 
 def _newest(stamps: dict[str, float], op: TenantOp) -> None:
@@ -468,7 +500,7 @@ class TenantLogFollower:
         with self._lock:
             book = self._book()
             before = book.stamps.get(op.name)
-            purged = book.purges.get(op.name)
+            purged, created = book.purges.get(op.name), book.creates.get(op.name)
             stamp = max(time.time(), (before or 0.0) + 1e-6)
             op = replace(op, origin=self.rank, id=uuid.uuid4().hex, stamp=stamp,
                          purged=purged or 0.0)  # fmt: skip
@@ -477,7 +509,8 @@ class TenantLogFollower:
             sent = append(store, op)
         except BaseException:  # not in the log: as if never sent
             with self._lock:
-                for stamps, was in ((book.stamps, before), (book.purges, purged)):
+                for stamps, was in ((book.stamps, before), (book.purges, purged),
+                            (book.creates, created)):  # fmt: skip
                     if stamps.get(op.name) == stamp:  # nothing newer came meanwhile
                         if was is None:
                             del stamps[op.name]
@@ -502,18 +535,28 @@ class TenantLogFollower:
             self._error(f"tenant log position not saved: {type(e).__name__}: {e}")
 
     async def _apply_newest(self, op: TenantOp, missed: TenantOp | None = None) -> None:
-        """`apply(op)` inside `changing` (the `missed` purge first, if any), unless this
-        server changed the tenant since (its own newer entry, sent while the follower
-        waited for the lock)."""
+        """`apply(op)` inside `changing` (the `missed` purge first, if still owed),
+        unless this server changed the tenant since (its own newer entry, sent while
+        the follower waited for the lock); each noted as handled once applied, before
+        the lock is given back. A failed missed purge raises MissedPurgeFailed."""
         async with self.changing:
             with self._lock:
-                if self._book().superseded(op):
+                book = self._book()
+                if book.superseded(op):
                     return
-            if missed is not None:
-                await self.apply(missed)
+                owed = book.owes(missed)
+            if owed:
+                try:
+                    await self.apply(missed)
+                except RetryLater:
+                    raise
+                except Exception as e:
+                    raise MissedPurgeFailed(e) from e
                 with self._lock:
-                    self._book().handled(missed)
+                    book.handled(missed)
             await self.apply(op)
+            with self._lock:
+                book.handled(op)
 
     def _run(self) -> None:
         store = None
@@ -570,8 +613,8 @@ class TenantLogFollower:
         with self._lock:
             superseded = book.superseded(op)
             missed = op.missed_purge()
-            if missed is not None and book.purges.get(op.name, 0.0) >= missed.stamp:
-                missed = None  # handled here (or a newer purge)
+            if not book.owes(missed):
+                missed = None
         if superseded:
             return True
         if not self._handle(loop, op, missed):
@@ -608,24 +651,37 @@ class TenantLogFollower:
         entry, whatever was applied between its tries."""
         if op.op == "skip" or op.origin == self.rank:
             return True
-        entry = (op.id, op.op, op.name, op.stamp)
         try:
             applied = self._apply_newest(op, missed)
             asyncio.run_coroutine_threadsafe(applied, loop).result(APPLY_TIMEOUT_S)
         except RetryLater as e:
             self._error(f"tenant {op.op} {op.name!r} waits: {e}")
             return False
+        except MissedPurgeFailed as e:
+            assert missed is not None
+            if self._handle_failure(missed, e.__cause__ or e):
+                with self._lock:  # given up: the entry is tried on its own next time
+                    self._book().handled(missed)
+            return False
         except Exception as e:
-            if self._failing != entry:
-                self._failing, self._tries = entry, 0
-            self._tries += 1
-            if self._tries < MAX_TRIES:
-                self._error(f"tenant {op.op} {op.name!r} failed, tried again: {e!r}")
-                return False
-            self.skipped += 1
-            self._error(f"tenant {op.op} {op.name!r} skipped after {MAX_TRIES} tries: {e!r}")
-        if self._failing == entry:
+            return self._handle_failure(op, e)
+        if self._failing == _entry_key(op):
             self._failing, self._tries = None, 0
+        return True
+
+    def _handle_failure(self, op: TenantOp, e: BaseException) -> bool:
+        """Count a failed apply of `op` (tries per entry, whatever was applied between
+        them); True once it is given up (skipped, counted), after MAX_TRIES."""
+        entry = _entry_key(op)
+        if self._failing != entry:
+            self._failing, self._tries = entry, 0
+        self._tries += 1
+        if self._tries < MAX_TRIES:
+            self._error(f"tenant {op.op} {op.name!r} failed, tried again: {e!r}")
+            return False
+        self.skipped += 1
+        self._error(f"tenant {op.op} {op.name!r} skipped after {MAX_TRIES} tries: {e!r}")
+        self._failing, self._tries = None, 0
         return True
 
     def _resend(self, store: Any, book: Position, now: str) -> None:
