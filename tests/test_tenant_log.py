@@ -592,3 +592,59 @@ def test_a_missed_purge_that_keeps_failing_is_given_up_and_its_entry_applied_alo
     # purge's own entry loses to it
     assert calls == [("retire", True)] * tenant_log.MAX_TRIES + [("create", False)]
     assert zero.skipped == 1 and zero.position.applied == 2
+
+
+def test_a_purge_that_loses_to_a_plain_retirement_made_without_it_still_purges(loop):
+    """Server 2 retired x (no purge) before server 1's purge of x reached it; a server
+    that gets the retirement first still purges x when the older purge comes, from the
+    log or from the base (which carries the losing purge on the retirement)."""
+    store, cfg = master()
+    cfg.sync_world_size = 3
+    book: dict[int, Position] = {}
+    one, two = follower_of(cfg, 1, loop, book, []), follower_of(cfg, 2, loop, book, [])
+    one.send(store, TenantOp("retire", "x", purge=True))
+    two.send(store, TenantOp("retire", "x"))
+    purge, retire = book[1].outbox[0].op, book[2].outbox[0].op
+    assert retire.purged == 0.0 and retire.stamp > purge.stamp
+    fresh, _ = master()  # appended again after a restart of server 0: retirement first
+    tenant_log.append(fresh, retire, lease=False)
+    tenant_log.append(fresh, purge, lease=False)
+    tenant_log.append(fresh, TenantOp("create", "y", origin=1, stamp=retire.stamp + 1))
+    applied: list[tuple[str, str, bool]] = []
+
+    async def apply(op: TenantOp) -> None:
+        applied.append((op.op, op.name, op.purge))
+
+    def zero() -> TenantLogFollower:
+        return TenantLogFollower(SimpleNamespace(**{**vars(cfg), "sync_rank": 0}), apply,
+                                 lambda: loop, Position, lambda p: None, keep=1)  # fmt: skip
+
+    first = zero()
+    first.poll(fresh, loop)  # applies all three, then folds the first two
+    assert applied == [("retire", "x", False), ("retire", "x", True), ("create", "y", False)]
+    assert first.position.purges == {"x": purge.stamp}
+    folded = tenant_log.base(fresh).ops["x"]
+    assert (folded.op, folded.purge, folded.purged) == ("retire", False, purge.stamp)
+    applied.clear()
+    zero().poll(fresh, loop)  # position lost: from the base
+    assert applied == [("retire", "x", True), ("retire", "x", False), ("create", "y", False)]
+
+
+def test_a_creation_given_up_here_does_not_count_as_one_made_since_a_purge(loop):
+    store, cfg = master()
+    tenant_log.append(store, TenantOp("create", "x", origin=0, stamp=5.0, purged=2.0))
+    tries: list[TenantOp] = []
+
+    async def apply(op: TenantOp) -> None:
+        tries.append(op)
+        if op.op == "create":
+            raise RuntimeError("SGLang could not load it")
+
+    f = TenantLogFollower(cfg, apply, lambda: loop, Position, lambda p: None)
+    for _ in range(tenant_log.MAX_TRIES):
+        f.poll(store, loop)
+    assert [(op.op, op.purge) for op in tries] == [("retire", True), ("create", False)] * 1 + [
+        ("create", False)] * (tenant_log.MAX_TRIES - 1)  # fmt: skip
+    assert f.skipped == 1 and f.position.applied == 1
+    assert f.position.creates == {} and f.position.purges == {"x": 2.0}
+    assert f.position.stamps == {"x": 5.0}  # handled: an older entry for x loses

@@ -587,7 +587,13 @@ async def mace_adapters_delete(request: Request) -> JSONResponse:
                     await _log(st, op)
                 except Exception as e:
                     return _error(503, f"{GROUP_STORE_DOWN} ({e}); nothing was retired")
-                deleted = await _retire_local(cfg, name, purge)
+                try:
+                    deleted = await _retire_local(cfg, name, purge)
+                except TenantError:
+                    raise
+                except Exception as e:  # in the log already: the others retire it
+                    return _error(500, f"{name!r} is retired on the other servers, not yet "
+                                  f"here ({type(e).__name__}: {e}): retry the DELETE")  # fmt: skip
         else:
             deleted = await _retire_local(cfg, name, purge)
             if deleted is None and not purge:

@@ -56,7 +56,9 @@ newest purge of its name its server knew of (each server keeps those stamps with
 position; the base carries a replaced entry's purge on to the entry that replaces it),
 and a server that has not applied that purge applies it first, unless it made or
 applied a creation of the name since (that creation came after the purge; in the log
-the purge loses to it there too). A missed purge that keeps failing is given up after
+the purge loses to it there too); a purge that an entry is or was made after reaches
+the name even where the entry itself loses (the base carries a losing purge on to the
+retirement it lost to). A missed purge that keeps failing is given up after
 MAX_TRIES of its own, and the entry that carried it is applied on its own.
 
 An entry whose apply fails is tried again at the next poll: without end while this server
@@ -155,6 +157,14 @@ class TenantOp:
         if self.op == "skip" or not self.purged or (self.op == "retire" and self.purge):
             return None
         return TenantOp("retire", self.name, purge=True, origin=self.origin, stamp=self.purged)
+
+    def purge_part(self) -> TenantOp | None:
+        """The newest purge this entry is or was made after, as an entry of its own
+        (None: none): what must reach the name even where the entry itself loses."""
+        stamp = self.newest_purge() if self.op != "skip" else 0.0
+        if not stamp:
+            return None
+        return TenantOp("retire", self.name, purge=True, origin=self.origin, stamp=stamp)
 
     def newest_purge(self) -> float:
         """The stamp of the newest purge this entry is or was made after."""
@@ -257,6 +267,11 @@ class Base:
                     op = replace(op, purged=max(op.purged, last.newest_purge()))
                 self.ops.pop(op.name, None)
                 self.ops[op.name] = op
+            elif last.op != "create" and op.newest_purge() > last.purged:
+                # it loses, but its purge reaches a server that has not applied it (a
+                # follower of the log applies a losing entry's purge where no creation
+                # came since; after a creation it would not)
+                self.ops[op.name] = replace(last, purged=op.newest_purge())
         self.upto = i
 
     def bound(self, names: int) -> int:
@@ -534,16 +549,16 @@ class TenantLogFollower:
         except Exception as e:
             self._error(f"tenant log position not saved: {type(e).__name__}: {e}")
 
-    async def _apply_newest(self, op: TenantOp, missed: TenantOp | None = None) -> None:
-        """`apply(op)` inside `changing` (the `missed` purge first, if still owed),
-        unless this server changed the tenant since (its own newer entry, sent while
-        the follower waited for the lock); each noted as handled once applied, before
-        the lock is given back. A failed missed purge raises MissedPurgeFailed."""
+    async def _apply_newest(self, op: TenantOp, missed: TenantOp | None = None,
+                            purge_only: bool = False) -> None:  # fmt: skip
+        """Inside `changing`: the `missed` purge, if still owed, then `apply(op)` unless
+        `purge_only` or this server changed the tenant since (its own newer entry, sent
+        while the follower waited for the lock); each noted as handled once applied,
+        before the lock is given back. A failed missed purge raises MissedPurgeFailed."""
         async with self.changing:
             with self._lock:
                 book = self._book()
-                if book.superseded(op):
-                    return
+                skip = purge_only or book.superseded(op)
                 owed = book.owes(missed)
             if owed:
                 try:
@@ -554,6 +569,8 @@ class TenantLogFollower:
                     raise MissedPurgeFailed(e) from e
                 with self._lock:
                     book.handled(missed)
+            if skip:
+                return
             await self.apply(op)
             with self._lock:
                 book.handled(op)
@@ -608,19 +625,20 @@ class TenantLogFollower:
 
     def _take(self, loop: asyncio.AbstractEventLoop, book: Position, op: TenantOp) -> bool:
         """One entry, unless superseded here; True when done with (its stamp noted). A
-        create made after a purge this server has not handled (the purge comes later,
-        older, or was folded away) has the purge applied first."""
+        purge this server still owes (Position.owes) that the entry was made after (the
+        purge comes later, older, or was folded away) is applied first, and one that
+        the entry is or was made after is applied even where the entry itself loses."""
         with self._lock:
             superseded = book.superseded(op)
-            missed = op.missed_purge()
+            missed = op.purge_part() if superseded else op.missed_purge()
             if not book.owes(missed):
                 missed = None
-        if superseded:
+        if superseded and missed is None:
             return True
-        if not self._handle(loop, op, missed):
+        if not self._handle(loop, op, missed, purge_only=superseded):
             return False
-        with self._lock:
-            book.handled(op)
+        with self._lock:  # handled: what was applied is noted by _apply_newest
+            _newest(book.stamps, op)
         return True
 
     def _catch_up(self, store: Any, loop: asyncio.AbstractEventLoop, book: Position) -> bool:
@@ -631,8 +649,8 @@ class TenantLogFollower:
         b = base(store)
         for op in b.in_order():
             with self._lock:
-                superseded = book.superseded(op)
-            if superseded:
+                done = book.superseded(op) and not book.owes(op.purge_part())
+            if done:
                 continue
             if not self._take(loop, book, op):
                 return False
@@ -645,14 +663,15 @@ class TenantLogFollower:
         return True
 
     def _handle(self, loop: asyncio.AbstractEventLoop, op: TenantOp,
-                missed: TenantOp | None = None) -> bool:  # fmt: skip
+                missed: TenantOp | None = None, purge_only: bool = False) -> bool:  # fmt: skip
         """True when the entry is done with (applied, not ours to apply, or given up);
-        `missed`: a purge to apply before it (noted once applied). Failures count per
-        entry, whatever was applied between its tries."""
+        `missed`: a purge to apply before it (noted once applied; with `purge_only`, the
+        entry itself is not applied). Failures count per entry, whatever was applied
+        between its tries."""
         if op.op == "skip" or op.origin == self.rank:
             return True
         try:
-            applied = self._apply_newest(op, missed)
+            applied = self._apply_newest(op, missed, purge_only)
             asyncio.run_coroutine_threadsafe(applied, loop).result(APPLY_TIMEOUT_S)
         except RetryLater as e:
             self._error(f"tenant {op.op} {op.name!r} waits: {e}")
