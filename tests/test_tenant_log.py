@@ -154,6 +154,13 @@ def follower_of(cfg: SimpleNamespace, rank: int, loop, book: dict[int, Position]
                              keep=keep)  # fmt: skip
 
 
+def applying(cfg: SimpleNamespace, rank: int, apply, loop, keep: int = tenant_log.LOG_KEEP,
+             ) -> TenantLogFollower:  # fmt: skip
+    """Server `rank`'s follower applying with `apply`, its position in memory only."""
+    return TenantLogFollower(SimpleNamespace(**{**vars(cfg), "sync_rank": rank}), apply,
+                             lambda: loop, Position, lambda p: None, keep=keep)  # fmt: skip
+
+
 def test_an_entry_no_other_server_applied_outlives_a_restart_of_server_0(loop):
     """Server 1 creates a tenant; before server 0's follower reads it, server 0 restarts
     with a fresh store (a new log). Server 1 appends its entry again, and server 0,
@@ -470,8 +477,7 @@ def test_a_base_entry_that_keeps_failing_is_given_up_and_the_catch_up_goes_on(lo
         if op.name == "bad":
             raise RuntimeError("SGLang could not load it")
 
-    two = TenantLogFollower(SimpleNamespace(**{**vars(cfg), "sync_rank": 2}), apply,
-                            lambda: loop, Position, lambda p: None)  # fmt: skip
+    two = applying(cfg, 2, apply, loop)
     for _ in range(tenant_log.MAX_TRIES):
         two.poll(store, loop)
     assert tries == ["a"] + ["bad"] * tenant_log.MAX_TRIES + ["c", "d"]
@@ -501,8 +507,7 @@ def test_a_purge_folded_under_a_later_plain_retirement_still_reaches_a_server_be
     async def apply(op: TenantOp) -> None:
         applied.append((op.op, op.name, op.purge))
 
-    two = TenantLogFollower(SimpleNamespace(**{**vars(cfg), "sync_rank": 2}), apply,
-                            lambda: loop, Position, lambda p: None)  # fmt: skip
+    two = applying(cfg, 2, apply, loop)
     two.poll(store, loop)
     assert applied == [("retire", "x", True), ("retire", "x", False), ("create", "y", False)]
     assert two.position.purges == {"x": purge.stamp}
@@ -584,8 +589,7 @@ def test_a_missed_purge_that_keeps_failing_is_given_up_and_its_entry_applied_alo
         if op.purge:
             raise OSError("checkpoints could not be removed")
 
-    zero = TenantLogFollower(SimpleNamespace(**{**vars(cfg), "sync_rank": 0}), apply,
-                             lambda: loop, Position, lambda p: None)  # fmt: skip
+    zero = applying(cfg, 0, apply, loop)
     for _ in range(tenant_log.MAX_TRIES + 1):
         zero.poll(fresh, loop)
     # the purge, tried MAX_TRIES times and given up; then the creation alone; the
@@ -616,8 +620,7 @@ def test_a_purge_that_loses_to_a_plain_retirement_made_without_it_still_purges(l
         applied.append((op.op, op.name, op.purge))
 
     def zero() -> TenantLogFollower:
-        return TenantLogFollower(SimpleNamespace(**{**vars(cfg), "sync_rank": 0}), apply,
-                                 lambda: loop, Position, lambda p: None, keep=1)  # fmt: skip
+        return applying(cfg, 0, apply, loop, keep=1)
 
     first = zero()
     first.poll(fresh, loop)  # applies all three, then folds the first two
@@ -648,3 +651,34 @@ def test_a_creation_given_up_here_does_not_count_as_one_made_since_a_purge(loop)
     assert f.skipped == 1 and f.position.applied == 1
     assert f.position.creates == {} and f.position.purges == {"x": 2.0}
     assert f.position.stamps == {"x": 5.0}  # handled: an older entry for x loses
+
+
+def test_a_purge_superseded_while_it_waited_for_the_lock_still_purges(loop):
+    """Server 1 retires x (no purge) while its follower holds server 0's older purge
+    of x, waiting for the tenant lock: the purge loses to the newer retirement, but
+    its purge part is still applied (x's old rows and checkpoints go)."""
+    store, cfg = master()
+    book: dict[int, Position] = {}
+    seen: list[tuple[int, str, str]] = []
+    zero, one = follower_of(cfg, 0, loop, book, seen), follower_of(cfg, 1, loop, book, seen)
+    zero.send(store, TenantOp("retire", "x", purge=True))
+    entered, release = threading.Event(), threading.Event()
+    one.changing = Watched()
+
+    async def local_change() -> None:  # the route: the lock, a change here, its entry
+        async with one.changing:
+            entered.set()
+            await asyncio.to_thread(release.wait, 10)
+            await asyncio.to_thread(one.send, store, TenantOp("retire", "x"))
+
+    change = asyncio.run_coroutine_threadsafe(local_change(), loop)
+    assert entered.wait(10)
+    one.changing.tried.clear()
+    polled = threading.Thread(target=one.poll, args=(store, loop))
+    polled.start()  # reads the purge (nothing newer yet), then waits for the lock
+    assert one.changing.tried.wait(10)
+    release.set()
+    change.result(10)
+    polled.join(10)
+    assert not polled.is_alive() and seen == [(1, "retire", "x")]  # the purge part only
+    assert book[1].purges == {"x": book[0].outbox[0].op.stamp}

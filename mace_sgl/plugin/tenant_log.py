@@ -559,6 +559,8 @@ class TenantLogFollower:
             with self._lock:
                 book = self._book()
                 skip = purge_only or book.superseded(op)
+                if skip and not purge_only:  # superseded meanwhile: its own purge too
+                    missed = op.purge_part()
                 owed = book.owes(missed)
             if owed:
                 try:
