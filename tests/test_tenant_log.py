@@ -246,6 +246,31 @@ class Watched(asyncio.Lock):
         return await super().acquire()
 
 
+def poll_during_local_change(f: TenantLogFollower, store: TCPStore, loop, op: TenantOp) -> None:
+    """f's server changes a tenant (inside `changing`, as the routes do, then sends
+    `op`) while f's poll, which read the log before that change, waits for the lock;
+    returns once both are done."""
+    entered, release = threading.Event(), threading.Event()
+    f.changing = Watched()
+
+    async def local_change() -> None:  # the route: the lock, a change here, its entry
+        async with f.changing:
+            entered.set()
+            await asyncio.to_thread(release.wait, 10)
+            await asyncio.to_thread(f.send, store, op)
+
+    change = asyncio.run_coroutine_threadsafe(local_change(), loop)
+    assert entered.wait(10)
+    f.changing.tried.clear()
+    polled = threading.Thread(target=f.poll, args=(store, loop))
+    polled.start()  # reads the log (no newer change yet), then waits for the lock
+    assert f.changing.tried.wait(10)
+    release.set()
+    change.result(10)
+    polled.join(10)
+    assert not polled.is_alive()
+
+
 def test_an_older_entry_waiting_while_this_server_changes_the_tenant_is_not_applied(loop):
     """Server 1 changes tenant `x` (inside `changing`, as the routes do) while its
     follower holds server 0's older retirement of `x`: the follower waits for the lock,
@@ -255,25 +280,8 @@ def test_an_older_entry_waiting_while_this_server_changes_the_tenant_is_not_appl
     seen: list[tuple[int, str, str]] = []
     zero, one = follower_of(cfg, 0, loop, book, seen), follower_of(cfg, 1, loop, book, seen)
     zero.send(store, TenantOp("retire", "x"))
-    entered, release = threading.Event(), threading.Event()
-    one.changing = Watched()
-
-    async def local_change() -> None:  # the route: the lock, a change here, its entry
-        async with one.changing:
-            entered.set()
-            await asyncio.to_thread(release.wait, 10)
-            await asyncio.to_thread(one.send, store, TenantOp("create", "x"))
-
-    change = asyncio.run_coroutine_threadsafe(local_change(), loop)
-    assert entered.wait(10)
-    one.changing.tried.clear()
-    polled = threading.Thread(target=one.poll, args=(store, loop))
-    polled.start()  # reads the retirement (no newer change yet), then waits for the lock
-    assert one.changing.tried.wait(10)
-    release.set()
-    change.result(10)
-    polled.join(10)
-    assert not polled.is_alive() and seen == []  # the older retirement: not applied
+    poll_during_local_change(one, store, loop, TenantOp("create", "x"))
+    assert seen == []  # the older retirement: not applied
     assert book[1].applied == 1  # handled all the same: the log goes on
 
 
@@ -662,23 +670,6 @@ def test_a_purge_superseded_while_it_waited_for_the_lock_still_purges(loop):
     seen: list[tuple[int, str, str]] = []
     zero, one = follower_of(cfg, 0, loop, book, seen), follower_of(cfg, 1, loop, book, seen)
     zero.send(store, TenantOp("retire", "x", purge=True))
-    entered, release = threading.Event(), threading.Event()
-    one.changing = Watched()
-
-    async def local_change() -> None:  # the route: the lock, a change here, its entry
-        async with one.changing:
-            entered.set()
-            await asyncio.to_thread(release.wait, 10)
-            await asyncio.to_thread(one.send, store, TenantOp("retire", "x"))
-
-    change = asyncio.run_coroutine_threadsafe(local_change(), loop)
-    assert entered.wait(10)
-    one.changing.tried.clear()
-    polled = threading.Thread(target=one.poll, args=(store, loop))
-    polled.start()  # reads the purge (nothing newer yet), then waits for the lock
-    assert one.changing.tried.wait(10)
-    release.set()
-    change.result(10)
-    polled.join(10)
-    assert not polled.is_alive() and seen == [(1, "retire", "x")]  # the purge part only
+    poll_during_local_change(one, store, loop, TenantOp("retire", "x"))
+    assert seen == [(1, "retire", "x")]  # the purge part only
     assert book[1].purges == {"x": book[0].outbox[0].op.stamp}

@@ -201,8 +201,7 @@ def append(store: Any, op: TenantOp, lease: bool = True) -> Sent:
     now = epoch(store)
     i = int(store.add(LOG_COUNT, 1))
     text = op.to_json()
-    key = LOG_ENTRY.format(i=i)
-    if store_text(store.compare_set(key, "", text)) != text:
+    if store_text(store.compare_set(LOG_ENTRY.format(i=i), "", text)) != text:
         raise LogError(f"tenant log entry {i} was given up as lost before it was written")
     if lease and op.op == "retire" and op.purge:
         try:
@@ -304,12 +303,14 @@ class Base:
 
 def upto(store: Any) -> int:
     """The index of the last entry folded into the base (0: none)."""
-    return int(store_text(store.get(LOG_UPTO))) if store.check([LOG_UPTO]) else 0
+    raw = _get(store, LOG_UPTO)
+    return int(store_text(raw)) if raw is not None else 0
 
 
 def base(store: Any) -> Base:
     """The folded entries (empty where nothing was folded)."""
-    return Base.from_json(store.get(LOG_BASE)) if store.check([LOG_BASE]) else Base()
+    raw = _get(store, LOG_BASE)
+    return Base.from_json(raw) if raw is not None else Base()
 
 
 def trim(store: Any, keep: int = LOG_KEEP) -> int:
@@ -389,10 +390,9 @@ class Position:
             Sent(str(s["epoch"]), int(s["index"]), TenantOp.from_json(json.dumps(s["op"])))
             for s in json.loads(get("tenant_log_outbox", "[]"))
         ]
-        stamps = {str(k): float(v) for k, v in json.loads(get("tenant_log_stamps", "{}")).items()}
-        purges, creates = (
+        stamps, purges, creates = (
             {str(k): float(v) for k, v in json.loads(get(f"tenant_log_{key}", "{}")).items()}
-            for key in ("purges", "creates")
+            for key in ("stamps", "purges", "creates")
         )
         return cls(get("tenant_log_epoch", ""), int(get("tenant_log_applied", "0")), outbox,
                    stamps, purges, creates)  # fmt: skip
@@ -415,6 +415,10 @@ class Position:
             return False
         since = max(self.purges.get(missed.name, 0.0), self.creates.get(missed.name, 0.0))
         return since < missed.stamp
+
+    def settled(self, op: TenantOp) -> bool:
+        """Nothing of `op` left to apply here: superseded, and no purge in it owed."""
+        return self.superseded(op) and not self.owes(op.purge_part())
 
     def superseded(self, op: TenantOp) -> bool:
         """Handled here already, or older than what was: an entry appended again, or one
@@ -631,12 +635,12 @@ class TenantLogFollower:
         purge comes later, older, or was folded away) is applied first, and one that
         the entry is or was made after is applied even where the entry itself loses."""
         with self._lock:
+            if book.settled(op):
+                return True
             superseded = book.superseded(op)
             missed = op.purge_part() if superseded else op.missed_purge()
             if not book.owes(missed):
                 missed = None
-        if superseded and missed is None:
-            return True
         if not self._handle(loop, op, missed, purge_only=superseded):
             return False
         with self._lock:  # handled: what was applied is noted by _apply_newest
@@ -651,8 +655,8 @@ class TenantLogFollower:
         b = base(store)
         for op in b.in_order():
             with self._lock:
-                done = book.superseded(op) and not book.owes(op.purge_part())
-            if done:
+                settled = book.settled(op)
+            if settled:
                 continue
             if not self._take(loop, book, op):
                 return False
@@ -729,7 +733,8 @@ class TenantLogFollower:
         marks = []
         for rank in range(self.cfg.sync_world_size):
             key = LOG_APPLIED.format(rank=rank)
-            marks.append(int(store_text(store.get(key))) if store.check([key]) else 0)
+            raw = _get(store, key)
+            marks.append(int(store_text(raw)) if raw is not None else 0)
         keep = [s for s in book.outbox if s.epoch != now or s.index > min(marks)]
         if len(keep) < len(book.outbox):
             book.outbox = keep
