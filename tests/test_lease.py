@@ -592,3 +592,41 @@ def test_replicas_of_one_server_step_under_the_generation_its_directory_kept(pai
     a.store.add(ClusterLease.generation_key("w"), 2)
     b.created("w", None, partial(keep_lease_generation, tmp_path / "purged"))
     assert b.generations["w"] == 2  # nothing kept: the store's read stands
+
+
+def test_a_purge_deletes_the_key_two_generations_back_and_keeps_the_previous(pair):
+    """Each purge of a name moves it to a new generation of keys; without a bound the
+    old keys stay in server 0's store for good. A purge to generation g deletes the key
+    of g - 2; g - 1 keeps its floor for a server that has not applied the purge yet,
+    and a stale tenant two purges behind steps from a floor of 0 (its key made anew)."""
+    from mace_sgl.plugin import tenant_log
+
+    a, b, clock = pair
+    store = a.store
+    purge = tenant_log.TenantOp("retire", "t", purge=True, origin=0)
+    a.created("t")  # generation 0: steps to v3 under the plain key
+    assert a.try_acquire("t", 2)
+    a.release("t", 3)
+    b.created("t")  # a server that will miss every purge below
+    tenant_log.append(store, purge)
+    assert store.check([ClusterLease.key("t")])  # one purge: generation 0 still kept
+    a.retire("t", 3)
+    a.created("t")  # generation 1
+    clock.now += RETRY_S
+    assert a.try_acquire("t", 0)
+    a.release("t", 1)
+    tenant_log.append(store, purge)  # generation 2: the key of 0 goes
+    assert not store.check([ClusterLease.key("t")])
+    assert LeaseValue.parse(store.get(ClusterLease.key("t", 1))).version == 1
+    a.retire("t", 1)
+    a.created("t")
+    clock.now += RETRY_S
+    assert a.try_acquire("t", 0)  # generation 2's key
+    a.release("t", 1)
+    tenant_log.append(store, purge)  # generation 3: the key of 1 goes
+    assert not store.check([ClusterLease.key("t", 1)])
+    assert LeaseValue.parse(store.get(ClusterLease.key("t", 2))).version == 1
+    assert int(store.add(ClusterLease.generation_key("t"), 0)) == 3
+    clock.now += RETRY_S
+    assert b.try_acquire("t", 0)  # b, down through three purges: floor 0, key made anew
+    assert LeaseValue.parse(store.get(ClusterLease.key("t"))).holder == 1

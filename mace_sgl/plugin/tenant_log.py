@@ -205,7 +205,7 @@ def append(store: Any, op: TenantOp, lease: bool = True) -> Sent:
         raise LogError(f"tenant log entry {i} was given up as lost before it was written")
     if lease and op.op == "retire" and op.purge:
         try:
-            store.add(ClusterLease.generation_key(op.name), 1)
+            ClusterLease.purged(store, op.name)
         except Exception:  # appended all the same: the retirement goes on everywhere
             logger.exception("tenant %s purged, but its lease generation was not raised: "
                              "created again, it trains once server 0 restarted", op.name)  # fmt: skip

@@ -62,6 +62,13 @@ created while the store is gone fixes its generation at its first call that reac
 the store (a resumed one from its directory; a new one reads the store's then, so a
 purge of its name in between would move it to the new key: a new tenant has no
 checkpoint, so it steps from v0 either way).
+
+The keys are bounded per name: a purge that raises the generation to g deletes the key of
+generation g - 2 (`purged`). The key of g - 1 stays, for the servers that have not applied
+the purge yet (their old tenant steps under it with its floor); a server that missed two
+purges of a name (down through both) finds its tenant's key gone, and steps it from a
+floor of 0 until it applies them, which deletes that tenant anyway. What stays per name
+ever used: its generation counter and at most two keys (about 100 bytes each).
 """
 
 from __future__ import annotations
@@ -84,6 +91,7 @@ RENEW_S = 10.0
 RETRY_S = 0.5  # after a refusal, the next try for that tenant
 CAS_TRIES = 8  # compare-and-set rounds before a change is given up as contended
 CALL_S = 3.0  # one store call holds the scheduler thread at most this long
+KEPT_GENERATIONS = 2  # a name's lease keys in the store: its newest generations'
 EPOCH_KEY = "mace/lease/epoch"  # a new id in each store: a restarted server 0's is fresh
 
 
@@ -173,6 +181,20 @@ class ClusterLease:
     def generation_key(name: str) -> str:
         """A counter: how many times `name` was purged (plugin/tenant_log.py raises it)."""
         return "mace/lease/generation/" + hashlib.sha256(name.encode()).hexdigest()[:16]
+
+    @classmethod
+    def purged(cls, store: Any, name: str) -> int:
+        """Count a purge of `name` (the route that appended it to the tenant log, right
+        after the entry): tenants created from now on step under the next generation's
+        key. Deletes the key of the generation before the previous one (the module's
+        docstring says why that one); returns the new generation."""
+        generation = int(store.add(cls.generation_key(name), 1))
+        if generation >= KEPT_GENERATIONS:
+            try:
+                store.delete_key(cls.key(name, generation - KEPT_GENERATIONS))
+            except Exception:  # the generation counts all the same; one key stays
+                logger.exception("cluster lease: %s purged, its old key not deleted", name)
+        return generation
 
     @property
     def _store(self) -> Any:
