@@ -52,14 +52,16 @@ controller of the training baselines (watching requests' time per output token,
 guess about the host (200 ms TBT was missed by inference alone when evaluations still ran
 beside the load, its TBT p99 1.3 s on 2 CPU cores, 2026-12-02). Every baseline's
 `slo_attainment` is counted against the seed's targets (`slo_targets` in results.json;
-`tpot_p99_ms` is the tail the time-per-token target judges).
+`tpot_p99_ms` is the tail the time-per-token target judges). `base_answers` in
+results.json names, per seed, the base answers cut off at --eval-max-tokens (a bound
+meant to let them finish; a cut one is judged as it stands).
 
 Metrics per baseline (means over the evaluations; phase boundaries in the plot):
 win_rate of the served adapter against the frozen base under the current judge (win 1,
 tie 0.5, a degenerate answer loses) on held-out prompts; degenerate_share, the share of
 evaluated answers that are degenerate; guard_refusals, versions the trainer's guard
-refused (`rejected_versions`; none for periodic, which has no guard); clpd, the mean
-log-prob of chosen minus rejected on held-out pairs of the current phase (edit of the
+refused (`rejected_versions`; 0 for periodic, which publishes every round unchecked);
+clpd, the mean log-prob of chosen minus rejected on held-out pairs of the current phase (edit of the
 base answer vs the base answer); recover_s, the
 mean time after a drift until the win rate reaches --recover-at (the phase length when it
 never does); TTFT/TBT p99, SLO attainment, throughput from the load; training tokens/s.
@@ -140,9 +142,29 @@ class Client:
         return body
 
     def answer(self, prompt: str, adapter: str | None, max_tokens: int | None = None) -> str:
+        return self.answer_ending(prompt, adapter, max_tokens)[0]
+
+    def answer_ending(
+        self, prompt: str, adapter: str | None, max_tokens: int | None = None
+    ) -> tuple[str, bool]:
+        """The answer, and whether it was cut off at `max_tokens` (finish_reason length)."""
         r = self.server.post("/v1/chat/completions", self.body(prompt, adapter, max_tokens))
         r.raise_for_status()
-        return r.json()["choices"][0]["message"]["content"]
+        choice = r.json()["choices"][0]
+        return choice["message"]["content"], choice.get("finish_reason") == "length"
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseAnswers:
+    """The frozen base model's greedy answers to the held-out prompts (one seed's, the
+    same for every baseline), and those cut off at --eval-max-tokens: the bound is meant
+    to let them finish, so a cut one is named in results.json (`base_answers`)."""
+
+    text: dict[str, str]
+    cut: list[str]
+
+    def summary(self) -> dict[str, Any]:
+        return {"prompts": len(self.text), "cut": len(self.cut), "cut_prompts": self.cut}
 
     def logprob(self, prompt: str, completion: str, adapter: str | None) -> float:
         return completion_logprob(self.server, self.tokenizer, prompt, completion, adapter)
@@ -388,8 +410,8 @@ def trained_pairs(store_path: Path, posted_ids: dict[str, list[int]]) -> dict[st
 
 
 def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
-                 base_answers: dict[str, str] | None, seed: int = 1
-                 ) -> tuple[dict[str, Any], dict]:  # fmt: skip
+                 base_answers: BaseAnswers | None, seed: int = 1
+                 ) -> tuple[dict[str, Any], BaseAnswers]:  # fmt: skip
     phases = args.phase_list
     all_prompts = shipped_prompts()
     held_out = all_prompts[::9][: args.eval_prompts]
@@ -409,10 +431,16 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
     try:
         model_path = server.get("/mace/status").json()["model_path"]
         if base_answers is None:  # frozen base: greedy, no adapter; same for every baseline
-            with ThreadPoolExecutor(4) as pool:
-                base_answers = dict(zip(held_out, pool.map(
-                    lambda p: client.answer(p, None, args.eval_max_tokens), held_out),
-                    strict=True))  # fmt: skip
+            with ThreadPoolExecutor(len(held_out)) as pool:  # batched, as evaluations are
+                got = list(pool.map(
+                    lambda p: client.answer_ending(p, None, args.eval_max_tokens), held_out))  # fmt: skip
+            base_answers = BaseAnswers(
+                {p: text for p, (text, _) in zip(held_out, got, strict=True)},
+                [p for p, (_, cut) in zip(held_out, got, strict=True) if cut],
+            )
+            if base_answers.cut:
+                print(f"{len(base_answers.cut)} of {len(held_out)} base answers were cut off "
+                      f"at --eval-max-tokens {args.eval_max_tokens}", flush=True)  # fmt: skip
         if name == "periodic":
             periodic = PeriodicTrainer(client, model_path, out / "periodic", args.period_s,
                                        training_recipe(args))  # fmt: skip
@@ -480,7 +508,7 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
                 training(False)
                 served = (client.adapter, server.get("/mace/status").json()["training"][
                     "adapter_version"])  # fmt: skip
-                ev = evaluate(client, phase, held_out, base_answers, args.eval_max_tokens,
+                ev = evaluate(client, phase, held_out, base_answers.text, args.eval_max_tokens,
                               served, memo)  # fmt: skip
                 training(True)
                 timeline.append({"t": round(wall, 1), "phase": phase.name,
@@ -519,8 +547,9 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
             for p in phases
             if any(e["phase"] == p.name for e in timeline)
         },
+        # periodic publishes every round unchecked (no guard): it refused none
         "guard_refusals": (
-            None
+            0
             if periodic is not None
             else status1["rejected_versions"] - status0["rejected_versions"]
         ),
@@ -606,12 +635,14 @@ def plot(baselines: dict[str, dict[str, Any]], phases: list[Phase], out: Path) -
 
 
 def write_results(out: Path, args: argparse.Namespace, table: dict[str, Any], seeds: int,
-                  slo_targets: list[dict[str, Any]]) -> None:  # fmt: skip
+                  slo_targets: list[dict[str, Any]],
+                  base_answers: list[dict[str, Any]]) -> None:  # fmt: skip
     """DIR/results.json over the `seeds` seeds finished so far (`seeds_done`)."""
     settings = {k: v for k, v in vars(args).items() if k != "phase_list"}
     result = {
         "baselines": table,
         "slo_targets": slo_targets,  # per seed: what slo_attainment was counted against
+        "base_answers": base_answers,  # per seed: how many were cut off at the bound
         "phases": [
             {"name": p.name, "judge": p.judge_rule, "edit": p.edit_rule} for p in args.phase_list
         ],  # fmt: skip
@@ -657,6 +688,7 @@ def merge(pieces: list[dict[str, Any]]) -> dict[str, Any]:
         **first,
         "baselines": table,
         "slo_targets": [t for p in pieces for t in p["slo_targets"]],
+        "base_answers": [b for p in pieces for b in p.get("base_answers", [])],
         "seeds_done": seeds(table),
         "merged_from": [
             {
@@ -671,7 +703,7 @@ def merge(pieces: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 CPU cores, < 20 minutes")
+    parser.add_argument("--quick", action="store_true", help="the default sizes (2 CPU cores; --full scales them up)")
     parser.add_argument("--full", action="store_true", help="longer phases (GPU)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--model-path", default=None, help="default: the embedded model")
@@ -761,6 +793,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model_path or str(ensure_default_model()))
     runs: dict[str, list[dict[str, Any]]] = {}
     slo_targets: list[dict[str, Any]] = []  # per seed
+    base_summaries: list[dict[str, Any]] = []  # per seed
     for finished, seed in enumerate(range(args.first_seed, args.first_seed + args.seeds), 1):
         seed_out = out / f"seed-{seed}" if args.seeds > 1 or args.first_seed > 1 else out
         seed_out.mkdir(parents=True, exist_ok=True)
@@ -781,6 +814,8 @@ def main() -> None:
                       f"{targets[0]:.0f} ms, TPOT {targets[1]:.0f} ms", flush=True)  # fmt: skip
         slo_targets.append({"ttft_ms": targets[0], "tbt_ms": targets[1],
                             "from": "inference-only" if derive else "flags"})  # fmt: skip
+        if base_answers is not None:
+            base_summaries.append({"seed": seed, **base_answers.summary()})
         for row in baselines.values():  # every baseline against the same targets
             done = summarize(row["_results"], targets[0], targets[1], row["_wall"])
             row["slo_attainment"] = done["slo_attainment"]
@@ -791,7 +826,7 @@ def main() -> None:
             )
         # After every seed: a run stopped later keeps the seeds it finished.
         table = {name: aggregate(rows) for name, rows in runs.items()}
-        write_results(out, args, table, finished, slo_targets)
+        write_results(out, args, table, finished, slo_targets, base_summaries)
     keys = ("win_rate", "degenerate_share", "clpd", "recover_s", "ttft_p99_ms", "tbt_p99_ms",
             "slo_attainment", "throughput_tok_s", "train_tokens_per_s", "guard_refusals")  # fmt: skip
     print(json.dumps({n: {k: r.get(k) for k in keys} for n, r in table.items()}, indent=2))

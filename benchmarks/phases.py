@@ -31,7 +31,10 @@ has fewer than 40% as many content words as the base answer (a cut answer). Unde
 max_words that is all that is asked of a short answer's content: a short answer on the
 topic that shares a word with the base answer passes, even if the rest differs. An
 answer counts as degenerate only where the base model's own answer to the same prompt
-is not: the small base model loops now and then by itself. `verdict` compares an answer
+is not: the small base model loops now and then by itself. Where the base answer is
+degenerate, an answer degenerate in the same way (a loop where the base loops) is not
+counted, and one degenerate in another way is (an empty answer where the base loops):
+otherwise an empty answer would beat a looping base under max_words. `verdict` compares an answer
 with the base answer: a degenerate answer loses, otherwise the higher score wins (1),
 equal scores tie (0.5). So a shorter answer wins only under max_words, and only while it
 keeps some of the base answer's content.
@@ -194,13 +197,20 @@ def _one(rule: Any, known: tuple[str, ...], what: str, name: str) -> tuple[str, 
     return key, value
 
 
+def _compiled(value: Any, name: str, rule: str) -> re.Pattern[str]:
+    try:
+        return re.compile(str(value))
+    except re.error as e:
+        raise ValueError(f"phase {name!r}: {rule} pattern {value!r} is not a regex: {e}") from e
+
+
 def _judge(key: str, value: Any, name: str) -> Callable[[str], float]:
     if key == "max_words":
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"phase {name!r}: max_words must be a positive integer")
         return lambda t: 1.0 if len(words(t)) <= value else value / len(words(t))
     if key == "regex":
-        pattern = re.compile(str(value))
+        pattern = _compiled(value, name, "regex")
         return lambda t: float(bool(pattern.search(t)))
     if not isinstance(value, str) or not value:
         raise ValueError(f"phase {name!r}: {key} needs a non-empty string")
@@ -226,7 +236,7 @@ def _edit(key: str, value: Any, name: str) -> Callable[[str], str]:
     if key == "replace":
         if not isinstance(value, dict) or set(value) != {"pattern", "with"}:
             raise ValueError(f"phase {name!r}: replace takes {{pattern: .., with: ..}}")
-        pattern, repl = re.compile(str(value["pattern"])), str(value["with"])
+        pattern, repl = _compiled(value["pattern"], name, "replace"), str(value["with"])
         return lambda t: pattern.sub(repl, t)
     if not isinstance(value, str) or not value:
         raise ValueError(f"phase {name!r}: {key} needs a non-empty string")

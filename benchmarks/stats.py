@@ -4,6 +4,7 @@ how a benchmark without a server hands its result over (`emit`)."""
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -31,20 +32,28 @@ def mean_ci95(values: list[float]) -> tuple[float, list[float]]:
     return m, [m - half, m + half]
 
 
+def number(value: Any) -> bool:
+    """Whether `value` is a finite number (not a bool: flags are not metrics)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def aggregate(rows: list[dict[str, Any]], rows_key: str = "seeds") -> dict[str, Any]:
-    """One baseline over repeats: the mean of every number (None where a repeat has none),
-    `ci95` of each, and the repeats' own rows under `rows_key`."""
+    """One baseline over repeats: for every key a repeat gives a number, the mean over the
+    repeats that have one and its `ci95`, so that every metric stays a number; `partial`
+    says, for the keys some repeats lack (a phase with no scored prompt has no CLPD),
+    how many repeats the mean is over. The repeats' own rows go under `rows_key`."""
     out: dict[str, Any] = {}
     ci: dict[str, list[float]] = {}
-    for key, first in rows[0].items():
-        if isinstance(first, bool) or not isinstance(first, int | float):
+    partial: dict[str, int] = {}
+    for key in dict.fromkeys(k for r in rows for k in r):  # every repeat's, in order
+        values = [float(r[key]) for r in rows if number(r.get(key))]
+        if not values:
             continue
-        values = [r.get(key) for r in rows]
-        if any(not isinstance(v, int | float) for v in values):
-            out[key] = None
-            continue
-        out[key], ci[key] = mean_ci95([float(v) for v in values])
+        out[key], ci[key] = mean_ci95(values)
+        if len(values) < len(rows):
+            partial[key] = len(values)
     out["ci95"] = ci
+    out["partial"] = partial
     out[rows_key] = rows
     return out
 

@@ -17,16 +17,23 @@ def test_mean_ci95_uses_student_t():
 
 def test_aggregate_keeps_every_metric_a_number():
     rows = [
-        {"win_rate": 0.5, "clpd": 1.0, "guard_refusals": 2, "timeline": [1], "ok": True},
-        {"win_rate": 0.7, "clpd": None, "guard_refusals": 4, "timeline": [2], "ok": True},
-    ]
+        {"win_rate": 0.5, "clpd": 1.0, "guard_refusals": 2, "timeline": [1], "ok": True,
+         "late": None, "never": None, "tail": float("nan")},
+        {"win_rate": 0.7, "clpd": None, "guard_refusals": 4, "timeline": [2], "ok": True,
+         "late": 3.0, "never": None, "tail": 2.0},
+        {"win_rate": 0.6, "clpd": 3.0, "guard_refusals": 3, "timeline": [3], "ok": True,
+         "late": 5.0, "never": None, "tail": 4.0},
+    ]  # fmt: skip
     out = aggregate(rows)
     assert out["win_rate"] == pytest.approx(0.6)
     assert out["guard_refusals"] == 3.0
-    assert out["clpd"] is None  # one seed had none: no mean pretends otherwise
-    assert set(out["ci95"]) == {"win_rate", "guard_refusals"}
+    # a seed without a figure: the mean of the seeds that have one, and how many
+    assert out["clpd"] == 2.0 and out["late"] == 4.0 and out["tail"] == 3.0
+    assert out["partial"] == {"clpd": 2, "late": 2, "tail": 2}
+    assert set(out["ci95"]) == {"win_rate", "guard_refusals", "clpd", "late", "tail"}
     lo, hi = out["ci95"]["win_rate"]
     assert lo < 0.6 < hi
+    assert "never" not in out  # no seed has one: not a metric of this baseline
     assert "timeline" not in out and "ok" not in out and out["seeds"] == rows
 
 
@@ -43,6 +50,21 @@ class _Response:
 
     def raise_for_status(self) -> None:
         pass
+
+
+def test_an_answer_cut_off_at_the_bound_is_told_apart_from_a_finished_one():
+    from benchmarks import drift
+
+    class Server:
+        def post(self, path: str, body: dict) -> _Response:
+            ending = "length" if body["max_tokens"] < 8 else "stop"
+            choice = {"message": {"content": "an answer"}, "finish_reason": ending}
+            return _Response({"choices": [choice]})
+
+    client = drift.Client(Server(), None, 16)
+    assert client.answer_ending("q", None, 4) == ("an answer", True)
+    assert client.answer_ending("q", None, 16) == ("an answer", False)
+    assert client.answer("q", None, 4) == "an answer"
 
 
 def test_run_baseline_counts_serving_windows_and_pauses_training_to_evaluate(tmp_path, monkeypatch):
@@ -147,7 +169,7 @@ def test_run_baseline_counts_serving_windows_and_pauses_training_to_evaluate(tmp
         eval_max_tokens=16, rate=1.0, feedback_every=1, phase_s=30.0, eval_every_s=10.0,
         drain_s=5.0, recover_at=0.75, period_s=10.0,
     )  # fmt: skip
-    base = {p: "base answer" for p in prompts()}
+    base = drift.BaseAnswers({p: "base answer" for p in prompts()}, [])
     row, _ = drift.run_baseline("mace", args, None, tmp_path, base, seed=2)
 
     kinds = [e[0] for e in events if e[0] != "feedback"]
@@ -298,7 +320,7 @@ def test_main_derives_each_seeds_targets_from_inference_only_and_counts_every_ba
         ]
         row = {"win_rate": 0.5, "slo_attainment": -1.0, "timeline": [], "gaps": [],
                "ttfts": [], "_results": results, "_wall": 10.0}  # fmt: skip
-        return row, {}
+        return row, drift.BaseAnswers({}, [])
 
     monkeypatch.setattr(drift, "run_baseline", run_baseline)
     monkeypatch.setattr(drift, "plot", lambda *a: None)
@@ -343,7 +365,8 @@ def test_a_run_finished_in_pieces_and_merged_equals_the_run_in_one_go(
                                  tokens=10) for i in range(10)]  # fmt: skip
         row = {"win_rate": 0.4 + 0.1 * seed, "slo_attainment": -1.0, "timeline": [],
                "gaps": [], "ttfts": [], "_results": results, "_wall": 10.0}  # fmt: skip
-        return row, {}
+        # the base answers are read once a seed: that seed's cut one is named
+        return row, base_answers or drift.BaseAnswers({"p": "a"}, [f"cut in seed {seed}"])
 
     monkeypatch.setattr(drift, "run_baseline", run_baseline)
     monkeypatch.setattr(drift, "plot", lambda *a: None)
@@ -365,6 +388,12 @@ def test_a_run_finished_in_pieces_and_merged_equals_the_run_in_one_go(
     merged = json.loads((tmp_path / "merged" / "results.json").read_text())
     assert merged["seeds_done"] == whole["seeds_done"] == 3
     assert merged["slo_targets"] == whole["slo_targets"]
+    assert merged["base_answers"] == whole["base_answers"]
+    assert [b["cut_prompts"] for b in whole["base_answers"]] == [
+        ["cut in seed 1"],
+        ["cut in seed 2"],
+        ["cut in seed 3"],
+    ]
     ours, theirs = merged["baselines"]["inference-only"], whole["baselines"]["inference-only"]
     for key in ("win_rate", "slo_attainment"):
         assert ours[key] == pytest.approx(theirs[key]), key

@@ -195,6 +195,22 @@ def test_the_default_file_holds_the_three_phases():
             },
             "differ",
         ),  # fmt: skip
+        (
+            {"phases": [{"name": "a", "judge": {"regex": "(x"}, "edit": {"prepend": "x"}}]},
+            "regex pattern '\\(x' is not a regex",
+        ),
+        (
+            {
+                "phases": [
+                    {
+                        "name": "a",
+                        "judge": {"contains": "x"},
+                        "edit": {"replace": {"pattern": "[a", "with": "b"}},
+                    }
+                ]
+            },
+            "replace pattern",
+        ),  # fmt: skip
     ],
 )
 def test_bad_phase_files_say_what_is_wrong(data, message):
