@@ -703,7 +703,11 @@ def merge(pieces: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the default sizes (2 CPU cores; --full scales them up)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the default sizes (2 CPU cores; --full scales them up)",
+    )
     parser.add_argument("--full", action="store_true", help="longer phases (GPU)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--model-path", default=None, help="default: the embedded model")
