@@ -20,7 +20,9 @@
 5. DIR/results.json: {"runs": [{"policy", "load", "ttft_p99_ms", "tbt_p99_ms",
    "slo_attainment", "train_tokens_per_s", "train_time_fraction", "idle_fraction", ...,
    "ci95": {metric: [low, high]}, "repeats": [the repeats' own rows]}], "harvest",
-   "harvest_ci95", "harvest_by_time", "ratios": {...}} and DIR/latency_cdf.png.
+   "harvest_ci95", "harvest_by_time" (mace's), "harvest_by_policy": {policy: {load:
+   {"harvest", "ci95", "by_time"}}} (every training policy's, mace+mixed's among them),
+   "ratios": {...}} and DIR/latency_cdf.png.
    Every number of a run is the mean over its repeats; ci95 is a Student-t interval.
 
 Harvest at a load = mace training tokens/s / (training-only tokens/s x the inference-only
@@ -185,15 +187,31 @@ def paired(rows: dict, policy: str, load: float, key: str, base: str = "inferenc
     return {"mean": mean, "ci95": ci}
 
 
-def harvests(rows: dict, load: float, key: str) -> list[float]:
-    """Per repeat: mace's `key` / (training-only's x inference-only's idle fraction)."""
+def harvests(rows: dict, load: float, key: str, policy: str = "mace") -> list[float]:
+    """Per repeat: `policy`'s `key` / (training-only's x inference-only's idle fraction)."""
     only = rows[("training-only", 0.0)][0]
     out = []
-    for mace, inf in zip(rows[("mace", load)], rows[("inference-only", load)], strict=False):
+    for mine, inf in zip(rows[(policy, load)], rows[("inference-only", load)], strict=False):
         potential = only[key] * inf["idle_fraction"]
         if potential:
-            out.append(mace[key] / potential)
+            out.append(mine[key] / potential)
     return out
+
+
+def harvest_table(rows: dict, policy: str) -> dict[str, dict[str, Any]]:
+    """`policy`'s harvest per load: by completed steps (mean and ci95 over the repeats)
+    and by time in training units (mean)."""
+    table = {}
+    for load in LOADS:
+        by_steps = harvests(rows, load, "train_tokens_per_s", policy)
+        by_time = harvests(rows, load, "train_time_fraction", policy)
+        mean, ci = mean_ci95(by_steps) if by_steps else (None, None)
+        table[str(load)] = {
+            "harvest": mean,
+            "ci95": ci,
+            "by_time": mean_ci95(by_time)[0] if by_time else None,
+        }
+    return table
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -270,14 +288,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         agg = aggregate(reps, rows_key="repeats")
         agg.pop("repeat", None)
         runs.append({"policy": policy, "load": load, **agg})
-    harvest, harvest_ci, harvest_by_time = {}, {}, {}
-    for load in LOADS:
-        by_steps = harvests(rows, load, "train_tokens_per_s")
-        harvest[str(load)], harvest_ci[str(load)] = (
-            mean_ci95(by_steps) if by_steps else (None, None)
-        )
-        by_time = harvests(rows, load, "train_time_fraction")
-        harvest_by_time[str(load)] = mean_ci95(by_time)[0] if by_time else None
+    # every training policy's (mace+mixed beside mace: with and without mixed chunks)
+    by_policy = {p: harvest_table(rows, p) for p in policies if p != "inference-only"}
+    mace = by_policy["mace"]
     ratios = {
         str(load): {
             policy: {
@@ -291,9 +304,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     result = {
         "runs": runs,
-        "harvest": harvest,
-        "harvest_ci95": harvest_ci,
-        "harvest_by_time": harvest_by_time,
+        "harvest": {load: h["harvest"] for load, h in mace.items()},
+        "harvest_ci95": {load: h["ci95"] for load, h in mace.items()},
+        "harvest_by_time": {load: h["by_time"] for load, h in mace.items()},
+        "harvest_by_policy": by_policy,
         "ratios": ratios,
         "capacity_rps": capacity,
         "slo": slo,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.colocate import derive_slo, harvests, paired
+from benchmarks.colocate import LOADS, derive_slo, harvest_table, harvests, paired
 from benchmarks.loadgen import RequestResult
 
 
@@ -34,3 +34,22 @@ def test_harvest_is_per_repeat_share_of_idle_capacity():
         ("mace", 0.5): [{"train_tokens_per_s": 2.5}, {"train_tokens_per_s": 4.0}],
     }
     assert harvests(rows, 0.5, "train_tokens_per_s") == pytest.approx([0.5, 1.0])
+
+
+def test_every_training_policy_gets_its_harvest_mixed_chunks_too():
+    rows = {
+        ("training-only", 0.0): [{"train_tokens_per_s": 10.0, "train_time_fraction": 1.0}],
+        **{("inference-only", load): [{"idle_fraction": 0.5}] * 2 for load in LOADS},
+        **{("mace", load): [{"train_tokens_per_s": 1.0, "train_time_fraction": 0.1}] * 2
+           for load in LOADS},
+        **{("mace+mixed", load): [{"train_tokens_per_s": 2.0, "train_time_fraction": 0.2},
+                                  {"train_tokens_per_s": 4.0, "train_time_fraction": 0.3}]
+           for load in LOADS},
+    }  # fmt: skip
+    mixed = harvest_table(rows, "mace+mixed")
+    assert set(mixed) == {str(load) for load in LOADS}
+    for h in mixed.values():
+        assert h["harvest"] == pytest.approx(0.6) and h["by_time"] == pytest.approx(0.5)
+        lo, hi = h["ci95"]
+        assert lo < 0.6 < hi
+    assert harvest_table(rows, "mace")[str(LOADS[0])]["harvest"] == pytest.approx(0.2)
