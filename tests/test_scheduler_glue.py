@@ -194,6 +194,30 @@ def test_forwards_the_cost_model_missed_are_kept_bounded_with_their_context(monk
     json.dumps(out, allow_nan=False)
 
 
+def test_a_mixed_batch_counts_as_serving_time_without_a_cost_observation(monkeypatch):
+    """SGLang's --enable-mixed-chunk runs prefill and decode rows as one batch, which the
+    cost model has no shape for: its time must still count as serving (the idle fraction
+    and the training budget read it), or a mixed server looks idle while it serves."""
+    now = [100.0]
+    monkeypatch.setattr(iteration.time, "monotonic", lambda: now[0])
+    monitor = IterationMonitor(make_policy("mace", Profile()))
+    observed = []
+    monkeypatch.setattr(monitor.policy, "observe", lambda obs: observed.append(obs))
+    mixed = SimpleNamespace(
+        forward_mode=SimpleNamespace(is_decode=lambda: False, is_extend=lambda: True,
+                                     is_mixed=lambda: True),
+        extend_lens=[5, 1], prefix_lens=[0, 40], reqs=[req("a"), req("b")],
+    )  # fmt: skip
+
+    def run(scheduler, batch):
+        now[0] += 0.25
+        return "result"
+
+    assert monitor.timed_forward(run, None, mixed) == "result"
+    assert monitor.serving_seconds == pytest.approx(0.25) and monitor.forward_end == 100.25
+    assert observed == [] and monitor.status()["unmodelled_forwards"] == 1
+
+
 def test_recent_idle_follows_the_last_seconds_not_the_whole_life():
     monitor = IterationMonitor(make_policy("mace", Profile()))
     t0 = monitor.started

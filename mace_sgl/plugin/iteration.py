@@ -43,6 +43,7 @@ class IterationMonitor:
         self.swept = 0  # entries dropped by sweeps (aborted requests)
         self.last_output: float | None = None  # end of the last iteration with outputs
         self.serving_seconds = 0.0  # forward time, for the idle fraction
+        self.unmodelled_forwards = 0  # timed for serving_seconds, not fitted (mixed)
         self.started = time.monotonic()
         # (time, serving_seconds) at least a second apart, for recent_idle's window.
         self.idle_marks: deque[tuple[float, float]] = deque(maxlen=IDLE_WINDOW_MARKS)
@@ -94,7 +95,18 @@ class IterationMonitor:
         scheduling not the current stream), read once they completed, never waited for."""
         obs = self.observation(batch)
         if obs is None:
-            return original(scheduler, batch, *a, **kw)
+            if self.streams.on_device:
+                return original(scheduler, batch, *a, **kw)
+            # A forward the cost model has no shape for (a mixed prefill-and-decode
+            # batch, whose decode rows torch_native attention runs as padded extends): its
+            # wall time still counts as serving (the idle fraction, the training budget's
+            # end of the last forward), without an observation to fit.
+            t0 = time.monotonic()
+            result = original(scheduler, batch, *a, **kw)
+            self.forward_end = time.monotonic()
+            self.serving_seconds += self.forward_end - t0
+            self.unmodelled_forwards += 1
+            return result
         if self.streams.on_device:
             return self.streams.time_forward(lambda: original(scheduler, batch, *a, **kw), obs)
         t0, cpu0, gc0 = time.monotonic(), time.process_time(), _gc_collections()
@@ -203,6 +215,7 @@ class IterationMonitor:
         return {
             "serving_seconds": self.serving_seconds,
             "idle_fraction": max(0.0, 1.0 - self.serving_seconds / wall) if wall else None,
+            "unmodelled_forwards": self.unmodelled_forwards,
             "tracked_requests": len(self.arrivals),
             "swept_requests": self.swept,
             "cost_outliers": {"count": dict(self.outlier_counts), "last": list(self.outliers)},
