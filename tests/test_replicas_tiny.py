@@ -232,6 +232,12 @@ def _run_time_tenant_on_both(server: Server) -> None:
     assert r.status_code == 200, r.text
     wait_for(server, lambda s: all("team-a" not in x["adapters"] for x in s["replicas"]), 60)
     assert "team-a" not in mace_status(server)["tenants"]["names"]
-    # SGLang's own adapter route still refuses data-parallel replicas.
-    r = server.post("/load_lora_adapter", {"lora_name": "x", "lora_path": "/nonexistent"})
-    assert r.status_code != 200 or not r.json().get("success"), r.text
+    # SGLang's own adapter routes refuse data-parallel replicas, and say what to use
+    # (the message, not a bad path's 400, is what tells the refusal apart)
+    for route, body in (
+        ("/load_lora_adapter", {"lora_name": "x", "lora_path": "/nonexistent"}),
+        ("/unload_lora_adapter", {"lora_name": "live"}),
+    ):
+        r = server.post(route, body)
+        assert r.status_code == 400 and "POST /mace/adapters" in r.json()["error"], r.text
+    assert "live" in mace_status(server)["tenants"]["names"]  # nothing was unloaded

@@ -702,6 +702,26 @@ def _error(status: int, reason: str) -> JSONResponse:
     return JSONResponse({"error": reason}, status_code=status)
 
 
+# SGLang's own adapter routes: with --dp-size > 1 SGLang 0.5.23 asserts dp_size == 1 in
+# them, which reaches the client as a bare 500; the plugin answers them first instead.
+SGLANG_ADAPTER_ROUTES = (
+    "/load_lora_adapter",
+    "/load_lora_adapter_from_tensors",
+    "/unload_lora_adapter",
+)
+DP_ADAPTER_ROUTE_REFUSED = (
+    "SGLang's adapter routes do not support data-parallel replicas (--dp-size > 1); "
+    "create an adapter with POST /mace/adapters and retire it with DELETE "
+    "/mace/adapters/NAME, which reach every replica"
+)
+
+
+async def adapter_route_refused(request: Request) -> JSONResponse:
+    """SGLang's /load_lora_adapter and /unload_lora_adapter under --dp-size > 1: a 400
+    that says what to use instead."""
+    return _error(400, DP_ADAPTER_ROUTE_REFUSED)
+
+
 def install(cfg: MaceConfig) -> None:
     """Add the routes (and the scrape-time refresh of our queue gauge) to
     sglang.srt.entrypoints.http_server.app before it starts; idempotent."""
@@ -727,4 +747,8 @@ def install(cfg: MaceConfig) -> None:
     app.add_api_route("/mace/train/resume", mace_train_resume, methods=["POST"])
     if not any(getattr(r, "path", None) == "/get_load" for r in app.router.routes):
         app.add_api_route("/get_load", get_load, methods=["GET"])
+    if cfg.replicas > 1:
+        for path in SGLANG_ADAPTER_ROUTES:  # ahead of SGLang's own (the first match wins)
+            app.add_api_route(path, adapter_route_refused, methods=["POST"])
+            app.router.routes.insert(0, app.router.routes.pop())
     app.add_middleware(_QueueDepthOnScrape)
