@@ -134,6 +134,7 @@ def test_replicas_serve_identical_adapters_after_steps(server: Server):
     finally:
         set_paused(server, False)
     reps = s["replicas"]
+    assert [r["paused"] for r in reps] == [True, True]  # the pause reached both trainers
     # Same version, same bytes: max abs difference 0 (sha256 of the served LoRA tensors).
     assert reps[0]["adapter_digest"] is not None
     assert reps[0]["adapter_digest"] == reps[1]["adapter_digest"]

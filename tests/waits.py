@@ -52,7 +52,13 @@ def wait_for_status(
 
 
 def set_paused(server: Any, paused: bool, timeout_s: float = 30.0) -> None:
-    """POST /mace/train/pause or resume, then wait until the trainer reports that state."""
+    """POST /mace/train/pause or resume, then wait until the trainer reports that state
+    (with several replicas, every replica's trainer)."""
     r = server.post("/mace/train/pause" if paused else "/mace/train/resume", {})
     assert r.status_code == 200, r.text
-    wait_for_status(server, lambda s: s["training"]["paused"] == paused, timeout_s, "pause")
+
+    def reached(s: dict) -> bool:
+        trainers = [s["training"], *s.get("replicas", [])]
+        return all(t["paused"] == paused for t in trainers)
+
+    wait_for_status(server, reached, timeout_s, "pause")

@@ -241,6 +241,7 @@ def replicas(schedulers: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
                 "reserve_ms": t.get("placement_reserve_ms", 0.0),  # what placement counts
                 "load": s.get("load"),
                 "training_tokens": t.get("training_tokens", 0),
+                "paused": t.get("paused"),  # each trainer's own: pause reaches every one
                 "sync": t.get("replica_sync"),
             }
         )
