@@ -24,6 +24,7 @@ CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 DPO_SPANS = ("whole", "edit")  # --mace-dpo-span: trainer/sliced.py SlicedDPO(span=)
 DECAY_PER = ("step", "pair")  # --mace-adapter-decay-per: trainer/sliced.py SlicedDPO(decay_per=)
+FEEDBACK_OVERFLOWS = ("refuse", "evict")  # --mace-feedback-overflow: add_feedback(evict=)
 PICK_ORDERS = ("newest", "oldest")  # --mace-pick-order: sidecar/store.py pick_next(order=)
 
 
@@ -71,6 +72,17 @@ class MaceConfig:
             "/mace/feedback that would pass it gets 429 and stores nothing (0: no bound). "
             "On a server that does not train nothing drains them until it is started "
             "with --mace-train."
+        },
+    )
+    feedback_overflow: str = field(
+        default="refuse",
+        metadata={
+            "help": "What a POST /mace/feedback that would pass --mace-feedback-backlog "
+            "does: `refuse` (429, nothing stored) or `evict` (the adapter's oldest "
+            "never-trained pairs that no step holds are deleted to make room, counted in "
+            "/mace/status feedback_evicted: under shifting preferences the newest pairs "
+            "state the one users want now).",
+            "choices": FEEDBACK_OVERFLOWS,
         },
     )
     feedback_retain: int = field(
@@ -522,6 +534,11 @@ class MaceConfig:
                 "--mace-publish-every 1: replicas share each step's result when it is "
                 "published, and an unpublished step would be lost to the next step that "
                 "runs on another replica"
+            )
+        if self.feedback_overflow not in FEEDBACK_OVERFLOWS:
+            raise ValueError(
+                f"--mace-feedback-overflow {self.feedback_overflow!r}: one of "
+                f"{', '.join(FEEDBACK_OVERFLOWS)}"
             )
         if self.pick_order not in PICK_ORDERS:
             raise ValueError(

@@ -123,11 +123,25 @@ class BacklogFull(Exception):
         )
 
 
+# An adapter's oldest never-trained rows no trainer holds (index feedback_waiting).
+_EVICT = (
+    "DELETE FROM feedback WHERE id IN (SELECT id FROM feedback WHERE adapter = ?"
+    " AND train_count = 0 AND inflight_session IS NULL ORDER BY id LIMIT ?)"
+)
+
+
 def add_feedback(
-    conn: sqlite3.Connection, items: Iterable[dict], backlog: int = 0, live_only: bool = False
+    conn: sqlite3.Connection,
+    items: Iterable[dict],
+    backlog: int = 0,
+    live_only: bool = False,
+    evict: bool = False,
 ) -> list[int]:
     """Insert validated items in one transaction: all are stored, or none. With `backlog`
-    > 0, none are (BacklogFull) when an adapter's never-trained pairs would exceed it.
+    > 0, none are (BacklogFull) when an adapter's never-trained pairs would exceed it;
+    with `evict` (--mace-feedback-overflow evict), that adapter's oldest never-trained
+    pairs that no trainer holds are deleted first to make room, counted in the
+    `feedback_evicted` setting, and BacklogFull comes only when those are too few.
     With `live_only`, none are (NotLive) when an item's adapter is not a live tenant, as
     of this transaction: a retirement (and a purge's delete, which deletes the rows
     stored up to it) that committed after the caller looked cannot be followed by rows
@@ -147,7 +161,14 @@ def add_feedback(
                     "SELECT COUNT(*) FROM feedback WHERE adapter = ? AND train_count = 0",
                     (adapter,),
                 ).fetchone()
-                if waiting + adding > backlog:
+                over = waiting + adding - backlog
+                if over > 0 and evict:
+                    gone = conn.execute(_EVICT, (adapter, over)).rowcount
+                    if gone == over:
+                        total = int(get_setting(conn, "feedback_evicted", "0")) + gone
+                        set_setting(conn, "feedback_evicted", str(total))
+                        continue
+                if over > 0:  # (a partial eviction rolls back with the transaction)
                     raise BacklogFull(adapter, waiting, adding, backlog)
         for item in items:
             prompt = item["prompt"]

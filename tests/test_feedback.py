@@ -210,3 +210,19 @@ def test_a_full_backlog_is_a_429_that_says_what_drains_it(tmp_path, monkeypatch,
     assert ("does not train" in error and "--mace-train" in error) is not train
     assert ("caught up" in error) is train
     assert store.counts(conn).feedback == 2
+
+
+def test_a_full_backlog_evicts_the_oldest_waiting_pairs_under_overflow_evict(tmp_path, monkeypatch):
+    """--mace-feedback-overflow evict: the newest feedback is stored (200) and the
+    adapter's oldest never-trained pair goes instead, counted in feedback_evicted."""
+    client, conn = feedback_route(
+        monkeypatch, state_dir=str(tmp_path), feedback_backlog=2, feedback_overflow="evict"
+    )
+    first = client.post("/mace/feedback", json=[GOOD, GOOD]).json()["ids"]
+    r = client.post("/mace/feedback", json={**GOOD, "chosen": "the newest"})
+    assert r.status_code == 200, r.text
+    ids = {row[0] for row in conn.execute("SELECT id FROM feedback")}
+    assert ids == {first[1], *r.json()["ids"]}
+    assert store.get_setting(conn, "feedback_evicted", "0") == "1"
+    r = client.post("/mace/feedback", json=[GOOD, GOOD, GOOD])  # more than the bound
+    assert r.status_code == 413, r.text

@@ -952,6 +952,30 @@ def test_a_full_backlog_refuses_the_whole_batch(conn):
     store.add_feedback(conn, [pair(10)] * 5)  # no bound
 
 
+def test_a_full_backlog_evicts_the_oldest_waiting_pairs_when_asked(conn):
+    """--mace-feedback-overflow evict: a batch that would pass the bound deletes the
+    adapter's oldest never-trained pairs no trainer holds to make room (counted in
+    `feedback_evicted`); trained pairs, pairs in flight and other adapters' stay, and
+    where those are all that fills the bound the batch is refused whole."""
+    ids = store.add_feedback(conn, [pair(i) for i in range(4)], backlog=4)
+    other = store.add_feedback(conn, [{**pair(5), "adapter": "other"}], backlog=4)
+    conn.execute("UPDATE feedback SET train_count = 1 WHERE id = ?", (ids[0],))
+    conn.execute("UPDATE feedback SET inflight_session = 's1' WHERE id = ?", (ids[1],))
+    # 3 never-trained (ids 1-3, id 1 in flight): 2 more pass the bound of 4 by one
+    new = store.add_feedback(conn, [pair(6), pair(7)], backlog=4, evict=True)
+    left = {r[0] for r in conn.execute("SELECT id FROM feedback")}
+    assert left == {ids[0], ids[1], ids[3], *other, *new}  # ids[2]: the oldest waiting
+    assert store.get_setting(conn, "feedback_evicted", "0") == "1"
+    conn.execute("UPDATE feedback SET inflight_session = 's1' WHERE adapter = 'live'")
+    with pytest.raises(store.BacklogFull):  # nothing evictable: all held by a step
+        store.add_feedback(conn, [pair(8)], backlog=4, evict=True)
+    conn.execute("UPDATE feedback SET inflight_session = NULL WHERE id = ?", (new[1],))
+    with pytest.raises(store.BacklogFull):  # one evictable, two needed: nothing changes
+        store.add_feedback(conn, [pair(8), pair(9)], backlog=4, evict=True)
+    assert {r[0] for r in conn.execute("SELECT id FROM feedback")} == left
+    assert store.get_setting(conn, "feedback_evicted", "0") == "1"
+
+
 def test_trained_pairs_are_trimmed_beyond_the_retained(tmp_path: Path, conn):
     """The sidecar deletes the oldest pairs that trained (train count above 0, not in
     flight) beyond --retain, by an index of those rows, counted in the `feedback_trimmed`

@@ -84,9 +84,12 @@ def _with_store(cfg: MaceConfig, fn: Callable[..., Any], *args: Any) -> Any:
 
 def _tenant_counts(
     conn: sqlite3.Connection,
-) -> tuple[store.Counts, list[store.Tenant], dict[str, store.Counts], int]:
-    trimmed = int(store.get_setting(conn, "feedback_trimmed", "0"))
-    return store.counts(conn), store.tenants(conn), store.counts_by_adapter(conn), trimmed
+) -> tuple[store.Counts, list[store.Tenant], dict[str, store.Counts], dict[str, int]]:
+    deleted = {
+        key: int(store.get_setting(conn, key, "0"))
+        for key in ("feedback_trimmed", "feedback_evicted")
+    }
+    return store.counts(conn), store.tenants(conn), store.counts_by_adapter(conn), deleted
 
 
 def _queue_depth(conn: sqlite3.Connection) -> int:
@@ -134,7 +137,7 @@ async def mace_status(request: Request) -> JSONResponse:
     internal: list[dict[str, Any]] = await tm.get_internal_state()
     # queue_depth counts the rows of existing tenants only: rows naming a retired
     # adapter never train, so counting them would keep the queue from ever draining.
-    counts, tenants, by_adapter, trimmed = await asyncio.to_thread(_with_store, cfg, _tenant_counts)
+    counts, tenants, by_adapter, deleted = await asyncio.to_thread(_with_store, cfg, _tenant_counts)
     none = store.Counts(0, 0, 0)
     mine = [by_adapter.get(t.name, none) for t in tenants]
     queue_depth = sum(c.untrained for c in mine)
@@ -168,8 +171,10 @@ async def mace_status(request: Request) -> JSONResponse:
         "reserve_ms": trainer["reserve_ms"] if trainer else 0.0,
         "slo": trainer["slo"] if trainer else None,
         "feedback_count": counts.feedback,
-        # trained pairs deleted beyond --mace-feedback-retain (the sidecar's trim)
-        "feedback_trimmed": trimmed,
+        # trained pairs deleted beyond --mace-feedback-retain (the sidecar's trim), and
+        # never-trained ones deleted for newer (--mace-feedback-overflow evict)
+        "feedback_trimmed": deleted["feedback_trimmed"],
+        "feedback_evicted": deleted["feedback_evicted"],
         "feedback_other_adapters": counts.feedback - sum(c.feedback for c in mine),
         "queue_depth": queue_depth,
         "tenants": {
@@ -308,7 +313,10 @@ async def mace_feedback(request: Request) -> JSONResponse:
         except TenantError as e:
             return _error(e.status, f"{e.reason}; nothing was stored")
     try:
-        ids = await asyncio.to_thread(_with_store, cfg, store.add_feedback, items, bound, True)
+        evict = cfg.feedback_overflow == "evict"
+        ids = await asyncio.to_thread(
+            _with_store, cfg, store.add_feedback, items, bound, True, evict
+        )
     except store.BacklogFull as e:
         if cfg.trains:
             return _error(429, f"{e}: retry once training has caught up")
