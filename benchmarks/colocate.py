@@ -23,7 +23,8 @@
    "harvest_ci95", "harvest_by_time" (mace's), "harvest_by_policy": {policy: {load:
    {"harvest", "ci95", "by_time"}}} (every training policy's, mace+mixed's among them),
    "ratios": {...}} and DIR/latency_cdf.png.
-   Every number of a run is the mean over its repeats; ci95 is a Student-t interval.
+   Every number of a run is the mean over the repeats that have one (`partial` names
+   a metric some repeats lack, with their count); ci95 is a Student-t interval.
 
 Harvest at a load = mace training tokens/s / (training-only tokens/s x the inference-only
 run's idle fraction at that load): the share of the idle capacity training turned into

@@ -226,3 +226,32 @@ def test_a_full_backlog_evicts_the_oldest_waiting_pairs_under_overflow_evict(tmp
     assert store.get_setting(conn, "feedback_evicted", "0") == "1"
     r = client.post("/mace/feedback", json=[GOOD, GOOD, GOOD])  # more than the bound
     assert r.status_code == 413, r.text
+
+
+def test_sglang_adapter_routes_are_refused_first_and_keep_their_admin_level():
+    """--dp-size > 1: the plugin's 400 stands in front of SGLang's own adapter routes
+    (added before it, as SGLang's app has them), with their auth level: with both keys
+    set, the admin key is needed, as for SGLang's own."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from sglang.srt.utils.auth import AuthLevel, add_api_key_middleware, auth_level
+
+    from mace_sgl.plugin import routes
+
+    app = FastAPI()
+
+    @auth_level(AuthLevel.ADMIN_OPTIONAL)
+    async def sglang_route() -> dict:
+        return {"success": True}
+
+    for path in routes.SGLANG_ADAPTER_ROUTES:
+        app.add_api_route(path, sglang_route, methods=["POST"])
+    routes.refuse_adapter_routes(app)
+    add_api_key_middleware(app, api_key="user", admin_api_key="admin")
+    client = TestClient(app)
+    for path in routes.SGLANG_ADAPTER_ROUTES:
+        r = client.post(path, json={}, headers={"Authorization": "Bearer admin"})
+        assert r.status_code == 400 and "POST /mace/adapters" in r.json()["error"], r.text
+        for key in ("user", None):  # not the admin key: refused before the route answers
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            assert client.post(path, json={}, headers=headers).status_code == 401

@@ -630,3 +630,5 @@ def test_a_purge_deletes_the_key_two_generations_back_and_keeps_the_previous(pai
     clock.now += RETRY_S
     assert b.try_acquire("t", 0)  # b, down through three purges: floor 0, key made anew
     assert LeaseValue.parse(store.get(ClusterLease.key("t"))).holder == 1
+    tenant_log.append(store, purge)  # generation 4: the key b wrote anew goes again
+    assert not store.check([ClusterLease.key("t")])

@@ -133,8 +133,7 @@ def test_replicas_serve_identical_adapters_after_steps(server: Server):
         s = settled(server)
     finally:
         set_paused(server, False)
-    reps = s["replicas"]
-    assert [r["paused"] for r in reps] == [True, True]  # the pause reached both trainers
+    reps = s["replicas"]  # settled's pause waited until both trainers report it
     # Same version, same bytes: max abs difference 0 (sha256 of the served LoRA tensors).
     assert reps[0]["adapter_digest"] is not None
     assert reps[0]["adapter_digest"] == reps[1]["adapter_digest"]

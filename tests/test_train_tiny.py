@@ -102,6 +102,14 @@ def test_feedback_raises_version_and_chosen_logprob(
         by_work = s["training"]["train_seconds_by_work"]
         assert min(by_work["step"], by_work["guard"], by_work["publish"]) > 0, by_work
         assert sum(by_work.values()) == pytest.approx(s["training"]["train_seconds"], rel=1e-6)
+        # The guard's readings in /mace/status: each version checked, none refused, the
+        # last reading's measurements as the guard took them.
+        guard = s["training"]["guard"]
+        assert guard["checked"] >= 3 and guard["refused"] == 0, guard
+        assert set(guard["refused_by"]) == {"kl", "keep", "content", "empty", "loop"}
+        last = guard["last"]
+        assert last["published"] and last["why"] == "" and last["version"] >= 3, last
+        assert last["kl_per_token"] >= 0 and len(last["kl_by_answer"]) == len(last["answers"])
         # What is served is exactly the checkpoint of the current version (peft format).
         (live,) = [a for a in server.get("/mace/adapters").json()["adapters"] if a["default"]]
         assert live["name"] == "live" and live["version"] == s["adapter_version"]

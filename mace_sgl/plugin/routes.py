@@ -725,10 +725,20 @@ DP_ADAPTER_ROUTE_REFUSED = (
 )
 
 
+@auth_level(AuthLevel.ADMIN_OPTIONAL)  # as SGLang's own routes it stands in for
 async def adapter_route_refused(request: Request) -> JSONResponse:
     """SGLang's /load_lora_adapter and /unload_lora_adapter under --dp-size > 1: a 400
     that says what to use instead."""
     return _error(400, DP_ADAPTER_ROUTE_REFUSED)
+
+
+def refuse_adapter_routes(app: Any) -> None:
+    """Answer SGLang's adapter routes with adapter_route_refused, ahead of SGLang's own
+    (Starlette takes the first route that matches; the API-key middleware reads the
+    auth level from that one too)."""
+    for path in SGLANG_ADAPTER_ROUTES:
+        app.add_api_route(path, adapter_route_refused, methods=["POST"])
+        app.router.routes.insert(0, app.router.routes.pop())
 
 
 def install(cfg: MaceConfig) -> None:
@@ -757,7 +767,5 @@ def install(cfg: MaceConfig) -> None:
     if not any(getattr(r, "path", None) == "/get_load" for r in app.router.routes):
         app.add_api_route("/get_load", get_load, methods=["GET"])
     if cfg.replicas > 1:
-        for path in SGLANG_ADAPTER_ROUTES:  # ahead of SGLang's own (the first match wins)
-            app.add_api_route(path, adapter_route_refused, methods=["POST"])
-            app.router.routes.insert(0, app.router.routes.pop())
+        refuse_adapter_routes(app)
     app.add_middleware(_QueueDepthOnScrape)

@@ -63,12 +63,14 @@ the store (a resumed one from its directory; a new one reads the store's then, s
 purge of its name in between would move it to the new key: a new tenant has no
 checkpoint, so it steps from v0 either way).
 
-The keys are bounded per name: a purge that raises the generation to g deletes the key of
-generation g - 2 (`purged`). The key of g - 1 stays, for the servers that have not applied
-the purge yet (their old tenant steps under it with its floor); a server that missed two
-purges of a name (down through both) finds its tenant's key gone, and steps it from a
-floor of 0 until it applies them, which deletes that tenant anyway. What stays per name
-ever used: its generation counter and at most two keys (about 100 bytes each).
+The keys are bounded per name: a purge that raises the generation to g deletes the keys of
+generations g - 2 and the SWEPT before it (`purged`). The key of g - 1 stays, for the
+servers that have not applied the purge yet (their old tenant steps under it with its
+floor). A server still stepping a tenant two purges back (down through both, or two purges
+in a row: a DELETE retried, or two servers purging at once) finds its key gone, steps it
+from a floor of 0 until it applies the purges, which delete that tenant anyway, and may
+write its key anew meanwhile; the next purges delete that one too. What stays per name
+ever used: its generation counter and about two keys (about 100 bytes each).
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ RETRY_S = 0.5  # after a refusal, the next try for that tenant
 CAS_TRIES = 8  # compare-and-set rounds before a change is given up as contended
 CALL_S = 3.0  # one store call holds the scheduler thread at most this long
 KEPT_GENERATIONS = 2  # a name's lease keys in the store: its newest generations'
+SWEPT = 4  # generations before those whose keys a purge deletes again (written anew late)
 EPOCH_KEY = "mace/lease/epoch"  # a new id in each store: a restarted server 0's is fresh
 
 
@@ -186,14 +189,15 @@ class ClusterLease:
     def purged(cls, store: Any, name: str) -> int:
         """Count a purge of `name` (the route that appended it to the tenant log, right
         after the entry): tenants created from now on step under the next generation's
-        key. Deletes the key of the generation before the previous one (the module's
-        docstring says why that one); returns the new generation."""
+        key. Deletes the keys of the generation before the previous one and of the SWEPT
+        before it (the module's docstring says why those); returns the new generation."""
         generation = int(store.add(cls.generation_key(name), 1))
-        if generation >= KEPT_GENERATIONS:
-            try:
-                store.delete_key(cls.key(name, generation - KEPT_GENERATIONS))
-            except Exception:  # the generation counts all the same; one key stays
-                logger.exception("cluster lease: %s purged, its old key not deleted", name)
+        last = generation - KEPT_GENERATIONS
+        try:
+            for old in range(max(0, last - SWEPT), last + 1):
+                store.delete_key(cls.key(name, old))
+        except Exception:  # the generation counts all the same; old keys stay
+            logger.exception("cluster lease: %s purged, its old keys not deleted", name)
         return generation
 
     @property
