@@ -409,12 +409,18 @@ def trained_pairs(store_path: Path, posted_ids: dict[str, list[int]]) -> dict[st
     return {phase: sum(i in trained for i in ids) for phase, ids in posted_ids.items()}
 
 
+def held_out_prompts(n: int | None = None) -> list[str]:
+    """The first `n` (None: all) of every ninth shipped prompt: evaluation's, never
+    trained on."""
+    return shipped_prompts()[::9][:n]
+
+
 def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
                  base_answers: BaseAnswers | None, seed: int = 1
                  ) -> tuple[dict[str, Any], BaseAnswers]:  # fmt: skip
     phases = args.phase_list
     all_prompts = shipped_prompts()
-    held_out = all_prompts[::9][: args.eval_prompts]
+    held_out = held_out_prompts(args.eval_prompts)
     train_prompts = [p for p in all_prompts if p not in held_out]
     flags = ["--log-level", "warning", "--mace-train", "--mace-policy", POLICY[name],
              "--mace-state-dir", str(out / f"state-{name}"), "--mace-lr", str(args.lr),
@@ -772,6 +778,11 @@ def main() -> None:
         return
     if args.seeds < 1 or args.first_seed < 1:
         parser.error("--seeds and --first-seed must be >= 1")
+    if args.evals_per_phase < 1:
+        parser.error("--evals-per-phase must be >= 1")
+    available = len(held_out_prompts())
+    if not 1 <= args.eval_prompts <= available:
+        parser.error(f"--eval-prompts must be 1..{available} (the held-out prompts there are)")
     names = args.baselines.split(",")
     derive = args.slo_ttft_ms is None or args.slo_tbt_ms is None
     if derive and (args.slo_ttft_ms is not None or args.slo_tbt_ms is not None):
@@ -786,7 +797,10 @@ def main() -> None:
     scale = 4.0 if args.full else 1.0
     args.phase_s = args.phase_s or 50.0 * scale
     args.eval_every_s = args.eval_every_s or args.phase_s / args.evals_per_phase
-    args.phase_list = load_phases(args.phases)
+    try:
+        args.phase_list = load_phases(args.phases)
+    except (OSError, ValueError) as e:  # a phase file's fault: say which, no traceback
+        parser.error(f"--phases {args.phases}: {e}")
     args.period_s = args.period_s or args.phase_s / 3
     from transformers import AutoTokenizer
 

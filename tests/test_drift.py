@@ -426,3 +426,27 @@ def test_time_spent_splits_a_windows_time_and_sums_windows():
     assert total == {"wall_s": 40.0, "serve_s": 16.0, "train_s": 10.0, "starved_s": 4.0,
                      "train_s_by_work": {"guard": 5.0, "publish": 0.0, "ref": 1.0,
                                          "step": 4.0}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--eval-prompts", "0"], "--eval-prompts must be 1..30"),
+        (["--eval-prompts", "31"], "--eval-prompts must be 1..30"),
+        (["--evals-per-phase", "0"], "--evals-per-phase must be >= 1"),
+        (["--phases", "/nonexistent.yaml"], "--phases /nonexistent.yaml"),
+    ],
+)
+def test_bad_evaluation_flags_are_refused_before_any_server_starts(
+    flags, message, monkeypatch, capsys
+):
+    import sys
+
+    from benchmarks import drift
+
+    monkeypatch.setattr(drift, "run_baseline", lambda *a, **k: pytest.fail("a run started"))
+    monkeypatch.setattr(sys, "argv", ["drift", "--quick", "--slo-ttft-ms", "500",
+                                      "--slo-tbt-ms", "100", *flags])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        drift.main()
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
