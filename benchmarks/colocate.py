@@ -353,7 +353,11 @@ def plot(samples: dict[str, dict[str, list[float]]], policies: tuple, path: Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short runs (CPU, < 20 min)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="90 s load windows (CPU; with --repeats 3 and --mixed-chunk about an hour on 2 cores)",
+    )
     parser.add_argument("--out", default=None, help="directory for results.json and plots")
     parser.add_argument("--model-path", default=None, help="default: the embedded model")
     parser.add_argument("--profile", default=None, help="use this profile, skip profiling")
