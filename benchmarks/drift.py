@@ -153,6 +153,9 @@ class Client:
         choice = r.json()["choices"][0]
         return choice["message"]["content"], choice.get("finish_reason") == "length"
 
+    def logprob(self, prompt: str, completion: str, adapter: str | None) -> float:
+        return completion_logprob(self.server, self.tokenizer, prompt, completion, adapter)
+
 
 @dataclasses.dataclass(frozen=True)
 class BaseAnswers:
@@ -165,9 +168,6 @@ class BaseAnswers:
 
     def summary(self) -> dict[str, Any]:
         return {"prompts": len(self.text), "cut": len(self.cut), "cut_prompts": self.cut}
-
-    def logprob(self, prompt: str, completion: str, adapter: str | None) -> float:
-        return completion_logprob(self.server, self.tokenizer, prompt, completion, adapter)
 
 
 def training_recipe(args: argparse.Namespace) -> MaceConfig:

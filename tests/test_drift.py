@@ -61,10 +61,22 @@ def test_an_answer_cut_off_at_the_bound_is_told_apart_from_a_finished_one():
             choice = {"message": {"content": "an answer"}, "finish_reason": ending}
             return _Response({"choices": [choice]})
 
-    client = drift.Client(Server(), None, 16)
+    client = drift.Client(Server(), "tokenizer", 16)
     assert client.answer_ending("q", None, 4) == ("an answer", True)
     assert client.answer_ending("q", None, 16) == ("an answer", False)
     assert client.answer("q", None, 4) == "an answer"
+
+
+def test_the_client_scores_margins_through_its_own_server(monkeypatch):
+    """evaluate's CLPD calls client.logprob: the scoring call of the client's server and
+    tokenizer (evaluate's tests use stand-in clients, so they do not see it missing)."""
+    from benchmarks import drift
+
+    seen = []
+    monkeypatch.setattr(drift, "completion_logprob", lambda *a: seen.append(a) or -1.5)
+    client = drift.Client("server", "tokenizer", 16)
+    assert client.logprob("q", "a", "live") == -1.5
+    assert seen == [("server", "tokenizer", "q", "a", "live")]
 
 
 def test_run_baseline_counts_serving_windows_and_pauses_training_to_evaluate(tmp_path, monkeypatch):
