@@ -94,28 +94,25 @@ class IterationMonitor:
         there); on a GPU, CUDA events on the forward stream the batch runs on (with overlap
         scheduling not the current stream), read once they completed, never waited for."""
         obs = self.observation(batch)
-        if obs is None:
-            if self.streams.on_device:
-                return original(scheduler, batch, *a, **kw)
-            # A forward the cost model has no shape for (a mixed prefill-and-decode
-            # batch, whose decode rows torch_native attention runs as padded extends): its
-            # wall time still counts as serving (the idle fraction, the training budget's
-            # end of the last forward), without an observation to fit.
-            t0 = time.monotonic()
-            result = original(scheduler, batch, *a, **kw)
-            self.forward_end = time.monotonic()
-            self.serving_seconds += self.forward_end - t0
-            self.unmodelled_forwards += 1
-            return result
         if self.streams.on_device:
+            if obs is None:  # no shape to time it for: untimed on a GPU
+                return original(scheduler, batch, *a, **kw)
             return self.streams.time_forward(lambda: original(scheduler, batch, *a, **kw), obs)
         t0, cpu0, gc0 = time.monotonic(), time.process_time(), _gc_collections()
         result = original(scheduler, batch, *a, **kw)
         t1 = time.monotonic()
-        obs.seconds = t1 - t0
-        err = self._observe(obs)
-        if err is not None and err > self.outlier_error:
-            self._outlier(obs, err, t0, time.process_time() - cpu0, _gc_collections() - gc0)
+        if obs is None:
+            # A forward the cost model has no shape for (a mixed prefill-and-decode
+            # batch, whose decode rows torch_native attention runs as padded extends): its
+            # wall time still counts as serving (the idle fraction, the trainer's recent
+            # idle share), without an observation to fit.
+            self.serving_seconds += t1 - t0
+            self.unmodelled_forwards += 1
+        else:
+            obs.seconds = t1 - t0
+            err = self._observe(obs)
+            if err is not None and err > self.outlier_error:  # gap_s: since forward_end
+                self._outlier(obs, err, t0, time.process_time() - cpu0, _gc_collections() - gc0)
         self.forward_end = t1
         return result
 
