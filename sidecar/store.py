@@ -165,8 +165,7 @@ def add_feedback(
                 if over > 0 and evict:
                     gone = conn.execute(_EVICT, (adapter, over)).rowcount
                     if gone == over:
-                        total = int(get_setting(conn, "feedback_evicted", "0")) + gone
-                        set_setting(conn, "feedback_evicted", str(total))
+                        add_to_setting(conn, "feedback_evicted", gone)
                         continue
                 if over > 0:  # (a partial eviction rolls back with the transaction)
                     raise BacklogFull(adapter, waiting, adding, backlog)
@@ -326,8 +325,7 @@ def trim_trained(conn: sqlite3.Connection, keep: int) -> int:
     with _transaction(conn):
         gone = conn.execute(_TRIM, (TRIM_BATCH, keep)).rowcount
         if gone:
-            total = int(get_setting(conn, "feedback_trimmed", "0")) + gone
-            set_setting(conn, "feedback_trimmed", str(total))
+            add_to_setting(conn, "feedback_trimmed", gone)
     return gone
 
 
@@ -487,6 +485,12 @@ def get_setting(conn: sqlite3.Connection, key: str, default: str) -> str:
     """A control setting, or the default when it was never set."""
     row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
     return row[0] if row else default
+
+
+def add_to_setting(conn: sqlite3.Connection, key: str, n: int) -> None:
+    """Add `n` to a counting setting (rows deleted so far: `feedback_trimmed`,
+    `feedback_evicted`), in the caller's transaction."""
+    set_setting(conn, key, str(int(get_setting(conn, key, "0")) + n))
 
 
 # -- tenants: the adapters that exist (each one trained on its own feedback) -------------
