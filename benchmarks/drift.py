@@ -438,8 +438,8 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
         model_path = server.get("/mace/status").json()["model_path"]
         if base_answers is None:  # frozen base: greedy, no adapter; same for every baseline
             with ThreadPoolExecutor(len(held_out)) as pool:  # batched, as evaluations are
-                got = list(pool.map(
-                    lambda p: client.answer_ending(p, None, args.eval_max_tokens), held_out))  # fmt: skip
+                got = list(pool.map(lambda p: client.answer_ending(
+                    p, None, args.eval_max_tokens), held_out))  # fmt: skip
             base_answers = BaseAnswers(
                 {p: text for p, (text, _) in zip(held_out, got, strict=True)},
                 [p for p, (_, cut) in zip(held_out, got, strict=True) if cut],

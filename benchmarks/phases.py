@@ -34,9 +34,9 @@ answer counts as degenerate only where the base model's own answer to the same p
 is not: the small base model loops now and then by itself. Where the base answer is
 degenerate, an answer degenerate in the same way (a loop where the base loops) is not
 counted, and one degenerate in another way is (an empty answer where the base loops):
-otherwise an empty answer would beat a looping base under max_words. `verdict` compares an answer
-with the base answer: a degenerate answer loses, otherwise the higher score wins (1),
-equal scores tie (0.5). So a shorter answer wins only under max_words, and only while it
+otherwise an empty answer would beat a looping base under max_words. `verdict` compares
+an answer with the base answer: a degenerate answer loses, otherwise the higher score
+wins (1), equal scores tie (0.5). So a shorter answer wins only under max_words, and only while it
 keeps some of the base answer's content.
 
 The bounds are set so that the base model's own answers pass: an answer sampled again
