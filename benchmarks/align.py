@@ -101,7 +101,7 @@ def completion_logprob(
     from mace_sgl.templating import encode_pair
 
     p, c = encode_pair(tokenizer, [{"role": "user", "content": prompt}], completion)
-    return server.scored(p, c, lora)[0]
+    return server.scored(p, c, lora, cache_prompt=True)[0]
 
 
 def base_answers(

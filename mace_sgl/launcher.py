@@ -148,15 +148,27 @@ class Server:
         return requests.post(self.url + path, json=json, headers=self.headers, timeout=120, **kw)
 
     def scored(
-        self, prompt: list[int], completion: list[int], lora: str | None = None, **extra: Any
+        self,
+        prompt: list[int],
+        completion: list[int],
+        lora: str | None = None,
+        *,
+        cache_prompt: bool = False,
+        **extra: Any,
     ) -> tuple[float, dict[str, Any]]:
         """The served log-prob of `completion` after `prompt` (token ids), under adapter
         `lora` (None: the base model), and SGLang's meta_info of the request. `extra`
-        goes into the /generate body as it is."""
+        goes into the /generate body as it is.
+
+        cache_prompt: ask for log-probs from the prompt's last token on, not from the
+        first: SGLang then takes the prompt's KV from its radix cache where it has it and
+        runs the LM head over the completion only (48 scorings of drift's margins: 2.2 s
+        against 6.1 s on 2 CPU cores, 2026-12-07). The sum is the same up to the rounding
+        of a cached prefix."""
         body: dict[str, Any] = {
             "input_ids": prompt + completion,
             "return_logprob": True,
-            "logprob_start_len": 0,
+            "logprob_start_len": max(0, len(prompt) - 1) if cache_prompt else 0,
             "sampling_params": {"max_new_tokens": 1, "temperature": 0},
             **extra,
         }
@@ -166,8 +178,10 @@ class Server:
         if r.status_code != 200:
             raise RuntimeError(f"/generate: {r.status_code} {r.text}")
         meta = r.json()["meta_info"]
+        # one entry per token from logprob_start_len on (the first may be None): the
+        # completion's are the last ones
         lps = [x[0] for x in meta["input_token_logprobs"]]
-        return sum(lps[len(prompt) :]), meta
+        return sum(lps[len(lps) - len(completion) :]), meta
 
     def listening(self) -> list[Any]:
         """The addresses (psutil's laddr) every process of the server listens on."""

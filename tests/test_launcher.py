@@ -78,3 +78,35 @@ def test_server_gives_up_after_its_attempts(tmp_path: Path, monkeypatch):
             )
     finally:
         holder.close()
+
+
+@pytest.mark.parametrize("cache_prompt", [False, True])
+def test_scored_sums_the_completions_log_probs_from_where_it_asked(monkeypatch, cache_prompt):
+    """Server.scored asks SGLang for input log-probs from the first token, or with
+    cache_prompt from the prompt's last one (its KV may then come from the radix cache),
+    and sums the completion's: the last len(completion) entries either way."""
+    from mace_sgl import launcher
+
+    prompt, completion = [1, 2, 3, 4], [5, 6, 7]
+    logprob = {1: -9.0, 2: -8.0, 3: -7.0, 4: -6.0, 5: -0.5, 6: -0.25, 7: -0.125}
+    sent: list[dict] = []
+
+    class Reply:
+        status_code = 200
+
+        def __init__(self, body: dict) -> None:
+            start = body["logprob_start_len"]
+            ids = body["input_ids"][start:]
+            # SGLang's first entry of a range has no log-prob
+            self.entries = [[None, ids[0]]] + [[logprob[t], t] for t in ids[1:]]
+
+        def json(self) -> dict:
+            return {"meta_info": {"input_token_logprobs": self.entries}}
+
+    server = launcher.Server.__new__(launcher.Server)
+    monkeypatch.setattr(server, "post", lambda path, body: sent.append(body) or Reply(body),
+                        raising=False)  # fmt: skip
+    got, _ = server.scored(prompt, completion, "live", cache_prompt=cache_prompt)
+    assert got == -0.875
+    assert sent[0]["logprob_start_len"] == (3 if cache_prompt else 0)
+    assert sent[0]["lora_path"] == "live"
