@@ -2,8 +2,8 @@
 
     python -m benchmarks.drift [--quick | --full] [--out DIR] [--model-path P]
 
-The workload: prompts shipped in the repository (benchmarks/align.py, 270 of them;
-every 9th is held out for evaluation) served under an open-loop Poisson load, and a
+The workload: prompts shipped in the repository (benchmarks/align.py, 270 of them; 60
+are kept for evaluation, `eval_pool`, and never served as load) served under an open-loop Poisson load, and a
 sequence of preference phases that change over time, read from --phases FILE (YAML or
 JSON; default benchmarks/phases/default.yaml: concise, opener, bullets). Each phase has
 a deterministic judge and an edit that satisfies it; benchmarks/phases.py documents the
@@ -29,8 +29,12 @@ Baselines, each on a fresh `mace-sgl serve --mace-train` (same code, same flags)
 
 Evaluations: --evals-per-phase (3) per phase, each on --eval-prompts (24) held-out
 prompts sent as concurrent requests (batched decoding is several times faster per token
-than one stream on CPU), greedy, up to --eval-max-tokens (128: the base model's answers
-to these prompts fit; an answer cut off there is judged as it stands). A served version
+than one stream on CPU), greedy, up to --eval-max-tokens (128; an answer cut off there is
+judged as it stands). The held-out prompts are the first --eval-prompts of the pool whose
+base answer finishes within that bound (read once a seed, in waves of --eval-prompts
+concurrent requests): the bound is one the base model's answers fit in, and open
+questions that make the small base model write 300-400 tokens or loop are left out
+rather than decoded to the bound by every evaluation. A served version
 (adapter name and version) answers only once: greedy decoding of the same weights gives
 the same answers, so a later evaluation of it judges those answers again (under the
 phase current then) and its timeline entry says `reused`.
@@ -53,8 +57,9 @@ guess about the host (200 ms TBT was missed by inference alone when evaluations 
 beside the load, its TBT p99 1.3 s on 2 CPU cores, 2026-12-02). Every baseline's
 `slo_attainment` is counted against the seed's targets (`slo_targets` in results.json;
 `tpot_p99_ms` is the tail the time-per-token target judges). `base_answers` in
-results.json names, per seed, the base answers cut off at --eval-max-tokens (a bound
-meant to let them finish; a cut one is judged as it stands).
+results.json names, per seed, the pool prompts left out because their base answer was
+cut off at --eval-max-tokens (`skipped_prompts`) and any held-out one that still was
+(`cut_prompts`: only where the pool ran out; judged as it stands).
 
 Metrics per baseline (means over the evaluations; phase boundaries in the plot):
 win_rate of the served adapter against the frozen base under the current judge (win 1,
@@ -97,6 +102,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -159,15 +165,57 @@ class Client:
 
 @dataclasses.dataclass(frozen=True)
 class BaseAnswers:
-    """The frozen base model's greedy answers to the held-out prompts (one seed's, the
-    same for every baseline), and those cut off at --eval-max-tokens: the bound is meant
-    to let them finish, so a cut one is named in results.json (`base_answers`)."""
+    """The frozen base model's greedy answers to the held-out prompts evaluation uses (one
+    seed's, the same for every baseline), in evaluation order. The prompts are the first
+    --eval-prompts of `eval_pool()` whose base answer finished within --eval-max-tokens
+    (`skipped`: those cut off there, left out); only where the pool runs out first do cut
+    ones fill the rest (`cut`: judged as they stand). Both are named in results.json
+    (`base_answers`)."""
 
     text: dict[str, str]
     cut: list[str]
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def prompts(self) -> list[str]:
+        return list(self.text)
 
     def summary(self) -> dict[str, Any]:
-        return {"prompts": len(self.text), "cut": len(self.cut), "cut_prompts": self.cut}
+        return {"prompts": len(self.text), "cut": len(self.cut), "cut_prompts": self.cut,
+                "skipped": len(self.skipped), "skipped_prompts": self.skipped}  # fmt: skip
+
+
+def read_base_answers(
+    ask: Callable[[str], tuple[str, bool]], pool: list[str], n: int
+) -> BaseAnswers:
+    """The base answers for evaluation: `ask(prompt)` gives (answer, cut off at the bound)
+    for waves of `n` pool prompts at once (batched, as evaluations are), down the pool
+    until `n` answers finished within the bound. The first `n` finished ones in pool order
+    are the held-out set; where the pool runs out first, its first cut ones fill the rest.
+
+    A bound the base model's answers fit in: open questions ("What should I know about
+    tea?") make SmolLM2-135M write 300-400 tokens or loop, and 11 of the first 24 held-out
+    prompts ran past 128 tokens (2026-12-07), so every evaluation decoded them to the bound
+    and judged them cut. Leaving them out keeps the bound and the evaluation's cost."""
+    got: dict[str, tuple[str, bool]] = {}
+    done = 0
+    for start in range(0, len(pool), n):
+        if done >= n:
+            break
+        wave = pool[start : start + n]
+        with ThreadPoolExecutor(len(wave)) as threads:
+            for prompt, answer in zip(wave, threads.map(ask, wave), strict=True):
+                got[prompt] = answer
+                done += not answer[1]
+    finished = [p for p in got if not got[p][1]][:n]
+    cut_ones = [p for p in got if got[p][1]]
+    used = finished + cut_ones[: n - len(finished)]
+    chosen = [p for p in got if p in used]  # pool order
+    return BaseAnswers(
+        {p: got[p][0] for p in chosen},
+        [p for p in chosen if got[p][1]],
+        [p for p in cut_ones if p not in used],
+    )
 
 
 def training_recipe(args: argparse.Namespace) -> MaceConfig:
@@ -409,19 +457,21 @@ def trained_pairs(store_path: Path, posted_ids: dict[str, list[int]]) -> dict[st
     return {phase: sum(i in trained for i in ids) for phase, ids in posted_ids.items()}
 
 
-def held_out_prompts(n: int | None = None) -> list[str]:
-    """The first `n` (None: all) of every ninth shipped prompt: evaluation's, never
-    trained on."""
-    return shipped_prompts()[::9][:n]
+def eval_pool() -> list[str]:
+    """The prompts evaluation may use, in the order it takes them, never trained on:
+    every ninth shipped prompt, then every ninth from the fifth on (60 of the 270).
+    read_base_answers takes the first --eval-prompts of them whose base answer finishes
+    within --eval-max-tokens."""
+    every = shipped_prompts()
+    return every[::9] + every[4::9]
 
 
 def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
                  base_answers: BaseAnswers | None, seed: int = 1
                  ) -> tuple[dict[str, Any], BaseAnswers]:  # fmt: skip
     phases = args.phase_list
-    all_prompts = shipped_prompts()
-    held_out = held_out_prompts(args.eval_prompts)
-    train_prompts = [p for p in all_prompts if p not in held_out]
+    pool = eval_pool()
+    train_prompts = [p for p in shipped_prompts() if p not in pool]
     flags = ["--log-level", "warning", "--mace-train", "--mace-policy", POLICY[name],
              "--mace-state-dir", str(out / f"state-{name}"), "--mace-lr", str(args.lr),
              "--mace-slo-ttft-ms", str(args.slo_ttft_ms),
@@ -437,16 +487,16 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
     try:
         model_path = server.get("/mace/status").json()["model_path"]
         if base_answers is None:  # frozen base: greedy, no adapter; same for every baseline
-            with ThreadPoolExecutor(len(held_out)) as pool:  # batched, as evaluations are
-                got = list(pool.map(lambda p: client.answer_ending(
-                    p, None, args.eval_max_tokens), held_out))  # fmt: skip
-            base_answers = BaseAnswers(
-                {p: text for p, (text, _) in zip(held_out, got, strict=True)},
-                [p for p, (_, cut) in zip(held_out, got, strict=True) if cut],
+            base_answers = read_base_answers(
+                lambda p: client.answer_ending(p, None, args.eval_max_tokens),
+                pool,
+                args.eval_prompts,
             )
             if base_answers.cut:
-                print(f"{len(base_answers.cut)} of {len(held_out)} base answers were cut off "
-                      f"at --eval-max-tokens {args.eval_max_tokens}", flush=True)  # fmt: skip
+                print(f"{len(base_answers.cut)} of {args.eval_prompts} base answers were cut "
+                      f"off at --eval-max-tokens {args.eval_max_tokens}: the pool of "
+                      f"{len(pool)} prompts ran out", flush=True)  # fmt: skip
+        held_out = base_answers.prompts
         if name == "periodic":
             periodic = PeriodicTrainer(client, model_path, out / "periodic", args.period_s,
                                        training_recipe(args))  # fmt: skip
@@ -780,9 +830,9 @@ def main() -> None:
         parser.error("--seeds and --first-seed must be >= 1")
     if args.evals_per_phase < 1:
         parser.error("--evals-per-phase must be >= 1")
-    available = len(held_out_prompts())
+    available = len(eval_pool())
     if not 1 <= args.eval_prompts <= available:
-        parser.error(f"--eval-prompts must be 1..{available} (the held-out prompts there are)")
+        parser.error(f"--eval-prompts must be 1..{available} (the prompts evaluation may use)")
     names = args.baselines.split(",")
     derive = args.slo_ttft_ms is None or args.slo_tbt_ms is None
     if derive and (args.slo_ttft_ms is not None or args.slo_tbt_ms is not None):

@@ -90,7 +90,6 @@ def test_run_baseline_counts_serving_windows_and_pauses_training_to_evaluate(tmp
     from pathlib import Path
 
     from benchmarks import drift
-    from benchmarks.align import prompts
     from benchmarks.loadgen import RequestResult
     from benchmarks.phases import load_phases
     from sidecar import store
@@ -181,8 +180,11 @@ def test_run_baseline_counts_serving_windows_and_pauses_training_to_evaluate(tmp
         eval_max_tokens=16, rate=1.0, feedback_every=1, phase_s=30.0, eval_every_s=10.0,
         drain_s=5.0, recover_at=0.75, period_s=10.0,
     )  # fmt: skip
-    base = drift.BaseAnswers({p: "base answer" for p in prompts()}, [])
+    held = drift.eval_pool()[:4]
+    base = drift.BaseAnswers({p: "base answer" for p in held}, [])
     row, _ = drift.run_baseline("mace", args, None, tmp_path, base, seed=2)
+    served = {e[2] for e in events if e[0] == "load"}
+    assert served and not served & set(drift.eval_pool())  # no evaluation prompt as load
 
     kinds = [e[0] for e in events if e[0] != "feedback"]
     assert kinds == ["load", "eval"] * 9  # 3 phases x 3 windows, each then evaluated
@@ -207,6 +209,38 @@ def test_run_baseline_counts_serving_windows_and_pauses_training_to_evaluate(tmp
     assert row["pairs_superseded"] == 12
     assert [e["train_steps"] for e in row["timeline"]][:3] == [0, 1, 2]  # after ids 2, 4, 6
     server[0].store.close()
+
+
+def test_the_held_out_prompts_are_the_first_whose_base_answers_finish_within_the_bound():
+    """read_base_answers asks the pool in waves of n concurrent prompts until n base
+    answers finished within the bound: those, in pool order, are evaluation's prompts, and
+    the cut ones are named as left out. Where the pool runs out first, its first cut ones
+    fill the set and are named as cut (judged as they stand)."""
+    from benchmarks import drift
+
+    pool = [f"p{i}" for i in range(10)]
+    long = {"p0", "p2", "p3", "p5", "p8"}  # base answers that run past the bound
+    asked: list[str] = []
+
+    def ask(prompt: str) -> tuple[str, bool]:
+        asked.append(prompt)
+        return f"answer to {prompt}", prompt in long
+
+    got = drift.read_base_answers(ask, pool, 3)
+    assert got.prompts == ["p1", "p4", "p6"]
+    assert got.text["p4"] == "answer to p4" and got.cut == []
+    assert got.skipped == ["p0", "p2", "p3", "p5", "p8"]  # every cut one asked
+    assert sorted(asked) == pool[:9]  # three waves of three: the third found the last one
+    assert got.summary()["skipped"] == 5 and got.summary()["cut"] == 0
+
+    asked.clear()
+    short = drift.read_base_answers(ask, pool[:4], 3)  # one finished in the whole pool
+    assert sorted(asked) == pool[:4]
+    assert short.prompts == ["p0", "p1", "p2"]  # pool order: p1, then the first cut ones
+    assert short.cut == ["p0", "p2"] and short.skipped == ["p3"]
+
+    shipped = drift.eval_pool()
+    assert len(shipped) == len(set(shipped)) == 60
 
 
 def test_an_evaluation_asks_each_served_version_once_and_judges_it_under_every_phase():
@@ -443,8 +477,8 @@ def test_time_spent_splits_a_windows_time_and_sums_windows():
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--eval-prompts", "0"], "--eval-prompts must be 1..30"),
-        (["--eval-prompts", "31"], "--eval-prompts must be 1..30"),
+        (["--eval-prompts", "0"], "--eval-prompts must be 1..60"),
+        (["--eval-prompts", "61"], "--eval-prompts must be 1..60"),
         (["--evals-per-phase", "0"], "--evals-per-phase must be >= 1"),
         (["--phases", "/nonexistent.yaml"], "--phases /nonexistent.yaml"),
     ],
