@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 import signal
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -64,6 +65,17 @@ def server(tiny_model_dir: Path, state_dir: Path, tmp_path_factory: pytest.TempP
     srv = start(tiny_model_dir, state_dir, tmp_path_factory.mktemp("logs") / "dp.log")
     yield srv
     srv.stop()
+
+
+def in_flight(state_dir: Path) -> dict[int, str]:
+    """The feedback rows a trainer session holds in flight (id: session), read from the
+    store (a plain connection: no schema script beside the running server's writes)."""
+    conn = sqlite3.connect(str(state_dir / "feedback.sqlite3"), timeout=30.0)
+    try:
+        query = "SELECT id, inflight_session FROM feedback WHERE inflight_session IS NOT NULL"
+        return dict(conn.execute(query).fetchall())
+    finally:
+        conn.close()
 
 
 def wait_for(server: Server, cond, timeout_s: float = 180.0) -> dict:
@@ -161,8 +173,13 @@ def test_sigkill_mid_training_loses_nothing_and_replicas_resume_together(
     start_version = mace_status(server)["replicas"][0]["adapter_version"]
     # Training is under way: a new version was published after this feedback arrived.
     wait_for(server, lambda s: s["replicas"][0]["adapter_version"] > start_version, 120)
+    # ... and a trainer holds pairs for its steps (rows in flight in the store) right
+    # before the kill, which then lands in the middle of their training.
+    wait_for_value(lambda: in_flight(state_dir), bool, 60, "pairs in flight")
     os.killpg(server.proc.pid, signal.SIGKILL)
     server.proc.wait(30)
+    held = in_flight(state_dir)  # the dead trainers' sessions still mark them
+    assert held, "the SIGKILL landed while no trainer held a pair"
     newest = max(
         json.loads(m.read_text())["version"]
         for m in (state_dir / "adapters" / "live").glob("v*/mace.json")
@@ -176,6 +193,14 @@ def test_sigkill_mid_training_loses_nothing_and_replicas_resume_together(
     try:
         s = mace_status(again)
         assert s["feedback_count"] == count  # nothing accepted was lost
+        # The pairs the dead trainers held go back to the queue (the sidecar releases
+        # the sessions that are gone when the new trainers say hello), not lost in flight.
+        wait_for_value(
+            lambda: {i: d for i, d in in_flight(state_dir).items() if i in held and d == held[i]},
+            lambda stale: not stale,
+            60,
+            "the dead sessions' pairs released",
+        )
         versions = [r["adapter_version"] for r in s["replicas"]]
         assert versions == [newest, newest]  # both resume from the newest checkpoint
         digests = {r["adapter_digest"] for r in s["replicas"]}
