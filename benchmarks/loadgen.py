@@ -86,10 +86,16 @@ def poisson_load(
     on_result: Callable[[int, dict[str, Any], RequestResult], None] | None = None,
     drain_s: float | None = None,
 ) -> list[RequestResult]:
-    """Requests at exponential inter-arrival times (mean 1/rate) for duration_s; waits for
-    every request sent to finish. `on_result(i, body, result)` runs as each one ends.
+    """Requests at exponential inter-arrival times (mean 1/rate) for duration_s, then waits
+    for every request sent to finish. `on_result(i, body, result)` runs as each one ends.
 
-    With `drain_s`, waits at most that long after the last arrival: a request still
+    The load lasts duration_s whenever its last request arrives: the time after the last
+    arrival (the whole window, when nothing arrives) is part of it, as it is of a Poisson
+    process, and a server idle then has it to itself. Until 2026-12-07 the call returned
+    once the last arrival's request finished, so at drift's 0.15 requests/s a 16.7-second
+    window lasted 5-14 s and the idle time that training takes was lost.
+
+    With `drain_s`, waits at most that long after the load's end: a request still
     running then is a result with error "unfinished ..." (an overloaded server's backlog
     bounds the run instead of stretching it; its tokens so far are not counted)."""
     rng = random.Random(seed)
@@ -118,6 +124,7 @@ def poisson_load(
         threads.append((th, time.monotonic()))
         i += 1
         t += rng.expovariate(rate)
+    time.sleep(max(0.0, start + duration_s - time.monotonic()))  # the load's idle end
     deadline = None if drain_s is None else time.monotonic() + drain_s
     for th, _ in threads:
         th.join(None if deadline is None else max(0.0, deadline - time.monotonic()))

@@ -64,3 +64,12 @@ def test_a_bounded_drain_reports_requests_still_running_as_unfinished():
     # every other request hangs for 30 s: those are the unfinished ones
     assert len(unfinished) == len(results) // 2
     assert took < 10.0  # the drain bound, not the 30-s hang, ended the wait
+
+
+def test_the_load_lasts_its_duration_after_its_last_arrival():
+    """poisson_load lasts duration_s even when its last request (or none) arrives early:
+    the idle end of a Poisson window is part of the load (drift's windows and the
+    training they hold depended on it)."""
+    started = time.monotonic()
+    results = poisson_load("http://127.0.0.1:1", 1e-6, 0.5, lambda i: {}, seed=1)
+    assert results == [] and time.monotonic() - started >= 0.5
