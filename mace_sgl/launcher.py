@@ -178,10 +178,15 @@ class Server:
         if r.status_code != 200:
             raise RuntimeError(f"/generate: {r.status_code} {r.text}")
         meta = r.json()["meta_info"]
-        # one entry per token from logprob_start_len on (the first may be None): the
+        # one entry per token from logprob_start_len on (the first is None): the
         # completion's are the last ones
         lps = [x[0] for x in meta["input_token_logprobs"]]
-        return sum(lps[len(lps) - len(completion) :]), meta
+        tail = lps[len(lps) - len(completion) :] if completion else []
+        want = len(prompt) + len(completion) - body["logprob_start_len"]
+        if len(lps) != want or None in tail:  # e.g. SGLang overrode the start
+            raise RuntimeError(f"/generate gave {len(lps)} input log-probs from position "
+                               f"{body['logprob_start_len']}, not {want}")  # fmt: skip
+        return sum(tail), meta
 
     def listening(self) -> list[Any]:
         """The addresses (psutil's laddr) every process of the server listens on."""

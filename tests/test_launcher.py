@@ -110,3 +110,10 @@ def test_scored_sums_the_completions_log_probs_from_where_it_asked(monkeypatch, 
     assert got == -0.875
     assert sent[0]["logprob_start_len"] == (3 if cache_prompt else 0)
     assert sent[0]["lora_path"] == "live"
+    # A reply that does not cover the asked range (SGLang may override the start) is an
+    # error, not a sum over the wrong tokens.
+    short = Reply(sent[0])
+    short.entries = short.entries[2:]
+    monkeypatch.setattr(server, "post", lambda path, body: short, raising=False)
+    with pytest.raises(RuntimeError, match="input log-probs"):
+        server.scored(prompt, completion, "live", cache_prompt=cache_prompt)
