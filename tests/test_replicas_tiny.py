@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -173,13 +174,20 @@ def test_sigkill_mid_training_loses_nothing_and_replicas_resume_together(
     start_version = mace_status(server)["replicas"][0]["adapter_version"]
     # Training is under way: a new version was published after this feedback arrived.
     wait_for(server, lambda s: s["replicas"][0]["adapter_version"] > start_version, 120)
-    # ... and a trainer holds pairs for its steps (rows in flight in the store) right
-    # before the kill, which then lands in the middle of their training.
-    wait_for_value(lambda: in_flight(state_dir), bool, 60, "pairs in flight")
+    # The kill lands while a trainer holds pairs for its steps (rows in flight in the
+    # store): the server is frozen (SIGSTOP) until the store shows such rows, so nothing
+    # changes between that read and the SIGKILL.
+    deadline = time.monotonic() + 60
+    while True:
+        os.killpg(server.proc.pid, signal.SIGSTOP)
+        held = in_flight(state_dir)  # WAL: readable while the writers are stopped
+        if held or time.monotonic() > deadline:
+            break
+        os.killpg(server.proc.pid, signal.SIGCONT)
+        time.sleep(0.5)
     os.killpg(server.proc.pid, signal.SIGKILL)
     server.proc.wait(30)
-    held = in_flight(state_dir)  # the dead trainers' sessions still mark them
-    assert held, "the SIGKILL landed while no trainer held a pair"
+    assert held, "no trainer held a pair within 60 s"
     newest = max(
         json.loads(m.read_text())["version"]
         for m in (state_dir / "adapters" / "live").glob("v*/mace.json")
