@@ -3,9 +3,10 @@
     python -m benchmarks.drift [--quick | --full] [--out DIR] [--model-path P]
 
 The workload: prompts shipped in the repository (benchmarks/align.py, 270 of them; 60
-are kept for evaluation, `eval_pool`, and never served as load) served under an open-loop Poisson load, and a
-sequence of preference phases that change over time, read from --phases FILE (YAML or
-JSON; default benchmarks/phases/default.yaml: concise, opener, bullets). Each phase has
+are kept for evaluation, `eval_pool`, and never served as load) served under an
+open-loop Poisson load, and a sequence of preference phases that change over time, read
+from --phases FILE (YAML or JSON; default benchmarks/phases/default.yaml: concise,
+opener, bullets). Each phase has
 a deterministic judge and an edit that satisfies it; benchmarks/phases.py documents the
 rules (judges: starts_with, ends_with, contains, max_words, line_prefix, regex; edits:
 prepend, append, first_sentence, lines_with_prefix, replace) and the degeneration check
@@ -40,9 +41,12 @@ the same answers, so a later evaluation of it judges those answers again (under 
 phase current then) and its timeline entry says `reused`.
 
 The clock counts serving only. A phase is --evals-per-phase windows of
-`--phase-s / --evals-per-phase` seconds of Poisson load (each waits for its requests to
-finish), and after each window training pauses (POST /mace/train/pause; the periodic
-trainer's thread too), the evaluation runs, and training resumes. An evaluation is an
+`--phase-s / --evals-per-phase` seconds of Poisson load (each lasts those seconds,
+its idle end after the last arrival included, and then waits for its requests to
+finish; until 2026-12-07 a window ended with its last request, 5-14 s instead of 16.7
+at the default rate, and the training baselines lost that idle time), and after each
+window training pauses (POST /mace/train/pause; the periodic trainer's thread too), the
+evaluation runs, and training resumes. An evaluation is an
 observer, not load: on 2 CPU cores one takes 20-60 s, and with a wall clock the load
 (and with it the feedback) had ended before the second phase's first evaluation, so
 phases 2 and 3 got no feedback at all. Times in the timeline, recover_s, throughput,
@@ -167,9 +171,10 @@ class Client:
 class BaseAnswers:
     """The frozen base model's greedy answers to the held-out prompts evaluation uses (one
     seed's, the same for every baseline), in evaluation order. The prompts are the first
-    --eval-prompts of `eval_pool()` whose base answer finished within --eval-max-tokens
-    (`skipped`: those cut off there, left out); only where the pool runs out first do cut
-    ones fill the rest (`cut`: judged as they stand). Both are named in results.json
+    --eval-prompts of `eval_pool()` whose base answer finished within --eval-max-tokens;
+    only where the pool runs out first do cut ones fill the rest (`cut`: judged as they
+    stand). `skipped` names every pool prompt asked whose base answer was cut and that is
+    not used (those after the last held-out prompt too). Both are named in results.json
     (`base_answers`)."""
 
     text: dict[str, str]
@@ -186,36 +191,44 @@ class BaseAnswers:
 
 
 def read_base_answers(
-    ask: Callable[[str], tuple[str, bool]], pool: list[str], n: int
+    ask: Callable[[list[str]], list[tuple[str, bool]]], pool: list[str], n: int
 ) -> BaseAnswers:
-    """The base answers for evaluation: `ask(prompt)` gives (answer, cut off at the bound)
-    for waves of `n` pool prompts at once (batched, as evaluations are), down the pool
-    until `n` answers finished within the bound. The first `n` finished ones in pool order
-    are the held-out set; where the pool runs out first, its first cut ones fill the rest.
+    """The base answers for evaluation: `ask(prompts)` answers a wave of prompts at once
+    (batched, as evaluations are), each as (answer, cut off at the bound). Waves of `n`
+    go down the pool until `n` answers finished within the bound: the first `n` finished
+    ones in pool order are the held-out set; where the pool runs out first, its first
+    cut ones fill the rest. `skipped` names every cut one asked and not used.
 
-    A bound the base model's answers fit in: open questions ("What should I know about
-    tea?") make SmolLM2-135M write 300-400 tokens or loop, and 11 of the first 24 held-out
-    prompts ran past 128 tokens (2026-12-07), so every evaluation decoded them to the bound
-    and judged them cut. Leaving them out keeps the bound and the evaluation's cost."""
+    A bound the base model's answers fit in: open questions ("What is interesting about
+    the ocean?") make SmolLM2-135M write 300-400 tokens or loop, and 11 of the 24
+    held-out prompts drift used before ran past 128 tokens (2026-12-07), so every
+    evaluation decoded them to the bound and judged them cut. Leaving them out keeps the
+    bound and the evaluation's cost."""
     got: dict[str, tuple[str, bool]] = {}
-    done = 0
     for start in range(0, len(pool), n):
-        if done >= n:
+        if sum(not cut for _, cut in got.values()) >= n:
             break
         wave = pool[start : start + n]
-        with ThreadPoolExecutor(len(wave)) as threads:
-            for prompt, answer in zip(wave, threads.map(ask, wave), strict=True):
-                got[prompt] = answer
-                done += not answer[1]
+        got.update(zip(wave, ask(wave), strict=True))
     finished = [p for p in got if not got[p][1]][:n]
     cut_ones = [p for p in got if got[p][1]]
-    used = finished + cut_ones[: n - len(finished)]
+    used = set(finished + cut_ones[: n - len(finished)])
     chosen = [p for p in got if p in used]  # pool order
     return BaseAnswers(
         {p: got[p][0] for p in chosen},
         [p for p in chosen if got[p][1]],
         [p for p in cut_ones if p not in used],
     )
+
+
+def concurrently(answer: Callable[[str], tuple[str, bool]]) -> Callable[[list[str]], list]:
+    """`answer` for one prompt made into an answer for a wave: every prompt at once."""
+
+    def ask(prompts: list[str]) -> list[tuple[str, bool]]:
+        with ThreadPoolExecutor(len(prompts)) as threads:
+            return list(threads.map(answer, prompts))
+
+    return ask
 
 
 def training_recipe(args: argparse.Namespace) -> MaceConfig:
@@ -488,7 +501,7 @@ def run_baseline(name: str, args: argparse.Namespace, tokenizer: Any, out: Path,
         model_path = server.get("/mace/status").json()["model_path"]
         if base_answers is None:  # frozen base: greedy, no adapter; same for every baseline
             base_answers = read_base_answers(
-                lambda p: client.answer_ending(p, None, args.eval_max_tokens),
+                concurrently(lambda p: client.answer_ending(p, None, args.eval_max_tokens)),
                 pool,
                 args.eval_prompts,
             )

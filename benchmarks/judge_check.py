@@ -4,9 +4,10 @@ phase's ceiling.
 The degeneration check (benchmarks/phases.py) compares an answer with the base model's
 greedy answer to the same prompt. A model that learned a style words its answers
 differently, so the check must let through what the base model itself says when it
-words an answer differently. This module answers drift's held-out prompts greedily (the
-reference) and `--samples` more times by sampling (temperature `--temperature`), all with
-the adapter-free base model, and reports:
+words an answer differently. This module answers drift's held-out prompts (chosen as
+drift chooses them: benchmarks.recipe drift_held_out) greedily (the reference) and
+`--samples` more times by sampling (temperature `--temperature`), all with the
+adapter-free base model, and reports:
 
 - `samples`: the share of sampled answers judged degenerate, by kind (under the
   max_words rule's bounds too, on their first sentences, as the concise edit cuts them);
@@ -35,7 +36,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.align import prompts as shipped_prompts
 from benchmarks.phases import (
     DEFAULT_FILE,
     degenerate,
@@ -44,7 +44,7 @@ from benchmarks.phases import (
     load_phases,
     sentences,
 )
-from benchmarks.recipe import DRIFT_HELD_OUT, Learner
+from benchmarks.recipe import DRIFT_HELD_OUT, Learner, drift_held_out
 from benchmarks.serve_smoke import machine
 from mace_sgl.config import MaceConfig
 
@@ -80,8 +80,8 @@ def main() -> None:
 
         args.model_path = str(ensure_default_model(progress=False))
     phases = load_phases(args.phases)
-    held_out = shipped_prompts()[::9][:DRIFT_HELD_OUT]  # as drift splits them
     learner = Learner(args.model_path, MaceConfig(), seed=1)
+    held_out = drift_held_out(learner, DRIFT_HELD_OUT, args.eval_max_tokens)  # drift's
     t0 = time.monotonic()
     greedy = learner.answers(held_out, args.eval_max_tokens, adapter=False)
     answers: list[str] = []

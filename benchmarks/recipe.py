@@ -19,7 +19,8 @@ times (`--mace-max-train-count`, a recipe key). No publish guard. After each pha
 held-out prompts'
 greedy answers (`--eval-max-tokens`) are judged against the base model's answers by
 drift's own `verdict` and `degenerate`. Held-out prompts are the first `--held-out` of
-drift's 24, and no prompt of those 24 is trained on.
+drift's 24, chosen as drift chooses them (its pool's prompts whose base answers finish
+within `--eval-max-tokens`), and no prompt of drift's pool is trained on.
 
     python -m benchmarks.recipe --out DIR [--seeds 3] [--steps 8] [--held-out 12]
         [--recipe NAME:key=value,key=value ...] [--phases FILE] [--lr LR] [--replay N]
@@ -65,6 +66,18 @@ WORDS = ("dpo_span", "adapter_decay_per")  # the keys whose values are words, no
 COUNTS = ("max_train_count",)  # whole numbers
 POSITIVE = ("lr", "beta", "max_train_count")  # the others may be 0 (off)
 DRIFT_HELD_OUT = 24  # benchmarks.drift's --eval-prompts
+
+
+def drift_held_out(learner: Learner, n: int, max_tokens: int) -> list[str]:
+    """The first `n` of drift's held-out prompts, chosen as drift chooses them: the
+    prompts of its pool whose base answer (this learner's, greedy) finishes within
+    `max_tokens` (benchmarks.drift read_base_answers)."""
+    from benchmarks.drift import eval_pool, read_base_answers
+
+    def ask(wave: list[str]) -> list[tuple[str, bool]]:
+        return learner.answers_ending(wave, max_tokens, adapter=False)
+
+    return read_base_answers(ask, eval_pool(), n).prompts
 
 
 def parse_recipe(spec: str) -> tuple[str, dict[str, float | str]]:
@@ -126,6 +139,11 @@ class Learner:
                 sample: dict[str, Any] | None = None) -> list[str]:  # fmt: skip
         """Answers, batched: greedy, or sampled with `sample`'s generate() keywords
         (e.g. temperature, top_p) plus `seed` for torch's generator."""
+        return [text for text, _ in self.answers_ending(prompts, max_new, adapter, sample)]
+
+    def answers_ending(self, prompts: list[str], max_new: int, adapter: bool = True,
+                       sample: dict[str, Any] | None = None) -> list[tuple[str, bool]]:  # fmt: skip
+        """answers(), each with whether it was cut off at `max_new` (no end token)."""
         chats = [
             self.tok.apply_chat_template(
                 [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
@@ -145,7 +163,13 @@ class Learner:
                 stack.enter_context(self.model.disable_adapter())
             out = self.model.generate(**enc, **kw)
         n = enc["input_ids"].shape[1]
-        return [self.tok.decode(o[n:], skip_special_tokens=True).strip() for o in out]
+        ends = self.model.generation_config.eos_token_id
+        ends = set(ends if isinstance(ends, list) else [ends]) | {self.tok.eos_token_id}
+        return [
+            (self.tok.decode(o[n:], skip_special_tokens=True).strip(),
+             not ends & set(o[n:].tolist()))
+            for o in out
+        ]  # fmt: skip
 
     def b_norm(self) -> float:
         """Frobenius norm of all LoRA B matrices: 0 at the start, the adapter's size."""
@@ -287,10 +311,12 @@ def main() -> None:
 
         args.model_path = str(ensure_default_model(progress=False))
     phases = load_phases(args.phases)
-    every = shipped_prompts()
-    drift_held_out = every[::9][:DRIFT_HELD_OUT]  # as drift splits them
-    held_out = drift_held_out[: args.held_out]
-    train = [p for p in every if p not in drift_held_out]
+    from benchmarks.drift import eval_pool
+
+    held_out = drift_held_out(Learner(args.model_path, MaceConfig(), seed=1,
+                                      dtype=getattr(torch, args.dtype)),
+                              args.held_out, args.eval_max_tokens)  # fmt: skip
+    train = [p for p in shipped_prompts() if p not in eval_pool()]  # as drift splits them
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table: dict[str, Any] = {}

@@ -146,6 +146,9 @@ def test_run_baseline_counts_serving_windows_and_pauses_training_to_evaluate(tmp
         drift, "Server", lambda *a, **k: server.append(Server(*a, **k)) or server[0]
     )
 
+    held = drift.eval_pool()[5:9]  # the held-out prompts the base answers name
+    served: list[str] = []  # every prompt sent as load
+
     def poisson_load(url, rate, duration_s, make_body, seed=0, on_result=None, drain_s=None):
         assert not server[0].paused  # the load runs with training on
         server[0].busy += 1.0
@@ -153,14 +156,16 @@ def test_run_baseline_counts_serving_windows_and_pauses_training_to_evaluate(tmp
         out = []
         for i in range(2):
             body = make_body(i)
+            served.append(body["messages"][0]["content"])
             r = RequestResult(sent=0.0, ttft=0.1, e2e=1.0, tokens=10, text=ANSWER)
             on_result(i, body, r)
             out.append(r)
         events.append(("load", seed, body["messages"][0]["content"], duration_s))
         return out
 
-    def evaluate(client, phase, held_out, base, max_tokens, served, memo):
+    def evaluate(client, phase, held_out, base, max_tokens, version, memo):
         assert server[0].paused  # an evaluation runs with training paused
+        assert held_out == held  # the base answers' prompts, in their order
         events.append(("eval", phase.name))
         return {"win_rate": 0.5, "degenerate_share": 0.0, "clpd": 1.0, "example": "",
                 "degenerate_examples": []}  # fmt: skip
@@ -180,11 +185,9 @@ def test_run_baseline_counts_serving_windows_and_pauses_training_to_evaluate(tmp
         eval_max_tokens=16, rate=1.0, feedback_every=1, phase_s=30.0, eval_every_s=10.0,
         drain_s=5.0, recover_at=0.75, period_s=10.0,
     )  # fmt: skip
-    held = drift.eval_pool()[:4]
     base = drift.BaseAnswers({p: "base answer" for p in held}, [])
     row, _ = drift.run_baseline("mace", args, None, tmp_path, base, seed=2)
-    served = {e[2] for e in events if e[0] == "load"}
-    assert served and not served & set(drift.eval_pool())  # no evaluation prompt as load
+    assert len(served) == 18 and not set(served) & set(drift.eval_pool())  # none as load
 
     kinds = [e[0] for e in events if e[0] != "feedback"]
     assert kinds == ["load", "eval"] * 9  # 3 phases x 3 windows, each then evaluated
@@ -222,20 +225,21 @@ def test_the_held_out_prompts_are_the_first_whose_base_answers_finish_within_the
     long = {"p0", "p2", "p3", "p5", "p8"}  # base answers that run past the bound
     asked: list[str] = []
 
-    def ask(prompt: str) -> tuple[str, bool]:
-        asked.append(prompt)
-        return f"answer to {prompt}", prompt in long
+    def ask(wave: list[str]) -> list[tuple[str, bool]]:
+        assert len(wave) <= 3  # waves of n
+        asked.extend(wave)
+        return [(f"answer to {p}", p in long) for p in wave]
 
     got = drift.read_base_answers(ask, pool, 3)
     assert got.prompts == ["p1", "p4", "p6"]
     assert got.text["p4"] == "answer to p4" and got.cut == []
     assert got.skipped == ["p0", "p2", "p3", "p5", "p8"]  # every cut one asked
-    assert sorted(asked) == pool[:9]  # three waves of three: the third found the last one
+    assert asked == pool[:9]  # three waves of three: the third found the last one
     assert got.summary()["skipped"] == 5 and got.summary()["cut"] == 0
 
     asked.clear()
     short = drift.read_base_answers(ask, pool[:4], 3)  # one finished in the whole pool
-    assert sorted(asked) == pool[:4]
+    assert asked == pool[:4]
     assert short.prompts == ["p0", "p1", "p2"]  # pool order: p1, then the first cut ones
     assert short.cut == ["p0", "p2"] and short.skipped == ["p3"]
 

@@ -166,3 +166,32 @@ def test_guard_kl_takes_every_recipe_flag_it_has():
         "whole",
     )
     assert recipe(parse_args(["--out", "x"])).max_train_count == MaceConfig().max_train_count
+
+
+def test_an_answer_without_an_end_token_is_cut_and_drifts_held_out_prompts_follow_it(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Learner.answers_ending calls an answer cut when no end token came within the
+    bound, and drift_held_out takes drift's pool prompts whose base answers finished,
+    in pool order (benchmarks.drift read_base_answers)."""
+    from benchmarks import drift, recipe
+
+    learner = recipe.Learner(str(tiny_model_dir), MaceConfig(), seed=1, dtype=torch.float32)
+    end = learner.tok.eos_token_id
+    word = next(i for i in range(10, 100) if i != end and i != learner.tok.pad_token_id)
+
+    def generate(input_ids, **kw):  # every second prompt ends after one word
+        n = input_ids.shape[1]
+        rows = []
+        for i in range(input_ids.shape[0]):
+            new = [word, end, end] if i % 2 else [word, word, word]
+            rows.append(torch.cat([input_ids[i], torch.tensor(new)]))
+        assert kw["max_new_tokens"] == 3
+        return torch.stack(rows)[:, : n + 3]
+
+    monkeypatch.setattr(learner.model, "generate", generate)
+    got = learner.answers_ending(["a", "b", "c", "d"], 3, adapter=False)
+    assert [cut for _, cut in got] == [True, False, True, False]
+    assert learner.answers(["a", "b"], 3) == [t for t, _ in got[:2]]
+    pool = drift.eval_pool()
+    assert recipe.drift_held_out(learner, 3, 3) == [pool[1], pool[4], pool[7]]  # waves of 3
